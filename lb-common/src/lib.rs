@@ -1,0 +1,300 @@
+//! Map keys, values and constants shared by the l3lb XDP program and its agent.
+//!
+//! This crate is the single source of truth for everything that crosses the kernel/user
+//! boundary. Every type is `#[repr(C)]`, has explicit padding, and carries a size
+//! assertion so the two sides cannot drift apart silently.
+#![no_std]
+
+/// IPv4 address family tag used in map keys.
+pub const FAMILY_V4: u8 = 4;
+/// IPv6 address family tag used in map keys.
+pub const FAMILY_V6: u8 = 6;
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+/// IP protocol number of IPv4-in-IP encapsulation.
+pub const PROTO_IPIP: u8 = 4;
+/// IP protocol number of IPv6-in-IP encapsulation.
+pub const PROTO_IPV6: u8 = 41;
+
+/// Maximum number of 802.1Q/802.1ad tags the parser walks.
+pub const MAX_VLAN_DEPTH: usize = 2;
+
+/// Service flag: forward by rewriting the destination MAC (`l2`) instead of IPIP.
+pub const SERVICE_F_L2: u32 = 1;
+/// Service flag: hash on the client address only (session affinity by client IP).
+pub const SERVICE_F_AFFINITY_CLIENT_IP: u32 = 2;
+
+/// Backend flag: the backend is this node; matching packets are passed to the local stack.
+pub const BACKEND_F_LOCAL: u8 = 1;
+
+/// Names of the maps, as pinned under `<pin_path>/maps/` (kernel limit: 15 characters).
+pub mod map_names {
+    /// `VipKey` → `VipInfo`: which destinations are VIPs and which service owns them.
+    pub const VIPS: &str = "L3LB_VIPS";
+    /// Ring slot × table size → backend id: the Maglev lookup tables of all services.
+    pub const RINGS: &str = "L3LB_RINGS";
+    /// Backend id → `Backend`: where a backend lives and how to reach it.
+    pub const BACKENDS: &str = "L3LB_BACKENDS";
+    /// `FlowKey` → `FlowState`: the LRU connection table.
+    pub const FLOWS: &str = "L3LB_FLOWS";
+    /// Service id → `ServiceStats`, per CPU.
+    pub const SERVICE_STATS: &str = "L3LB_SVC_STATS";
+    /// Backend id → `BackendStats`, per CPU.
+    pub const BACKEND_STATS: &str = "L3LB_BE_STATS";
+    /// `DropReason` → packet count, per CPU.
+    pub const DROPS: &str = "L3LB_DROPS";
+    /// `Action` → packet count, per CPU.
+    pub const ACTIONS: &str = "L3LB_ACTIONS";
+    /// IPv4 prefix → 1: sources whose IPIP packets are decapsulated.
+    pub const DECAP_V4: &str = "L3LB_DECAP_V4";
+    /// IPv6 prefix → 1: sources whose IPv6-in-IPv6 packets are decapsulated.
+    pub const DECAP_V6: &str = "L3LB_DECAP_V6";
+}
+
+/// Names of the load-time globals in the XDP object.
+pub mod globals {
+    /// `u32`: entries per Maglev table (a prime).
+    pub const RING_SIZE: &str = "RING_SIZE";
+    /// `[u8; 4]`: source address of IPv4 encapsulation headers.
+    pub const ENCAP_SRC_V4: &str = "ENCAP_SRC_V4";
+    /// `u32`: non-zero when the decap role is on (IPIP from allowed sources is stripped).
+    pub const DECAP_ENABLED: &str = "DECAP_ENABLED";
+}
+
+/// Name of the XDP program in the object.
+pub const PROGRAM_NAME: &str = "l3lb";
+
+/// Key of the VIP map: destination address, port and protocol of a service.
+///
+/// `port` is in network byte order; `port == 0` is the all-ports entry of an L3 VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// Address bytes; IPv4 uses the first four, the rest are zero.
+    pub addr: [u8; 16],
+    /// Destination port in network byte order, 0 for all ports.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+
+/// Value of the VIP map: the service behind a VIP and its current Maglev table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Service id: index into the per-service stats.
+    pub service: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u32,
+    /// Ring slot holding this service's active Maglev table.
+    pub ring: u32,
+    /// Reserved for growth; zero.
+    pub _reserved: u32,
+}
+
+/// Value of the backend map: one backend of one service (ids are per service, so removing
+/// a backend from one service leaves its entries in others untouched).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Address bytes; IPv4 uses the first four.
+    pub addr: [u8; 16],
+    /// `FAMILY_V4` or `FAMILY_V6`; 0 marks an unused slot.
+    pub family: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
+    /// Service this backend entry belongs to: a connection-table hit is honoured only
+    /// while the entry still belongs to the flow's service.
+    pub service: u32,
+}
+
+/// Key of the connection table: a flow's 5-tuple as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client address.
+    pub src: [u8; 16],
+    /// VIP address.
+    pub dst: [u8; 16],
+    /// Client port, network byte order.
+    pub sport: u16,
+    /// VIP port, network byte order.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
+}
+
+/// Value of the connection table: the backend a flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// Backend id.
+    pub backend: u32,
+    /// Service id the flow was balanced for (guards against backend id reuse).
+    pub service: u32,
+}
+
+/// Per-service counters (one instance per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Packets received for the service.
+    pub packets: u64,
+    /// Bytes of those packets (L3 length).
+    pub bytes: u64,
+    /// Flows that took a fresh Maglev choice.
+    pub new_flows: u64,
+    /// Reserved for growth; zero.
+    pub _reserved: u64,
+}
+
+/// Per-backend counters (one instance per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Packets forwarded to the backend.
+    pub packets: u64,
+    /// Bytes of those packets before encapsulation (L3 length).
+    pub bytes: u64,
+}
+
+/// Key of the decap allow list for IPv4 sources (LPM trie data part).
+pub type DecapV4 = [u8; 4];
+/// Key of the decap allow list for IPv6 sources (LPM trie data part).
+pub type DecapV6 = [u8; 16];
+
+macro_rules! counted_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $n:literal => $label:literal,)* } count $count:ident) => {
+        $(#[$m])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name { $($(#[$vm])* $v = $n,)* }
+        impl $name {
+            /// Every variant, in index order.
+            pub const ALL: &'static [$name] = &[$($name::$v,)*];
+            /// Stable snake_case name, used as the metrics label.
+            pub const fn label(self) -> &'static str {
+                match self { $($name::$v => $label,)* }
+            }
+        }
+        /// Number of variants: the size of the per-CPU counter array.
+        pub const $count: u32 = $name::ALL.len() as u32;
+    };
+}
+
+counted_enum! {
+    /// Why the XDP program dropped a packet: index of the drop counter and metrics label.
+    DropReason {
+        /// The frame ends inside a header it announces.
+        Truncated = 0 => "truncated",
+        /// IPv4 header invalid: version, IHL or total length.
+        BadIpHeader = 1 => "bad_ip_header",
+        /// TCP data offset below 5 or beyond the frame.
+        BadL4Header = 2 => "bad_l4_header",
+        /// A packet to a VIP claims the VIP as its source.
+        SourceIsVip = 3 => "source_is_vip",
+        /// The service has no backend able to take the flow.
+        NoBackend = 4 => "no_backend",
+        /// An encapsulated packet from a source not on the decap allow list.
+        DecapNotAllowed = 5 => "decap_not_allowed",
+        /// An encapsulated packet whose inner header is malformed.
+        DecapMalformed = 6 => "decap_malformed",
+        /// The next hop toward a backend has no resolved neighbour entry yet.
+        NoNeighbour = 7 => "no_neighbour",
+        /// No route toward the backend (FIB lookup failed).
+        NoRoute = 8 => "no_route",
+        /// Encapsulating would exceed the egress MTU.
+        MtuExceeded = 9 => "mtu_exceeded",
+        /// The kernel refused to grow or shrink the frame.
+        AdjustFailed = 10 => "adjust_failed",
+    }
+    count DROP_REASON_COUNT
+}
+
+counted_enum! {
+    /// What the XDP program did with a packet that it did not drop.
+    Action {
+        /// Not for a VIP (or not parseable as IP): handed to the stack untouched.
+        Pass = 0 => "pass",
+        /// Encapsulated toward a backend.
+        Encap = 1 => "encap",
+        /// MAC-rewritten toward a backend (`l2`).
+        L2 = 2 => "l2",
+        /// VIP traffic whose backend is this node: handed to the stack.
+        Local = 3 => "local",
+        /// Decapsulated and handed to the stack (backend role).
+        Decap = 4 => "decap",
+    }
+    count ACTION_COUNT
+}
+
+/// Flow hash used for Maglev selection; identical in kernel and agent.
+///
+/// A murmur3-style mix over the 5-tuple words: cheap in BPF (no loops over bytes, no
+/// helpers) and well spread, so Maglev shares hold for sequential client ports.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let mut h: u32 = 0x9747_b28c;
+    let words = [
+        u32::from_ne_bytes([key.src[0], key.src[1], key.src[2], key.src[3]]),
+        u32::from_ne_bytes([key.src[4], key.src[5], key.src[6], key.src[7]]),
+        u32::from_ne_bytes([key.src[8], key.src[9], key.src[10], key.src[11]]),
+        u32::from_ne_bytes([key.src[12], key.src[13], key.src[14], key.src[15]]),
+        u32::from_ne_bytes([key.dst[0], key.dst[1], key.dst[2], key.dst[3]]),
+        u32::from_ne_bytes([key.dst[4], key.dst[5], key.dst[6], key.dst[7]]),
+        u32::from_ne_bytes([key.dst[8], key.dst[9], key.dst[10], key.dst[11]]),
+        u32::from_ne_bytes([key.dst[12], key.dst[13], key.dst[14], key.dst[15]]),
+        (key.sport as u32) << 16 | key.dport as u32,
+        (key.proto as u32) << 8 | key.family as u32,
+    ];
+    let mut i = 0;
+    while i < words.len() {
+        let mut k = words[i].wrapping_mul(0xcc9e_2d51);
+        k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
+        h ^= k;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    h ^= 40;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipInfo>() == 16);
+    assert!(core::mem::size_of::<Backend>() == 24);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<FlowState>() == 8);
+    assert!(core::mem::size_of::<ServiceStats>() == 32);
+    assert!(core::mem::size_of::<BackendStats>() == 16);
+    assert!(core::mem::offset_of!(VipKey, port) == 16);
+    assert!(core::mem::offset_of!(FlowKey, sport) == 32);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, contain only integers and have no implicit padding
+    // (checked by the size assertions above).
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for BackendStats {}
+}

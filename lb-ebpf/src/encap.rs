@@ -1,0 +1,190 @@
+//! Leaving the balancer: next hop from the FIB, IPIP encapsulation, MAC rewrite, and the
+//! backend role's decapsulation.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{DropReason, PROTO_IPIP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::{csum, parse::ptr_at};
+
+/// Source address of outer IPv4 headers; set by the agent at load time.
+#[unsafe(no_mangle)]
+static ENCAP_SRC_V4: [u8; 4] = [0; 4];
+
+const AF_INET: u8 = 2;
+
+/// Where a frame goes next: MAC addresses and egress interface.
+pub struct NextHop {
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    ifindex: u32,
+}
+
+/// Looks up the next hop toward `dst` for a packet of `tot_len` bytes (L3).
+///
+/// The kernel checks the route's MTU against `tot_len`, so an encapsulated packet that
+/// would not fit is caught here.
+#[inline(always)]
+pub fn next_hop(
+    ctx: &XdpContext,
+    src: [u8; 4],
+    dst: [u8; 4],
+    tot_len: u16,
+) -> Result<NextHop, DropReason> {
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
+            smac: p.smac,
+            dmac: p.dmac,
+            ifindex: p.ifindex,
+        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(DropReason::NoNeighbour),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::MtuExceeded),
+        _ => Err(DropReason::NoRoute),
+    }
+}
+
+/// Sends the frame out: `XDP_TX` back through the ingress interface, else a redirect.
+#[inline(always)]
+fn transmit(ctx: &XdpContext, hop: &NextHop) -> u32 {
+    if hop.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+        xdp_action::XDP_TX
+    } else {
+        unsafe { bpf_redirect(hop.ifindex, 0) as u32 }
+    }
+}
+
+/// Rewrites the Ethernet addresses for `l2` forwarding; VLAN tags stay as they are.
+#[inline(always)]
+pub fn l2_forward(
+    ctx: &XdpContext,
+    backend: [u8; 4],
+    ip_src: [u8; 4],
+    tot_len: u16,
+) -> Result<u32, DropReason> {
+    let hop = next_hop(ctx, ip_src, backend, tot_len)?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    unsafe {
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
+    }
+    Ok(transmit(ctx, &hop))
+}
+
+/// Encapsulates the IPv4 packet at `l3_off` in an outer IPv4 header toward `backend`.
+///
+/// The frame becomes Ethernet + outer IPv4 + the original packet; VLAN tags of the
+/// ingress frame are not carried over (the egress is chosen by the FIB).
+#[inline(always)]
+pub fn ipip_forward(
+    ctx: &XdpContext,
+    backend: [u8; 4],
+    l3_off: usize,
+    tot_len: u16,
+) -> Result<u32, DropReason> {
+    let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V4) };
+    let outer_len = tot_len
+        .checked_add(Ipv4Hdr::LEN as u16)
+        .ok_or(DropReason::MtuExceeded)?;
+    let hop = next_hop(ctx, src, backend, outer_len)?;
+
+    // Inner fields the outer header copies: TOS and DF.
+    let inner: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;
+    let (tos, df) = unsafe { ((*inner).tos, (*inner).frags[0] & 0x40) };
+
+    // Grow the head so that exactly Ethernet + outer IPv4 precede the inner header.
+    let delta = (EthHdr::LEN + Ipv4Hdr::LEN) as i32 - l3_off as i32;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let outer: *mut [u8; 20] = ptr_at(ctx, EthHdr::LEN)?;
+    let len = outer_len.to_be_bytes();
+    let mut h: [u8; 20] = [
+        0x45, tos, len[0], len[1], 0, 0, df, 0, 64, PROTO_IPIP, 0, 0, src[0], src[1], src[2],
+        src[3], backend[0], backend[1], backend[2], backend[3],
+    ];
+    let c = csum::ipv4_header(&h);
+    h[10] = c[0];
+    h[11] = c[1];
+    unsafe {
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
+        (*eth).ether_type = crate::parse::eth::ETH_P_IP;
+        *outer = h;
+    }
+    Ok(transmit(ctx, &hop))
+}
+
+/// Strips the outer IPv4 header at `l3_off` (of `outer_hdr_len` bytes) and keeps the
+/// link-layer header, VLAN tags included, in front of the inner packet.
+#[inline(always)]
+pub fn decap(
+    ctx: &XdpContext,
+    l3_off: usize,
+    vlans: usize,
+    outer_hdr_len: usize,
+    outer_tot_len: u16,
+) -> Result<(), DropReason> {
+    // Save the link-layer header first: reading it after the larger inner-header check
+    // lets LLVM drop its own bounds check, which the verifier then rejects.
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let saved_eth = unsafe { *eth };
+    let tags: *const [u8; 8] = if vlans > 0 {
+        ptr_at(ctx, EthHdr::LEN)?
+    } else {
+        core::ptr::null()
+    };
+    let saved_tags = if tags.is_null() {
+        [0u8; 8]
+    } else {
+        unsafe { *tags }
+    };
+
+    // The inner header must be a whole IPv4 header that fills the outer payload.
+    let inner_off = l3_off + outer_hdr_len;
+    let inner: *const Ipv4Hdr = ptr_at(ctx, inner_off).map_err(|_| DropReason::DecapMalformed)?;
+    let vihl = unsafe { (*inner).vihl };
+    let inner_tot = u16::from_be_bytes(unsafe { (*inner).tot_len }) as usize;
+    if vihl >> 4 != 4
+        || ((vihl & 0x0f) as usize) * 4 < Ipv4Hdr::LEN
+        || inner_tot + outer_hdr_len != outer_tot_len as usize
+    {
+        return Err(DropReason::DecapMalformed);
+    }
+
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_hdr_len as i32) } != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    unsafe { *eth = saved_eth };
+    if vlans >= 1 {
+        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
+        unsafe { *t = [saved_tags[0], saved_tags[1], saved_tags[2], saved_tags[3]] };
+    }
+    if vlans >= 2 {
+        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + 4)?;
+        unsafe { *t = [saved_tags[4], saved_tags[5], saved_tags[6], saved_tags[7]] };
+    }
+    Ok(())
+}

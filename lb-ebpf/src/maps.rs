@@ -1,0 +1,52 @@
+//! Every map of the data plane, in one place. Sizes marked "load time" are set by the agent
+//! from its config before loading; the value here is a placeholder the verifier never sees.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    ACTION_COUNT, Backend, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6, FlowKey, FlowState,
+    ServiceStats, VipInfo, VipKey,
+};
+
+/// `VipKey` → `VipInfo`; written by the agent (size: load time).
+#[map(name = "L3LB_VIPS")]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(1, 0);
+
+/// (ring slot × RING_SIZE + hash % RING_SIZE) → backend id; written by the agent, one slot
+/// at a time while no VIP points at it, then switched to (size: load time).
+#[map(name = "L3LB_RINGS")]
+pub static RINGS: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Backend id → `Backend`; written by the agent (size: load time).
+#[map(name = "L3LB_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(1, 0);
+
+/// `FlowKey` → `FlowState`: the connection table; written by this program (size: load time).
+#[map(name = "L3LB_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(1, 0);
+
+/// Service id → counters, per CPU; written by this program (size: load time).
+#[map(name = "L3LB_SVC_STATS")]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Backend id → counters, per CPU; written by this program (size: load time).
+#[map(name = "L3LB_BE_STATS")]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// `DropReason` → packets, per CPU; written by this program.
+#[map(name = "L3LB_DROPS")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASON_COUNT, 0);
+
+/// `Action` → packets, per CPU; written by this program.
+#[map(name = "L3LB_ACTIONS")]
+pub static ACTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ACTION_COUNT, 0);
+
+/// IPv4 source prefix → 1: whose IPIP packets the decap role strips; written by the agent.
+#[map(name = "L3LB_DECAP_V4")]
+pub static DECAP_V4: LpmTrie<DecapV4, u32> = LpmTrie::with_max_entries(1024, 0);
+
+/// IPv6 source prefix → 1: reserved for IPv6-in-IPv6 decapsulation; written by the agent.
+#[map(name = "L3LB_DECAP_V6")]
+pub static DECAP_V6: LpmTrie<DecapV6, u32> = LpmTrie::with_max_entries(1024, 0);

@@ -1,0 +1,47 @@
+//! IPv4 header (any IHL).
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::DropReason;
+use network_types::ip::Ipv4Hdr;
+
+use super::ptr_at;
+
+/// The fields of an IPv4 header that the balancer uses.
+pub struct Ipv4 {
+    /// Pointer to the fixed part of the header.
+    pub hdr: *mut Ipv4Hdr,
+    /// Header length in bytes (IHL × 4), 20..=60.
+    pub hdr_len: usize,
+    /// Total length from the header (header + payload).
+    pub tot_len: u16,
+    /// More-fragments set or fragment offset non-zero.
+    pub fragment: bool,
+}
+
+/// Parses and validates the IPv4 header at `off`: version, IHL and total length.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
+    let hdr: *mut Ipv4Hdr = ptr_at(ctx, off)?;
+    let vihl = unsafe { (*hdr).vihl };
+    if vihl >> 4 != 4 {
+        return Err(DropReason::BadIpHeader);
+    }
+    let hdr_len = ((vihl & 0x0f) as usize) * 4;
+    if hdr_len < Ipv4Hdr::LEN {
+        return Err(DropReason::BadIpHeader);
+    }
+    // The options must be inside the frame too.
+    let _: *const u8 = ptr_at(ctx, off + hdr_len - 1)?;
+    let tot_len = u16::from_be_bytes(unsafe { (*hdr).tot_len });
+    let frame_l3 = ctx.data_end() - ctx.data() - off;
+    if (tot_len as usize) < hdr_len || tot_len as usize > frame_l3 {
+        return Err(DropReason::BadIpHeader);
+    }
+    let frags = u16::from_be_bytes(unsafe { (*hdr).frags });
+    Ok(Ipv4 {
+        hdr,
+        hdr_len,
+        tot_len,
+        fragment: frags & 0x3fff != 0,
+    })
+}

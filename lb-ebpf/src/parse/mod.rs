@@ -1,0 +1,22 @@
+//! Bounds-checked access to the frame and the per-protocol parsers.
+
+pub mod eth;
+pub mod ipv4;
+pub mod l4;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::DropReason;
+
+/// Pointer to a `T` at `offset` in the frame, or `Truncated` if the frame ends before it.
+///
+/// Every header access goes through here so the verifier always sees the check right next
+/// to the access (LLVM may otherwise merge checks it believes redundant).
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, DropReason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(DropReason::Truncated);
+    }
+    Ok((start + offset) as *mut T)
+}

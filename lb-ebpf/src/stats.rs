@@ -1,0 +1,46 @@
+//! Per-CPU counters. Each is a plain add on this CPU's copy: no atomics, no contention.
+
+use lb_common::{Action, DropReason};
+
+use crate::maps::{ACTIONS, BACKEND_STATS, DROPS, SERVICE_STATS};
+
+/// Counts a dropped packet under its reason.
+#[inline(always)]
+pub fn drop(reason: DropReason) {
+    if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts a packet that left the program with `action`.
+#[inline(always)]
+pub fn action(action: Action) {
+    if let Some(c) = ACTIONS.get_ptr_mut(action as u32) {
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts a packet for a service (and a new flow when `new_flow`).
+#[inline(always)]
+pub fn service(id: u32, bytes: u64, new_flow: bool) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(id) {
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+            if new_flow {
+                (*s).new_flows += 1;
+            }
+        }
+    }
+}
+
+/// Counts a packet sent to a backend.
+#[inline(always)]
+pub fn backend(id: u32, bytes: u64) {
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(id) {
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The standalone agent: config → desired state → maps, and the signal-driven run loop.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::XdpMode as AyaXdpMode;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, Forwarding, XdpMode},
+    dataplane::{Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions, ServiceMode},
+    sys,
+};
+
+/// Version directory under `pin_path`: pins are an ABI, a layout change bumps it.
+pub const PIN_VERSION: &str = "v1";
+
+/// Where the pins of a config live.
+pub fn pin_dir(pin_path: &Path) -> PathBuf {
+    pin_path.join(PIN_VERSION)
+}
+
+/// Translates a config into the maps' desired state; `local` holds this node's addresses.
+pub fn desired_from_config(cfg: &Config, local: &HashSet<IpAddr>) -> Desired {
+    let services = cfg
+        .services
+        .iter()
+        .map(|s| {
+            let proto = s.protocol.number();
+            let vips = if s.ports.is_empty() {
+                vec![(s.vip, 0, proto)]
+            } else {
+                s.ports.iter().map(|&p| (s.vip, p, proto)).collect()
+            };
+            DesiredService {
+                name: s.name.clone(),
+                vips,
+                mode: ServiceMode {
+                    l2: s.forwarding == Forwarding::L2,
+                    affinity_client_ip: false,
+                },
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| DesiredBackend {
+                        address: b.address,
+                        weight: b.weight,
+                        local: local.contains(&b.address),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let decap_v4 = cfg
+        .decap
+        .allow
+        .iter()
+        .filter_map(|n| match n {
+            ipnet::IpNet::V4(v4) => Some((v4.network(), v4.prefix_len())),
+            ipnet::IpNet::V6(_) => None,
+        })
+        .collect();
+    Desired { services, decap_v4 }
+}
+
+/// Load-time options of a config (changing any of them needs a restart).
+pub fn load_options(cfg: &Config, encap_src_v4: Ipv4Addr) -> LoadOptions {
+    LoadOptions {
+        ring_size: cfg.maglev_table_size,
+        max_services: cfg.max_services,
+        max_backends: cfg.max_backends,
+        conntrack_size: cfg.conntrack_size,
+        encap_src_v4,
+        decap: !cfg.decap.allow.is_empty(),
+    }
+}
+
+fn aya_mode(mode: XdpMode) -> AyaXdpMode {
+    match mode {
+        XdpMode::Native | XdpMode::Auto => AyaXdpMode::Driver,
+        XdpMode::Generic => AyaXdpMode::Skb,
+    }
+}
+
+/// Every backend address a config forwards to (for neighbour resolution).
+fn remote_backends(desired: &Desired) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = desired
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().filter(|b| !b.local).map(|b| b.address))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// A running agent: the data plane plus the config it was built from.
+pub struct Agent {
+    dataplane: Dataplane,
+    config: Config,
+    config_path: PathBuf,
+    pin_dir: PathBuf,
+}
+
+impl Agent {
+    /// Loads the program, writes the config's state, pins and attaches.
+    pub fn start(config_path: &Path) -> anyhow::Result<Self> {
+        let config = Config::load(config_path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+        sys::require_interface(&config.interface)?;
+        let encap_src = sys::interface_ipv4(&config.interface)?;
+        let needs_encap_src = config
+            .services
+            .iter()
+            .any(|s| s.forwarding == Forwarding::Ipip);
+        let encap_src = match encap_src {
+            Some(a) => a,
+            None if needs_encap_src => bail!(
+                "interface {} has no IPv4 address to use as the source of IPIP headers",
+                config.interface
+            ),
+            None => Ipv4Addr::UNSPECIFIED,
+        };
+        sys::ensure_bpffs(&config.pin_path)?;
+        let pin_dir = pin_dir(&config.pin_path);
+        if pin_dir.exists() {
+            warn!(path = %pin_dir.display(), "removing stale pins left by an earlier run");
+            std::fs::remove_dir_all(&pin_dir)
+                .with_context(|| format!("removing {}", pin_dir.display()))?;
+        }
+
+        let opts = load_options(&config, encap_src);
+        let mut dataplane = Dataplane::load(&opts).context("loading the XDP program")?;
+        let local = sys::local_address_set()?;
+        let desired = desired_from_config(&config, &local);
+        let summary = dataplane
+            .apply(&desired)
+            .context("writing the initial state")?;
+        info!(%summary, "applied config");
+        dataplane
+            .pin(&pin_dir)
+            .context("pinning maps and program")?;
+
+        if !config.services.is_empty() && sys::enable_ipv4_forwarding(&config.interface)? {
+            info!(interface = %config.interface, "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)");
+        }
+        sys::prime_neighbours(remote_backends(&desired));
+
+        let mode = aya_mode(config.xdp_mode);
+        let attached = match dataplane.attach(&config.interface, mode) {
+            Ok(()) => "native",
+            Err(e) if config.xdp_mode == XdpMode::Auto => {
+                warn!(error = %e, "native XDP unavailable; falling back to generic mode (slower)");
+                dataplane.attach(&config.interface, AyaXdpMode::Skb)?;
+                "generic"
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let attached = if config.xdp_mode == XdpMode::Generic {
+            "generic"
+        } else {
+            attached
+        };
+        info!(
+            interface = %config.interface,
+            mode = attached,
+            services = config.services.len(),
+            pins = %pin_dir.display(),
+            "l3lb ready"
+        );
+        Ok(Self {
+            dataplane,
+            config,
+            config_path: config_path.to_path_buf(),
+            pin_dir,
+        })
+    }
+
+    /// Re-reads the config and applies the difference; an invalid config changes nothing.
+    pub fn reload(&mut self) -> anyhow::Result<()> {
+        let new = Config::load(&self.config_path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.config_path.display()))?;
+        let opts = load_options(&new, self.dataplane.options().encap_src_v4);
+        if &opts != self.dataplane.options()
+            || new.interface != self.config.interface
+            || new.pin_path != self.config.pin_path
+        {
+            bail!(
+                "interface, pin_path, maglev_table_size, max_services, max_backends, conntrack_size and decap on/off take effect only on restart; keeping the running config"
+            );
+        }
+        let local = sys::local_address_set()?;
+        let desired = desired_from_config(&new, &local);
+        let summary = self
+            .dataplane
+            .apply(&desired)
+            .context("applying the new config")?;
+        sys::prime_neighbours(remote_backends(&desired));
+        info!(%summary, "applied config");
+        self.config = new;
+        Ok(())
+    }
+
+    /// Re-resolves neighbours of every backend (entries age out of the kernel's table).
+    pub fn refresh_neighbours(&self) {
+        if let Ok(local) = sys::local_address_set() {
+            sys::prime_neighbours(remote_backends(&desired_from_config(&self.config, &local)));
+        }
+    }
+
+    /// Detaches the program and removes the pins.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        self.dataplane.detach().context("detaching")?;
+        std::fs::remove_dir_all(&self.pin_dir)
+            .with_context(|| format!("removing {}", self.pin_dir.display()))?;
+        info!("detached and removed pins");
+        Ok(())
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT; SIGHUP reloads the config.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let mut agent = Agent::start(config_path)?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading config");
+                if let Err(e) = agent.reload() {
+                    error!("config reload rejected, keeping the running state: {e:#}");
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => agent.refresh_neighbours(),
+        }
+    }
+    agent.shutdown()
+}

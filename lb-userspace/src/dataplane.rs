@@ -1,0 +1,692 @@
+//! The XDP program and its maps: loading, attaching, pinning, and writing desired state.
+//!
+//! This is the only module that writes maps. A service's Maglev table is never edited
+//! while traffic uses it: each service owns two ring slots, the new table is written into
+//! the idle one, and the VIP entries are then switched to it.
+
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap, VecDeque},
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    BACKEND_F_LOCAL, Backend, BackendStats, DecapV4, FAMILY_V4, FAMILY_V6,
+    SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, ServiceStats, VipInfo, VipKey, globals, map_names,
+};
+use thiserror::Error;
+
+use crate::maglev;
+
+/// The XDP object built from lb-ebpf by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Marks an unused Maglev entry (a service with no backend that can take new flows).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Errors of the data-plane layer.
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    /// The object could not be loaded or verified.
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program operation failed.
+    #[error("{what}: {source}")]
+    Program {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: aya::programs::ProgramError,
+    },
+    /// A map operation failed.
+    #[error("{what}: {source}")]
+    Map {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: aya::maps::MapError,
+    },
+    /// Pinning failed.
+    #[error("pinning {path}: {source}")]
+    Pin {
+        /// The pin path.
+        path: PathBuf,
+        /// The underlying error.
+        source: aya::pin::PinError,
+    },
+    /// A map or program the object should contain is missing.
+    #[error("the XDP object has no {0}")]
+    Missing(String),
+    /// More services or backends than the maps were sized for.
+    #[error("{what} table is full ({max} entries); raise {knob} in the config")]
+    Full {
+        /// Which table.
+        what: &'static str,
+        /// Its size.
+        max: u32,
+        /// The config field that sizes it.
+        knob: &'static str,
+    },
+    /// Maglev could not build a table.
+    #[error("service {service}: {source}")]
+    Maglev {
+        /// The service.
+        service: String,
+        /// The underlying error.
+        source: maglev::MaglevError,
+    },
+}
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    let what = what.into();
+    move |source| DataplaneError::Map { what, source }
+}
+
+/// Load-time parameters: map sizes and the program's globals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Entries per Maglev table (prime).
+    pub ring_size: u32,
+    /// Services the maps can hold.
+    pub max_services: u32,
+    /// Backends the maps can hold.
+    pub max_backends: u32,
+    /// Connection-table entries.
+    pub conntrack_size: u32,
+    /// Source address of IPIP headers.
+    pub encap_src_v4: Ipv4Addr,
+    /// Whether the decap role is on.
+    pub decap: bool,
+}
+
+/// How a service forwards and hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceMode {
+    /// MAC rewrite instead of IPIP.
+    pub l2: bool,
+    /// Hash on the client address only.
+    pub affinity_client_ip: bool,
+}
+
+/// One backend of a desired service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredBackend {
+    /// Address the backend is reached at.
+    pub address: IpAddr,
+    /// Maglev weight; 0 takes no new flows.
+    pub weight: u32,
+    /// The backend is this node: pass to the local stack.
+    pub local: bool,
+}
+
+/// One service as the maps should express it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredService {
+    /// Unique name.
+    pub name: String,
+    /// (VIP, port or 0, protocol) entries.
+    pub vips: Vec<(IpAddr, u16, u8)>,
+    /// Forwarding and hashing mode.
+    pub mode: ServiceMode,
+    /// Backends in any order.
+    pub backends: Vec<DesiredBackend>,
+}
+
+/// Everything the agent wants in the maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Services by name.
+    pub services: Vec<DesiredService>,
+    /// IPv4 prefixes whose IPIP packets are decapsulated.
+    pub decap_v4: Vec<(Ipv4Addr, u8)>,
+}
+
+/// What an apply changed, for the one-line log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplySummary {
+    /// Services that did not exist before.
+    pub services_added: usize,
+    /// Services whose VIPs, mode or table changed.
+    pub services_updated: usize,
+    /// Services removed.
+    pub services_removed: usize,
+    /// Backends (addresses) that got an id.
+    pub backends_added: usize,
+    /// Backends (addresses) released.
+    pub backends_removed: usize,
+    /// Maglev tables written (and switched to).
+    pub tables_written: usize,
+}
+
+impl std::fmt::Display for ApplySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "services +{} ~{} -{}, backends +{} -{}, maglev tables written {}",
+            self.services_added,
+            self.services_updated,
+            self.services_removed,
+            self.backends_added,
+            self.backends_removed,
+            self.tables_written
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ServiceState {
+    id: u32,
+    active_slot: u32,
+    vips: Vec<VipKey>,
+    info: VipInfo,
+    table: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+struct BackendState {
+    id: u32,
+    entry: Backend,
+}
+
+/// Hands out ids, reusing released ones last so a just-freed id is not reused at once.
+#[derive(Debug)]
+struct IdPool {
+    next: u32,
+    max: u32,
+    free: VecDeque<u32>,
+}
+
+impl IdPool {
+    fn new(max: u32) -> Self {
+        Self {
+            next: 0,
+            max,
+            free: VecDeque::new(),
+        }
+    }
+    fn take(&mut self) -> Option<u32> {
+        if self.next < self.max {
+            self.next += 1;
+            return Some(self.next - 1);
+        }
+        self.free.pop_front()
+    }
+    fn give(&mut self, id: u32) {
+        self.free.push_back(id);
+    }
+}
+
+/// The loaded program and its maps, plus what the agent last wrote into them.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    opts: LoadOptions,
+    link: Option<XdpLinkId>,
+    services: BTreeMap<String, ServiceState>,
+    backends: StdHashMap<(String, IpAddr), BackendState>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+    decap_v4: Vec<(Ipv4Addr, u8)>,
+}
+
+/// Converts an address to the 16-byte form used in keys, with its family tag.
+pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            out[..4].copy_from_slice(&a.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// Inverse of [`addr_bytes`].
+pub fn addr_from_bytes(bytes: [u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(bytes.into())
+    }
+}
+
+impl Dataplane {
+    /// Loads and verifies the XDP program with maps sized by `opts` (not attached yet).
+    pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        let ring_entries = opts
+            .max_services
+            .checked_mul(2)
+            .and_then(|n| n.checked_mul(opts.ring_size))
+            .ok_or(DataplaneError::Full {
+                what: "maglev ring",
+                max: u32::MAX,
+                knob: "max_services",
+            })?;
+        let decap: u32 = opts.decap.into();
+        let ring_size = opts.ring_size;
+        let src = opts.encap_src_v4.octets();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::RING_SIZE, &ring_size, true)
+            .override_global(globals::ENCAP_SRC_V4, &src, true)
+            .override_global(globals::DECAP_ENABLED, &decap, true)
+            .map_max_entries(
+                map_names::VIPS,
+                opts.max_services.saturating_mul(64).max(64),
+            )
+            .map_max_entries(map_names::RINGS, ring_entries)
+            .map_max_entries(map_names::BACKENDS, opts.max_backends)
+            .map_max_entries(map_names::FLOWS, opts.conntrack_size)
+            .map_max_entries(map_names::SERVICE_STATS, opts.max_services)
+            .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
+            .load(OBJECT)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(lb_common::PROGRAM_NAME)
+            .ok_or_else(|| DataplaneError::Missing(format!("program {}", lb_common::PROGRAM_NAME)))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                what: "program type".into(),
+                source,
+            })?;
+        prog.load().map_err(|source| DataplaneError::Program {
+            what: "verifying the XDP program".into(),
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            opts: opts.clone(),
+            link: None,
+            services: BTreeMap::new(),
+            backends: StdHashMap::new(),
+            service_ids: IdPool::new(opts.max_services),
+            backend_ids: IdPool::new(opts.max_backends),
+            decap_v4: Vec::new(),
+        })
+    }
+
+    /// The load-time parameters.
+    pub fn options(&self) -> &LoadOptions {
+        &self.opts
+    }
+
+    /// The loaded program (for test runs and introspection).
+    pub fn program(&self) -> Result<&Xdp, DataplaneError> {
+        self.ebpf
+            .program(lb_common::PROGRAM_NAME)
+            .ok_or_else(|| DataplaneError::Missing(format!("program {}", lb_common::PROGRAM_NAME)))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                what: "program type".into(),
+                source,
+            })
+    }
+
+    /// Instructions the verifier processed for the program (its complexity budget use).
+    pub fn verified_instructions(&self) -> Result<Option<u32>, DataplaneError> {
+        let info = self
+            .program()?
+            .info()
+            .map_err(|source| DataplaneError::Program {
+                what: "program info".into(),
+                source,
+            })?;
+        Ok(info.verified_instruction_count())
+    }
+
+    /// Attaches to `interface` in `mode`.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(lb_common::PROGRAM_NAME)
+            .ok_or_else(|| DataplaneError::Missing(format!("program {}", lb_common::PROGRAM_NAME)))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                what: "program type".into(),
+                source,
+            })?;
+        let link = prog
+            .attach(interface, mode)
+            .map_err(|source| DataplaneError::Program {
+                what: format!("attaching to {interface} in {mode:?} mode"),
+                source,
+            })?;
+        self.link = Some(link);
+        Ok(())
+    }
+
+    /// Detaches from the interface, if attached.
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        if let Some(link) = self.link.take() {
+            let prog: &mut Xdp = self
+                .ebpf
+                .program_mut(lb_common::PROGRAM_NAME)
+                .ok_or_else(|| DataplaneError::Missing("program".into()))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program {
+                    what: "program type".into(),
+                    source,
+                })?;
+            prog.detach(link)
+                .map_err(|source| DataplaneError::Program {
+                    what: "detaching".into(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Pins the program and every map under `dir` (`dir/prog`, `dir/maps/NAME`).
+    pub fn pin(&mut self, dir: &Path) -> Result<(), DataplaneError> {
+        let maps_dir = dir.join("maps");
+        std::fs::create_dir_all(&maps_dir).map_err(|e| DataplaneError::Pin {
+            path: maps_dir.clone(),
+            source: aya::pin::PinError::SyscallError(aya::sys::SyscallError {
+                call: "mkdir",
+                io_error: e,
+            }),
+        })?;
+        for (name, map) in self.ebpf.maps() {
+            let path = maps_dir.join(name);
+            map.pin(&path)
+                .map_err(|source| DataplaneError::Pin { path, source })?;
+        }
+        let path = dir.join("prog");
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(lb_common::PROGRAM_NAME)
+            .ok_or_else(|| DataplaneError::Missing("program".into()))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                what: "program type".into(),
+                source,
+            })?;
+        prog.pin(&path)
+            .map_err(|source| DataplaneError::Pin { path, source })?;
+        Ok(())
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut Map, DataplaneError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| DataplaneError::Missing(format!("map {name}")))
+    }
+
+    fn vips(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipInfo>, DataplaneError> {
+        HashMap::try_from(self.map_mut(map_names::VIPS)?).map_err(map_err("VIP map"))
+    }
+
+    fn array<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Array<&mut MapData, V>, DataplaneError> {
+        Array::try_from(self.map_mut(name)?).map_err(map_err(name))
+    }
+
+    fn zero_per_cpu<V: aya::Pod + Default>(
+        &mut self,
+        name: &'static str,
+        index: u32,
+    ) -> Result<(), DataplaneError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+            what: "counting CPUs".into(),
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            }),
+        })?;
+        let mut map: PerCpuArray<&mut MapData, V> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let zeros =
+            PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|e| DataplaneError::Map {
+                what: format!("{name} zero values"),
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "alloc",
+                    io_error: e,
+                }),
+            })?;
+        map.set(index, zeros, 0)
+            .map_err(map_err(format!("resetting {name}[{index}]")))
+    }
+
+    /// Makes the maps express `desired`, writing only what differs from the last apply.
+    pub fn apply(&mut self, desired: &Desired) -> Result<ApplySummary, DataplaneError> {
+        let mut sum = ApplySummary::default();
+        let ring_size = self.opts.ring_size;
+
+        // 2. Services: tables into idle slots, then VIP entries switched over.
+        let mut wanted_names = std::collections::BTreeSet::new();
+        for svc in &desired.services {
+            wanted_names.insert(svc.name.clone());
+            let (mut state, is_new) = match self.services.get(&svc.name) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let id = self.service_ids.take().ok_or(DataplaneError::Full {
+                        what: "service",
+                        max: self.opts.max_services,
+                        knob: "max_services",
+                    })?;
+                    self.zero_per_cpu::<ServiceStats>(map_names::SERVICE_STATS, id)?;
+                    let state = ServiceState {
+                        id,
+                        active_slot: id * 2 + 1,
+                        vips: Vec::new(),
+                        info: VipInfo::default(),
+                        table: Vec::new(),
+                    };
+                    (state, true)
+                }
+            };
+            // Backends that are new get ids and entries before any table can name them.
+            for b in &svc.backends {
+                let (addr, family) = addr_bytes(b.address);
+                let entry = Backend {
+                    addr,
+                    family,
+                    flags: if b.local { BACKEND_F_LOCAL } else { 0 },
+                    _pad: [0; 2],
+                    service: state.id,
+                };
+                let key = (svc.name.clone(), b.address);
+                let existing = self.backends.get(&key).map(|s| (s.id, s.entry));
+                match existing {
+                    Some((_, old)) if old == entry => {}
+                    Some((id, _)) => {
+                        self.array::<Backend>(map_names::BACKENDS)?
+                            .set(id, entry, 0)
+                            .map_err(map_err(format!("backend {}", b.address)))?;
+                        if let Some(s) = self.backends.get_mut(&key) {
+                            s.entry = entry;
+                        }
+                    }
+                    None => {
+                        let id = self.backend_ids.take().ok_or(DataplaneError::Full {
+                            what: "backend",
+                            max: self.opts.max_backends,
+                            knob: "max_backends",
+                        })?;
+                        self.zero_per_cpu::<BackendStats>(map_names::BACKEND_STATS, id)?;
+                        self.array::<Backend>(map_names::BACKENDS)?
+                            .set(id, entry, 0)
+                            .map_err(map_err(format!("backend {}", b.address)))?;
+                        self.backends.insert(key, BackendState { id, entry });
+                        sum.backends_added += 1;
+                    }
+                }
+            }
+            let weighted: Vec<(IpAddr, u32)> =
+                svc.backends.iter().map(|b| (b.address, b.weight)).collect();
+            let table: Vec<u32> = match maglev::build(&weighted, ring_size) {
+                Ok(positions) => positions
+                    .iter()
+                    .map(|&p| {
+                        svc.backends
+                            .get(p as usize)
+                            .and_then(|b| self.backends.get(&(svc.name.clone(), b.address)))
+                            .map_or(NO_BACKEND, |s| s.id)
+                    })
+                    .collect(),
+                Err(maglev::MaglevError::NoBackends) => vec![NO_BACKEND; ring_size as usize],
+                Err(source) => {
+                    return Err(DataplaneError::Maglev {
+                        service: svc.name.clone(),
+                        source,
+                    });
+                }
+            };
+            let mut flags = 0;
+            if svc.mode.l2 {
+                flags |= SERVICE_F_L2;
+            }
+            if svc.mode.affinity_client_ip {
+                flags |= SERVICE_F_AFFINITY_CLIENT_IP;
+            }
+            let vips: Vec<VipKey> = svc
+                .vips
+                .iter()
+                .map(|&(addr, port, proto)| {
+                    let (addr, family) = addr_bytes(addr);
+                    VipKey {
+                        addr,
+                        port: port.to_be(),
+                        proto,
+                        family,
+                    }
+                })
+                .collect();
+
+            let mut changed = is_new;
+            if state.table != table {
+                let slot = if state.active_slot == state.id * 2 {
+                    state.id * 2 + 1
+                } else {
+                    state.id * 2
+                };
+                let mut rings = self.array::<u32>(map_names::RINGS)?;
+                let base = slot * ring_size;
+                for (i, &b) in table.iter().enumerate() {
+                    rings
+                        .set(base + i as u32, b, 0)
+                        .map_err(map_err(format!("maglev table of {}", svc.name)))?;
+                }
+                state.active_slot = slot;
+                state.table = table;
+                sum.tables_written += 1;
+                changed = true;
+            }
+            let info = VipInfo {
+                service: state.id,
+                flags,
+                ring: state.active_slot,
+                _reserved: 0,
+            };
+            if info != state.info || vips != state.vips {
+                changed = true;
+            }
+            {
+                let mut map = self.vips()?;
+                if changed {
+                    for k in &vips {
+                        map.insert(k, info, 0)
+                            .map_err(map_err(format!("VIP of {}", svc.name)))?;
+                    }
+                }
+                for k in &state.vips {
+                    if !vips.contains(k) {
+                        map.remove(k)
+                            .map_err(map_err(format!("old VIP of {}", svc.name)))?;
+                    }
+                }
+            }
+            state.info = info;
+            state.vips = vips;
+            if is_new {
+                sum.services_added += 1;
+            } else if changed {
+                sum.services_updated += 1;
+            }
+            self.services.insert(svc.name.clone(), state);
+        }
+
+        // 3. Services that are gone: VIP entries first, then their ids.
+        let gone: Vec<String> = self
+            .services
+            .keys()
+            .filter(|n| !wanted_names.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(state) = self.services.remove(&name) {
+                let mut map = self.vips()?;
+                for k in &state.vips {
+                    map.remove(k)
+                        .map_err(map_err(format!("VIP of removed service {name}")))?;
+                }
+                self.service_ids.give(state.id);
+                sum.services_removed += 1;
+            }
+        }
+
+        // 4. Backend entries no service names any more: cleared once no VIP uses a table
+        //    that points at them.
+        let wanted: std::collections::HashSet<(String, IpAddr)> = desired
+            .services
+            .iter()
+            .flat_map(|svc| svc.backends.iter().map(|b| (svc.name.clone(), b.address)))
+            .collect();
+        let unused: Vec<(String, IpAddr)> = self
+            .backends
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for key in unused {
+            if let Some(s) = self.backends.remove(&key) {
+                self.array::<Backend>(map_names::BACKENDS)?
+                    .set(s.id, Backend::default(), 0)
+                    .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
+                self.backend_ids.give(s.id);
+                sum.backends_removed += 1;
+            }
+        }
+
+        // 5. Decap allow list.
+        if desired.decap_v4 != self.decap_v4 {
+            let old = std::mem::take(&mut self.decap_v4);
+            let mut trie: LpmTrie<&mut MapData, DecapV4, u32> =
+                LpmTrie::try_from(self.map_mut(map_names::DECAP_V4)?)
+                    .map_err(map_err("decap allow list"))?;
+            for (net, len) in &desired.decap_v4 {
+                trie.insert(&Key::new(u32::from(*len), net.octets()), 1, 0)
+                    .map_err(map_err(format!("decap allow {net}/{len}")))?;
+            }
+            for (net, len) in &old {
+                if !desired.decap_v4.contains(&(*net, *len)) {
+                    trie.remove(&Key::new(u32::from(*len), net.octets()))
+                        .map_err(map_err(format!("decap allow {net}/{len}")))?;
+                }
+            }
+            self.decap_v4 = desired.decap_v4.clone();
+        }
+        Ok(sum)
+    }
+
+    /// Backend id currently assigned to `addr` in service `service`, if any.
+    pub fn backend_id(&self, service: &str, addr: IpAddr) -> Option<u32> {
+        self.backends
+            .get(&(service.to_string(), addr))
+            .map(|s| s.id)
+    }
+
+    /// Service id currently assigned to `name`, if any.
+    pub fn service_id(&self, name: &str) -> Option<u32> {
+        self.services.get(name).map(|s| s.id)
+    }
+
+    /// Mutable access to a map by name, for tests and status readers.
+    pub fn map(&self, name: &str) -> Option<&Map> {
+        self.ebpf.map(name)
+    }
+}

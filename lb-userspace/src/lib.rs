@@ -1,0 +1,9 @@
+//! l3lb agent library: config model, Maglev, the data-plane map writer and the agent loop.
+//! The `l3lb` binary is a thin CLI over these modules, so tests can drive them directly.
+
+pub mod agent;
+pub mod config;
+pub mod dataplane;
+pub mod maglev;
+pub mod status;
+pub mod sys;

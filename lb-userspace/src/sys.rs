@@ -1,0 +1,160 @@
+//! Host facts and host setup the agent needs: addresses, bpffs, sysctls, neighbours.
+
+use std::{
+    collections::HashSet,
+    ffi::CStr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    path::Path,
+};
+
+use anyhow::{Context as _, bail};
+
+/// Every address configured on any interface of this host (network namespace).
+pub fn local_addresses() -> anyhow::Result<Vec<(String, IpAddr)>> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a valid node of the list until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() && !ifa.ifa_name.is_null() {
+            // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+            let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
+            // SAFETY: sa_family tells which sockaddr variant ifa_addr points to.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push((
+                        name,
+                        IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))),
+                    ));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push((name, IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))));
+                }
+                _ => {}
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: head came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// The set of local addresses (backends at one of them are this node).
+pub fn local_address_set() -> anyhow::Result<HashSet<IpAddr>> {
+    Ok(local_addresses()?.into_iter().map(|(_, a)| a).collect())
+}
+
+/// Names of the interfaces present, for error messages.
+pub fn interface_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Fails with the list of available interfaces when `iface` does not exist.
+pub fn require_interface(iface: &str) -> anyhow::Result<()> {
+    if Path::new("/sys/class/net").join(iface).exists() {
+        return Ok(());
+    }
+    bail!(
+        "interface {iface} not found; available: {}",
+        interface_names().join(", ")
+    )
+}
+
+/// First IPv4 address of `iface`: the source of the IPIP headers the balancer writes.
+pub fn interface_ipv4(iface: &str) -> anyhow::Result<Option<Ipv4Addr>> {
+    Ok(local_addresses()?.into_iter().find_map(|(n, a)| match a {
+        IpAddr::V4(v4) if n == iface => Some(v4),
+        _ => None,
+    }))
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Makes sure `pin_path` is a directory on a bpffs, mounting one at /sys/fs/bpf if that is
+/// where the path lives and nothing is mounted there yet.
+pub fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    if pin_path.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
+        std::fs::create_dir_all(sys_bpf).context("creating /sys/fs/bpf")?;
+        let src = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: plain mount(2) with static NUL-terminated strings.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
+        }
+    }
+    std::fs::create_dir_all(pin_path)
+        .with_context(|| format!("creating pin directory {}", pin_path.display()))?;
+    if !is_bpffs(pin_path) {
+        bail!(
+            "pin_path {} is not on a bpf filesystem; mount one (mount -t bpf bpf {}) or use a path under /sys/fs/bpf",
+            pin_path.display(),
+            pin_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Turns on IPv4 forwarding for `iface`: `bpf_fib_lookup` refuses to answer for
+/// interfaces where forwarding is off. Returns whether it had to change the setting.
+pub fn enable_ipv4_forwarding(iface: &str) -> anyhow::Result<bool> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+    let cur = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    if cur.trim() == "1" {
+        return Ok(false);
+    }
+    std::fs::write(&path, "1").with_context(|| format!("writing {path}"))?;
+    Ok(true)
+}
+
+/// Asks the kernel to resolve the link-layer address of the next hop toward each address,
+/// by sending an empty datagram to its discard port. `bpf_fib_lookup` only reads the
+/// neighbour table; without an entry the data plane drops with `no_neighbour`.
+pub fn prime_neighbours(addrs: impl IntoIterator<Item = IpAddr>) {
+    for addr in addrs {
+        let bind: SocketAddr = match addr {
+            IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let result = UdpSocket::bind(bind).and_then(|s| s.send_to(&[], (addr, 9)));
+        if let Err(e) = result {
+            tracing::debug!(%addr, error = %e, "neighbour probe not sent");
+        }
+    }
+}

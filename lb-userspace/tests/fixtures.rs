@@ -1,0 +1,699 @@
+//! Packet fixtures through `BPF_PROG_TEST_RUN`: the real XDP object, maps written by the
+//! agent's own map writer, input frame → expected verdict and exact output bytes.
+//!
+//! Each test moves its thread into a fresh network namespace (unshare) holding one veth
+//! with permanent neighbour entries for the backends, so `bpf_fib_lookup` answers
+//! deterministically; the namespace disappears with the thread. Needs root.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    process::Command,
+};
+
+use aya::{
+    maps::{MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions},
+};
+use l3lb::dataplane::{
+    Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions, ServiceMode,
+};
+use lb_common::{DropReason, PROTO_TCP, PROTO_UDP, map_names};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const VIP_L2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
+const VIP_ALL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 30);
+const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 40);
+const VIP_NONEIGH: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
+const B1: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 11);
+const B2: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 12);
+const B3: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 13);
+const B_NONEIGH: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 99);
+const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+const B3_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x13];
+const BALANCER: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Moves this thread into a new network namespace with interface `fx0` (the NIC).
+fn enter_namespace() -> u32 {
+    // SAFETY: unshare affects only the calling thread; the namespace dies with it.
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "unshare(CLONE_NEWNET): are we root?"
+    );
+    sh(&["ip", "link", "set", "lo", "up"]);
+    sh(&[
+        "ip", "link", "add", "fx0", "type", "veth", "peer", "name", "fx1",
+    ]);
+    sh(&[
+        "ip",
+        "link",
+        "set",
+        "fx0",
+        "address",
+        "02:00:00:00:00:01",
+        "mtu",
+        "1500",
+        "up",
+    ]);
+    sh(&["ip", "link", "set", "fx1", "up"]);
+    sh(&["ip", "addr", "add", "10.1.0.1/24", "dev", "fx0"]);
+    sh(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.1.0.254",
+        "dev",
+        "fx0",
+    ]);
+    for (ip, mac) in [
+        ("10.1.0.11", "02:00:00:00:00:11"),
+        ("10.1.0.12", "02:00:00:00:00:12"),
+        ("10.1.0.13", "02:00:00:00:00:13"),
+    ] {
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            "fx0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    std::fs::write("/proc/sys/net/ipv4/conf/fx0/forwarding", "1").expect("forwarding");
+    // /sys shows the namespace it was mounted in, so ask the kernel by name instead.
+    // SAFETY: a NUL-terminated literal.
+    let ifindex = unsafe { libc::if_nametoindex(c"fx0".as_ptr()) };
+    assert_ne!(ifindex, 0, "fx0 has an ifindex");
+    ifindex
+}
+
+fn backend(addr: Ipv4Addr) -> DesiredBackend {
+    DesiredBackend {
+        address: IpAddr::V4(addr),
+        weight: 1,
+        local: addr == NODE,
+    }
+}
+
+fn service(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    proto: u8,
+    l2: bool,
+    backends: &[Ipv4Addr],
+) -> DesiredService {
+    DesiredService {
+        name: name.into(),
+        vips: vec![(IpAddr::V4(vip), port, proto)],
+        mode: ServiceMode {
+            l2,
+            affinity_client_ip: false,
+        },
+        backends: backends.iter().map(|&b| backend(b)).collect(),
+    }
+}
+
+fn standard_desired() -> Desired {
+    Desired {
+        services: vec![
+            service("web", VIP, 80, PROTO_TCP, false, &[B1]),
+            service("dns", VIP_L2, 53, PROTO_UDP, true, &[B2]),
+            service("all", VIP_ALL, 0, PROTO_TCP, false, &[B3]),
+            service("local", VIP_LOCAL, 80, PROTO_TCP, false, &[NODE]),
+            service("noneigh", VIP_NONEIGH, 80, PROTO_TCP, false, &[B_NONEIGH]),
+            service("multi", VIP, 443, PROTO_TCP, false, &[B1, B2, B3]),
+        ],
+        decap_v4: vec![],
+    }
+}
+
+fn opts(decap: bool) -> LoadOptions {
+    LoadOptions {
+        ring_size: 251,
+        max_services: 16,
+        max_backends: 64,
+        conntrack_size: 4096,
+        encap_src_v4: NODE,
+        decap,
+    }
+}
+
+struct Fixture {
+    dp: Dataplane,
+    ifindex: u32,
+}
+
+impl Fixture {
+    fn new(decap: bool, desired: &Desired) -> Self {
+        let ifindex = enter_namespace();
+        let mut dp = Dataplane::load(&opts(decap)).expect("load");
+        dp.apply(desired).expect("apply");
+        Self { dp, ifindex }
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&self.ifindex.to_ne_bytes());
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let res = self
+            .dp
+            .program()
+            .expect("program")
+            .test_run(opts)
+            .expect("test_run");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    fn drops(&self, reason: DropReason) -> u64 {
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.dp.map(map_names::DROPS).expect("drops map"))
+                .expect("typed");
+        map.get(&(reason as u32), 0).expect("get").iter().sum()
+    }
+
+    fn expect_drop(&self, frame: &[u8], reason: DropReason, what: &str) {
+        let before = self.drops(reason);
+        let (verdict, _) = self.run(frame);
+        assert_eq!(verdict, XDP_DROP, "{what}: verdict");
+        assert_eq!(
+            self.drops(reason),
+            before + 1,
+            "{what}: counted as {}",
+            reason.label()
+        );
+    }
+
+    fn expect_pass_unchanged(&self, frame: &[u8], what: &str) {
+        let (verdict, out) = self.run(frame);
+        assert_eq!(verdict, XDP_PASS, "{what}: verdict");
+        assert_eq!(out, frame, "{what}: frame must be untouched");
+    }
+}
+
+// ---- packet building (independent of the data plane's own code) ----
+
+fn csum(bytes: &[u8]) -> [u8; 2] {
+    let mut sum: u32 = 0;
+    for c in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    (!(sum as u16)).to_be_bytes()
+}
+
+fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    options: &[u8],
+    payload: &[u8],
+    df: bool,
+) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let hl = 20 + options.len();
+    let tot = (hl + payload.len()) as u16;
+    let mut h = vec![
+        0x40 | (hl / 4) as u8,
+        0x10,
+        0,
+        0,
+        0x12,
+        0x34,
+        if df { 0x40 } else { 0 },
+        0,
+        63,
+        proto,
+        0,
+        0,
+    ];
+    h[2..4].copy_from_slice(&tot.to_be_bytes());
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(options);
+    let c = csum(&h);
+    h[10..12].copy_from_slice(&c);
+    h.extend_from_slice(payload);
+    h
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8, data: &[u8]) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    t.extend_from_slice(data);
+    t
+}
+
+fn udp(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut u = vec![0u8; 8];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dport.to_be_bytes());
+    u[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    u.extend_from_slice(data);
+    u
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], vlans: &[u16], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    for v in vlans {
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&v.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn client_tcp(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(
+            CLIENT,
+            dst,
+            PROTO_TCP,
+            &[],
+            &tcp(sport, dport, flags, b"hello"),
+            true,
+        ),
+    )
+}
+
+/// What the balancer must emit for an IPIP-forwarded packet.
+fn expected_ipip(inner: &[u8], backend: Ipv4Addr, backend_mac: [u8; 6]) -> Vec<u8> {
+    let tos = inner[1];
+    let df = inner[6] & 0x40;
+    let tot = (inner.len() + 20) as u16;
+    let mut outer = vec![0x45, tos, 0, 0, 0, 0, df, 0, 64, 4, 0, 0];
+    outer[2..4].copy_from_slice(&tot.to_be_bytes());
+    outer.extend_from_slice(&NODE.octets());
+    outer.extend_from_slice(&backend.octets());
+    let c = csum(&outer);
+    outer[10..12].copy_from_slice(&c);
+    outer.extend_from_slice(inner);
+    eth(backend_mac, NODE_MAC, &[], 0x0800, &outer)
+}
+
+#[test]
+fn verifier_accepts_program_and_reports_instruction_count() {
+    let f = Fixture::new(true, &standard_desired());
+    let n = f.dp.verified_instructions().expect("info");
+    println!("verifier processed instructions: {n:?}");
+    // The kernel's complexity limit is 1,000,000; keep a wide margin as features grow.
+    assert!(
+        n.is_some_and(|n| n < 500_000),
+        "verifier instruction count {n:?}"
+    );
+}
+
+#[test]
+fn non_vip_traffic_passes_untouched() {
+    let f = Fixture::new(false, &standard_desired());
+    let other = Ipv4Addr::new(192, 0, 2, 99);
+    f.expect_pass_unchanged(
+        &client_tcp(other, 1000, 80, SYN),
+        "TCP to a non-VIP address",
+    );
+    f.expect_pass_unchanged(
+        &client_tcp(VIP, 1000, 8080, SYN),
+        "TCP to a VIP on an unbalanced port",
+    );
+    let udp_to_tcp_vip = eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(CLIENT, VIP, PROTO_UDP, &[], &udp(1, 80, b"x"), false),
+    );
+    f.expect_pass_unchanged(&udp_to_tcp_vip, "UDP to a TCP-only VIP");
+    let arp = eth([0xff; 6], CLIENT_MAC, &[], 0x0806, &[0u8; 28]);
+    f.expect_pass_unchanged(&arp, "ARP");
+    let icmp = eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(CLIENT, NODE, 1, &[], &[8, 0, 0, 0, 0, 1, 0, 1], false),
+    );
+    f.expect_pass_unchanged(&icmp, "ping to the node");
+    let v6 = eth(NODE_MAC, CLIENT_MAC, &[], 0x86dd, &[0x60; 60]);
+    f.expect_pass_unchanged(&v6, "IPv6 (not balanced yet)");
+    let three_tags = eth(NODE_MAC, CLIENT_MAC, &[1, 2, 0x8100], 0x0800, &[0u8; 40]);
+    f.expect_pass_unchanged(&three_tags, "VLAN stack deeper than two");
+}
+
+#[test]
+fn tcp_to_vip_is_encapsulated_toward_backend() {
+    let f = Fixture::new(false, &standard_desired());
+    let frame = client_tcp(VIP, 40000, 80, SYN);
+    let (verdict, out) = f.run(&frame);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, expected_ipip(&frame[14..], B1, B1_MAC));
+}
+
+#[test]
+fn ipv4_options_and_vlan_tags_are_handled() {
+    let f = Fixture::new(false, &standard_desired());
+    let inner = ipv4(
+        CLIENT,
+        VIP,
+        PROTO_TCP,
+        &[0x01, 0x01, 0x01, 0x00],
+        &tcp(40001, 80, SYN, b""),
+        false,
+    );
+    let (verdict, out) = f.run(&eth(NODE_MAC, CLIENT_MAC, &[], 0x0800, &inner));
+    assert_eq!(verdict, XDP_TX, "IPv4 with options");
+    assert_eq!(
+        out,
+        expected_ipip(&inner, B1, B1_MAC),
+        "IPv4 with options: whole inner header carried"
+    );
+
+    let inner = ipv4(
+        CLIENT,
+        VIP,
+        PROTO_TCP,
+        &[],
+        &tcp(40002, 80, SYN, b"x"),
+        true,
+    );
+    for tags in [&[7u16][..], &[7, 8][..]] {
+        let (verdict, out) = f.run(&eth(NODE_MAC, CLIENT_MAC, tags, 0x0800, &inner));
+        assert_eq!(verdict, XDP_TX, "{} VLAN tag(s)", tags.len());
+        assert_eq!(
+            out,
+            expected_ipip(&inner, B1, B1_MAC),
+            "{} VLAN tag(s)",
+            tags.len()
+        );
+    }
+}
+
+#[test]
+fn l2_forwarding_rewrites_only_macs() {
+    let f = Fixture::new(false, &standard_desired());
+    let ip = ipv4(
+        CLIENT,
+        VIP_L2,
+        PROTO_UDP,
+        &[],
+        &udp(5353, 53, b"query"),
+        false,
+    );
+    let frame = eth(NODE_MAC, CLIENT_MAC, &[], 0x0800, &ip);
+    let (verdict, out) = f.run(&frame);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, eth(B2_MAC, NODE_MAC, &[], 0x0800, &ip));
+}
+
+#[test]
+fn all_ports_vip_and_local_backend() {
+    let f = Fixture::new(false, &standard_desired());
+    let frame = client_tcp(VIP_ALL, 1234, 8443, SYN);
+    let (verdict, out) = f.run(&frame);
+    assert_eq!(verdict, XDP_TX, "all-ports VIP");
+    assert_eq!(out, expected_ipip(&frame[14..], B3, B3_MAC));
+    f.expect_pass_unchanged(
+        &client_tcp(VIP_LOCAL, 1234, 80, SYN),
+        "backend is this node",
+    );
+}
+
+#[test]
+fn malformed_and_hostile_packets_are_dropped_with_reasons() {
+    let f = Fixture::new(false, &standard_desired());
+    let good = client_tcp(VIP, 40000, 80, SYN);
+    // Truncation at every length from the end of Ethernet to one byte short: IP total
+    // length then exceeds the frame (or the IP header itself is cut).
+    for len in 14..good.len() {
+        let reason = if len < 34 {
+            DropReason::Truncated
+        } else {
+            DropReason::BadIpHeader
+        };
+        f.expect_drop(&good[..len], reason, &format!("frame cut at {len} bytes"));
+    }
+    // A consistent IP packet whose TCP header is cut short.
+    let cut_tcp = eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(
+            CLIENT,
+            VIP,
+            PROTO_TCP,
+            &[],
+            &tcp(1, 80, SYN, b"")[..10],
+            false,
+        ),
+    );
+    f.expect_drop(&cut_tcp, DropReason::Truncated, "TCP header cut");
+    let cut_vlan = eth(NODE_MAC, CLIENT_MAC, &[], 0x8100, &[0, 7]);
+    f.expect_drop(&cut_vlan, DropReason::Truncated, "VLAN tag cut");
+
+    let mut bad_ihl = good.clone();
+    bad_ihl[14] = 0x44;
+    f.expect_drop(&bad_ihl, DropReason::BadIpHeader, "IHL 4");
+    let mut long_ihl = good.clone();
+    long_ihl[14] = 0x4f;
+    let ip_len = good.len() - 14;
+    long_ihl.truncate(14 + 50);
+    long_ihl[16..18].copy_from_slice(&50u16.to_be_bytes());
+    f.expect_drop(&long_ihl, DropReason::Truncated, "IHL beyond the frame");
+    let mut short_tot = good.clone();
+    short_tot[16..18].copy_from_slice(&16u16.to_be_bytes());
+    f.expect_drop(
+        &short_tot,
+        DropReason::BadIpHeader,
+        "total length below header length",
+    );
+    let mut long_tot = good.clone();
+    long_tot[16..18].copy_from_slice(&((ip_len + 1) as u16).to_be_bytes());
+    f.expect_drop(
+        &long_tot,
+        DropReason::BadIpHeader,
+        "total length beyond the frame",
+    );
+    let mut bad_version = good.clone();
+    bad_version[14] = 0x65;
+    f.expect_drop(
+        &bad_version,
+        DropReason::BadIpHeader,
+        "version 6 in an IPv4 frame",
+    );
+    let mut bad_doff = good.clone();
+    bad_doff[14 + 20 + 12] = 4 << 4;
+    f.expect_drop(&bad_doff, DropReason::BadL4Header, "TCP data offset 4");
+    let mut big_doff = good.clone();
+    big_doff[14 + 20 + 12] = 15 << 4;
+    f.expect_drop(
+        &big_doff,
+        DropReason::BadL4Header,
+        "TCP data offset beyond the frame",
+    );
+
+    let spoofed = eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(VIP, VIP, PROTO_TCP, &[], &tcp(80, 80, SYN, b""), false),
+    );
+    f.expect_drop(&spoofed, DropReason::SourceIsVip, "source is the VIP");
+
+    f.expect_drop(
+        &client_tcp(VIP_NONEIGH, 1, 80, SYN),
+        DropReason::NoNeighbour,
+        "backend without neighbour entry",
+    );
+
+    let big = eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(
+            CLIENT,
+            VIP,
+            PROTO_TCP,
+            &[],
+            &tcp(2, 80, SYN, &[0u8; 1460]),
+            true,
+        ),
+    );
+    f.expect_drop(
+        &big,
+        DropReason::MtuExceeded,
+        "1500-byte packet that IPIP would grow past the MTU",
+    );
+}
+
+#[test]
+fn connection_table_keeps_flows_on_their_backend() {
+    let mut desired = standard_desired();
+    let mut f = Fixture::new(false, &desired);
+    let macs = [(B1, B1_MAC), (B2, B2_MAC), (B3, B3_MAC)];
+    let backend_of = |out: &[u8]| -> Ipv4Addr {
+        let d = &out[14 + 16..14 + 20];
+        Ipv4Addr::new(d[0], d[1], d[2], d[3])
+    };
+    // Open 60 flows to the three-backend service and remember where each went.
+    let mut placed = Vec::new();
+    for port in 0..60u16 {
+        let (v, out) = f.run(&client_tcp(VIP, 30000 + port, 443, SYN));
+        assert_eq!(v, XDP_TX);
+        let b = backend_of(&out);
+        let mac = macs.iter().find(|(a, _)| *a == b).expect("known backend").1;
+        assert_eq!(
+            &out[0..6],
+            &mac,
+            "destination MAC is the backend's neighbour entry"
+        );
+        placed.push((30000 + port, b));
+    }
+    let used: std::collections::HashSet<_> = placed.iter().map(|p| p.1).collect();
+    assert_eq!(used.len(), 3, "60 flows use all three backends");
+
+    // Reweight so Maglev would move many flows; established (non-SYN) packets stay put.
+    desired.services[5].backends[0].weight = 10;
+    let sum = f.dp.apply(&desired).expect("reapply");
+    assert_eq!(
+        sum.tables_written, 1,
+        "only the changed service's table is rewritten: {sum}"
+    );
+    for (port, b) in &placed {
+        let (v, out) = f.run(&client_tcp(VIP, *port, 443, ACK));
+        assert_eq!(v, XDP_TX);
+        assert_eq!(
+            backend_of(&out),
+            *b,
+            "flow from port {port} stayed on its backend"
+        );
+    }
+    // A removed backend gets no packets, even from flows that were on it.
+    desired.services[5]
+        .backends
+        .retain(|b| b.address != IpAddr::V4(B2));
+    f.dp.apply(&desired).expect("remove B2");
+    for (port, b) in &placed {
+        let (_, out) = f.run(&client_tcp(VIP, *port, 443, ACK));
+        assert_ne!(
+            backend_of(&out),
+            B2,
+            "flow from port {port} left the removed backend"
+        );
+        if *b != B2 {
+            assert_eq!(
+                backend_of(&out),
+                *b,
+                "flow from port {port} on a surviving backend stayed"
+            );
+        }
+    }
+}
+
+#[test]
+fn decap_role_strips_ipip_from_allowed_sources_only() {
+    let mut desired = standard_desired();
+    desired.decap_v4 = vec![(Ipv4Addr::new(10, 1, 0, 0), 24)];
+    let f = Fixture::new(true, &desired);
+    let inner = ipv4(
+        CLIENT,
+        VIP,
+        PROTO_TCP,
+        &[],
+        &tcp(40000, 80, ACK, b"data"),
+        true,
+    );
+    let outer_from = |src: Ipv4Addr, vlans: &[u16]| {
+        eth(
+            NODE_MAC,
+            B1_MAC,
+            vlans,
+            0x0800,
+            &ipv4(src, NODE, 4, &[], &inner, true),
+        )
+    };
+    for vlans in [&[][..], &[5][..], &[5, 6][..]] {
+        let (verdict, out) = f.run(&outer_from(BALANCER, vlans));
+        assert_eq!(verdict, XDP_PASS, "allowed source, {} tags", vlans.len());
+        assert_eq!(
+            out,
+            eth(NODE_MAC, B1_MAC, vlans, 0x0800, &inner),
+            "inner packet with the original L2 header"
+        );
+    }
+    f.expect_drop(
+        &outer_from(Ipv4Addr::new(198, 51, 100, 1), &[]),
+        DropReason::DecapNotAllowed,
+        "unlisted source",
+    );
+    let mut bad_inner = inner.clone();
+    bad_inner[0] = 0x35;
+    let frame = eth(
+        NODE_MAC,
+        B1_MAC,
+        &[],
+        0x0800,
+        &ipv4(BALANCER, NODE, 4, &[], &bad_inner, true),
+    );
+    f.expect_drop(&frame, DropReason::DecapMalformed, "inner header not IPv4");
+    let frame = eth(
+        NODE_MAC,
+        B1_MAC,
+        &[],
+        0x0800,
+        &ipv4(BALANCER, NODE, 4, &[], &inner[..10], true),
+    );
+    f.expect_drop(&frame, DropReason::DecapMalformed, "inner header cut");
+}

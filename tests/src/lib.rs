@@ -1,0 +1,36 @@
+//! The l3lb lab: network namespaces on one bridge, real servers and clients, a packet
+//! sniffer, and guards that clean all of it up (also on panic).
+//!
+//! ```text
+//!                       fabric (br0)
+//!   client ─ eth0 ──┬── balancer-0 … balancer-N ──┬── backend-0 … backend-M
+//!   10.77.0.1       │   10.77.0.2 …               │   10.77.0.11 …
+//!   fd77::1         │   fd77::2 …                 │   fd77::11 …
+//! ```
+//!
+//! A test builds a [`Lab`], starts agents with [`Lab::spawn_in`] (binary from
+//! [`l3lb_bin`]), servers with [`TcpServer`] / [`UdpServer`] inside backend namespaces,
+//! and talks to a VIP with the helpers in [`client`] from the client namespace.
+//!
+//! Errors are `anyhow` with context: this crate is test support, at the edge where a
+//! precise message matters more than a matchable type.
+
+pub mod capture;
+pub mod client;
+pub mod lab;
+pub mod netns;
+pub mod prefix;
+pub mod process;
+pub mod servers;
+mod sock;
+
+pub use capture::{Capture, Frame, FrameInfo};
+pub use client::{Bulk, Reply, TcpPersistent};
+pub use lab::{LAB_ROOT, Lab, LabSpec, Mac, Node};
+pub use netns::{Netns, host, run};
+pub use prefix::Prefix;
+pub use process::{ChildGuard, l3lb_bin, spawn_in};
+pub use servers::{TcpServer, UdpServer};
+
+#[cfg(test)]
+mod tests;

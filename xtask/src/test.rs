@@ -1,0 +1,92 @@
+//! `cargo xtask test`: the whole check a change must pass, as CI runs it.
+
+use std::ffi::OsString;
+
+use anyhow::{Result, bail};
+
+use crate::{prereqs, process, workspace::Workspace};
+
+/// Options of `cargo xtask test`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip `cargo fmt --check` and both clippy runs.
+    #[arg(long)]
+    no_lint: bool,
+    /// Arguments passed on to `cargo test` (after its own flags), for example
+    /// `-- --no-fail-fast -- --nocapture`.
+    #[arg(last = true)]
+    cargo_test_args: Vec<OsString>,
+}
+
+/// Installs missing prerequisites, then checks formatting, lints the userspace and eBPF
+/// crates, builds everything and runs all tests; stops at the first failing step.
+pub fn run(workspace: &Workspace, args: &Args) -> Result<()> {
+    if !process::is_root()? {
+        bail!(
+            "`cargo xtask test` must run as root: the lab tests create network namespaces, \
+             veth pairs and XDP attachments, which need CAP_NET_ADMIN, CAP_BPF and \
+             CAP_SYS_ADMIN; run it as root (for example `sudo -E env PATH=\"$PATH\" cargo xtask test`)"
+        );
+    }
+    prereqs::ensure(
+        workspace,
+        prereqs::Needs {
+            lint: !args.no_lint,
+            lab: true,
+        },
+    )?;
+
+    if !args.no_lint {
+        let mut fmt = workspace.cargo();
+        fmt.args(["fmt", "--all", "--", "--check"]);
+        process::run_step("format check", &mut fmt)?;
+
+        let mut clippy = workspace.cargo();
+        clippy.args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "lb-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        process::run_step("clippy (userspace)", &mut clippy)?;
+
+        // The eBPF crate is not a default member and only builds for the BPF target, so
+        // it gets its own clippy run with the flags aya-build uses to build it.
+        let mut clippy_ebpf = workspace.nightly_cargo();
+        clippy_ebpf.args([
+            "clippy",
+            "-p",
+            "lb-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        process::run_step("clippy (eBPF)", &mut clippy_ebpf)?;
+    }
+
+    let mut build = workspace.cargo();
+    build.args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+    ]);
+    process::run_step("build", &mut build)?;
+
+    let agent = workspace.target_dir().join("debug").join("l3lb");
+    let mut test = workspace.cargo();
+    test.env("L3LB_BIN", &agent)
+        .args(["test", "--workspace", "--exclude", "lb-ebpf"])
+        .args(&args.cargo_test_args);
+    process::run_step("test", &mut test)
+}
