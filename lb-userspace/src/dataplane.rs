@@ -388,7 +388,8 @@ impl Dataplane {
                 io_error: e,
             }),
         })?;
-        for (name, map) in self.ebpf.maps() {
+        // Internal maps (.rodata, .bss) hold load-time globals; bpffs refuses dot names.
+        for (name, map) in self.ebpf.maps().filter(|(n, _)| !n.starts_with('.')) {
             let path = maps_dir.join(name);
             map.pin(&path)
                 .map_err(|source| DataplaneError::Pin { path, source })?;

@@ -8,12 +8,12 @@ use lb_common::{
     Action, Backend, BackendStats, DropReason, FlowKey, FlowState, ServiceStats, VipInfo, VipKey,
     map_names,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dataplane::addr_from_bytes;
 
 /// One VIP entry.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VipStatus {
     /// VIP address.
     pub address: IpAddr,
@@ -28,7 +28,7 @@ pub struct VipStatus {
 }
 
 /// Counters of one service, summed over CPUs.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceCounters {
     /// Service id.
     pub service: u32,
@@ -41,10 +41,12 @@ pub struct ServiceCounters {
 }
 
 /// One backend and its counters.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BackendStatus {
     /// Backend id.
     pub id: u32,
+    /// Service the entry belongs to.
+    pub service: u32,
     /// Address.
     pub address: IpAddr,
     /// This node (passed locally).
@@ -56,7 +58,7 @@ pub struct BackendStatus {
 }
 
 /// Everything `l3lb status` reports.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
     /// VIP entries.
     pub vips: Vec<VipStatus>,
@@ -150,6 +152,7 @@ pub fn read(pin_dir: &Path) -> anyhow::Result<Status> {
             .with_context(|| format!("backend stats {id}"))?;
         backends.push(BackendStatus {
             id,
+            service: b.service,
             address: addr_from_bytes(b.addr, b.family),
             local: b.flags & lb_common::BACKEND_F_LOCAL != 0,
             packets: st.iter().map(|s| s.packets).sum(),
@@ -213,14 +216,14 @@ pub fn render(s: &Status) -> String {
     }
     let _ = writeln!(
         out,
-        "BACKENDS\n  {:>4} {:<40} {:>5} {:>12} {:>14}",
-        "ID", "ADDRESS", "LOCAL", "PACKETS", "BYTES"
+        "BACKENDS\n  {:>4} {:>7} {:<40} {:>5} {:>12} {:>14}",
+        "ID", "SERVICE", "ADDRESS", "LOCAL", "PACKETS", "BYTES"
     );
     for b in &s.backends {
         let _ = writeln!(
             out,
-            "  {:>4} {:<40} {:>5} {:>12} {:>14}",
-            b.id, b.address, b.local, b.packets, b.bytes
+            "  {:>4} {:>7} {:<40} {:>5} {:>12} {:>14}",
+            b.id, b.service, b.address, b.local, b.packets, b.bytes
         );
     }
     let _ = writeln!(out, "CONNECTION TABLE\n  {} entries", s.flows);

@@ -372,7 +372,9 @@ impl Lab {
     }
 
     fn add_static_neighbours(&self) -> Result<()> {
-        for node in self.nodes() {
+        // Balancers are left to resolve their neighbours themselves: that is the agent's
+        // job, and the lab must not hide it when it fails.
+        for node in self.nodes().filter(|n| !n.name.starts_with("balancer")) {
             let lines: Vec<String> = self
                 .nodes()
                 .filter(|other| other.name != node.name)

@@ -21,6 +21,7 @@ pub mod lab;
 pub mod netns;
 pub mod prefix;
 pub mod process;
+pub mod scenario;
 pub mod servers;
 mod sock;
 

@@ -4,6 +4,7 @@ use std::{
     env,
     ffi::OsStr,
     fs::{self, OpenOptions},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -77,7 +78,10 @@ where
         .open(log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
     let log_err = log.try_clone()?;
+    // Its own process group: a Ctrl-C at the terminal reaches the test or demo, which then
+    // stops its children in order, instead of killing the agents under its feet.
     let child = Command::new("ip")
+        .process_group(0)
         .args(["netns", "exec", ns.name()])
         .arg(cmd.as_ref())
         .args(&args)

@@ -1,0 +1,327 @@
+//! End-to-end: a real client, a balancer running `l3lb`, real backends, all in network
+//! namespaces on one bridge, for both forwarding modes. Needs root.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use l3lb_tests::{
+    Capture, TcpServer, UdpServer,
+    capture::IPPROTO_UDP,
+    client,
+    scenario::{Mode, Scenario, TABLE_SIZE, TCP_PORT, UDP_PORT, VIP, backend_name},
+};
+use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, flow_hash};
+
+const T: Duration = Duration::from_secs(2);
+
+fn vip() -> IpAddr {
+    IpAddr::V4(VIP)
+}
+
+/// Which backend the balancer must pick for a new TCP flow from `sport`, computed
+/// independently from the agent's Maglev and the shared flow hash.
+fn predicted_backend(s: &Scenario, client: Ipv4Addr, sport: u16) -> String {
+    let configured: Vec<(usize, IpAddr, u32)> = s
+        .weights
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.map(|w| (i, IpAddr::V4(s.lab.backends[i].ipv4), w)))
+        .collect();
+    let input: Vec<(IpAddr, u32)> = configured.iter().map(|(_, a, w)| (*a, *w)).collect();
+    let table = l3lb::maglev::build(&input, TABLE_SIZE).expect("maglev");
+    let mut key = FlowKey {
+        sport: sport.to_be(),
+        dport: TCP_PORT.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        ..Default::default()
+    };
+    key.src[..4].copy_from_slice(&client.octets());
+    key.dst[..4].copy_from_slice(&VIP.octets());
+    let pos = table[(flow_hash(&key) % TABLE_SIZE) as usize] as usize;
+    backend_name(configured[pos].0)
+}
+
+fn shares_within(counts: &HashMap<String, usize>, expected: &[(String, f64)], total: usize) {
+    for (name, share) in expected {
+        let want = share * total as f64;
+        let got = *counts.get(name).unwrap_or(&0) as f64;
+        assert!(
+            (got - want).abs() <= 0.15 * want,
+            "{name}: {got} connections, expected {want:.0} ± 15 % (all: {counts:?})"
+        );
+    }
+}
+
+fn answered_with_client_address_and_bypassing_replies(mode: Mode) {
+    let s = Scenario::start(mode, 3).expect("scenario");
+    let client_ip = s.lab.client.ipv4;
+
+    // TCP and UDP both answered; the backend saw the client's own address and port.
+    let line = client::tcp_request(&s.lab.client.ns, vip(), TCP_PORT, Some(41000), T)
+        .expect("TCP to the VIP");
+    let reply = client::parse_reply(&line).expect("reply");
+    assert_eq!(
+        reply.peer,
+        SocketAddr::new(IpAddr::V4(client_ip), 41000),
+        "TCP peer seen by {}",
+        reply.backend
+    );
+    let line = client::udp_request(&s.lab.client.ns, vip(), UDP_PORT, Some(41001), T)
+        .expect("UDP to the VIP");
+    let reply = client::parse_reply(&line).expect("reply");
+    assert_eq!(
+        reply.peer,
+        SocketAddr::new(IpAddr::V4(client_ip), 41001),
+        "UDP peer seen by {}",
+        reply.backend
+    );
+
+    // Every server that answered saw only the client as its peer.
+    let bulk = client::tcp_bulk(&s.lab.client.ns, vip(), TCP_PORT, 42000..42300, T).expect("bulk");
+    assert_eq!(
+        bulk.failures, 0,
+        "all connections answered: {:?}",
+        bulk.errors
+    );
+    for server in &s.tcp {
+        for peer in server.peers() {
+            assert_eq!(
+                peer.ip(),
+                IpAddr::V4(client_ip),
+                "a backend saw a peer other than the client"
+            );
+        }
+    }
+    assert_eq!(
+        bulk.counts.len(),
+        3,
+        "all three backends served: {:?}",
+        bulk.counts
+    );
+
+    // Replies go from the backend straight to the client: the client receives them from
+    // a backend's MAC, and the balancer's counters see only the client→VIP direction.
+    let before = s.service_counters(UDP_PORT).expect("counters");
+    let mut cap = Capture::open(&s.lab.client.ns, "eth0").expect("capture");
+    const N: u64 = 50;
+    for i in 0..N {
+        client::udp_request(&s.lab.client.ns, vip(), UDP_PORT, Some(43000 + i as u16), T)
+            .expect("UDP");
+    }
+    cap.poll(Duration::from_millis(200)).expect("poll");
+    let replies = cap.find_ip(vip(), IpAddr::V4(client_ip), IPPROTO_UDP);
+    assert!(
+        replies.len() as u64 >= N,
+        "captured {} replies",
+        replies.len()
+    );
+    let backend_macs: Vec<_> = s.lab.backends.iter().map(|b| b.mac).collect();
+    for r in &replies {
+        assert!(
+            backend_macs.contains(&r.src_mac),
+            "reply from {} is not from a backend",
+            r.src_mac
+        );
+        assert_ne!(
+            r.src_mac, s.lab.balancers[0].mac,
+            "a reply came through the balancer"
+        );
+    }
+    let requests = cap.find_ip(IpAddr::V4(client_ip), vip(), IPPROTO_UDP);
+    assert!(
+        requests.iter().all(|r| r.dst_mac == s.lab.balancers[0].mac),
+        "requests go to the balancer"
+    );
+    let after = s.service_counters(UDP_PORT).expect("counters");
+    assert_eq!(
+        after.packets - before.packets,
+        N,
+        "the balancer saw exactly the {N} requests, no replies"
+    );
+}
+
+#[test]
+fn ipip_clients_are_answered_backends_see_client_address_replies_bypass_balancer() {
+    answered_with_client_address_and_bypassing_replies(Mode::Ipip);
+}
+
+#[test]
+fn l2_clients_are_answered_backends_see_client_address_replies_bypass_balancer() {
+    answered_with_client_address_and_bypassing_replies(Mode::L2);
+}
+
+fn connections_follow_maglev_and_weights(mode: Mode) {
+    let mut s = Scenario::start(mode, 3).expect("scenario");
+    let client_ip = s.lab.client.ipv4;
+    let names: Vec<String> = (0..3).map(backend_name).collect();
+
+    let bulk = client::tcp_bulk(&s.lab.client.ns, vip(), TCP_PORT, 20000..23000, T).expect("bulk");
+    assert_eq!(bulk.failures, 0, "{:?}", bulk.errors);
+    shares_within(
+        &bulk.counts,
+        &names
+            .iter()
+            .map(|n| (n.clone(), 1.0 / 3.0))
+            .collect::<Vec<_>>(),
+        bulk.ok,
+    );
+    for (port, got) in &bulk.by_src_port {
+        assert_eq!(
+            *got,
+            predicted_backend(&s, client_ip, *port),
+            "flow from port {port}"
+        );
+    }
+
+    s.set_weights(&[Some(1), Some(2), Some(1)])
+        .expect("reweight");
+    let bulk = client::tcp_bulk(&s.lab.client.ns, vip(), TCP_PORT, 30000..33000, T).expect("bulk");
+    assert_eq!(bulk.failures, 0, "{:?}", bulk.errors);
+    shares_within(
+        &bulk.counts,
+        &[
+            (names[0].clone(), 0.25),
+            (names[1].clone(), 0.5),
+            (names[2].clone(), 0.25),
+        ],
+        bulk.ok,
+    );
+    for (port, got) in &bulk.by_src_port {
+        assert_eq!(
+            *got,
+            predicted_backend(&s, client_ip, *port),
+            "flow from port {port} after reweight"
+        );
+    }
+}
+
+#[test]
+fn ipip_connections_spread_evenly_and_by_weight() {
+    connections_follow_maglev_and_weights(Mode::Ipip);
+}
+
+#[test]
+fn l2_connections_spread_evenly_and_by_weight() {
+    connections_follow_maglev_and_weights(Mode::L2);
+}
+
+fn removing_a_backend(mode: Mode) {
+    let mut s = Scenario::start(mode, 3).expect("scenario");
+    let client_ip = s.lab.client.ipv4;
+    let removed = backend_name(2);
+
+    // Long-lived connections, some on every backend.
+    let mut conns = Vec::new();
+    for port in 50000..50060u16 {
+        let c = client::tcp_connect_persistent(&s.lab.client.ns, vip(), TCP_PORT, Some(port), T)
+            .expect("connect");
+        let backend = c.reply().expect("reply").backend;
+        conns.push((port, backend, c));
+    }
+    assert!(
+        conns.iter().any(|c| c.1 == removed),
+        "some connection is on the backend to remove"
+    );
+    let before =
+        client::tcp_bulk(&s.lab.client.ns, vip(), TCP_PORT, 20000..21500, T).expect("bulk");
+
+    s.set_weights(&[Some(1), Some(1), None])
+        .expect("remove backend-2");
+
+    for (port, backend, c) in conns.iter_mut() {
+        if *backend != removed {
+            assert!(
+                c.is_alive(T),
+                "connection from port {port} to {backend} survived the removal"
+            );
+        }
+    }
+    let after = client::tcp_bulk(&s.lab.client.ns, vip(), TCP_PORT, 20000..21500, T).expect("bulk");
+    assert_eq!(after.failures, 0, "{:?}", after.errors);
+    assert!(
+        !after.counts.contains_key(&removed),
+        "no new connection reaches the removed backend: {:?}",
+        after.counts
+    );
+
+    // Maglev moves no flow between survivors beyond what the table change requires: every
+    // flow lands exactly where the new table says.
+    let mut moved_between_survivors = 0;
+    for (port, got) in &after.by_src_port {
+        assert_eq!(
+            *got,
+            predicted_backend(&s, client_ip, *port),
+            "flow from port {port}"
+        );
+        if let Some(old) = before.by_src_port.get(port)
+            && *old != removed
+            && old != got
+        {
+            moved_between_survivors += 1;
+        }
+    }
+    let share = moved_between_survivors as f64 / after.ok as f64;
+    println!(
+        "{mode:?}: flows moved between surviving backends: {moved_between_survivors} of {} ({:.2} %)",
+        after.ok,
+        share * 100.0
+    );
+    assert!(
+        share < 0.05,
+        "Maglev moved {:.1} % of flows between survivors",
+        share * 100.0
+    );
+}
+
+#[test]
+fn ipip_removing_a_backend_keeps_established_connections_and_moves_the_minimum() {
+    removing_a_backend(Mode::Ipip);
+}
+
+#[test]
+fn l2_removing_a_backend_keeps_established_connections_and_moves_the_minimum() {
+    removing_a_backend(Mode::L2);
+}
+
+#[test]
+fn balancer_node_traffic_keeps_working_and_bad_reload_keeps_state() {
+    let mut s = Scenario::start(Mode::Ipip, 2).expect("scenario");
+    let node = &s.lab.balancers[0];
+    let node_ip = IpAddr::V4(node.ipv4);
+    let tcp = TcpServer::start(&node.ns, "balancer-0", SocketAddr::new(node_ip, 8080))
+        .expect("tcp server");
+    let udp = UdpServer::start(&node.ns, "balancer-0", SocketAddr::new(node_ip, 5353))
+        .expect("udp server");
+    let line = client::tcp_request(&s.lab.client.ns, node_ip, 8080, None, T)
+        .expect("TCP to the balancer itself");
+    assert!(line.starts_with("backend=balancer-0"), "{line}");
+    let line = client::udp_request(&s.lab.client.ns, node_ip, 5353, None, T)
+        .expect("UDP to the balancer itself");
+    assert!(line.starts_with("backend=balancer-0"), "{line}");
+    assert!(
+        s.status().expect("status").actions["pass"] > 0,
+        "non-VIP traffic counted as passed"
+    );
+
+    // An invalid config on SIGHUP is rejected with its field path, and forwarding goes on.
+    let status_before = s.status().expect("status");
+    s.write_raw_config_and_reload("interface: eth0\nservices:\n  - name: web\n    vip: 10.77.100.10\n    backends:\n      - address: 10.0.0\n")
+        .expect("reload");
+    s.balancer
+        .wait_for_log(
+            "services[0].backends[0].address: invalid IP address \"10.0.0\"",
+            Duration::from_secs(10),
+        )
+        .expect("rejection logged with the field path");
+    assert_eq!(
+        s.status().expect("status").vips,
+        status_before.vips,
+        "VIPs unchanged"
+    );
+    client::tcp_request(&s.lab.client.ns, vip(), TCP_PORT, None, T).expect("VIP still served");
+    drop((tcp, udp));
+}
