@@ -106,6 +106,7 @@ pub struct Agent {
     config: Config,
     config_path: PathBuf,
     pin_dir: PathBuf,
+    no_neighbour_seen: u64,
 }
 
 impl Agent {
@@ -179,6 +180,7 @@ impl Agent {
             config,
             config_path: config_path.to_path_buf(),
             pin_dir,
+            no_neighbour_seen: 0,
         })
     }
 
@@ -207,6 +209,26 @@ impl Agent {
         Ok(())
     }
 
+    /// Re-resolves neighbours when the data plane reported missing ones since the last
+    /// call, so a flow waits at most about a second after an entry aged out.
+    pub fn refresh_neighbours_if_missing(&mut self) {
+        match self
+            .dataplane
+            .drop_count(lb_common::DropReason::NoNeighbour)
+        {
+            Ok(n) if n > self.no_neighbour_seen => {
+                self.no_neighbour_seen = n;
+                tracing::debug!(
+                    drops = n,
+                    "packets dropped for missing neighbours; resolving again"
+                );
+                self.refresh_neighbours();
+            }
+            Ok(_) => {}
+            Err(e) => warn!("reading drop counters: {e}"),
+        }
+    }
+
     /// Re-resolves neighbours of every backend (entries age out of the kernel's table).
     pub fn refresh_neighbours(&self) {
         if let Ok(local) = sys::local_address_set() {
@@ -230,7 +252,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    let mut refresh = tokio::time::interval(Duration::from_secs(30));
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -241,7 +264,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = tick.tick() => agent.refresh_neighbours(),
+            _ = refresh.tick() => agent.refresh_neighbours(),
+            _ = watch.tick() => agent.refresh_neighbours_if_missing(),
         }
     }
     agent.shutdown()

@@ -686,7 +686,21 @@ impl Dataplane {
         self.services.get(name).map(|s| s.id)
     }
 
-    /// Mutable access to a map by name, for tests and status readers.
+    /// Packets dropped for `reason` so far, summed over CPUs.
+    pub fn drop_count(&self, reason: lb_common::DropReason) -> Result<u64, DataplaneError> {
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(map_names::DROPS)
+                .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::DROPS)))?,
+        )
+        .map_err(map_err("drop counters"))?;
+        let values = map
+            .get(&(reason as u32), 0)
+            .map_err(map_err("drop counters"))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Read access to a map by name, for tests and status readers.
     pub fn map(&self, name: &str) -> Option<&Map> {
         self.ebpf.map(name)
     }

@@ -325,3 +325,104 @@ fn balancer_node_traffic_keeps_working_and_bad_reload_keeps_state() {
     client::tcp_request(&s.lab.client.ns, vip(), TCP_PORT, None, T).expect("VIP still served");
     drop((tcp, udp));
 }
+
+#[test]
+fn sigterm_detaches_and_removes_pins() {
+    let mut s = Scenario::start(Mode::L2, 1).expect("scenario");
+    let link = s.lab.balancers[0]
+        .run(["ip", "link", "show", "eth0"])
+        .expect("ip link");
+    assert!(link.contains("prog/xdp"), "attached while running: {link}");
+    let status = s.balancer.stop().expect("stop");
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status:?}\n{}",
+        s.balancer.log()
+    );
+    let link = s.lab.balancers[0]
+        .run(["ip", "link", "show", "eth0"])
+        .expect("ip link");
+    assert!(!link.contains("prog/xdp"), "detached after SIGTERM: {link}");
+    let pins = s.lab.pin_path("balancer-0").join("v1");
+    assert!(!pins.exists(), "{} removed", pins.display());
+}
+
+#[test]
+fn auto_mode_falls_back_to_generic_and_native_mode_says_why_it_failed() {
+    let lab = l3lb_tests::Lab::new(l3lb_tests::LabSpec {
+        backends: 0,
+        balancers: 1,
+    })
+    .expect("lab");
+    let node = &lab.balancers[0];
+    let bin = l3lb_tests::l3lb_bin().expect("binary");
+    // Loopback has no native XDP support.
+    let cfg = |mode: &str| {
+        format!(
+            "interface: lo\nxdp_mode: {mode}\npin_path: {}\n",
+            lab.pin_path("lo").display()
+        )
+    };
+    let auto = lab.write_file("auto.yaml", &cfg("auto")).expect("config");
+    let mut agent = lab
+        .spawn_in(
+            &node.ns,
+            &bin,
+            ["run", "--config", &auto.to_string_lossy()],
+            "auto.log",
+        )
+        .expect("spawn");
+    agent
+        .wait_for_log("l3lb ready", Duration::from_secs(20))
+        .expect("ready");
+    let log = agent.log();
+    assert!(log.contains("falling back to generic mode"), "{log}");
+    assert!(log.contains("mode=\"generic\""), "{log}");
+    agent.stop().expect("stop");
+
+    let native = lab
+        .write_file("native.yaml", &cfg("native"))
+        .expect("config");
+    let mut agent = lab
+        .spawn_in(
+            &node.ns,
+            &bin,
+            ["run", "--config", &native.to_string_lossy()],
+            "native.log",
+        )
+        .expect("spawn");
+    let status = agent.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert!(!status.success());
+    assert!(
+        agent.log().contains("attaching to lo in Driver mode"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn balancer_resolves_neighbours_again_after_they_are_flushed() {
+    let s = Scenario::start(Mode::Ipip, 2).expect("scenario");
+    client::tcp_request(&s.lab.client.ns, vip(), TCP_PORT, None, T).expect("served");
+    // Forget every neighbour: the data plane drops (and counts) until the agent notices
+    // and resolves them again; TCP's SYN retransmission then gets through.
+    s.lab.balancers[0]
+        .run(["ip", "neigh", "flush", "dev", "eth0"])
+        .expect("flush");
+    for port in 44000..44010 {
+        client::tcp_request(
+            &s.lab.client.ns,
+            vip(),
+            TCP_PORT,
+            Some(port),
+            Duration::from_secs(8),
+        )
+        .expect("served again after the flush");
+    }
+    let status = s.status().expect("status");
+    assert!(
+        status.drops["no_neighbour"] > 0,
+        "the flush was noticed: {:?}",
+        status.drops
+    );
+}

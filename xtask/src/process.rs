@@ -47,6 +47,68 @@ pub fn run_step(name: &str, cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Totals of the `test result:` lines of a `cargo test` run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Tests that passed.
+    pub passed: u64,
+    /// Tests that failed.
+    pub failed: u64,
+    /// Tests marked `#[ignore]`.
+    pub ignored: u64,
+}
+
+impl Tally {
+    /// Adds the counts of one `test result: ok. 3 passed; 0 failed; 1 ignored; …` line.
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = count.parse::<u64>() else {
+                continue;
+            };
+            match kind {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs a `cargo test` command as step `name`, passing its stdout through while adding
+/// up the `test result:` lines; fails like [`run_step`].
+pub fn run_tests_tallied(name: &str, cmd: &mut Command) -> Result<Tally> {
+    use std::io::{BufRead as _, BufReader};
+    let line = display(cmd);
+    eprintln!("==> {name}: {line}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("step `{name}` failed: could not start `{line}`"))?;
+    let mut tally = Tally::default();
+    if let Some(out) = child.stdout.take() {
+        for l in BufReader::new(out).lines() {
+            let l = l.with_context(|| format!("reading the output of `{line}`"))?;
+            println!("{l}");
+            tally.add_line(&l);
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("step `{name}` failed: waiting for `{line}`"))?;
+    if !status.success() {
+        bail!("step `{name}` failed ({}): `{line}`", describe(status));
+    }
+    Ok(tally)
+}
+
 /// Runs `cmd` with captured output; `Ok(None)` when its program is not installed.
 pub fn output_if_installed(cmd: &mut Command) -> Result<Option<Output>> {
     match cmd.output() {
@@ -142,6 +204,24 @@ mod tests {
         assert_eq!(
             display(&cmd),
             r"A='b c' dpkg-query -W '--showformat=${Status}' 'it'\''s'"
+        );
+    }
+
+    #[test]
+    fn tally_adds_cargo_test_result_lines() {
+        let mut t = Tally::default();
+        t.add_line("test result: ok. 9 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 1.58s");
+        t.add_line(
+            "test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("running 4 tests");
+        assert_eq!(
+            t,
+            Tally {
+                passed: 10,
+                failed: 3,
+                ignored: 2
+            }
         );
     }
 

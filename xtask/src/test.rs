@@ -88,5 +88,12 @@ pub fn run(workspace: &Workspace, args: &Args) -> Result<()> {
     test.env("L3LB_BIN", &agent)
         .args(["test", "--workspace", "--exclude", "lb-ebpf"])
         .args(&args.cargo_test_args);
-    process::run_step("test", &mut test)
+    let tally = process::run_tests_tallied("test", &mut test)?;
+    // One closing line for every runner of the workspace together, so a reader of the log
+    // (or CI) does not mistake the last crate's empty doc-test run for the whole story.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    );
+    Ok(())
 }

@@ -1,0 +1,81 @@
+//! The `l3lb` command line as a user meets it: `check` exit codes and messages, `--help`.
+
+use std::process::Command;
+
+fn l3lb(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_l3lb"))
+        .args(args)
+        .output()
+        .expect("run l3lb");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("l3lb-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+const GOOD: &str = "interface: eth0
+services:
+  - name: web
+    vip: 192.0.2.10
+    ports: [80, 443]
+    backends:
+      - address: 10.0.0.11
+      - address: 10.0.0.12
+        weight: 2
+  - name: dns
+    vip: 192.0.2.10
+    ports: [53]
+    protocol: udp
+    forwarding: l2
+    backends:
+      - address: 10.0.0.13
+";
+
+#[test]
+fn check_accepts_a_valid_config() {
+    let path = write("good.yaml", GOOD);
+    let (ok, stdout, stderr) = l3lb(&["check", "--config", path.to_str().expect("utf-8")]);
+    assert!(ok, "stderr: {stderr}");
+    assert!(stdout.contains("ok (2 services, 3 backends)"), "{stdout}");
+}
+
+#[test]
+fn check_rejects_with_the_field_path_and_a_nonzero_exit() {
+    let bad = GOOD.replace("10.0.0.11", "10.0.0");
+    let path = write("bad.yaml", &bad);
+    let (ok, _, stderr) = l3lb(&["check", "--config", path.to_str().expect("utf-8")]);
+    assert!(!ok, "invalid config must fail");
+    assert!(
+        stderr.contains(r#"services[0].backends[0].address: invalid IP address "10.0.0""#),
+        "{stderr}"
+    );
+    let typo = GOOD.replace("forwarding: l2", "forwardin: l2");
+    let path = write("typo.yaml", &typo);
+    let (ok, _, stderr) = l3lb(&["check", "--config", path.to_str().expect("utf-8")]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("services[1].forwardin: unknown field"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = l3lb(&["check", "--config", "/nonexistent/l3lb.yaml"]);
+    assert!(!ok);
+    assert!(stderr.contains("cannot read"), "{stderr}");
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let (ok, stdout, _) = l3lb(&["--help"]);
+    assert!(ok);
+    for cmd in ["run", "check", "status"] {
+        assert!(stdout.contains(cmd), "--help mentions {cmd}: {stdout}");
+    }
+}
