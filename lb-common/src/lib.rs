@@ -51,6 +51,8 @@ pub mod map_names {
     pub const DECAP_V4: &str = "L3LB_DECAP_V4";
     /// IPv6 prefix → 1: sources whose IPv6-in-IPv6 packets are decapsulated.
     pub const DECAP_V6: &str = "L3LB_DECAP_V6";
+    /// IPv4 address → 1: this node's own addresses (the only outer destinations decapsulated).
+    pub const LOCAL_V4: &str = "L3LB_LOCAL_V4";
 }
 
 /// Names of the load-time globals in the XDP object.

@@ -20,7 +20,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{DECAP_V4, VIPS},
+    maps::{DECAP_V4, LOCAL_V4, VIPS},
     parse::{eth, ipv4, l4},
 };
 
@@ -53,9 +53,12 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     let ip = ipv4::parse(ctx, l2.l3_off)?;
     let (proto, src, dst) = unsafe { ((*ip.hdr).proto, (*ip.hdr).src_addr, (*ip.hdr).dst_addr) };
 
+    // Only packets addressed to this node are ours to open; IPIP passing through (or for
+    // another host) is left to the stack.
     if proto == PROTO_IPIP
         && !ip.fragment
         && unsafe { core::ptr::read_volatile(&DECAP_ENABLED) } != 0
+        && unsafe { LOCAL_V4.get(dst) }.is_some()
     {
         let key = aya_ebpf::maps::lpm_trie::Key::new(32, src);
         if DECAP_V4.get(&key).is_none() {

@@ -14,7 +14,9 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Forwarding, XdpMode},
-    dataplane::{Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions, ServiceMode},
+    dataplane::{
+        ApplySummary, Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions, ServiceMode,
+    },
     sys,
 };
 
@@ -66,7 +68,19 @@ pub fn desired_from_config(cfg: &Config, local: &HashSet<IpAddr>) -> Desired {
             ipnet::IpNet::V6(_) => None,
         })
         .collect();
-    Desired { services, decap_v4 }
+    let mut local_v4: Vec<Ipv4Addr> = local
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    local_v4.sort();
+    Desired {
+        services,
+        decap_v4,
+        local_v4,
+    }
 }
 
 /// Load-time options of a config (changing any of them needs a restart).
@@ -222,17 +236,30 @@ impl Agent {
                     drops = n,
                     "packets dropped for missing neighbours; resolving again"
                 );
-                self.refresh_neighbours();
+                self.resync();
             }
             Ok(_) => {}
             Err(e) => warn!("reading drop counters: {e}"),
         }
     }
 
-    /// Re-resolves neighbours of every backend (entries age out of the kernel's table).
-    pub fn refresh_neighbours(&self) {
-        if let Ok(local) = sys::local_address_set() {
-            sys::prime_neighbours(remote_backends(&desired_from_config(&self.config, &local)));
+    /// Re-applies the running config against this node's current addresses (they decide
+    /// local backends and decap destinations) and re-resolves every backend's neighbour
+    /// (entries age out of the kernel's table).
+    pub fn resync(&mut self) {
+        match sys::local_address_set() {
+            Ok(local) => {
+                let desired = desired_from_config(&self.config, &local);
+                match self.dataplane.apply(&desired) {
+                    Ok(summary) if summary != ApplySummary::default() => {
+                        info!(%summary, "node addresses changed; applied")
+                    }
+                    Ok(_) => {}
+                    Err(e) => error!("re-applying after an address change: {e:#}"),
+                }
+                sys::prime_neighbours(remote_backends(&desired));
+            }
+            Err(e) => warn!("reading local addresses: {e:#}"),
         }
     }
 
@@ -264,7 +291,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = refresh.tick() => agent.refresh_neighbours(),
+            _ = refresh.tick() => agent.resync(),
             _ = watch.tick() => agent.refresh_neighbours_if_missing(),
         }
     }

@@ -144,6 +144,8 @@ pub struct Desired {
     pub services: Vec<DesiredService>,
     /// IPv4 prefixes whose IPIP packets are decapsulated.
     pub decap_v4: Vec<(Ipv4Addr, u8)>,
+    /// This node's IPv4 addresses: the outer destinations the decap role accepts.
+    pub local_v4: Vec<Ipv4Addr>,
 }
 
 /// What an apply changed, for the one-line log.
@@ -231,6 +233,7 @@ pub struct Dataplane {
     service_ids: IdPool,
     backend_ids: IdPool,
     decap_v4: Vec<(Ipv4Addr, u8)>,
+    local_v4: Vec<Ipv4Addr>,
 }
 
 /// Converts an address to the 16-byte form used in keys, with its family tag.
@@ -304,6 +307,7 @@ impl Dataplane {
             service_ids: IdPool::new(opts.max_services),
             backend_ids: IdPool::new(opts.max_backends),
             decap_v4: Vec::new(),
+            local_v4: Vec::new(),
         })
     }
 
@@ -670,6 +674,22 @@ impl Dataplane {
                 }
             }
             self.decap_v4 = desired.decap_v4.clone();
+        }
+        // 6. Local addresses (decap destinations).
+        if desired.local_v4 != self.local_v4 {
+            let old = std::mem::take(&mut self.local_v4);
+            let mut map: HashMap<&mut MapData, [u8; 4], u32> =
+                HashMap::try_from(self.map_mut(map_names::LOCAL_V4)?)
+                    .map_err(map_err("local address map"))?;
+            for a in &desired.local_v4 {
+                map.insert(a.octets(), 1, 0)
+                    .map_err(map_err(format!("local address {a}")))?;
+            }
+            for a in old.iter().filter(|a| !desired.local_v4.contains(a)) {
+                map.remove(&a.octets())
+                    .map_err(map_err(format!("old local address {a}")))?;
+            }
+            self.local_v4 = desired.local_v4.clone();
         }
         Ok(sum)
     }

@@ -152,6 +152,7 @@ fn standard_desired() -> Desired {
             service("multi", VIP, 443, PROTO_TCP, false, &[B1, B2, B3]),
         ],
         decap_v4: vec![],
+        local_v4: vec![NODE],
     }
 }
 
@@ -678,6 +679,14 @@ fn decap_role_strips_ipip_from_allowed_sources_only() {
         DropReason::DecapNotAllowed,
         "unlisted source",
     );
+    let elsewhere = eth(
+        NODE_MAC,
+        B1_MAC,
+        &[],
+        0x0800,
+        &ipv4(BALANCER, B3, 4, &[], &inner, true),
+    );
+    f.expect_pass_unchanged(&elsewhere, "IPIP from an allowed source to another host");
     let mut bad_inner = inner.clone();
     bad_inner[0] = 0x35;
     let frame = eth(
