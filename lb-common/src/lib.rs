@@ -17,6 +17,10 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_IPIP: u8 = 4;
 /// IP protocol number of IPv6-in-IP encapsulation.
 pub const PROTO_IPV6: u8 = 41;
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// IPv6 next-header number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Maximum number of 802.1Q/802.1ad tags the parser walks.
 pub const MAX_VLAN_DEPTH: usize = 2;
@@ -25,6 +29,9 @@ pub const MAX_VLAN_DEPTH: usize = 2;
 pub const SERVICE_F_L2: u32 = 1;
 /// Service flag: hash on the client address only (session affinity by client IP).
 pub const SERVICE_F_AFFINITY_CLIENT_IP: u32 = 2;
+
+/// Service flag: only sources in the service's ranges (`L3LB_SRC_V4`/`_V6`) may use it.
+pub const SERVICE_F_SOURCE_RANGES: u32 = 4;
 
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
@@ -51,6 +58,12 @@ pub mod map_names {
     pub const DECAP_V4: &str = "L3LB_DECAP_V4";
     /// IPv6 prefix → 1: sources whose IPv6-in-IPv6 packets are decapsulated.
     pub const DECAP_V6: &str = "L3LB_DECAP_V6";
+    /// (service, client prefix) → 1: allowed sources of services with source ranges.
+    pub const SRC_V4: &str = "L3LB_SRC_V4";
+    /// (service, client prefix) → 1: the IPv6 counterpart of `SRC_V4`.
+    pub const SRC_V6: &str = "L3LB_SRC_V6";
+    /// `FragKey` → `VipInfo`: the service of each fragmented datagram, from its first fragment.
+    pub const FRAGS: &str = "L3LB_FRAGS";
     /// IPv4 address → 1: this node's own addresses (the only outer destinations decapsulated).
     pub const LOCAL_V4: &str = "L3LB_LOCAL_V4";
 }
@@ -72,7 +85,7 @@ pub const PROGRAM_NAME: &str = "l3lb";
 ///
 /// `port` is in network byte order; `port == 0` is the all-ports entry of an L3 VIP.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     /// Address bytes; IPv4 uses the first four, the rest are zero.
     pub addr: [u8; 16],
@@ -170,6 +183,46 @@ pub struct BackendStats {
     pub bytes: u64,
 }
 
+/// Key of a fragmented datagram: addresses, protocol and IP identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Client address.
+    pub src: [u8; 16],
+    /// VIP address.
+    pub dst: [u8; 16],
+    /// Identification (IPv4: 16 bits, zero-extended; IPv6: the fragment header's 32 bits).
+    pub id: u32,
+    /// IP protocol number of the fragmented payload.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
+}
+
+/// Data part of an IPv4 source-range key: the service id, then the client prefix.
+///
+/// The LPM prefix length is 32 (the whole service id) plus the prefix's own length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SrcRangeV4 {
+    /// Service id, big-endian so that it is matched as the leading bits.
+    pub service: [u8; 4],
+    /// Client address bits.
+    pub addr: [u8; 4],
+}
+
+/// Data part of an IPv6 source-range key (see `SrcRangeV4`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SrcRangeV6 {
+    /// Service id, big-endian.
+    pub service: [u8; 4],
+    /// Client address bits.
+    pub addr: [u8; 16],
+}
+
 /// Key of the decap allow list for IPv4 sources (LPM trie data part).
 pub type DecapV4 = [u8; 4];
 /// Key of the decap allow list for IPv6 sources (LPM trie data part).
@@ -219,6 +272,13 @@ counted_enum! {
         MtuExceeded = 9 => "mtu_exceeded",
         /// The kernel refused to grow or shrink the frame.
         AdjustFailed = 10 => "adjust_failed",
+        /// The client is outside the service's source ranges.
+        SourceNotAllowed = 11 => "source_not_allowed",
+        /// A non-first fragment whose first fragment was not seen, for a VIP address
+        /// with port-specific services only.
+        FragmentUnknown = 12 => "fragment_unknown",
+        /// An ICMP error to a VIP that quotes no flow of a VIP (or quotes it truncated).
+        IcmpUnmatched = 13 => "icmp_unmatched",
     }
     count DROP_REASON_COUNT
 }
@@ -236,6 +296,11 @@ counted_enum! {
         Local = 3 => "local",
         /// Decapsulated and handed to the stack (backend role).
         Decap = 4 => "decap",
+        /// ICMP echo to a VIP answered by the balancer.
+        EchoReply = 5 => "echo_reply",
+        /// "Fragmentation needed" / "packet too big" sent to a client instead of an
+        /// encapsulated packet that would exceed the MTU.
+        TooBig = 6 => "too_big",
     }
     count ACTION_COUNT
 }
@@ -283,6 +348,9 @@ const _: () = {
     assert!(core::mem::size_of::<FlowState>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 32);
     assert!(core::mem::size_of::<BackendStats>() == 16);
+    assert!(core::mem::size_of::<FragKey>() == 40);
+    assert!(core::mem::size_of::<SrcRangeV4>() == 8);
+    assert!(core::mem::size_of::<SrcRangeV6>() == 20);
     assert!(core::mem::offset_of!(VipKey, port) == 16);
     assert!(core::mem::offset_of!(FlowKey, sport) == 32);
 };
@@ -299,4 +367,7 @@ mod pod {
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for SrcRangeV4 {}
+    unsafe impl aya::Pod for SrcRangeV6 {}
 }

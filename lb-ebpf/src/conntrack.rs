@@ -1,6 +1,6 @@
 //! Backend selection: the connection table first, Maglev on a miss.
 
-use lb_common::{Backend, FlowKey, FlowState, VipInfo, flow_hash};
+use lb_common::{Backend, FlowKey, FlowState, SERVICE_F_AFFINITY_CLIENT_IP, VipInfo, flow_hash};
 
 use crate::maps::{BACKENDS, FLOWS, RINGS};
 
@@ -18,34 +18,35 @@ pub struct Choice {
     pub new_flow: bool,
 }
 
-/// Picks the backend of a flow.
-///
-/// A connection-table hit keeps the flow where it is as long as that backend still
-/// exists for this service; a TCP SYN always chooses afresh so a reused 5-tuple is
-/// balanced by the current table. A miss consults the service's active Maglev table and
-/// records the choice.
+/// The backend the connection table remembers for `key`, if it still serves this service.
 #[inline(always)]
-pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
-    if !syn && let Some(state) = unsafe { FLOWS.get(key) } {
-        let id = state.backend;
-        if state.service == vip.service
-            && let Some(b) = BACKENDS.get(id)
-            && b.family == key.family
-            && b.service == vip.service
-        {
-            return Some(Choice {
-                id,
-                backend: *b,
-                new_flow: false,
-            });
-        }
+fn remembered(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
+    let state = unsafe { FLOWS.get(key) }?;
+    let id = state.backend;
+    if state.service != vip.service {
+        return None;
     }
+    let b = BACKENDS.get(id)?;
+    if b.family != key.family || b.service != vip.service {
+        return None;
+    }
+    Some(Choice {
+        id,
+        backend: *b,
+        new_flow: false,
+    })
+}
+
+/// The backend the service's Maglev table gives `key` (ports ignored under client-IP
+/// affinity); no state is read or written.
+#[inline(always)]
+pub fn from_table(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
     let size = unsafe { core::ptr::read_volatile(&RING_SIZE) };
     if size == 0 {
         return None;
     }
     let mut hkey = *key;
-    if vip.flags & lb_common::SERVICE_F_AFFINITY_CLIENT_IP != 0 {
+    if vip.flags & SERVICE_F_AFFINITY_CLIENT_IP != 0 {
         hkey.sport = 0;
         hkey.dport = 0;
     }
@@ -55,17 +56,41 @@ pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
     if backend.family != key.family || backend.service != vip.service {
         return None;
     }
-    let _ = FLOWS.insert(
-        key,
-        FlowState {
-            backend: id,
-            service: vip.service,
-        },
-        0,
-    );
     Some(Choice {
         id,
         backend,
         new_flow: true,
     })
+}
+
+/// Picks the backend of a flow and records it.
+///
+/// A connection-table hit keeps the flow where it is as long as that backend still
+/// exists for this service; a TCP SYN always chooses afresh so a reused 5-tuple is
+/// balanced by the current table. A miss consults the service's active Maglev table and
+/// records the choice.
+#[inline(always)]
+pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
+    if !syn && let Some(c) = remembered(key, vip) {
+        return Some(c);
+    }
+    let choice = from_table(key, vip)?;
+    let _ = FLOWS.insert(
+        key,
+        FlowState {
+            backend: choice.id,
+            service: vip.service,
+        },
+        0,
+    );
+    Some(choice)
+}
+
+/// The backend that owns a flow, without recording anything (for ICMP errors about it).
+#[inline(always)]
+pub fn owner(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
+    match remembered(key, vip) {
+        Some(c) => Some(c),
+        None => from_table(key, vip),
+    }
 }

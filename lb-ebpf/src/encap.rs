@@ -27,6 +27,20 @@ pub struct NextHop {
     ifindex: u32,
 }
 
+/// Why a packet cannot be sent on: a drop reason, or "too big" with the route's MTU.
+pub enum Blocked {
+    /// Drop with this reason.
+    Drop(DropReason),
+    /// The packet exceeds the egress MTU (the value carried).
+    TooBig(u16),
+}
+
+impl From<DropReason> for Blocked {
+    fn from(r: DropReason) -> Self {
+        Blocked::Drop(r)
+    }
+}
+
 /// Looks up the next hop toward `dst` for a packet of `tot_len` bytes (L3).
 ///
 /// The kernel checks the route's MTU against `tot_len`, so an encapsulated packet that
@@ -37,7 +51,7 @@ pub fn next_hop(
     src: [u8; 4],
     dst: [u8; 4],
     tot_len: u16,
-) -> Result<NextHop, DropReason> {
+) -> Result<NextHop, Blocked> {
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -58,9 +72,11 @@ pub fn next_hop(
             dmac: p.dmac,
             ifindex: p.ifindex,
         }),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Err(DropReason::NoNeighbour),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::MtuExceeded),
-        _ => Err(DropReason::NoRoute),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Blocked::Drop(DropReason::NoNeighbour)),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            Err(Blocked::TooBig(unsafe { p.__bindgen_anon_1.mtu_result }))
+        }
+        _ => Err(Blocked::Drop(DropReason::NoRoute)),
     }
 }
 
@@ -81,7 +97,7 @@ pub fn l2_forward(
     backend: [u8; 4],
     ip_src: [u8; 4],
     tot_len: u16,
-) -> Result<u32, DropReason> {
+) -> Result<u32, Blocked> {
     let hop = next_hop(ctx, ip_src, backend, tot_len)?;
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     unsafe {
@@ -90,6 +106,9 @@ pub fn l2_forward(
     }
     Ok(transmit(ctx, &hop))
 }
+
+/// Bytes IPIP encapsulation adds (the outer IPv4 header).
+pub const IPIP_OVERHEAD: u16 = Ipv4Hdr::LEN as u16;
 
 /// Encapsulates the IPv4 packet at `l3_off` in an outer IPv4 header toward `backend`.
 ///
@@ -101,11 +120,11 @@ pub fn ipip_forward(
     backend: [u8; 4],
     l3_off: usize,
     tot_len: u16,
-) -> Result<u32, DropReason> {
+) -> Result<u32, Blocked> {
     let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V4) };
     let outer_len = tot_len
         .checked_add(Ipv4Hdr::LEN as u16)
-        .ok_or(DropReason::MtuExceeded)?;
+        .ok_or(Blocked::TooBig(0))?;
     let hop = next_hop(ctx, src, backend, outer_len)?;
 
     // Inner fields the outer header copies: TOS and DF.
@@ -115,7 +134,7 @@ pub fn ipip_forward(
     // Grow the head so that exactly Ethernet + outer IPv4 precede the inner header.
     let delta = (EthHdr::LEN + Ipv4Hdr::LEN) as i32 - l3_off as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
-        return Err(DropReason::AdjustFailed);
+        return Err(Blocked::Drop(DropReason::AdjustFailed));
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     let outer: *mut [u8; 20] = ptr_at(ctx, EthHdr::LEN)?;

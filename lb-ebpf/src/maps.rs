@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     ACTION_COUNT, Backend, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6, FlowKey, FlowState,
-    ServiceStats, VipInfo, VipKey,
+    FragKey, ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey,
 };
 
 /// `VipKey` → `VipInfo`; written by the agent (size: load time).
@@ -55,3 +55,17 @@ pub static LOCAL_V4: HashMap<[u8; 4], u32> = HashMap::with_max_entries(256, 0);
 /// IPv6 source prefix → 1: reserved for IPv6-in-IPv6 decapsulation; written by the agent.
 #[map(name = "L3LB_DECAP_V6")]
 pub static DECAP_V6: LpmTrie<DecapV6, u32> = LpmTrie::with_max_entries(1024, 0);
+
+/// (service, client prefix) → 1: allowed IPv4 sources of services with source ranges;
+/// written by the agent.
+#[map(name = "L3LB_SRC_V4")]
+pub static SRC_V4: LpmTrie<SrcRangeV4, u32> = LpmTrie::with_max_entries(16384, 0);
+
+/// (service, client prefix) → 1: allowed IPv6 sources; written by the agent.
+#[map(name = "L3LB_SRC_V6")]
+pub static SRC_V6: LpmTrie<SrcRangeV6, u32> = LpmTrie::with_max_entries(16384, 0);
+
+/// `FragKey` → the service of a fragmented datagram, recorded from its first fragment so
+/// later fragments (which carry no ports) reach the same service; written by this program.
+#[map(name = "L3LB_FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, VipInfo> = LruHashMap::with_max_entries(8192, 0);

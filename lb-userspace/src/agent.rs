@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, Forwarding, XdpMode},
+    config::{Affinity, Config, Forwarding, XdpMode},
     dataplane::{
         ApplySummary, Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions, ServiceMode,
     },
@@ -45,8 +45,9 @@ pub fn desired_from_config(cfg: &Config, local: &HashSet<IpAddr>) -> Desired {
                 vips,
                 mode: ServiceMode {
                     l2: s.forwarding == Forwarding::L2,
-                    affinity_client_ip: false,
+                    affinity_client_ip: s.affinity == Affinity::ClientIp,
                 },
+                source_ranges: s.source_ranges.clone(),
                 backends: s
                     .backends
                     .iter()

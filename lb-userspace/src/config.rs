@@ -105,6 +105,20 @@ pub struct Service {
     /// The backends, in the VIP's address family.
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// Session affinity: `client_ip` sends every connection of a client to one backend.
+    #[serde(default)]
+    pub affinity: Affinity,
+}
+
+/// Session affinity of a service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Affinity {
+    /// Each connection is balanced on its own 5-tuple.
+    #[default]
+    None,
+    /// Balanced on the client address alone: all of a client's connections share a backend.
+    ClientIp,
 }
 
 /// Transport protocol of a service.
@@ -329,6 +343,13 @@ impl Config {
                 ),
             ));
         }
+        let total_ranges: usize = self.services.iter().map(|s| s.source_ranges.len()).sum();
+        if total_ranges > MAX_SOURCE_RANGES {
+            return Err(error(
+                "services",
+                format!("{total_ranges} source ranges in total; at most {MAX_SOURCE_RANGES}"),
+            ));
+        }
 
         let mut names: HashSet<&str> = HashSet::new();
         // (VIP, protocol, port) -> service name; port 0 stands for "all ports".
@@ -347,13 +368,17 @@ impl Config {
             check_vip_supported(service.vip).map_err(|message| error(at("vip"), message))?;
             service.validate_ports(i, &mut claims)?;
             service.validate_source_ranges(i)?;
-            check_source_ranges_supported(&service.source_ranges)
-                .map_err(|message| error(at("source_ranges"), message))?;
             service.validate_backends(i, size)?;
         }
         Ok(())
     }
 }
+
+/// Source ranges all services together may list (the size of each family's trie).
+pub const MAX_SOURCE_RANGES: usize = 16384;
+
+/// Source ranges one service may list (the data plane's tries hold 16384 in all).
+pub const MAX_SOURCE_RANGES_PER_SERVICE: usize = 1024;
 
 /// The one place that limits which VIPs the data plane can serve.
 ///
@@ -363,16 +388,6 @@ fn check_vip_supported(vip: IpAddr) -> Result<(), String> {
     match vip {
         IpAddr::V4(_) => Ok(()),
         IpAddr::V6(_) => Err("IPv6 VIPs are not supported yet".to_owned()),
-    }
-}
-
-/// Source ranges are parsed and checked, but the data plane does not enforce them yet:
-/// accepting them would silently let everyone in, so they are refused until it does.
-fn check_source_ranges_supported(ranges: &[IpNet]) -> Result<(), String> {
-    if ranges.is_empty() {
-        Ok(())
-    } else {
-        Err("source ranges are not enforced by the data plane yet; leave the list empty".to_owned())
     }
 }
 
@@ -422,6 +437,15 @@ impl Service {
 
     /// Source ranges must be in the VIP's family.
     fn validate_source_ranges(&self, i: usize) -> Result<(), ConfigError> {
+        if self.source_ranges.len() > MAX_SOURCE_RANGES_PER_SERVICE {
+            return Err(error(
+                format!("services[{i}].source_ranges"),
+                format!(
+                    "{} ranges; at most {MAX_SOURCE_RANGES_PER_SERVICE} per service",
+                    self.source_ranges.len()
+                ),
+            ));
+        }
         for (j, range) in self.source_ranges.iter().enumerate() {
             if range.addr().is_ipv4() != self.vip.is_ipv4() {
                 return Err(error(
@@ -663,6 +687,7 @@ services:
                         weight: 1,
                     },
                 ],
+                affinity: Affinity::None,
             }],
         };
         assert_eq!(config, expected);
@@ -710,20 +735,6 @@ services:
              \x20   protocol: udp\n\
              \x20   forwarding: l2\n\
              \x20   source_ranges: [198.51.100.0/24]\n",
-        );
-        // Parsed and checked, then refused until the data plane enforces them.
-        let err = config.expect_err("source ranges refused for now");
-        assert_eq!(err.path, "services[0].source_ranges");
-        let config = Config::parse(
-            "interface: eth0\n\
-             xdp_mode: generic\n\
-             decap:\n  allow: [10.0.0.0/8, '2001:db8::/32']\n\
-             services:\n\
-             \x20 - name: dns\n\
-             \x20   vip: 192.0.2.53\n\
-             \x20   ports: [53]\n\
-             \x20   protocol: udp\n\
-             \x20   forwarding: l2\n",
         )
         .expect("valid config");
         assert_eq!(config.xdp_mode, XdpMode::Generic);
@@ -736,6 +747,8 @@ services:
         assert_eq!(service.protocol.number(), 17);
         assert_eq!(Protocol::Tcp.number(), 6);
         assert_eq!(service.forwarding, Forwarding::L2);
+        assert_eq!(service.source_ranges, [net("198.51.100.0/24")]);
+        assert_eq!(service.affinity, Affinity::None);
         assert_eq!(
             Config::parse("interface: eth0\nxdp_mode: native\n")
                 .expect("native")

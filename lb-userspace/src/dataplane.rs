@@ -17,7 +17,8 @@ use aya::{
 };
 use lb_common::{
     BACKEND_F_LOCAL, Backend, BackendStats, DecapV4, FAMILY_V4, FAMILY_V6,
-    SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, ServiceStats, VipInfo, VipKey, globals, map_names,
+    SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, ServiceStats, SrcRangeV4,
+    SrcRangeV6, VipInfo, VipKey, globals, map_names,
 };
 use thiserror::Error;
 
@@ -135,6 +136,8 @@ pub struct DesiredService {
     pub mode: ServiceMode,
     /// Backends in any order.
     pub backends: Vec<DesiredBackend>,
+    /// Client networks allowed to use the service; empty means everyone.
+    pub source_ranges: Vec<ipnet::IpNet>,
 }
 
 /// Everything the agent wants in the maps.
@@ -187,6 +190,7 @@ struct ServiceState {
     vips: Vec<VipKey>,
     info: VipInfo,
     table: Vec<u32>,
+    source_ranges: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +238,15 @@ pub struct Dataplane {
     backend_ids: IdPool,
     decap_v4: Vec<(Ipv4Addr, u8)>,
     local_v4: Vec<Ipv4Addr>,
+    markers: BTreeMap<VipKey, VipInfo>,
+}
+
+fn icmp_proto(family: u8) -> u8 {
+    if family == FAMILY_V4 {
+        lb_common::PROTO_ICMP
+    } else {
+        lb_common::PROTO_ICMPV6
+    }
 }
 
 /// Converts an address to the 16-byte form used in keys, with its family tag.
@@ -308,6 +321,7 @@ impl Dataplane {
             backend_ids: IdPool::new(opts.max_backends),
             decap_v4: Vec::new(),
             local_v4: Vec::new(),
+            markers: BTreeMap::new(),
         })
     }
 
@@ -480,6 +494,7 @@ impl Dataplane {
                         vips: Vec::new(),
                         info: VipInfo::default(),
                         table: Vec::new(),
+                        source_ranges: Vec::new(),
                     };
                     (state, true)
                 }
@@ -548,6 +563,17 @@ impl Dataplane {
             if svc.mode.affinity_client_ip {
                 flags |= SERVICE_F_AFFINITY_CLIENT_IP;
             }
+            if !svc.source_ranges.is_empty() {
+                flags |= SERVICE_F_SOURCE_RANGES;
+            }
+            // New ranges go in before the VIP entries may start checking them.
+            let new_ranges: Vec<ipnet::IpNet> = svc
+                .source_ranges
+                .iter()
+                .filter(|r| !state.source_ranges.contains(r))
+                .copied()
+                .collect();
+            self.write_ranges(state.id, &new_ranges, true)?;
             let vips: Vec<VipKey> = svc
                 .vips
                 .iter()
@@ -605,6 +631,18 @@ impl Dataplane {
                     }
                 }
             }
+            // Ranges no longer listed go once the VIP entries no longer need them.
+            let old_ranges: Vec<ipnet::IpNet> = state
+                .source_ranges
+                .iter()
+                .filter(|r| !svc.source_ranges.contains(r))
+                .copied()
+                .collect();
+            self.write_ranges(state.id, &old_ranges, false)?;
+            if state.source_ranges != svc.source_ranges {
+                changed = true;
+            }
+            state.source_ranges = svc.source_ranges.clone();
             state.info = info;
             state.vips = vips;
             if is_new {
@@ -657,7 +695,39 @@ impl Dataplane {
             }
         }
 
-        // 5. Decap allow list.
+        // 5. Every VIP address gets an ICMP marker entry: echo to it is answered, and ICMP
+        //    errors to it are matched against its flows.
+        let mut markers: BTreeMap<VipKey, VipInfo> = BTreeMap::new();
+        for svc in &desired.services {
+            if let Some(state) = self.services.get(&svc.name) {
+                for k in &state.vips {
+                    let marker = VipKey {
+                        port: 0,
+                        proto: icmp_proto(k.family),
+                        ..*k
+                    };
+                    markers.entry(marker).or_insert(VipInfo {
+                        flags: 0,
+                        ..state.info
+                    });
+                }
+            }
+        }
+        if markers != self.markers {
+            let old = std::mem::take(&mut self.markers);
+            let mut map = self.vips()?;
+            for (k, v) in &markers {
+                if old.get(k) != Some(v) {
+                    map.insert(k, v, 0).map_err(map_err("VIP address marker"))?;
+                }
+            }
+            for k in old.keys().filter(|k| !markers.contains_key(*k)) {
+                map.remove(k).map_err(map_err("VIP address marker"))?;
+            }
+            self.markers = markers;
+        }
+
+        // 6. Decap allow list.
         if desired.decap_v4 != self.decap_v4 {
             let old = std::mem::take(&mut self.decap_v4);
             let mut trie: LpmTrie<&mut MapData, DecapV4, u32> =
@@ -675,7 +745,7 @@ impl Dataplane {
             }
             self.decap_v4 = desired.decap_v4.clone();
         }
-        // 6. Local addresses (decap destinations).
+        // 7. Local addresses (decap destinations).
         if desired.local_v4 != self.local_v4 {
             let old = std::mem::take(&mut self.local_v4);
             let mut map: HashMap<&mut MapData, [u8; 4], u32> =
@@ -704,6 +774,63 @@ impl Dataplane {
     /// Service id currently assigned to `name`, if any.
     pub fn service_id(&self, name: &str) -> Option<u32> {
         self.services.get(name).map(|s| s.id)
+    }
+
+    /// Adds (`insert`) or removes the source-range entries of service `id`.
+    fn write_ranges(
+        &mut self,
+        id: u32,
+        ranges: &[ipnet::IpNet],
+        insert: bool,
+    ) -> Result<(), DataplaneError> {
+        let (v4, v6): (Vec<_>, Vec<_>) = ranges
+            .iter()
+            .partition(|r| matches!(r, ipnet::IpNet::V4(_)));
+        if !v4.is_empty() {
+            let mut trie: LpmTrie<&mut MapData, SrcRangeV4, u32> =
+                LpmTrie::try_from(self.map_mut(map_names::SRC_V4)?)
+                    .map_err(map_err("source ranges"))?;
+            for r in v4 {
+                if let ipnet::IpNet::V4(n) = r {
+                    let key = Key::new(
+                        32 + u32::from(n.prefix_len()),
+                        SrcRangeV4 {
+                            service: id.to_be_bytes(),
+                            addr: n.network().octets(),
+                        },
+                    );
+                    let res = if insert {
+                        trie.insert(&key, 1, 0)
+                    } else {
+                        trie.remove(&key)
+                    };
+                    res.map_err(map_err(format!("source range {r}")))?;
+                }
+            }
+        }
+        if !v6.is_empty() {
+            let mut trie: LpmTrie<&mut MapData, SrcRangeV6, u32> =
+                LpmTrie::try_from(self.map_mut(map_names::SRC_V6)?)
+                    .map_err(map_err("source ranges"))?;
+            for r in v6 {
+                if let ipnet::IpNet::V6(n) = r {
+                    let key = Key::new(
+                        32 + u32::from(n.prefix_len()),
+                        SrcRangeV6 {
+                            service: id.to_be_bytes(),
+                            addr: n.network().octets(),
+                        },
+                    );
+                    let res = if insert {
+                        trie.insert(&key, 1, 0)
+                    } else {
+                        trie.remove(&key)
+                    };
+                    res.map_err(map_err(format!("source range {r}")))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Packets dropped for `reason` so far, summed over CPUs.

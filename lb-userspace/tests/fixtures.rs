@@ -138,6 +138,7 @@ fn service(
             affinity_client_ip: false,
         },
         backends: backends.iter().map(|&b| backend(b)).collect(),
+        source_ranges: vec![],
     }
 }
 
@@ -341,6 +342,30 @@ fn expected_ipip(inner: &[u8], backend: Ipv4Addr, backend_mac: [u8; 6]) -> Vec<u
     outer[10..12].copy_from_slice(&c);
     outer.extend_from_slice(inner);
     eth(backend_mac, NODE_MAC, &[], 0x0800, &outer)
+}
+
+/// ICMP "fragmentation needed" from the VIP to the client quoting `orig` (an IPv4 packet).
+fn expected_frag_needed(orig: &[u8], mtu: u16) -> Vec<u8> {
+    let ihl = usize::from(orig[0] & 0x0f) * 4;
+    let quote = &orig[..ihl + 8];
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let c = csum(&icmp);
+    icmp[2..4].copy_from_slice(&c);
+    let src = Ipv4Addr::new(orig[16], orig[17], orig[18], orig[19]);
+    let dst = Ipv4Addr::new(orig[12], orig[13], orig[14], orig[15]);
+    let mut ip = ipv4(src, dst, 1, &[], &icmp, false);
+    // The balancer writes TOS 0, identification 0 and TTL 64.
+    ip[1] = 0;
+    ip[4] = 0;
+    ip[5] = 0;
+    ip[8] = 64;
+    ip[10] = 0;
+    ip[11] = 0;
+    let c = csum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c);
+    eth(CLIENT_MAC, NODE_MAC, &[], 0x0800, &ip)
 }
 
 #[test]
@@ -572,11 +597,12 @@ fn malformed_and_hostile_packets_are_dropped_with_reasons() {
             true,
         ),
     );
-    f.expect_drop(
-        &big,
-        DropReason::MtuExceeded,
-        "1500-byte packet that IPIP would grow past the MTU",
+    let (verdict, out) = f.run(&big);
+    assert_eq!(
+        verdict, XDP_TX,
+        "a packet too big for IPIP is answered, not dropped"
     );
+    assert_eq!(out, expected_frag_needed(&big[14..], 1480));
 }
 
 #[test]
@@ -705,4 +731,328 @@ fn decap_role_strips_ipip_from_allowed_sources_only() {
         &ipv4(BALANCER, NODE, 4, &[], &inner[..10], true),
     );
     f.expect_drop(&frame, DropReason::DecapMalformed, "inner header cut");
+}
+
+fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, icmp: &[u8]) -> Vec<u8> {
+    let mut m = icmp.to_vec();
+    let c = csum(&m);
+    m[2..4].copy_from_slice(&c);
+    eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(src, dst, 1, &[], &m, false),
+    )
+}
+
+#[test]
+fn icmp_echo_to_a_vip_is_answered_by_the_balancer() {
+    let f = Fixture::new(false, &standard_desired());
+    let mut echo = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+    echo.extend_from_slice(b"ping payload");
+    let frame = icmp_frame(CLIENT, VIP, &echo);
+    let (verdict, out) = f.run(&frame);
+    assert_eq!(verdict, XDP_TX);
+    let mut reply = echo.clone();
+    reply[0] = 0;
+    let c = csum(&reply);
+    reply[2..4].copy_from_slice(&c);
+    let mut ip = ipv4(VIP, CLIENT, 1, &[], &reply, false);
+    // Same TOS and identification as the request; TTL starts afresh.
+    ip[8] = 64;
+    ip[10] = 0;
+    ip[11] = 0;
+    let c = csum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c);
+    assert_eq!(
+        out,
+        eth(CLIENT_MAC, NODE_MAC, &[], 0x0800, &ip),
+        "echo reply"
+    );
+    f.expect_pass_unchanged(
+        &icmp_frame(CLIENT, Ipv4Addr::new(192, 0, 2, 99), &echo),
+        "ping to a non-VIP address",
+    );
+}
+
+#[test]
+fn icmp_errors_about_a_vip_flow_go_to_the_backend_that_owns_it() {
+    let f = Fixture::new(false, &standard_desired());
+    // Open flows to the three-backend service; remember each one's backend.
+    let mut owners = Vec::new();
+    for port in 0..30u16 {
+        let (v, out) = f.run(&client_tcp(VIP, 31000 + port, 443, SYN));
+        assert_eq!(v, XDP_TX);
+        owners.push((
+            31000 + port,
+            Ipv4Addr::new(out[30], out[31], out[32], out[33]),
+        ));
+    }
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    for (port, owner) in owners {
+        // A router on the return path complains about the backend's reply VIP → client.
+        let quoted = ipv4(
+            VIP,
+            CLIENT,
+            PROTO_TCP,
+            &[],
+            &tcp(443, port, ACK, b"reply data"),
+            true,
+        );
+        let mut err = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00];
+        err.extend_from_slice(&quoted[..28]);
+        let frame = icmp_frame(router, VIP, &err);
+        let (v, out) = f.run(&frame);
+        assert_eq!(v, XDP_TX, "ICMP error about the flow from port {port}");
+        let b1 = [(B1, B1_MAC), (B2, B2_MAC), (B3, B3_MAC)];
+        let mac = b1.iter().find(|(a, _)| *a == owner).expect("known").1;
+        assert_eq!(
+            out,
+            expected_ipip(&frame[14..], owner, mac),
+            "forwarded to {owner}, the flow's backend"
+        );
+    }
+    // An error quoting something that is no flow of a VIP is dropped and counted.
+    let stray = ipv4(VIP, CLIENT, PROTO_TCP, &[], &tcp(9999, 1, ACK, b""), true);
+    let mut err = vec![3, 1, 0, 0, 0, 0, 0, 0];
+    err.extend_from_slice(&stray[..28]);
+    f.expect_drop(
+        &icmp_frame(router, VIP, &err),
+        DropReason::IcmpUnmatched,
+        "error about a port the VIP does not serve",
+    );
+    let mut cut = vec![3, 4, 0, 0, 0, 0, 0, 0];
+    cut.extend_from_slice(&stray[..22]);
+    f.expect_drop(
+        &icmp_frame(router, VIP, &cut),
+        DropReason::IcmpUnmatched,
+        "error quoting a truncated header",
+    );
+}
+
+#[test]
+fn packets_too_big_for_ipip_get_fragmentation_needed_also_without_df() {
+    let f = Fixture::new(false, &standard_desired());
+    for df in [true, false] {
+        let frame = eth(
+            NODE_MAC,
+            CLIENT_MAC,
+            &[],
+            0x0800,
+            &ipv4(
+                CLIENT,
+                VIP,
+                PROTO_TCP,
+                &[0x01, 0x01, 0x01, 0x00],
+                &tcp(5, 80, ACK, &[7u8; 1450]),
+                df,
+            ),
+        );
+        let (verdict, out) = f.run(&frame);
+        assert_eq!(verdict, XDP_TX, "df={df}");
+        assert_eq!(
+            out,
+            expected_frag_needed(&frame[14..], 1480),
+            "df={df}: quotes header with options + 8 bytes"
+        );
+    }
+    // The largest packet that fits once encapsulated goes through.
+    let fits = eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(
+            CLIENT,
+            VIP,
+            PROTO_TCP,
+            &[],
+            &tcp(6, 80, ACK, &[7u8; 1440]),
+            true,
+        ),
+    );
+    let (verdict, out) = f.run(&fits);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, expected_ipip(&fits[14..], B1, B1_MAC));
+}
+
+#[test]
+fn source_ranges_admit_listed_clients_only() {
+    let mut desired = standard_desired();
+    desired.services[0].source_ranges = vec![
+        "203.0.113.0/28".parse().expect("net"),
+        "198.51.100.7/32".parse().expect("net"),
+    ];
+    let f = Fixture::new(false, &desired);
+    let from = |src: Ipv4Addr| {
+        eth(
+            NODE_MAC,
+            CLIENT_MAC,
+            &[],
+            0x0800,
+            &ipv4(src, VIP, PROTO_TCP, &[], &tcp(4000, 80, SYN, b""), true),
+        )
+    };
+    for ok in [
+        CLIENT,
+        Ipv4Addr::new(203, 0, 113, 0),
+        Ipv4Addr::new(203, 0, 113, 15),
+        Ipv4Addr::new(198, 51, 100, 7),
+    ] {
+        let (v, out) = f.run(&from(ok));
+        assert_eq!(v, XDP_TX, "{ok} is listed");
+        assert_eq!(out, expected_ipip(&from(ok)[14..], B1, B1_MAC));
+    }
+    for bad in [
+        Ipv4Addr::new(203, 0, 113, 16),
+        Ipv4Addr::new(198, 51, 100, 8),
+        Ipv4Addr::new(10, 1, 0, 50),
+    ] {
+        f.expect_drop(
+            &from(bad),
+            DropReason::SourceNotAllowed,
+            &format!("{bad} is not listed"),
+        );
+    }
+    // Other services on the same VIP address are not restricted.
+    let (v, _) = f.run(&client_tcp(VIP, 4001, 443, SYN));
+    assert_eq!(v, XDP_TX);
+}
+
+#[test]
+fn client_ip_affinity_sends_all_ports_of_a_client_to_one_backend() {
+    let mut desired = standard_desired();
+    desired.services[5].mode.affinity_client_ip = true;
+    let f = Fixture::new(false, &desired);
+    let mut used = std::collections::HashMap::new();
+    for c in 1..=40u8 {
+        let client = Ipv4Addr::new(203, 0, 113, c);
+        let mut seen = std::collections::HashSet::new();
+        for port in 0..10u16 {
+            let frame = eth(
+                NODE_MAC,
+                CLIENT_MAC,
+                &[],
+                0x0800,
+                &ipv4(
+                    client,
+                    VIP,
+                    PROTO_TCP,
+                    &[],
+                    &tcp(10000 + port * 7, 443, SYN, b""),
+                    true,
+                ),
+            );
+            let (v, out) = f.run(&frame);
+            assert_eq!(v, XDP_TX);
+            seen.insert(Ipv4Addr::new(out[30], out[31], out[32], out[33]));
+        }
+        assert_eq!(seen.len(), 1, "all connections of {client} on one backend");
+        *used.entry(*seen.iter().next().expect("one")).or_insert(0) += 1;
+    }
+    assert_eq!(
+        used.len(),
+        3,
+        "clients still spread over the backends: {used:?}"
+    );
+}
+
+#[test]
+fn fragments_of_a_datagram_reach_one_backend() {
+    let f = Fixture::new(false, &standard_desired());
+    // A UDP datagram to the L2 service (no size growth), in three fragments.
+    let payload = udp(5353, 53, &[9u8; 64]);
+    let frag = |id: u16, offset_words: u16, more: bool, bytes: &[u8], src: Ipv4Addr| {
+        let mut ip = ipv4(src, VIP_L2, PROTO_UDP, &[], bytes, false);
+        ip[4..6].copy_from_slice(&id.to_be_bytes());
+        let flags = offset_words | if more { 0x2000 } else { 0 };
+        ip[6..8].copy_from_slice(&flags.to_be_bytes());
+        ip[10] = 0;
+        ip[11] = 0;
+        let c = csum(&ip[..20]);
+        ip[10..12].copy_from_slice(&c);
+        eth(NODE_MAC, CLIENT_MAC, &[], 0x0800, &ip)
+    };
+    for (id, src) in [(7u16, CLIENT), (8, Ipv4Addr::new(203, 0, 113, 99))] {
+        let parts = [
+            frag(id, 0, true, &payload[..24], src),
+            frag(id, 3, true, &payload[24..48], src),
+            frag(id, 6, false, &payload[48..], src),
+        ];
+        for p in &parts {
+            let (v, out) = f.run(p);
+            assert_eq!(v, XDP_TX, "fragment forwarded");
+            assert_eq!(
+                out,
+                eth(B2_MAC, NODE_MAC, &[], 0x0800, &p[14..]),
+                "fragment to the service's backend"
+            );
+        }
+    }
+    // A later fragment whose first was never seen, for a VIP address with port-specific
+    // services only: which service it belongs to is unknowable.
+    let orphan = frag(99, 3, false, &payload[24..], CLIENT);
+    f.expect_drop(
+        &orphan,
+        DropReason::FragmentUnknown,
+        "later fragment without its first",
+    );
+    // Fragments to an all-ports VIP need no first fragment.
+    let mut ip = ipv4(CLIENT, VIP_ALL, PROTO_TCP, &[], &[1u8; 16], false);
+    ip[6..8].copy_from_slice(&3u16.to_be_bytes());
+    ip[10] = 0;
+    ip[11] = 0;
+    let c = csum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c);
+    let (v, out) = f.run(&eth(NODE_MAC, CLIENT_MAC, &[], 0x0800, &ip));
+    assert_eq!(v, XDP_TX, "later fragment to an all-ports VIP");
+    assert_eq!(out, expected_ipip(&ip, B3, B3_MAC));
+    // Fragments to non-VIP addresses are the stack's.
+    let mut other = frag(5, 3, false, &payload[24..], CLIENT);
+    other[14 + 16..14 + 20].copy_from_slice(&[192, 0, 2, 99]);
+    other[14 + 10] = 0;
+    other[14 + 11] = 0;
+    let c = csum(&other[14..34]);
+    other[24..26].copy_from_slice(&c);
+    f.expect_pass_unchanged(&other, "fragment to a non-VIP address");
+}
+
+#[test]
+fn fragments_hash_on_addresses_and_protocol_only() {
+    // The three-backend service: a first fragment's backend is the one Maglev gives the
+    // (source, destination, protocol) tuple with the ports zeroed, whatever its ports.
+    let f = Fixture::new(false, &standard_desired());
+    let mut by_client = std::collections::HashMap::new();
+    for c in 1..=30u8 {
+        let client = Ipv4Addr::new(203, 0, 113, c);
+        let mut seen = std::collections::HashSet::new();
+        for sport in [1000u16, 2000, 3000] {
+            let mut ip = ipv4(
+                client,
+                VIP,
+                PROTO_TCP,
+                &[],
+                &tcp(sport, 443, ACK, &[0u8; 8]),
+                false,
+            );
+            ip[6..8].copy_from_slice(&0x2000u16.to_be_bytes());
+            ip[4..6].copy_from_slice(&sport.to_be_bytes());
+            ip[10] = 0;
+            ip[11] = 0;
+            let c = csum(&ip[..20]);
+            ip[10..12].copy_from_slice(&c);
+            let (v, out) = f.run(&eth(NODE_MAC, CLIENT_MAC, &[], 0x0800, &ip));
+            assert_eq!(v, XDP_TX);
+            seen.insert(Ipv4Addr::new(out[30], out[31], out[32], out[33]));
+        }
+        assert_eq!(
+            seen.len(),
+            1,
+            "fragments from {client} share a backend whatever their ports"
+        );
+        by_client.insert(client, *seen.iter().next().expect("one"));
+    }
+    let spread: std::collections::HashSet<_> = by_client.values().collect();
+    assert!(spread.len() > 1, "different clients still spread");
 }

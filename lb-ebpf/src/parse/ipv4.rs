@@ -16,6 +16,10 @@ pub struct Ipv4 {
     pub tot_len: u16,
     /// More-fragments set or fragment offset non-zero.
     pub fragment: bool,
+    /// Fragment offset non-zero: a later fragment, which carries no L4 header.
+    pub later_fragment: bool,
+    /// Identification field (ties fragments of one datagram together).
+    pub id: u16,
 }
 
 /// Parses and validates the IPv4 header at `off`: version, IHL and total length.
@@ -43,5 +47,7 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
         hdr_len,
         tot_len,
         fragment: frags & 0x3fff != 0,
+        later_fragment: frags & 0x1fff != 0,
+        id: u16::from_be_bytes(unsafe { (*hdr).id }),
     })
 }

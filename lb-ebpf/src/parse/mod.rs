@@ -10,11 +10,17 @@ use lb_common::DropReason;
 /// Pointer to a `T` at `offset` in the frame, or `Truncated` if the frame ends before it.
 ///
 /// Every header access goes through here so the verifier always sees the check right next
-/// to the access (LLVM may otherwise merge checks it believes redundant).
+/// to the access.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, DropReason> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+    // Volatile loads keep LLVM from proving one check redundant with another: the
+    // verifier tracks each packet pointer separately and needs every check it sees.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
     if start + offset + core::mem::size_of::<T>() > end {
         return Err(DropReason::Truncated);
     }

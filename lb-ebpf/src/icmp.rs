@@ -1,0 +1,184 @@
+//! ICMP at the balancer: echo to a VIP is answered here; "fragmentation needed" goes to a
+//! client whose packet would not fit once encapsulated; errors about a VIP flow are
+//! matched to the flow (their forwarding is the caller's).
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{DropReason, FAMILY_V4, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use network_types::eth::EthHdr;
+
+use crate::{csum, parse::ptr_at};
+
+/// ICMP type: echo request.
+pub const ECHO_REQUEST: u8 = 8;
+/// ICMP type: destination unreachable (code 4: fragmentation needed).
+pub const DEST_UNREACH: u8 = 3;
+
+/// Answers an ICMP echo request in place: addresses and MACs swapped, type 0, checksums
+/// adjusted incrementally; the frame goes back out where it came from.
+#[inline(always)]
+pub fn echo_reply_v4(ctx: &XdpContext, l3_off: usize, l4_off: usize) -> Result<u32, DropReason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let ip: *mut [u8; 20] = ptr_at(ctx, l3_off)?;
+    let icmp: *mut [u8; 4] = ptr_at(ctx, l4_off)?;
+    unsafe {
+        let e = &mut *eth;
+        core::mem::swap(&mut e.dst_addr, &mut e.src_addr);
+        let h = &mut *ip;
+        // Swapping the addresses leaves the header sum unchanged; the TTL starts afresh.
+        let mut src = [0u8; 4];
+        src.copy_from_slice(&h[12..16]);
+        let mut dst = [0u8; 4];
+        dst.copy_from_slice(&h[16..20]);
+        h[12..16].copy_from_slice(&dst);
+        h[16..20].copy_from_slice(&src);
+        let old = u16::from_be_bytes([h[8], h[9]]);
+        h[8] = 64;
+        let c = csum::replace16([h[10], h[11]], old, u16::from_be_bytes([h[8], h[9]]));
+        h[10] = c[0];
+        h[11] = c[1];
+        let m = &mut *icmp;
+        let old = u16::from_be_bytes([m[0], m[1]]);
+        m[0] = 0;
+        let c = csum::replace16([m[2], m[3]], old, u16::from_be_bytes([m[0], m[1]]));
+        m[2] = c[0];
+        m[3] = c[1];
+    }
+    Ok(xdp_action::XDP_TX)
+}
+
+/// The flow an ICMP error quotes, seen from the client: the quoted packet went from the
+/// VIP (a backend's reply) to the client, so the flow key is its reverse.
+#[inline(always)]
+pub fn quoted_flow_v4(
+    ctx: &XdpContext,
+    l4_off: usize,
+    vip: [u8; 4],
+) -> Result<FlowKey, DropReason> {
+    let inner_off = l4_off + 8;
+    let inner: *const [u8; 20] = ptr_at(ctx, inner_off).map_err(|_| DropReason::IcmpUnmatched)?;
+    let h = unsafe { *inner };
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    let proto = h[9];
+    if h[0] >> 4 != 4 || ihl < 20 || (proto != PROTO_TCP && proto != PROTO_UDP) || h[12..16] != vip
+    {
+        return Err(DropReason::IcmpUnmatched);
+    }
+    let ports: *const [u16; 2] =
+        ptr_at(ctx, inner_off + ihl).map_err(|_| DropReason::IcmpUnmatched)?;
+    let ports = unsafe { *ports };
+    let mut key = FlowKey {
+        src: [0; 16],
+        dst: [0; 16],
+        sport: ports[1],
+        dport: ports[0],
+        proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    key.src[..4].copy_from_slice(&h[16..20]);
+    key.dst[..4].copy_from_slice(&vip);
+    Ok(key)
+}
+
+/// Most bytes of the offending packet an ICMP error quotes: its header (≤ 60) + 8.
+const MAX_QUOTE: usize = 68;
+
+/// Turns the frame into ICMP "fragmentation needed" (type 3, code 4) back to its sender,
+/// from the VIP, announcing `mtu` and quoting the offending header plus 8 bytes.
+///
+/// The link-layer header (VLAN tags included) is kept with its MACs swapped, so the
+/// answer leaves the way the packet came.
+#[inline(always)]
+pub fn frag_needed_v4(
+    ctx: &XdpContext,
+    l3_off: usize,
+    vlans: usize,
+    hdr_len: usize,
+    mtu: u16,
+) -> Result<u32, DropReason> {
+    // Save what the new frame needs from the old one before resizing it.
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let saved_eth = unsafe { *eth };
+    let tags: *const [u8; 8] = if vlans > 0 {
+        ptr_at(ctx, EthHdr::LEN)?
+    } else {
+        core::ptr::null()
+    };
+    let saved_tags = if tags.is_null() {
+        [0u8; 8]
+    } else {
+        unsafe { *tags }
+    };
+    let ip: *const [u8; 20] = ptr_at(ctx, l3_off)?;
+    let orig = unsafe { *ip };
+
+    let quote = hdr_len + 8;
+    let frame_len = ctx.data_end() - ctx.data();
+    let want = l3_off + quote;
+    if want > frame_len || quote > MAX_QUOTE {
+        return Err(DropReason::MtuExceeded);
+    }
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want as i32 - frame_len as i32) } != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -28) } != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    unsafe {
+        (*eth).dst_addr = saved_eth.src_addr;
+        (*eth).src_addr = saved_eth.dst_addr;
+        (*eth).ether_type = saved_eth.ether_type;
+    }
+    if vlans >= 1 {
+        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
+        unsafe { *t = [saved_tags[0], saved_tags[1], saved_tags[2], saved_tags[3]] };
+    }
+    if vlans >= 2 {
+        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + 4)?;
+        unsafe { *t = [saved_tags[4], saved_tags[5], saved_tags[6], saved_tags[7]] };
+    }
+
+    let tot = ((20 + 8 + quote) as u16).to_be_bytes();
+    let mut h: [u8; 20] = [
+        0x45, 0, tot[0], tot[1], 0, 0, 0, 0, 64, PROTO_ICMP, 0, 0, orig[16], orig[17], orig[18],
+        orig[19], orig[12], orig[13], orig[14], orig[15],
+    ];
+    let c = csum::ipv4_header(&h);
+    h[10] = c[0];
+    h[11] = c[1];
+    let new_ip: *mut [u8; 20] = ptr_at(ctx, l3_off)?;
+    unsafe { *new_ip = h };
+
+    let m = mtu.to_be_bytes();
+    let mut icmp: [u8; 8] = [DEST_UNREACH, 4, 0, 0, 0, 0, m[0], m[1]];
+    // Checksum over the ICMP header and the quote, word by word with a constant bound.
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 8 {
+        sum += u16::from_be_bytes([icmp[i], icmp[i + 1]]) as u32;
+        i += 2;
+    }
+    let quote_off = l3_off + 28;
+    let mut w = 0;
+    while w < MAX_QUOTE / 2 {
+        if w * 2 >= quote {
+            break;
+        }
+        let p: *const [u8; 2] = ptr_at(ctx, quote_off + w * 2)?;
+        let b = unsafe { *p };
+        sum += u16::from_be_bytes(b) as u32;
+        w += 1;
+    }
+    let c = csum::fold(sum);
+    icmp[2] = c[0];
+    icmp[3] = c[1];
+    let new_icmp: *mut [u8; 8] = ptr_at(ctx, l3_off + 20)?;
+    unsafe { *new_icmp = icmp };
+    Ok(xdp_action::XDP_TX)
+}
