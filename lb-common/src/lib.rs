@@ -66,6 +66,8 @@ pub mod map_names {
     pub const FRAGS: &str = "L3LB_FRAGS";
     /// IPv4 address → 1: this node's own addresses (the only outer destinations decapsulated).
     pub const LOCAL_V4: &str = "L3LB_LOCAL_V4";
+    /// IPv6 address → 1: this node's own IPv6 addresses.
+    pub const LOCAL_V6: &str = "L3LB_LOCAL_V6";
 }
 
 /// Names of the load-time globals in the XDP object.
@@ -74,6 +76,8 @@ pub mod globals {
     pub const RING_SIZE: &str = "RING_SIZE";
     /// `[u8; 4]`: source address of IPv4 encapsulation headers.
     pub const ENCAP_SRC_V4: &str = "ENCAP_SRC_V4";
+    /// `[u8; 16]`: source address of IPv6 encapsulation headers.
+    pub const ENCAP_SRC_V6: &str = "ENCAP_SRC_V6";
     /// `u32`: non-zero when the decap role is on (IPIP from allowed sources is stripped).
     pub const DECAP_ENABLED: &str = "DECAP_ENABLED";
 }

@@ -18,7 +18,12 @@ use crate::{csum, parse::ptr_at};
 #[unsafe(no_mangle)]
 static ENCAP_SRC_V4: [u8; 4] = [0; 4];
 
+/// Source address of outer IPv6 headers; set by the agent at load time.
+#[unsafe(no_mangle)]
+static ENCAP_SRC_V6: [u8; 16] = [0; 16];
+
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Where a frame goes next: MAC addresses and egress interface.
 pub struct NextHop {
@@ -78,6 +83,156 @@ pub fn next_hop(
         }
         _ => Err(Blocked::Drop(DropReason::NoRoute)),
     }
+}
+
+/// Looks up the next hop toward IPv6 `dst` for a packet of `tot_len` bytes (L3).
+#[inline(always)]
+pub fn next_hop_v6(
+    ctx: &XdpContext,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    tot_len: u16,
+) -> Result<NextHop, Blocked> {
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET6;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let words = |a: &[u8; 16]| {
+        [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ]
+    };
+    p.__bindgen_anon_3.ipv6_src = words(src);
+    p.__bindgen_anon_4.ipv6_dst = words(dst);
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
+            smac: p.smac,
+            dmac: p.dmac,
+            ifindex: p.ifindex,
+        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Blocked::Drop(DropReason::NoNeighbour)),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            Err(Blocked::TooBig(unsafe { p.__bindgen_anon_1.mtu_result }))
+        }
+        _ => Err(Blocked::Drop(DropReason::NoRoute)),
+    }
+}
+
+/// Rewrites the Ethernet addresses toward an IPv6 backend (`l2`).
+#[inline(always)]
+pub fn l2_forward_v6(
+    ctx: &XdpContext,
+    backend: &[u8; 16],
+    src: &[u8; 16],
+    tot_len: u16,
+) -> Result<u32, Blocked> {
+    let hop = next_hop_v6(ctx, src, backend, tot_len)?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    unsafe {
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
+    }
+    Ok(transmit(ctx, &hop))
+}
+
+/// Bytes IPv6-in-IPv6 encapsulation adds (the outer IPv6 header).
+pub const IP6IP6_OVERHEAD: u16 = 40;
+
+/// Encapsulates the IPv6 packet at `l3_off` (of `tot_len` bytes) in an outer IPv6 header
+/// toward `backend` (next header 41).
+#[inline(always)]
+pub fn ip6ip6_forward(
+    ctx: &XdpContext,
+    backend: &[u8; 16],
+    l3_off: usize,
+    tot_len: u16,
+) -> Result<u32, Blocked> {
+    let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V6) };
+    let outer_len = tot_len
+        .checked_add(IP6IP6_OVERHEAD)
+        .ok_or(Blocked::TooBig(0))?;
+    let hop = next_hop_v6(ctx, &src, backend, outer_len)?;
+    // The traffic class is carried over to the outer header.
+    let inner: *const [u8; 2] = ptr_at(ctx, l3_off)?;
+    let (b0, b1) = unsafe { ((*inner)[0], (*inner)[1]) };
+    let delta = (EthHdr::LEN + 40) as i32 - l3_off as i32;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
+        return Err(Blocked::Drop(DropReason::AdjustFailed));
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let outer: *mut [u8; 40] = ptr_at(ctx, EthHdr::LEN)?;
+    let plen = tot_len.to_be_bytes();
+    let mut h = [0u8; 40];
+    h[0] = 0x60 | (b0 & 0x0f);
+    h[1] = b1 & 0xf0;
+    h[4] = plen[0];
+    h[5] = plen[1];
+    h[6] = lb_common::PROTO_IPV6;
+    h[7] = 64;
+    h[8..24].copy_from_slice(&src);
+    h[24..40].copy_from_slice(backend);
+    unsafe {
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
+        (*eth).ether_type = crate::parse::eth::ETH_P_IPV6;
+        *outer = h;
+    }
+    Ok(transmit(ctx, &hop))
+}
+
+/// Strips an outer IPv6 header (next header 41, no extension headers) at `l3_off`,
+/// keeping the link-layer header in front of the inner IPv6 packet.
+#[inline(always)]
+pub fn decap_v6(
+    ctx: &XdpContext,
+    l3_off: usize,
+    vlans: usize,
+    outer_tot_len: u16,
+) -> Result<(), DropReason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let saved_eth = unsafe { *eth };
+    let tags: *const [u8; 8] = if vlans > 0 {
+        ptr_at(ctx, EthHdr::LEN)?
+    } else {
+        core::ptr::null()
+    };
+    let saved_tags = if tags.is_null() {
+        [0u8; 8]
+    } else {
+        unsafe { *tags }
+    };
+
+    let inner: *const [u8; 40] =
+        ptr_at(ctx, l3_off + 40).map_err(|_| DropReason::DecapMalformed)?;
+    let (v, plen) = unsafe { ((*inner)[0], u16::from_be_bytes([(*inner)[4], (*inner)[5]])) };
+    if v >> 4 != 6 || plen as usize + 80 != outer_tot_len as usize {
+        return Err(DropReason::DecapMalformed);
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, 40) } != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    unsafe { *eth = saved_eth };
+    if vlans >= 1 {
+        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
+        unsafe { *t = [saved_tags[0], saved_tags[1], saved_tags[2], saved_tags[3]] };
+    }
+    if vlans >= 2 {
+        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + 4)?;
+        unsafe { *t = [saved_tags[4], saved_tags[5], saved_tags[6], saved_tags[7]] };
+    }
+    Ok(())
 }
 
 /// Sends the frame out: `XDP_TX` back through the ingress interface, else a redirect.

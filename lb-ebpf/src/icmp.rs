@@ -182,3 +182,173 @@ pub fn frag_needed_v4(
     unsafe { *new_icmp = icmp };
     Ok(xdp_action::XDP_TX)
 }
+
+/// ICMPv6 type: echo request.
+pub const ECHO_REQUEST_V6: u8 = 128;
+/// ICMPv6 type: destination unreachable.
+pub const DEST_UNREACH_V6: u8 = 1;
+/// ICMPv6 type: packet too big.
+pub const PACKET_TOO_BIG_V6: u8 = 2;
+
+/// Answers an ICMPv6 echo request in place (type 129, addresses and MACs swapped).
+#[inline(always)]
+pub fn echo_reply_v6(ctx: &XdpContext, l3_off: usize, l4_off: usize) -> Result<u32, DropReason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let ip: *mut [u8; 40] = ptr_at(ctx, l3_off)?;
+    let icmp: *mut [u8; 4] = ptr_at(ctx, l4_off)?;
+    unsafe {
+        let e = &mut *eth;
+        core::mem::swap(&mut e.dst_addr, &mut e.src_addr);
+        let h = &mut *ip;
+        // The pseudo-header sum does not change when the addresses swap places.
+        let mut src = [0u8; 16];
+        src.copy_from_slice(&h[8..24]);
+        let mut dst = [0u8; 16];
+        dst.copy_from_slice(&h[24..40]);
+        h[8..24].copy_from_slice(&dst);
+        h[24..40].copy_from_slice(&src);
+        h[7] = 64;
+        let m = &mut *icmp;
+        let old = u16::from_be_bytes([m[0], m[1]]);
+        m[0] = 129;
+        let c = csum::replace16([m[2], m[3]], old, u16::from_be_bytes([m[0], m[1]]));
+        m[2] = c[0];
+        m[3] = c[1];
+    }
+    Ok(xdp_action::XDP_TX)
+}
+
+/// The client-side flow an ICMPv6 error quotes (see `quoted_flow_v4`).
+#[inline(always)]
+pub fn quoted_flow_v6(
+    ctx: &XdpContext,
+    l4_off: usize,
+    vip: &[u8; 16],
+) -> Result<FlowKey, DropReason> {
+    let inner_off = l4_off + 8;
+    let inner: *const [u8; 40] = ptr_at(ctx, inner_off).map_err(|_| DropReason::IcmpUnmatched)?;
+    let h = unsafe { &*inner };
+    let proto = h[6];
+    if h[0] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) || h[8..24] != vip[..] {
+        return Err(DropReason::IcmpUnmatched);
+    }
+    let ports: *const [u16; 2] =
+        ptr_at(ctx, inner_off + 40).map_err(|_| DropReason::IcmpUnmatched)?;
+    let ports = unsafe { *ports };
+    let mut key = FlowKey {
+        src: [0; 16],
+        dst: *vip,
+        sport: ports[1],
+        dport: ports[0],
+        proto,
+        family: lb_common::FAMILY_V6,
+        _pad: [0; 2],
+    };
+    key.src.copy_from_slice(&h[24..40]);
+    Ok(key)
+}
+
+/// Bytes of the offending packet a "packet too big" quotes (enough for every header the
+/// sender needs to find its flow, well inside the 1280-byte minimum MTU).
+const MAX_QUOTE_V6: usize = 128;
+
+/// Turns the frame into ICMPv6 "packet too big" back to its sender, from the VIP,
+/// announcing `mtu` and quoting the start of the offending packet.
+#[inline(always)]
+pub fn packet_too_big_v6(
+    ctx: &XdpContext,
+    l3_off: usize,
+    vlans: usize,
+    tot_len: u16,
+    mtu: u16,
+) -> Result<u32, DropReason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let saved_eth = unsafe { *eth };
+    let tags: *const [u8; 8] = if vlans > 0 {
+        ptr_at(ctx, EthHdr::LEN)?
+    } else {
+        core::ptr::null()
+    };
+    let saved_tags = if tags.is_null() {
+        [0u8; 8]
+    } else {
+        unsafe { *tags }
+    };
+    let ip: *const [u8; 40] = ptr_at(ctx, l3_off)?;
+    let orig = unsafe { *ip };
+
+    let quote = if (tot_len as usize) < MAX_QUOTE_V6 {
+        (tot_len as usize) & !1
+    } else {
+        MAX_QUOTE_V6
+    };
+    let frame_len = ctx.data_end() - ctx.data();
+    let want = l3_off + quote;
+    if want > frame_len {
+        return Err(DropReason::MtuExceeded);
+    }
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want as i32 - frame_len as i32) } != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -48) } != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    unsafe {
+        (*eth).dst_addr = saved_eth.src_addr;
+        (*eth).src_addr = saved_eth.dst_addr;
+        (*eth).ether_type = saved_eth.ether_type;
+    }
+    if vlans >= 1 {
+        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
+        unsafe { *t = [saved_tags[0], saved_tags[1], saved_tags[2], saved_tags[3]] };
+    }
+    if vlans >= 2 {
+        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + 4)?;
+        unsafe { *t = [saved_tags[4], saved_tags[5], saved_tags[6], saved_tags[7]] };
+    }
+
+    let plen = ((8 + quote) as u16).to_be_bytes();
+    let mut h = [0u8; 40];
+    h[0] = 0x60;
+    h[4] = plen[0];
+    h[5] = plen[1];
+    h[6] = lb_common::PROTO_ICMPV6;
+    h[7] = 64;
+    h[8..24].copy_from_slice(&orig[24..40]);
+    h[24..40].copy_from_slice(&orig[8..24]);
+
+    let m = (mtu as u32).to_be_bytes();
+    let mut icmp: [u8; 8] = [PACKET_TOO_BIG_V6, 0, 0, 0, m[0], m[1], m[2], m[3]];
+    // Pseudo-header: addresses, upper-layer length, next header.
+    let mut sum: u32 = 0;
+    let mut i = 8;
+    while i < 40 {
+        sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
+        i += 2;
+    }
+    sum += (8 + quote) as u32 + lb_common::PROTO_ICMPV6 as u32;
+    let mut i = 0;
+    while i < 8 {
+        sum += u16::from_be_bytes([icmp[i], icmp[i + 1]]) as u32;
+        i += 2;
+    }
+    let new_ip: *mut [u8; 40] = ptr_at(ctx, l3_off)?;
+    unsafe { *new_ip = h };
+    let quote_off = l3_off + 48;
+    let mut w = 0;
+    while w < MAX_QUOTE_V6 / 2 {
+        if w * 2 >= quote {
+            break;
+        }
+        let p: *const [u8; 2] = ptr_at(ctx, quote_off + w * 2)?;
+        sum += u16::from_be_bytes(unsafe { *p }) as u32;
+        w += 1;
+    }
+    let c = csum::fold(sum);
+    icmp[2] = c[0];
+    icmp[3] = c[1];
+    let new_icmp: *mut [u8; 8] = ptr_at(ctx, l3_off + 40)?;
+    unsafe { *new_icmp = icmp };
+    Ok(xdp_action::XDP_TX)
+}

@@ -17,14 +17,15 @@ mod stats;
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    Action, BACKEND_F_LOCAL, DropReason, FAMILY_V4, FlowKey, FragKey, PROTO_ICMP, PROTO_IPIP,
-    PROTO_TCP, PROTO_UDP, SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, SrcRangeV4, VipInfo, VipKey,
+    Action, BACKEND_F_LOCAL, DropReason, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVICE_F_L2,
+    SERVICE_F_SOURCE_RANGES, SrcRangeV4, SrcRangeV6, VipInfo, VipKey,
 };
 
 use crate::{
     encap::Blocked,
-    maps::{DECAP_V4, FRAGS, LOCAL_V4, SRC_V4, VIPS},
-    parse::{eth, ipv4, l4, ptr_at},
+    maps::{BACKENDS, DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, SRC_V4, SRC_V6, VIPS},
+    parse::{eth, ipv4, ipv6, l4, ptr_at},
 };
 
 /// Non-zero when the decap role is on; set by the agent at load time.
@@ -49,24 +50,163 @@ pub fn l3lb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     let l2 = eth::parse(ctx)?;
-    if l2.ether_type == eth::ETH_P_IP {
-        return ipv4_packet(ctx, &l2);
+    // Each family runs in its own BPF subprogram: each gets its own 512-byte stack frame
+    // instead of LLVM packing both paths' locals into one.
+    let packed = if l2.ether_type == eth::ETH_P_IP {
+        ipv4_path(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans)
+    } else if l2.ether_type == eth::ETH_P_IPV6 {
+        ipv6_path(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans)
+    } else {
+        return Ok(PASS);
+    };
+    if packed >> 63 == 0 && packed & TRANSMIT6 != 0 {
+        let l2_mode = packed & TRANSMIT6_L2 != 0;
+        let sent = tx6_sub(
+            XdpContext { ctx: ctx.ctx },
+            l2.l3_off,
+            packed & 0xffff_ffff,
+            l2_mode as u64,
+        );
+        return match unpack_tx(sent) {
+            Ok(verdict) => Ok((verdict, if l2_mode { Action::L2 } else { Action::Encap })),
+            Err(Blocked::Drop(r)) => Err(r),
+            Err(Blocked::TooBig(_)) if packed & TRANSMIT6_ICMP_ERROR != 0 => {
+                Err(DropReason::MtuExceeded)
+            }
+            // Tell the client the size that fits once encapsulated (never below the
+            // IPv6 minimum MTU).
+            Err(Blocked::TooBig(mtu)) => {
+                let overhead = if l2_mode { 0 } else { encap::IP6IP6_OVERHEAD };
+                let mtu = mtu.saturating_sub(overhead).max(1280);
+                unpack(too_big_v6_sub(
+                    XdpContext { ctx: ctx.ctx },
+                    l2.l3_off,
+                    l2.vlans,
+                    mtu as u64,
+                ))
+            }
+        };
+    }
+    unpack(packed)
+}
+
+/// What the pipeline decided: a verdict, or (IPv6) a backend to transmit to, which the
+/// entry point does in a subprogram of its own so the two frames never stack up.
+enum Outcome {
+    Done(u32, Action),
+    Transmit6 {
+        backend: u32,
+        l2: bool,
+        icmp_error: bool,
+    },
+}
+
+impl From<(u32, Action)> for Outcome {
+    fn from((verdict, action): (u32, Action)) -> Self {
+        Outcome::Done(verdict, action)
+    }
+}
+
+const TRANSMIT6: u64 = 1 << 62;
+const TRANSMIT6_L2: u64 = 1 << 32;
+const TRANSMIT6_ICMP_ERROR: u64 = 1 << 33;
+
+/// Packs a pipeline result into one register (subprograms return in r0).
+#[inline(always)]
+fn pack(r: Result<Outcome, DropReason>) -> u64 {
+    match r {
+        Ok(Outcome::Done(verdict, action)) => verdict as u64 | (action as u64) << 8,
+        Ok(Outcome::Transmit6 {
+            backend,
+            l2,
+            icmp_error,
+        }) => {
+            TRANSMIT6
+                | backend as u64
+                | if l2 { TRANSMIT6_L2 } else { 0 }
+                | if icmp_error { TRANSMIT6_ICMP_ERROR } else { 0 }
+        }
+        Err(reason) => 1 << 63 | reason as u64,
+    }
+}
+
+#[inline(always)]
+fn unpack(v: u64) -> Result<(u32, Action), DropReason> {
+    if v >> 63 != 0 {
+        let code = (v & 0xff) as u32;
+        let mut i = 0;
+        while i < DropReason::ALL.len() {
+            if DropReason::ALL[i] as u32 == code {
+                return Err(DropReason::ALL[i]);
+            }
+            i += 1;
+        }
+        return Err(DropReason::Truncated);
+    }
+    let code = ((v >> 8) & 0xff) as u32;
+    let mut i = 0;
+    while i < Action::ALL.len() {
+        if Action::ALL[i] as u32 == code {
+            return Ok(((v & 0xff) as u32, Action::ALL[i]));
+        }
+        i += 1;
     }
     Ok(PASS)
 }
 
+#[inline(never)]
+fn ipv4_path(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
+    let l2 = eth::L2 {
+        ether_type: eth::ETH_P_IP,
+        l3_off,
+        vlans,
+    };
+    pack(ipv4_packet(&ctx, &l2))
+}
+
+#[inline(never)]
+fn ipv6_path(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
+    let l2 = eth::L2 {
+        ether_type: eth::ETH_P_IPV6,
+        l3_off,
+        vlans,
+    };
+    pack(ipv6_packet(&ctx, &l2))
+}
+
 const PASS: (u32, Action) = (xdp_action::XDP_PASS, Action::Pass);
+
+fn decap_enabled() -> bool {
+    unsafe { core::ptr::read_volatile(&DECAP_ENABLED) != 0 }
+}
+
+/// A parsed IP packet, family-independent from here on.
+struct Pkt {
+    family: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    /// Upper-layer protocol.
+    proto: u8,
+    /// Offset of the upper-layer header.
+    l4_off: usize,
+    /// L3 length (header + payload).
+    tot_len: u16,
+    /// IPv4 header length (for quoting); 40 for IPv6.
+    hdr_len: usize,
+    fragment: bool,
+    later_fragment: bool,
+    frag_id: u32,
+}
 
 /// The VIP entry for (address, port, protocol), falling back to the all-ports entry.
 #[inline(always)]
-fn vip_lookup(addr: &[u8; 4], port: u16, proto: u8) -> Option<VipInfo> {
+fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipInfo> {
     let mut key = VipKey {
-        addr: [0; 16],
+        addr: *addr,
         port,
         proto,
-        family: FAMILY_V4,
+        family,
     };
-    key.addr[..4].copy_from_slice(addr);
     if let Some(v) = unsafe { VIPS.get(key) } {
         return Some(*v);
     }
@@ -74,101 +214,148 @@ fn vip_lookup(addr: &[u8; 4], port: u16, proto: u8) -> Option<VipInfo> {
     unsafe { VIPS.get(key) }.copied()
 }
 
+fn icmp_proto(family: u8) -> u8 {
+    if family == FAMILY_V4 {
+        PROTO_ICMP
+    } else {
+        PROTO_ICMPV6
+    }
+}
+
 #[inline(always)]
-fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<(u32, Action), DropReason> {
+fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv4::parse(ctx, l2.l3_off)?;
     let (proto, src, dst) = unsafe { ((*ip.hdr).proto, (*ip.hdr).src_addr, (*ip.hdr).dst_addr) };
-    let l4_off = l2.l3_off + ip.hdr_len;
 
     // Only packets addressed to this node are ours to open; IPIP passing through (or for
     // another host) is left to the stack.
     if proto == PROTO_IPIP
         && !ip.fragment
-        && unsafe { core::ptr::read_volatile(&DECAP_ENABLED) } != 0
+        && decap_enabled()
         && unsafe { LOCAL_V4.get(dst) }.is_some()
     {
-        let key = aya_ebpf::maps::lpm_trie::Key::new(32, src);
+        let key = Key::new(32, src);
         if DECAP_V4.get(&key).is_none() {
             return Err(DropReason::DecapNotAllowed);
         }
         encap::decap(ctx, l2.l3_off, l2.vlans, ip.hdr_len, ip.tot_len)?;
-        return Ok((xdp_action::XDP_PASS, Action::Decap));
+        return Ok((xdp_action::XDP_PASS, Action::Decap).into());
     }
-    if proto == PROTO_ICMP {
-        return icmp_packet(ctx, l2, &ip, src, dst, l4_off);
-    }
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Ok(PASS);
-    }
-
-    let mut fkey = FlowKey {
+    let mut pkt = Pkt {
+        family: FAMILY_V4,
         src: [0; 16],
         dst: [0; 16],
+        proto,
+        l4_off: l2.l3_off + ip.hdr_len,
+        tot_len: ip.tot_len,
+        hdr_len: ip.hdr_len,
+        fragment: ip.fragment,
+        later_fragment: ip.later_fragment,
+        frag_id: ip.id as u32,
+    };
+    pkt.src[..4].copy_from_slice(&src);
+    pkt.dst[..4].copy_from_slice(&dst);
+    balance(ctx, l2, &pkt)
+}
+
+#[inline(always)]
+fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
+    let ip = ipv6::parse(ctx, l2.l3_off)?;
+    if ip.next == PROTO_IPV6 && decap_enabled() && unsafe { LOCAL_V6.get(ip.dst) }.is_some() {
+        let key = Key::new(128, ip.src);
+        if DECAP_V6.get(&key).is_none() {
+            return Err(DropReason::DecapNotAllowed);
+        }
+        encap::decap_v6(ctx, l2.l3_off, l2.vlans, ip.tot_len)?;
+        return Ok((xdp_action::XDP_PASS, Action::Decap).into());
+    }
+    // Only traffic to VIP addresses is looked at further: neighbour discovery, router
+    // advertisements and everything else addressed elsewhere pass untouched.
+    if vip_lookup(&ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none() {
+        return Ok(PASS.into());
+    }
+    let up = ipv6::walk(ctx, l2.l3_off, ip.next)?;
+    let pkt = Pkt {
+        family: FAMILY_V6,
+        src: ip.src,
+        dst: ip.dst,
+        proto: up.proto,
+        l4_off: up.off,
+        tot_len: ip.tot_len,
+        hdr_len: ipv6::HDR_LEN,
+        fragment: up.fragment,
+        later_fragment: up.later_fragment,
+        frag_id: up.id,
+    };
+    balance(ctx, l2, &pkt)
+}
+
+/// VIP traffic of either family: classify, check, select, forward.
+#[inline(always)]
+fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropReason> {
+    if pkt.proto == icmp_proto(pkt.family) {
+        return icmp_packet(ctx, l2, pkt);
+    }
+    if pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
+        return Ok(PASS.into());
+    }
+    let mut fkey = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
         sport: 0,
         dport: 0,
-        proto,
-        family: FAMILY_V4,
+        proto: pkt.proto,
+        family: pkt.family,
         _pad: [0; 2],
     };
-    fkey.src[..4].copy_from_slice(&src);
-    fkey.dst[..4].copy_from_slice(&dst);
-    let frag_key = || FragKey {
-        src: fkey.src,
-        dst: fkey.dst,
-        id: ip.id as u32,
-        proto,
-        family: FAMILY_V4,
+    let frag_key = FragKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        id: pkt.frag_id,
+        proto: pkt.proto,
+        family: pkt.family,
         _pad: [0; 2],
     };
 
     // Every fragment of a datagram must reach one backend: fragments are hashed on
     // (source, destination, protocol) only, and later fragments (no ports) find their
     // service through the first one's record, else the all-ports entry.
-    let (vip, syn) = if ip.later_fragment {
-        let vip = match unsafe { FRAGS.get(frag_key()) } {
+    let (vip, syn) = if pkt.later_fragment {
+        let vip = match unsafe { FRAGS.get(frag_key) } {
             Some(v) => *v,
-            None => match vip_lookup(&dst, 0, proto) {
+            None => match vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family) {
                 Some(v) => v,
-                None if vip_lookup(&dst, 0, PROTO_ICMP).is_some() => {
+                None if vip_lookup(&pkt.dst, 0, icmp_proto(pkt.family), pkt.family).is_some() => {
                     return Err(DropReason::FragmentUnknown);
                 }
-                None => return Ok(PASS),
+                None => return Ok(PASS.into()),
             },
         };
         (vip, false)
-    } else if ip.fragment {
-        let ports: *const [u16; 2] = ptr_at(ctx, l4_off)?;
+    } else if pkt.fragment {
+        let ports: *const [u16; 2] = ptr_at(ctx, pkt.l4_off)?;
         let dport = unsafe { (*ports)[1] };
-        let Some(vip) = vip_lookup(&dst, dport, proto) else {
-            return Ok(PASS);
+        let Some(vip) = vip_lookup(&pkt.dst, dport, pkt.proto, pkt.family) else {
+            return Ok(PASS.into());
         };
-        let _ = FRAGS.insert(frag_key(), vip, 0);
+        let _ = FRAGS.insert(frag_key, vip, 0);
         (vip, false)
     } else {
-        let ports = l4::parse(ctx, l4_off, proto)?;
-        let Some(vip) = vip_lookup(&dst, ports.dport, proto) else {
-            return Ok(PASS);
+        let ports = l4::parse(ctx, pkt.l4_off, pkt.proto)?;
+        let Some(vip) = vip_lookup(&pkt.dst, ports.dport, pkt.proto, pkt.family) else {
+            return Ok(PASS.into());
         };
         fkey.sport = ports.sport;
         fkey.dport = ports.dport;
         (vip, ports.syn)
     };
-    if src == dst {
+    if pkt.src == pkt.dst {
         return Err(DropReason::SourceIsVip);
     }
-    if vip.flags & SERVICE_F_SOURCE_RANGES != 0 {
-        let key = Key::new(
-            64,
-            SrcRangeV4 {
-                service: vip.service.to_be_bytes(),
-                addr: src,
-            },
-        );
-        if SRC_V4.get(&key).is_none() {
-            return Err(DropReason::SourceNotAllowed);
-        }
+    if vip.flags & SERVICE_F_SOURCE_RANGES != 0 && !source_allowed(pkt, vip.service) {
+        return Err(DropReason::SourceNotAllowed);
     }
-    let choice = if ip.fragment {
+    let choice = if pkt.fragment {
         conntrack::from_table(&fkey, &vip)
     } else {
         conntrack::select(&fkey, &vip, syn)
@@ -176,17 +363,18 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<(u32, Action), DropReas
     .ok_or(DropReason::NoBackend)?;
     stats::service(
         vip.service,
-        ip.tot_len as u64,
-        choice.new_flow && !ip.fragment,
+        pkt.tot_len as u64,
+        choice.new_flow && !pkt.fragment,
     );
-    stats::backend(choice.id, ip.tot_len as u64);
+    stats::backend(choice.id, pkt.tot_len as u64);
 
-    match forward_v4(ctx, l2, &ip, src, &vip, &choice) {
+    match forward(ctx, l2, pkt, &vip, &choice, false) {
         Ok(done) => Ok(done),
         Err(Blocked::Drop(r)) => Err(r),
         // A packet that would not fit once encapsulated: tell the client the size that
-        // does, so its next packets fit (TCP lowers its MSS). Sent also without DF, since
-        // the balancer cannot fragment; Linux honours it for non-DF traffic too.
+        // does, so its next packets fit (TCP lowers its MSS). Sent for IPv4 without DF
+        // too, since the balancer cannot fragment; Linux honours it for such traffic.
+        // (IPv6 does this in the entry point; see `Outcome`.)
         Err(Blocked::TooBig(mtu)) => {
             let overhead = if vip.flags & SERVICE_F_L2 != 0 {
                 0
@@ -197,74 +385,175 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<(u32, Action), DropReas
                 ctx,
                 l2.l3_off,
                 l2.vlans,
-                ip.hdr_len,
+                pkt.hdr_len,
                 mtu.saturating_sub(overhead),
             )?;
-            Ok((verdict, Action::TooBig))
+            Ok((verdict, Action::TooBig).into())
         }
     }
 }
 
-/// Sends a packet of `vip` to the chosen backend: locally, by MAC rewrite, or by IPIP.
+/// Whether the packet's source is in the service's source ranges.
 #[inline(always)]
-fn forward_v4(
+fn source_allowed(pkt: &Pkt, service: u32) -> bool {
+    let service = service.to_be_bytes();
+    if pkt.family == FAMILY_V4 {
+        let key = Key::new(
+            64,
+            SrcRangeV4 {
+                service,
+                addr: [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]],
+            },
+        );
+        SRC_V4.get(&key).is_some()
+    } else {
+        let key = Key::new(
+            160,
+            SrcRangeV6 {
+                service,
+                addr: pkt.src,
+            },
+        );
+        SRC_V6.get(&key).is_some()
+    }
+}
+
+/// Sends a packet of `vip` to the chosen backend: locally, by MAC rewrite, or by IPIP;
+/// IPv6 transmission is handed to the entry point (`Outcome::Transmit6`).
+#[inline(always)]
+fn forward(
     ctx: &XdpContext,
     l2: &eth::L2,
-    ip: &ipv4::Ipv4,
-    src: [u8; 4],
+    pkt: &Pkt,
     vip: &VipInfo,
     choice: &conntrack::Choice,
-) -> Result<(u32, Action), Blocked> {
+    icmp_error: bool,
+) -> Result<Outcome, Blocked> {
     if choice.backend.flags & BACKEND_F_LOCAL != 0 {
-        return Ok((xdp_action::XDP_PASS, Action::Local));
+        return Ok((xdp_action::XDP_PASS, Action::Local).into());
+    }
+    let l2_mode = vip.flags & SERVICE_F_L2 != 0;
+    if pkt.family != FAMILY_V4 {
+        return Ok(Outcome::Transmit6 {
+            backend: choice.id,
+            l2: l2_mode,
+            icmp_error,
+        });
     }
     let b = choice.backend.addr;
     let baddr = [b[0], b[1], b[2], b[3]];
-    if vip.flags & SERVICE_F_L2 != 0 {
-        Ok((encap::l2_forward(ctx, baddr, src, ip.tot_len)?, Action::L2))
+    let src = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
+    if l2_mode {
+        Ok((encap::l2_forward(ctx, baddr, src, pkt.tot_len)?, Action::L2).into())
     } else {
         Ok((
-            encap::ipip_forward(ctx, baddr, l2.l3_off, ip.tot_len)?,
+            encap::ipip_forward(ctx, baddr, l2.l3_off, pkt.tot_len)?,
             Action::Encap,
-        ))
+        )
+            .into())
     }
+}
+
+// The IPv6 transmit paths run as subprograms with frames of their own (see try_l3lb).
+
+#[inline(always)]
+fn pack_tx(r: Result<u32, Blocked>) -> u64 {
+    match r {
+        Ok(v) => v as u64,
+        Err(Blocked::Drop(reason)) => 1 << 63 | reason as u64,
+        Err(Blocked::TooBig(mtu)) => 1 << 62 | mtu as u64,
+    }
+}
+
+#[inline(always)]
+fn unpack_tx(v: u64) -> Result<u32, Blocked> {
+    if v >> 63 != 0 {
+        return match unpack(v) {
+            Err(r) => Err(Blocked::Drop(r)),
+            Ok(_) => Err(Blocked::Drop(DropReason::Truncated)),
+        };
+    }
+    if v >> 62 != 0 {
+        return Err(Blocked::TooBig((v & 0xffff) as u16));
+    }
+    Ok(v as u32)
+}
+
+/// Transmits the IPv6 packet at `l3_off` to backend `backend` (MAC rewrite when `l2`).
+#[inline(never)]
+fn tx6_sub(ctx: XdpContext, l3_off: usize, backend: u64, l2: u64) -> u64 {
+    pack_tx(tx6(&ctx, l3_off, backend as u32, l2 != 0))
+}
+
+#[inline(always)]
+fn tx6(ctx: &XdpContext, l3_off: usize, backend: u32, l2: bool) -> Result<u32, Blocked> {
+    let b = BACKENDS
+        .get(backend)
+        .ok_or(Blocked::Drop(DropReason::NoBackend))?;
+    let addr = b.addr;
+    let ip = ipv6::parse(ctx, l3_off)?;
+    if l2 {
+        encap::l2_forward_v6(ctx, &addr, &ip.src, ip.tot_len)
+    } else {
+        encap::ip6ip6_forward(ctx, &addr, l3_off, ip.tot_len)
+    }
+}
+
+/// Answers the IPv6 packet at `l3_off` with "packet too big" announcing `mtu`.
+#[inline(never)]
+fn too_big_v6_sub(ctx: XdpContext, l3_off: usize, vlans: usize, mtu: u64) -> u64 {
+    let r = match ipv6::parse(&ctx, l3_off) {
+        Ok(ip) => icmp::packet_too_big_v6(&ctx, l3_off, vlans, ip.tot_len, mtu as u16),
+        Err(e) => Err(e),
+    };
+    pack(r.map(|v| (v, Action::TooBig).into()))
 }
 
 /// ICMP to a VIP address: echo is answered; errors about a VIP flow go to its backend.
 #[inline(always)]
-fn icmp_packet(
-    ctx: &XdpContext,
-    l2: &eth::L2,
-    ip: &ipv4::Ipv4,
-    src: [u8; 4],
-    dst: [u8; 4],
-    l4_off: usize,
-) -> Result<(u32, Action), DropReason> {
+fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropReason> {
     // The agent marks every VIP address with an ICMP entry; anything else is not ours.
-    let Some(marker) = vip_lookup(&dst, 0, PROTO_ICMP) else {
-        return Ok(PASS);
-    };
-    if ip.fragment {
-        return Ok(PASS);
+    if vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family).is_none() || pkt.fragment {
+        return Ok(PASS.into());
     }
-    let hdr: *const [u8; 2] = ptr_at(ctx, l4_off)?;
+    let hdr: *const [u8; 2] = ptr_at(ctx, pkt.l4_off)?;
     let kind = unsafe { (*hdr)[0] };
-    if kind == icmp::ECHO_REQUEST {
-        let _ = marker;
-        return Ok((
-            icmp::echo_reply_v4(ctx, l2.l3_off, l4_off)?,
-            Action::EchoReply,
-        ));
-    }
-    if kind != icmp::DEST_UNREACH {
-        return Ok(PASS);
-    }
-    let key = icmp::quoted_flow_v4(ctx, l4_off, dst)?;
-    let vip = vip_lookup(&dst, key.dport, key.proto).ok_or(DropReason::IcmpUnmatched)?;
+    let v4 = pkt.family == FAMILY_V4;
+    let key = if v4 {
+        if kind == icmp::ECHO_REQUEST {
+            return Ok((
+                icmp::echo_reply_v4(ctx, l2.l3_off, pkt.l4_off)?,
+                Action::EchoReply,
+            )
+                .into());
+        }
+        if kind != icmp::DEST_UNREACH {
+            return Ok(PASS.into());
+        }
+        icmp::quoted_flow_v4(
+            ctx,
+            pkt.l4_off,
+            [pkt.dst[0], pkt.dst[1], pkt.dst[2], pkt.dst[3]],
+        )?
+    } else {
+        if kind == icmp::ECHO_REQUEST_V6 {
+            return Ok((
+                icmp::echo_reply_v6(ctx, l2.l3_off, pkt.l4_off)?,
+                Action::EchoReply,
+            )
+                .into());
+        }
+        if kind != icmp::DEST_UNREACH_V6 && kind != icmp::PACKET_TOO_BIG_V6 {
+            return Ok(PASS.into());
+        }
+        icmp::quoted_flow_v6(ctx, pkt.l4_off, &pkt.dst)?
+    };
+    let vip =
+        vip_lookup(&pkt.dst, key.dport, key.proto, pkt.family).ok_or(DropReason::IcmpUnmatched)?;
     let choice = conntrack::owner(&key, &vip).ok_or(DropReason::NoBackend)?;
-    stats::service(vip.service, ip.tot_len as u64, false);
-    stats::backend(choice.id, ip.tot_len as u64);
-    match forward_v4(ctx, l2, ip, src, &vip, &choice) {
+    stats::service(vip.service, pkt.tot_len as u64, false);
+    stats::backend(choice.id, pkt.tot_len as u64);
+    match forward(ctx, l2, pkt, &vip, &choice, true) {
         Ok(done) => Ok(done),
         Err(Blocked::Drop(r)) => Err(r),
         Err(Blocked::TooBig(_)) => Err(DropReason::MtuExceeded),

@@ -52,6 +52,10 @@ pub static DECAP_V4: LpmTrie<DecapV4, u32> = LpmTrie::with_max_entries(1024, 0);
 #[map(name = "L3LB_LOCAL_V4")]
 pub static LOCAL_V4: HashMap<[u8; 4], u32> = HashMap::with_max_entries(256, 0);
 
+/// This node's IPv6 addresses → 1 (see `LOCAL_V4`); written by the agent.
+#[map(name = "L3LB_LOCAL_V6")]
+pub static LOCAL_V6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(256, 0);
+
 /// IPv6 source prefix → 1: reserved for IPv6-in-IPv6 decapsulation; written by the agent.
 #[map(name = "L3LB_DECAP_V6")]
 pub static DECAP_V6: LpmTrie<DecapV6, u32> = LpmTrie::with_max_entries(1024, 0);

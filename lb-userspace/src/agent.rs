@@ -2,7 +2,7 @@
 
 use std::{
     collections::HashSet,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -60,38 +60,79 @@ pub fn desired_from_config(cfg: &Config, local: &HashSet<IpAddr>) -> Desired {
             }
         })
         .collect();
-    let decap_v4 = cfg
-        .decap
-        .allow
-        .iter()
-        .filter_map(|n| match n {
-            ipnet::IpNet::V4(v4) => Some((v4.network(), v4.prefix_len())),
-            ipnet::IpNet::V6(_) => None,
-        })
-        .collect();
-    let mut local_v4: Vec<Ipv4Addr> = local
-        .iter()
-        .filter_map(|a| match a {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
+    let mut decap_v4 = Vec::new();
+    let mut decap_v6 = Vec::new();
+    for n in &cfg.decap.allow {
+        match n {
+            ipnet::IpNet::V4(v4) => decap_v4.push((v4.network(), v4.prefix_len())),
+            ipnet::IpNet::V6(v6) => decap_v6.push((v6.network(), v6.prefix_len())),
+        }
+    }
+    let mut local_v4 = Vec::new();
+    let mut local_v6 = Vec::new();
+    for a in local {
+        match a {
+            IpAddr::V4(v4) => local_v4.push(*v4),
+            IpAddr::V6(v6) => local_v6.push(*v6),
+        }
+    }
     local_v4.sort();
+    local_v6.sort();
     Desired {
         services,
         decap_v4,
         local_v4,
+        decap_v6,
+        local_v6,
     }
 }
 
+/// Source addresses of the encapsulation headers this node writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncapSources {
+    /// Outer source of IPIP.
+    pub v4: Ipv4Addr,
+    /// Outer source of IPv6-in-IPv6.
+    pub v6: Ipv6Addr,
+}
+
+/// The encapsulation sources of `config`'s interface; an error when a service needs one
+/// the interface lacks.
+fn encap_sources(config: &Config) -> anyhow::Result<EncapSources> {
+    let ipip = |v6: bool| {
+        config
+            .services
+            .iter()
+            .any(|s| s.forwarding == Forwarding::Ipip && s.vip.is_ipv6() == v6)
+    };
+    let v4 = match sys::interface_ipv4(&config.interface)? {
+        Some(a) => a,
+        None if ipip(false) => bail!(
+            "interface {} has no IPv4 address to use as the source of IPIP headers",
+            config.interface
+        ),
+        None => Ipv4Addr::UNSPECIFIED,
+    };
+    let v6 = match sys::interface_ipv6(&config.interface)? {
+        Some(a) => a,
+        None if ipip(true) => bail!(
+            "interface {} has no global IPv6 address to use as the source of IPv6-in-IPv6 headers",
+            config.interface
+        ),
+        None => Ipv6Addr::UNSPECIFIED,
+    };
+    Ok(EncapSources { v4, v6 })
+}
+
 /// Load-time options of a config (changing any of them needs a restart).
-pub fn load_options(cfg: &Config, encap_src_v4: Ipv4Addr) -> LoadOptions {
+pub fn load_options(cfg: &Config, encap: EncapSources) -> LoadOptions {
     LoadOptions {
         ring_size: cfg.maglev_table_size,
         max_services: cfg.max_services,
         max_backends: cfg.max_backends,
         conntrack_size: cfg.conntrack_size,
-        encap_src_v4,
+        encap_src_v4: encap.v4,
+        encap_src_v6: encap.v6,
         decap: !cfg.decap.allow.is_empty(),
     }
 }
@@ -130,19 +171,7 @@ impl Agent {
         let config = Config::load(config_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
         sys::require_interface(&config.interface)?;
-        let encap_src = sys::interface_ipv4(&config.interface)?;
-        let needs_encap_src = config
-            .services
-            .iter()
-            .any(|s| s.forwarding == Forwarding::Ipip);
-        let encap_src = match encap_src {
-            Some(a) => a,
-            None if needs_encap_src => bail!(
-                "interface {} has no IPv4 address to use as the source of IPIP headers",
-                config.interface
-            ),
-            None => Ipv4Addr::UNSPECIFIED,
-        };
+        let encap = encap_sources(&config)?;
         sys::ensure_bpffs(&config.pin_path)?;
         let pin_dir = pin_dir(&config.pin_path);
         if pin_dir.exists() {
@@ -151,7 +180,7 @@ impl Agent {
                 .with_context(|| format!("removing {}", pin_dir.display()))?;
         }
 
-        let opts = load_options(&config, encap_src);
+        let opts = load_options(&config, encap);
         let mut dataplane = Dataplane::load(&opts).context("loading the XDP program")?;
         let local = sys::local_address_set()?;
         let desired = desired_from_config(&config, &local);
@@ -163,8 +192,15 @@ impl Agent {
             .pin(&pin_dir)
             .context("pinning maps and program")?;
 
-        if !config.services.is_empty() && sys::enable_ipv4_forwarding(&config.interface)? {
-            info!(interface = %config.interface, "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)");
+        if !config.services.is_empty() {
+            if sys::enable_ipv4_forwarding(&config.interface)? {
+                info!(interface = %config.interface, "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)");
+            }
+            if config.services.iter().any(|s| s.vip.is_ipv6()) {
+                for change in sys::enable_ipv6_forwarding(&config.interface)? {
+                    info!(interface = %config.interface, "{change} (bpf_fib_lookup needs IPv6 forwarding; router advertisements stay accepted)");
+                }
+            }
         }
         sys::prime_neighbours(remote_backends(&desired));
 
@@ -203,7 +239,14 @@ impl Agent {
     pub fn reload(&mut self) -> anyhow::Result<()> {
         let new = Config::load(&self.config_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", self.config_path.display()))?;
-        let opts = load_options(&new, self.dataplane.options().encap_src_v4);
+        let current = self.dataplane.options();
+        let opts = load_options(
+            &new,
+            EncapSources {
+                v4: current.encap_src_v4,
+                v6: current.encap_src_v6,
+            },
+        );
         if &opts != self.dataplane.options()
             || new.interface != self.config.interface
             || new.pin_path != self.config.pin_path

@@ -365,7 +365,6 @@ impl Config {
                     format!("duplicate service name {:?}", service.name),
                 ));
             }
-            check_vip_supported(service.vip).map_err(|message| error(at("vip"), message))?;
             service.validate_ports(i, &mut claims)?;
             service.validate_source_ranges(i)?;
             service.validate_backends(i, size)?;
@@ -379,17 +378,6 @@ pub const MAX_SOURCE_RANGES: usize = 16384;
 
 /// Source ranges one service may list (the data plane's tries hold 16384 in all).
 pub const MAX_SOURCE_RANGES_PER_SERVICE: usize = 1024;
-
-/// The one place that limits which VIPs the data plane can serve.
-///
-/// Remove the IPv6 arm once the data plane handles IPv6 VIPs; the rest of the validation
-/// (family checks, conflicts) already covers both families.
-fn check_vip_supported(vip: IpAddr) -> Result<(), String> {
-    match vip {
-        IpAddr::V4(_) => Ok(()),
-        IpAddr::V6(_) => Err("IPv6 VIPs are not supported yet".to_owned()),
-    }
-}
 
 impl Service {
     /// Ports: non-zero, not repeated, and not claimed by an earlier service on the same VIP.
@@ -608,7 +596,7 @@ fn de_nets<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::net::Ipv4Addr;
 
     use super::*;
 
@@ -1005,15 +993,16 @@ services:
     }
 
     #[test]
-    fn ipv6_vips_are_not_supported_yet() {
+    fn ipv6_services_are_accepted() {
+        let config = Config::parse(&with_services(
+            "  - name: web\n    vip: 192.0.2.10\n\
+             \x20 - name: web6\n    vip: 2001:db8::10\n    source_ranges: ['2001:db8:1::/48']\n    backends:\n      - address: 2001:db8::1\n",
+        ))
+        .expect("IPv6 service");
         assert_eq!(
-            fails(&with_services(
-                "  - name: web\n    vip: 192.0.2.10\n\
-                 \x20 - name: web6\n    vip: 2001:db8::10\n    backends:\n      - address: 2001:db8::1\n"
-            )),
-            "services[1].vip: IPv6 VIPs are not supported yet"
+            config.services[1].vip,
+            "2001:db8::10".parse::<IpAddr>().expect("addr")
         );
-        assert!(check_vip_supported(IpAddr::V6(Ipv6Addr::LOCALHOST)).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, VecDeque},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -16,7 +16,7 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, BackendStats, DecapV4, FAMILY_V4, FAMILY_V6,
+    BACKEND_F_LOCAL, Backend, BackendStats, DecapV4, DecapV6, FAMILY_V4, FAMILY_V6,
     SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, ServiceStats, SrcRangeV4,
     SrcRangeV6, VipInfo, VipKey, globals, map_names,
 };
@@ -101,6 +101,8 @@ pub struct LoadOptions {
     pub conntrack_size: u32,
     /// Source address of IPIP headers.
     pub encap_src_v4: Ipv4Addr,
+    /// Source address of IPv6-in-IPv6 headers.
+    pub encap_src_v6: Ipv6Addr,
     /// Whether the decap role is on.
     pub decap: bool,
 }
@@ -149,6 +151,10 @@ pub struct Desired {
     pub decap_v4: Vec<(Ipv4Addr, u8)>,
     /// This node's IPv4 addresses: the outer destinations the decap role accepts.
     pub local_v4: Vec<Ipv4Addr>,
+    /// IPv6 prefixes whose IPv6-in-IPv6 packets are decapsulated.
+    pub decap_v6: Vec<(Ipv6Addr, u8)>,
+    /// This node's IPv6 addresses.
+    pub local_v6: Vec<Ipv6Addr>,
 }
 
 /// What an apply changed, for the one-line log.
@@ -238,6 +244,8 @@ pub struct Dataplane {
     backend_ids: IdPool,
     decap_v4: Vec<(Ipv4Addr, u8)>,
     local_v4: Vec<Ipv4Addr>,
+    decap_v6: Vec<(Ipv6Addr, u8)>,
+    local_v6: Vec<Ipv6Addr>,
     markers: BTreeMap<VipKey, VipInfo>,
 }
 
@@ -285,9 +293,11 @@ impl Dataplane {
         let decap: u32 = opts.decap.into();
         let ring_size = opts.ring_size;
         let src = opts.encap_src_v4.octets();
+        let src6 = opts.encap_src_v6.octets();
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::RING_SIZE, &ring_size, true)
             .override_global(globals::ENCAP_SRC_V4, &src, true)
+            .override_global(globals::ENCAP_SRC_V6, &src6, true)
             .override_global(globals::DECAP_ENABLED, &decap, true)
             .map_max_entries(
                 map_names::VIPS,
@@ -307,10 +317,23 @@ impl Dataplane {
                 what: "program type".into(),
                 source,
             })?;
-        prog.load().map_err(|source| DataplaneError::Program {
-            what: "verifying the XDP program".into(),
-            source,
-        })?;
+        // The kernel abandons a long verification with EAGAIN when a signal arrives
+        // meanwhile; like libbpf, try again a few times before giving up.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match prog.load() {
+                Ok(()) => break,
+                Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                    if io_error.kind() == std::io::ErrorKind::WouldBlock && attempt < 5 => {}
+                Err(source) => {
+                    return Err(DataplaneError::Program {
+                        what: "verifying the XDP program".into(),
+                        source,
+                    });
+                }
+            }
+        }
         Ok(Self {
             ebpf,
             opts: opts.clone(),
@@ -321,6 +344,8 @@ impl Dataplane {
             backend_ids: IdPool::new(opts.max_backends),
             decap_v4: Vec::new(),
             local_v4: Vec::new(),
+            decap_v6: Vec::new(),
+            local_v6: Vec::new(),
             markers: BTreeMap::new(),
         })
     }
@@ -760,6 +785,37 @@ impl Dataplane {
                     .map_err(map_err(format!("old local address {a}")))?;
             }
             self.local_v4 = desired.local_v4.clone();
+        }
+        // 8. The same for IPv6.
+        if desired.decap_v6 != self.decap_v6 {
+            let old = std::mem::take(&mut self.decap_v6);
+            let mut trie: LpmTrie<&mut MapData, DecapV6, u32> =
+                LpmTrie::try_from(self.map_mut(map_names::DECAP_V6)?)
+                    .map_err(map_err("decap allow list"))?;
+            for (net, len) in &desired.decap_v6 {
+                trie.insert(&Key::new(u32::from(*len), net.octets()), 1, 0)
+                    .map_err(map_err(format!("decap allow {net}/{len}")))?;
+            }
+            for (net, len) in old.iter().filter(|e| !desired.decap_v6.contains(e)) {
+                trie.remove(&Key::new(u32::from(*len), net.octets()))
+                    .map_err(map_err(format!("decap allow {net}/{len}")))?;
+            }
+            self.decap_v6 = desired.decap_v6.clone();
+        }
+        if desired.local_v6 != self.local_v6 {
+            let old = std::mem::take(&mut self.local_v6);
+            let mut map: HashMap<&mut MapData, [u8; 16], u32> =
+                HashMap::try_from(self.map_mut(map_names::LOCAL_V6)?)
+                    .map_err(map_err("local address map"))?;
+            for a in &desired.local_v6 {
+                map.insert(a.octets(), 1, 0)
+                    .map_err(map_err(format!("local address {a}")))?;
+            }
+            for a in old.iter().filter(|a| !desired.local_v6.contains(a)) {
+                map.remove(&a.octets())
+                    .map_err(map_err(format!("old local address {a}")))?;
+            }
+            self.local_v6 = desired.local_v6.clone();
         }
         Ok(sum)
     }

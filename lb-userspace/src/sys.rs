@@ -86,6 +86,15 @@ pub fn interface_ipv4(iface: &str) -> anyhow::Result<Option<Ipv4Addr>> {
     }))
 }
 
+/// First global (not link-local) IPv6 address of `iface`: the source of the IPv6-in-IPv6
+/// headers the balancer writes.
+pub fn interface_ipv6(iface: &str) -> anyhow::Result<Option<Ipv6Addr>> {
+    Ok(local_addresses()?.into_iter().find_map(|(n, a)| match a {
+        IpAddr::V6(v6) if n == iface && (v6.segments()[0] & 0xffc0) != 0xfe80 => Some(v6),
+        _ => None,
+    }))
+}
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 fn is_bpffs(path: &Path) -> bool {
@@ -141,6 +150,33 @@ pub fn enable_ipv4_forwarding(iface: &str) -> anyhow::Result<bool> {
     }
     std::fs::write(&path, "1").with_context(|| format!("writing {path}"))?;
     Ok(true)
+}
+
+/// Turns on IPv6 forwarding for `iface` (`bpf_fib_lookup` needs it). Forwarding makes the
+/// kernel ignore router advertisements unless `accept_ra` is 2, so an `accept_ra` of 1 is
+/// raised to 2 to keep the node's own autoconfiguration working. Returns what it changed.
+pub fn enable_ipv6_forwarding(iface: &str) -> anyhow::Result<Vec<String>> {
+    let mut changed = Vec::new();
+    let base = format!("/proc/sys/net/ipv6/conf/{iface}");
+    let ra = format!("{base}/accept_ra");
+    if std::fs::read_to_string(&ra)
+        .with_context(|| format!("reading {ra}"))?
+        .trim()
+        == "1"
+    {
+        std::fs::write(&ra, "2").with_context(|| format!("writing {ra}"))?;
+        changed.push("set accept_ra to 2".to_string());
+    }
+    let fwd = format!("{base}/forwarding");
+    if std::fs::read_to_string(&fwd)
+        .with_context(|| format!("reading {fwd}"))?
+        .trim()
+        != "1"
+    {
+        std::fs::write(&fwd, "1").with_context(|| format!("writing {fwd}"))?;
+        changed.push("enabled IPv6 forwarding on the interface".to_string());
+    }
+    Ok(changed)
 }
 
 /// Asks the kernel to resolve the link-layer address of the next hop toward each address,

@@ -6,7 +6,7 @@
 //! deterministically; the namespace disappears with the thread. Needs root.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::Command,
 };
 
@@ -40,6 +40,15 @@ const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
 const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
 const B3_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x13];
 const BALANCER: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x99);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x10);
+const VIP6_L2: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x20);
+const B1_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x11);
+const B2_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x12);
+const B3_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x13);
+const BALANCER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0])
@@ -106,6 +115,47 @@ fn enter_namespace() -> u32 {
             "permanent",
         ]);
     }
+    sh(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:1::1/64",
+        "dev",
+        "fx0",
+        "nodad",
+    ]);
+    sh(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "fd00:1::fe",
+        "dev",
+        "fx0",
+    ]);
+    for (ip, mac) in [
+        ("fd00:1::11", "02:00:00:00:00:11"),
+        ("fd00:1::12", "02:00:00:00:00:12"),
+        ("fd00:1::13", "02:00:00:00:00:13"),
+    ] {
+        sh(&[
+            "ip",
+            "-6",
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            "fx0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    std::fs::write("/proc/sys/net/ipv6/conf/fx0/forwarding", "1").expect("forwarding");
     std::fs::write("/proc/sys/net/ipv4/conf/fx0/forwarding", "1").expect("forwarding");
     // /sys shows the namespace it was mounted in, so ask the kernel by name instead.
     // SAFETY: a NUL-terminated literal.
@@ -119,6 +169,33 @@ fn backend(addr: Ipv4Addr) -> DesiredBackend {
         address: IpAddr::V4(addr),
         weight: 1,
         local: addr == NODE,
+    }
+}
+
+fn service6(
+    name: &str,
+    vip: Ipv6Addr,
+    port: u16,
+    proto: u8,
+    l2: bool,
+    backends: &[Ipv6Addr],
+) -> DesiredService {
+    DesiredService {
+        name: name.into(),
+        vips: vec![(IpAddr::V6(vip), port, proto)],
+        mode: ServiceMode {
+            l2,
+            affinity_client_ip: false,
+        },
+        backends: backends
+            .iter()
+            .map(|&b| DesiredBackend {
+                address: IpAddr::V6(b),
+                weight: 1,
+                local: false,
+            })
+            .collect(),
+        source_ranges: vec![],
     }
 }
 
@@ -151,9 +228,14 @@ fn standard_desired() -> Desired {
             service("local", VIP_LOCAL, 80, PROTO_TCP, false, &[NODE]),
             service("noneigh", VIP_NONEIGH, 80, PROTO_TCP, false, &[B_NONEIGH]),
             service("multi", VIP, 443, PROTO_TCP, false, &[B1, B2, B3]),
+            service6("web6", VIP6, 80, PROTO_TCP, false, &[B1_6]),
+            service6("dns6", VIP6_L2, 53, PROTO_UDP, true, &[B2_6]),
+            service6("multi6", VIP6, 443, PROTO_TCP, false, &[B1_6, B2_6, B3_6]),
         ],
         decap_v4: vec![],
         local_v4: vec![NODE],
+        decap_v6: vec![],
+        local_v6: vec![NODE6],
     }
 }
 
@@ -164,6 +246,7 @@ fn opts(decap: bool) -> LoadOptions {
         max_backends: 64,
         conntrack_size: 4096,
         encap_src_v4: NODE,
+        encap_src_v6: NODE6,
         decap,
     }
 }
@@ -273,6 +356,44 @@ fn ipv4(
     h[10..12].copy_from_slice(&c);
     h.extend_from_slice(payload);
     h
+}
+
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    h.push(next);
+    h.push(63);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// ICMPv6 message with its checksum filled in (pseudo-header included).
+fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> Vec<u8> {
+    let mut m = msg.to_vec();
+    m[2] = 0;
+    m[3] = 0;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&m);
+    let c = csum(&pseudo);
+    m[2..4].copy_from_slice(&c);
+    m
+}
+
+fn expected_ip6ip6(inner: &[u8], backend: Ipv6Addr, backend_mac: [u8; 6]) -> Vec<u8> {
+    let mut outer = vec![0x60 | (inner[0] & 0x0f), inner[1] & 0xf0, 0, 0];
+    outer.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+    outer.push(41);
+    outer.push(64);
+    outer.extend_from_slice(&NODE6.octets());
+    outer.extend_from_slice(&backend.octets());
+    outer.extend_from_slice(inner);
+    eth(backend_mac, NODE_MAC, &[], 0x86dd, &outer)
 }
 
 fn tcp(sport: u16, dport: u16, flags: u8, data: &[u8]) -> Vec<u8> {
@@ -410,8 +531,14 @@ fn non_vip_traffic_passes_untouched() {
         &ipv4(CLIENT, NODE, 1, &[], &[8, 0, 0, 0, 0, 1, 0, 1], false),
     );
     f.expect_pass_unchanged(&icmp, "ping to the node");
-    let v6 = eth(NODE_MAC, CLIENT_MAC, &[], 0x86dd, &[0x60; 60]);
-    f.expect_pass_unchanged(&v6, "IPv6 (not balanced yet)");
+    let v6 = eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x86dd,
+        &ipv6(CLIENT6, OTHER6, PROTO_TCP, &tcp(1, 80, SYN, b"")),
+    );
+    f.expect_pass_unchanged(&v6, "IPv6 to a non-VIP address");
     let three_tags = eth(NODE_MAC, CLIENT_MAC, &[1, 2, 0x8100], 0x0800, &[0u8; 40]);
     f.expect_pass_unchanged(&three_tags, "VLAN stack deeper than two");
 }
@@ -1055,4 +1182,200 @@ fn fragments_hash_on_addresses_and_protocol_only() {
     }
     let spread: std::collections::HashSet<_> = by_client.values().collect();
     assert!(spread.len() > 1, "different clients still spread");
+}
+
+fn v6_frame(ip: &[u8]) -> Vec<u8> {
+    eth(NODE_MAC, CLIENT_MAC, &[], 0x86dd, ip)
+}
+
+#[test]
+fn ipv6_tcp_is_encapsulated_ip6ip6_and_udp_rewritten_in_l2() {
+    let f = Fixture::new(false, &standard_desired());
+    let ip = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, SYN, b"hello"));
+    let (v, out) = f.run(&v6_frame(&ip));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out, expected_ip6ip6(&ip, B1_6, B1_MAC));
+    let ip = ipv6(CLIENT6, VIP6_L2, PROTO_UDP, &udp(5353, 53, b"query"));
+    let (v, out) = f.run(&v6_frame(&ip));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out, eth(B2_MAC, NODE_MAC, &[], 0x86dd, &ip));
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_within_a_bound() {
+    let f = Fixture::new(false, &standard_desired());
+    // Hop-by-hop options, then destination options, then TCP.
+    let mut chain = vec![60, 0, 1, 4, 0, 0, 0, 0];
+    chain.extend_from_slice(&[PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]);
+    chain.extend_from_slice(&tcp(40001, 80, SYN, b"x"));
+    let ip = ipv6(CLIENT6, VIP6, 0, &chain);
+    let (v, out) = f.run(&v6_frame(&ip));
+    assert_eq!(v, XDP_TX, "two extension headers");
+    assert_eq!(out, expected_ip6ip6(&ip, B1_6, B1_MAC));
+    // Seven destination-options headers: longer than the walk's bound.
+    let mut long = Vec::new();
+    for i in 0..7 {
+        long.extend_from_slice(&[if i < 6 { 60 } else { PROTO_TCP }, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    long.extend_from_slice(&tcp(40002, 80, SYN, b""));
+    f.expect_drop(
+        &v6_frame(&ipv6(CLIENT6, VIP6, 60, &long)),
+        DropReason::BadIpHeader,
+        "extension chain beyond the bound",
+    );
+    // An unknown upper-layer protocol to a VIP is the stack's.
+    f.expect_pass_unchanged(
+        &v6_frame(&ipv6(CLIENT6, VIP6, 132, &[0u8; 16])),
+        "SCTP to a VIP",
+    );
+    let mut cut = v6_frame(&ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(1, 80, SYN, b"")));
+    cut.truncate(14 + 40 + 10);
+    cut[18..20].copy_from_slice(&10u16.to_be_bytes());
+    f.expect_drop(&cut, DropReason::Truncated, "TCP header cut");
+    let mut long_plen = v6_frame(&ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(1, 80, SYN, b"")));
+    long_plen[18..20].copy_from_slice(&200u16.to_be_bytes());
+    f.expect_drop(
+        &long_plen,
+        DropReason::BadIpHeader,
+        "payload length beyond the frame",
+    );
+}
+
+#[test]
+fn ipv6_neighbour_discovery_and_router_advertisements_are_untouched() {
+    let f = Fixture::new(false, &standard_desired());
+    let snm = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 0x10);
+    let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&VIP6.octets());
+    let ll = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 7);
+    f.expect_pass_unchanged(
+        &v6_frame(&ipv6(ll, snm, 58, &icmp6(ll, snm, &ns))),
+        "NS for a VIP to its solicited-node group",
+    );
+    f.expect_pass_unchanged(
+        &v6_frame(&ipv6(ll, VIP6, 58, &icmp6(ll, VIP6, &ns))),
+        "NS unicast to a VIP",
+    );
+    let ra = vec![134, 0, 0, 0, 64, 0, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0];
+    let all = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    f.expect_pass_unchanged(
+        &v6_frame(&ipv6(ll, all, 58, &icmp6(ll, all, &ra))),
+        "router advertisement",
+    );
+}
+
+#[test]
+fn ipv6_echo_is_answered_and_too_big_packets_get_packet_too_big() {
+    let f = Fixture::new(false, &standard_desired());
+    let echo = icmp6(CLIENT6, VIP6, &[128, 0, 0, 0, 0, 9, 0, 1, b'h', b'i']);
+    let (v, out) = f.run(&v6_frame(&ipv6(CLIENT6, VIP6, 58, &echo)));
+    assert_eq!(v, XDP_TX);
+    let reply = icmp6(VIP6, CLIENT6, &[129, 0, 0, 0, 0, 9, 0, 1, b'h', b'i']);
+    let mut ip = ipv6(VIP6, CLIENT6, 58, &reply);
+    ip[7] = 64;
+    assert_eq!(
+        out,
+        eth(CLIENT_MAC, NODE_MAC, &[], 0x86dd, &ip),
+        "echo reply"
+    );
+
+    let big = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(7, 80, ACK, &[5u8; 1440]));
+    let (v, out) = f.run(&v6_frame(&big));
+    assert_eq!(
+        v, XDP_TX,
+        "1500-byte packet that ip6ip6 would grow past the MTU"
+    );
+    let mut msg = vec![2, 0, 0, 0];
+    msg.extend_from_slice(&1460u32.to_be_bytes());
+    msg.extend_from_slice(&big[..128]);
+    let mut ip = ipv6(VIP6, CLIENT6, 58, &icmp6(VIP6, CLIENT6, &msg));
+    ip[7] = 64;
+    assert_eq!(
+        out,
+        eth(CLIENT_MAC, NODE_MAC, &[], 0x86dd, &ip),
+        "packet too big, MTU 1500 - 40"
+    );
+}
+
+#[test]
+fn ipv6_icmp_errors_go_to_the_flow_owner() {
+    let f = Fixture::new(false, &standard_desired());
+    let macs = [(B1_6, B1_MAC), (B2_6, B2_MAC), (B3_6, B3_MAC)];
+    let router = Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 1);
+    for port in 0..20u16 {
+        let (v, out) = f.run(&v6_frame(&ipv6(
+            CLIENT6,
+            VIP6,
+            PROTO_TCP,
+            &tcp(32000 + port, 443, SYN, b""),
+        )));
+        assert_eq!(v, XDP_TX);
+        let owner = Ipv6Addr::from(<[u8; 16]>::try_from(&out[14 + 24..14 + 40]).expect("16 bytes"));
+        let quoted = ipv6(
+            VIP6,
+            CLIENT6,
+            PROTO_TCP,
+            &tcp(443, 32000 + port, ACK, &[1u8; 64]),
+        );
+        let mut msg = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00];
+        msg.extend_from_slice(&quoted);
+        let err = ipv6(router, VIP6, 58, &icmp6(router, VIP6, &msg));
+        let (v, out) = f.run(&v6_frame(&err));
+        assert_eq!(v, XDP_TX, "packet too big about port {}", 32000 + port);
+        let mac = macs.iter().find(|(a, _)| *a == owner).expect("known").1;
+        assert_eq!(
+            out,
+            expected_ip6ip6(&err, owner, mac),
+            "forwarded to {owner}"
+        );
+    }
+}
+
+#[test]
+fn ipv6_decap_fragments_and_source_ranges() {
+    let mut desired = standard_desired();
+    desired.decap_v6 = vec![(BALANCER6, 128)];
+    desired.services[6].source_ranges = vec!["2001:db8:c::/48".parse().expect("net")];
+    let f = Fixture::new(true, &desired);
+
+    let inner = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, ACK, b"data"));
+    let outer = |src: Ipv6Addr| eth(NODE_MAC, B1_MAC, &[], 0x86dd, &ipv6(src, NODE6, 41, &inner));
+    let (v, out) = f.run(&outer(BALANCER6));
+    assert_eq!(v, XDP_PASS, "decapsulated");
+    assert_eq!(out, eth(NODE_MAC, B1_MAC, &[], 0x86dd, &inner));
+    f.expect_drop(
+        &outer(B3_6),
+        DropReason::DecapNotAllowed,
+        "IPv6-in-IPv6 from an unlisted source",
+    );
+
+    // Source ranges: the web6 service admits 2001:db8:c::/48 only.
+    let (v, _) = f.run(&v6_frame(&ipv6(
+        CLIENT6,
+        VIP6,
+        PROTO_TCP,
+        &tcp(1, 80, SYN, b""),
+    )));
+    assert_eq!(v, XDP_TX, "listed client");
+    let stranger = Ipv6Addr::new(0x2001, 0xdb8, 0xd, 0, 0, 0, 0, 1);
+    f.expect_drop(
+        &v6_frame(&ipv6(stranger, VIP6, PROTO_TCP, &tcp(1, 80, SYN, b""))),
+        DropReason::SourceNotAllowed,
+        "unlisted client",
+    );
+
+    // A datagram in two fragments to the l2 UDP service: both to its backend.
+    let dgram = udp(5353, 53, &[3u8; 40]);
+    let frag = |offset_units: u16, more: bool, part: &[u8]| {
+        let mut fh = vec![PROTO_UDP, 0];
+        fh.extend_from_slice(&((offset_units << 3) | u16::from(more)).to_be_bytes());
+        fh.extend_from_slice(&0xabcd_0001u32.to_be_bytes());
+        fh.extend_from_slice(part);
+        ipv6(CLIENT6, VIP6_L2, 44, &fh)
+    };
+    for ip in [frag(0, true, &dgram[..24]), frag(3, false, &dgram[24..])] {
+        let (v, out) = f.run(&v6_frame(&ip));
+        assert_eq!(v, XDP_TX, "fragment forwarded");
+        assert_eq!(out, eth(B2_MAC, NODE_MAC, &[], 0x86dd, &ip));
+    }
 }

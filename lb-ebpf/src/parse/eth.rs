@@ -8,6 +8,8 @@ use super::ptr_at;
 
 /// EtherType of IPv4, as it appears on the wire.
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
+/// EtherType of IPv6, as it appears on the wire.
+pub const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
 const ETH_P_8021Q: u16 = 0x8100u16.to_be();
 const ETH_P_8021AD: u16 = 0x88a8u16.to_be();
 

@@ -2,6 +2,7 @@
 
 pub mod eth;
 pub mod ipv4;
+pub mod ipv6;
 pub mod l4;
 
 use aya_ebpf::programs::XdpContext;

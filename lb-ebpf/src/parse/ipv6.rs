@@ -1,0 +1,115 @@
+//! IPv6 header and the extension-header walk.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::DropReason;
+
+use super::ptr_at;
+
+/// Length of the fixed IPv6 header.
+pub const HDR_LEN: usize = 40;
+/// Extension headers walked before giving up; a longer chain is dropped for a VIP.
+pub const MAX_EXT_HEADERS: usize = 6;
+
+const NH_HOP_BY_HOP: u8 = 0;
+const NH_ROUTING: u8 = 43;
+const NH_FRAGMENT: u8 = 44;
+const NH_AUTH: u8 = 51;
+const NH_DEST_OPTS: u8 = 60;
+
+/// The fixed IPv6 header's fields the balancer uses.
+pub struct Ipv6 {
+    /// Source address.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Next header of the fixed header.
+    pub next: u8,
+    /// Total length: fixed header + payload.
+    pub tot_len: u16,
+}
+
+/// Parses and validates the fixed IPv6 header at `off`.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv6, DropReason> {
+    let h: *const [u8; 40] = ptr_at(ctx, off)?;
+    let h = unsafe { &*h };
+    if h[0] >> 4 != 6 {
+        return Err(DropReason::BadIpHeader);
+    }
+    let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+    let frame_l3 = ctx.data_end() - ctx.data() - off;
+    // A zero payload length (jumbogram) or one beyond the frame is not forwarded.
+    if (payload == 0 && h[6] == NH_HOP_BY_HOP) || payload + HDR_LEN > frame_l3 {
+        return Err(DropReason::BadIpHeader);
+    }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&h[24..40]);
+    Ok(Ipv6 {
+        src,
+        dst,
+        next: h[6],
+        tot_len: (payload + HDR_LEN) as u16,
+    })
+}
+
+/// Where the upper-layer header starts, and fragment information.
+pub struct Upper {
+    /// Upper-layer protocol (TCP, UDP, ICMPv6, …).
+    pub proto: u8,
+    /// Offset of the upper-layer header in the frame.
+    pub off: usize,
+    /// A fragment header was present.
+    pub fragment: bool,
+    /// Fragment offset non-zero: no upper-layer header in this packet.
+    pub later_fragment: bool,
+    /// Fragment identification.
+    pub id: u32,
+}
+
+/// Walks the extension headers after the fixed header at `l3_off`.
+///
+/// Returns `BadIpHeader` for a chain longer than `MAX_EXT_HEADERS`.
+#[inline(always)]
+pub fn walk(ctx: &XdpContext, l3_off: usize, first: u8) -> Result<Upper, DropReason> {
+    let mut up = Upper {
+        proto: first,
+        off: l3_off + HDR_LEN,
+        fragment: false,
+        later_fragment: false,
+        id: 0,
+    };
+    for _ in 0..MAX_EXT_HEADERS {
+        match up.proto {
+            NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS => {
+                let e: *const [u8; 2] = ptr_at(ctx, up.off)?;
+                let (next, len) = unsafe { ((*e)[0], (*e)[1]) };
+                up.proto = next;
+                up.off += (len as usize + 1) * 8;
+            }
+            NH_AUTH => {
+                let e: *const [u8; 2] = ptr_at(ctx, up.off)?;
+                let (next, len) = unsafe { ((*e)[0], (*e)[1]) };
+                up.proto = next;
+                up.off += (len as usize + 2) * 4;
+            }
+            NH_FRAGMENT => {
+                let f: *const [u8; 8] = ptr_at(ctx, up.off)?;
+                let f = unsafe { *f };
+                up.proto = f[0];
+                up.fragment = true;
+                up.later_fragment = u16::from_be_bytes([f[2], f[3]]) >> 3 != 0;
+                up.id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
+                up.off += 8;
+            }
+            _ => return Ok(up),
+        }
+    }
+    match up.proto {
+        NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS | NH_AUTH | NH_FRAGMENT => {
+            Err(DropReason::BadIpHeader)
+        }
+        _ => Ok(up),
+    }
+}
