@@ -46,6 +46,31 @@ impl From<DropReason> for Blocked {
     }
 }
 
+/// Asks the kernel's FIB for the next hop described by `p`.
+#[inline(always)]
+fn fib(ctx: &XdpContext, p: &mut FibParams) -> Result<NextHop, Blocked> {
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
+            smac: p.smac,
+            dmac: p.dmac,
+            ifindex: p.ifindex,
+        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Blocked::Drop(DropReason::NoNeighbour)),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            Err(Blocked::TooBig(unsafe { p.__bindgen_anon_1.mtu_result }))
+        }
+        _ => Err(Blocked::Drop(DropReason::NoRoute)),
+    }
+}
+
 /// Looks up the next hop toward `dst` for a packet of `tot_len` bytes (L3).
 ///
 /// The kernel checks the route's MTU against `tot_len`, so an encapsulated packet that
@@ -63,26 +88,7 @@ pub fn next_hop(
     p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
-            smac: p.smac,
-            dmac: p.dmac,
-            ifindex: p.ifindex,
-        }),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Blocked::Drop(DropReason::NoNeighbour)),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            Err(Blocked::TooBig(unsafe { p.__bindgen_anon_1.mtu_result }))
-        }
-        _ => Err(Blocked::Drop(DropReason::NoRoute)),
-    }
+    fib(ctx, &mut p)
 }
 
 /// Looks up the next hop toward IPv6 `dst` for a packet of `tot_len` bytes (L3).
@@ -107,26 +113,7 @@ pub fn next_hop_v6(
     };
     p.__bindgen_anon_3.ipv6_src = words(src);
     p.__bindgen_anon_4.ipv6_dst = words(dst);
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
-            smac: p.smac,
-            dmac: p.dmac,
-            ifindex: p.ifindex,
-        }),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Blocked::Drop(DropReason::NoNeighbour)),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            Err(Blocked::TooBig(unsafe { p.__bindgen_anon_1.mtu_result }))
-        }
-        _ => Err(Blocked::Drop(DropReason::NoRoute)),
-    }
+    fib(ctx, &mut p)
 }
 
 /// Rewrites the Ethernet addresses toward an IPv6 backend (`l2`).
@@ -200,18 +187,7 @@ pub fn decap_v6(
     vlans: usize,
     outer_tot_len: u16,
 ) -> Result<(), DropReason> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    let saved_eth = unsafe { *eth };
-    let tags: *const [u8; 8] = if vlans > 0 {
-        ptr_at(ctx, EthHdr::LEN)?
-    } else {
-        core::ptr::null()
-    };
-    let saved_tags = if tags.is_null() {
-        [0u8; 8]
-    } else {
-        unsafe { *tags }
-    };
+    let saved = SavedL2::save(ctx, vlans)?;
 
     let inner: *const [u8; 40] =
         ptr_at(ctx, l3_off + 40).map_err(|_| DropReason::DecapMalformed)?;
@@ -222,17 +198,59 @@ pub fn decap_v6(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, 40) } != 0 {
         return Err(DropReason::AdjustFailed);
     }
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    unsafe { *eth = saved_eth };
-    if vlans >= 1 {
-        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
-        unsafe { *t = [saved_tags[0], saved_tags[1], saved_tags[2], saved_tags[3]] };
-    }
-    if vlans >= 2 {
-        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + 4)?;
-        unsafe { *t = [saved_tags[4], saved_tags[5], saved_tags[6], saved_tags[7]] };
-    }
+    saved.restore(ctx, false)?;
     Ok(())
+}
+
+/// A frame's link-layer header (Ethernet and up to two VLAN tags), kept across a resize
+/// of the frame's head.
+pub struct SavedL2 {
+    eth: EthHdr,
+    tags: [u8; 8],
+    vlans: usize,
+}
+
+impl SavedL2 {
+    /// Copies the link-layer header of a frame with `vlans` tags.
+    #[inline(always)]
+    pub fn save(ctx: &XdpContext, vlans: usize) -> Result<Self, DropReason> {
+        let eth: *const EthHdr = ptr_at(ctx, 0)?;
+        let tags = if vlans > 0 {
+            let t: *const [u8; 8] = ptr_at(ctx, EthHdr::LEN)?;
+            unsafe { *t }
+        } else {
+            [0; 8]
+        };
+        Ok(Self {
+            eth: unsafe { *eth },
+            tags,
+            vlans,
+        })
+    }
+
+    /// Writes the header back at the start of the frame; `reply` swaps the MACs so the
+    /// frame returns to its sender.
+    #[inline(always)]
+    pub fn restore(&self, ctx: &XdpContext, reply: bool) -> Result<(), DropReason> {
+        let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+        unsafe {
+            *eth = self.eth;
+            if reply {
+                (*eth).dst_addr = self.eth.src_addr;
+                (*eth).src_addr = self.eth.dst_addr;
+            }
+        }
+        let t = self.tags;
+        if self.vlans >= 1 {
+            let p: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
+            unsafe { *p = [t[0], t[1], t[2], t[3]] };
+        }
+        if self.vlans >= 2 {
+            let p: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + 4)?;
+            unsafe { *p = [t[4], t[5], t[6], t[7]] };
+        }
+        Ok(())
+    }
 }
 
 /// Sends the frame out: `XDP_TX` back through the ingress interface, else a redirect.
@@ -322,18 +340,7 @@ pub fn decap(
 ) -> Result<(), DropReason> {
     // Save the link-layer header first: reading it after the larger inner-header check
     // lets LLVM drop its own bounds check, which the verifier then rejects.
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    let saved_eth = unsafe { *eth };
-    let tags: *const [u8; 8] = if vlans > 0 {
-        ptr_at(ctx, EthHdr::LEN)?
-    } else {
-        core::ptr::null()
-    };
-    let saved_tags = if tags.is_null() {
-        [0u8; 8]
-    } else {
-        unsafe { *tags }
-    };
+    let saved = SavedL2::save(ctx, vlans)?;
 
     // The inner header must be a whole IPv4 header that fills the outer payload.
     let inner_off = l3_off + outer_hdr_len;
@@ -350,15 +357,6 @@ pub fn decap(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_hdr_len as i32) } != 0 {
         return Err(DropReason::AdjustFailed);
     }
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    unsafe { *eth = saved_eth };
-    if vlans >= 1 {
-        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
-        unsafe { *t = [saved_tags[0], saved_tags[1], saved_tags[2], saved_tags[3]] };
-    }
-    if vlans >= 2 {
-        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + 4)?;
-        unsafe { *t = [saved_tags[4], saved_tags[5], saved_tags[6], saved_tags[7]] };
-    }
+    saved.restore(ctx, false)?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{DropReason, FAMILY_V4, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use network_types::eth::EthHdr;
 
-use crate::{csum, parse::ptr_at};
+use crate::{csum, encap::SavedL2, parse::ptr_at};
 
 /// ICMP type: echo request.
 pub const ECHO_REQUEST: u8 = 8;
@@ -101,18 +101,7 @@ pub fn frag_needed_v4(
     mtu: u16,
 ) -> Result<u32, DropReason> {
     // Save what the new frame needs from the old one before resizing it.
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    let saved_eth = unsafe { *eth };
-    let tags: *const [u8; 8] = if vlans > 0 {
-        ptr_at(ctx, EthHdr::LEN)?
-    } else {
-        core::ptr::null()
-    };
-    let saved_tags = if tags.is_null() {
-        [0u8; 8]
-    } else {
-        unsafe { *tags }
-    };
+    let saved = SavedL2::save(ctx, vlans)?;
     let ip: *const [u8; 20] = ptr_at(ctx, l3_off)?;
     let orig = unsafe { *ip };
 
@@ -129,20 +118,7 @@ pub fn frag_needed_v4(
         return Err(DropReason::AdjustFailed);
     }
 
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    unsafe {
-        (*eth).dst_addr = saved_eth.src_addr;
-        (*eth).src_addr = saved_eth.dst_addr;
-        (*eth).ether_type = saved_eth.ether_type;
-    }
-    if vlans >= 1 {
-        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
-        unsafe { *t = [saved_tags[0], saved_tags[1], saved_tags[2], saved_tags[3]] };
-    }
-    if vlans >= 2 {
-        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + 4)?;
-        unsafe { *t = [saved_tags[4], saved_tags[5], saved_tags[6], saved_tags[7]] };
-    }
+    saved.restore(ctx, true)?;
 
     let tot = ((20 + 8 + quote) as u16).to_be_bytes();
     let mut h: [u8; 20] = [
@@ -262,18 +238,7 @@ pub fn packet_too_big_v6(
     tot_len: u16,
     mtu: u16,
 ) -> Result<u32, DropReason> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    let saved_eth = unsafe { *eth };
-    let tags: *const [u8; 8] = if vlans > 0 {
-        ptr_at(ctx, EthHdr::LEN)?
-    } else {
-        core::ptr::null()
-    };
-    let saved_tags = if tags.is_null() {
-        [0u8; 8]
-    } else {
-        unsafe { *tags }
-    };
+    let saved = SavedL2::save(ctx, vlans)?;
     let ip: *const [u8; 40] = ptr_at(ctx, l3_off)?;
     let orig = unsafe { *ip };
 
@@ -293,20 +258,7 @@ pub fn packet_too_big_v6(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -48) } != 0 {
         return Err(DropReason::AdjustFailed);
     }
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    unsafe {
-        (*eth).dst_addr = saved_eth.src_addr;
-        (*eth).src_addr = saved_eth.dst_addr;
-        (*eth).ether_type = saved_eth.ether_type;
-    }
-    if vlans >= 1 {
-        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
-        unsafe { *t = [saved_tags[0], saved_tags[1], saved_tags[2], saved_tags[3]] };
-    }
-    if vlans >= 2 {
-        let t: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + 4)?;
-        unsafe { *t = [saved_tags[4], saved_tags[5], saved_tags[6], saved_tags[7]] };
-    }
+    saved.restore(ctx, true)?;
 
     let plen = ((8 + quote) as u16).to_be_bytes();
     let mut h = [0u8; 40];

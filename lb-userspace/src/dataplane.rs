@@ -16,9 +16,9 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, BackendStats, DecapV4, DecapV6, FAMILY_V4, FAMILY_V6,
-    SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, ServiceStats, SrcRangeV4,
-    SrcRangeV6, VipInfo, VipKey, globals, map_names,
+    BACKEND_F_LOCAL, Backend, BackendStats, FAMILY_V4, FAMILY_V6, SERVICE_F_AFFINITY_CLIENT_IP,
+    SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey,
+    globals, map_names,
 };
 use thiserror::Error;
 
@@ -752,69 +752,47 @@ impl Dataplane {
             self.markers = markers;
         }
 
-        // 6. Decap allow list.
+        // 6. Decap allow lists and this node's addresses (the decap destinations).
+        let v4 = |v: &[(Ipv4Addr, u8)]| -> Vec<([u8; 4], u8)> {
+            v.iter().map(|(a, l)| (a.octets(), *l)).collect()
+        };
+        let v6 = |v: &[(Ipv6Addr, u8)]| -> Vec<([u8; 16], u8)> {
+            v.iter().map(|(a, l)| (a.octets(), *l)).collect()
+        };
         if desired.decap_v4 != self.decap_v4 {
-            let old = std::mem::take(&mut self.decap_v4);
-            let mut trie: LpmTrie<&mut MapData, DecapV4, u32> =
-                LpmTrie::try_from(self.map_mut(map_names::DECAP_V4)?)
-                    .map_err(map_err("decap allow list"))?;
-            for (net, len) in &desired.decap_v4 {
-                trie.insert(&Key::new(u32::from(*len), net.octets()), 1, 0)
-                    .map_err(map_err(format!("decap allow {net}/{len}")))?;
-            }
-            for (net, len) in &old {
-                if !desired.decap_v4.contains(&(*net, *len)) {
-                    trie.remove(&Key::new(u32::from(*len), net.octets()))
-                        .map_err(map_err(format!("decap allow {net}/{len}")))?;
-                }
-            }
+            self.sync_trie(
+                map_names::DECAP_V4,
+                &v4(&self.decap_v4),
+                &v4(&desired.decap_v4),
+            )?;
             self.decap_v4 = desired.decap_v4.clone();
         }
-        // 7. Local addresses (decap destinations).
-        if desired.local_v4 != self.local_v4 {
-            let old = std::mem::take(&mut self.local_v4);
-            let mut map: HashMap<&mut MapData, [u8; 4], u32> =
-                HashMap::try_from(self.map_mut(map_names::LOCAL_V4)?)
-                    .map_err(map_err("local address map"))?;
-            for a in &desired.local_v4 {
-                map.insert(a.octets(), 1, 0)
-                    .map_err(map_err(format!("local address {a}")))?;
-            }
-            for a in old.iter().filter(|a| !desired.local_v4.contains(a)) {
-                map.remove(&a.octets())
-                    .map_err(map_err(format!("old local address {a}")))?;
-            }
-            self.local_v4 = desired.local_v4.clone();
-        }
-        // 8. The same for IPv6.
         if desired.decap_v6 != self.decap_v6 {
-            let old = std::mem::take(&mut self.decap_v6);
-            let mut trie: LpmTrie<&mut MapData, DecapV6, u32> =
-                LpmTrie::try_from(self.map_mut(map_names::DECAP_V6)?)
-                    .map_err(map_err("decap allow list"))?;
-            for (net, len) in &desired.decap_v6 {
-                trie.insert(&Key::new(u32::from(*len), net.octets()), 1, 0)
-                    .map_err(map_err(format!("decap allow {net}/{len}")))?;
-            }
-            for (net, len) in old.iter().filter(|e| !desired.decap_v6.contains(e)) {
-                trie.remove(&Key::new(u32::from(*len), net.octets()))
-                    .map_err(map_err(format!("decap allow {net}/{len}")))?;
-            }
+            self.sync_trie(
+                map_names::DECAP_V6,
+                &v6(&self.decap_v6),
+                &v6(&desired.decap_v6),
+            )?;
             self.decap_v6 = desired.decap_v6.clone();
         }
+        if desired.local_v4 != self.local_v4 {
+            let octets =
+                |v: &[Ipv4Addr]| -> Vec<[u8; 4]> { v.iter().map(|a| a.octets()).collect() };
+            self.sync_set(
+                map_names::LOCAL_V4,
+                &octets(&self.local_v4),
+                &octets(&desired.local_v4),
+            )?;
+            self.local_v4 = desired.local_v4.clone();
+        }
         if desired.local_v6 != self.local_v6 {
-            let old = std::mem::take(&mut self.local_v6);
-            let mut map: HashMap<&mut MapData, [u8; 16], u32> =
-                HashMap::try_from(self.map_mut(map_names::LOCAL_V6)?)
-                    .map_err(map_err("local address map"))?;
-            for a in &desired.local_v6 {
-                map.insert(a.octets(), 1, 0)
-                    .map_err(map_err(format!("local address {a}")))?;
-            }
-            for a in old.iter().filter(|a| !desired.local_v6.contains(a)) {
-                map.remove(&a.octets())
-                    .map_err(map_err(format!("old local address {a}")))?;
-            }
+            let octets =
+                |v: &[Ipv6Addr]| -> Vec<[u8; 16]> { v.iter().map(|a| a.octets()).collect() };
+            self.sync_set(
+                map_names::LOCAL_V6,
+                &octets(&self.local_v6),
+                &octets(&desired.local_v6),
+            )?;
             self.local_v6 = desired.local_v6.clone();
         }
         Ok(sum)
@@ -830,6 +808,46 @@ impl Dataplane {
     /// Service id currently assigned to `name`, if any.
     pub fn service_id(&self, name: &str) -> Option<u32> {
         self.services.get(name).map(|s| s.id)
+    }
+
+    /// Makes the LPM trie `name` hold exactly the prefixes `new` (given it holds `old`).
+    fn sync_trie<K: aya::Pod + PartialEq + std::fmt::Debug>(
+        &mut self,
+        name: &'static str,
+        old: &[(K, u8)],
+        new: &[(K, u8)],
+    ) -> Result<(), DataplaneError> {
+        let mut trie: LpmTrie<&mut MapData, K, u32> =
+            LpmTrie::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (k, len) in new.iter().filter(|e| !old.contains(e)) {
+            trie.insert(&Key::new(u32::from(*len), *k), 1, 0)
+                .map_err(map_err(format!("{name}: adding {k:?}/{len}")))?;
+        }
+        for (k, len) in old.iter().filter(|e| !new.contains(e)) {
+            trie.remove(&Key::new(u32::from(*len), *k))
+                .map_err(map_err(format!("{name}: removing {k:?}/{len}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the hash map `name` hold exactly the keys `new` (value 1), given it holds `old`.
+    fn sync_set<K: aya::Pod + PartialEq + std::fmt::Debug>(
+        &mut self,
+        name: &'static str,
+        old: &[K],
+        new: &[K],
+    ) -> Result<(), DataplaneError> {
+        let mut map: HashMap<&mut MapData, K, u32> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for k in new.iter().filter(|k| !old.contains(k)) {
+            map.insert(k, 1, 0)
+                .map_err(map_err(format!("{name}: adding {k:?}")))?;
+        }
+        for k in old.iter().filter(|k| !new.contains(k)) {
+            map.remove(k)
+                .map_err(map_err(format!("{name}: removing {k:?}")))?;
+        }
+        Ok(())
     }
 
     /// Adds (`insert`) or removes the source-range entries of service `id`.
