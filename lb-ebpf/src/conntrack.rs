@@ -2,7 +2,7 @@
 
 use lb_common::{Backend, FlowKey, FlowState, SERVICE_F_AFFINITY_CLIENT_IP, VipInfo, flow_hash};
 
-use crate::maps::{BACKENDS, FLOWS, RINGS};
+use crate::maps::{BACKENDS, FLOWS, RINGS, SCRATCH};
 
 /// Entries per Maglev table; set by the agent at load time.
 #[unsafe(no_mangle)]
@@ -45,12 +45,18 @@ pub fn from_table(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
     if size == 0 {
         return None;
     }
-    let mut hkey = *key;
-    if vip.flags & SERVICE_F_AFFINITY_CLIENT_IP != 0 {
+    let hash = if vip.flags & SERVICE_F_AFFINITY_CLIENT_IP != 0 {
+        let scratch = SCRATCH.get_ptr_mut(0)?;
+        // SAFETY: this CPU's scratch entry; only its `hash` field is used here.
+        let hkey: &mut FlowKey = unsafe { &mut (*scratch).hash };
+        *hkey = *key;
         hkey.sport = 0;
         hkey.dport = 0;
-    }
-    let slot = vip.ring.wrapping_mul(size) + flow_hash(&hkey) % size;
+        flow_hash(hkey)
+    } else {
+        flow_hash(key)
+    };
+    let slot = vip.ring.wrapping_mul(size) + hash % size;
     let id = *RINGS.get(slot)?;
     let backend = *BACKENDS.get(id)?;
     if backend.family != key.family || backend.service != vip.service {

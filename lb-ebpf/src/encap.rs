@@ -280,6 +280,20 @@ pub fn l2_forward(
     Ok(transmit(ctx, &hop))
 }
 
+/// The next IPv4 identification for an outer header without DF: a per-CPU counter with
+/// the CPU number mixed into the high bits, so CPUs do not hand out the same sequence.
+#[inline(always)]
+fn next_ip_id() -> u16 {
+    let cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() } as u16;
+    match crate::maps::ENCAP_ID.get_ptr_mut(0) {
+        Some(p) => unsafe {
+            *p = (*p).wrapping_add(1);
+            (*p as u16) ^ (cpu << 10)
+        },
+        None => 0,
+    }
+}
+
 /// Bytes IPIP encapsulation adds (the outer IPv4 header).
 pub const IPIP_OVERHEAD: u16 = Ipv4Hdr::LEN as u16;
 
@@ -312,9 +326,16 @@ pub fn ipip_forward(
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     let outer: *mut [u8; 20] = ptr_at(ctx, EthHdr::LEN)?;
     let len = outer_len.to_be_bytes();
+    // Without DF the outer packet may be fragmented further on, and then its
+    // identification must tell datagrams apart (RFC 6864).
+    let id = if df == 0 {
+        next_ip_id().to_be_bytes()
+    } else {
+        [0, 0]
+    };
     let mut h: [u8; 20] = [
-        0x45, tos, len[0], len[1], 0, 0, df, 0, 64, PROTO_IPIP, 0, 0, src[0], src[1], src[2],
-        src[3], backend[0], backend[1], backend[2], backend[3],
+        0x45, tos, len[0], len[1], id[0], id[1], df, 0, 64, PROTO_IPIP, 0, 0, src[0], src[1],
+        src[2], src[3], backend[0], backend[1], backend[2], backend[3],
     ];
     let c = csum::ipv4_header(&h);
     h[10] = c[0];

@@ -24,7 +24,9 @@ use lb_common::{
 
 use crate::{
     encap::Blocked,
-    maps::{BACKENDS, DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, SRC_V4, SRC_V6, VIPS},
+    maps::{
+        BACKENDS, DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, SCRATCH, SRC_V4, SRC_V6, VIPS,
+    },
     parse::{eth, ipv4, ipv6, l4, ptr_at},
 };
 
@@ -92,18 +94,42 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
 
 /// What the pipeline decided: a verdict, or (IPv6) a backend to transmit to, which the
 /// entry point does in a subprogram of its own so the two frames never stack up.
-enum Outcome {
-    Done(u32, Action),
-    Transmit6 {
-        backend: u32,
-        l2: bool,
-        icmp_error: bool,
-    },
+///
+/// A plain struct with every field always set: with an enum, LLVM copied the unset
+/// fields of one variant as undefined registers, which the verifier rejects.
+#[derive(Clone, Copy)]
+struct Outcome {
+    verdict: u32,
+    action: Action,
+    transmit6: bool,
+    backend: u32,
+    l2: bool,
+    icmp_error: bool,
+}
+
+impl Outcome {
+    fn transmit6(backend: u32, l2: bool, icmp_error: bool) -> Self {
+        Outcome {
+            verdict: 0,
+            action: Action::Pass,
+            transmit6: true,
+            backend,
+            l2,
+            icmp_error,
+        }
+    }
 }
 
 impl From<(u32, Action)> for Outcome {
     fn from((verdict, action): (u32, Action)) -> Self {
-        Outcome::Done(verdict, action)
+        Outcome {
+            verdict,
+            action,
+            transmit6: false,
+            backend: 0,
+            l2: false,
+            icmp_error: false,
+        }
     }
 }
 
@@ -115,17 +141,17 @@ const TRANSMIT6_ICMP_ERROR: u64 = 1 << 33;
 #[inline(always)]
 fn pack(r: Result<Outcome, DropReason>) -> u64 {
     match r {
-        Ok(Outcome::Done(verdict, action)) => verdict as u64 | (action as u64) << 8,
-        Ok(Outcome::Transmit6 {
-            backend,
-            l2,
-            icmp_error,
-        }) => {
+        Ok(o) if o.transmit6 => {
             TRANSMIT6
-                | backend as u64
-                | if l2 { TRANSMIT6_L2 } else { 0 }
-                | if icmp_error { TRANSMIT6_ICMP_ERROR } else { 0 }
+                | o.backend as u64
+                | if o.l2 { TRANSMIT6_L2 } else { 0 }
+                | if o.icmp_error {
+                    TRANSMIT6_ICMP_ERROR
+                } else {
+                    0
+                }
         }
+        Ok(o) => o.verdict as u64 | (o.action as u64) << 8,
         Err(reason) => 1 << 63 | reason as u64,
     }
 }
@@ -201,17 +227,24 @@ struct Pkt {
 /// The VIP entry for (address, port, protocol), falling back to the all-ports entry.
 #[inline(always)]
 fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipInfo> {
-    let mut key = VipKey {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch entry; nothing else holds a reference into it now.
+    let key: &mut VipKey = unsafe { &mut (*scratch).vip };
+    *key = VipKey {
         addr: *addr,
         port,
         proto,
         family,
     };
-    if let Some(v) = unsafe { VIPS.get(key) } {
+    // Lookups by reference: the key stays in the scratch map instead of being copied
+    // onto the stack.
+    let by_ref: &VipKey = key;
+    if let Some(v) = unsafe { VIPS.get(by_ref) } {
         return Some(*v);
     }
     key.port = 0;
-    unsafe { VIPS.get(key) }.copied()
+    let by_ref: &VipKey = key;
+    unsafe { VIPS.get(by_ref) }.copied()
 }
 
 fn icmp_proto(family: u8) -> u8 {
@@ -293,13 +326,21 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
 /// VIP traffic of either family: classify, check, select, forward.
 #[inline(always)]
 fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropReason> {
-    if pkt.proto == icmp_proto(pkt.family) {
+    let icmp = pkt.proto == icmp_proto(pkt.family);
+    if icmp && !pkt.fragment {
         return icmp_packet(ctx, l2, pkt);
     }
-    if pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
+    if !icmp && pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
         return Ok(PASS.into());
     }
-    let mut fkey = FlowKey {
+    // The keys live in per-CPU scratch space, not on the stack (see `Scratch`).
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Ok(PASS.into());
+    };
+    // SAFETY: this CPU's scratch entry; `vip_lookup` only touches its `vip` field.
+    let fkey: &mut FlowKey = unsafe { &mut (*scratch).flow };
+    let frag_key: &mut FragKey = unsafe { &mut (*scratch).frag };
+    *fkey = FlowKey {
         src: pkt.src,
         dst: pkt.dst,
         sport: 0,
@@ -308,7 +349,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         family: pkt.family,
         _pad: [0; 2],
     };
-    let frag_key = FragKey {
+    *frag_key = FragKey {
         src: pkt.src,
         dst: pkt.dst,
         id: pkt.frag_id,
@@ -320,8 +361,18 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     // Every fragment of a datagram must reach one backend: fragments are hashed on
     // (source, destination, protocol) only, and later fragments (no ports) find their
     // service through the first one's record, else the all-ports entry.
-    let (vip, syn) = if pkt.later_fragment {
-        let vip = match unsafe { FRAGS.get(frag_key) } {
+    let (vip, syn) = if icmp {
+        // A fragmented ICMP message cannot be answered or matched here; like other
+        // fragments it goes, hashed on addresses and protocol, to a backend of the
+        // address's marker (its first service), which holds the VIP, reassembles it and
+        // answers.
+        let Some(marker) = vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family) else {
+            return Ok(PASS.into());
+        };
+        (marker, false)
+    } else if pkt.later_fragment {
+        let by_ref: &FragKey = frag_key;
+        let vip = match unsafe { FRAGS.get(by_ref) } {
             Some(v) => *v,
             None => match vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family) {
                 Some(v) => v,
@@ -338,7 +389,6 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         let Some(vip) = vip_lookup(&pkt.dst, dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        let _ = FRAGS.insert(frag_key, vip, 0);
         (vip, false)
     } else {
         let ports = l4::parse(ctx, pkt.l4_off, pkt.proto)?;
@@ -355,10 +405,15 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     if vip.flags & SERVICE_F_SOURCE_RANGES != 0 && !source_allowed(pkt, vip.service) {
         return Err(DropReason::SourceNotAllowed);
     }
+    // Only an admitted first fragment may take a place in the fragment table.
+    if pkt.fragment && !pkt.later_fragment && !icmp {
+        let by_ref: &FragKey = frag_key;
+        let _ = FRAGS.insert(by_ref, vip, 0);
+    }
     let choice = if pkt.fragment {
-        conntrack::from_table(&fkey, &vip)
+        conntrack::from_table(fkey, &vip)
     } else {
-        conntrack::select(&fkey, &vip, syn)
+        conntrack::select(fkey, &vip, syn)
     }
     .ok_or(DropReason::NoBackend)?;
     stats::service(
@@ -419,7 +474,7 @@ fn source_allowed(pkt: &Pkt, service: u32) -> bool {
 }
 
 /// Sends a packet of `vip` to the chosen backend: locally, by MAC rewrite, or by IPIP;
-/// IPv6 transmission is handed to the entry point (`Outcome::Transmit6`).
+/// IPv6 transmission is handed to the entry point (`Outcome::transmit6`).
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
@@ -434,11 +489,7 @@ fn forward(
     }
     let l2_mode = vip.flags & SERVICE_F_L2 != 0;
     if pkt.family != FAMILY_V4 {
-        return Ok(Outcome::Transmit6 {
-            backend: choice.id,
-            l2: l2_mode,
-            icmp_error,
-        });
+        return Ok(Outcome::transmit6(choice.id, l2_mode, icmp_error));
     }
     let b = choice.backend.addr;
     let baddr = [b[0], b[1], b[2], b[3]];
@@ -513,7 +564,7 @@ fn too_big_v6_sub(ctx: XdpContext, l3_off: usize, vlans: usize, mtu: u64) -> u64
 #[inline(always)]
 fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropReason> {
     // The agent marks every VIP address with an ICMP entry; anything else is not ours.
-    if vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family).is_none() || pkt.fragment {
+    if vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family).is_none() {
         return Ok(PASS.into());
     }
     let hdr: *const [u8; 2] = ptr_at(ctx, pkt.l4_off)?;

@@ -73,3 +73,26 @@ pub static SRC_V6: LpmTrie<SrcRangeV6, u32> = LpmTrie::with_max_entries(16384, 0
 /// later fragments (which carry no ports) reach the same service; written by this program.
 #[map(name = "L3LB_FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, VipInfo> = LruHashMap::with_max_entries(8192, 0);
+
+/// One counter per CPU: the identification of outer IPv4 headers written without DF;
+/// written by this program.
+#[map(name = "L3LB_ENCAP_ID")]
+pub static ENCAP_ID: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch space for the keys the pipeline builds: kept off the 512-byte stack,
+/// which the IPv6 path would otherwise exhaust.
+#[repr(C)]
+pub struct Scratch {
+    /// VIP lookup key.
+    pub vip: VipKey,
+    /// The packet's flow.
+    pub flow: FlowKey,
+    /// The packet's fragment key.
+    pub frag: FragKey,
+    /// The flow as hashed (ports cleared under client-IP affinity).
+    pub hash: FlowKey,
+}
+
+/// One `Scratch` per CPU; only this program touches it.
+#[map(name = "L3LB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -731,8 +731,10 @@ impl Dataplane {
                         proto: icmp_proto(k.family),
                         ..*k
                     };
+                    // The marker keeps the forwarding mode (fragmented ICMP is forwarded
+                    // with it) but none of the per-service restrictions.
                     markers.entry(marker).or_insert(VipInfo {
-                        flags: 0,
+                        flags: state.info.flags & SERVICE_F_L2,
                         ..state.info
                     });
                 }

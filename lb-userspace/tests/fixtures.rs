@@ -450,12 +450,38 @@ fn client_tcp(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     )
 }
 
-/// What the balancer must emit for an IPIP-forwarded packet.
+/// What the balancer must emit for an IPIP-forwarded packet (outer identification 0,
+/// as written for inner packets with DF).
 fn expected_ipip(inner: &[u8], backend: Ipv4Addr, backend_mac: [u8; 6]) -> Vec<u8> {
+    expected_ipip_with_id(inner, backend, backend_mac, [0, 0])
+}
+
+/// `expected_ipip` for an inner packet without DF: the outer header then carries a
+/// per-packet identification, taken from `out`; returns it too.
+fn expected_ipip_no_df(
+    inner: &[u8],
+    backend: Ipv4Addr,
+    backend_mac: [u8; 6],
+    out: &[u8],
+) -> (Vec<u8>, u16) {
+    assert_eq!(inner[6] & 0x40, 0, "inner packet without DF");
+    let id = [out[18], out[19]];
+    (
+        expected_ipip_with_id(inner, backend, backend_mac, id),
+        u16::from_be_bytes(id),
+    )
+}
+
+fn expected_ipip_with_id(
+    inner: &[u8],
+    backend: Ipv4Addr,
+    backend_mac: [u8; 6],
+    id: [u8; 2],
+) -> Vec<u8> {
     let tos = inner[1];
     let df = inner[6] & 0x40;
     let tot = (inner.len() + 20) as u16;
-    let mut outer = vec![0x45, tos, 0, 0, 0, 0, df, 0, 64, 4, 0, 0];
+    let mut outer = vec![0x45, tos, 0, 0, id[0], id[1], df, 0, 64, 4, 0, 0];
     outer[2..4].copy_from_slice(&tot.to_be_bytes());
     outer.extend_from_slice(&NODE.octets());
     outer.extend_from_slice(&backend.octets());
@@ -567,7 +593,7 @@ fn ipv4_options_and_vlan_tags_are_handled() {
     assert_eq!(verdict, XDP_TX, "IPv4 with options");
     assert_eq!(
         out,
-        expected_ipip(&inner, B1, B1_MAC),
+        expected_ipip_no_df(&inner, B1, B1_MAC, &out).0,
         "IPv4 with options: whole inner header carried"
     );
 
@@ -936,7 +962,7 @@ fn icmp_errors_about_a_vip_flow_go_to_the_backend_that_owns_it() {
         let mac = b1.iter().find(|(a, _)| *a == owner).expect("known").1;
         assert_eq!(
             out,
-            expected_ipip(&frame[14..], owner, mac),
+            expected_ipip_no_df(&frame[14..], owner, mac, &out).0,
             "forwarded to {owner}, the flow's backend"
         );
     }
@@ -1134,7 +1160,28 @@ fn fragments_of_a_datagram_reach_one_backend() {
     ip[10..12].copy_from_slice(&c);
     let (v, out) = f.run(&eth(NODE_MAC, CLIENT_MAC, &[], 0x0800, &ip));
     assert_eq!(v, XDP_TX, "later fragment to an all-ports VIP");
-    assert_eq!(out, expected_ipip(&ip, B3, B3_MAC));
+    assert_eq!(out, expected_ipip_no_df(&ip, B3, B3_MAC, &out).0);
+    // Outer headers without DF carry distinct identifications (RFC 6864).
+    let (_, first_id) = expected_ipip_no_df(&ip, B3, B3_MAC, &out);
+    let (_, again) = f.run(&eth(NODE_MAC, CLIENT_MAC, &[], 0x0800, &ip));
+    let (_, second_id) = expected_ipip_no_df(&ip, B3, B3_MAC, &again);
+    assert_ne!(
+        first_id, second_id,
+        "outer identification changes per packet"
+    );
+    // A fragmented ping to a VIP goes to a backend of the address's first service,
+    // which reassembles it and answers.
+    let mut ping = vec![8u8, 0, 0, 0, 0, 1, 0, 1];
+    ping.extend_from_slice(&[0x55; 16]);
+    let mut frag_ping = ipv4(CLIENT, VIP, 1, &[], &ping, false);
+    frag_ping[6..8].copy_from_slice(&0x2000u16.to_be_bytes());
+    frag_ping[10] = 0;
+    frag_ping[11] = 0;
+    let c = csum(&frag_ping[..20]);
+    frag_ping[10..12].copy_from_slice(&c);
+    let (v, out) = f.run(&eth(NODE_MAC, CLIENT_MAC, &[], 0x0800, &frag_ping));
+    assert_eq!(v, XDP_TX, "fragmented ping forwarded");
+    assert_eq!(out, expected_ipip_no_df(&frag_ping, B1, B1_MAC, &out).0);
     // Fragments to non-VIP addresses are the stack's.
     let mut other = frag(5, 3, false, &payload[24..], CLIENT);
     other[14 + 16..14 + 20].copy_from_slice(&[192, 0, 2, 99]);

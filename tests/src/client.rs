@@ -7,7 +7,7 @@
 use std::{
     collections::{HashMap, HashSet},
     io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     ops::Range,
     sync::{
         Mutex, PoisonError,
@@ -68,13 +68,38 @@ pub fn tcp_request(
     ns.enter(|| tcp_request_here(target, src_port, timeout))?
 }
 
+/// Connects from `ns` to `vip:port` from the local address `src` (one of the namespace's
+/// own; port 0: any) and returns the first line.
+pub fn tcp_request_from(
+    ns: &Netns,
+    src: SocketAddr,
+    vip: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> Result<String> {
+    let target = SocketAddr::new(vip, port);
+    ns.enter(|| tcp_request_bound(target, Some(src), timeout))?
+}
+
 fn tcp_request_here(
     target: SocketAddr,
     src_port: Option<u16>,
     timeout: Duration,
 ) -> Result<String> {
-    let stream = sock::tcp_connect_from(target, src_port, timeout)
-        .with_context(|| connect_context(target, src_port))?;
+    tcp_request_bound(
+        target,
+        src_port.map(|p| sock::any_addr(target.ip(), p)),
+        timeout,
+    )
+}
+
+fn tcp_request_bound(
+    target: SocketAddr,
+    local: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<String> {
+    let stream = sock::tcp_connect_bound(target, local, timeout)
+        .with_context(|| bound_context(target, local))?;
     let mut reader = BufReader::new(stream);
     read_first_line(&mut reader, target)
 }
@@ -82,6 +107,13 @@ fn tcp_request_here(
 fn connect_context(target: SocketAddr, src_port: Option<u16>) -> String {
     match src_port {
         Some(p) => format!("TCP connect to {target} from port {p}"),
+        None => format!("TCP connect to {target}"),
+    }
+}
+
+fn bound_context(target: SocketAddr, local: Option<SocketAddr>) -> String {
+    match local {
+        Some(l) => format!("TCP connect to {target} from {l}"),
         None => format!("TCP connect to {target}"),
     }
 }
@@ -127,14 +159,52 @@ pub fn udp_exchange(
     ns.enter(|| udp_exchange_here(target, src_port, payload, timeout))?
 }
 
+/// Like [`udp_exchange`], from the local address `src` (one of the namespace's own; port
+/// 0: any).
+pub fn udp_exchange_from(
+    ns: &Netns,
+    src: SocketAddr,
+    target: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    ns.enter(|| udp_exchange_bound(src, target, payload, timeout))?
+}
+
+/// Sends one probe datagram from `src` (see [`udp_exchange_from`]) and returns the
+/// reply's first line.
+pub fn udp_request_from(
+    ns: &Netns,
+    src: SocketAddr,
+    vip: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> Result<String> {
+    let reply = udp_exchange_from(ns, src, SocketAddr::new(vip, port), UDP_PROBE, timeout)?;
+    let text = String::from_utf8_lossy(&reply);
+    let (line, _) = text
+        .split_once('\n')
+        .with_context(|| format!("UDP reply without a line: {text:?}"))?;
+    Ok(line.to_owned())
+}
+
 fn udp_exchange_here(
     target: SocketAddr,
     src_port: Option<u16>,
     payload: &[u8],
     timeout: Duration,
 ) -> Result<Vec<u8>> {
-    let socket = UdpSocket::bind(sock::any_addr(target.ip(), src_port.unwrap_or(0)))
-        .with_context(|| format!("binding UDP source port {}", src_port.unwrap_or(0)))?;
+    let local = sock::any_addr(target.ip(), src_port.unwrap_or(0));
+    udp_exchange_bound(local, target, payload, timeout)
+}
+
+fn udp_exchange_bound(
+    local: SocketAddr,
+    target: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    let socket = UdpSocket::bind(local).with_context(|| format!("binding UDP to {local}"))?;
     socket.connect(target)?;
     socket.set_read_timeout(Some(timeout))?;
     socket
@@ -272,6 +342,23 @@ pub fn tcp_bulk(
     })
 }
 
+/// Like [`tcp_bulk`], every connection from the local address `src_ip` (one of the
+/// namespace's own).
+pub fn tcp_bulk_from(
+    ns: &Netns,
+    src_ip: IpAddr,
+    vip: IpAddr,
+    port: u16,
+    src_ports: Range<u16>,
+    timeout: Duration,
+) -> Result<Bulk> {
+    let target = SocketAddr::new(vip, port);
+    bulk(ns, src_ports, |src| {
+        tcp_request_bound(target, Some(SocketAddr::new(src_ip, src)), timeout)
+            .map_err(|e| format!("{e:#}"))
+    })
+}
+
 /// Sends one UDP datagram per source port in `src_ports` to `vip:port` from `ns`.
 ///
 /// Same parallelism and bounds as [`tcp_bulk`].
@@ -354,4 +441,197 @@ where
         }
     }
     Ok(out)
+}
+
+/// The outcome of a bulk transfer (see [`crate::bulk`]): who served it, and the byte count
+/// and digest of what arrived at the receiving end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// The greeting of the server that handled the connection.
+    pub reply: Reply,
+    /// Bytes that arrived (at the server for an upload, at the client for a download).
+    pub bytes: u64,
+    /// [`crate::bulk::Digest`] of those bytes.
+    pub digest: u64,
+}
+
+/// Opens a bulk connection and reads the greeting; the stream's timeouts are `timeout`.
+fn bulk_connect(
+    ns: &Netns,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<(BufReader<TcpStream>, Reply)> {
+    let stream = ns
+        .enter(|| sock::tcp_connect_bound(target, None, timeout))?
+        .with_context(|| bound_context(target, None))?;
+    let mut reader = BufReader::new(stream);
+    let line = read_first_line(&mut reader, target)?;
+    Ok((reader, parse_reply(&line)?))
+}
+
+fn check_deadline(deadline: Instant, what: &str, done: u64, total: u64) -> Result<()> {
+    if Instant::now() > deadline {
+        bail!("{what}: only {done} of {total} bytes before the deadline");
+    }
+    Ok(())
+}
+
+/// Sends `n` bytes of the pattern of `seed` to a [`crate::BulkServer`] at `target` from
+/// `ns`, and returns what the server says it received. Everything within `timeout`.
+pub fn upload(
+    ns: &Netns,
+    target: SocketAddr,
+    n: u64,
+    seed: u64,
+    timeout: Duration,
+) -> Result<Transfer> {
+    let deadline = Instant::now() + timeout;
+    let (mut reader, reply) = bulk_connect(ns, target, timeout)?;
+    let what = format!("uploading to {target} ({})", reply.backend);
+    reader
+        .get_mut()
+        .write_all(format!("upload {n}\n").as_bytes())
+        .with_context(|| what.clone())?;
+    let mut pattern = crate::bulk::Pattern::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < n {
+        check_deadline(deadline, &what, sent, n)?;
+        let chunk = usize::try_from(n - sent)
+            .unwrap_or(buf.len())
+            .min(buf.len());
+        pattern.fill(&mut buf[..chunk]);
+        reader
+            .get_mut()
+            .write_all(&buf[..chunk])
+            .with_context(|| format!("{what}: after {sent} of {n} bytes"))?;
+        sent += chunk as u64;
+    }
+    let line = read_first_line(&mut reader, target).with_context(|| what.clone())?;
+    let mut words = line.split_whitespace();
+    let (Some("received"), Some(bytes), Some(digest), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        bail!("{what}: unexpected answer {line:?}");
+    };
+    Ok(Transfer {
+        reply,
+        bytes: bytes
+            .parse()
+            .with_context(|| format!("{what}: bad count in {line:?}"))?,
+        digest: u64::from_str_radix(digest, 16)
+            .with_context(|| format!("{what}: bad digest in {line:?}"))?,
+    })
+}
+
+/// Asks a [`crate::BulkServer`] at `target` for `n` bytes of the pattern of `seed` and
+/// reads until it closes (all within `timeout`); returns what arrived.
+pub fn download(
+    ns: &Netns,
+    target: SocketAddr,
+    n: u64,
+    seed: u64,
+    timeout: Duration,
+) -> Result<Transfer> {
+    let deadline = Instant::now() + timeout;
+    let (mut reader, reply) = bulk_connect(ns, target, timeout)?;
+    let what = format!("downloading from {target} ({})", reply.backend);
+    reader
+        .get_mut()
+        .write_all(format!("download {n} {seed}\n").as_bytes())
+        .with_context(|| what.clone())?;
+    let mut digest = crate::bulk::Digest::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    loop {
+        check_deadline(deadline, &what, got, n)?;
+        let k = reader
+            .read(&mut buf)
+            .with_context(|| format!("{what}: after {got} of {n} bytes"))?;
+        if k == 0 {
+            break;
+        }
+        digest.update(&buf[..k]);
+        got += k as u64;
+    }
+    Ok(Transfer {
+        reply,
+        bytes: got,
+        digest: digest.value(),
+    })
+}
+
+/// An ICMP echo reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EchoReply {
+    /// Source address of the reply.
+    pub from: Ipv4Addr,
+    /// Its TTL as received.
+    pub ttl: u8,
+    /// The echoed payload.
+    pub payload: Vec<u8>,
+}
+
+/// Sends one ICMP echo request (`ping`) from `ns` to `target` and waits up to `timeout`
+/// for the matching reply (same identifier and sequence number, from `target`).
+///
+/// Uses a raw ICMP socket (root has CAP_NET_RAW), so no `ping_group_range` is needed.
+pub fn ping(
+    ns: &Netns,
+    target: Ipv4Addr,
+    seq: u16,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<EchoReply> {
+    ns.enter(|| ping_here(target, seq, payload, timeout))?
+}
+
+fn ping_here(target: Ipv4Addr, seq: u16, payload: &[u8], timeout: Duration) -> Result<EchoReply> {
+    let fd = sock::icmp_raw_socket().context("opening a raw ICMP socket")?;
+    // The identifier only has to tell this request apart from others in the namespace.
+    let id = (std::process::id() as u16) ^ seq.rotate_left(8) ^ 0x4c33;
+    let mut request = vec![8u8, 0, 0, 0];
+    request.extend_from_slice(&id.to_be_bytes());
+    request.extend_from_slice(&seq.to_be_bytes());
+    request.extend_from_slice(payload);
+    let sum = sock::inet_checksum(&request);
+    request[2..4].copy_from_slice(&sum.to_be_bytes());
+    sock::send_to(&fd, &request, SocketAddr::new(IpAddr::V4(target), 0))
+        .with_context(|| format!("sending an echo request to {target}"))?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("no echo reply from {target} within {timeout:?}");
+        }
+        let Some((n, from)) = sock::recv_from_within(&fd, &mut buf, left)? else {
+            continue;
+        };
+        // A raw IPv4 socket delivers the IP header too.
+        let packet = &buf[..n];
+        let Some(&vihl) = packet.first() else {
+            continue;
+        };
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        let (Some(&ttl), Some(icmp)) = (packet.get(8), packet.get(ihl..)) else {
+            continue;
+        };
+        if from != IpAddr::V4(target)
+            || icmp.len() < 8
+            || icmp[0] != 0
+            || icmp[4..6] != id.to_be_bytes()
+            || icmp[6..8] != seq.to_be_bytes()
+        {
+            continue;
+        }
+        if sock::inet_checksum(icmp) != 0 {
+            bail!("echo reply from {target} with a bad ICMP checksum: {icmp:02x?}");
+        }
+        return Ok(EchoReply {
+            from: target,
+            ttl,
+            payload: icmp[8..].to_vec(),
+        });
+    }
 }

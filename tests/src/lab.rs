@@ -32,6 +32,15 @@ const MAX_BALANCERS: usize = 9;
 /// Most backends a lab can have (addresses 10.77.0.11 ..= 10.77.0.250).
 const MAX_BACKENDS: usize = 240;
 
+/// The router of a far site ([`Lab::add_far_site`]) on the fabric.
+pub const ROUTER_IPV4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 254);
+/// The router's address on the far link.
+pub const FAR_ROUTER_IPV4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 254);
+/// The far client's address.
+pub const FAR_CLIENT_IPV4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
+/// The far site's subnet, routed via [`ROUTER_IPV4`] from every node on the fabric.
+pub const FAR_SUBNET: &str = "10.78.0.0/24";
+
 /// What to build: how many balancer and backend namespaces.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LabSpec {
@@ -114,6 +123,27 @@ impl Node {
     }
 }
 
+/// A client one router away from the fabric (see [`Lab::add_far_site`]):
+///
+/// ```text
+///   fabric (br0) ── eth0 router far0 ──── eth0 far client
+///                   10.77.0.254  10.78.0.254   10.78.0.1
+///                                MTU = link_mtu  MTU 1500
+/// ```
+#[derive(Debug)]
+pub struct FarSite {
+    /// The router: `eth0` on the fabric ([`ROUTER_IPV4`]), `far0` toward the far client
+    /// ([`FAR_ROUTER_IPV4`]); forwards, no rp_filter.
+    pub router: Node,
+    /// The far client's namespace: `eth0` [`FAR_CLIENT_IPV4`]/24, default route via the
+    /// router.
+    pub client_ns: Netns,
+    /// The far client's address.
+    pub client_ipv4: Ipv4Addr,
+    /// MTU of the router's `far0`: the bottleneck of the path toward the far client.
+    pub link_mtu: u32,
+}
+
 /// A running lab; dropping it kills its processes, deletes its namespaces and pins.
 ///
 /// Drop order inside: processes (SIGTERM, 5 s, SIGKILL) → namespaces → pin directory.
@@ -130,6 +160,8 @@ pub struct Lab {
     pub balancers: Vec<Node>,
     /// Backends: 10.77.0.11.. / fd77::11.. (`backend-0` is 10.77.0.11).
     pub backends: Vec<Node>,
+    /// A routed far site, once [`Lab::add_far_site`] has built it.
+    pub far: Option<FarSite>,
     /// This lab's pin directory on the shared bpffs: `/run/l3lb-lab/bpffs/<prefix>`.
     pub pin_root: PathBuf,
     /// Scratch directory for configs and logs: `$TMPDIR/l3lb-lab/<prefix>`. Removed on
@@ -216,6 +248,7 @@ impl Lab {
             client,
             balancers,
             backends,
+            far: None,
             pin_root,
             dir,
         };
@@ -284,6 +317,173 @@ impl Lab {
                 "eth0",
             ])
             .map(drop)
+    }
+
+    /// Adds `addr` to the client's `eth0` as a further /24 address (sockets bound to it
+    /// send from it), with static neighbour entries for it on the other non-balancer nodes.
+    ///
+    /// It must be in 10.77.0.0/24 and used by no node: 10.77.0.200 ..= 10.77.0.249 are
+    /// free unless a lab has more than 189 backends.
+    pub fn client_add_ipv4(&self, addr: Ipv4Addr) -> Result<()> {
+        let [a, b, c, d] = addr.octets();
+        if [a, b, c] != [10, 77, 0] || d == 0 || d == 255 {
+            bail!("{addr} is not a host address in the lab subnet 10.77.0.0/24");
+        }
+        if addr == ROUTER_IPV4 || self.nodes().any(|n| n.ipv4 == addr) {
+            bail!("{addr} already belongs to a node of the lab");
+        }
+        let cidr = format!("{addr}/24");
+        self.client
+            .ns
+            .ip(["addr", "add", cidr.as_str(), "dev", "eth0"])?;
+        let line = format!(
+            "neigh replace {addr} lladdr {} dev eth0 nud permanent",
+            self.client.mac
+        );
+        for node in self
+            .fabric_nodes()
+            .filter(|n| n.name != self.client.name && !n.name.starts_with("balancer"))
+        {
+            node.ns.ip_batch(std::slice::from_ref(&line))?;
+        }
+        Ok(())
+    }
+
+    /// Builds a far site: a `router` namespace on the fabric and a far client behind it on
+    /// a link whose router end has MTU `link_mtu` (picture at [`FarSite`]).
+    ///
+    /// The far client's own end keeps MTU 1500, so it advertises a 1460-byte MSS: the
+    /// bottleneck sits inside the path, where only "fragmentation needed" from the router
+    /// can tell a sender about it. (The client can then send no packet larger than
+    /// `link_mtu` itself: a veth drops what exceeds its peer's MTU.)
+    ///
+    /// Every node on the fabric routes [`FAR_SUBNET`] via the router; the router has static
+    /// neighbour entries for every node and they for it (balancers excepted, as in
+    /// [`Lab::new`]). Route VIPs from the router with [`Lab::far_route_vip`].
+    pub fn add_far_site(&mut self, link_mtu: u32) -> Result<()> {
+        if self.far.is_some() {
+            bail!("lab {} already has a far site", self.prefix);
+        }
+        let router = add_node(
+            &self.prefix,
+            &self.fabric,
+            "router",
+            "rtr",
+            usize::from(ROUTER_IPV4.octets()[3]),
+        )?;
+        let client_ns = Netns::with_prefix(&self.prefix, "far")?;
+        // From here on, the namespaces belong to the lab, whose drop removes them.
+        self.far = Some(FarSite {
+            router,
+            client_ns,
+            client_ipv4: FAR_CLIENT_IPV4,
+            link_mtu,
+        });
+        let far = self.far.as_ref().context("far site just added")?;
+        let router = &far.router;
+        router.ns.sysctl(&[
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.eth0.rp_filter", "0"),
+        ])?;
+        router.ns.ip([
+            "link",
+            "add",
+            "far0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            far.client_ns.name(),
+        ])?;
+        let mtu = link_mtu.to_string();
+        let router_cidr = format!("{FAR_ROUTER_IPV4}/24");
+        let client_cidr = format!("{FAR_CLIENT_IPV4}/24");
+        let gateway = FAR_ROUTER_IPV4.to_string();
+        router.ns.ip(["link", "set", "far0", "mtu", mtu.as_str()])?;
+        router
+            .ns
+            .ip(["addr", "add", router_cidr.as_str(), "dev", "far0"])?;
+        router.ns.ip(["link", "set", "far0", "up"])?;
+        router
+            .ns
+            .run(["ethtool", "-K", "far0", "gro", "on", "tx", "off"])?;
+        let client = &far.client_ns;
+        client.ip(["addr", "add", client_cidr.as_str(), "dev", "eth0"])?;
+        client.ip(["link", "set", "eth0", "up"])?;
+        client.run(["ethtool", "-K", "eth0", "gro", "on", "tx", "off"])?;
+        client.ip(["route", "add", "default", "via", gateway.as_str()])?;
+        let client_mac = client.mac("eth0")?;
+        let router_far_mac = router.ns.mac("far0")?;
+        client.ip_batch(&[format!(
+            "neigh replace {FAR_ROUTER_IPV4} lladdr {router_far_mac} dev eth0 nud permanent"
+        )])?;
+        let mut router_neigh = vec![format!(
+            "neigh replace {FAR_CLIENT_IPV4} lladdr {client_mac} dev far0 nud permanent"
+        )];
+        for node in self.nodes() {
+            router_neigh.push(format!(
+                "neigh replace {} lladdr {} dev eth0 nud permanent",
+                node.ipv4, node.mac
+            ));
+            node.ns.ip([
+                "route",
+                "replace",
+                FAR_SUBNET,
+                "via",
+                &ROUTER_IPV4.to_string(),
+                "dev",
+                "eth0",
+            ])?;
+            if !node.name.starts_with("balancer") {
+                node.ns.ip_batch(&[format!(
+                    "neigh replace {ROUTER_IPV4} lladdr {} dev eth0 nud permanent",
+                    router.mac
+                )])?;
+            }
+        }
+        router.ns.ip_batch(&router_neigh)?;
+        Ok(())
+    }
+
+    /// Routes `vip` from the far site's router via balancer `via_balancer`.
+    pub fn far_route_vip(&self, vip: IpAddr, via_balancer: usize) -> Result<()> {
+        let far = self
+            .far
+            .as_ref()
+            .with_context(|| format!("lab {} has no far site", self.prefix))?;
+        let balancer = self.balancers.get(via_balancer).with_context(|| {
+            format!(
+                "lab has {} balancers, not {}",
+                self.balancers.len(),
+                via_balancer + 1
+            )
+        })?;
+        let host_route = match vip {
+            IpAddr::V4(_) => format!("{vip}/32"),
+            IpAddr::V6(_) => format!("{vip}/128"),
+        };
+        let gw = balancer.ip_like(vip).to_string();
+        far.router
+            .ns
+            .ip([
+                "route",
+                "replace",
+                host_route.as_str(),
+                "via",
+                gw.as_str(),
+                "dev",
+                "eth0",
+            ])
+            .map(drop)
+    }
+
+    /// Every namespace plugged into the fabric: [`Lab::nodes`] and a far site's router.
+    fn fabric_nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes().chain(self.far.iter().map(|f| &f.router))
     }
 
     /// Backend `i`, or an error naming how many there are.
@@ -401,7 +601,8 @@ impl Lab {
         // 1. Processes, in every namespace at once so the grace period is shared.
         let own = std::process::id() as i32;
         let pids: Vec<i32> = std::iter::once(&self.fabric)
-            .chain(self.nodes().map(|n| &n.ns))
+            .chain(self.fabric_nodes().map(|n| &n.ns))
+            .chain(self.far.iter().map(|f| &f.client_ns))
             .flat_map(|ns| ns.pids().unwrap_or_default())
             .filter(|&p| p != own)
             .collect();
@@ -412,11 +613,16 @@ impl Lab {
             client,
             balancers,
             backends,
+            far,
             pin_root,
             ..
         } = self;
         for node in std::iter::once(client).chain(balancers).chain(backends) {
             report("a namespace", node.ns.delete());
+        }
+        if let Some(far) = far {
+            report("the far client's namespace", far.client_ns.delete());
+            report("the router's namespace", far.router.ns.delete());
         }
         report("the fabric namespace", fabric.delete());
         // 3. Scratch files, unless someone will want to read the logs.

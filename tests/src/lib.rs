@@ -6,7 +6,12 @@
 //!   client ─ eth0 ──┬── balancer-0 … balancer-N ──┬── backend-0 … backend-M
 //!   10.77.0.1       │   10.77.0.2 …               │   10.77.0.11 …
 //!   fd77::1         │   fd77::2 …                 │   fd77::11 …
+//!                   └── router ── far client        (optional, Lab::add_far_site)
+//!                       10.77.0.254   10.78.0.1
 //! ```
+//!
+//! The client can hold further addresses for source-dependent tests
+//! ([`Lab::client_add_ipv4`], 10.77.0.200 ..= 10.77.0.249).
 //!
 //! A test builds a [`Lab`], starts agents with [`Lab::spawn_in`] (binary from
 //! [`l3lb_bin`]), servers with [`TcpServer`] / [`UdpServer`] inside backend namespaces,
@@ -15,6 +20,7 @@
 //! Errors are `anyhow` with context: this crate is test support, at the edge where a
 //! precise message matters more than a matchable type.
 
+pub mod bulk;
 pub mod capture;
 pub mod client;
 pub mod lab;
@@ -26,12 +32,12 @@ pub mod servers;
 mod sock;
 
 pub use capture::{Capture, Frame, FrameInfo};
-pub use client::{Bulk, Reply, TcpPersistent};
-pub use lab::{LAB_ROOT, Lab, LabSpec, Mac, Node};
+pub use client::{Bulk, EchoReply, Reply, TcpPersistent, Transfer};
+pub use lab::{FarSite, LAB_ROOT, Lab, LabSpec, Mac, Node};
 pub use netns::{Netns, host, run};
 pub use prefix::Prefix;
 pub use process::{ChildGuard, l3lb_bin, spawn_in};
-pub use servers::{TcpServer, UdpServer};
+pub use servers::{BulkServer, TcpServer, UdpServer};
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,10 @@
 //! The standard DSR scenario: one balancer running `l3lb`, backends serving a VIP (TCP 80
 //! and UDP 53) with the VIP on `lo`, and a client routed to the balancer. Shared by the
 //! end-to-end tests and `cargo xtask demo`.
+//!
+//! [`Scenario::start`] builds the plain scenario; [`Scenario::start_spec`] takes a
+//! [`ScenarioSpec`] with per-service extras (`source_ranges`, `affinity`), a bulk-transfer
+//! service on [`BULK_PORT`], and a far site behind a router ([`Lab::add_far_site`]).
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -10,9 +14,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use l3lb::status::Status;
+use l3lb::{config::Affinity, status::Status};
 
-use crate::{ChildGuard, Lab, LabSpec, TcpServer, UdpServer, l3lb_bin};
+use crate::{BulkServer, ChildGuard, Lab, LabSpec, TcpServer, UdpServer, l3lb_bin};
 
 /// The VIP every scenario serves (outside the lab subnet, routed via the balancer).
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 10);
@@ -20,6 +24,8 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 10);
 pub const TCP_PORT: u16 = 80;
 /// UDP port of the `dns` service.
 pub const UDP_PORT: u16 = 53;
+/// TCP port of the `bulk` service ([`ScenarioSpec::with_bulk`]).
+pub const BULK_PORT: u16 = 9000;
 /// Maglev table size the scenario configures (small prime keeps tests quick to reason about).
 pub const TABLE_SIZE: u32 = 4093;
 
@@ -42,6 +48,96 @@ impl Mode {
     }
 }
 
+/// Extras of one service in the balancer's config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceOptions {
+    /// `source_ranges`: the client networks allowed (CIDRs); empty: everyone (not written).
+    pub source_ranges: Vec<String>,
+    /// `affinity`; `None` leaves the field out (the default, `none`).
+    pub affinity: Option<Affinity>,
+}
+
+impl ServiceOptions {
+    /// The YAML lines of these extras, indented for a service entry.
+    fn yaml(&self) -> String {
+        let mut out = String::new();
+        if !self.source_ranges.is_empty() {
+            out.push_str(&format!(
+                "    source_ranges: [{}]\n",
+                self.source_ranges.join(", ")
+            ));
+        }
+        if let Some(affinity) = self.affinity {
+            let spelled = match affinity {
+                Affinity::None => "none",
+                Affinity::ClientIp => "client_ip",
+            };
+            out.push_str(&format!("    affinity: {spelled}\n"));
+        }
+        out
+    }
+}
+
+/// What [`Scenario::start_spec`] builds. `ScenarioSpec::new(mode, backends)` is the plain
+/// scenario of [`Scenario::start`]; the builder methods add to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScenarioSpec {
+    /// Forwarding mode of every service.
+    pub mode: Mode,
+    /// Number of backends.
+    pub backends: usize,
+    /// Extras of the `web` service (TCP [`TCP_PORT`]).
+    pub web: ServiceOptions,
+    /// Extras of the `dns` service (UDP [`UDP_PORT`]).
+    pub dns: ServiceOptions,
+    /// A `bulk` service on TCP [`BULK_PORT`] served by a [`BulkServer`] on each backend.
+    pub bulk: bool,
+    /// A far site ([`Lab::add_far_site`]) with this link MTU, its router routing the VIP
+    /// via the balancer.
+    pub far_site: Option<u32>,
+}
+
+impl ScenarioSpec {
+    /// The plain scenario: `web` and `dns` with no extras, no bulk service, no far site.
+    pub fn new(mode: Mode, backends: usize) -> ScenarioSpec {
+        ScenarioSpec {
+            mode,
+            backends,
+            web: ServiceOptions::default(),
+            dns: ServiceOptions::default(),
+            bulk: false,
+            far_site: None,
+        }
+    }
+
+    /// Sets `source_ranges` of `web` and `dns`.
+    pub fn source_ranges(mut self, ranges: &[&str]) -> ScenarioSpec {
+        let ranges: Vec<String> = ranges.iter().map(|r| (*r).to_owned()).collect();
+        self.web.source_ranges = ranges.clone();
+        self.dns.source_ranges = ranges;
+        self
+    }
+
+    /// Sets `affinity` of `web` and `dns`.
+    pub fn affinity(mut self, affinity: Affinity) -> ScenarioSpec {
+        self.web.affinity = Some(affinity);
+        self.dns.affinity = Some(affinity);
+        self
+    }
+
+    /// Adds the `bulk` service and its servers.
+    pub fn with_bulk(mut self) -> ScenarioSpec {
+        self.bulk = true;
+        self
+    }
+
+    /// Adds a far site whose router's link toward the far client has MTU `link_mtu`.
+    pub fn with_far_site(mut self, link_mtu: u32) -> ScenarioSpec {
+        self.far_site = Some(link_mtu);
+        self
+    }
+}
+
 /// A running scenario. Field order matters: guards drop before the lab.
 pub struct Scenario {
     /// Balancer agent.
@@ -54,12 +150,15 @@ pub struct Scenario {
     pub tcp: Vec<TcpServer>,
     /// UDP servers, one per backend.
     pub udp: Vec<UdpServer>,
+    /// Bulk servers, one per backend (empty unless [`ScenarioSpec::with_bulk`]).
+    pub bulk: Vec<BulkServer>,
     /// Forwarding mode.
     pub mode: Mode,
     /// Current backend weights (index = backend number); `None` = not configured.
     pub weights: Vec<Option<u32>>,
     config_path: PathBuf,
     applies: usize,
+    spec: ScenarioSpec,
     /// The lab (dropped last).
     pub lab: Lab,
 }
@@ -72,13 +171,23 @@ pub fn backend_name(i: usize) -> String {
 impl Scenario {
     /// Builds the lab, starts servers and agents, and waits until the balancer is ready.
     pub fn start(mode: Mode, backends: usize) -> Result<Self> {
-        let lab = Lab::new(LabSpec {
+        Scenario::start_spec(ScenarioSpec::new(mode, backends))
+    }
+
+    /// Like [`Scenario::start`], with the extras of `spec`.
+    pub fn start_spec(spec: ScenarioSpec) -> Result<Self> {
+        let ScenarioSpec { mode, backends, .. } = spec;
+        let mut lab = Lab::new(LabSpec {
             backends,
             balancers: 1,
         })?;
+        if let Some(link_mtu) = spec.far_site {
+            lab.add_far_site(link_mtu)?;
+        }
         let vip = IpAddr::V4(VIP);
         let mut tcp = Vec::new();
         let mut udp = Vec::new();
+        let mut bulk = Vec::new();
         for i in 0..backends {
             lab.backend_add_vip(i, vip)?;
             let ns = &lab.backend(i)?.ns;
@@ -92,6 +201,13 @@ impl Scenario {
                 &backend_name(i),
                 SocketAddr::new(vip, UDP_PORT),
             )?);
+            if spec.bulk {
+                bulk.push(BulkServer::start(
+                    ns,
+                    &backend_name(i),
+                    SocketAddr::new(vip, BULK_PORT),
+                )?);
+            }
         }
         let bin = l3lb_bin()?;
         let mut decap_agents = Vec::new();
@@ -138,7 +254,7 @@ impl Scenario {
         }
         let weights = vec![Some(1); backends];
         let config_path = lab.path("balancer-0.yaml");
-        std::fs::write(&config_path, balancer_config(&lab, mode, &weights)?)
+        std::fs::write(&config_path, balancer_config_for(&lab, &spec, &weights)?)
             .with_context(|| format!("writing {}", config_path.display()))?;
         let mut balancer = lab.spawn_in(
             &lab.balancers[0].ns,
@@ -148,18 +264,28 @@ impl Scenario {
         )?;
         balancer.wait_for_log("l3lb ready", Duration::from_secs(20))?;
         lab.client_route_vip(vip, 0)?;
+        if lab.far.is_some() {
+            lab.far_route_vip(vip, 0)?;
+        }
         Ok(Self {
             balancer,
             decap_agents,
             fabric_agents,
             tcp,
             udp,
+            bulk,
             mode,
             weights,
             config_path,
             applies: 1,
+            spec,
             lab,
         })
+    }
+
+    /// What the scenario was built from.
+    pub fn spec(&self) -> &ScenarioSpec {
+        &self.spec
     }
 
     /// Rewrites the balancer's config with new weights (`None` removes a backend) and
@@ -167,7 +293,7 @@ impl Scenario {
     pub fn set_weights(&mut self, weights: &[Option<u32>]) -> Result<()> {
         std::fs::write(
             &self.config_path,
-            balancer_config(&self.lab, self.mode, weights)?,
+            balancer_config_for(&self.lab, &self.spec, weights)?,
         )
         .with_context(|| format!("writing {}", self.config_path.display()))?;
         self.balancer.signal(libc::SIGHUP)?;
@@ -228,6 +354,16 @@ pub fn status_of(lab: &Lab, node: &str) -> Result<Status> {
 
 /// The balancer's config for `weights` (index = backend number, `None` = absent).
 pub fn balancer_config(lab: &Lab, mode: Mode, weights: &[Option<u32>]) -> Result<String> {
+    balancer_config_for(lab, &ScenarioSpec::new(mode, weights.len()), weights)
+}
+
+/// The balancer's config for `spec` and `weights` (index = backend number, `None` =
+/// absent); `spec.backends` is not consulted.
+pub fn balancer_config_for(
+    lab: &Lab,
+    spec: &ScenarioSpec,
+    weights: &[Option<u32>],
+) -> Result<String> {
     let mut backends = String::new();
     for (i, w) in weights.iter().enumerate() {
         if let Some(w) = w {
@@ -238,11 +374,27 @@ pub fn balancer_config(lab: &Lab, mode: Mode, weights: &[Option<u32>]) -> Result
         }
     }
     let pin = lab.pin_path("balancer-0");
-    let mode = mode.as_str();
-    Ok(format!(
-        "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE_SIZE}\nservices:\n\
-         \x20 - name: web\n    vip: {VIP}\n    ports: [{TCP_PORT}]\n    protocol: tcp\n    forwarding: {mode}\n    backends:\n{backends}\
-         \x20 - name: dns\n    vip: {VIP}\n    ports: [{UDP_PORT}]\n    protocol: udp\n    forwarding: {mode}\n    backends:\n{backends}",
+    let mode = spec.mode.as_str();
+    let service = |name: &str, port: u16, protocol: &str, options: &ServiceOptions| {
+        format!(
+            "  - name: {name}\n    vip: {VIP}\n    ports: [{port}]\n    protocol: {protocol}\n    \
+             forwarding: {mode}\n{}    backends:\n{backends}",
+            options.yaml()
+        )
+    };
+    let mut config = format!(
+        "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE_SIZE}\nservices:\n",
         pin.display()
-    ))
+    );
+    config.push_str(&service("web", TCP_PORT, "tcp", &spec.web));
+    config.push_str(&service("dns", UDP_PORT, "udp", &spec.dns));
+    if spec.bulk {
+        config.push_str(&service(
+            "bulk",
+            BULK_PORT,
+            "tcp",
+            &ServiceOptions::default(),
+        ));
+    }
+    Ok(config)
 }

@@ -3,6 +3,7 @@
 //! Both answer with one line `backend=<name> peer=<ip>:<port>\n` (IPv6 peers are written
 //! `[ip]:port`, i.e. `SocketAddr`'s form); see [`crate::client::parse_reply`].
 //! TCP then echoes until EOF; UDP appends the datagram's payload after the line.
+//! [`BulkServer`] (TCP) follows the greeting with one bulk transfer, see [`crate::bulk`].
 
 use std::{
     io::{self, Read, Write},
@@ -17,7 +18,10 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::netns::Netns;
+use crate::{
+    bulk::{Digest, Pattern},
+    netns::Netns,
+};
 
 /// How often server threads look at their stop flag.
 const TICK: Duration = Duration::from_millis(20);
@@ -53,7 +57,7 @@ impl TcpServer {
             .name(format!("tcp-{name}"))
             .spawn({
                 let (name, peers, stop) = (name.to_owned(), peers.clone(), stop.clone());
-                move || accept_loop(&listener, &name, &peers, &stop)
+                move || accept_loop(&listener, &name, &peers, &stop, serve_tcp)
             })?;
         Ok(TcpServer {
             addr,
@@ -92,7 +96,16 @@ impl Drop for TcpServer {
     }
 }
 
-fn accept_loop(listener: &TcpListener, name: &str, peers: &Peers, stop: &Arc<AtomicBool>) {
+/// Serves one accepted connection until it ends or the stop flag is set.
+type Handler = fn(TcpStream, &str, SocketAddr, &AtomicBool) -> io::Result<()>;
+
+fn accept_loop(
+    listener: &TcpListener,
+    name: &str,
+    peers: &Peers,
+    stop: &Arc<AtomicBool>,
+    handler: Handler,
+) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -106,7 +119,7 @@ fn accept_loop(listener: &TcpListener, name: &str, peers: &Peers, stop: &Arc<Ato
                     .name(format!("tcp-{name}-conn"))
                     .spawn(move || {
                         // A connection error ends that connection only.
-                        let _ = serve_tcp(stream, &name, peer, &stop);
+                        let _ = handler(stream, &name, peer, &stop);
                     });
                 if let Ok(handle) = spawned {
                     conns.push(handle);
@@ -144,6 +157,169 @@ fn serve_tcp(
             Err(e) => return Err(e),
         }
     }
+    Ok(())
+}
+
+/// A TCP server for one bulk transfer per connection: greets like [`TcpServer`], then
+/// obeys one `upload` or `download` command (protocol in [`crate::bulk`]).
+#[derive(Debug)]
+pub struct BulkServer {
+    addr: SocketAddr,
+    peers: Peers,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BulkServer {
+    /// Listens on `addr` (e.g. VIP:9000, which must already be on an interface) inside `ns`.
+    pub fn start(ns: &Netns, name: &str, addr: SocketAddr) -> Result<BulkServer> {
+        let listener = ns
+            .enter(|| TcpListener::bind(addr))?
+            .with_context(|| format!("binding TCP {addr} in {}", ns.name()))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let peers = Peers::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name(format!("bulk-{name}"))
+            .spawn({
+                let (name, peers, stop) = (name.to_owned(), peers.clone(), stop.clone());
+                move || accept_loop(&listener, &name, &peers, &stop, serve_bulk)
+            })?;
+        Ok(BulkServer {
+            addr,
+            peers,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every peer seen so far, in order of acceptance.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for BulkServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "server stopping")
+}
+
+/// Reads into `buf` once, retrying read timeouts until data, EOF or the stop flag.
+fn read_some(stream: &mut TcpStream, buf: &mut [u8], stop: &AtomicBool) -> io::Result<usize> {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(stopped());
+        }
+        match stream.read(buf) {
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// Writes all of `buf`, retrying write timeouts until done or the stop flag.
+fn write_all_stoppable(
+    stream: &mut TcpStream,
+    mut buf: &[u8],
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        if stop.load(Ordering::Relaxed) {
+            return Err(stopped());
+        }
+        match stream.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn serve_bulk(
+    mut stream: TcpStream,
+    name: &str,
+    peer: SocketAddr,
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(TICK))?;
+    stream.set_write_timeout(Some(TICK))?;
+    write_all_stoppable(&mut stream, reply_line(name, peer).as_bytes(), stop)?;
+    // The command line, byte by byte: nothing after it may be consumed here.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if line.len() > 100 || read_some(&mut stream, &mut byte, stop)? == 0 {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
+        line.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad command {line:?}"));
+    let number =
+        |i: usize| -> io::Result<u64> { words.get(i).and_then(|w| w.parse().ok()).ok_or_else(bad) };
+    let mut buf = vec![0u8; 64 * 1024];
+    match words.first() {
+        Some(&"upload") => {
+            let want = number(1)?;
+            let mut got = 0u64;
+            let mut digest = Digest::new();
+            while got < want {
+                let room = usize::try_from(want - got)
+                    .unwrap_or(buf.len())
+                    .min(buf.len());
+                let n = read_some(&mut stream, &mut buf[..room], stop)?;
+                if n == 0 {
+                    break;
+                }
+                digest.update(&buf[..n]);
+                got += n as u64;
+            }
+            let answer = format!("received {got} {:016x}\n", digest.value());
+            write_all_stoppable(&mut stream, answer.as_bytes(), stop)?;
+        }
+        Some(&"download") => {
+            let mut left = number(1)?;
+            let mut pattern = Pattern::new(number(2)?);
+            while left > 0 {
+                let chunk = usize::try_from(left).unwrap_or(buf.len()).min(buf.len());
+                pattern.fill(&mut buf[..chunk]);
+                write_all_stoppable(&mut stream, &buf[..chunk], stop)?;
+                left -= chunk as u64;
+            }
+        }
+        _ => return Err(bad()),
+    }
+    // Let the peer read everything before the connection goes away.
+    stream.shutdown(std::net::Shutdown::Write)?;
+    while read_some(&mut stream, &mut buf, stop)? > 0 {}
     Ok(())
 }
 

@@ -106,6 +106,17 @@ pub(crate) fn tcp_connect_from(
     src_port: Option<u16>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    tcp_connect_bound(target, src_port.map(|p| any_addr(target.ip(), p)), timeout)
+}
+
+/// Connects to `target` from `local` (address and port; port 0: any) within `timeout`.
+///
+/// Same socket options as [`tcp_connect_from`].
+pub(crate) fn tcp_connect_bound(
+    target: SocketAddr,
+    local: Option<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let family = if target.is_ipv4() {
         libc::AF_INET
     } else {
@@ -123,8 +134,8 @@ pub(crate) fn tcp_connect_from(
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     set_abortive_close(raw)?;
-    if let Some(port) = src_port {
-        let (addr, len) = sockaddr(any_addr(target.ip(), port));
+    if let Some(local) = local {
+        let (addr, len) = sockaddr(local);
         // SAFETY: `addr` is a valid sockaddr of length `len`.
         check(unsafe { libc::bind(raw, (&raw const addr).cast(), len) })?;
     }
@@ -186,4 +197,112 @@ fn wait_writable(fd: RawFd, timeout: Duration) -> io::Result<()> {
         }
         return Ok(());
     }
+}
+
+/// A raw IPv4 ICMP socket (needs CAP_NET_RAW); receives whole IP packets.
+pub(crate) fn icmp_raw_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let raw = check(unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    })?;
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The Internet checksum (RFC 1071) of `data`, ready to be stored big-endian; over data
+/// that already holds a correct checksum it is 0.
+pub(crate) fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// `sendto(2)` of one datagram to `to`.
+pub(crate) fn send_to(fd: &OwnedFd, data: &[u8], to: SocketAddr) -> io::Result<()> {
+    let (addr, len) = sockaddr(to);
+    // SAFETY: buffer and address describe live memory of the given sizes.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            0,
+            (&raw const addr).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for one datagram; `None` if none came (or a signal interrupted).
+pub(crate) fn recv_from_within(
+    fd: &OwnedFd,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> io::Result<Option<(usize, IpAddr)>> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one live pollfd.
+    let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    if rc == 0 {
+        return Ok(None);
+    }
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+    let mut from: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut from_len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: buffer and address pointers refer to live memory of the given sizes.
+    let n = unsafe {
+        libc::recvfrom(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+            (&raw mut from).cast(),
+            &raw mut from_len,
+        )
+    };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return match err.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(err),
+        };
+    }
+    let ip = match i32::from(from.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in for an AF_INET source.
+            let sin = unsafe { *(&raw const from).cast::<libc::sockaddr_in>() };
+            IpAddr::V4(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+        }
+        _ => {
+            // SAFETY: any other family on these sockets is AF_INET6.
+            let sin6 = unsafe { *(&raw const from).cast::<libc::sockaddr_in6>() };
+            IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+        }
+    };
+    Ok(Some((n as usize, ip)))
 }
