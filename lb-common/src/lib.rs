@@ -84,6 +84,8 @@ pub mod globals {
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "l3lb";
+/// Name of the benchmark floor program in the object (MAC swap + `XDP_TX`).
+pub const FLOOR_PROGRAM_NAME: &str = "l3lb_floor";
 
 /// Key of the VIP map: destination address, port and protocol of a service.
 ///

@@ -611,6 +611,20 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
     }
 }
 
+/// The benchmark's floor: the least an XDP forwarder does — swap the MAC addresses and
+/// send the frame back out. Only `cargo xtask bench` loads it.
+#[xdp]
+pub fn l3lb_floor(ctx: XdpContext) -> u32 {
+    match ptr_at::<network_types::eth::EthHdr>(&ctx, 0) {
+        Ok(eth) => {
+            let e = unsafe { &mut *eth };
+            core::mem::swap(&mut e.dst_addr, &mut e.src_addr);
+            xdp_action::XDP_TX
+        }
+        Err(_) => xdp_action::XDP_DROP,
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -54,22 +54,36 @@ pub fn local_address_set() -> anyhow::Result<HashSet<IpAddr>> {
     Ok(local_addresses()?.into_iter().map(|(_, a)| a).collect())
 }
 
-/// Names of the interfaces present, for error messages.
+/// Names of the interfaces of this network namespace, for error messages.
+///
+/// Asked of the kernel (`if_nameindex`) rather than read from `/sys/class/net`, which
+/// shows the namespace sysfs was mounted in, not necessarily ours.
 pub fn interface_names() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut names = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return names;
+        }
+        let mut cur = list;
+        while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
+            names.push(
+                CStr::from_ptr((*cur).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            cur = cur.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
     names.sort();
     names
 }
 
 /// Fails with the list of available interfaces when `iface` does not exist.
 pub fn require_interface(iface: &str) -> anyhow::Result<()> {
-    if Path::new("/sys/class/net").join(iface).exists() {
+    if interface_names().iter().any(|n| n == iface) {
         return Ok(());
     }
     bail!(

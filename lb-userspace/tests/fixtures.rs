@@ -5,15 +5,9 @@
 //! with permanent neighbour entries for the backends, so `bpf_fib_lookup` answers
 //! deterministically; the namespace disappears with the thread. Needs root.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    process::Command,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::{
-    maps::{MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::maps::{MapData, PerCpuArray};
 use l3lb::dataplane::{
     Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions, ServiceMode,
 };
@@ -50,118 +44,24 @@ const B2_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x12);
 const B3_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x13);
 const BALANCER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Moves this thread into a new network namespace with interface `fx0` (the NIC).
 fn enter_namespace() -> u32 {
-    // SAFETY: unshare affects only the calling thread; the namespace dies with it.
-    assert_eq!(
-        unsafe { libc::unshare(libc::CLONE_NEWNET) },
-        0,
-        "unshare(CLONE_NEWNET): are we root?"
-    );
-    sh(&["ip", "link", "set", "lo", "up"]);
-    sh(&[
-        "ip", "link", "add", "fx0", "type", "veth", "peer", "name", "fx1",
-    ]);
-    sh(&[
-        "ip",
-        "link",
-        "set",
-        "fx0",
-        "address",
-        "02:00:00:00:00:01",
-        "mtu",
-        "1500",
-        "up",
-    ]);
-    sh(&["ip", "link", "set", "fx1", "up"]);
-    sh(&["ip", "addr", "add", "10.1.0.1/24", "dev", "fx0"]);
-    sh(&[
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.1.0.254",
-        "dev",
-        "fx0",
-    ]);
-    for (ip, mac) in [
-        ("10.1.0.11", "02:00:00:00:00:11"),
-        ("10.1.0.12", "02:00:00:00:00:12"),
-        ("10.1.0.13", "02:00:00:00:00:13"),
-    ] {
-        sh(&[
-            "ip",
-            "neigh",
-            "replace",
-            ip,
-            "lladdr",
-            mac,
-            "dev",
-            "fx0",
-            "nud",
-            "permanent",
-        ]);
-    }
-    sh(&[
-        "ip",
-        "-6",
-        "addr",
-        "add",
-        "fd00:1::1/64",
-        "dev",
-        "fx0",
-        "nodad",
-    ]);
-    sh(&[
-        "ip",
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        "fd00:1::fe",
-        "dev",
-        "fx0",
-    ]);
-    for (ip, mac) in [
-        ("fd00:1::11", "02:00:00:00:00:11"),
-        ("fd00:1::12", "02:00:00:00:00:12"),
-        ("fd00:1::13", "02:00:00:00:00:13"),
-    ] {
-        sh(&[
-            "ip",
-            "-6",
-            "neigh",
-            "replace",
-            ip,
-            "lladdr",
-            mac,
-            "dev",
-            "fx0",
-            "nud",
-            "permanent",
-        ]);
-    }
-    std::fs::write("/proc/sys/net/ipv6/conf/fx0/forwarding", "1").expect("forwarding");
-    std::fs::write("/proc/sys/net/ipv4/conf/fx0/forwarding", "1").expect("forwarding");
-    // /sys shows the namespace it was mounted in, so ask the kernel by name instead.
-    // SAFETY: a NUL-terminated literal.
-    let ifindex = unsafe { libc::if_nametoindex(c"fx0".as_ptr()) };
-    assert_ne!(ifindex, 0, "fx0 has an ifindex");
-    ifindex
+    l3lb::testing::enter_test_namespace(&l3lb::testing::TestNet {
+        mac: "02:00:00:00:00:01",
+        ipv4: "10.1.0.1/24",
+        gateway4: "10.1.0.254",
+        ipv6: "fd00:1::1/64",
+        gateway6: "fd00:1::fe",
+        neighbours: &[
+            ("10.1.0.11", "02:00:00:00:00:11"),
+            ("10.1.0.12", "02:00:00:00:00:12"),
+            ("10.1.0.13", "02:00:00:00:00:13"),
+            ("fd00:1::11", "02:00:00:00:00:11"),
+            ("fd00:1::12", "02:00:00:00:00:12"),
+            ("fd00:1::13", "02:00:00:00:00:13"),
+        ],
+    })
+    .expect("test namespace")
 }
 
 fn backend(addr: Ipv4Addr) -> DesiredBackend {
@@ -265,23 +165,9 @@ impl Fixture {
     }
 
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&self.ifindex.to_ne_bytes());
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx);
-        let res = self
-            .dp
-            .program()
-            .expect("program")
-            .test_run(opts)
-            .expect("test_run");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        let prog = self.dp.program().expect("program");
+        let r = l3lb::testing::run_xdp(prog, self.ifindex, frame).expect("test_run");
+        (r.verdict, r.frame)
     }
 
     fn drops(&self, reason: DropReason) -> u64 {

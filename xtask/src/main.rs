@@ -3,6 +3,7 @@
 //! Everything here shells out through [`std::process::Command`], so what xtask does is
 //! what you would type: each step is echoed before it runs and named when it fails.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod prereqs;
@@ -34,6 +35,9 @@ enum Command {
     Test(test::Args),
     /// Build the agent and the lab, then run the demo in network namespaces.
     Demo(demo::Args),
+    /// Measure per-packet cost against a floor program and the control plane (release
+    /// build); prints a table with PASS/MISS per target and writes every figure as JSON.
+    Bench(bench::Args),
     /// Build the agent and with it the eBPF program (`-- -vv` shows the eBPF build's output).
     BuildEbpf(build_ebpf::Args),
 }
@@ -64,6 +68,7 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Test(args) => test::run(&workspace, &args).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(&workspace, &args),
+        Command::Bench(args) => bench::run(&workspace, &args).map(|()| ExitCode::SUCCESS),
         Command::BuildEbpf(args) => build_ebpf::run(&workspace, &args).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -12,6 +12,9 @@ pub struct Args {
     /// Skip `cargo fmt --check` and both clippy runs.
     #[arg(long)]
     no_lint: bool,
+    /// Skip the quick benchmark run at the end.
+    #[arg(long)]
+    no_bench: bool,
     /// Arguments passed on to `cargo test` (after its own flags), for example
     /// `-- --no-fail-fast -- --nocapture`.
     #[arg(last = true)]
@@ -89,6 +92,16 @@ pub fn run(workspace: &Workspace, args: &Args) -> Result<()> {
         .args(["test", "--workspace", "--exclude", "lb-ebpf"])
         .args(&args.cargo_test_args);
     let tally = process::run_tests_tallied("test", &mut test)?;
+    // The benchmark never fails on a number, but it must keep working.
+    if !args.no_bench {
+        crate::bench::run(
+            workspace,
+            &crate::bench::Args {
+                quick: true,
+                json: None,
+            },
+        )?;
+    }
     // One closing line for every runner of the workspace together, so a reader of the log
     // (or CI) does not mistake the last crate's empty doc-test run for the whole story.
     println!(
