@@ -33,6 +33,10 @@ pub const SERVICE_F_AFFINITY_CLIENT_IP: u32 = 2;
 /// Service flag: only sources in the service's ranges (`L3LB_SRC_V4`/`_V6`) may use it.
 pub const SERVICE_F_SOURCE_RANGES: u32 = 4;
 
+/// Settings flag: some service is an all-ports VIP (port 0 entries exist), so a VIP
+/// lookup that misses on the port must also try port 0.
+pub const SETTINGS_F_ALL_PORTS: u32 = 1;
+
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
 
@@ -50,6 +54,10 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "L3LB_SVC_STATS";
     /// Backend id → `BackendStats`, per CPU.
     pub const BACKEND_STATS: &str = "L3LB_BE_STATS";
+    /// Index 0 → `SETTINGS_F_*` bits the agent keeps current.
+    pub const SETTINGS: &str = "L3LB_SETTINGS";
+    /// Backend id → the next hop last learnt from the FIB, per CPU (a short-lived cache).
+    pub const NEXTHOPS: &str = "L3LB_NEXTHOPS";
     /// `DropReason` → packet count, per CPU.
     pub const DROPS: &str = "L3LB_DROPS";
     /// `Action` → packet count, per CPU.
@@ -86,6 +94,10 @@ pub mod globals {
 pub const PROGRAM_NAME: &str = "l3lb";
 /// Name of the benchmark floor program in the object (MAC swap + `XDP_TX`).
 pub const FLOOR_PROGRAM_NAME: &str = "l3lb_floor";
+/// Name of the benchmark's live-frame generator program in the object.
+pub const BENCH_GEN_PROGRAM_NAME: &str = "l3lb_bench_gen";
+/// Name of the benchmark's sink program (counts and drops what reaches it).
+pub const BENCH_SINK_PROGRAM_NAME: &str = "l3lb_bench_sink";
 
 /// Key of the VIP map: destination address, port and protocol of a service.
 ///

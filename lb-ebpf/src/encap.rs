@@ -120,11 +120,14 @@ pub fn next_hop_v6(
 #[inline(always)]
 pub fn l2_forward_v6(
     ctx: &XdpContext,
+    id: u32,
     backend: &[u8; 16],
     src: &[u8; 16],
     tot_len: u16,
 ) -> Result<u32, Blocked> {
-    let hop = next_hop_v6(ctx, src, backend, tot_len)?;
+    let hop = cached_hop(id, backend, tot_len, || {
+        next_hop_v6(ctx, src, backend, tot_len)
+    })?;
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     unsafe {
         (*eth).dst_addr = hop.dmac;
@@ -141,6 +144,7 @@ pub const IP6IP6_OVERHEAD: u16 = 40;
 #[inline(always)]
 pub fn ip6ip6_forward(
     ctx: &XdpContext,
+    id: u32,
     backend: &[u8; 16],
     l3_off: usize,
     tot_len: u16,
@@ -149,7 +153,9 @@ pub fn ip6ip6_forward(
     let outer_len = tot_len
         .checked_add(IP6IP6_OVERHEAD)
         .ok_or(Blocked::TooBig(0))?;
-    let hop = next_hop_v6(ctx, &src, backend, outer_len)?;
+    let hop = cached_hop(id, backend, outer_len, || {
+        next_hop_v6(ctx, &src, backend, outer_len)
+    })?;
     // The traffic class is carried over to the outer header.
     let inner: *const [u8; 2] = ptr_at(ctx, l3_off)?;
     let (b0, b1) = unsafe { ((*inner)[0], (*inner)[1]) };
@@ -253,6 +259,58 @@ impl SavedL2 {
     }
 }
 
+/// How long a next hop learnt from the FIB is reused: route and neighbour changes reach
+/// established flows within this time.
+const NEXTHOP_TTL_NS: u64 = 500_000_000;
+
+/// The next hop toward backend `id` (address `addr`) for a packet of `len` bytes: from the
+/// per-CPU cache while fresh and known to fit, else from `lookup` (the FIB), remembered.
+#[inline(always)]
+fn cached_hop(
+    id: u32,
+    addr: &[u8; 16],
+    len: u16,
+    lookup: impl FnOnce() -> Result<NextHop, Blocked>,
+) -> Result<NextHop, Blocked> {
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+    let entry = crate::maps::NEXTHOPS.get_ptr_mut(id);
+    if let Some(e) = entry {
+        let e = unsafe { &*e };
+        if e.expires_ns > now && len <= e.max_len && e.addr == *addr {
+            return Ok(NextHop {
+                smac: e.smac,
+                dmac: e.dmac,
+                ifindex: e.ifindex,
+            });
+        }
+    }
+    let hop = lookup()?;
+    if let Some(e) = entry {
+        let e = unsafe { &mut *e };
+        let same =
+            e.expires_ns > now && e.addr == *addr && e.dmac == hop.dmac && e.ifindex == hop.ifindex;
+        e.max_len = if same && e.max_len > len {
+            e.max_len
+        } else {
+            len
+        };
+        e.addr = *addr;
+        e.smac = hop.smac;
+        e.dmac = hop.dmac;
+        e.ifindex = hop.ifindex;
+        e.expires_ns = now + NEXTHOP_TTL_NS;
+    }
+    Ok(hop)
+}
+
+/// `addr` as the 16-byte form the cache keys on.
+#[inline(always)]
+fn v4_key(addr: [u8; 4]) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..4].copy_from_slice(&addr);
+    k
+}
+
 /// Sends the frame out: `XDP_TX` back through the ingress interface, else a redirect.
 #[inline(always)]
 fn transmit(ctx: &XdpContext, hop: &NextHop) -> u32 {
@@ -267,11 +325,14 @@ fn transmit(ctx: &XdpContext, hop: &NextHop) -> u32 {
 #[inline(always)]
 pub fn l2_forward(
     ctx: &XdpContext,
+    id: u32,
     backend: [u8; 4],
     ip_src: [u8; 4],
     tot_len: u16,
 ) -> Result<u32, Blocked> {
-    let hop = next_hop(ctx, ip_src, backend, tot_len)?;
+    let hop = cached_hop(id, &v4_key(backend), tot_len, || {
+        next_hop(ctx, ip_src, backend, tot_len)
+    })?;
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     unsafe {
         (*eth).dst_addr = hop.dmac;
@@ -304,6 +365,7 @@ pub const IPIP_OVERHEAD: u16 = Ipv4Hdr::LEN as u16;
 #[inline(always)]
 pub fn ipip_forward(
     ctx: &XdpContext,
+    id: u32,
     backend: [u8; 4],
     l3_off: usize,
     tot_len: u16,
@@ -312,7 +374,9 @@ pub fn ipip_forward(
     let outer_len = tot_len
         .checked_add(Ipv4Hdr::LEN as u16)
         .ok_or(Blocked::TooBig(0))?;
-    let hop = next_hop(ctx, src, backend, outer_len)?;
+    let hop = cached_hop(id, &v4_key(backend), outer_len, || {
+        next_hop(ctx, src, backend, outer_len)
+    })?;
 
     // Inner fields the outer header copies: TOS and DF.
     let inner: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;

@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod conntrack;
 mod csum;
 mod encap;
@@ -25,7 +26,8 @@ use lb_common::{
 use crate::{
     encap::Blocked,
     maps::{
-        BACKENDS, DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, SCRATCH, SRC_V4, SRC_V6, VIPS,
+        BACKENDS, DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, SCRATCH, SETTINGS, SRC_V4, SRC_V6,
+        VIPS,
     },
     parse::{eth, ipv4, ipv6, l4, ptr_at},
 };
@@ -242,6 +244,14 @@ fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipIn
     if let Some(v) = unsafe { VIPS.get(by_ref) } {
         return Some(*v);
     }
+    // Without any all-ports VIP the second lookup cannot hit: skip it (the common case
+    // for traffic to other destinations).
+    let all_ports = SETTINGS
+        .get(0)
+        .is_some_and(|f| f & lb_common::SETTINGS_F_ALL_PORTS != 0);
+    if port != 0 && !all_ports {
+        return None;
+    }
     key.port = 0;
     let by_ref: &VipKey = key;
     unsafe { VIPS.get(by_ref) }.copied()
@@ -338,30 +348,24 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         return Ok(PASS.into());
     };
     // SAFETY: this CPU's scratch entry; `vip_lookup` only touches its `vip` field.
-    let fkey: &mut FlowKey = unsafe { &mut (*scratch).flow };
     let frag_key: &mut FragKey = unsafe { &mut (*scratch).frag };
-    *fkey = FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: 0,
-        dport: 0,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-    };
-    *frag_key = FragKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        id: pkt.frag_id,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
+    let fill_frag_key = |k: &mut FragKey| {
+        *k = FragKey {
+            src: pkt.src,
+            dst: pkt.dst,
+            id: pkt.frag_id,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+        }
     };
 
+    // The VIP lookup comes first, before any other key is built, so traffic for other
+    // destinations leaves as cheaply as possible.
     // Every fragment of a datagram must reach one backend: fragments are hashed on
     // (source, destination, protocol) only, and later fragments (no ports) find their
     // service through the first one's record, else the all-ports entry.
-    let (vip, syn) = if icmp {
+    let (vip, syn, sport, dport) = if icmp {
         // A fragmented ICMP message cannot be answered or matched here; like other
         // fragments it goes, hashed on addresses and protocol, to a backend of the
         // address's marker (its first service), which holds the VIP, reassembles it and
@@ -369,8 +373,9 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         let Some(marker) = vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        (marker, false)
+        (marker, false, 0, 0)
     } else if pkt.later_fragment {
+        fill_frag_key(frag_key);
         let by_ref: &FragKey = frag_key;
         let vip = match unsafe { FRAGS.get(by_ref) } {
             Some(v) => *v,
@@ -382,22 +387,31 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
                 None => return Ok(PASS.into()),
             },
         };
-        (vip, false)
+        (vip, false, 0, 0)
     } else if pkt.fragment {
         let ports: *const [u16; 2] = ptr_at(ctx, pkt.l4_off)?;
         let dport = unsafe { (*ports)[1] };
         let Some(vip) = vip_lookup(&pkt.dst, dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        (vip, false)
+        (vip, false, 0, 0)
     } else {
         let ports = l4::parse(ctx, pkt.l4_off, pkt.proto)?;
         let Some(vip) = vip_lookup(&pkt.dst, ports.dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        fkey.sport = ports.sport;
-        fkey.dport = ports.dport;
-        (vip, ports.syn)
+        (vip, ports.syn, ports.sport, ports.dport)
+    };
+    // SAFETY: as above; the flow key is built only for VIP traffic.
+    let fkey: &mut FlowKey = unsafe { &mut (*scratch).flow };
+    *fkey = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport,
+        dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
     };
     if pkt.src == pkt.dst {
         return Err(DropReason::SourceIsVip);
@@ -407,6 +421,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     }
     // Only an admitted first fragment may take a place in the fragment table.
     if pkt.fragment && !pkt.later_fragment && !icmp {
+        fill_frag_key(frag_key);
         let by_ref: &FragKey = frag_key;
         let _ = FRAGS.insert(by_ref, vip, 0);
     }
@@ -495,10 +510,14 @@ fn forward(
     let baddr = [b[0], b[1], b[2], b[3]];
     let src = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
     if l2_mode {
-        Ok((encap::l2_forward(ctx, baddr, src, pkt.tot_len)?, Action::L2).into())
+        Ok((
+            encap::l2_forward(ctx, choice.id, baddr, src, pkt.tot_len)?,
+            Action::L2,
+        )
+            .into())
     } else {
         Ok((
-            encap::ipip_forward(ctx, baddr, l2.l3_off, pkt.tot_len)?,
+            encap::ipip_forward(ctx, choice.id, baddr, l2.l3_off, pkt.tot_len)?,
             Action::Encap,
         )
             .into())
@@ -544,9 +563,9 @@ fn tx6(ctx: &XdpContext, l3_off: usize, backend: u32, l2: bool) -> Result<u32, B
     let addr = b.addr;
     let ip = ipv6::parse(ctx, l3_off)?;
     if l2 {
-        encap::l2_forward_v6(ctx, &addr, &ip.src, ip.tot_len)
+        encap::l2_forward_v6(ctx, backend, &addr, &ip.src, ip.tot_len)
     } else {
-        encap::ip6ip6_forward(ctx, &addr, l3_off, ip.tot_len)
+        encap::ip6ip6_forward(ctx, backend, &addr, l3_off, ip.tot_len)
     }
 }
 

@@ -96,3 +96,32 @@ pub struct Scratch {
 /// One `Scratch` per CPU; only this program touches it.
 #[map(name = "L3LB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// A next hop learnt from `bpf_fib_lookup` for one backend, reused for a short while.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedHop {
+    /// The backend address this entry was learnt for (ids are reused).
+    pub addr: [u8; 16],
+    /// Source MAC of the egress interface.
+    pub smac: [u8; 6],
+    /// MAC of the next hop.
+    pub dmac: [u8; 6],
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Largest L3 length the route was seen to accept.
+    pub max_len: u16,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+    /// Coarse-clock time after which the entry must be looked up again.
+    pub expires_ns: u64,
+}
+
+/// Backend id → `CachedHop`, per CPU: spares forwarded packets a FIB lookup each
+/// (size: load time); written by this program.
+#[map(name = "L3LB_NEXTHOPS")]
+pub static NEXTHOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(1, 0);
+
+/// Index 0 → `SETTINGS_F_*` bits; written by the agent.
+#[map(name = "L3LB_SETTINGS")]
+pub static SETTINGS: Array<u32> = Array::with_max_entries(1, 0);

@@ -247,6 +247,7 @@ pub struct Dataplane {
     decap_v6: Vec<(Ipv6Addr, u8)>,
     local_v6: Vec<Ipv6Addr>,
     markers: BTreeMap<VipKey, VipInfo>,
+    all_ports: Option<bool>,
 }
 
 fn icmp_proto(family: u8) -> u8 {
@@ -308,6 +309,7 @@ impl Dataplane {
             .map_max_entries(map_names::FLOWS, opts.conntrack_size)
             .map_max_entries(map_names::SERVICE_STATS, opts.max_services)
             .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
+            .map_max_entries(map_names::NEXTHOPS, opts.max_backends)
             .load(OBJECT)?;
         let prog: &mut Xdp = ebpf
             .program_mut(lb_common::PROGRAM_NAME)
@@ -347,6 +349,7 @@ impl Dataplane {
             decap_v6: Vec::new(),
             local_v6: Vec::new(),
             markers: BTreeMap::new(),
+            all_ports: None,
         })
     }
 
@@ -432,7 +435,12 @@ impl Dataplane {
             }),
         })?;
         // Internal maps (.rodata, .bss) hold load-time globals; bpffs refuses dot names.
-        for (name, map) in self.ebpf.maps().filter(|(n, _)| !n.starts_with('.')) {
+        // The benchmark's maps live in the same object but are no part of the agent's state.
+        for (name, map) in self
+            .ebpf
+            .maps()
+            .filter(|(n, _)| !n.starts_with('.') && !n.starts_with("L3LB_BENCH"))
+        {
             let path = maps_dir.join(name);
             map.pin(&path)
                 .map_err(|source| DataplaneError::Pin { path, source })?;
@@ -752,6 +760,23 @@ impl Dataplane {
                 map.remove(k).map_err(map_err("VIP address marker"))?;
             }
             self.markers = markers;
+        }
+
+        // Whether any all-ports VIP exists: lets the data plane skip a second lookup.
+        let all_ports = desired
+            .services
+            .iter()
+            .any(|s| s.vips.iter().any(|v| v.1 == 0));
+        if Some(all_ports) != self.all_ports {
+            let flags = if all_ports {
+                lb_common::SETTINGS_F_ALL_PORTS
+            } else {
+                0
+            };
+            self.array::<u32>(map_names::SETTINGS)?
+                .set(0, flags, 0)
+                .map_err(map_err("settings"))?;
+            self.all_ports = Some(all_ports);
         }
 
         // 6. Decap allow lists and this node's addresses (the decap destinations).

@@ -1312,3 +1312,37 @@ fn ipv6_decap_fragments_and_source_ranges() {
         assert_eq!(out, eth(B2_MAC, NODE_MAC, &[], 0x86dd, &ip));
     }
 }
+
+#[test]
+fn next_hops_are_reused_briefly_then_looked_up_again() {
+    let f = Fixture::new(false, &standard_desired());
+    let frame = client_tcp(VIP, 40000, 80, SYN);
+    let (_, out) = f.run(&frame);
+    assert_eq!(&out[0..6], &B1_MAC, "first packet: the FIB's neighbour");
+    // The backend's MAC changes (say, a replaced machine at the same address).
+    let new_mac = [0x02, 0, 0, 0, 0, 0x99];
+    let status = std::process::Command::new("ip")
+        .args([
+            "neigh",
+            "replace",
+            "10.1.0.11",
+            "lladdr",
+            "02:00:00:00:00:99",
+            "dev",
+            "fx0",
+            "nud",
+            "permanent",
+        ])
+        .status()
+        .expect("ip");
+    assert!(status.success());
+    let (_, out) = f.run(&frame);
+    assert_eq!(
+        &out[0..6],
+        &B1_MAC,
+        "within the cache lifetime the learnt next hop is reused"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let (_, out) = f.run(&frame);
+    assert_eq!(&out[0..6], &new_mac, "after it, the FIB is asked again");
+}

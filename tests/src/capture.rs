@@ -70,16 +70,7 @@ impl Frame {
         let mac_at = |at: usize| -> Option<Mac> { Some(Mac(d.get(at..at + 6)?.try_into().ok()?)) };
         let dst_mac = mac_at(0)?;
         let src_mac = mac_at(6)?;
-        let mut off = 12;
-        let mut ethertype = u16::from_be_bytes(d.get(off..off + 2)?.try_into().ok()?);
-        for _ in 0..2 {
-            if ethertype != 0x8100 && ethertype != 0x88a8 {
-                break;
-            }
-            off += 4;
-            ethertype = u16::from_be_bytes(d.get(off..off + 2)?.try_into().ok()?);
-        }
-        let ip = off + 2;
+        let (ip, ethertype) = self.l3()?;
         let (src_ip, dst_ip, protocol) = match ethertype {
             0x0800 => {
                 let h = d.get(ip..ip + 20)?;
@@ -111,6 +102,59 @@ impl Frame {
             protocol,
             outgoing: self.outgoing,
         })
+    }
+}
+
+impl Frame {
+    /// Offset of the IP header (after Ethernet and up to two VLAN tags) and the ethertype.
+    fn l3(&self) -> Option<(usize, u16)> {
+        let d = &self.data;
+        let mut off = 12;
+        let mut ethertype = u16::from_be_bytes(d.get(off..off + 2)?.try_into().ok()?);
+        for _ in 0..2 {
+            if ethertype != 0x8100 && ethertype != 0x88a8 {
+                break;
+            }
+            off += 4;
+            ethertype = u16::from_be_bytes(d.get(off..off + 2)?.try_into().ok()?);
+        }
+        Some((off + 2, ethertype))
+    }
+
+    /// The IP packet (from its header on, as far as captured); `None` if not IP.
+    pub fn ip_packet(&self) -> Option<&[u8]> {
+        let (off, ethertype) = self.l3()?;
+        matches!(ethertype, 0x0800 | 0x86dd).then(|| self.data.get(off..))?
+    }
+
+    /// Source, destination and protocol (IPv4) / next header (IPv6) of the inner header
+    /// of a tunnelled frame: IPv4 in IPv4 (protocol 4) or IPv6 in IPv6 (next header 41
+    /// right after the fixed header). `None` for anything else.
+    pub fn inner_ip(&self) -> Option<(IpAddr, IpAddr, u8)> {
+        let info = self.info()?;
+        let packet = self.ip_packet()?;
+        let inner = match (info.src_ip, info.protocol) {
+            (IpAddr::V4(_), IPPROTO_IPIP) => {
+                packet.get(usize::from(packet.first()? & 0x0f) * 4..)?
+            }
+            (IpAddr::V6(_), IPPROTO_IPV6) => packet.get(40..)?,
+            _ => return None,
+        };
+        match inner.first()? >> 4 {
+            4 => {
+                let h = inner.get(..20)?;
+                let src: [u8; 4] = h[12..16].try_into().ok()?;
+                let dst: [u8; 4] = h[16..20].try_into().ok()?;
+                Some((Ipv4Addr::from(src).into(), Ipv4Addr::from(dst).into(), h[9]))
+            }
+            6 => {
+                let h = inner.get(..40)?;
+                let src: [u8; 16] = h[8..24].try_into().ok()?;
+                let dst: [u8; 16] = h[24..40].try_into().ok()?;
+                Some((Ipv6Addr::from(src).into(), Ipv6Addr::from(dst).into(), h[6]))
+            }
+            _ => None,
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 use std::{
     collections::{HashMap, HashSet},
     io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     ops::Range,
     sync::{
         Mutex, PoisonError,
@@ -634,4 +634,93 @@ fn ping_here(target: Ipv4Addr, seq: u16, payload: &[u8], timeout: Duration) -> R
             payload: icmp[8..].to_vec(),
         });
     }
+}
+
+/// An ICMPv6 echo reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EchoReply6 {
+    /// Source address of the reply.
+    pub from: Ipv6Addr,
+    /// The echoed payload.
+    pub payload: Vec<u8>,
+}
+
+/// Sends one ICMPv6 echo request from `ns` (from its address `src`) to `target` and waits
+/// up to `timeout` for the matching reply (same identifier and sequence number, from
+/// `target`, with a correct checksum over the pseudo-header `target` → `src`).
+///
+/// Uses a raw ICMPv6 socket bound to `src`; the kernel computes the request's checksum.
+pub fn ping6(
+    ns: &Netns,
+    src: Ipv6Addr,
+    target: Ipv6Addr,
+    seq: u16,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<EchoReply6> {
+    ns.enter(|| ping6_here(src, target, seq, payload, timeout))?
+}
+
+fn ping6_here(
+    src: Ipv6Addr,
+    target: Ipv6Addr,
+    seq: u16,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<EchoReply6> {
+    let fd = sock::icmpv6_raw_socket().context("opening a raw ICMPv6 socket")?;
+    sock::bind(&fd, SocketAddr::new(IpAddr::V6(src), 0))
+        .with_context(|| format!("binding the ICMPv6 socket to {src}"))?;
+    let id = (std::process::id() as u16) ^ seq.rotate_left(8) ^ 0x6c33;
+    // Type 128 (echo request), code 0, checksum left to the kernel.
+    let mut request = vec![128u8, 0, 0, 0];
+    request.extend_from_slice(&id.to_be_bytes());
+    request.extend_from_slice(&seq.to_be_bytes());
+    request.extend_from_slice(payload);
+    sock::send_to(&fd, &request, SocketAddr::new(IpAddr::V6(target), 0))
+        .with_context(|| format!("sending an ICMPv6 echo request to {target}"))?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("no ICMPv6 echo reply from {target} within {timeout:?}");
+        }
+        let Some((n, from)) = sock::recv_from_within(&fd, &mut buf, left)? else {
+            continue;
+        };
+        // A raw ICMPv6 socket delivers the ICMPv6 message only.
+        let icmp = &buf[..n];
+        if from != IpAddr::V6(target)
+            || icmp.len() < 8
+            || icmp[0] != 129
+            || icmp[4..6] != id.to_be_bytes()
+            || icmp[6..8] != seq.to_be_bytes()
+        {
+            continue;
+        }
+        if icmpv6_checksum(target, src, icmp) != 0 {
+            bail!("echo reply from {target} with a bad ICMPv6 checksum: {icmp:02x?}");
+        }
+        return Ok(EchoReply6 {
+            from: target,
+            payload: icmp[8..].to_vec(),
+        });
+    }
+}
+
+/// The ICMPv6 checksum of `message` from `src` to `dst` (RFC 4443 §2.3): 0 over a message
+/// that already holds a correct one.
+pub fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, message: &[u8]) -> u16 {
+    let mut data = Vec::with_capacity(40 + message.len());
+    data.extend_from_slice(&src.octets());
+    data.extend_from_slice(&dst.octets());
+    data.extend_from_slice(
+        &u32::try_from(message.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    data.extend_from_slice(&[0, 0, 0, crate::capture::IPPROTO_ICMPV6]);
+    data.extend_from_slice(message);
+    sock::inet_checksum(&data)
 }

@@ -40,6 +40,15 @@ pub const FAR_ROUTER_IPV4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 254);
 pub const FAR_CLIENT_IPV4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
 /// The far site's subnet, routed via [`ROUTER_IPV4`] from every node on the fabric.
 pub const FAR_SUBNET: &str = "10.78.0.0/24";
+/// The router's IPv6 address on the fabric (its `eth0`, like every node's: the host part
+/// 254 read as hex).
+pub const ROUTER_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x254);
+/// The router's IPv6 address on the far link.
+pub const FAR_ROUTER_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, 0x254);
+/// The far client's IPv6 address.
+pub const FAR_CLIENT_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, 1);
+/// The far site's IPv6 subnet, routed via [`ROUTER_IPV6`] from every node on the fabric.
+pub const FAR_SUBNET_V6: &str = "fd78::/64";
 
 /// What to build: how many balancer and backend namespaces.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -128,6 +137,7 @@ impl Node {
 /// ```text
 ///   fabric (br0) ── eth0 router far0 ──── eth0 far client
 ///                   10.77.0.254  10.78.0.254   10.78.0.1
+///                   fd77::254    fd78::254     fd78::1
 ///                                MTU = link_mtu  MTU 1500
 /// ```
 #[derive(Debug)]
@@ -140,6 +150,8 @@ pub struct FarSite {
     pub client_ns: Netns,
     /// The far client's address.
     pub client_ipv4: Ipv4Addr,
+    /// The far client's IPv6 address ([`FAR_CLIENT_IPV6`]).
+    pub client_ipv6: Ipv6Addr,
     /// MTU of the router's `far0`: the bottleneck of the path toward the far client.
     pub link_mtu: u32,
 }
@@ -349,17 +361,62 @@ impl Lab {
         Ok(())
     }
 
+    /// Adds `addr` to the client's `eth0` as a further /64 address, *deprecated*
+    /// (`preferred_lft 0`, no DAD), with static neighbour entries for it on the other
+    /// non-balancer nodes.
+    ///
+    /// Deprecated so that, like a secondary IPv4 address, it is never picked as the source
+    /// of an unbound socket: only sockets bound to it send from it (binding a deprecated
+    /// address is allowed). It must be in fd77::/64 and used by no node: any address with
+    /// a hex letter in its last group (fd77::c9, fd77::ca, …) is free.
+    pub fn client_add_ipv6(&self, addr: Ipv6Addr) -> Result<()> {
+        let [a, b, c, d, ..] = addr.segments();
+        if [a, b, c, d] != [0xfd77, 0, 0, 0] || addr.segments()[4..] == [0, 0, 0, 0] {
+            bail!("{addr} is not a host address in the lab subnet fd77::/64");
+        }
+        if addr == ROUTER_IPV6 || self.nodes().any(|n| n.ipv6 == addr) {
+            bail!("{addr} already belongs to a node of the lab");
+        }
+        let cidr = format!("{addr}/64");
+        self.client.ns.ip([
+            "-6",
+            "addr",
+            "add",
+            cidr.as_str(),
+            "dev",
+            "eth0",
+            "nodad",
+            "preferred_lft",
+            "0",
+        ])?;
+        let line = format!(
+            "neigh replace {addr} lladdr {} dev eth0 nud permanent",
+            self.client.mac
+        );
+        for node in self
+            .fabric_nodes()
+            .filter(|n| n.name != self.client.name && !n.name.starts_with("balancer"))
+        {
+            node.ns.ip_batch(std::slice::from_ref(&line))?;
+        }
+        Ok(())
+    }
+
     /// Builds a far site: a `router` namespace on the fabric and a far client behind it on
-    /// a link whose router end has MTU `link_mtu` (picture at [`FarSite`]).
+    /// a link whose router end has MTU `link_mtu` (picture at [`FarSite`]), in IPv4 and
+    /// IPv6 alike.
     ///
     /// The far client's own end keeps MTU 1500, so it advertises a 1460-byte MSS: the
     /// bottleneck sits inside the path, where only "fragmentation needed" from the router
     /// can tell a sender about it. (The client can then send no packet larger than
     /// `link_mtu` itself: a veth drops what exceeds its peer's MTU.)
     ///
-    /// Every node on the fabric routes [`FAR_SUBNET`] via the router; the router has static
-    /// neighbour entries for every node and they for it (balancers excepted, as in
-    /// [`Lab::new`]). Route VIPs from the router with [`Lab::far_route_vip`].
+    /// Every node on the fabric routes [`FAR_SUBNET`] via the router ([`FAR_SUBNET_V6`] via
+    /// [`ROUTER_IPV6`]); the router has static neighbour entries for every node and they
+    /// for it (balancers excepted, as in [`Lab::new`]). Route VIPs from the router with
+    /// [`Lab::far_route_vip`]. The router forwards both families and, being a router,
+    /// answers what does not fit `far0` with ICMP "fragmentation needed" / ICMPv6 "packet
+    /// too big".
     pub fn add_far_site(&mut self, link_mtu: u32) -> Result<()> {
         if self.far.is_some() {
             bail!("lab {} already has a far site", self.prefix);
@@ -377,6 +434,7 @@ impl Lab {
             router,
             client_ns,
             client_ipv4: FAR_CLIENT_IPV4,
+            client_ipv6: FAR_CLIENT_IPV6,
             link_mtu,
         });
         let far = self.far.as_ref().context("far site just added")?;
@@ -386,6 +444,7 @@ impl Lab {
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
             ("net.ipv4.conf.eth0.rp_filter", "0"),
+            ("net.ipv6.conf.all.forwarding", "1"),
         ])?;
         router.ns.ip([
             "link",
@@ -407,28 +466,58 @@ impl Lab {
         router
             .ns
             .ip(["addr", "add", router_cidr.as_str(), "dev", "far0"])?;
+        let router_cidr6 = format!("{FAR_ROUTER_IPV6}/64");
+        router.ns.ip([
+            "-6",
+            "addr",
+            "add",
+            router_cidr6.as_str(),
+            "dev",
+            "far0",
+            "nodad",
+        ])?;
         router.ns.ip(["link", "set", "far0", "up"])?;
         router
             .ns
             .run(["ethtool", "-K", "far0", "gro", "on", "tx", "off"])?;
         let client = &far.client_ns;
+        let client_cidr6 = format!("{FAR_CLIENT_IPV6}/64");
+        let gateway6 = FAR_ROUTER_IPV6.to_string();
         client.ip(["addr", "add", client_cidr.as_str(), "dev", "eth0"])?;
+        client.ip([
+            "-6",
+            "addr",
+            "add",
+            client_cidr6.as_str(),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         client.ip(["link", "set", "eth0", "up"])?;
         client.run(["ethtool", "-K", "eth0", "gro", "on", "tx", "off"])?;
         client.ip(["route", "add", "default", "via", gateway.as_str()])?;
+        client.ip(["-6", "route", "add", "default", "via", gateway6.as_str()])?;
         let client_mac = client.mac("eth0")?;
         let router_far_mac = router.ns.mac("far0")?;
-        client.ip_batch(&[format!(
-            "neigh replace {FAR_ROUTER_IPV4} lladdr {router_far_mac} dev eth0 nud permanent"
-        )])?;
-        let mut router_neigh = vec![format!(
-            "neigh replace {FAR_CLIENT_IPV4} lladdr {client_mac} dev far0 nud permanent"
-        )];
+        client.ip_batch(&[
+            format!(
+                "neigh replace {FAR_ROUTER_IPV4} lladdr {router_far_mac} dev eth0 nud permanent"
+            ),
+            format!(
+                "neigh replace {FAR_ROUTER_IPV6} lladdr {router_far_mac} dev eth0 nud permanent"
+            ),
+        ])?;
+        let mut router_neigh = vec![
+            format!("neigh replace {FAR_CLIENT_IPV4} lladdr {client_mac} dev far0 nud permanent"),
+            format!("neigh replace {FAR_CLIENT_IPV6} lladdr {client_mac} dev far0 nud permanent"),
+        ];
         for node in self.nodes() {
-            router_neigh.push(format!(
-                "neigh replace {} lladdr {} dev eth0 nud permanent",
-                node.ipv4, node.mac
-            ));
+            for ip in [IpAddr::V4(node.ipv4), IpAddr::V6(node.ipv6)] {
+                router_neigh.push(format!(
+                    "neigh replace {ip} lladdr {} dev eth0 nud permanent",
+                    node.mac
+                ));
+            }
             node.ns.ip([
                 "route",
                 "replace",
@@ -438,11 +527,27 @@ impl Lab {
                 "dev",
                 "eth0",
             ])?;
+            node.ns.ip([
+                "-6",
+                "route",
+                "replace",
+                FAR_SUBNET_V6,
+                "via",
+                &ROUTER_IPV6.to_string(),
+                "dev",
+                "eth0",
+            ])?;
             if !node.name.starts_with("balancer") {
-                node.ns.ip_batch(&[format!(
-                    "neigh replace {ROUTER_IPV4} lladdr {} dev eth0 nud permanent",
-                    router.mac
-                )])?;
+                node.ns.ip_batch(&[
+                    format!(
+                        "neigh replace {ROUTER_IPV4} lladdr {} dev eth0 nud permanent",
+                        router.mac
+                    ),
+                    format!(
+                        "neigh replace {ROUTER_IPV6} lladdr {} dev eth0 nud permanent",
+                        router.mac
+                    ),
+                ])?;
             }
         }
         router.ns.ip_batch(&router_neigh)?;

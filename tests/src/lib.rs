@@ -8,10 +8,12 @@
 //!   fd77::1         │   fd77::2 …                 │   fd77::11 …
 //!                   └── router ── far client        (optional, Lab::add_far_site)
 //!                       10.77.0.254   10.78.0.1
+//!                       fd77::254     fd78::1
 //! ```
 //!
 //! The client can hold further addresses for source-dependent tests
-//! ([`Lab::client_add_ipv4`], 10.77.0.200 ..= 10.77.0.249).
+//! ([`Lab::client_add_ipv4`], 10.77.0.200 ..= 10.77.0.249; [`Lab::client_add_ipv6`],
+//! fd77::c9 and other addresses no node uses).
 //!
 //! A test builds a [`Lab`], starts agents with [`Lab::spawn_in`] (binary from
 //! [`l3lb_bin`]), servers with [`TcpServer`] / [`UdpServer`] inside backend namespaces,
@@ -32,7 +34,7 @@ pub mod servers;
 mod sock;
 
 pub use capture::{Capture, Frame, FrameInfo};
-pub use client::{Bulk, EchoReply, Reply, TcpPersistent, Transfer};
+pub use client::{Bulk, EchoReply, EchoReply6, Reply, TcpPersistent, Transfer};
 pub use lab::{FarSite, LAB_ROOT, Lab, LabSpec, Mac, Node};
 pub use netns::{Netns, host, run};
 pub use prefix::Prefix;

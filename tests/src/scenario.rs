@@ -4,10 +4,12 @@
 //!
 //! [`Scenario::start`] builds the plain scenario; [`Scenario::start_spec`] takes a
 //! [`ScenarioSpec`] with per-service extras (`source_ranges`, `affinity`), a bulk-transfer
-//! service on [`BULK_PORT`], and a far site behind a router ([`Lab::add_far_site`]).
+//! service on [`BULK_PORT`], a far site behind a router ([`Lab::add_far_site`]), and the
+//! address family ([`ScenarioSpec::ipv6`]: VIP [`VIP6`], backends `fd77::11`…, decap allow
+//! list and client route in IPv6; IPv4 and [`VIP`] are the default).
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::Command,
     time::Duration,
@@ -18,8 +20,10 @@ use l3lb::{config::Affinity, status::Status};
 
 use crate::{BulkServer, ChildGuard, Lab, LabSpec, TcpServer, UdpServer, l3lb_bin};
 
-/// The VIP every scenario serves (outside the lab subnet, routed via the balancer).
+/// The VIP every IPv4 scenario serves (outside the lab subnet, routed via the balancer).
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 10);
+/// The VIP of an IPv6 scenario ([`ScenarioSpec::ipv6`]), routed via the balancer likewise.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0x100, 0, 0, 0, 0, 0, 0x10);
 /// TCP port of the `web` service.
 pub const TCP_PORT: u16 = 80;
 /// UDP port of the `dns` service.
@@ -44,6 +48,35 @@ impl Mode {
         match self {
             Mode::Ipip => "ipip",
             Mode::L2 => "l2",
+        }
+    }
+}
+
+/// Address family of a scenario's services: VIP, backend addresses, decap allow list and
+/// the client's route.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Family {
+    /// [`VIP`], backends 10.77.0.11…, balancer 10.77.0.2 (the default).
+    #[default]
+    V4,
+    /// [`VIP6`], backends fd77::11…, balancer fd77::2.
+    V6,
+}
+
+impl Family {
+    /// The scenario VIP of this family.
+    pub fn vip(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(VIP),
+            Family::V6 => IpAddr::V6(VIP6),
+        }
+    }
+
+    /// Prefix length of a single host of this family (32 or 128).
+    pub fn host_prefix_len(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
         }
     }
 }
@@ -95,6 +128,8 @@ pub struct ScenarioSpec {
     /// A far site ([`Lab::add_far_site`]) with this link MTU, its router routing the VIP
     /// via the balancer.
     pub far_site: Option<u32>,
+    /// Address family of every service (IPv4 unless [`ScenarioSpec::ipv6`]).
+    pub family: Family,
 }
 
 impl ScenarioSpec {
@@ -107,7 +142,21 @@ impl ScenarioSpec {
             dns: ServiceOptions::default(),
             bulk: false,
             far_site: None,
+            family: Family::V4,
         }
+    }
+
+    /// Makes every service IPv6: VIP [`VIP6`], backends at their `fd77::…` addresses,
+    /// the decap agents allowing the balancer's fd77::2/128, the client's route via
+    /// fd77::2 (and a far site's router's likewise).
+    pub fn ipv6(mut self) -> ScenarioSpec {
+        self.family = Family::V6;
+        self
+    }
+
+    /// The VIP every service of this scenario uses.
+    pub fn vip(&self) -> IpAddr {
+        self.family.vip()
     }
 
     /// Sets `source_ranges` of `web` and `dns`.
@@ -184,7 +233,7 @@ impl Scenario {
         if let Some(link_mtu) = spec.far_site {
             lab.add_far_site(link_mtu)?;
         }
-        let vip = IpAddr::V4(VIP);
+        let vip = spec.vip();
         let mut tcp = Vec::new();
         let mut udp = Vec::new();
         let mut bulk = Vec::new();
@@ -212,11 +261,12 @@ impl Scenario {
         let bin = l3lb_bin()?;
         let mut decap_agents = Vec::new();
         if mode == Mode::Ipip {
-            let balancer_ip = lab.balancers[0].ipv4;
+            let balancer_ip = lab.balancers[0].ip_like(vip);
+            let len = spec.family.host_prefix_len();
             for i in 0..backends {
                 let node = lab.backend(i)?;
                 let cfg = format!(
-                    "interface: eth0\nxdp_mode: native\npin_path: {}\ndecap:\n  allow: [{balancer_ip}/32]\n",
+                    "interface: eth0\nxdp_mode: native\npin_path: {}\ndecap:\n  allow: [{balancer_ip}/{len}]\n",
                     lab.pin_path(&node.name).display()
                 );
                 let path = lab.write_file(&format!("{}.yaml", node.name), &cfg)?;
@@ -286,6 +336,11 @@ impl Scenario {
     /// What the scenario was built from.
     pub fn spec(&self) -> &ScenarioSpec {
         &self.spec
+    }
+
+    /// The VIP of every service ([`VIP`], or [`VIP6`] for an IPv6 scenario).
+    pub fn vip(&self) -> IpAddr {
+        self.spec.vip()
     }
 
     /// Rewrites the balancer's config with new weights (`None` removes a backend) and
@@ -364,12 +419,13 @@ pub fn balancer_config_for(
     spec: &ScenarioSpec,
     weights: &[Option<u32>],
 ) -> Result<String> {
+    let vip = spec.vip();
     let mut backends = String::new();
     for (i, w) in weights.iter().enumerate() {
         if let Some(w) = w {
             backends.push_str(&format!(
                 "      - address: {}\n        weight: {w}\n",
-                lab.backend(i)?.ipv4
+                lab.backend(i)?.ip_like(vip)
             ));
         }
     }
@@ -377,7 +433,7 @@ pub fn balancer_config_for(
     let mode = spec.mode.as_str();
     let service = |name: &str, port: u16, protocol: &str, options: &ServiceOptions| {
         format!(
-            "  - name: {name}\n    vip: {VIP}\n    ports: [{port}]\n    protocol: {protocol}\n    \
+            "  - name: {name}\n    vip: {vip}\n    ports: [{port}]\n    protocol: {protocol}\n    \
              forwarding: {mode}\n{}    backends:\n{backends}",
             options.yaml()
         )

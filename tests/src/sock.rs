@@ -213,6 +213,21 @@ pub(crate) fn icmp_raw_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// A raw ICMPv6 socket (needs CAP_NET_RAW); receives the ICMPv6 message without the IPv6
+/// header, and the kernel fills in the checksum of what it sends (RFC 3542 §3.1).
+pub(crate) fn icmpv6_raw_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let raw = check(unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMPV6,
+        )
+    })?;
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 /// The Internet checksum (RFC 1071) of `data`, ready to be stored big-endian; over data
 /// that already holds a correct checksum it is 0.
 pub(crate) fn inet_checksum(data: &[u8]) -> u16 {
@@ -224,6 +239,13 @@ pub(crate) fn inet_checksum(data: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// `bind(2)` of `fd` to `local`.
+pub(crate) fn bind(fd: &OwnedFd, local: SocketAddr) -> io::Result<()> {
+    let (addr, len) = sockaddr(local);
+    // SAFETY: `addr` is a valid sockaddr of length `len`.
+    check(unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) }).map(drop)
 }
 
 /// `sendto(2)` of one datagram to `to`.

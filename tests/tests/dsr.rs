@@ -409,6 +409,9 @@ fn balancer_resolves_neighbours_again_after_they_are_flushed() {
     s.lab.balancers[0]
         .run(["ip", "neigh", "flush", "dev", "eth0"])
         .expect("flush");
+    // The data plane reuses a next hop for up to half a second; wait that out so the
+    // flush is what the next packets meet.
+    std::thread::sleep(Duration::from_millis(700));
     for port in 44000..44010 {
         client::tcp_request(
             &s.lab.client.ns,
