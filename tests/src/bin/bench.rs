@@ -123,6 +123,7 @@ fn run() -> Result<()> {
     let per_packet = per_packet(&settings, ifindex)?;
     let throughput = throughput(&settings.throughput)?;
     let control = control_plane(&settings)?;
+    let scaling = scaling(&settings, ifindex)?;
     drop(stats);
 
     let report = json!({
@@ -131,7 +132,7 @@ fn run() -> Result<()> {
         "per_packet": per_packet,
         "throughput": throughput,
         "control_plane": control,
-        "not_measured_yet": ["scaling series"],
+        "scaling": scaling,
         "seconds": started.elapsed().as_secs_f64(),
     });
     print_table(&report);
@@ -1395,5 +1396,275 @@ fn print_table(r: &Value) {
         mib,
         verdict(mib <= 256.0)
     );
-    println!("\nNOT MEASURED YET: scaling series");
+    let sc = &r["scaling"];
+    for (key, what) in [
+        ("conntrack", "CONNECTION-TABLE ENTRIES"),
+        ("services", "SERVICES"),
+    ] {
+        let series = &sc[key];
+        println!(
+            "\nSCALING: ESTABLISHED TCP NS/PACKET BY {what}  (plot: {})",
+            series["svg"].as_str().unwrap_or("?")
+        );
+        for p in series["points"].as_array().into_iter().flatten() {
+            println!(
+                "  {:>9}: {:>7.1} ns  ({:.2} x floor)",
+                p["n"],
+                p["median_ns"].as_f64().unwrap_or(f64::NAN),
+                p["ratio_to_floor"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        let growth = series["growth"].as_f64().unwrap_or(f64::NAN);
+        let target = series["target_growth"].as_f64().unwrap_or(0.0);
+        println!(
+            "  growth smallest -> largest: {growth:.2}x  (target <= {target}x) {}",
+            verdict(growth <= target)
+        );
+    }
+}
+
+// ---- scaling ----
+
+/// Established-path cost as the connection table and the service count grow, each
+/// point as a ratio to the floor measured right beside it.
+fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
+    let mut floor_obj = aya::Ebpf::load(l3lb::dataplane::OBJECT).context("loading the floor")?;
+    let floor: &mut Xdp = floor_obj
+        .program_mut(lb_common::FLOOR_PROGRAM_NAME)
+        .context("floor program")?
+        .try_into()?;
+    floor.load().context("verifying the floor")?;
+    let floor: &Xdp = floor;
+    let est = eth(
+        0x0800,
+        &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, ACK)),
+    );
+    let syn = eth(
+        0x0800,
+        &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, SYN)),
+    );
+    let calls = s.calls / 2;
+    let measure = |prog: &Xdp| -> Result<(f64, f64)> {
+        let mut ratios = Vec::new();
+        let mut ns = Vec::new();
+        for _ in 0..s.rounds {
+            let f = mean_ns(floor, ifindex, &est, calls)?;
+            let p = mean_ns(prog, ifindex, &est, calls)?;
+            ns.push(p);
+            ratios.push(p / f);
+        }
+        Ok((median(ns), median(ratios)))
+    };
+
+    // Connection-table entries: the realistic configuration, filled by SYNs.
+    let sizes: &[usize] = if s.quick {
+        &[1_000, 10_000, 100_000]
+    } else {
+        &[1_000, 100_000, 1_000_000]
+    };
+    let mut ct_points = Vec::new();
+    for &n in sizes {
+        let dp = load(false, n)?;
+        let prog = dp.program()?;
+        for i in 0..n {
+            let svc = (i % (SERVICES / 2)) * 2;
+            let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i as u32);
+            let f = eth(
+                0x0800,
+                &ipv4(
+                    client,
+                    vip(svc),
+                    PROTO_TCP,
+                    &tcp(1024 + (i % 50000) as u16, 80, SYN),
+                ),
+            );
+            run_xdp(prog, ifindex, &f)?;
+        }
+        if run_xdp(prog, ifindex, &syn)?.verdict != 3 {
+            bail!("scaling: the measured flow is not forwarded");
+        }
+        let (ns, ratio) = measure(prog)?;
+        ct_points.push(json!({ "n": n, "median_ns": ns, "ratio_to_floor": ratio }));
+    }
+
+    // Services: n services of 4 backends each (Maglev tables of 1021 entries).
+    let counts: &[usize] = if s.quick {
+        &[10, 100, 1_000]
+    } else {
+        &[10, 1_000, 10_000]
+    };
+    let addrs = backend_addrs();
+    let mut svc_points = Vec::new();
+    for &n in counts {
+        let opts = LoadOptions {
+            ring_size: 1021,
+            max_services: n as u32,
+            max_backends: (n * 4) as u32,
+            conntrack_size: 4096,
+            encap_src_v4: NODE,
+            encap_src_v6: NODE6,
+            decap: false,
+        };
+        let mut dp = Dataplane::load(&opts)?;
+        let desired = Desired {
+            services: (0..n)
+                .map(|i| DesiredService {
+                    name: format!("s{i}"),
+                    vips: vec![(IpAddr::V4(vip(i)), 80, PROTO_TCP)],
+                    mode: ServiceMode {
+                        l2: false,
+                        affinity_client_ip: false,
+                    },
+                    backends: (0..4)
+                        .map(|b| DesiredBackend {
+                            address: IpAddr::V4(addrs[(i * 4 + b) % addrs.len()]),
+                            weight: 1,
+                            local: false,
+                        })
+                        .collect(),
+                    source_ranges: vec![],
+                })
+                .collect(),
+            local_v4: vec![NODE],
+            ..Desired::default()
+        };
+        dp.apply(&desired)?;
+        let prog = dp.program()?;
+        if run_xdp(prog, ifindex, &syn)?.verdict != 3 {
+            bail!("scaling: the measured flow is not forwarded");
+        }
+        let (ns, ratio) = measure(prog)?;
+        svc_points.push(json!({ "n": n, "median_ns": ns, "ratio_to_floor": ratio }));
+    }
+
+    let growth = |pts: &[Value]| -> f64 {
+        let first = pts
+            .first()
+            .and_then(|p| p["ratio_to_floor"].as_f64())
+            .unwrap_or(f64::NAN);
+        let last = pts
+            .last()
+            .and_then(|p| p["ratio_to_floor"].as_f64())
+            .unwrap_or(f64::NAN);
+        last / first
+    };
+    let dir = s.json.parent().map(PathBuf::from).unwrap_or_default();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ct_svg = dir.join("scaling_conntrack.svg");
+    let svc_svg = dir.join("scaling_services.svg");
+    std::fs::write(
+        &ct_svg,
+        svg_plot(
+            "Established TCP: ns/packet by connection-table entries",
+            "entries",
+            &ct_points,
+        ),
+    )
+    .with_context(|| format!("writing {}", ct_svg.display()))?;
+    std::fs::write(
+        &svc_svg,
+        svg_plot(
+            "Established TCP: ns/packet by number of services",
+            "services",
+            &svc_points,
+        ),
+    )
+    .with_context(|| format!("writing {}", svc_svg.display()))?;
+    Ok(json!({
+        "conntrack": { "points": ct_points, "growth": growth(&ct_points), "target_growth": 1.5, "svg": ct_svg },
+        "services": { "points": svc_points, "growth": growth(&svc_points), "target_growth": 1.2, "svg": svc_svg },
+    }))
+}
+
+/// A small line plot (log-scale x) of `median_ns` over `n`, as standalone SVG.
+fn svg_plot(title: &str, x_label: &str, points: &[Value]) -> String {
+    let (w, h, left, right, top, bottom) = (640.0, 360.0, 70.0, 50.0, 40.0, 50.0);
+    let xs: Vec<f64> = points
+        .iter()
+        .map(|p| p["n"].as_f64().unwrap_or(1.0).max(1.0).log10())
+        .collect();
+    let ys: Vec<f64> = points
+        .iter()
+        .map(|p| p["median_ns"].as_f64().unwrap_or(0.0))
+        .collect();
+    let (x0, x1) = (
+        xs.iter().cloned().fold(f64::INFINITY, f64::min),
+        xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+    );
+    let y1 = ys.iter().cloned().fold(0.0, f64::max) * 1.2 + 1.0;
+    let px = |x: f64| left + (x - x0) / (x1 - x0).max(1e-9) * (w - left - right);
+    let py = |y: f64| h - bottom - y / y1 * (h - top - bottom);
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = write!(
+        out,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{}" y="22" text-anchor="middle" font-size="14">{title}</text>"#,
+        w / 2.0
+    );
+    let _ = write!(
+        out,
+        r#"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>"#,
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
+    );
+    for i in 0..=4 {
+        let y = y1 * i as f64 / 4.0;
+        let _ = write!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="end">{:.0}</text><line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="lightgray"/>"#,
+            left - 6.0,
+            py(y) + 4.0,
+            y,
+            py(y),
+            w - right,
+            py(y)
+        );
+    }
+    let _ = write!(
+        out,
+        r#"<text x="18" y="{}" transform="rotate(-90 18 {})" text-anchor="middle">ns/packet</text>"#,
+        h / 2.0,
+        h / 2.0
+    );
+    let _ = write!(
+        out,
+        r#"<text x="{}" y="{}" text-anchor="middle">{x_label} (log scale)</text>"#,
+        w / 2.0,
+        h - 12.0
+    );
+    let path: Vec<String> = xs
+        .iter()
+        .zip(&ys)
+        .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
+        .collect();
+    let _ = write!(
+        out,
+        r#"<polyline fill="none" stroke="steelblue" stroke-width="2" points="{}"/>"#,
+        path.join(" ")
+    );
+    for ((x, y), p) in xs.iter().zip(&ys).zip(points) {
+        let _ = write!(
+            out,
+            r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="steelblue"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{:.0} ns</text>"#,
+            px(*x),
+            py(*y),
+            px(*x),
+            py(*y) - 10.0,
+            y
+        );
+        let _ = write!(
+            out,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            px(*x),
+            h - bottom + 16.0,
+            p["n"]
+        );
+    }
+    out.push_str("</svg>\n");
+    out
 }
