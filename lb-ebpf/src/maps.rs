@@ -16,8 +16,13 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(1, 0);
 
 /// (ring slot × RING_SIZE + hash % RING_SIZE) → backend id; written by the agent, one slot
 /// at a time while no VIP points at it, then switched to (size: load time).
+///
+/// Memory-mappable, so the agent writes a whole table with a copy instead of one system
+/// call per entry.
 #[map(name = "L3LB_RINGS")]
-pub static RINGS: Array<u32> = Array::with_max_entries(1, 0);
+pub static RINGS: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE;
 
 /// Backend id → `Backend`; written by the agent (size: load time).
 #[map(name = "L3LB_BACKENDS")]

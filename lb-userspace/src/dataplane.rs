@@ -195,7 +195,9 @@ struct ServiceState {
     active_slot: u32,
     vips: Vec<VipKey>,
     info: VipInfo,
-    table: Vec<u32>,
+    /// Hash of the table last written (tables are large: 10 000 services × 65 537
+    /// entries would be gigabytes to keep).
+    table_hash: Option<u64>,
     source_ranges: Vec<ipnet::IpNet>,
 }
 
@@ -233,9 +235,97 @@ impl IdPool {
     }
 }
 
+/// Writes Maglev tables into the ring array through a memory mapping (the map is created
+/// with `BPF_F_MMAPABLE`): plain stores instead of a system call per entry. Only the pages
+/// of the table being written are mapped, and only while it is written, so the agent's
+/// resident memory does not grow with the rings.
+struct RingsMmap {
+    fd: std::os::fd::OwnedFd,
+    entries: usize,
+    page: usize,
+}
+
+impl RingsMmap {
+    fn new(map: &Map, entries: usize) -> Result<Self, DataplaneError> {
+        use std::os::fd::AsFd as _;
+        let Map::Array(data) = map else {
+            return Err(DataplaneError::Missing("the ring array".into()));
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| DataplaneError::Map {
+                what: "duplicating the ring array's descriptor".into(),
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: e,
+                }),
+            })?;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        Ok(Self { fd, entries, page })
+    }
+
+    /// Writes `values` at entries `start..`.
+    fn write(&mut self, start: usize, values: &[u32]) -> Result<(), DataplaneError> {
+        use std::os::fd::AsRawFd as _;
+        let end = (start + values.len()).min(self.entries);
+        if end <= start {
+            return Ok(());
+        }
+        let first = start * RING_STRIDE / self.page * self.page;
+        let len = (end * RING_STRIDE).div_ceil(self.page) * self.page - first;
+        // SAFETY: a shared read-write mapping of part of the map; the kernel checks the
+        // range against the map's size and the flags against how it was created.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.fd.as_raw_fd(),
+                first as libc::off_t,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(DataplaneError::Map {
+                what: "mapping the Maglev rings into memory".into(),
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "mmap",
+                    io_error: std::io::Error::last_os_error(),
+                }),
+            });
+        }
+        for (i, v) in values[..end - start].iter().enumerate() {
+            let off = (start + i) * RING_STRIDE - first;
+            // SAFETY: off + 4 ≤ len by construction; volatile because the data plane
+            // reads the same memory concurrently.
+            unsafe { std::ptr::write_volatile(base.cast::<u8>().add(off).cast::<u32>(), *v) };
+        }
+        // The VIP switch that follows must not be seen before the table.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: unmapping exactly what was mapped above.
+        unsafe { libc::munmap(base, len) };
+        Ok(())
+    }
+}
+
+/// A fixed-key hash of a Maglev table, to notice when it changed.
+fn table_hash(table: &[u32]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    table.hash(&mut h);
+    h.finish()
+}
+
+/// Array maps store each element in 8 bytes, whatever the value size.
+const RING_STRIDE: usize = 8;
+
 /// The loaded program and its maps, plus what the agent last wrote into them.
 pub struct Dataplane {
     ebpf: Ebpf,
+    rings: RingsMmap,
     opts: LoadOptions,
     link: Option<XdpLinkId>,
     services: BTreeMap<String, ServiceState>,
@@ -336,8 +426,14 @@ impl Dataplane {
                 }
             }
         }
+        let rings = RingsMmap::new(
+            ebpf.map(map_names::RINGS)
+                .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::RINGS)))?,
+            ring_entries as usize,
+        )?;
         Ok(Self {
             ebpf,
+            rings,
             opts: opts.clone(),
             link: None,
             services: BTreeMap::new(),
@@ -526,7 +622,7 @@ impl Dataplane {
                         active_slot: id * 2 + 1,
                         vips: Vec::new(),
                         info: VipInfo::default(),
-                        table: Vec::new(),
+                        table_hash: None,
                         source_ranges: Vec::new(),
                     };
                     (state, true)
@@ -622,21 +718,17 @@ impl Dataplane {
                 .collect();
 
             let mut changed = is_new;
-            if state.table != table {
+            let hash = table_hash(&table);
+            if state.table_hash != Some(hash) {
                 let slot = if state.active_slot == state.id * 2 {
                     state.id * 2 + 1
                 } else {
                     state.id * 2
                 };
-                let mut rings = self.array::<u32>(map_names::RINGS)?;
-                let base = slot * ring_size;
-                for (i, &b) in table.iter().enumerate() {
-                    rings
-                        .set(base + i as u32, b, 0)
-                        .map_err(map_err(format!("maglev table of {}", svc.name)))?;
-                }
+                self.rings
+                    .write(slot as usize * ring_size as usize, &table)?;
                 state.active_slot = slot;
-                state.table = table;
+                state.table_hash = Some(hash);
                 sum.tables_written += 1;
                 changed = true;
             }

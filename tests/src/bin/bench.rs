@@ -14,7 +14,10 @@
 //! Control plane: Maglev build times, applying many services, the agent's memory, and
 //! how many flows Maglev moves when a backend leaves or joins.
 //!
-//! Numbers never fail the run: the table says PASS or MISS against each target.
+//! Numbers never fail the run: the table says PASS or MISS against each target. The
+//! targets are the ones issue 4 sets (a widely used C XDP balancer, measured the same way
+//! on this machine kind, came out at established 3.0 x floor, new flow 5.9 x, UDP 3.4 x,
+//! non-VIP pass-through 1.8 x; the targets are well past it).
 
 use std::{
     fmt::Write as _,
@@ -458,19 +461,19 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
                 &ipv4(CLIENT, vip(2), PROTO_TCP, &tcp(40001, 80, SYN)),
             ),
             expect: XDP_TX,
-            target_ratio: 6.0,
+            target_ratio: 4.0,
         },
         Path {
             name: "tcp_established",
             frame: est,
             expect: XDP_TX,
-            target_ratio: 4.0,
+            target_ratio: 2.0,
         },
         Path {
             name: "udp",
             frame: eth(0x0800, &ipv4(CLIENT, vip(1), PROTO_UDP, &udp(5353, 53))),
             expect: XDP_TX,
-            target_ratio: 4.0,
+            target_ratio: 2.2,
         },
         Path {
             name: "ipv6_tcp_established",
@@ -479,13 +482,13 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
                 &ipv6(CLIENT6, vip6(), PROTO_TCP, &tcp(40000, 80, ACK)),
             ),
             expect: XDP_TX,
-            target_ratio: 5.0,
+            target_ratio: 2.3,
         },
         Path {
             name: "decap",
             frame: decap_frame,
             expect: XDP_PASS,
-            target_ratio: 3.0,
+            target_ratio: 1.6,
         },
     ];
     for p in &paths {
@@ -1108,7 +1111,7 @@ fn control_plane(s: &Settings) -> Result<Value> {
                 maglev::build(&backends, size)?;
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
-            builds.push(json!({ "table_size": size, "backends": n, "ms": median(times), "target_ms": 100.0 }));
+            builds.push(json!({ "table_size": size, "backends": n, "ms": median(times), "target_ms": if size == 65537 && n == 1000 { 20.0 } else { 100.0 } }));
         }
     }
 
@@ -1138,11 +1141,9 @@ fn control_plane(s: &Settings) -> Result<Value> {
     }
 
     let mut applies = Vec::new();
-    for n in if s.quick {
-        vec![1000usize]
-    } else {
-        vec![1000usize, 10000]
-    } {
+    // Writing tables through the mmap'ed ring array made 10 000 services quick enough
+    // for the quick run too.
+    for n in [1000usize, 10_000] {
         let opts = LoadOptions {
             ring_size: 1021,
             max_services: n as u32,
@@ -1183,7 +1184,7 @@ fn control_plane(s: &Settings) -> Result<Value> {
         applies.push(json!({ "services": n, "backends_per_service": 4, "table_size": 1021, "seconds": t.elapsed().as_secs_f64() }));
     }
 
-    let rss = agent_rss(if s.quick { 1000 } else { 10000 })?;
+    let rss = agent_rss(10_000)?;
     Ok(json!({ "maglev_build": builds, "maglev_moves": moves, "apply": applies, "agent_rss": rss }))
 }
 
@@ -1248,7 +1249,7 @@ fn agent_rss(services: usize) -> Result<Value> {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(json!({ "services": services, "rss_mib": rss as f64 / 1024.0, "target_mib": 256.0 }))
+    Ok(json!({ "services": services, "rss_mib": rss as f64 / 1024.0, "target_mib": 64.0 }))
 }
 
 // ---- output ----
@@ -1382,19 +1383,19 @@ fn print_table(r: &Value) {
     for a in cp["apply"].as_array().into_iter().flatten() {
         let secs = a["seconds"].as_f64().unwrap_or(f64::NAN);
         println!(
-            "  {:>6} services: {:.2} s  (target ≤ 10 s) {}",
+            "  {:>6} services: {:.2} s  (target for 10 000: ≤ 2 s) {}",
             a["services"],
             secs,
-            verdict(secs <= 10.0)
+            verdict(secs <= 2.0)
         );
     }
     let rss = &cp["agent_rss"];
     let mib = rss["rss_mib"].as_f64().unwrap_or(f64::NAN);
     println!(
-        "\nAGENT MEMORY\n  {} services: {:.1} MiB resident  (target ≤ 256 MiB) {}",
+        "\nAGENT MEMORY\n  {} services: {:.1} MiB resident  (target with 10 000: ≤ 64 MiB) {}",
         rss["services"],
         mib,
-        verdict(mib <= 256.0)
+        verdict(mib <= 64.0)
     );
     let sc = &r["scaling"];
     for (key, what) in [
@@ -1571,8 +1572,8 @@ fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
     )
     .with_context(|| format!("writing {}", svc_svg.display()))?;
     Ok(json!({
-        "conntrack": { "points": ct_points, "growth": growth(&ct_points), "target_growth": 1.5, "svg": ct_svg },
-        "services": { "points": svc_points, "growth": growth(&svc_points), "target_growth": 1.2, "svg": svc_svg },
+        "conntrack": { "points": ct_points, "growth": growth(&ct_points), "target_growth": 1.3, "svg": ct_svg },
+        "services": { "points": svc_points, "growth": growth(&svc_points), "target_growth": 1.3, "svg": svc_svg },
     }))
 }
 
