@@ -37,6 +37,12 @@ pub const SERVICE_F_SOURCE_RANGES: u32 = 4;
 /// lookup that misses on the port must also try port 0.
 pub const SETTINGS_F_ALL_PORTS: u32 = 1;
 
+/// Index of the settings array holding `SETTINGS_F_*` bits.
+pub const SETTINGS_FLAGS: u32 = 0;
+/// Index of the settings array holding the next-hop epoch: the agent advances it every
+/// half second, and next hops learnt in an older epoch are looked up again.
+pub const SETTINGS_NEXTHOP_EPOCH: u32 = 1;
+
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
 
@@ -54,7 +60,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "L3LB_SVC_STATS";
     /// Backend id → `BackendStats`, per CPU.
     pub const BACKEND_STATS: &str = "L3LB_BE_STATS";
-    /// Index 0 → `SETTINGS_F_*` bits the agent keeps current.
+    /// `SETTINGS_FLAGS` → `SETTINGS_F_*` bits, `SETTINGS_NEXTHOP_EPOCH` → epoch; kept
+    /// current by the agent.
     pub const SETTINGS: &str = "L3LB_SETTINGS";
     /// Backend id → the next hop last learnt from the FIB, per CPU (a short-lived cache).
     pub const NEXTHOPS: &str = "L3LB_NEXTHOPS";
@@ -255,6 +262,14 @@ macro_rules! counted_enum {
         impl $name {
             /// Every variant, in index order.
             pub const ALL: &'static [$name] = &[$($name::$v,)*];
+            /// The variant whose index is `i`, if any (a range check, not a search).
+            #[inline(always)]
+            pub const fn from_index(i: u32) -> Option<Self> {
+                match i {
+                    $($n => Some($name::$v),)*
+                    _ => None,
+                }
+            }
             /// Stable snake_case name, used as the metrics label.
             pub const fn label(self) -> &'static str {
                 match self { $($name::$v => $label,)* }

@@ -259,12 +259,15 @@ impl SavedL2 {
     }
 }
 
-/// How long a next hop learnt from the FIB is reused: route and neighbour changes reach
-/// established flows within this time.
-const NEXTHOP_TTL_NS: u64 = 500_000_000;
+/// Packets one learnt next hop may serve before the FIB is asked again, so a cache that
+/// the agent stopped refreshing (its epoch no longer advancing) still follows changes.
+const NEXTHOP_MAX_USES: u32 = 1 << 16;
 
 /// The next hop toward backend `id` (address `addr`) for a packet of `len` bytes: from the
-/// per-CPU cache while fresh and known to fit, else from `lookup` (the FIB), remembered.
+/// per-CPU cache while its epoch is current and the packet is known to fit, else from
+/// `lookup` (the FIB), remembered. The agent advances the epoch every half second, so
+/// route and neighbour changes reach established flows within that time — without a
+/// clock read per packet.
 #[inline(always)]
 fn cached_hop(
     id: u32,
@@ -272,11 +275,15 @@ fn cached_hop(
     len: u16,
     lookup: impl FnOnce() -> Result<NextHop, Blocked>,
 ) -> Result<NextHop, Blocked> {
-    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+    let epoch = crate::maps::SETTINGS
+        .get(lb_common::SETTINGS_NEXTHOP_EPOCH)
+        .copied()
+        .unwrap_or(0);
     let entry = crate::maps::NEXTHOPS.get_ptr_mut(id);
     if let Some(e) = entry {
-        let e = unsafe { &*e };
-        if e.expires_ns > now && len <= e.max_len && e.addr == *addr {
+        let e = unsafe { &mut *e };
+        if e.epoch == epoch && e.uses < NEXTHOP_MAX_USES && len <= e.max_len && e.addr == *addr {
+            e.uses += 1;
             return Ok(NextHop {
                 smac: e.smac,
                 dmac: e.dmac,
@@ -288,7 +295,7 @@ fn cached_hop(
     if let Some(e) = entry {
         let e = unsafe { &mut *e };
         let same =
-            e.expires_ns > now && e.addr == *addr && e.dmac == hop.dmac && e.ifindex == hop.ifindex;
+            e.epoch == epoch && e.addr == *addr && e.dmac == hop.dmac && e.ifindex == hop.ifindex;
         e.max_len = if same && e.max_len > len {
             e.max_len
         } else {
@@ -298,7 +305,8 @@ fn cached_hop(
         e.smac = hop.smac;
         e.dmac = hop.dmac;
         e.ifindex = hop.ifindex;
-        e.expires_ns = now + NEXTHOP_TTL_NS;
+        e.epoch = epoch;
+        e.uses = 0;
     }
     Ok(hop)
 }

@@ -161,25 +161,10 @@ fn pack(r: Result<Outcome, DropReason>) -> u64 {
 #[inline(always)]
 fn unpack(v: u64) -> Result<(u32, Action), DropReason> {
     if v >> 63 != 0 {
-        let code = (v & 0xff) as u32;
-        let mut i = 0;
-        while i < DropReason::ALL.len() {
-            if DropReason::ALL[i] as u32 == code {
-                return Err(DropReason::ALL[i]);
-            }
-            i += 1;
-        }
-        return Err(DropReason::Truncated);
+        return Err(DropReason::from_index((v & 0xff) as u32).unwrap_or(DropReason::Truncated));
     }
-    let code = ((v >> 8) & 0xff) as u32;
-    let mut i = 0;
-    while i < Action::ALL.len() {
-        if Action::ALL[i] as u32 == code {
-            return Ok(((v & 0xff) as u32, Action::ALL[i]));
-        }
-        i += 1;
-    }
-    Ok(PASS)
+    let action = Action::from_index(((v >> 8) & 0xff) as u32).unwrap_or(Action::Pass);
+    Ok(((v & 0xff) as u32, action))
 }
 
 #[inline(never)]

@@ -118,8 +118,10 @@ pub struct CachedHop {
     pub max_len: u16,
     /// Explicit padding.
     pub _pad: [u8; 2],
-    /// Coarse-clock time after which the entry must be looked up again.
-    pub expires_ns: u64,
+    /// The next-hop epoch (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`) the entry was learnt in.
+    pub epoch: u32,
+    /// Packets sent with this entry since it was learnt.
+    pub uses: u32,
 }
 
 /// Backend id → `CachedHop`, per CPU: spares forwarded packets a FIB lookup each
@@ -127,6 +129,6 @@ pub struct CachedHop {
 #[map(name = "L3LB_NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(1, 0);
 
-/// Index 0 → `SETTINGS_F_*` bits; written by the agent.
+/// Index 0 → `SETTINGS_F_*` bits, index 1 → next-hop epoch; written by the agent.
 #[map(name = "L3LB_SETTINGS")]
-pub static SETTINGS: Array<u32> = Array::with_max_entries(1, 0);
+pub static SETTINGS: Array<u32> = Array::with_max_entries(2, 0);

@@ -287,6 +287,13 @@ impl Agent {
         }
     }
 
+    /// Lets the data plane's next-hop cache follow route and neighbour changes.
+    pub fn expire_next_hops(&mut self) {
+        if let Err(e) = self.dataplane.expire_next_hops() {
+            warn!("advancing the next-hop epoch: {e}");
+        }
+    }
+
     /// Re-applies the running config against this node's current addresses (they decide
     /// local backends and decap destinations) and re-resolves every backend's neighbour
     /// (entries age out of the kernel's table).
@@ -325,6 +332,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut refresh = tokio::time::interval(Duration::from_secs(30));
     let mut watch = tokio::time::interval(Duration::from_secs(1));
+    let mut nexthops = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -337,6 +345,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = refresh.tick() => agent.resync(),
             _ = watch.tick() => agent.refresh_neighbours_if_missing(),
+            _ = nexthops.tick() => agent.expire_next_hops(),
         }
     }
     agent.shutdown()

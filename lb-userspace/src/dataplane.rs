@@ -338,6 +338,7 @@ pub struct Dataplane {
     local_v6: Vec<Ipv6Addr>,
     markers: BTreeMap<VipKey, VipInfo>,
     all_ports: Option<bool>,
+    nexthop_epoch: u32,
 }
 
 fn icmp_proto(family: u8) -> u8 {
@@ -446,6 +447,7 @@ impl Dataplane {
             local_v6: Vec::new(),
             markers: BTreeMap::new(),
             all_ports: None,
+            nexthop_epoch: 0,
         })
     }
 
@@ -866,7 +868,7 @@ impl Dataplane {
                 0
             };
             self.array::<u32>(map_names::SETTINGS)?
-                .set(0, flags, 0)
+                .set(lb_common::SETTINGS_FLAGS, flags, 0)
                 .map_err(map_err("settings"))?;
             self.all_ports = Some(all_ports);
         }
@@ -1024,6 +1026,16 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+
+    /// Makes the data plane look every backend's next hop up again (advances the
+    /// next-hop epoch); the agent calls it every half second.
+    pub fn expire_next_hops(&mut self) -> Result<(), DataplaneError> {
+        self.nexthop_epoch = self.nexthop_epoch.wrapping_add(1);
+        let epoch = self.nexthop_epoch;
+        self.array::<u32>(map_names::SETTINGS)?
+            .set(lb_common::SETTINGS_NEXTHOP_EPOCH, epoch, 0)
+            .map_err(map_err("next-hop epoch"))
     }
 
     /// Packets dropped for `reason` so far, summed over CPUs.
