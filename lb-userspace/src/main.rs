@@ -30,6 +30,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Benchmark tools.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Show VIPs, backends and counters from the pinned maps of a running agent.
     Status {
         /// The agent's pin_path.
@@ -38,6 +41,53 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Send UDP frames to a VIP from this host with the kernel's live-frame generator
+    /// (the NIC's driver must support XDP transmit); prints the achieved rate.
+    Generate {
+        /// Interface to send on.
+        #[arg(long, short)]
+        interface: String,
+        /// Destination MAC (the balancer's interface, or the next router's).
+        #[arg(long)]
+        dst_mac: String,
+        /// Source MAC (default: the interface's).
+        #[arg(long)]
+        src_mac: Option<String>,
+        /// The VIP.
+        #[arg(long)]
+        vip: std::net::Ipv4Addr,
+        /// Destination port.
+        #[arg(long, default_value_t = 53)]
+        port: u16,
+        /// Protocol (the generator sends UDP).
+        #[arg(long, default_value = "udp", value_parser = ["udp"])]
+        protocol: String,
+        /// First source address; flows count up from it.
+        #[arg(long, default_value = "198.18.0.1")]
+        src: std::net::Ipv4Addr,
+        /// First source port; flows count up from it.
+        #[arg(long, default_value_t = 1024)]
+        src_port: u16,
+        /// Distinct flows (a power of two).
+        #[arg(long, default_value_t = 65536)]
+        flows: u32,
+        /// Frame size in bytes, Ethernet header included (60 to 1514).
+        #[arg(long, default_value_t = 60)]
+        size: usize,
+        /// Frames to send (default: until --duration).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Seconds to send for.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Frames per second to aim at (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<u64>,
     },
 }
 
@@ -92,6 +142,49 @@ fn run(command: Command) -> anyhow::Result<()> {
                 config.display(),
                 cfg.services.len(),
                 cfg.services.iter().map(|s| s.backends.len()).sum::<usize>()
+            );
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Generate {
+            interface,
+            dst_mac,
+            src_mac,
+            vip,
+            port,
+            protocol: _,
+            src,
+            src_port,
+            flows,
+            size,
+            count,
+            duration,
+            rate,
+        }) => {
+            let opts = l3lb::generate::GenerateOptions {
+                interface,
+                dst_mac: l3lb::generate::parse_mac(&dst_mac)?,
+                src_mac: src_mac
+                    .as_deref()
+                    .map(l3lb::generate::parse_mac)
+                    .transpose()?,
+                src,
+                vip,
+                port,
+                src_port,
+                flows,
+                size,
+                count,
+                duration: std::time::Duration::from_secs_f64(duration.max(0.0)),
+                rate,
+            };
+            let r = l3lb::generate::generate(&opts)?;
+            println!(
+                "sent {} frames of {} bytes in {:.2} s: {:.0} pps ({} flows)",
+                r.frames,
+                opts.size,
+                r.seconds,
+                r.pps(),
+                opts.flows
             );
             Ok(())
         }

@@ -393,9 +393,14 @@ impl Scenario {
 
 /// Runs `l3lb status --json` against a node's pins and parses it.
 pub fn status_of(lab: &Lab, node: &str) -> Result<Status> {
+    status_of_pins(&lab.pin_path(node))
+}
+
+/// Runs `l3lb status --json` against the agent whose `pin_path` is `pin_path`.
+pub fn status_of_pins(pin_path: &std::path::Path) -> Result<Status> {
     let out = Command::new(l3lb_bin()?)
         .args(["status", "--json", "--pin-path"])
-        .arg(lab.pin_path(node))
+        .arg(pin_path)
         .output()
         .context("running l3lb status")?;
     if !out.status.success() {
