@@ -938,17 +938,18 @@ impl Dataplane {
         old: &[(K, u8)],
         new: &[(K, u8)],
     ) -> Result<(), DataplaneError> {
-        let mut trie: LpmTrie<&mut MapData, K, u32> =
-            LpmTrie::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        for (k, len) in new.iter().filter(|e| !old.contains(e)) {
-            trie.insert(&Key::new(u32::from(*len), *k), 1, 0)
-                .map_err(map_err(format!("{name}: adding {k:?}/{len}")))?;
-        }
-        for (k, len) in old.iter().filter(|e| !new.contains(e)) {
-            trie.remove(&Key::new(u32::from(*len), *k))
-                .map_err(map_err(format!("{name}: removing {k:?}/{len}")))?;
-        }
-        Ok(())
+        let added: Vec<(K, u32)> = new
+            .iter()
+            .filter(|e| !old.contains(e))
+            .map(|(k, l)| (*k, u32::from(*l)))
+            .collect();
+        let gone: Vec<(K, u32)> = old
+            .iter()
+            .filter(|e| !new.contains(e))
+            .map(|(k, l)| (*k, u32::from(*l)))
+            .collect();
+        self.edit_trie(name, &added, true)?;
+        self.edit_trie(name, &gone, false)
     }
 
     /// Makes the hash map `name` hold exactly the keys `new` (value 1), given it holds `old`.
@@ -978,52 +979,52 @@ impl Dataplane {
         ranges: &[ipnet::IpNet],
         insert: bool,
     ) -> Result<(), DataplaneError> {
-        let (v4, v6): (Vec<_>, Vec<_>) = ranges
-            .iter()
-            .partition(|r| matches!(r, ipnet::IpNet::V4(_)));
-        if !v4.is_empty() {
-            let mut trie: LpmTrie<&mut MapData, SrcRangeV4, u32> =
-                LpmTrie::try_from(self.map_mut(map_names::SRC_V4)?)
-                    .map_err(map_err("source ranges"))?;
-            for r in v4 {
-                if let ipnet::IpNet::V4(n) = r {
-                    let key = Key::new(
-                        32 + u32::from(n.prefix_len()),
-                        SrcRangeV4 {
-                            service: id.to_be_bytes(),
-                            addr: n.network().octets(),
-                        },
-                    );
-                    let res = if insert {
-                        trie.insert(&key, 1, 0)
-                    } else {
-                        trie.remove(&key)
-                    };
-                    res.map_err(map_err(format!("source range {r}")))?;
-                }
+        let service = id.to_be_bytes();
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        // The service id is matched whole (32 bits) before the prefix's own bits.
+        for r in ranges {
+            match r {
+                ipnet::IpNet::V4(n) => v4.push((
+                    SrcRangeV4 {
+                        service,
+                        addr: n.network().octets(),
+                    },
+                    32 + u32::from(n.prefix_len()),
+                )),
+                ipnet::IpNet::V6(n) => v6.push((
+                    SrcRangeV6 {
+                        service,
+                        addr: n.network().octets(),
+                    },
+                    32 + u32::from(n.prefix_len()),
+                )),
             }
         }
-        if !v6.is_empty() {
-            let mut trie: LpmTrie<&mut MapData, SrcRangeV6, u32> =
-                LpmTrie::try_from(self.map_mut(map_names::SRC_V6)?)
-                    .map_err(map_err("source ranges"))?;
-            for r in v6 {
-                if let ipnet::IpNet::V6(n) = r {
-                    let key = Key::new(
-                        32 + u32::from(n.prefix_len()),
-                        SrcRangeV6 {
-                            service: id.to_be_bytes(),
-                            addr: n.network().octets(),
-                        },
-                    );
-                    let res = if insert {
-                        trie.insert(&key, 1, 0)
-                    } else {
-                        trie.remove(&key)
-                    };
-                    res.map_err(map_err(format!("source range {r}")))?;
-                }
-            }
+        self.edit_trie(map_names::SRC_V4, &v4, insert)?;
+        self.edit_trie(map_names::SRC_V6, &v6, insert)
+    }
+
+    /// Adds (`insert`) or removes `(data, prefix length)` entries of the LPM trie `name`.
+    fn edit_trie<K: aya::Pod + std::fmt::Debug>(
+        &mut self,
+        name: &'static str,
+        entries: &[(K, u32)],
+        insert: bool,
+    ) -> Result<(), DataplaneError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut trie: LpmTrie<&mut MapData, K, u32> =
+            LpmTrie::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (k, len) in entries {
+            let key = Key::new(*len, *k);
+            let res = if insert {
+                trie.insert(&key, 1, 0)
+            } else {
+                trie.remove(&key)
+            };
+            res.map_err(map_err(format!("{name}: {k:?}/{len}")))?;
         }
         Ok(())
     }

@@ -1144,41 +1144,8 @@ fn control_plane(s: &Settings) -> Result<Value> {
     // Writing tables through the mmap'ed ring array made 10 000 services quick enough
     // for the quick run too.
     for n in [1000usize, 10_000] {
-        let opts = LoadOptions {
-            ring_size: 1021,
-            max_services: n as u32,
-            max_backends: (n * 4) as u32,
-            conntrack_size: 1024,
-            encap_src_v4: NODE,
-            encap_src_v6: NODE6,
-            decap: false,
-        };
-        let mut dp = Dataplane::load(&opts)?;
-        let desired = Desired {
-            services: (0..n)
-                .map(|i| DesiredService {
-                    name: format!("s{i}"),
-                    vips: vec![(
-                        IpAddr::V4(Ipv4Addr::from(0x0a64_0000 + i as u32)),
-                        80,
-                        PROTO_TCP,
-                    )],
-                    mode: ServiceMode {
-                        l2: false,
-                        affinity_client_ip: false,
-                    },
-                    backends: (0..4)
-                        .map(|b| DesiredBackend {
-                            address: IpAddr::V4(Ipv4Addr::from(0x0a01_0000 + (i * 4 + b) as u32)),
-                            weight: 1,
-                            local: false,
-                        })
-                        .collect(),
-                    source_ranges: vec![],
-                })
-                .collect(),
-            ..Desired::default()
-        };
+        let mut dp = Dataplane::load(&small_table_options(n, 1024))?;
+        let desired = small_services(n, |i, b| Ipv4Addr::from(0x0a01_0000 + (i * 4 + b) as u32));
         let t = Instant::now();
         dp.apply(&desired)?;
         applies.push(json!({ "services": n, "backends_per_service": 4, "table_size": 1021, "seconds": t.elapsed().as_secs_f64() }));
@@ -1426,6 +1393,45 @@ fn print_table(r: &Value) {
 
 // ---- scaling ----
 
+/// Load options for `n` services of four backends with 1021-entry Maglev tables.
+fn small_table_options(n: usize, conntrack_size: u32) -> LoadOptions {
+    LoadOptions {
+        ring_size: 1021,
+        max_services: n as u32,
+        max_backends: (n * 4) as u32,
+        conntrack_size,
+        encap_src_v4: NODE,
+        encap_src_v6: NODE6,
+        decap: false,
+    }
+}
+
+/// `n` TCP services on port 80 of VIPs `vip(i)`, each with four backends `backend(i, b)`.
+fn small_services(n: usize, backend: impl Fn(usize, usize) -> Ipv4Addr) -> Desired {
+    Desired {
+        services: (0..n)
+            .map(|i| DesiredService {
+                name: format!("s{i}"),
+                vips: vec![(IpAddr::V4(vip(i)), 80, PROTO_TCP)],
+                mode: ServiceMode {
+                    l2: false,
+                    affinity_client_ip: false,
+                },
+                backends: (0..4)
+                    .map(|b| DesiredBackend {
+                        address: IpAddr::V4(backend(i, b)),
+                        weight: 1,
+                        local: false,
+                    })
+                    .collect(),
+                source_ranges: vec![],
+            })
+            .collect(),
+        local_v4: vec![NODE],
+        ..Desired::default()
+    }
+}
+
 /// Established-path cost as the connection table and the service count grow, each
 /// point as a ratio to the floor measured right beside it.
 fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
@@ -1497,38 +1503,8 @@ fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
     let addrs = backend_addrs();
     let mut svc_points = Vec::new();
     for &n in counts {
-        let opts = LoadOptions {
-            ring_size: 1021,
-            max_services: n as u32,
-            max_backends: (n * 4) as u32,
-            conntrack_size: 4096,
-            encap_src_v4: NODE,
-            encap_src_v6: NODE6,
-            decap: false,
-        };
-        let mut dp = Dataplane::load(&opts)?;
-        let desired = Desired {
-            services: (0..n)
-                .map(|i| DesiredService {
-                    name: format!("s{i}"),
-                    vips: vec![(IpAddr::V4(vip(i)), 80, PROTO_TCP)],
-                    mode: ServiceMode {
-                        l2: false,
-                        affinity_client_ip: false,
-                    },
-                    backends: (0..4)
-                        .map(|b| DesiredBackend {
-                            address: IpAddr::V4(addrs[(i * 4 + b) % addrs.len()]),
-                            weight: 1,
-                            local: false,
-                        })
-                        .collect(),
-                    source_ranges: vec![],
-                })
-                .collect(),
-            local_v4: vec![NODE],
-            ..Desired::default()
-        };
+        let mut dp = Dataplane::load(&small_table_options(n, 4096))?;
+        let desired = small_services(n, |i, b| addrs[(i * 4 + b) % addrs.len()]);
         dp.apply(&desired)?;
         let prog = dp.program()?;
         if run_xdp(prog, ifindex, &syn)?.verdict != 3 {
