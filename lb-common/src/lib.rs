@@ -67,6 +67,8 @@ pub mod map_names {
     pub const NEXTHOPS: &str = "L3LB_NEXTHOPS";
     /// `DropReason` → packet count, per CPU.
     pub const DROPS: &str = "L3LB_DROPS";
+    /// `Event` → count, per CPU.
+    pub const EVENTS: &str = "L3LB_EVENTS";
     /// `Action` → packet count, per CPU.
     pub const ACTIONS: &str = "L3LB_ACTIONS";
     /// IPv4 prefix → 1: sources whose IPIP packets are decapsulated.
@@ -336,6 +338,16 @@ counted_enum! {
         TooBig = 6 => "too_big",
     }
     count ACTION_COUNT
+}
+
+counted_enum! {
+    /// Things worth counting that are not outcomes (a packet may count here and as an
+    /// action): index of the event counter and metrics label.
+    Event {
+        /// A fragment of a datagram to a VIP, balanced on addresses and protocol.
+        Fragment = 0 => "fragment",
+    }
+    count EVENT_COUNT
 }
 
 /// Flow hash used for Maglev selection; identical in kernel and agent.

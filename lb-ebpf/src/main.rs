@@ -421,6 +421,9 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         pkt.tot_len as u64,
         choice.new_flow && !pkt.fragment,
     );
+    if pkt.fragment {
+        stats::event(lb_common::Event::Fragment);
+    }
     stats::backend(choice.id, pkt.tot_len as u64);
 
     match forward(ctx, l2, pkt, &vip, &choice, false) {

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    ACTION_COUNT, Backend, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6, FlowKey, FlowState,
-    FragKey, ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey,
+    ACTION_COUNT, Backend, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6, EVENT_COUNT, FlowKey,
+    FlowState, FragKey, ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey,
 };
 
 /// `VipKey` → `VipInfo`; written by the agent (size: load time).
@@ -43,6 +43,10 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entr
 /// `DropReason` → packets, per CPU; written by this program.
 #[map(name = "L3LB_DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASON_COUNT, 0);
+
+/// `Event` → count, per CPU; written by this program.
+#[map(name = "L3LB_EVENTS")]
+pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_COUNT, 0);
 
 /// `Action` → packets, per CPU; written by this program.
 #[map(name = "L3LB_ACTIONS")]

@@ -1,8 +1,8 @@
 //! Per-CPU counters. Each is a plain add on this CPU's copy: no atomics, no contention.
 
-use lb_common::{Action, DropReason};
+use lb_common::{Action, DropReason, Event};
 
-use crate::maps::{ACTIONS, BACKEND_STATS, DROPS, SERVICE_STATS};
+use crate::maps::{ACTIONS, BACKEND_STATS, DROPS, EVENTS, SERVICE_STATS};
 
 /// Counts a dropped packet under its reason.
 #[inline(always)]
@@ -16,6 +16,14 @@ pub fn drop(reason: DropReason) {
 #[inline(always)]
 pub fn action(action: Action) {
     if let Some(c) = ACTIONS.get_ptr_mut(action as u32) {
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts an event.
+#[inline(always)]
+pub fn event(event: Event) {
+    if let Some(c) = EVENTS.get_ptr_mut(event as u32) {
         unsafe { *c += 1 };
     }
 }

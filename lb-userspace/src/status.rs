@@ -70,6 +70,8 @@ pub struct Status {
     pub drops: std::collections::BTreeMap<String, u64>,
     /// Outcomes by action.
     pub actions: std::collections::BTreeMap<String, u64>,
+    /// Events (counted besides the outcome), by name.
+    pub events: std::collections::BTreeMap<String, u64>,
     /// Entries in the connection table.
     pub flows: u64,
 }
@@ -162,6 +164,7 @@ pub fn read(pin_dir: &Path) -> anyhow::Result<Status> {
 
     let drops = per_cpu_sum(pin_dir, map_names::DROPS, lb_common::DROP_REASON_COUNT)?;
     let actions = per_cpu_sum(pin_dir, map_names::ACTIONS, lb_common::ACTION_COUNT)?;
+    let events = per_cpu_sum(pin_dir, map_names::EVENTS, lb_common::EVENT_COUNT)?;
     let flows_map: HashMap<MapData, FlowKey, FlowState> =
         open(pin_dir, map_names::FLOWS)?.try_into()?;
     let flows = flows_map.keys().count() as u64;
@@ -176,6 +179,10 @@ pub fn read(pin_dir: &Path) -> anyhow::Result<Status> {
         actions: Action::ALL
             .iter()
             .map(|a| (a.label().to_string(), actions[*a as usize]))
+            .collect(),
+        events: lb_common::Event::ALL
+            .iter()
+            .map(|e| (e.label().to_string(), events[*e as usize]))
             .collect(),
         flows,
     })
@@ -229,6 +236,10 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(out, "CONNECTION TABLE\n  {} entries", s.flows);
     let _ = writeln!(out, "ACTIONS");
     for (k, v) in &s.actions {
+        let _ = writeln!(out, "  {k:<20} {v}");
+    }
+    let _ = writeln!(out, "EVENTS");
+    for (k, v) in &s.events {
         let _ = writeln!(out, "  {k:<20} {v}");
     }
     let _ = writeln!(out, "DROPS");

@@ -177,6 +177,16 @@ impl Fixture {
         map.get(&(reason as u32), 0).expect("get").iter().sum()
     }
 
+    fn fragments_counted(&self) -> u64 {
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.dp.map(map_names::EVENTS).expect("events map"))
+                .expect("typed");
+        map.get(&(lb_common::Event::Fragment as u32), 0)
+            .expect("get")
+            .iter()
+            .sum()
+    }
+
     fn expect_drop(&self, frame: &[u8], reason: DropReason, what: &str) {
         let before = self.drops(reason);
         let (verdict, _) = self.run(frame);
@@ -1013,6 +1023,7 @@ fn fragments_of_a_datagram_reach_one_backend() {
         ip[10..12].copy_from_slice(&c);
         eth(NODE_MAC, CLIENT_MAC, &[], 0x0800, &ip)
     };
+    let counted_before = f.fragments_counted();
     for (id, src) in [(7u16, CLIENT), (8, Ipv4Addr::new(203, 0, 113, 99))] {
         let parts = [
             frag(id, 0, true, &payload[..24], src),
@@ -1029,6 +1040,11 @@ fn fragments_of_a_datagram_reach_one_backend() {
             );
         }
     }
+    assert_eq!(
+        f.fragments_counted() - counted_before,
+        6,
+        "every forwarded fragment counted"
+    );
     // A later fragment whose first was never seen, for a VIP address with port-specific
     // services only: which service it belongs to is unknowable.
     let orphan = frag(99, 3, false, &payload[24..], CLIENT);
