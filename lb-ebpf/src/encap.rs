@@ -128,12 +128,7 @@ pub fn l2_forward_v6(
     let hop = cached_hop(id, backend, tot_len, || {
         next_hop_v6(ctx, src, backend, tot_len)
     })?;
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
-    }
-    Ok(transmit(ctx, &hop))
+    Ok(readdress(ctx, &hop)?)
 }
 
 /// Bytes IPv6-in-IPv6 encapsulation adds (the outer IPv6 header).
@@ -319,6 +314,18 @@ fn v4_key(addr: [u8; 4]) -> [u8; 16] {
     k
 }
 
+/// Points the frame's Ethernet addresses at `hop` (VLAN tags and payload untouched) and
+/// sends it out: the whole of `l2` forwarding.
+#[inline(always)]
+fn readdress(ctx: &XdpContext, hop: &NextHop) -> Result<u32, DropReason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    unsafe {
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
+    }
+    Ok(transmit(ctx, hop))
+}
+
 /// Sends the frame out: `XDP_TX` back through the ingress interface, else a redirect.
 #[inline(always)]
 fn transmit(ctx: &XdpContext, hop: &NextHop) -> u32 {
@@ -341,12 +348,7 @@ pub fn l2_forward(
     let hop = cached_hop(id, &v4_key(backend), tot_len, || {
         next_hop(ctx, ip_src, backend, tot_len)
     })?;
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
-    }
-    Ok(transmit(ctx, &hop))
+    Ok(readdress(ctx, &hop)?)
 }
 
 /// The next IPv4 identification for an outer header without DF: a per-CPU counter with

@@ -389,22 +389,10 @@ struct Path {
     target_ratio: f64,
 }
 
-fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
-    const XDP_PASS: u32 = 2;
-    const XDP_TX: u32 = 3;
-    let dp = load(false, s.flows)?;
-    let decap = load(true, 16)?;
-    let mut floor_obj = aya::Ebpf::load(l3lb::dataplane::OBJECT).context("loading the floor")?;
-    let floor: &mut Xdp = floor_obj
-        .program_mut(lb_common::FLOOR_PROGRAM_NAME)
-        .context("floor program")?
-        .try_into()?;
-    floor.load().context("verifying the floor")?;
-    let floor: &Xdp = floor;
-    let prog = dp.program()?;
-
-    // Fill the connection table: SYNs from many clients spread over the services.
-    for i in 0..s.flows {
+/// Fills the connection table with `n` flows: SYNs from many clients spread over the
+/// TCP services of the realistic configuration.
+fn fill_connection_table(prog: &Xdp, ifindex: u32, n: usize) -> Result<()> {
+    for i in 0..n {
         let svc = (i % (SERVICES / 2)) * 2;
         let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i as u32);
         let f = eth(
@@ -418,6 +406,33 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         );
         run_xdp(prog, ifindex, &f)?;
     }
+    Ok(())
+}
+
+/// The object with its floor program (MAC swap + `XDP_TX`) loaded.
+fn load_floor() -> Result<aya::Ebpf> {
+    let mut obj = aya::Ebpf::load(l3lb::dataplane::OBJECT).context("loading the floor")?;
+    let floor: &mut Xdp = obj
+        .program_mut(lb_common::FLOOR_PROGRAM_NAME)
+        .context("floor program")?
+        .try_into()?;
+    floor.load().context("verifying the floor")?;
+    Ok(obj)
+}
+
+fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
+    const XDP_PASS: u32 = 2;
+    const XDP_TX: u32 = 3;
+    let dp = load(false, s.flows)?;
+    let decap = load(true, 16)?;
+    let floor_obj = load_floor()?;
+    let floor: &Xdp = floor_obj
+        .program(lb_common::FLOOR_PROGRAM_NAME)
+        .context("floor program")?
+        .try_into()?;
+    let prog = dp.program()?;
+
+    fill_connection_table(prog, ifindex, s.flows)?;
     let v6_syn = eth(
         0x86dd,
         &ipv6(CLIENT6, vip6(), PROTO_TCP, &tcp(40000, 80, SYN)),
@@ -1435,13 +1450,11 @@ fn small_services(n: usize, backend: impl Fn(usize, usize) -> Ipv4Addr) -> Desir
 /// Established-path cost as the connection table and the service count grow, each
 /// point as a ratio to the floor measured right beside it.
 fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
-    let mut floor_obj = aya::Ebpf::load(l3lb::dataplane::OBJECT).context("loading the floor")?;
-    let floor: &mut Xdp = floor_obj
-        .program_mut(lb_common::FLOOR_PROGRAM_NAME)
+    let floor_obj = load_floor()?;
+    let floor: &Xdp = floor_obj
+        .program(lb_common::FLOOR_PROGRAM_NAME)
         .context("floor program")?
         .try_into()?;
-    floor.load().context("verifying the floor")?;
-    let floor: &Xdp = floor;
     let est = eth(
         0x0800,
         &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, ACK)),
@@ -1473,20 +1486,7 @@ fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
     for &n in sizes {
         let dp = load(false, n)?;
         let prog = dp.program()?;
-        for i in 0..n {
-            let svc = (i % (SERVICES / 2)) * 2;
-            let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i as u32);
-            let f = eth(
-                0x0800,
-                &ipv4(
-                    client,
-                    vip(svc),
-                    PROTO_TCP,
-                    &tcp(1024 + (i % 50000) as u16, 80, SYN),
-                ),
-            );
-            run_xdp(prog, ifindex, &f)?;
-        }
+        fill_connection_table(prog, ifindex, n)?;
         if run_xdp(prog, ifindex, &syn)?.verdict != 3 {
             bail!("scaling: the measured flow is not forwarded");
         }
