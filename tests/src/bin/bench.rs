@@ -78,13 +78,16 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let mut quick = false;
+    let mut per_packet_only = false;
     let mut json = PathBuf::from("target/bench/bench.json");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            // For working on the data plane: just the per-packet table, in seconds.
+            "--per-packet-only" => per_packet_only = true,
             "--json" => json = PathBuf::from(args.next().context("--json needs a path")?),
-            other => bail!("unknown argument {other}; usage: bench [--quick] [--json PATH]"),
+            other => bail!("unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--json PATH]"),
         }
     }
     let settings = Settings {
@@ -124,6 +127,10 @@ fn run() -> Result<()> {
 
     let started = Instant::now();
     let per_packet = per_packet(&settings, ifindex)?;
+    if per_packet_only {
+        print_per_packet(&json!({ "per_packet": per_packet }));
+        return Ok(());
+    }
     let throughput = throughput(&settings.throughput)?;
     let control = control_plane(&settings)?;
     let scaling = scaling(&settings, ifindex)?;
@@ -1241,14 +1248,19 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 fn print_table(r: &Value) {
-    let pp = &r["per_packet"];
-    let floor = pp["floor_ns"]["median"].as_f64().unwrap_or(0.0);
     println!(
         "l3lb bench ({}), {} on {}",
         r["mode"].as_str().unwrap_or(""),
         r["machine"]["cpu"].as_str().unwrap_or("?"),
         r["machine"]["kernel"].as_str().unwrap_or("?")
     );
+    print_per_packet(r);
+    print_rest(r);
+}
+
+fn print_per_packet(r: &Value) {
+    let pp = &r["per_packet"];
+    let floor = pp["floor_ns"]["median"].as_f64().unwrap_or(0.0);
     println!(
         "\nPER-PACKET COST  ({} services, {} backends, {} connection-table entries; BPF_PROG_TEST_RUN, repeat=1, {} calls x {} rounds, median)",
         pp["services"],
@@ -1289,6 +1301,9 @@ fn print_table(r: &Value) {
         "  verifier-processed instructions: {}",
         pp["verifier_instructions"]
     );
+}
+
+fn print_rest(r: &Value) {
     let tp = &r["throughput"];
     println!(
         "\nTHROUGHPUT  (live-frame generator -> veth -> balancer end -> same veth -> sink; {} flows, {}-byte UDP frames, one CPU; {} frames x {} rounds, median)",
