@@ -111,7 +111,8 @@ pub const BENCH_SINK_PROGRAM_NAME: &str = "l3lb_bench_sink";
 /// Key of the VIP map: destination address, port and protocol of a service.
 ///
 /// `port` is in network byte order; `port == 0` is the all-ports entry of an L3 VIP.
-#[repr(C)]
+// Aligned so the XDP program copies and compares it in words, not bytes.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     /// Address bytes; IPv4 uses the first four, the rest are zero.
@@ -140,7 +141,8 @@ pub struct VipInfo {
 
 /// Value of the backend map: one backend of one service (ids are per service, so removing
 /// a backend from one service leaves its entries in others untouched).
-#[repr(C)]
+// Aligned so the XDP program copies and compares it in words, not bytes.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     /// Address bytes; IPv4 uses the first four.
@@ -157,7 +159,8 @@ pub struct Backend {
 }
 
 /// Key of the connection table: a flow's 5-tuple as the client sent it.
-#[repr(C)]
+// Aligned so the XDP program copies and compares it in words, not bytes.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     /// Client address.
@@ -211,7 +214,8 @@ pub struct BackendStats {
 }
 
 /// Key of a fragmented datagram: addresses, protocol and IP identification.
-#[repr(C)]
+// Aligned so the XDP program copies and compares it in words, not bytes.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey {
     /// Client address.

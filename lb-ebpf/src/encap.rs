@@ -309,9 +309,7 @@ fn cached_hop(
 /// `addr` as the 16-byte form the cache keys on.
 #[inline(always)]
 fn v4_key(addr: [u8; 4]) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..4].copy_from_slice(&addr);
-    k
+    crate::parse::v4_in_16(addr)
 }
 
 /// Points the frame's Ethernet addresses at `hop` (VLAN tags and payload untouched) and

@@ -70,18 +70,15 @@ pub fn quoted_flow_v4(
     let ports: *const [u16; 2] =
         ptr_at(ctx, inner_off + ihl).map_err(|_| DropReason::IcmpUnmatched)?;
     let ports = unsafe { *ports };
-    let mut key = FlowKey {
-        src: [0; 16],
-        dst: [0; 16],
+    Ok(FlowKey {
+        src: crate::parse::v4_in_16([h[16], h[17], h[18], h[19]]),
+        dst: crate::parse::v4_in_16(vip),
         sport: ports[1],
         dport: ports[0],
         proto,
         family: FAMILY_V4,
         _pad: [0; 2],
-    };
-    key.src[..4].copy_from_slice(&h[16..20]);
-    key.dst[..4].copy_from_slice(&vip);
-    Ok(key)
+    })
 }
 
 /// Most bytes of the offending packet an ICMP error quotes: its header (≤ 60) + 8.

@@ -107,7 +107,7 @@ pub struct Scratch {
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// A next hop learnt from `bpf_fib_lookup` for one backend, reused for a short while.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct CachedHop {
     /// The backend address this entry was learnt for (ids are reused).

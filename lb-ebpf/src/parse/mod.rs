@@ -27,3 +27,14 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, DropReason> 
     }
     Ok((start + offset) as *mut T)
 }
+
+/// An IPv4 address in the 16-byte form map keys use (the first four bytes).
+///
+/// Built from words: writing four bytes into a zeroed byte array makes LLVM call a
+/// byte-wise `memset` subprogram on the hot path.
+#[inline(always)]
+pub fn v4_in_16(addr: [u8; 4]) -> [u8; 16] {
+    let words: [u32; 4] = [u32::from_ne_bytes(addr), 0, 0, 0];
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and every bit pattern is valid.
+    unsafe { core::mem::transmute(words) }
+}

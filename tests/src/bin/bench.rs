@@ -59,6 +59,8 @@ const TABLE_SIZE: u32 = 16381;
 
 struct Settings {
     quick: bool,
+    /// Loop just this per-packet path for a few seconds (for `perf record`).
+    profile: Option<String>,
     json: PathBuf,
     calls: usize,
     rounds: usize,
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let mut quick = false;
     let mut per_packet_only = false;
+    let mut profile = None;
     let mut json = PathBuf::from("target/bench/bench.json");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -86,12 +89,16 @@ fn run() -> Result<()> {
             "--quick" => quick = true,
             // For working on the data plane: just the per-packet table, in seconds.
             "--per-packet-only" => per_packet_only = true,
+            "--profile" => profile = Some(args.next().context("--profile needs a path name")?),
             "--json" => json = PathBuf::from(args.next().context("--json needs a path")?),
-            other => bail!("unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--json PATH]"),
+            other => bail!(
+                "unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--profile PATH_NAME] [--json PATH]"
+            ),
         }
     }
     let settings = Settings {
         quick,
+        profile,
         json,
         calls: if quick { 20_000 } else { 200_000 },
         rounds: if quick { 3 } else { 5 },
@@ -384,6 +391,35 @@ fn mean_ns(prog: &Xdp, ifindex: u32, frame: &[u8], calls: usize) -> Result<f64> 
     Ok(total as f64 / (calls - skip) as f64)
 }
 
+/// Calls per variant before switching to the next in `interleaved`: short enough that
+/// the machine's drift (other guests, frequency) hits every variant alike, long enough
+/// that the switch itself costs nothing measurable.
+const CHUNK: usize = 500;
+
+/// One round: mean ns/packet of each (program, frame) over `calls` single runs, the
+/// variants interleaved in chunks of `CHUNK` calls; each variant's first 1 % dropped.
+fn interleaved(variants: &[(&Xdp, &[u8])], ifindex: u32, calls: usize) -> Result<Vec<f64>> {
+    let skip = calls / 100;
+    let mut total = vec![0u128; variants.len()];
+    let mut done = 0;
+    while done < calls {
+        let n = CHUNK.min(calls - done);
+        for (v, (prog, frame)) in variants.iter().enumerate() {
+            for i in done..done + n {
+                let r = run_xdp(prog, ifindex, frame)?;
+                if i >= skip {
+                    total[v] += r.duration.as_nanos();
+                }
+            }
+        }
+        done += n;
+    }
+    Ok(total
+        .into_iter()
+        .map(|t| t as f64 / (calls - skip) as f64)
+        .collect())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -529,6 +565,24 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
             );
         }
     }
+    if let Some(name) = &s.profile {
+        let p = paths
+            .iter()
+            .find(|p| p.name == name.as_str())
+            .with_context(|| format!("no per-packet path named {name}"))?;
+        let which = if p.name == "decap" {
+            decap.program()?
+        } else {
+            prog
+        };
+        let until = Instant::now() + std::time::Duration::from_secs(5);
+        let mut calls = 0u64;
+        while Instant::now() < until {
+            mean_ns(which, ifindex, &p.frame, 10_000)?;
+            calls += 10_000;
+        }
+        println!("profiled {name}: {calls} calls");
+    }
     let floor_frame = eth(
         0x0800,
         &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, ACK)),
@@ -536,16 +590,22 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
 
     let mut floor_rounds = Vec::new();
     let mut path_rounds: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut variants: Vec<(&Xdp, &[u8])> = vec![(floor, &floor_frame)];
+    for p in &paths {
+        let which = if p.name == "decap" {
+            decap.program()?
+        } else {
+            prog
+        };
+        variants.push((which, &p.frame));
+    }
     for _ in 0..s.rounds {
-        // Interleave so drift on a noisy machine affects floor and paths alike.
-        floor_rounds.push(mean_ns(floor, ifindex, &floor_frame, s.calls)?);
-        for (i, p) in paths.iter().enumerate() {
-            let which = if p.name == "decap" {
-                decap.program()?
-            } else {
-                prog
-            };
-            path_rounds[i].push(mean_ns(which, ifindex, &p.frame, s.calls)?);
+        // Interleaved in short chunks so drift on a noisy machine affects floor and paths
+        // alike.
+        let means = interleaved(&variants, ifindex, s.calls)?;
+        floor_rounds.push(means[0]);
+        for (i, m) in means[1..].iter().enumerate() {
+            path_rounds[i].push(*m);
         }
     }
     let floor_ns = median(floor_rounds.clone());
@@ -1483,8 +1543,8 @@ fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
         let mut ratios = Vec::new();
         let mut ns = Vec::new();
         for _ in 0..s.rounds {
-            let f = mean_ns(floor, ifindex, &est, calls)?;
-            let p = mean_ns(prog, ifindex, &est, calls)?;
+            let means = interleaved(&[(floor, &est), (prog, &est)], ifindex, calls)?;
+            let (f, p) = (means[0], means[1]);
             ns.push(p);
             ratios.push(p / f);
         }
