@@ -15,9 +15,10 @@ use tracing::{error, info, warn};
 use crate::{
     config::{Affinity, Config, Forwarding, XdpMode},
     dataplane::{
-        ApplySummary, Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions, ServiceMode,
+        ApplySummary, Attached, Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions,
+        ServiceMode,
     },
-    sys,
+    handover, sys,
 };
 
 /// Version directory under `pin_path`: pins are an ABI, a layout change bumps it.
@@ -166,7 +167,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Loads the program, writes the config's state, pins and attaches.
+    /// Loads the program, writes the config's state, then puts the program on the
+    /// interface and pins everything.
+    ///
+    /// An earlier agent's pins are taken over (see [`crate::handover`]): its connection
+    /// table and counters are reused (or migrated when only their size changed), its ids
+    /// kept, and its pinned link switched to the new program in one step once the new
+    /// maps are complete, so forwarding never stops.
     pub fn start(config_path: &Path) -> anyhow::Result<Self> {
         let config = Config::load(config_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
@@ -174,23 +181,41 @@ impl Agent {
         let encap = encap_sources(&config)?;
         sys::ensure_bpffs(&config.pin_path)?;
         let pin_dir = pin_dir(&config.pin_path);
-        if pin_dir.exists() {
-            warn!(path = %pin_dir.display(), "removing stale pins left by an earlier run");
-            std::fs::remove_dir_all(&pin_dir)
-                .with_context(|| format!("removing {}", pin_dir.display()))?;
-        }
+        let maps_dir = pin_dir.join("maps");
 
         let opts = load_options(&config, encap);
-        let mut dataplane = Dataplane::load(&opts).context("loading the XDP program")?;
+        let plan = if maps_dir.exists() {
+            handover::plan(&maps_dir, &opts).context("taking over the earlier agent's state")?
+        } else {
+            handover::CarryPlan::default()
+        };
+        let mut dataplane =
+            Dataplane::load_carrying(&opts, &plan).context("loading the XDP program")?;
+        if plan.carries_anything() {
+            for (name, n) in dataplane
+                .migrate(&plan)
+                .context("migrating the earlier agent's state")?
+            {
+                info!(map = name, entries = n, "migrated to the new size");
+            }
+            let previous = handover::PreviousIds::read(&maps_dir)
+                .context("reading the earlier agent's ids")?;
+            let stats_carried = !matches!(
+                plan.get(lb_common::map_names::SERVICE_STATS),
+                handover::Carry::Fresh
+            );
+            dataplane.adopt(previous, stats_carried);
+            info!(
+                reused = ?plan.maps.iter().filter(|(_, c)| matches!(c, handover::Carry::Reuse(_))).map(|(n, _)| *n).collect::<Vec<_>>(),
+                "taking over the state of the earlier agent"
+            );
+        }
         let local = sys::local_address_set()?;
         let desired = desired_from_config(&config, &local);
         let summary = dataplane
             .apply(&desired)
             .context("writing the initial state")?;
         info!(%summary, "applied config");
-        dataplane
-            .pin(&pin_dir)
-            .context("pinning maps and program")?;
 
         if !config.services.is_empty() {
             if sys::enable_ipv4_forwarding(&config.interface)? {
@@ -205,23 +230,41 @@ impl Agent {
         sys::prime_neighbours(remote_backends(&desired));
 
         let mode = aya_mode(config.xdp_mode);
-        let attached = match dataplane.attach(&config.interface, mode) {
-            Ok(()) => "native",
+        let (attached, generic) = match dataplane.attach_pinned(&config.interface, mode, &pin_dir) {
+            Ok(a) => (a, config.xdp_mode == XdpMode::Generic),
             Err(e) if config.xdp_mode == XdpMode::Auto => {
                 warn!(error = %e, "native XDP unavailable; falling back to generic mode (slower)");
-                dataplane.attach(&config.interface, AyaXdpMode::Skb)?;
-                "generic"
+                let a = dataplane.attach_pinned(&config.interface, AyaXdpMode::Skb, &pin_dir)?;
+                (a, true)
             }
             Err(e) => return Err(e.into()),
         };
-        let attached = if config.xdp_mode == XdpMode::Generic {
-            "generic"
-        } else {
-            attached
+        let mode_name = match attached {
+            // The earlier agent's attachment, in whatever mode it was made.
+            Attached::Replaced => "kept",
+            Attached::New { .. } if generic => "generic",
+            Attached::New { .. } => "native",
         };
+        if attached == (Attached::New { pinned: false }) {
+            warn!(
+                "this kernel attaches XDP without bpf_link: the program cannot stay attached across agent restarts"
+            );
+        }
+        // Links on other interfaces (the config's interface changed) are no longer wanted.
+        let own = handover::link_pin(&pin_dir, &config.interface);
+        for stale in handover::link_pins(&pin_dir) {
+            if stale != own {
+                warn!(link = %stale.display(), "detaching the earlier agent's program from an interface no longer configured");
+                std::fs::remove_file(&stale)
+                    .with_context(|| format!("removing {}", stale.display()))?;
+            }
+        }
+        dataplane
+            .pin(&pin_dir)
+            .context("pinning maps and program")?;
         info!(
             interface = %config.interface,
-            mode = attached,
+            mode = mode_name,
             services = config.services.len(),
             pins = %pin_dir.display(),
             "l3lb ready"
@@ -314,13 +357,10 @@ impl Agent {
         }
     }
 
-    /// Detaches the program and removes the pins.
-    pub fn shutdown(mut self) -> anyhow::Result<()> {
-        self.dataplane.detach().context("detaching")?;
-        std::fs::remove_dir_all(&self.pin_dir)
-            .with_context(|| format!("removing {}", self.pin_dir.display()))?;
-        info!("detached and removed pins");
-        Ok(())
+    /// Exits and leaves the data plane running on its pins: the next agent (a restart or
+    /// an upgrade) takes it over without a gap; `l3lb down` removes it.
+    pub fn exit(self) {
+        info!(pins = %self.pin_dir.display(), "exiting; the data plane keeps forwarding (`l3lb down` detaches it)");
     }
 }
 
@@ -348,5 +388,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = nexthops.tick() => agent.expire_next_hops(),
         }
     }
-    agent.shutdown()
+    agent.exit();
+    Ok(())
 }

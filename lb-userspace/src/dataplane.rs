@@ -5,7 +5,7 @@
 //! the idle one, and the VIP entries are then switched to it.
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
@@ -13,7 +13,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     BACKEND_F_LOCAL, Backend, BackendStats, FAMILY_V4, FAMILY_V6, SERVICE_F_AFFINITY_CLIENT_IP,
@@ -22,7 +26,10 @@ use lb_common::{
 };
 use thiserror::Error;
 
-use crate::maglev;
+use crate::{
+    handover::{self, Carry, CarryPlan, PreviousIds},
+    maglev,
+};
 
 /// The XDP object built from lb-ebpf by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -72,6 +79,17 @@ pub enum DataplaneError {
         max: u32,
         /// The config field that sizes it.
         knob: &'static str,
+    },
+    /// Taking over an earlier agent's state failed.
+    #[error(transparent)]
+    Handover(#[from] handover::HandoverError),
+    /// A link operation (pin, replace, detach) failed.
+    #[error("{what}: {source}")]
+    Link {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
     },
     /// Maglev could not build a table.
     #[error("service {service}: {source}")]
@@ -233,6 +251,24 @@ impl IdPool {
     fn give(&mut self, id: u32) {
         self.free.push_back(id);
     }
+    /// Takes the specific id `id` if it is still available.
+    fn claim(&mut self, id: u32) -> bool {
+        if id >= self.max {
+            return false;
+        }
+        if id >= self.next {
+            self.free.extend(self.next..id);
+            self.next = id + 1;
+            return true;
+        }
+        match self.free.iter().position(|&f| f == id) {
+            Some(i) => {
+                self.free.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Writes Maglev tables into the ring array through a memory mapping (the map is created
@@ -311,6 +347,18 @@ impl RingsMmap {
     }
 }
 
+/// How [`Dataplane::attach_pinned`] put the program on the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// An earlier agent's pinned link now runs this program (no gap in forwarding).
+    Replaced,
+    /// A new attachment; `pinned` when it is a bpf_link kept across restarts.
+    New {
+        /// Whether the link could be pinned.
+        pinned: bool,
+    },
+}
+
 /// A fixed-key hash of a Maglev table, to notice when it changed.
 fn table_hash(table: &[u32]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
@@ -328,6 +376,17 @@ pub struct Dataplane {
     rings: RingsMmap,
     opts: LoadOptions,
     link: Option<XdpLinkId>,
+    /// The attachment when it is a pinned bpf_link (kept across agent restarts).
+    pinned_link: Option<PinnedLink>,
+    /// State maps the program uses straight from an earlier agent's pins.
+    reused: BTreeSet<&'static str>,
+    /// Ids an earlier agent gave, offered to the first apply (see `adopt`).
+    previous: Option<PreviousIds>,
+    /// Ids reserved for services and backends of the first apply after a takeover.
+    reserved_services: StdHashMap<String, u32>,
+    reserved_backends: StdHashMap<(String, IpAddr), u32>,
+    /// Whether the counters of reserved ids came along (then they are not reset).
+    carried_stats: bool,
     services: BTreeMap<String, ServiceState>,
     backends: StdHashMap<(String, IpAddr), BackendState>,
     service_ids: IdPool,
@@ -373,6 +432,12 @@ pub fn addr_from_bytes(bytes: [u8; 16], family: u8) -> IpAddr {
 impl Dataplane {
     /// Loads and verifies the XDP program with maps sized by `opts` (not attached yet).
     pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        Self::load_carrying(opts, &CarryPlan::default())
+    }
+
+    /// Like [`Dataplane::load`], with the state maps that `plan` reuses taken from an
+    /// earlier agent's pins (the others are created empty; see [`Dataplane::migrate`]).
+    pub fn load_carrying(opts: &LoadOptions, plan: &CarryPlan) -> Result<Self, DataplaneError> {
         let ring_entries = opts
             .max_services
             .checked_mul(2)
@@ -386,22 +451,24 @@ impl Dataplane {
         let ring_size = opts.ring_size;
         let src = opts.encap_src_v4.octets();
         let src6 = opts.encap_src_v6.octets();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(globals::RING_SIZE, &ring_size, true)
             .override_global(globals::ENCAP_SRC_V4, &src, true)
             .override_global(globals::ENCAP_SRC_V6, &src6, true)
-            .override_global(globals::DECAP_ENABLED, &decap, true)
-            .map_max_entries(
-                map_names::VIPS,
-                opts.max_services.saturating_mul(64).max(64),
-            )
-            .map_max_entries(map_names::RINGS, ring_entries)
-            .map_max_entries(map_names::BACKENDS, opts.max_backends)
-            .map_max_entries(map_names::FLOWS, opts.conntrack_size)
-            .map_max_entries(map_names::SERVICE_STATS, opts.max_services)
-            .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
-            .map_max_entries(map_names::NEXTHOPS, opts.max_backends)
-            .load(OBJECT)?;
+            .override_global(globals::DECAP_ENABLED, &decap, true);
+        for (name, size) in handover::max_entries_overrides(opts) {
+            loader.map_max_entries(name, size);
+        }
+        let mut reused = BTreeSet::new();
+        for (name, carry) in &plan.maps {
+            if let Carry::Reuse(path) = carry {
+                // aya opens the pinned map instead of creating one.
+                loader.map_pin_path(name, path.as_path());
+                reused.insert(*name);
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let prog: &mut Xdp = ebpf
             .program_mut(lb_common::PROGRAM_NAME)
             .ok_or_else(|| DataplaneError::Missing(format!("program {}", lb_common::PROGRAM_NAME)))?
@@ -437,6 +504,12 @@ impl Dataplane {
             rings,
             opts: opts.clone(),
             link: None,
+            pinned_link: None,
+            reused,
+            previous: None,
+            reserved_services: StdHashMap::new(),
+            reserved_backends: StdHashMap::new(),
+            carried_stats: false,
             services: BTreeMap::new(),
             backends: StdHashMap::new(),
             service_ids: IdPool::new(opts.max_services),
@@ -480,40 +553,104 @@ impl Dataplane {
         Ok(info.verified_instruction_count())
     }
 
-    /// Attaches to `interface` in `mode`.
-    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
-        let prog: &mut Xdp = self
-            .ebpf
+    fn xdp_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        self.ebpf
             .program_mut(lb_common::PROGRAM_NAME)
             .ok_or_else(|| DataplaneError::Missing(format!("program {}", lb_common::PROGRAM_NAME)))?
             .try_into()
             .map_err(|source| DataplaneError::Program {
                 what: "program type".into(),
                 source,
-            })?;
-        let link = prog
-            .attach(interface, mode)
-            .map_err(|source| DataplaneError::Program {
-                what: format!("attaching to {interface} in {mode:?} mode"),
-                source,
-            })?;
+            })
+    }
+
+    /// Attaches to `interface` in `mode` (a plain attachment, not kept across restarts).
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
+        let link =
+            self.xdp_mut()?
+                .attach(interface, mode)
+                .map_err(|source| DataplaneError::Program {
+                    what: format!("attaching to {interface} in {mode:?} mode"),
+                    source,
+                })?;
         self.link = Some(link);
         Ok(())
     }
 
-    /// Detaches from the interface, if attached.
-    pub fn detach(&mut self) -> Result<(), DataplaneError> {
-        if let Some(link) = self.link.take() {
-            let prog: &mut Xdp = self
-                .ebpf
-                .program_mut(lb_common::PROGRAM_NAME)
-                .ok_or_else(|| DataplaneError::Missing("program".into()))?
-                .try_into()
+    /// Puts this program on `interface`, keeping the attachment across agent restarts:
+    /// if an earlier agent left a pinned link there, the link is switched to this program
+    /// in one step (`bpf_link_update`: no packet sees no program); otherwise the program
+    /// is attached in `mode` and the link pinned in `pin_dir`.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: XdpMode,
+        pin_dir: &Path,
+    ) -> Result<Attached, DataplaneError> {
+        let path = handover::link_pin(pin_dir, interface);
+        if path.exists() {
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| DataplaneError::Link {
+                what: format!("opening the pinned link {}", path.display()),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let fd_link: FdLink = pinned.into();
+            let link = XdpLink::try_from(fd_link).map_err(|e| DataplaneError::Link {
+                what: format!("{} is not an XDP link", path.display()),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let id =
+                self.xdp_mut()?
+                    .attach_to_link(link)
+                    .map_err(|source| DataplaneError::Program {
+                        what: format!("switching the link on {interface} to the new program"),
+                        source,
+                    })?;
+            // The program now holds the link's descriptor; the pin keeps the link
+            // itself (and so the attachment) alive after this agent exits.
+            self.link = Some(id);
+            return Ok(Attached::Replaced);
+        }
+        let id =
+            self.xdp_mut()?
+                .attach(interface, mode)
                 .map_err(|source| DataplaneError::Program {
-                    what: "program type".into(),
+                    what: format!("attaching to {interface} in {mode:?} mode"),
                     source,
                 })?;
-            prog.detach(link)
+        let link = self
+            .xdp_mut()?
+            .take_link(id)
+            .map_err(|source| DataplaneError::Program {
+                what: "taking the new link".into(),
+                source,
+            })?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                std::fs::create_dir_all(pin_dir).map_err(|source| DataplaneError::Link {
+                    what: format!("creating {}", pin_dir.display()),
+                    source,
+                })?;
+                let pinned = fd_link.pin(&path).map_err(|e| DataplaneError::Link {
+                    what: format!("pinning the link at {}", path.display()),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                self.pinned_link = Some(pinned);
+                Ok(Attached::New { pinned: true })
+            }
+            // Netlink attachment (no bpf_link for XDP in this kernel): it cannot be
+            // pinned and ends with this agent.
+            Err(e) => {
+                tracing::debug!("XDP link not pinnable: {e}");
+                Ok(Attached::New { pinned: false })
+            }
+        }
+    }
+
+    /// Detaches from the interface, if attached by [`Dataplane::attach`].
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        if let Some(link) = self.link.take() {
+            self.xdp_mut()?
+                .detach(link)
                 .map_err(|source| DataplaneError::Program {
                     what: "detaching".into(),
                     source,
@@ -522,16 +659,15 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Pins the program and every map under `dir` (`dir/prog`, `dir/maps/NAME`).
+    /// Pins the program and every map under `dir` (`dir/prog`, `dir/maps/NAME`),
+    /// replacing an earlier agent's pins; maps taken over from their pins stay as they are.
     pub fn pin(&mut self, dir: &Path) -> Result<(), DataplaneError> {
         let maps_dir = dir.join("maps");
-        std::fs::create_dir_all(&maps_dir).map_err(|e| DataplaneError::Pin {
-            path: maps_dir.clone(),
-            source: aya::pin::PinError::SyscallError(aya::sys::SyscallError {
-                call: "mkdir",
-                io_error: e,
-            }),
-        })?;
+        let pin_io = |path: &Path, call: &'static str, e: std::io::Error| DataplaneError::Pin {
+            path: path.to_owned(),
+            source: aya::pin::PinError::SyscallError(aya::sys::SyscallError { call, io_error: e }),
+        };
+        std::fs::create_dir_all(&maps_dir).map_err(|e| pin_io(&maps_dir, "mkdir", e))?;
         // Internal maps (.rodata, .bss) hold load-time globals; bpffs refuses dot names.
         // The benchmark's maps live in the same object but are no part of the agent's state.
         for (name, map) in self
@@ -539,23 +675,134 @@ impl Dataplane {
             .maps()
             .filter(|(n, _)| !n.starts_with('.') && !n.starts_with("L3LB_BENCH"))
         {
+            if self.reused.contains(name) {
+                continue;
+            }
             let path = maps_dir.join(name);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|e| pin_io(&path, "unlink", e))?;
+            }
             map.pin(&path)
                 .map_err(|source| DataplaneError::Pin { path, source })?;
         }
         let path = dir.join("prog");
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(lb_common::PROGRAM_NAME)
-            .ok_or_else(|| DataplaneError::Missing("program".into()))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                what: "program type".into(),
-                source,
-            })?;
-        prog.pin(&path)
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| pin_io(&path, "unlink", e))?;
+        }
+        self.xdp_mut()?
+            .pin(&path)
             .map_err(|source| DataplaneError::Pin { path, source })?;
         Ok(())
+    }
+
+    /// Fills the state maps that `plan` migrates (same layout, other size) from the
+    /// earlier agent's pinned maps; returns (map, entries copied) for each.
+    pub fn migrate(
+        &mut self,
+        plan: &CarryPlan,
+    ) -> Result<Vec<(&'static str, usize)>, DataplaneError> {
+        let mut done = Vec::new();
+        for (name, carry) in &plan.maps {
+            let Carry::Migrate(path) = carry else {
+                continue;
+            };
+            let old =
+                MapData::from_pin(path).map_err(map_err(format!("opening {}", path.display())))?;
+            let n = match *name {
+                map_names::FLOWS => self.copy_hash::<lb_common::FlowKey, lb_common::FlowState>(
+                    name,
+                    Map::LruHashMap(old),
+                )?,
+                map_names::FRAGS => {
+                    self.copy_hash::<lb_common::FragKey, VipInfo>(name, Map::LruHashMap(old))?
+                }
+                map_names::SERVICE_STATS => self.copy_per_cpu::<ServiceStats>(name, old)?,
+                map_names::BACKEND_STATS => self.copy_per_cpu::<BackendStats>(name, old)?,
+                _ => self.copy_per_cpu::<u64>(name, old)?,
+            };
+            done.push((*name, n));
+        }
+        Ok(done)
+    }
+
+    fn copy_hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        old: Map,
+    ) -> Result<usize, DataplaneError> {
+        let old: HashMap<MapData, K, V> = HashMap::try_from(old).map_err(map_err(name))?;
+        let mut new: HashMap<&mut MapData, K, V> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let mut n = 0;
+        // Entries that vanish meanwhile (LRU eviction by the running program) are skipped.
+        for (k, v) in old.iter().flatten() {
+            if new.insert(k, v, 0).is_err() {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn copy_per_cpu<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        old: MapData,
+    ) -> Result<usize, DataplaneError> {
+        let old: PerCpuArray<MapData, V> =
+            PerCpuArray::try_from(Map::PerCpuArray(old)).map_err(map_err(name))?;
+        let mut new: PerCpuArray<&mut MapData, V> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let n = old.len().min(new.len());
+        for i in 0..n {
+            let v = old.get(&i, 0).map_err(map_err(format!("{name}[{i}]")))?;
+            new.set(i, v, 0).map_err(map_err(format!("{name}[{i}]")))?;
+        }
+        Ok(n as usize)
+    }
+
+    /// Offers the ids an earlier agent used to the next apply: a service whose VIPs and a
+    /// backend whose (service, address) were known before get the same id again, so the
+    /// connection table (which stores ids) keeps pointing at the right backends.
+    /// `stats_carried` says whether the counters behind those ids came along.
+    pub fn adopt(&mut self, previous: PreviousIds, stats_carried: bool) {
+        self.previous = Some(previous);
+        self.carried_stats = stats_carried;
+    }
+
+    /// Reserves the previous ids of `desired`'s services and backends (first apply after
+    /// `adopt` only).
+    fn reserve_previous_ids(&mut self, desired: &Desired) {
+        let Some(prev) = self.previous.take() else {
+            return;
+        };
+        for svc in &desired.services {
+            if self.services.contains_key(&svc.name) {
+                continue;
+            }
+            let old = svc.vips.iter().find_map(|&(addr, port, proto)| {
+                let (addr, family) = addr_bytes(addr);
+                prev.vips.get(&VipKey {
+                    addr,
+                    port: port.to_be(),
+                    proto,
+                    family,
+                })
+            });
+            let Some(&old) = old else { continue };
+            if !self.service_ids.claim(old) {
+                continue;
+            }
+            self.reserved_services.insert(svc.name.clone(), old);
+            for b in &svc.backends {
+                if let Some(&id) = prev.backends.get(&(old, b.address))
+                    && self.backend_ids.claim(id)
+                {
+                    self.reserved_backends
+                        .insert((svc.name.clone(), b.address), id);
+                }
+            }
+        }
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut Map, DataplaneError> {
@@ -607,18 +854,31 @@ impl Dataplane {
         let ring_size = self.opts.ring_size;
 
         // 2. Services: tables into idle slots, then VIP entries switched over.
+        self.reserve_previous_ids(desired);
         let mut wanted_names = std::collections::BTreeSet::new();
         for svc in &desired.services {
             wanted_names.insert(svc.name.clone());
             let (mut state, is_new) = match self.services.get(&svc.name) {
                 Some(s) => (s.clone(), false),
                 None => {
-                    let id = self.service_ids.take().ok_or(DataplaneError::Full {
-                        what: "service",
-                        max: self.opts.max_services,
-                        knob: "max_services",
-                    })?;
-                    self.zero_per_cpu::<ServiceStats>(map_names::SERVICE_STATS, id)?;
+                    let id = match self.reserved_services.remove(&svc.name) {
+                        // The earlier agent's id: its counters continue if they came along.
+                        Some(id) => {
+                            if !self.carried_stats {
+                                self.zero_per_cpu::<ServiceStats>(map_names::SERVICE_STATS, id)?;
+                            }
+                            id
+                        }
+                        None => {
+                            let id = self.service_ids.take().ok_or(DataplaneError::Full {
+                                what: "service",
+                                max: self.opts.max_services,
+                                knob: "max_services",
+                            })?;
+                            self.zero_per_cpu::<ServiceStats>(map_names::SERVICE_STATS, id)?;
+                            id
+                        }
+                    };
                     let state = ServiceState {
                         id,
                         active_slot: id * 2 + 1,
@@ -653,12 +913,22 @@ impl Dataplane {
                         }
                     }
                     None => {
-                        let id = self.backend_ids.take().ok_or(DataplaneError::Full {
-                            what: "backend",
-                            max: self.opts.max_backends,
-                            knob: "max_backends",
-                        })?;
-                        self.zero_per_cpu::<BackendStats>(map_names::BACKEND_STATS, id)?;
+                        let id = match self.reserved_backends.remove(&key) {
+                            Some(id) if self.carried_stats => id,
+                            Some(id) => {
+                                self.zero_per_cpu::<BackendStats>(map_names::BACKEND_STATS, id)?;
+                                id
+                            }
+                            None => {
+                                let id = self.backend_ids.take().ok_or(DataplaneError::Full {
+                                    what: "backend",
+                                    max: self.opts.max_backends,
+                                    knob: "max_backends",
+                                })?;
+                                self.zero_per_cpu::<BackendStats>(map_names::BACKEND_STATS, id)?;
+                                id
+                            }
+                        };
                         self.array::<Backend>(map_names::BACKENDS)?
                             .set(id, entry, 0)
                             .map_err(map_err(format!("backend {}", b.address)))?;
@@ -915,6 +1185,13 @@ impl Dataplane {
                 &octets(&desired.local_v6),
             )?;
             self.local_v6 = desired.local_v6.clone();
+        }
+        // Ids kept for services or backends that this apply did not bring back.
+        for (_, id) in self.reserved_services.drain() {
+            self.service_ids.give(id);
+        }
+        for (_, id) in self.reserved_backends.drain() {
+            self.backend_ids.give(id);
         }
         Ok(sum)
     }

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod generate;
+pub mod handover;
 pub mod maglev;
 pub mod status;
 pub mod sys;

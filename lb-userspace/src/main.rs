@@ -19,6 +19,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the XDP program, apply the config and run until SIGTERM (SIGHUP reloads).
+    ///
+    /// The data plane keeps forwarding after the agent exits; the next `run` (a restart
+    /// or an upgrade) takes over its connection table and switches the program in place.
     Run {
         /// Path of the YAML config.
         #[arg(long, short)]
@@ -29,6 +32,13 @@ enum Command {
         /// Path of the YAML config.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Detach the XDP program and remove the pins (and with them the connection table);
+    /// stop the agent first.
+    Down {
+        /// The agent's pin_path.
+        #[arg(long, default_value = "/sys/fs/bpf/l3lb")]
+        pin_path: PathBuf,
     },
     /// Benchmark tools.
     #[command(subcommand)]
@@ -185,6 +195,20 @@ fn run(command: Command) -> anyhow::Result<()> {
                 r.seconds,
                 r.pps(),
                 opts.flows
+            );
+            Ok(())
+        }
+        Command::Down { pin_path } => {
+            let dir = l3lb::agent::pin_dir(&pin_path);
+            if !dir.exists() {
+                println!("nothing pinned at {}", dir.display());
+                return Ok(());
+            }
+            let links = l3lb::handover::down(&dir)
+                .with_context(|| format!("removing the pins in {}", dir.display()))?;
+            println!(
+                "detached {links} link(s) and removed the pins in {}",
+                dir.display()
             );
             Ok(())
         }

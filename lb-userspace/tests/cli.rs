@@ -75,7 +75,7 @@ fn check_rejects_with_the_field_path_and_a_nonzero_exit() {
 fn help_lists_the_subcommands() {
     let (ok, stdout, _) = l3lb(&["--help"]);
     assert!(ok);
-    for cmd in ["run", "check", "status"] {
+    for cmd in ["run", "check", "status", "down"] {
         assert!(stdout.contains(cmd), "--help mentions {cmd}: {stdout}");
     }
 }

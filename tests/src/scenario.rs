@@ -362,6 +362,11 @@ impl Scenario {
         Ok(())
     }
 
+    /// The balancer's config file.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
+    }
+
     /// Writes `text` as the balancer's config and sends SIGHUP (for rejection tests).
     pub fn write_raw_config_and_reload(&mut self, text: &str) -> Result<()> {
         std::fs::write(&self.config_path, text)
@@ -389,6 +394,33 @@ impl Scenario {
             .find(|s| s.service == id)
             .with_context(|| format!("no counters for service {id}"))
     }
+}
+
+/// Stops `agent` (SIGTERM; it must exit cleanly) and starts a new `l3lb run --config
+/// config` in `ns` in its place, logging to `log`; returns once the new one is ready.
+///
+/// The restarts of a hitless upgrade: the old agent leaves the data plane on its pins,
+/// the new one takes it over.
+pub fn restart_agent(
+    lab: &Lab,
+    ns: &crate::Netns,
+    agent: &mut ChildGuard,
+    config: &std::path::Path,
+    log: &str,
+) -> Result<()> {
+    let status = agent.stop()?;
+    if !status.success() {
+        bail!("agent exited with {status} on SIGTERM:\n{}", agent.log());
+    }
+    let mut next = lab.spawn_in(
+        ns,
+        &l3lb_bin()?,
+        ["run", "--config", &config.to_string_lossy()],
+        log,
+    )?;
+    next.wait_for_log("l3lb ready", Duration::from_secs(30))?;
+    *agent = next;
+    Ok(())
 }
 
 /// Runs `l3lb status --json` against a node's pins and parses it.

@@ -327,24 +327,44 @@ fn balancer_node_traffic_keeps_working_and_bad_reload_keeps_state() {
 }
 
 #[test]
-fn sigterm_detaches_and_removes_pins() {
+fn sigterm_leaves_the_data_plane_running_and_down_removes_it() {
     let mut s = Scenario::start(Mode::L2, 1).expect("scenario");
-    let link = s.lab.balancers[0]
-        .run(["ip", "link", "show", "eth0"])
-        .expect("ip link");
-    assert!(link.contains("prog/xdp"), "attached while running: {link}");
+    let xdp_on_eth0 = |s: &Scenario| {
+        s.lab.balancers[0]
+            .run(["ip", "link", "show", "eth0"])
+            .expect("ip link")
+            .contains("prog/xdp")
+    };
+    assert!(xdp_on_eth0(&s), "attached while running");
     let status = s.balancer.stop().expect("stop");
     assert!(
         status.success(),
         "clean exit on SIGTERM: {status:?}\n{}",
         s.balancer.log()
     );
-    let link = s.lab.balancers[0]
-        .run(["ip", "link", "show", "eth0"])
-        .expect("ip link");
-    assert!(!link.contains("prog/xdp"), "detached after SIGTERM: {link}");
-    let pins = s.lab.pin_path("balancer-0").join("v1");
-    assert!(!pins.exists(), "{} removed", pins.display());
+    assert!(xdp_on_eth0(&s), "still attached after the agent exited");
+    client::tcp_request(&s.lab.client.ns, vip(), TCP_PORT, None, T)
+        .expect("the VIP is served with no agent running");
+    let pins = s.lab.pin_path("balancer-0");
+    assert!(pins.join("v1/link-eth0").exists(), "the link is pinned");
+
+    let out = std::process::Command::new(l3lb_tests::l3lb_bin().expect("bin"))
+        .args(["down", "--pin-path"])
+        .arg(&pins)
+        .output()
+        .expect("l3lb down");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("detached 1 link"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!xdp_on_eth0(&s), "detached by l3lb down");
+    assert!(!pins.join("v1").exists(), "pins removed");
 }
 
 #[test]
@@ -379,6 +399,13 @@ fn auto_mode_falls_back_to_generic_and_native_mode_says_why_it_failed() {
     assert!(log.contains("falling back to generic mode"), "{log}");
     assert!(log.contains("mode=\"generic\""), "{log}");
     agent.stop().expect("stop");
+    // The generic attachment outlives the agent; another mode needs `l3lb down` first.
+    let down = std::process::Command::new(&bin)
+        .args(["down", "--pin-path"])
+        .arg(lab.pin_path("lo"))
+        .status()
+        .expect("l3lb down");
+    assert!(down.success());
 
     let native = lab
         .write_file("native.yaml", &cfg("native"))

@@ -87,6 +87,13 @@ fn generate_sends_the_requested_frames_to_the_peer() {
     let stats = sink_ns.ip(["-s", "link", "show", "s0"]).expect("stats");
     assert!(stats.contains("RX:"), "{stats}");
     sink.stop().expect("stop");
+    // The sink's program stays attached after the agent exits; take it down.
+    let down = std::process::Command::new(&bin)
+        .args(["down", "--pin-path"])
+        .arg(&pins)
+        .status()
+        .expect("l3lb down");
+    assert!(down.success());
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir(&pins);
 }

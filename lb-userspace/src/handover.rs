@@ -1,0 +1,344 @@
+//! What survives an agent restart or upgrade: the pinned maps that hold traffic state
+//! (connection table, fragments, counters), the pinned XDP link that a new program
+//! replaces atomically, and the id assignments the connection table refers to.
+//!
+//! The agent's own maps (VIPs, backends, Maglev rings, ranges) are always created afresh
+//! and filled completely before the link is switched to the new program, so a new agent
+//! never serves from half-written state. The state maps are taken over from their pins
+//! when their layout matches; a map whose size or flags changed is migrated entry by
+//! entry; a map whose key or value layout changed is refused with a message, never
+//! silently reset.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, MapData, MapInfo};
+use lb_common::{Backend, VipInfo, VipKey, map_names};
+use thiserror::Error;
+
+use crate::dataplane::{LoadOptions, OBJECT, addr_from_bytes};
+
+/// The maps whose contents are traffic state, carried from one agent to the next.
+pub const STATE_MAPS: [&str; 7] = [
+    map_names::FLOWS,
+    map_names::FRAGS,
+    map_names::SERVICE_STATS,
+    map_names::BACKEND_STATS,
+    map_names::DROPS,
+    map_names::EVENTS,
+    map_names::ACTIONS,
+];
+
+/// Errors of the handover.
+#[derive(Debug, Error)]
+pub enum HandoverError {
+    /// A pinned state map has a layout this build cannot use.
+    #[error(
+        "pinned map {name} at {path} is {found}, but this l3lb needs {expected}: its state \
+         cannot be carried over. Keep the running version, or run `l3lb down` (detaches \
+         and drops the connection table) and start again"
+    )]
+    Incompatible {
+        /// Map name.
+        name: String,
+        /// Its pin.
+        path: PathBuf,
+        /// The pinned map's shape.
+        found: Shape,
+        /// The shape this build creates.
+        expected: Shape,
+    },
+    /// A pinned object could not be read.
+    #[error("reading pinned {what} at {path}: {source}")]
+    Read {
+        /// What was read.
+        what: &'static str,
+        /// The pin.
+        path: PathBuf,
+        /// The underlying error.
+        source: aya::maps::MapError,
+    },
+    /// The XDP object does not parse or lacks a map.
+    #[error("the XDP object: {0}")]
+    Object(String),
+}
+
+/// A map's layout as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// Capacity.
+    pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    pub flags: u32,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {} key {} B value {} B, {} entries, flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+/// How one state map reaches the new program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Carry {
+    /// No pin: the new program gets an empty map.
+    Fresh,
+    /// Same layout: the new program uses the pinned map itself.
+    Reuse(PathBuf),
+    /// Same key and value, other size or flags: a new map, filled from the pinned one.
+    Migrate(PathBuf),
+}
+
+/// The carry decision for every state map.
+#[derive(Debug, Clone, Default)]
+pub struct CarryPlan {
+    /// (map name, decision).
+    pub maps: Vec<(&'static str, Carry)>,
+}
+
+impl CarryPlan {
+    /// The decision for `name` (`Fresh` if the plan does not mention it).
+    pub fn get(&self, name: &str) -> &Carry {
+        self.maps
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(&Carry::Fresh, |(_, c)| c)
+    }
+
+    /// True when any state comes from an earlier agent.
+    pub fn carries_anything(&self) -> bool {
+        self.maps.iter().any(|(_, c)| *c != Carry::Fresh)
+    }
+}
+
+/// Capacity the loader gives each map whose size is a load-time setting.
+pub fn max_entries_overrides(opts: &LoadOptions) -> Vec<(&'static str, u32)> {
+    let rings = opts
+        .max_services
+        .saturating_mul(2)
+        .saturating_mul(opts.ring_size);
+    vec![
+        (
+            map_names::VIPS,
+            opts.max_services.saturating_mul(64).max(64),
+        ),
+        (map_names::RINGS, rings),
+        (map_names::BACKENDS, opts.max_backends),
+        (map_names::FLOWS, opts.conntrack_size),
+        (map_names::SERVICE_STATS, opts.max_services),
+        (map_names::BACKEND_STATS, opts.max_backends),
+        (map_names::NEXTHOPS, opts.max_backends),
+    ]
+}
+
+/// The shape the loader will create for each state map with `opts`.
+fn expected_shapes(opts: &LoadOptions) -> Result<StdHashMap<&'static str, Shape>, HandoverError> {
+    let obj = aya_obj::Object::parse(OBJECT).map_err(|e| HandoverError::Object(e.to_string()))?;
+    let overrides = max_entries_overrides(opts);
+    let mut out = StdHashMap::new();
+    for name in STATE_MAPS {
+        let m = obj
+            .maps
+            .get(name)
+            .ok_or_else(|| HandoverError::Object(format!("no map {name}")))?;
+        let max_entries = overrides
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(m.max_entries(), |(_, v)| *v);
+        out.insert(
+            name,
+            Shape {
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries,
+                flags: m.map_flags(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The shape of the map pinned at `path`.
+pub fn pinned_shape(path: &Path) -> Result<Shape, HandoverError> {
+    let info = MapInfo::from_pin(path).map_err(|source| HandoverError::Read {
+        what: "map",
+        path: path.to_owned(),
+        source,
+    })?;
+    // SAFETY-free: the raw type number is what the object file states too.
+    let map_type = info
+        .map_type()
+        .map(|t| t as u32)
+        .map_err(|source| HandoverError::Read {
+            what: "map type",
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(Shape {
+        map_type,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    })
+}
+
+/// Decides, for each state map pinned in `maps_dir` by an earlier agent, whether the new
+/// program reuses it, gets a migrated copy, or (layout changed) must not start.
+pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverError> {
+    let expected = expected_shapes(opts)?;
+    let mut plan = CarryPlan::default();
+    for name in STATE_MAPS {
+        let path = maps_dir.join(name);
+        let carry = if !path.exists() {
+            Carry::Fresh
+        } else {
+            let found = pinned_shape(&path)?;
+            let want = expected[name];
+            if found == want {
+                Carry::Reuse(path)
+            } else if found.map_type == want.map_type
+                && found.key_size == want.key_size
+                && found.value_size == want.value_size
+            {
+                Carry::Migrate(path)
+            } else {
+                return Err(HandoverError::Incompatible {
+                    name: name.to_string(),
+                    path,
+                    found,
+                    expected: want,
+                });
+            }
+        };
+        plan.maps.push((name, carry));
+    }
+    Ok(plan)
+}
+
+/// The ids an earlier agent gave services and backends, read from its pinned maps, so a
+/// new agent gives the same ones and connection-table entries stay meaningful.
+#[derive(Debug, Clone, Default)]
+pub struct PreviousIds {
+    /// VIP key → service id.
+    pub vips: StdHashMap<VipKey, u32>,
+    /// (service id, backend address) → backend id.
+    pub backends: StdHashMap<(u32, IpAddr), u32>,
+}
+
+impl PreviousIds {
+    /// Reads the ids from the VIP and backend maps pinned in `maps_dir` (empty when there
+    /// are none, or when their layout is not this build's: then nothing is adopted).
+    pub fn read(maps_dir: &Path) -> Result<Self, HandoverError> {
+        let mut out = Self::default();
+        let vips_path = maps_dir.join(map_names::VIPS);
+        let backends_path = maps_dir.join(map_names::BACKENDS);
+        if !vips_path.exists() || !backends_path.exists() {
+            return Ok(out);
+        }
+        let same_layout = |path: &Path, key: usize, value: usize| {
+            pinned_shape(path)
+                .map(|s| s.key_size as usize == key && s.value_size as usize == value)
+                .unwrap_or(false)
+        };
+        if !same_layout(&vips_path, size_of::<VipKey>(), size_of::<VipInfo>())
+            || !same_layout(&backends_path, size_of::<u32>(), size_of::<Backend>())
+        {
+            return Ok(out);
+        }
+        let read = |path: &Path| {
+            MapData::from_pin(path).map_err(|source| HandoverError::Read {
+                what: "map",
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let vips: HashMap<MapData, VipKey, VipInfo> =
+            HashMap::try_from(aya::maps::Map::HashMap(read(&vips_path)?)).map_err(|source| {
+                HandoverError::Read {
+                    what: "VIP map",
+                    path: vips_path.clone(),
+                    source,
+                }
+            })?;
+        for entry in vips.iter() {
+            let (key, info) = entry.map_err(|source| HandoverError::Read {
+                what: "VIP entry",
+                path: vips_path.clone(),
+                source,
+            })?;
+            out.vips.insert(key, info.service);
+        }
+        let backends: Array<MapData, Backend> =
+            Array::try_from(aya::maps::Map::Array(read(&backends_path)?)).map_err(|source| {
+                HandoverError::Read {
+                    what: "backend map",
+                    path: backends_path.clone(),
+                    source,
+                }
+            })?;
+        for (id, entry) in backends.iter().enumerate() {
+            let b = entry.map_err(|source| HandoverError::Read {
+                what: "backend entry",
+                path: backends_path.clone(),
+                source,
+            })?;
+            if b.family != 0 {
+                let id = u32::try_from(id).unwrap_or(u32::MAX);
+                out.backends
+                    .insert((b.service, addr_from_bytes(b.addr, b.family)), id);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Name of the pinned XDP link of `interface` inside the pin directory.
+pub fn link_pin(pin_dir: &Path, interface: &str) -> PathBuf {
+    pin_dir.join(format!("link-{interface}"))
+}
+
+/// Pinned links in `pin_dir` (file names starting with `link-`).
+pub fn link_pins(pin_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("link-"))
+        })
+        .collect()
+}
+
+/// Detaches every pinned link in `pin_dir` and removes the directory with all its pins:
+/// what `l3lb down` does. Returns the links detached.
+pub fn down(pin_dir: &Path) -> std::io::Result<usize> {
+    let links = link_pins(pin_dir);
+    // Removing the last reference to a link (its pin; no agent holds it once stopped)
+    // detaches its program from the interface.
+    for l in &links {
+        std::fs::remove_file(l)?;
+    }
+    if pin_dir.exists() {
+        std::fs::remove_dir_all(pin_dir)?;
+    }
+    Ok(links.len())
+}
