@@ -537,9 +537,10 @@ fn chart_yaml(name: &str) -> Value {
     serde_json::to_value(yaml).expect("JSON form")
 }
 
-/// The chart's defaults are the plain manifests' settings, so `helm template` and
-/// `kubectl apply -f deploy/manifests` install the same agent. (No Helm binary is
-/// available to this test; the README says how to compare the two renderings.)
+/// The chart's defaults are the plain manifests' settings, so `helm install` and
+/// `kubectl apply -f deploy/manifests` install the same agent. This test has no Helm to
+/// render with; `deploy/helm/check-render.py` renders the chart with Helm's own code and
+/// compares the objects themselves.
 #[test]
 fn the_helm_chart_defaults_match_the_manifests() {
     let m = manifests();
