@@ -172,24 +172,35 @@ pub fn enable_ipv4_forwarding(iface: &str) -> anyhow::Result<bool> {
 pub fn enable_ipv6_forwarding(iface: &str) -> anyhow::Result<Vec<String>> {
     let mut changed = Vec::new();
     let base = format!("/proc/sys/net/ipv6/conf/{iface}");
+    let fwd = format!("{base}/forwarding");
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading {path}"))
+            .map(|v| v.trim().to_owned())
+    };
+    // Already forwarding (a router, or a Kubernetes node): the node's own choice about
+    // router advertisements stands, and nothing is written (in a container /proc/sys is
+    // read-only).
+    if read(&fwd)? == "1" {
+        return Ok(changed);
+    }
+    let write = |path: &str, value: &str| {
+        std::fs::write(path, value).with_context(|| {
+            format!(
+                "writing {value} to {path} (where /proc/sys is read-only, as in a container, \
+                 set net.ipv6.conf.{iface}.forwarding=1 on the node instead)"
+            )
+        })
+    };
+    // Forwarding makes the kernel ignore router advertisements at accept_ra=1; 2 keeps
+    // the node configuring itself from them as before.
     let ra = format!("{base}/accept_ra");
-    if std::fs::read_to_string(&ra)
-        .with_context(|| format!("reading {ra}"))?
-        .trim()
-        == "1"
-    {
-        std::fs::write(&ra, "2").with_context(|| format!("writing {ra}"))?;
+    if read(&ra)? == "1" {
+        write(&ra, "2")?;
         changed.push("set accept_ra to 2".to_string());
     }
-    let fwd = format!("{base}/forwarding");
-    if std::fs::read_to_string(&fwd)
-        .with_context(|| format!("reading {fwd}"))?
-        .trim()
-        != "1"
-    {
-        std::fs::write(&fwd, "1").with_context(|| format!("writing {fwd}"))?;
-        changed.push("enabled IPv6 forwarding on the interface".to_string());
-    }
+    write(&fwd, "1")?;
+    changed.push("enabled IPv6 forwarding on the interface".to_string());
     Ok(changed)
 }
 
