@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::programs::XdpMode as AyaXdpMode;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -18,7 +21,7 @@ use crate::{
         ApplySummary, Attached, Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions,
         ServiceMode,
     },
-    handover, sys,
+    handover, health, sys,
 };
 
 /// Version directory under `pin_path`: pins are an ABI, a layout change bumps it.
@@ -29,8 +32,14 @@ pub fn pin_dir(pin_path: &Path) -> PathBuf {
     pin_path.join(PIN_VERSION)
 }
 
-/// Translates a config into the maps' desired state; `local` holds this node's addresses.
-pub fn desired_from_config(cfg: &Config, local: &HashSet<IpAddr>) -> Desired {
+/// Translates a config into the maps' desired state; `local` holds this node's addresses,
+/// `down` the backends failing their health checks (they get weight 0: established
+/// connections stay, new ones go elsewhere).
+pub fn desired_from_config(
+    cfg: &Config,
+    local: &HashSet<IpAddr>,
+    down: &HashSet<health::Key>,
+) -> Desired {
     let services = cfg
         .services
         .iter()
@@ -54,7 +63,11 @@ pub fn desired_from_config(cfg: &Config, local: &HashSet<IpAddr>) -> Desired {
                     .iter()
                     .map(|b| DesiredBackend {
                         address: b.address,
-                        weight: b.weight,
+                        weight: if down.contains(&(s.name.clone(), b.address)) {
+                            0
+                        } else {
+                            b.effective_weight()
+                        },
                         local: local.contains(&b.address),
                     })
                     .collect(),
@@ -164,6 +177,9 @@ pub struct Agent {
     config_path: PathBuf,
     pin_dir: PathBuf,
     no_neighbour_seen: u64,
+    health: health::Tracker,
+    probes: health::Probes,
+    health_tx: mpsc::Sender<health::Outcome>,
 }
 
 impl Agent {
@@ -174,7 +190,11 @@ impl Agent {
     /// table and counters are reused (or migrated when only their size changed), its ids
     /// kept, and its pinned link switched to the new program in one step once the new
     /// maps are complete, so forwarding never stops.
-    pub fn start(config_path: &Path) -> anyhow::Result<Self> {
+    /// Health check outcomes are sent to `health_tx` (see [`Agent::health_outcome`]).
+    pub fn start(
+        config_path: &Path,
+        health_tx: mpsc::Sender<health::Outcome>,
+    ) -> anyhow::Result<Self> {
         let config = Config::load(config_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
         sys::require_interface(&config.interface)?;
@@ -211,7 +231,7 @@ impl Agent {
             );
         }
         let local = sys::local_address_set()?;
-        let desired = desired_from_config(&config, &local);
+        let desired = desired_from_config(&config, &local, &HashSet::new());
         let summary = dataplane
             .apply(&desired)
             .context("writing the initial state")?;
@@ -269,12 +289,18 @@ impl Agent {
             pins = %pin_dir.display(),
             "l3lb ready"
         );
+        let mut tracker = health::Tracker::default();
+        tracker.follow(&config);
+        let probes = health::start(&config, &health_tx);
         Ok(Self {
             dataplane,
             config,
             config_path: config_path.to_path_buf(),
             pin_dir,
             no_neighbour_seen: 0,
+            health: tracker,
+            probes,
+            health_tx,
         })
     }
 
@@ -299,13 +325,16 @@ impl Agent {
             );
         }
         let local = sys::local_address_set()?;
-        let desired = desired_from_config(&new, &local);
-        let summary = self
-            .dataplane
-            .apply(&desired)
-            .context("applying the new config")?;
+        let mut tracker = std::mem::take(&mut self.health);
+        tracker.follow(&new);
+        let desired = desired_from_config(&new, &local, &tracker.down());
+        let applied = self.dataplane.apply(&desired);
+        // Keep the health states of checks that did not change, whatever the outcome.
+        self.health = tracker;
+        let summary = applied.context("applying the new config")?;
         sys::prime_neighbours(remote_backends(&desired));
         info!(%summary, "applied config");
+        self.probes = health::start(&new, &self.health_tx);
         self.config = new;
         Ok(())
     }
@@ -341,20 +370,41 @@ impl Agent {
     /// local backends and decap destinations) and re-resolves every backend's neighbour
     /// (entries age out of the kernel's table).
     pub fn resync(&mut self) {
+        self.reapply("node addresses changed");
+    }
+
+    /// Applies the running config with the current addresses and health; `why` names
+    /// what may have changed, for the log.
+    fn reapply(&mut self, why: &str) {
         match sys::local_address_set() {
             Ok(local) => {
-                let desired = desired_from_config(&self.config, &local);
+                let desired = desired_from_config(&self.config, &local, &self.health.down());
                 match self.dataplane.apply(&desired) {
                     Ok(summary) if summary != ApplySummary::default() => {
-                        info!(%summary, "node addresses changed; applied")
+                        info!(%summary, "{why}; applied")
                     }
                     Ok(_) => {}
-                    Err(e) => error!("re-applying after an address change: {e:#}"),
+                    Err(e) => error!("re-applying ({why}): {e:#}"),
                 }
                 sys::prime_neighbours(remote_backends(&desired));
             }
             Err(e) => warn!("reading local addresses: {e:#}"),
         }
+    }
+
+    /// Takes one health check outcome; a backend that changes state is taken out of (or
+    /// put back into) new-connection selection at once.
+    pub fn health_outcome(&mut self, outcome: health::Outcome) {
+        let Some(t) = self.health.record(outcome) else {
+            return;
+        };
+        let (service, backend) = (&t.key.0, t.key.1);
+        if t.up {
+            info!(service = %service, %backend, successes = t.streak, "backend passes its health check again; taking new connections");
+        } else {
+            warn!(service = %service, %backend, failures = t.streak, reason = t.reason.as_deref().unwrap_or(""), "backend fails its health check; no new connections (established ones stay)");
+        }
+        self.reapply("backend health changed");
     }
 
     /// Exits and leaves the data plane running on its pins: the next agent (a restart or
@@ -366,7 +416,8 @@ impl Agent {
 
 /// Runs the agent until SIGTERM or SIGINT; SIGHUP reloads the config.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
-    let mut agent = Agent::start(config_path)?;
+    let (health_tx, mut health_rx) = mpsc::channel(1024);
+    let mut agent = Agent::start(config_path, health_tx)?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -386,6 +437,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = refresh.tick() => agent.resync(),
             _ = watch.tick() => agent.refresh_neighbours_if_missing(),
             _ = nexthops.tick() => agent.expire_next_hops(),
+            Some(outcome) = health_rx.recv() => agent.health_outcome(outcome),
         }
     }
     agent.exit();

@@ -14,6 +14,7 @@ use std::{
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -108,6 +109,64 @@ pub struct Service {
     /// Session affinity: `client_ip` sends every connection of a client to one backend.
     #[serde(default)]
     pub affinity: Affinity,
+    /// Active health checks of the backends; without one every backend counts as up.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// How the agent checks a service's backends: from the balancer to each backend's
+/// address and `port`, the path real traffic takes to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `tcp` (a connection is accepted) or `http` (a GET of `path` answers 2xx or 3xx).
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    /// Port to check; default: the service's first port (required for all-ports VIPs).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// HTTP path (`http` only).
+    #[serde(default = "default_check_path")]
+    pub path: String,
+    /// Time between checks of one backend, e.g. `2s` or `500ms`.
+    #[serde(
+        default = "default_check_interval",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub interval: Duration,
+    /// How long one check may take before it counts as failed.
+    #[serde(
+        default = "default_check_timeout",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a failed backend back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take a backend out of new-connection selection.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+/// Kind of health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// An HTTP/1.1 GET answers with a 2xx or 3xx status.
+    Http,
+}
+
+impl Service {
+    /// The port health checks go to (explicit, else the first service port).
+    pub fn health_port(&self) -> Option<u16> {
+        self.health_check
+            .as_ref()
+            .and_then(|h| h.port.or_else(|| self.ports.first().copied()))
+    }
 }
 
 /// Session affinity of a service.
@@ -172,6 +231,17 @@ pub struct BackendConfig {
     /// Relative share of new flows (0 to 65535); 0 takes no new flows.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Drain: keep this backend's established connections, give it no new ones (as
+    /// weight 0, keeping the weight for when the drain ends).
+    #[serde(default)]
+    pub drain: bool,
+}
+
+impl BackendConfig {
+    /// The weight new connections see: 0 while draining.
+    pub fn effective_weight(&self) -> u32 {
+        if self.drain { 0 } else { self.weight }
+    }
 }
 
 /// A configuration problem: the field it is about and what is wrong.
@@ -233,6 +303,26 @@ fn default_max_backends() -> u32 {
 
 fn default_conntrack_size() -> u32 {
     262_144
+}
+
+fn default_check_path() -> String {
+    "/".to_string()
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_rise() -> u32 {
+    2
+}
+
+fn default_fall() -> u32 {
+    3
 }
 
 fn default_weight() -> u32 {
@@ -368,6 +458,7 @@ impl Config {
             service.validate_ports(i, &mut claims)?;
             service.validate_source_ranges(i)?;
             service.validate_backends(i, size)?;
+            service.validate_health_check(i)?;
         }
         Ok(())
     }
@@ -419,6 +510,54 @@ impl Service {
                     ),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Health check: a port to go to, sane timing, a plain HTTP path.
+    fn validate_health_check(&self, i: usize) -> Result<(), ConfigError> {
+        let Some(h) = &self.health_check else {
+            return Ok(());
+        };
+        let at = |field: &str| format!("services[{i}].health_check.{field}");
+        match h.port {
+            Some(0) => return Err(error(at("port"), "port 0 is not allowed")),
+            None if self.ports.is_empty() => {
+                return Err(error(
+                    at("port"),
+                    "required for an all-ports VIP (there is no service port to default to)",
+                ));
+            }
+            _ => {}
+        }
+        if h.interval < Duration::from_millis(100) || h.interval > Duration::from_secs(3600) {
+            return Err(error(
+                at("interval"),
+                format!("{:?} is outside 100ms to 1h", h.interval),
+            ));
+        }
+        if h.timeout.is_zero() || h.timeout > h.interval {
+            return Err(error(
+                at("timeout"),
+                format!(
+                    "{:?} must be above 0 and at most the interval ({:?})",
+                    h.timeout, h.interval
+                ),
+            ));
+        }
+        for (field, v) in [("rise", h.rise), ("fall", h.fall)] {
+            if !(1..=100).contains(&v) {
+                return Err(error(at(field), format!("{v} is outside 1 to 100")));
+            }
+        }
+        if !h.path.starts_with('/') || h.path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(error(
+                at("path"),
+                format!(
+                    "{:?} must start with / and contain no spaces or control characters",
+                    h.path
+                ),
+            ));
         }
         Ok(())
     }
@@ -481,7 +620,10 @@ impl Service {
                 ));
             }
         }
-        if !self.backends.is_empty() && self.backends.iter().all(|b| b.weight == 0) {
+        if !self.backends.is_empty()
+            && self.backends.iter().all(|b| b.weight == 0)
+            && !self.backends.iter().any(|b| b.drain)
+        {
             return Err(error(
                 format!("services[{i}].backends"),
                 "every backend has weight 0; give at least one a weight above 0",
@@ -566,6 +708,35 @@ fn de_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Erro
         expecting: "an IP address",
         parse: parse_addr,
     })
+}
+
+/// Parses `500ms`, `2s`, `1.5s` or `1m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {text:?} (expected e.g. 500ms, 2s or 1m)");
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => t.split_at(i),
+        None => return Err(bad()),
+    };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(bad()),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    deserializer.deserialize_any(TextVisitor {
+        expecting: "a duration such as 500ms or 2s",
+        parse: parse_duration,
+    })
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", d.as_millis()))
 }
 
 fn de_socket_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
@@ -669,13 +840,16 @@ services:
                     BackendConfig {
                         address: v4(10, 0, 0, 11),
                         weight: 1,
+                        drain: false,
                     },
                     BackendConfig {
                         address: v4(10, 0, 0, 12),
                         weight: 1,
+                        drain: false,
                     },
                 ],
                 affinity: Affinity::None,
+                health_check: None,
             }],
         };
         assert_eq!(config, expected);
@@ -1035,6 +1209,88 @@ services:
              \x20 - name: empty\n    vip: 192.0.2.11\n",
         ))
         .expect("valid");
+    }
+
+    #[test]
+    fn drain_keeps_the_weight_and_may_empty_a_service_on_purpose() {
+        let config = Config::parse(&with_services(
+            "  - name: web\n    vip: 192.0.2.10\n    ports: [80]\n    backends:\n\
+             \x20     - address: 10.0.0.1\n        weight: 5\n        drain: true\n",
+        ))
+        .expect("draining the only backend is a choice, not a mistake");
+        let b = &config.services[0].backends[0];
+        assert_eq!((b.weight, b.effective_weight()), (5, 0));
+    }
+
+    #[test]
+    fn health_checks_are_validated_with_their_field_paths() {
+        let svc = |check: &str, ports: &str| {
+            with_services(&format!(
+                "  - name: web\n    vip: 192.0.2.10\n{ports}    health_check: {check}\n    \
+                 backends:\n      - address: 10.0.0.1\n"
+            ))
+        };
+        let ok = Config::parse(&svc(
+            "{type: http, path: /healthz, interval: 500ms, timeout: 200ms, rise: 1, fall: 2}",
+            "    ports: [80]\n",
+        ))
+        .expect("valid");
+        let h = ok.services[0].health_check.as_ref().expect("check");
+        assert_eq!(h.interval, Duration::from_millis(500));
+        assert_eq!(h.timeout, Duration::from_millis(200));
+        assert_eq!(ok.services[0].health_port(), Some(80));
+        let defaults = Config::parse(&svc("{type: tcp}", "    ports: [443, 80]\n")).expect("valid");
+        let h = defaults.services[0].health_check.as_ref().expect("check");
+        assert_eq!(
+            (h.interval, h.timeout, h.rise, h.fall, h.path.as_str()),
+            (Duration::from_secs(2), Duration::from_secs(1), 2, 3, "/")
+        );
+        assert_eq!(defaults.services[0].health_port(), Some(443));
+        for (check, ports, message) in [
+            (
+                "{type: tcp}",
+                "",
+                "services[0].health_check.port: required for an all-ports VIP",
+            ),
+            (
+                "{type: udp}",
+                "    ports: [80]\n",
+                "services[0].health_check.type: unknown variant",
+            ),
+            (
+                "{type: tcp, interval: 2}",
+                "    ports: [80]\n",
+                "services[0].health_check.interval: invalid duration \"2\"",
+            ),
+            (
+                "{type: tcp, interval: 50ms}",
+                "    ports: [80]\n",
+                "services[0].health_check.interval: 50ms is outside 100ms to 1h",
+            ),
+            (
+                "{type: tcp, interval: 1s, timeout: 2s}",
+                "    ports: [80]\n",
+                "services[0].health_check.timeout: 2s must be above 0 and at most the interval (1s)",
+            ),
+            (
+                "{type: tcp, fall: 0}",
+                "    ports: [80]\n",
+                "services[0].health_check.fall: 0 is outside 1 to 100",
+            ),
+            (
+                "{type: http, path: 'x y'}",
+                "    ports: [80]\n",
+                "services[0].health_check.path: \"x y\" must start with /",
+            ),
+            (
+                "{type: tcp, port: 0}",
+                "    ports: [80]\n",
+                "services[0].health_check.port: port 0 is not allowed",
+            ),
+        ] {
+            let err = fails(&svc(check, ports));
+            assert!(err.starts_with(message), "{check}: {err}");
+        }
     }
 
     #[test]

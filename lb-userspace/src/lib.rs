@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataplane;
 pub mod generate;
 pub mod handover;
+pub mod health;
 pub mod maglev;
 pub mod status;
 pub mod sys;
