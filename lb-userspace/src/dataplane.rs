@@ -71,13 +71,13 @@ pub enum DataplaneError {
     #[error("the XDP object has no {0}")]
     Missing(String),
     /// More services or backends than the maps were sized for.
-    #[error("{what} table is full ({max} entries); raise {knob} in the config")]
+    #[error("{what} table is full ({max} entries): {knob}")]
     Full {
         /// Which table.
         what: &'static str,
         /// Its size.
         max: u32,
-        /// The config field that sizes it.
+        /// What to do about it.
         knob: &'static str,
     },
     /// Taking over an earlier agent's state failed.
@@ -91,6 +91,14 @@ pub enum DataplaneError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// An apply failed midway; `restored` tells what became of the previous state.
+    #[error("{cause}; {restored}")]
+    Aborted {
+        /// What failed.
+        cause: Box<DataplaneError>,
+        /// Whether the previous state is back.
+        restored: Restored,
+    },
     /// Maglev could not build a table.
     #[error("service {service}: {source}")]
     Maglev {
@@ -100,6 +108,35 @@ pub enum DataplaneError {
         source: maglev::MaglevError,
     },
 }
+
+/// What became of the previous state after a failed apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restored {
+    /// It was applied again and is fully in force.
+    Yes,
+    /// There was none (the first apply failed): the maps hold what was written so far.
+    NothingBefore,
+    /// Applying it again failed too (the reason): the maps may be partly updated.
+    Failed(String),
+}
+
+impl std::fmt::Display for Restored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Restored::Yes => f.write_str("the previous state was restored and stays in force"),
+            Restored::NothingBefore => f.write_str("there was no previous state to restore"),
+            Restored::Failed(e) => write!(
+                f,
+                "restoring the previous state failed too ({e}); the maps may be partly updated"
+            ),
+        }
+    }
+}
+
+/// Entries of each decap allow-list trie (as in lb-ebpf/src/maps.rs).
+const DECAP_ENTRIES: usize = 1024;
+/// Entries of each local-address map (as in lb-ebpf/src/maps.rs).
+const LOCAL_ENTRIES: usize = 256;
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
     let what = what.into();
@@ -387,6 +424,8 @@ pub struct Dataplane {
     reserved_backends: StdHashMap<(String, IpAddr), u32>,
     /// Whether the counters of reserved ids came along (then they are not reset).
     carried_stats: bool,
+    /// The last state applied in full: what a failed apply restores.
+    last_applied: Option<Desired>,
     services: BTreeMap<String, ServiceState>,
     backends: StdHashMap<(String, IpAddr), BackendState>,
     service_ids: IdPool,
@@ -445,7 +484,7 @@ impl Dataplane {
             .ok_or(DataplaneError::Full {
                 what: "maglev ring",
                 max: u32::MAX,
-                knob: "max_services",
+                knob: "raise max_services in the config",
             })?;
         let decap: u32 = opts.decap.into();
         let ring_size = opts.ring_size;
@@ -510,6 +549,7 @@ impl Dataplane {
             reserved_services: StdHashMap::new(),
             reserved_backends: StdHashMap::new(),
             carried_stats: false,
+            last_applied: None,
             services: BTreeMap::new(),
             backends: StdHashMap::new(),
             service_ids: IdPool::new(opts.max_services),
@@ -849,7 +889,146 @@ impl Dataplane {
     }
 
     /// Makes the maps express `desired`, writing only what differs from the last apply.
+    ///
+    /// All or nothing: what would not fit (ids, VIP entries, source ranges, allow lists)
+    /// is refused before anything is written; an update that fails midway anyway is
+    /// undone by applying the previous state again, and the error says so.
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplySummary, DataplaneError> {
+        self.check_capacity(desired)?;
+        match self.apply_inner(desired) {
+            Ok(sum) => {
+                self.last_applied = Some(desired.clone());
+                Ok(sum)
+            }
+            Err(cause) => {
+                let restored = match self.last_applied.clone() {
+                    Some(previous) => match self.apply_inner(&previous) {
+                        Ok(_) => Restored::Yes,
+                        Err(e) => Restored::Failed(e.to_string()),
+                    },
+                    None => Restored::NothingBefore,
+                };
+                Err(DataplaneError::Aborted {
+                    cause: Box::new(cause),
+                    restored,
+                })
+            }
+        }
+    }
+
+    /// Refuses `desired` if applying it would overflow a map. Entries being replaced
+    /// count twice: new ones go in before old ones leave, so traffic never meets a gap.
+    fn check_capacity(&self, desired: &Desired) -> Result<(), DataplaneError> {
+        let new_services = desired
+            .services
+            .iter()
+            .filter(|s| !self.services.contains_key(&s.name))
+            .count();
+        if self.services.len() + new_services > self.opts.max_services as usize {
+            return Err(DataplaneError::Full {
+                what: "service",
+                max: self.opts.max_services,
+                knob: "raise max_services in the config (while an apply replaces services, the old and the new ones are held together)",
+            });
+        }
+        let new_backends: std::collections::HashSet<(&str, IpAddr)> = desired
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(move |b| (s.name.as_str(), b.address)))
+            .filter(|(n, a)| !self.backends.contains_key(&(n.to_string(), *a)))
+            .collect();
+        if self.backends.len() + new_backends.len() > self.opts.max_backends as usize {
+            return Err(DataplaneError::Full {
+                what: "backend",
+                max: self.opts.max_backends,
+                knob: "raise max_backends in the config (while an apply replaces backends, the old and the new ones are held together)",
+            });
+        }
+        // VIP map: current keys and markers plus every new one.
+        let mut keys: std::collections::HashSet<VipKey> = self
+            .services
+            .values()
+            .flat_map(|s| s.vips.iter().copied())
+            .chain(self.markers.keys().copied())
+            .collect();
+        for svc in &desired.services {
+            for &(addr, port, proto) in &svc.vips {
+                let (addr, family) = addr_bytes(addr);
+                keys.insert(VipKey {
+                    addr,
+                    port: port.to_be(),
+                    proto,
+                    family,
+                });
+                keys.insert(VipKey {
+                    addr,
+                    port: 0,
+                    proto: icmp_proto(family),
+                    family,
+                });
+            }
+        }
+        let vip_capacity = handover::max_entries_overrides(&self.opts)
+            .into_iter()
+            .find(|(n, _)| *n == map_names::VIPS)
+            .map_or(u32::MAX, |(_, v)| v);
+        if keys.len() > vip_capacity as usize {
+            return Err(DataplaneError::Full {
+                what: "VIP",
+                max: vip_capacity,
+                knob: "raise max_services in the config",
+            });
+        }
+        // Source-range tries, per family: entries now plus those this apply adds.
+        let (mut v4, mut v6) = (0usize, 0usize);
+        let mut count = |r: &ipnet::IpNet| match r {
+            ipnet::IpNet::V4(_) => v4 += 1,
+            ipnet::IpNet::V6(_) => v6 += 1,
+        };
+        for state in self.services.values() {
+            state.source_ranges.iter().for_each(&mut count);
+        }
+        for svc in &desired.services {
+            let known = self.services.get(&svc.name).map(|s| &s.source_ranges);
+            svc.source_ranges
+                .iter()
+                .filter(|r| known.is_none_or(|k| !k.contains(r)))
+                .for_each(&mut count);
+        }
+        let trie = crate::config::MAX_SOURCE_RANGES;
+        if v4 > trie || v6 > trie {
+            return Err(DataplaneError::Full {
+                what: "source range",
+                max: trie as u32,
+                knob: "list fewer source ranges in total",
+            });
+        }
+        for (what, n, max) in [
+            (
+                "IPv4 decap allow list",
+                desired.decap_v4.len(),
+                DECAP_ENTRIES,
+            ),
+            (
+                "IPv6 decap allow list",
+                desired.decap_v6.len(),
+                DECAP_ENTRIES,
+            ),
+            ("local IPv4 address", desired.local_v4.len(), LOCAL_ENTRIES),
+            ("local IPv6 address", desired.local_v6.len(), LOCAL_ENTRIES),
+        ] {
+            if n > max {
+                return Err(DataplaneError::Full {
+                    what,
+                    max: max as u32,
+                    knob: "list fewer networks in decap.allow (or give the node fewer addresses)",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_inner(&mut self, desired: &Desired) -> Result<ApplySummary, DataplaneError> {
         let mut sum = ApplySummary::default();
         let ring_size = self.opts.ring_size;
 
@@ -873,7 +1052,7 @@ impl Dataplane {
                             let id = self.service_ids.take().ok_or(DataplaneError::Full {
                                 what: "service",
                                 max: self.opts.max_services,
-                                knob: "max_services",
+                                knob: "raise max_services in the config",
                             })?;
                             self.zero_per_cpu::<ServiceStats>(map_names::SERVICE_STATS, id)?;
                             id
@@ -923,7 +1102,7 @@ impl Dataplane {
                                 let id = self.backend_ids.take().ok_or(DataplaneError::Full {
                                     what: "backend",
                                     max: self.opts.max_backends,
-                                    knob: "max_backends",
+                                    knob: "raise max_backends in the config",
                                 })?;
                                 self.zero_per_cpu::<BackendStats>(map_names::BACKEND_STATS, id)?;
                                 id

@@ -1362,3 +1362,88 @@ fn next_hops_are_reused_until_the_agent_expires_them() {
     let (_, out) = f.run(&frame);
     assert_eq!(&out[0..6], &new_mac, "after it, the FIB is asked again");
 }
+
+/// Every VIP entry and every used backend entry, to compare the maps before and after.
+fn map_snapshot(
+    dp: &Dataplane,
+) -> (
+    Vec<(lb_common::VipKey, lb_common::VipInfo)>,
+    Vec<lb_common::Backend>,
+) {
+    let vips: aya::maps::HashMap<&MapData, lb_common::VipKey, lb_common::VipInfo> =
+        aya::maps::HashMap::try_from(dp.map(map_names::VIPS).expect("vips")).expect("typed");
+    let mut v: Vec<_> = vips.iter().map(|e| e.expect("entry")).collect();
+    v.sort_by_key(|(k, _)| *k);
+    let backends: aya::maps::Array<&MapData, lb_common::Backend> =
+        aya::maps::Array::try_from(dp.map(map_names::BACKENDS).expect("backends")).expect("typed");
+    let b = backends
+        .iter()
+        .map(|e| e.expect("entry"))
+        .filter(|b| b.family != 0)
+        .collect();
+    (v, b)
+}
+
+#[test]
+fn an_apply_that_would_not_fit_changes_nothing_and_says_why() {
+    let ifindex = enter_namespace();
+    let mut dp = Dataplane::load(&LoadOptions {
+        max_services: 2,
+        max_backends: 4,
+        ..opts(false)
+    })
+    .expect("load");
+    let running = Desired {
+        services: vec![
+            service("a", VIP, 80, PROTO_TCP, false, &[B1, B2]),
+            service("b", VIP, 443, PROTO_TCP, false, &[B3]),
+        ],
+        ..Default::default()
+    };
+    dp.apply(&running).expect("apply");
+    let before = map_snapshot(&dp);
+    // Two new services in place of the two running ones: each fits the maps on its own,
+    // but the switch holds old and new together, which does not.
+    let renamed = Desired {
+        services: vec![
+            service("c", VIP, 80, PROTO_TCP, false, &[B2]),
+            service("d", VIP, 443, PROTO_TCP, false, &[B1]),
+        ],
+        ..Default::default()
+    };
+    let err = dp.apply(&renamed).expect_err("does not fit").to_string();
+    assert!(
+        err.contains("service table is full (2 entries)") && err.contains("raise max_services"),
+        "{err}"
+    );
+    assert_eq!(map_snapshot(&dp), before, "nothing written");
+    let too_many_backends = Desired {
+        services: vec![
+            service("a", VIP, 80, PROTO_TCP, false, &[B1, B2, B3]),
+            service("b", VIP, 443, PROTO_TCP, false, &[B1, B2]),
+        ],
+        ..Default::default()
+    };
+    let err = dp
+        .apply(&too_many_backends)
+        .expect_err("does not fit")
+        .to_string();
+    assert!(err.contains("backend table is full (4 entries)"), "{err}");
+    assert_eq!(map_snapshot(&dp), before, "nothing written");
+    // The running state still forwards exactly as before.
+    let prog = dp.program().expect("program");
+    let frame = client_tcp(VIP, 40000, 443, SYN);
+    let r = l3lb::testing::run_xdp(prog, ifindex, &frame).expect("test_run");
+    assert_eq!(r.verdict, XDP_TX);
+    assert_eq!(r.frame, expected_ipip(&frame[14..], B3, B3_MAC));
+    // And an apply that fits goes through.
+    let reweighted = Desired {
+        services: vec![
+            service("a", VIP, 80, PROTO_TCP, false, &[B1]),
+            service("b", VIP, 443, PROTO_TCP, false, &[B3, B2]),
+        ],
+        ..Default::default()
+    };
+    dp.apply(&reweighted).expect("fits");
+    assert_ne!(map_snapshot(&dp), before);
+}
