@@ -197,6 +197,7 @@ impl Agent {
     ) -> anyhow::Result<Self> {
         let config = Config::load(config_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+        sys::require_capabilities()?;
         sys::require_interface(&config.interface)?;
         let encap = encap_sources(&config)?;
         sys::ensure_bpffs(&config.pin_path)?;

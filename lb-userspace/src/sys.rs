@@ -219,3 +219,68 @@ pub fn prime_neighbours(addrs: impl IntoIterator<Item = IpAddr>) {
         }
     }
 }
+
+/// The capabilities `l3lb run` needs, with their bit numbers.
+const NEEDED_CAPS: [(&str, u32); 3] = [("CAP_BPF", 39), ("CAP_NET_ADMIN", 12), ("CAP_PERFMON", 38)];
+
+/// `CAP_SYS_ADMIN` stands in for `CAP_BPF` and `CAP_PERFMON` (kernels before 5.8 know only it).
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// The capabilities of `NEEDED_CAPS` missing from the effective set `cap_eff`.
+pub fn missing_capabilities(cap_eff: u64) -> Vec<&'static str> {
+    let has = |bit: u32| cap_eff & (1u64 << bit) != 0;
+    NEEDED_CAPS
+        .iter()
+        .filter(|(name, bit)| !has(*bit) && !(*name != "CAP_NET_ADMIN" && has(CAP_SYS_ADMIN)))
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+/// Fails with the names of the capabilities this process lacks for loading and
+/// attaching XDP (`CAP_BPF`, `CAP_NET_ADMIN`, `CAP_PERFMON`; nothing more is needed).
+pub fn require_capabilities() -> anyhow::Result<()> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .context("no CapEff line in /proc/self/status")?;
+    let missing = missing_capabilities(eff);
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "missing capabilities: {}. l3lb run needs CAP_BPF (maps and programs), \
+             CAP_NET_ADMIN (attaching XDP) and CAP_PERFMON (the verifier's pointer checks), \
+             and nothing else; grant them (e.g. securityContext.capabilities.add in \
+             Kubernetes, AmbientCapabilities= in systemd) or run as root",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_each_missing_capability_and_accepts_sys_admin_for_bpf_and_perfmon() {
+        let bit = |b: u32| 1u64 << b;
+        assert!(missing_capabilities(bit(39) | bit(12) | bit(38)).is_empty());
+        assert_eq!(missing_capabilities(bit(12) | bit(38)), vec!["CAP_BPF"]);
+        assert_eq!(
+            missing_capabilities(bit(39) | bit(38)),
+            vec!["CAP_NET_ADMIN"]
+        );
+        assert_eq!(missing_capabilities(bit(39) | bit(12)), vec!["CAP_PERFMON"]);
+        assert!(
+            missing_capabilities(bit(21) | bit(12)).is_empty(),
+            "SYS_ADMIN covers both"
+        );
+        assert_eq!(missing_capabilities(bit(21)), vec!["CAP_NET_ADMIN"]);
+        assert_eq!(
+            missing_capabilities(0),
+            vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]
+        );
+    }
+}

@@ -220,9 +220,10 @@ fn each_capability_the_daemonset_adds_is_needed() {
             !exit.success() && !text.contains("l3lb ready"),
             "without {missing} the agent still started:\n{text}"
         );
+        let name = format!("CAP_{}", missing.trim_start_matches("CAP_"));
         assert!(
-            text.contains("error:"),
-            "without {missing}: an error message ({exit:?})\n{text}"
+            text.contains("error: missing capabilities: ") && text.contains(&name),
+            "without {missing}: an error naming it ({exit:?})\n{text}"
         );
     }
     let _ = std::fs::remove_dir_all(&s.dir);
