@@ -231,7 +231,10 @@ pub fn missing_capabilities(cap_eff: u64) -> Vec<&'static str> {
     let has = |bit: u32| cap_eff & (1u64 << bit) != 0;
     NEEDED_CAPS
         .iter()
-        .filter(|(name, bit)| !has(*bit) && !(*name != "CAP_NET_ADMIN" && has(CAP_SYS_ADMIN)))
+        .filter(|(name, bit)| {
+            let covered = *name != "CAP_NET_ADMIN" && has(CAP_SYS_ADMIN);
+            !has(*bit) && !covered
+        })
         .map(|(name, _)| *name)
         .collect()
 }
