@@ -8,6 +8,7 @@ pub mod generate;
 pub mod handover;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod status;
 pub mod sys;
 pub mod testing;
