@@ -46,6 +46,16 @@ pub const SETTINGS_NEXTHOP_EPOCH: u32 = 1;
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
 
+/// `BackendMeta::health`: not checked (no health check has run for it).
+pub const HEALTH_UNKNOWN: u8 = 0;
+/// `BackendMeta::health`: the last health check passed.
+pub const HEALTH_UP: u8 = 1;
+/// `BackendMeta::health`: the last health check failed.
+pub const HEALTH_DOWN: u8 = 2;
+
+/// Bytes of a service name in `ServiceMeta` (longer names are cut at a character boundary).
+pub const SERVICE_NAME_LEN: usize = 128;
+
 /// Names of the maps, as pinned under `<pin_path>/maps/` (kernel limit: 15 characters).
 pub mod map_names {
     /// `VipKey` → `VipInfo`: which destinations are VIPs and which service owns them.
@@ -85,6 +95,10 @@ pub mod map_names {
     pub const LOCAL_V4: &str = "L3LB_LOCAL_V4";
     /// IPv6 address → 1: this node's own IPv6 addresses.
     pub const LOCAL_V6: &str = "L3LB_LOCAL_V6";
+    /// Service id → `ServiceMeta`: names for `l3lb status`; the program never reads it.
+    pub const SERVICE_META: &str = "L3LB_SVC_META";
+    /// Backend id → `BackendMeta`: weight and health for `l3lb status`; never read by the program.
+    pub const BACKEND_META: &str = "L3LB_BE_META";
 }
 
 /// Names of the load-time globals in the XDP object.
@@ -187,6 +201,12 @@ pub struct FlowState {
     pub backend: u32,
     /// Service id the flow was balanced for (guards against backend id reuse).
     pub service: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the entry was written: the flow's first
+    /// packet, a TCP SYN, or a packet of a flow the table had lost. Written only with the
+    /// entry, never by the packets that find it, so the established path stays read-only;
+    /// `l3lb flows` orders by it. Nanoseconds because flows opened within one second (or
+    /// one jiffy) must still sort, and the kernel rounds hash values up to 8 bytes anyway.
+    pub created_ns: u64,
 }
 
 /// Per-service counters (one instance per CPU).
@@ -211,6 +231,37 @@ pub struct BackendStats {
     pub packets: u64,
     /// Bytes of those packets before encapsulation (L3 length).
     pub bytes: u64,
+}
+
+/// Value of the service metadata map: what `l3lb status` shows about a service that the
+/// data plane does not need. Written by the agent when it creates a service; never read by
+/// the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceMeta {
+    /// The service's name, UTF-8, NUL-padded (no terminator when it fills the array).
+    pub name: [u8; SERVICE_NAME_LEN],
+}
+
+impl Default for ServiceMeta {
+    fn default() -> Self {
+        Self {
+            name: [0; SERVICE_NAME_LEN],
+        }
+    }
+}
+
+/// Value of the backend metadata map: what `l3lb status` shows about a backend that the
+/// data plane does not need. Written by the agent; never read by the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendMeta {
+    /// Maglev weight as configured; 0 takes no new flows (draining).
+    pub weight: u32,
+    /// `HEALTH_UNKNOWN`, `HEALTH_UP` or `HEALTH_DOWN`.
+    pub health: u8,
+    /// Explicit padding; zero.
+    pub _pad: [u8; 3],
 }
 
 /// Key of a fragmented datagram: addresses, protocol and IP identification.
@@ -394,7 +445,10 @@ const _: () = {
     assert!(core::mem::size_of::<VipInfo>() == 16);
     assert!(core::mem::size_of::<Backend>() == 24);
     assert!(core::mem::size_of::<FlowKey>() == 40);
-    assert!(core::mem::size_of::<FlowState>() == 8);
+    assert!(core::mem::size_of::<FlowState>() == 16);
+    assert!(core::mem::offset_of!(FlowState, created_ns) == 8);
+    assert!(core::mem::size_of::<ServiceMeta>() == SERVICE_NAME_LEN);
+    assert!(core::mem::size_of::<BackendMeta>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 32);
     assert!(core::mem::size_of::<BackendStats>() == 16);
     assert!(core::mem::size_of::<FragKey>() == 40);
@@ -419,4 +473,6 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for SrcRangeV4 {}
     unsafe impl aya::Pod for SrcRangeV6 {}
+    unsafe impl aya::Pod for ServiceMeta {}
+    unsafe impl aya::Pod for BackendMeta {}
 }

@@ -1,5 +1,6 @@
 //! Backend selection: the connection table first, Maglev on a miss.
 
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use lb_common::{Backend, FlowKey, FlowState, SERVICE_F_AFFINITY_CLIENT_IP, VipInfo, flow_hash};
 
 use crate::maps::{BACKENDS, FLOWS, RINGS, SCRATCH};
@@ -81,11 +82,16 @@ pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
         return Some(c);
     }
     let choice = from_table(key, vip)?;
+    // The creation stamp costs one clock read per new entry only; packets that find their
+    // entry never write it (no per-packet stores on the established path).
+    // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
+    let created_ns = unsafe { bpf_ktime_get_ns() };
     let _ = FLOWS.insert(
         key,
         FlowState {
             backend: choice.id,
             service: vip.service,
+            created_ns,
         },
         0,
     );

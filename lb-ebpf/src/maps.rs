@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    ACTION_COUNT, Backend, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6, EVENT_COUNT, FlowKey,
-    FlowState, FragKey, ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey,
+    ACTION_COUNT, Backend, BackendMeta, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6,
+    EVENT_COUNT, FlowKey, FlowState, FragKey, ServiceMeta, ServiceStats, SrcRangeV4, SrcRangeV6,
+    VipInfo, VipKey,
 };
 
 /// `VipKey` → `VipInfo`; written by the agent (size: load time).
@@ -136,3 +137,13 @@ pub static NEXTHOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(1, 0
 /// Index 0 → `SETTINGS_F_*` bits, index 1 → next-hop epoch; written by the agent.
 #[map(name = "L3LB_SETTINGS")]
 pub static SETTINGS: Array<u32> = Array::with_max_entries(2, 0);
+
+/// Service id → `ServiceMeta` (name); written by the agent for `l3lb status`, never read
+/// by this program (size: load time).
+#[map(name = "L3LB_SVC_META")]
+pub static SERVICE_META: Array<ServiceMeta> = Array::with_max_entries(1, 0);
+
+/// Backend id → `BackendMeta` (weight, health); written by the agent for `l3lb status`,
+/// never read by this program (size: load time).
+#[map(name = "L3LB_BE_META")]
+pub static BACKEND_META: Array<BackendMeta> = Array::with_max_entries(1, 0);

@@ -18,8 +18,8 @@ use tracing::{error, info, warn};
 use crate::{
     config::{Affinity, Config, Forwarding, XdpMode},
     dataplane::{
-        ApplySummary, Attached, Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions,
-        ServiceMode,
+        ApplySummary, Attached, Dataplane, Desired, DesiredBackend, DesiredService, Health,
+        LoadOptions, ServiceMode,
     },
     handover, health, sys,
 };
@@ -180,6 +180,8 @@ pub struct Agent {
     health: health::Tracker,
     probes: health::Probes,
     health_tx: mpsc::Sender<health::Outcome>,
+    /// The verdict last written to the metadata map per checked backend.
+    health_shown: std::collections::HashMap<health::Key, bool>,
 }
 
 impl Agent {
@@ -302,6 +304,7 @@ impl Agent {
             health: tracker,
             probes,
             health_tx,
+            health_shown: std::collections::HashMap::new(),
         })
     }
 
@@ -336,6 +339,8 @@ impl Agent {
         sys::prime_neighbours(remote_backends(&desired));
         info!(%summary, "applied config");
         self.probes = health::start(&new, &self.health_tx);
+        // Backends the apply re-created show `unknown` until their next check.
+        self.health_shown.clear();
         self.config = new;
         Ok(())
     }
@@ -396,7 +401,22 @@ impl Agent {
     /// Takes one health check outcome; a backend that changes state is taken out of (or
     /// put back into) new-connection selection at once.
     pub fn health_outcome(&mut self, outcome: health::Outcome) {
-        let Some(t) = self.health.record(outcome) else {
+        let key = outcome.key.clone();
+        let transition = self.health.record(outcome);
+        // The pinned metadata shows each checked backend's verdict (for status and
+        // metrics) from its first check on.
+        if let Some(up) = self.health.state(&key)
+            && self.health_shown.get(&key) != Some(&up)
+        {
+            let h = if up { Health::Up } else { Health::Down };
+            match self.dataplane.set_backend_health(&key.0, key.1, h) {
+                Ok(()) => {
+                    self.health_shown.insert(key, up);
+                }
+                Err(e) => tracing::debug!("recording health: {e}"),
+            }
+        }
+        let Some(t) = transition else {
             return;
         };
         let (service, backend) = (&t.key.0, t.key.1);

@@ -20,9 +20,9 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, BackendStats, FAMILY_V4, FAMILY_V6, SERVICE_F_AFFINITY_CLIENT_IP,
-    SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey,
-    globals, map_names,
+    BACKEND_F_LOCAL, Backend, BackendMeta, BackendStats, FAMILY_V4, FAMILY_V6,
+    SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, ServiceMeta, ServiceStats,
+    SrcRangeV4, SrcRangeV6, VipInfo, VipKey, globals, map_names,
 };
 use thiserror::Error;
 
@@ -98,6 +98,14 @@ pub enum DataplaneError {
         cause: Box<DataplaneError>,
         /// Whether the previous state is back.
         restored: Restored,
+    },
+    /// A backend named by a caller is not in the applied state.
+    #[error("service {service} has no backend {address}")]
+    UnknownBackend {
+        /// The service named.
+        service: String,
+        /// The backend address named.
+        address: IpAddr,
     },
     /// Maglev could not build a table.
     #[error("service {service}: {source}")]
@@ -260,6 +268,70 @@ struct ServiceState {
 struct BackendState {
     id: u32,
     entry: Backend,
+    /// What `L3LB_BE_META` holds for it (weight from the config, health from the checks).
+    meta: BackendMeta,
+}
+
+/// A backend's health as health checks report it (what `l3lb status` shows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// No check has run for it (the state after every apply that adds it).
+    Unknown,
+    /// The last check passed.
+    Up,
+    /// The last check failed.
+    Down,
+}
+
+impl Health {
+    /// The `HEALTH_*` value stored in `BackendMeta::health`.
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Health::Unknown => lb_common::HEALTH_UNKNOWN,
+            Health::Up => lb_common::HEALTH_UP,
+            Health::Down => lb_common::HEALTH_DOWN,
+        }
+    }
+
+    /// The health a `BackendMeta::health` value stands for (unknown values read as unknown).
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            lb_common::HEALTH_UP => Health::Up,
+            lb_common::HEALTH_DOWN => Health::Down,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// Stable lower-case name, used in `l3lb status` and its JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
+}
+
+/// The `ServiceMeta` of a service called `name`: the name NUL-padded, cut at a character
+/// boundary when longer than the field.
+pub fn service_meta(name: &str) -> ServiceMeta {
+    let mut meta = ServiceMeta::default();
+    let mut end = name.len().min(lb_common::SERVICE_NAME_LEN);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    meta.name[..end].copy_from_slice(&name.as_bytes()[..end]);
+    meta
+}
+
+/// The name a `ServiceMeta` holds; `None` for an empty (unwritten) entry.
+pub fn service_name(meta: &ServiceMeta) -> Option<String> {
+    let len = meta
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(meta.name.len());
+    (len > 0).then(|| String::from_utf8_lossy(&meta.name[..len]).into_owned())
 }
 
 /// Hands out ids, reusing released ones last so a just-freed id is not reused at once.
@@ -1058,6 +1130,10 @@ impl Dataplane {
                             id
                         }
                     };
+                    // The name goes in with the id, before any VIP entry names the id.
+                    self.array::<ServiceMeta>(map_names::SERVICE_META)?
+                        .set(id, service_meta(&svc.name), 0)
+                        .map_err(map_err(format!("name of service {}", svc.name)))?;
                     let state = ServiceState {
                         id,
                         active_slot: id * 2 + 1,
@@ -1080,15 +1156,27 @@ impl Dataplane {
                     service: state.id,
                 };
                 let key = (svc.name.clone(), b.address);
-                let existing = self.backends.get(&key).map(|s| (s.id, s.entry));
+                let existing = self.backends.get(&key).map(|s| (s.id, s.entry, s.meta));
                 match existing {
-                    Some((_, old)) if old == entry => {}
-                    Some((id, _)) => {
-                        self.array::<Backend>(map_names::BACKENDS)?
-                            .set(id, entry, 0)
-                            .map_err(map_err(format!("backend {}", b.address)))?;
+                    Some((id, old, meta)) => {
+                        if old != entry {
+                            self.array::<Backend>(map_names::BACKENDS)?
+                                .set(id, entry, 0)
+                                .map_err(map_err(format!("backend {}", b.address)))?;
+                        }
+                        // A reweight keeps the health the checks last reported.
+                        let meta_now = BackendMeta {
+                            weight: b.weight,
+                            ..meta
+                        };
+                        if meta_now != meta {
+                            self.array::<BackendMeta>(map_names::BACKEND_META)?
+                                .set(id, meta_now, 0)
+                                .map_err(map_err(format!("weight of backend {}", b.address)))?;
+                        }
                         if let Some(s) = self.backends.get_mut(&key) {
                             s.entry = entry;
+                            s.meta = meta_now;
                         }
                     }
                     None => {
@@ -1108,10 +1196,18 @@ impl Dataplane {
                                 id
                             }
                         };
+                        let meta = BackendMeta {
+                            weight: b.weight,
+                            health: lb_common::HEALTH_UNKNOWN,
+                            _pad: [0; 3],
+                        };
+                        self.array::<BackendMeta>(map_names::BACKEND_META)?
+                            .set(id, meta, 0)
+                            .map_err(map_err(format!("weight of backend {}", b.address)))?;
                         self.array::<Backend>(map_names::BACKENDS)?
                             .set(id, entry, 0)
                             .map_err(map_err(format!("backend {}", b.address)))?;
-                        self.backends.insert(key, BackendState { id, entry });
+                        self.backends.insert(key, BackendState { id, entry, meta });
                         sum.backends_added += 1;
                     }
                 }
@@ -1243,6 +1339,10 @@ impl Dataplane {
                     map.remove(k)
                         .map_err(map_err(format!("VIP of removed service {name}")))?;
                 }
+                // No stale name for an id until it is given out again.
+                self.array::<ServiceMeta>(map_names::SERVICE_META)?
+                    .set(state.id, ServiceMeta::default(), 0)
+                    .map_err(map_err(format!("name of removed service {name}")))?;
                 self.service_ids.give(state.id);
                 sum.services_removed += 1;
             }
@@ -1265,6 +1365,9 @@ impl Dataplane {
             if let Some(s) = self.backends.remove(&key) {
                 self.array::<Backend>(map_names::BACKENDS)?
                     .set(s.id, Backend::default(), 0)
+                    .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
+                self.array::<BackendMeta>(map_names::BACKEND_META)?
+                    .set(s.id, BackendMeta::default(), 0)
                     .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
                 self.backend_ids.give(s.id);
                 sum.backends_removed += 1;
@@ -1380,6 +1483,37 @@ impl Dataplane {
         self.backends
             .get(&(service.to_string(), addr))
             .map(|s| s.id)
+    }
+
+    /// Records the health a check found for backend `address` of `service`, for `l3lb
+    /// status` (the data plane does not act on it). Kept across applies that keep the
+    /// backend; a backend added anew starts as [`Health::Unknown`].
+    pub fn set_backend_health(
+        &mut self,
+        service: &str,
+        address: IpAddr,
+        health: Health,
+    ) -> Result<(), DataplaneError> {
+        let key = (service.to_string(), address);
+        let (id, meta) = self
+            .backends
+            .get(&key)
+            .map(|s| (s.id, s.meta))
+            .ok_or_else(|| DataplaneError::UnknownBackend {
+                service: service.to_string(),
+                address,
+            })?;
+        let meta = BackendMeta {
+            health: health.as_u8(),
+            ..meta
+        };
+        self.array::<BackendMeta>(map_names::BACKEND_META)?
+            .set(id, meta, 0)
+            .map_err(map_err(format!("health of backend {address} of {service}")))?;
+        if let Some(s) = self.backends.get_mut(&key) {
+            s.meta = meta;
+        }
+        Ok(())
     }
 
     /// Service id currently assigned to `name`, if any.

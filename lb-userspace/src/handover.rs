@@ -141,6 +141,8 @@ pub fn max_entries_overrides(opts: &LoadOptions) -> Vec<(&'static str, u32)> {
         (map_names::SERVICE_STATS, opts.max_services),
         (map_names::BACKEND_STATS, opts.max_backends),
         (map_names::NEXTHOPS, opts.max_backends),
+        (map_names::SERVICE_META, opts.max_services),
+        (map_names::BACKEND_META, opts.max_backends),
     ]
 }
 

@@ -43,12 +43,34 @@ enum Command {
     /// Benchmark tools.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Show VIPs, backends and counters from the pinned maps of a running agent.
+    /// Show services, VIPs, backends (weight, health), counters and connection-table usage.
+    ///
+    /// Reads only the pinned maps, so it works whether or not the agent runs. The
+    /// connection-table count is taken now, by walking the table.
     Status {
         /// The agent's pin_path.
         #[arg(long, default_value = "/sys/fs/bpf/l3lb")]
         pin_path: PathBuf,
         /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the connection-table entries of a VIP, newest first: client, service, backend.
+    ///
+    /// Bounded: walks the table once (at most its capacity), keeps the VIP's entries and
+    /// prints the newest --limit of them, by the time each entry was written. Reads only
+    /// the pinned maps, so it works whether or not the agent runs.
+    Flows {
+        /// The VIP: ADDR (every port) or ADDR:PORT ([ADDR]:PORT for IPv6).
+        #[arg(long)]
+        vip: l3lb::flows::VipFilter,
+        /// The most entries to print.
+        #[arg(long, default_value_t = l3lb::flows::DEFAULT_LIMIT)]
+        limit: usize,
+        /// The agent's pin_path.
+        #[arg(long, default_value = "/sys/fs/bpf/l3lb")]
+        pin_path: PathBuf,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -213,7 +235,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { pin_path, json } => {
-            let status = l3lb::status::read(&l3lb::agent::pin_dir(&pin_path))?;
+            let status = l3lb::status::read(&l3lb::agent::pin_dir(&pin_path))
+                .context("reading the status")?;
             if json {
                 println!(
                     "{}",
@@ -221,6 +244,24 @@ fn run(command: Command) -> anyhow::Result<()> {
                 );
             } else {
                 print!("{}", l3lb::status::render(&status));
+            }
+            Ok(())
+        }
+        Command::Flows {
+            vip,
+            limit,
+            pin_path,
+            json,
+        } => {
+            let list = l3lb::flows::read(&l3lb::agent::pin_dir(&pin_path), &vip, limit)
+                .with_context(|| format!("listing the flows to {vip}"))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).context("encoding JSON")?
+                );
+            } else {
+                print!("{}", l3lb::flows::render(&list));
             }
             Ok(())
         }

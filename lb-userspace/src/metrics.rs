@@ -7,7 +7,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     path::Path,
     sync::{Arc, Mutex, PoisonError},
 };
@@ -20,35 +19,17 @@ use prometheus_client::{
 
 use crate::status::{self, Status};
 
-/// What the agent knows about a backend beyond the maps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendLabel {
-    /// Service name.
-    pub service: String,
-    /// Backend address.
-    pub address: IpAddr,
-    /// Weight new connections see (0 while drained or failing its check).
-    pub weight: u32,
-    /// Health check verdict; `None` when the service has no check.
-    pub healthy: Option<bool>,
-}
-
-/// The agent's side of the metrics, updated after every apply.
+/// What only the agent knows, updated after every apply (names, weights and health come
+/// from the pinned metadata maps with the counters).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Labels {
-    /// Service id → name.
-    pub services: BTreeMap<u32, String>,
-    /// Backend id → labels.
-    pub backends: BTreeMap<u32, BackendLabel>,
     /// Applies attempted since start (the first is 1).
     pub generation: u64,
     /// Whether the last apply succeeded.
     pub last_apply_ok: bool,
     /// Unix time of the last successful apply (0: none yet).
     pub last_success_unix: f64,
-    /// Capacity of the connection table.
-    pub conntrack_capacity: u32,
-    /// Kubernetes watch state by resource kind (1 = watching), in Kubernetes mode.
+    /// Kubernetes watch state by resource kind (true = established), in Kubernetes mode.
     pub watches: BTreeMap<String, bool>,
 }
 
@@ -92,10 +73,11 @@ fn gauge_i64(v: u64) -> i64 {
 pub fn render(status: &Status, labels: &Labels) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::default();
     let service_name = |id: u32| {
-        labels
+        status
             .services
-            .get(&id)
-            .cloned()
+            .iter()
+            .find(|s| s.service == id)
+            .and_then(|s| s.name.clone())
             .unwrap_or_else(|| format!("#{id}"))
     };
 
@@ -162,21 +144,23 @@ pub fn render(status: &Status, labels: &Labels) -> Result<String, std::fmt::Erro
         "1 when the backend passes its health check, 0 when it fails (only for checked services)",
     );
     for b in &status.backends {
-        let known = labels.backends.get(&b.id);
-        let l = label(&[
-            (
-                "service",
-                known.map_or_else(|| service_name(b.service), |k| k.service.clone()),
-            ),
-            ("backend", b.address.to_string()),
-        ]);
+        let service = b
+            .service_name
+            .clone()
+            .unwrap_or_else(|| service_name(b.service));
+        let l = label(&[("service", service), ("backend", b.address.to_string())]);
         be_packets.get_or_create(&l).inc_by(b.packets);
         be_bytes.get_or_create(&l).inc_by(b.bytes);
-        if let Some(k) = known {
-            be_weight.get_or_create(&l).set(i64::from(k.weight));
-            if let Some(h) = k.healthy {
-                be_up.get_or_create(&l).set(i64::from(h));
-            }
+        if let Some(w) = b.weight {
+            be_weight.get_or_create(&l).set(i64::from(w));
+        }
+        let healthy = match b.health.as_str() {
+            "up" => Some(1),
+            "down" => Some(0),
+            _ => None,
+        };
+        if let Some(h) = healthy {
+            be_up.get_or_create(&l).set(h);
         }
     }
 
@@ -215,14 +199,14 @@ pub fn render(status: &Status, labels: &Labels) -> Result<String, std::fmt::Erro
     }
 
     let flows = Gauge::<i64>::default();
-    flows.set(gauge_i64(status.flows));
+    flows.set(gauge_i64(status.connection_table.entries.max(status.flows)));
     reg.register(
         "l3lb_connection_table_entries",
         "Entries in the connection table now",
         flows,
     );
     let capacity = Gauge::<i64>::default();
-    capacity.set(i64::from(labels.conntrack_capacity));
+    capacity.set(i64::from(status.connection_table.capacity));
     reg.register(
         "l3lb_connection_table_capacity",
         "Entries the connection table can hold",
@@ -285,32 +269,28 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{BackendStatus, ServiceCounters, VipStatus};
+    use crate::status::{BackendStatus, ConnectionTable, ServiceCounters, VipStatus};
 
     #[test]
     fn renders_counters_with_names_and_units() {
+        let vip = |port| VipStatus {
+            address: "192.0.2.10".parse().expect("addr"),
+            port,
+            protocol: "tcp".into(),
+            service: 0,
+            forwarding: "ipip".into(),
+            service_name: Some("web".into()),
+        };
         let status = Status {
-            vips: vec![
-                VipStatus {
-                    address: "192.0.2.10".parse().expect("addr"),
-                    port: 80,
-                    protocol: "tcp".into(),
-                    service: 0,
-                    forwarding: "ipip".into(),
-                },
-                VipStatus {
-                    address: "192.0.2.10".parse().expect("addr"),
-                    port: 443,
-                    protocol: "tcp".into(),
-                    service: 0,
-                    forwarding: "ipip".into(),
-                },
-            ],
+            vips: vec![vip(80), vip(443)],
             services: vec![ServiceCounters {
                 service: 0,
                 packets: 10,
                 bytes: 1000,
                 new_flows: 2,
+                name: Some("web".into()),
+                vips: vec![],
+                forwarding: "ipip".into(),
             }],
             backends: vec![BackendStatus {
                 id: 3,
@@ -319,30 +299,24 @@ mod tests {
                 local: false,
                 packets: 10,
                 bytes: 1000,
+                service_name: Some("web".into()),
+                weight: Some(2),
+                health: "up".into(),
             }],
             drops: [("no_backend".to_string(), 4)].into_iter().collect(),
             actions: [("encap".to_string(), 10)].into_iter().collect(),
             events: [("fragment".to_string(), 0)].into_iter().collect(),
             flows: 7,
+            connection_table: ConnectionTable {
+                entries: 7,
+                capacity: 1024,
+            },
         };
         let labels = Labels {
-            services: [(0, "web".to_string())].into_iter().collect(),
-            backends: [(
-                3,
-                BackendLabel {
-                    service: "web".into(),
-                    address: "10.0.0.1".parse().expect("addr"),
-                    weight: 2,
-                    healthy: Some(true),
-                },
-            )]
-            .into_iter()
-            .collect(),
             generation: 3,
             last_apply_ok: true,
             last_success_unix: 1_700_000_000.5,
-            conntrack_capacity: 1024,
-            watches: BTreeMap::new(),
+            watches: [("services".to_string(), true)].into_iter().collect(),
         };
         let text = render(&status, &labels).expect("render");
         for line in [
@@ -360,6 +334,7 @@ mod tests {
             "l3lb_config_generation 3",
             "l3lb_config_last_apply_success 1",
             "l3lb_config_last_success_timestamp_seconds 1700000000.5",
+            "l3lb_kubernetes_watch_up{kind=\"services\"} 1",
             "# UNIT l3lb_vip_received_bytes bytes",
             "# EOF",
         ] {

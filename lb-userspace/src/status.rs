@@ -1,16 +1,174 @@
-//! `l3lb status`: reads the pinned maps and reports VIPs, backends and counters.
+//! `l3lb status`: reads the pinned maps and reports services, VIPs, backends, counters and
+//! connection-table usage.
+//!
+//! Everything comes from the pins under `<pin_path>/v1/maps`, never from the agent, so it
+//! works the same whether or not an agent runs (the data plane keeps forwarding, and
+//! counting, after the agent exits). Names, weights and health come from the agent-written
+//! metadata maps; pins left by an agent that predates them show ids and `-` instead.
 
-use std::{net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
-use anyhow::Context as _;
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    Action, Backend, BackendStats, DropReason, FlowKey, FlowState, ServiceStats, VipInfo, VipKey,
-    map_names,
+    Action, Backend, BackendMeta, BackendStats, DropReason, FlowKey, FlowState, ServiceMeta,
+    ServiceStats, VipInfo, VipKey, map_names,
 };
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::dataplane::addr_from_bytes;
+use crate::dataplane::{Health, addr_from_bytes, service_name};
+
+/// Errors reading the pinned maps.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    /// A map the report needs is not pinned.
+    #[error(
+        "no pinned map at {path}: no l3lb has run with this pin_path (pass --pin-path), or \
+         `l3lb down` removed it"
+    )]
+    NotPinned {
+        /// The missing pin.
+        path: PathBuf,
+    },
+    /// A pinned map could not be opened or has another type than expected.
+    #[error("opening pinned map {path}: {source}")]
+    Open {
+        /// The pin.
+        path: PathBuf,
+        /// The underlying error.
+        source: MapError,
+    },
+    /// Reading an entry failed.
+    #[error("reading {what}: {source}")]
+    Read {
+        /// What was read.
+        what: String,
+        /// The underlying error.
+        source: MapError,
+    },
+}
+
+/// The pinned maps of one agent (`<pin_path>/v1/maps`).
+#[derive(Debug, Clone)]
+pub struct Pins {
+    maps_dir: PathBuf,
+}
+
+impl Pins {
+    /// The pins under `pin_dir` (`<pin_path>/v1`).
+    pub fn new(pin_dir: &Path) -> Self {
+        Self {
+            maps_dir: pin_dir.join("maps"),
+        }
+    }
+
+    /// Opens the pinned map `name` as `T` (`HashMap<MapData, K, V>`, `Array<…>`, …).
+    pub fn open<T>(&self, name: &str) -> Result<T, ReadError>
+    where
+        T: TryFrom<Map, Error = MapError>,
+    {
+        let path = self.maps_dir.join(name);
+        if !path.exists() {
+            return Err(ReadError::NotPinned { path });
+        }
+        let open_err = |source| ReadError::Open {
+            path: path.clone(),
+            source,
+        };
+        let data = MapData::from_pin(&path).map_err(open_err)?;
+        let map = Map::from_map_data(data).map_err(open_err)?;
+        T::try_from(map).map_err(open_err)
+    }
+
+    /// Like [`Pins::open`], `None` when the map is not pinned (an older agent's pins).
+    pub fn open_optional<T>(&self, name: &str) -> Result<Option<T>, ReadError>
+    where
+        T: TryFrom<Map, Error = MapError>,
+    {
+        match self.open(name) {
+            Ok(m) => Ok(Some(m)),
+            Err(ReadError::NotPinned { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The capacity (`max_entries`) of the pinned map `name`.
+    pub fn capacity(&self, name: &str) -> Result<u32, ReadError> {
+        let path = self.maps_dir.join(name);
+        if !path.exists() {
+            return Err(ReadError::NotPinned { path });
+        }
+        aya::maps::MapInfo::from_pin(&path)
+            .map(|i| i.max_entries())
+            .map_err(|source| ReadError::Open { path, source })
+    }
+}
+
+fn read_err(what: impl Into<String>) -> impl FnOnce(MapError) -> ReadError {
+    let what = what.into();
+    move |source| ReadError::Read { what, source }
+}
+
+/// Service names from `L3LB_SVC_META`, read on demand and remembered.
+pub struct ServiceNames {
+    map: Option<Array<MapData, ServiceMeta>>,
+    cache: StdHashMap<u32, Option<String>>,
+}
+
+impl ServiceNames {
+    /// Opens the pinned name map (absent in an older agent's pins: every name is `None`).
+    pub fn open(pins: &Pins) -> Result<Self, ReadError> {
+        Ok(Self {
+            map: pins.open_optional(map_names::SERVICE_META)?,
+            cache: StdHashMap::new(),
+        })
+    }
+
+    /// The name of service `id`, if the agent recorded one.
+    pub fn get(&mut self, id: u32) -> Result<Option<String>, ReadError> {
+        if let Some(n) = self.cache.get(&id) {
+            return Ok(n.clone());
+        }
+        let name = match &self.map {
+            None => None,
+            Some(m) if id >= m.len() => None,
+            Some(m) => service_name(
+                &m.get(&id, 0)
+                    .map_err(read_err(format!("name of service {id}")))?,
+            ),
+        };
+        self.cache.insert(id, name.clone());
+        Ok(name)
+    }
+}
+
+/// The protocol's name as status and flows print it.
+pub fn protocol_label(proto: u8) -> String {
+    match proto {
+        lb_common::PROTO_TCP => "tcp".into(),
+        lb_common::PROTO_UDP => "udp".into(),
+        lb_common::PROTO_ICMP => "icmp".into(),
+        lb_common::PROTO_ICMPV6 => "icmpv6".into(),
+        p => p.to_string(),
+    }
+}
+
+/// `addr:port` with IPv6 addresses bracketed, `*` for port 0 (all ports).
+pub fn endpoint(address: IpAddr, port: u16) -> String {
+    let port = if port == 0 {
+        "*".to_string()
+    } else {
+        port.to_string()
+    };
+    match address {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
 
 /// One VIP entry.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -19,15 +177,19 @@ pub struct VipStatus {
     pub address: IpAddr,
     /// Port, 0 for all ports.
     pub port: u16,
-    /// Protocol name.
+    /// Protocol name (`tcp`, `udp`; `icmp`/`icmpv6` for the entry that marks a VIP address
+    /// for echo replies and ICMP errors).
     pub protocol: String,
     /// Service id.
     pub service: u32,
     /// `ipip` or `l2`.
     pub forwarding: String,
+    /// Service name (`None` when the pins hold no names).
+    #[serde(default)]
+    pub service_name: Option<String>,
 }
 
-/// Counters of one service, summed over CPUs.
+/// One service: its name, VIPs and counters (summed over CPUs).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceCounters {
     /// Service id.
@@ -38,6 +200,15 @@ pub struct ServiceCounters {
     pub bytes: u64,
     /// Flows that took a fresh Maglev choice.
     pub new_flows: u64,
+    /// Name (`None` when the pins hold no names).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Its VIPs as `address:port/protocol` (`*` for all ports).
+    #[serde(default)]
+    pub vips: Vec<String>,
+    /// `ipip` or `l2`.
+    #[serde(default)]
+    pub forwarding: String,
 }
 
 /// One backend and its counters.
@@ -55,6 +226,24 @@ pub struct BackendStatus {
     pub packets: u64,
     /// Bytes forwarded to it.
     pub bytes: u64,
+    /// Name of its service (`None` when the pins hold no names).
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Maglev weight (`None` when the pins hold no metadata); 0 takes no new flows.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// `unknown` (not checked), `up` or `down`.
+    #[serde(default)]
+    pub health: String,
+}
+
+/// Connection-table usage: a count taken when the report was made.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectionTable {
+    /// Entries found by walking the table's keys now (flows come and go meanwhile).
+    pub entries: u64,
+    /// The table's capacity (`conntrack_size`); beyond it the least recently used go.
+    pub capacity: u32,
 }
 
 /// Everything `l3lb status` reports.
@@ -62,96 +251,121 @@ pub struct BackendStatus {
 pub struct Status {
     /// VIP entries.
     pub vips: Vec<VipStatus>,
-    /// Per-service counters (services with traffic or VIPs).
+    /// Services (those with VIP entries), by id.
     pub services: Vec<ServiceCounters>,
     /// Backends in use.
     pub backends: Vec<BackendStatus>,
     /// Drops by reason.
-    pub drops: std::collections::BTreeMap<String, u64>,
+    pub drops: BTreeMap<String, u64>,
     /// Outcomes by action.
-    pub actions: std::collections::BTreeMap<String, u64>,
+    pub actions: BTreeMap<String, u64>,
     /// Events (counted besides the outcome), by name.
-    pub events: std::collections::BTreeMap<String, u64>,
-    /// Entries in the connection table.
+    pub events: BTreeMap<String, u64>,
+    /// Entries in the connection table (the same count as `connection_table.entries`).
     pub flows: u64,
+    /// Connection-table entries and capacity.
+    #[serde(default)]
+    pub connection_table: ConnectionTable,
 }
 
-fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
-    let path = dir.join("maps").join(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening pinned map {} (is l3lb running?)", path.display()))?;
-    Map::from_map_data(data).with_context(|| format!("reading {}", path.display()))
-}
-
-fn per_cpu_sum(dir: &Path, name: &str, len: u32) -> anyhow::Result<Vec<u64>> {
-    let map: PerCpuArray<MapData, u64> = open(dir, name)?.try_into()?;
+fn per_cpu_sum(pins: &Pins, name: &str, len: u32) -> Result<Vec<u64>, ReadError> {
+    let map: PerCpuArray<MapData, u64> = pins.open(name)?;
     (0..len)
         .map(|i| {
             Ok(map
                 .get(&i, 0)
-                .with_context(|| format!("{name}[{i}]"))?
+                .map_err(read_err(format!("{name}[{i}]")))?
                 .iter()
                 .sum())
         })
         .collect()
 }
 
+/// Counts the keys of the connection table, walking at most `capacity` of them: an entry
+/// evicted under the walk makes the kernel restart it from the first key, and the bound
+/// keeps such a walk finite.
+pub fn count_flows(flows: &HashMap<MapData, FlowKey, FlowState>, capacity: u32) -> u64 {
+    flows
+        .keys()
+        .take(capacity as usize)
+        .filter(Result::is_ok)
+        .count() as u64
+}
+
 /// Reads the status from the pins in `pin_dir` (`<pin_path>/v1`).
-pub fn read(pin_dir: &Path) -> anyhow::Result<Status> {
-    let vip_map: HashMap<MapData, VipKey, VipInfo> = open(pin_dir, map_names::VIPS)?.try_into()?;
+pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
+    let pins = Pins::new(pin_dir);
+    let mut names = ServiceNames::open(&pins)?;
+    let vip_map: HashMap<MapData, VipKey, VipInfo> = pins.open(map_names::VIPS)?;
     let mut vips = Vec::new();
     for item in vip_map.iter() {
-        let (k, v) = item.context("iterating VIPs")?;
+        let (k, v) = item.map_err(read_err("VIP entries"))?;
         vips.push(VipStatus {
             address: addr_from_bytes(k.addr, k.family),
             port: u16::from_be(k.port),
-            protocol: match k.proto {
-                lb_common::PROTO_TCP => "tcp".into(),
-                lb_common::PROTO_UDP => "udp".into(),
-                p => p.to_string(),
-            },
+            protocol: protocol_label(k.proto),
             service: v.service,
             forwarding: if v.flags & lb_common::SERVICE_F_L2 != 0 {
                 "l2".into()
             } else {
                 "ipip".into()
             },
+            service_name: names.get(v.service)?,
         });
     }
     vips.sort_by(|a, b| (a.address, a.port, &a.protocol).cmp(&(b.address, b.port, &b.protocol)));
 
-    let svc_stats: PerCpuArray<MapData, ServiceStats> =
-        open(pin_dir, map_names::SERVICE_STATS)?.try_into()?;
-    let mut ids: Vec<u32> = vips.iter().map(|v| v.service).collect();
-    ids.sort();
-    ids.dedup();
+    let svc_stats: PerCpuArray<MapData, ServiceStats> = pins.open(map_names::SERVICE_STATS)?;
+    // The ICMP marker of a VIP address carries the id of one of its services; the
+    // services are the ids of the port entries.
+    let mut by_id: BTreeMap<u32, Vec<&VipStatus>> = BTreeMap::new();
+    for v in vips.iter().filter(|v| !v.protocol.starts_with("icmp")) {
+        by_id.entry(v.service).or_default().push(v);
+    }
     let mut services = Vec::new();
-    for id in ids {
+    for (id, entries) in by_id {
         let per_cpu = svc_stats
             .get(&id, 0)
-            .with_context(|| format!("service stats {id}"))?;
+            .map_err(read_err(format!("counters of service {id}")))?;
         services.push(ServiceCounters {
             service: id,
             packets: per_cpu.iter().map(|s| s.packets).sum(),
             bytes: per_cpu.iter().map(|s| s.bytes).sum(),
             new_flows: per_cpu.iter().map(|s| s.new_flows).sum(),
+            name: names.get(id)?,
+            vips: entries
+                .iter()
+                .map(|v| format!("{}/{}", endpoint(v.address, v.port), v.protocol))
+                .collect(),
+            forwarding: entries
+                .first()
+                .map(|v| v.forwarding.clone())
+                .unwrap_or_default(),
         });
     }
 
-    let be_map: Array<MapData, Backend> = open(pin_dir, map_names::BACKENDS)?.try_into()?;
-    let be_stats: PerCpuArray<MapData, BackendStats> =
-        open(pin_dir, map_names::BACKEND_STATS)?.try_into()?;
+    let be_map: Array<MapData, Backend> = pins.open(map_names::BACKENDS)?;
+    let be_stats: PerCpuArray<MapData, BackendStats> = pins.open(map_names::BACKEND_STATS)?;
+    let be_meta: Option<Array<MapData, BackendMeta>> =
+        pins.open_optional(map_names::BACKEND_META)?;
     let mut backends = Vec::new();
     for id in 0..be_map.len() {
         let b = be_map
             .get(&id, 0)
-            .with_context(|| format!("backend {id}"))?;
+            .map_err(read_err(format!("backend {id}")))?;
         if b.family == 0 {
             continue;
         }
         let st = be_stats
             .get(&id, 0)
-            .with_context(|| format!("backend stats {id}"))?;
+            .map_err(read_err(format!("counters of backend {id}")))?;
+        let meta = match &be_meta {
+            Some(m) if id < m.len() => Some(
+                m.get(&id, 0)
+                    .map_err(read_err(format!("metadata of backend {id}")))?,
+            ),
+            _ => None,
+        };
         backends.push(BackendStatus {
             id,
             service: b.service,
@@ -159,15 +373,22 @@ pub fn read(pin_dir: &Path) -> anyhow::Result<Status> {
             local: b.flags & lb_common::BACKEND_F_LOCAL != 0,
             packets: st.iter().map(|s| s.packets).sum(),
             bytes: st.iter().map(|s| s.bytes).sum(),
+            service_name: names.get(b.service)?,
+            weight: meta.map(|m| m.weight),
+            health: Health::from_u8(meta.map_or(lb_common::HEALTH_UNKNOWN, |m| m.health))
+                .label()
+                .to_string(),
         });
     }
+    // Grouped by service, then address: the order the tables print.
+    backends.sort_by_key(|b| (b.service, b.address));
 
-    let drops = per_cpu_sum(pin_dir, map_names::DROPS, lb_common::DROP_REASON_COUNT)?;
-    let actions = per_cpu_sum(pin_dir, map_names::ACTIONS, lb_common::ACTION_COUNT)?;
-    let events = per_cpu_sum(pin_dir, map_names::EVENTS, lb_common::EVENT_COUNT)?;
-    let flows_map: HashMap<MapData, FlowKey, FlowState> =
-        open(pin_dir, map_names::FLOWS)?.try_into()?;
-    let flows = flows_map.keys().count() as u64;
+    let drops = per_cpu_sum(&pins, map_names::DROPS, lb_common::DROP_REASON_COUNT)?;
+    let actions = per_cpu_sum(&pins, map_names::ACTIONS, lb_common::ACTION_COUNT)?;
+    let events = per_cpu_sum(&pins, map_names::EVENTS, lb_common::EVENT_COUNT)?;
+    let capacity = pins.capacity(map_names::FLOWS)?;
+    let flows_map: HashMap<MapData, FlowKey, FlowState> = pins.open(map_names::FLOWS)?;
+    let entries = count_flows(&flows_map, capacity);
     Ok(Status {
         vips,
         services,
@@ -184,67 +405,324 @@ pub fn read(pin_dir: &Path) -> anyhow::Result<Status> {
             .iter()
             .map(|e| (e.label().to_string(), events[*e as usize]))
             .collect(),
-        flows,
+        flows: entries,
+        connection_table: ConnectionTable { entries, capacity },
     })
+}
+
+/// Alignment of a table column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    /// Text: padded on the right.
+    Left,
+    /// Numbers: padded on the left.
+    Right,
+}
+
+/// Writes `rows` under `headers` as a table indented by two spaces, each column as wide
+/// as its widest cell (names and IPv6 addresses vary too much for fixed widths).
+pub fn write_table(out: &mut String, headers: &[(&str, Align)], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|(h, _)| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for ((cell, (_, align)), w) in cells.zip(headers).zip(&widths) {
+            text.push_str("  ");
+            let pad = w.saturating_sub(cell.chars().count());
+            match align {
+                Align::Left => {
+                    text.push_str(cell);
+                    text.extend(std::iter::repeat_n(' ', pad));
+                }
+                Align::Right => {
+                    text.extend(std::iter::repeat_n(' ', pad));
+                    text.push_str(cell);
+                }
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(out, &mut headers.iter().map(|(h, _)| *h));
+    for row in rows {
+        line(out, &mut row.iter().map(String::as_str));
+    }
+}
+
+fn name_or_id(name: &Option<String>, id: u32) -> String {
+    name.clone().unwrap_or_else(|| format!("#{id}"))
 }
 
 /// Renders the status as readable tables.
 pub fn render(s: &Status) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "VIPS\n  {:<40} {:>5} {:<5} {:>7} {:<5}",
-        "ADDRESS", "PORT", "PROTO", "SERVICE", "MODE"
+    use Align::{Left, Right};
+    let mut out = String::from("SERVICES\n");
+    let rows: Vec<Vec<String>> = s
+        .services
+        .iter()
+        .map(|c| {
+            vec![
+                name_or_id(&c.name, c.service),
+                c.service.to_string(),
+                c.vips.join(" "),
+                c.forwarding.clone(),
+                c.packets.to_string(),
+                c.bytes.to_string(),
+                c.new_flows.to_string(),
+            ]
+        })
+        .collect();
+    write_table(
+        &mut out,
+        &[
+            ("NAME", Left),
+            ("ID", Right),
+            ("VIPS", Left),
+            ("MODE", Left),
+            ("PACKETS", Right),
+            ("BYTES", Right),
+            ("NEW FLOWS", Right),
+        ],
+        &rows,
     );
-    for v in &s.vips {
-        let port = if v.port == 0 {
-            "*".to_string()
-        } else {
-            v.port.to_string()
-        };
-        let _ = writeln!(
-            out,
-            "  {:<40} {:>5} {:<5} {:>7} {:<5}",
-            v.address, port, v.protocol, v.service, v.forwarding
-        );
-    }
-    let _ = writeln!(
-        out,
-        "SERVICES\n  {:>7} {:>12} {:>14} {:>10}",
-        "SERVICE", "PACKETS", "BYTES", "NEW FLOWS"
+
+    out.push_str("BACKENDS\n");
+    let rows: Vec<Vec<String>> = s
+        .backends
+        .iter()
+        .map(|b| {
+            vec![
+                name_or_id(&b.service_name, b.service),
+                b.address.to_string(),
+                b.weight.map_or("-".into(), |w| w.to_string()),
+                b.health.clone(),
+                if b.local { "yes" } else { "no" }.into(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+            ]
+        })
+        .collect();
+    write_table(
+        &mut out,
+        &[
+            ("SERVICE", Left),
+            ("ADDRESS", Left),
+            ("WEIGHT", Right),
+            ("HEALTH", Left),
+            ("LOCAL", Left),
+            ("PACKETS", Right),
+            ("BYTES", Right),
+        ],
+        &rows,
     );
-    for c in &s.services {
-        let _ = writeln!(
-            out,
-            "  {:>7} {:>12} {:>14} {:>10}",
-            c.service, c.packets, c.bytes, c.new_flows
-        );
-    }
-    let _ = writeln!(
-        out,
-        "BACKENDS\n  {:>4} {:>7} {:<40} {:>5} {:>12} {:>14}",
-        "ID", "SERVICE", "ADDRESS", "LOCAL", "PACKETS", "BYTES"
+
+    out.push_str("VIPS\n");
+    let rows: Vec<Vec<String>> = s
+        .vips
+        .iter()
+        .map(|v| {
+            // The address marker: echo is answered, errors go to the flow's owner.
+            let marker = v.protocol.starts_with("icmp");
+            vec![
+                if marker {
+                    v.address.to_string()
+                } else {
+                    endpoint(v.address, v.port)
+                },
+                v.protocol.clone(),
+                if marker {
+                    "(echo, ICMP errors)".into()
+                } else {
+                    name_or_id(&v.service_name, v.service)
+                },
+                v.forwarding.clone(),
+            ]
+        })
+        .collect();
+    write_table(
+        &mut out,
+        &[
+            ("VIP", Left),
+            ("PROTO", Left),
+            ("SERVICE", Left),
+            ("MODE", Left),
+        ],
+        &rows,
     );
-    for b in &s.backends {
-        let _ = writeln!(
-            out,
-            "  {:>4} {:>7} {:<40} {:>5} {:>12} {:>14}",
-            b.id, b.service, b.address, b.local, b.packets, b.bytes
-        );
-    }
-    let _ = writeln!(out, "CONNECTION TABLE\n  {} entries", s.flows);
-    let _ = writeln!(out, "ACTIONS");
-    for (k, v) in &s.actions {
-        let _ = writeln!(out, "  {k:<20} {v}");
-    }
-    let _ = writeln!(out, "EVENTS");
-    for (k, v) in &s.events {
-        let _ = writeln!(out, "  {k:<20} {v}");
-    }
-    let _ = writeln!(out, "DROPS");
-    for (k, v) in &s.drops {
-        let _ = writeln!(out, "  {k:<20} {v}");
+
+    let t = &s.connection_table;
+    let share = if t.capacity == 0 {
+        0.0
+    } else {
+        t.entries as f64 * 100.0 / f64::from(t.capacity)
+    };
+    out.push_str(&format!(
+        "CONNECTION TABLE\n  {} of {} entries ({share:.1} %), counted now by walking the table\n",
+        t.entries, t.capacity
+    ));
+    for (title, counts) in [
+        ("ACTIONS", &s.actions),
+        ("EVENTS", &s.events),
+        ("DROPS", &s.drops),
+    ] {
+        out.push_str(title);
+        out.push('\n');
+        let rows: Vec<Vec<String>> = counts
+            .iter()
+            .map(|(k, v)| vec![k.clone(), v.to_string()])
+            .collect();
+        let mut body = String::new();
+        write_table(&mut body, &[("", Left), ("", Right)], &rows);
+        // Headerless: drop the blank header line.
+        out.push_str(body.split_once('\n').map_or("", |(_, rest)| rest));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    fn sample() -> Status {
+        let vip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+        Status {
+            vips: vec![
+                VipStatus {
+                    address: vip,
+                    port: 0,
+                    protocol: "icmp".into(),
+                    service: 0,
+                    forwarding: "ipip".into(),
+                    service_name: Some("web".into()),
+                },
+                VipStatus {
+                    address: vip,
+                    port: 80,
+                    protocol: "tcp".into(),
+                    service: 0,
+                    forwarding: "ipip".into(),
+                    service_name: Some("web".into()),
+                },
+            ],
+            services: vec![ServiceCounters {
+                service: 0,
+                packets: 12,
+                bytes: 1234,
+                new_flows: 3,
+                name: Some("web".into()),
+                vips: vec!["192.0.2.10:80/tcp".into()],
+                forwarding: "ipip".into(),
+            }],
+            backends: vec![
+                BackendStatus {
+                    id: 0,
+                    service: 0,
+                    address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11)),
+                    local: false,
+                    packets: 7,
+                    bytes: 700,
+                    service_name: Some("web".into()),
+                    weight: Some(2),
+                    health: "up".into(),
+                },
+                BackendStatus {
+                    id: 1,
+                    service: 0,
+                    address: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x12)),
+                    local: true,
+                    packets: 5,
+                    bytes: 534,
+                    service_name: None,
+                    weight: None,
+                    health: "unknown".into(),
+                },
+            ],
+            drops: [("no_backend".to_string(), 4)].into(),
+            actions: [("encap".to_string(), 12)].into(),
+            events: [("fragment".to_string(), 0)].into(),
+            flows: 3,
+            connection_table: ConnectionTable {
+                entries: 3,
+                capacity: 1000,
+            },
+        }
+    }
+
+    #[test]
+    fn tables_show_names_weights_health_and_usage() {
+        let text = render(&sample());
+        let expected = "\
+SERVICES
+  NAME  ID  VIPS               MODE  PACKETS  BYTES  NEW FLOWS
+  web    0  192.0.2.10:80/tcp  ipip       12   1234          3
+BACKENDS
+  SERVICE  ADDRESS    WEIGHT  HEALTH   LOCAL  PACKETS  BYTES
+  web      10.0.0.11       2  up       no           7    700
+  #0       fd00::12        -  unknown  yes          5    534
+VIPS
+  VIP            PROTO  SERVICE              MODE
+  192.0.2.10     icmp   (echo, ICMP errors)  ipip
+  192.0.2.10:80  tcp    web                  ipip
+CONNECTION TABLE
+  3 of 1000 entries (0.3 %), counted now by walking the table
+ACTIONS
+  encap  12
+EVENTS
+  fragment  0
+DROPS
+  no_backend  4
+";
+        assert_eq!(text, expected, "\n{text}");
+    }
+
+    #[test]
+    fn json_keeps_the_fields_tests_and_scripts_parse() {
+        let json = serde_json::to_value(sample()).expect("json");
+        for field in [
+            "vips",
+            "services",
+            "backends",
+            "drops",
+            "actions",
+            "events",
+            "flows",
+            "connection_table",
+        ] {
+            assert!(json.get(field).is_some(), "{field} missing: {json}");
+        }
+        let b = &json["backends"][0];
+        assert_eq!(b["weight"], 2);
+        assert_eq!(b["health"], "up");
+        assert_eq!(b["service_name"], "web");
+        assert_eq!(json["services"][0]["name"], "web");
+        assert_eq!(json["connection_table"]["capacity"], 1000);
+        let back: Status = serde_json::from_value(json).expect("parses back");
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn json_of_an_older_status_still_parses() {
+        let old = r#"{"vips":[],"services":[{"service":1,"packets":2,"bytes":3,"new_flows":1}],
+            "backends":[],"drops":{},"actions":{},"events":{},"flows":0}"#;
+        let s: Status = serde_json::from_str(old).expect("parses");
+        assert_eq!(s.services[0].name, None);
+    }
+
+    #[test]
+    fn endpoints_bracket_ipv6_and_star_all_ports() {
+        assert_eq!(
+            endpoint(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 0),
+            "192.0.2.1:*"
+        );
+        assert_eq!(
+            endpoint("fd00::1".parse().expect("v6"), 443),
+            "[fd00::1]:443"
+        );
+    }
 }

@@ -718,6 +718,131 @@ fn connection_table_keeps_flows_on_their_backend() {
     }
 }
 
+/// The connection-table entry of the client flow from `sport` to `VIP:dport`.
+fn flow_entry(f: &Fixture, sport: u16, dport: u16) -> Option<lb_common::FlowState> {
+    let table: aya::maps::HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> =
+        aya::maps::HashMap::try_from(f.dp.map(map_names::FLOWS).expect("flows map"))
+            .expect("typed");
+    let mut key = lb_common::FlowKey {
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: PROTO_TCP,
+        family: lb_common::FAMILY_V4,
+        ..Default::default()
+    };
+    key.src[..4].copy_from_slice(&CLIENT.octets());
+    key.dst[..4].copy_from_slice(&VIP.octets());
+    table.get(&key, 0).ok()
+}
+
+#[test]
+fn connection_entries_carry_their_creation_time_written_on_insert_only() {
+    let f = Fixture::new(false, &standard_desired());
+    let before = l3lb::flows::monotonic_ns();
+    f.run(&client_tcp(VIP, 31000, 443, SYN));
+    let first = flow_entry(&f, 31000, 443).expect("entry for the first flow");
+    f.run(&client_tcp(VIP, 31001, 443, SYN));
+    let second = flow_entry(&f, 31001, 443).expect("entry for the second flow");
+    let after = l3lb::flows::monotonic_ns();
+    assert!(
+        before <= first.created_ns && first.created_ns < second.created_ns,
+        "stamps on the agent's clock, in the order the flows began: {before} {} {}",
+        first.created_ns,
+        second.created_ns
+    );
+    assert!(second.created_ns <= after);
+    // Packets that find their entry leave it as it was (no per-packet writes).
+    for _ in 0..3 {
+        f.run(&client_tcp(VIP, 31000, 443, ACK));
+    }
+    assert_eq!(
+        flow_entry(&f, 31000, 443),
+        Some(first),
+        "established packets"
+    );
+    // A SYN rebalances and so writes the entry anew.
+    f.run(&client_tcp(VIP, 31000, 443, SYN));
+    let again = flow_entry(&f, 31000, 443).expect("entry");
+    assert!(again.created_ns > second.created_ns, "a new SYN restamps");
+}
+
+#[test]
+fn metadata_maps_hold_names_weights_and_health() {
+    use l3lb::dataplane::{Health, service_name};
+    use lb_common::{BackendMeta, ServiceMeta};
+
+    let mut desired = standard_desired();
+    let mut f = Fixture::new(false, &desired);
+    let names = |f: &Fixture, id: u32| -> Option<String> {
+        let map: aya::maps::Array<&MapData, ServiceMeta> =
+            aya::maps::Array::try_from(f.dp.map(map_names::SERVICE_META).expect("map"))
+                .expect("typed");
+        service_name(&map.get(&id, 0).expect("get"))
+    };
+    let meta = |f: &Fixture, id: u32| -> BackendMeta {
+        let map: aya::maps::Array<&MapData, BackendMeta> =
+            aya::maps::Array::try_from(f.dp.map(map_names::BACKEND_META).expect("map"))
+                .expect("typed");
+        map.get(&id, 0).expect("get")
+    };
+    for svc in &desired.services {
+        let id = f.dp.service_id(&svc.name).expect("id");
+        assert_eq!(names(&f, id).as_deref(), Some(svc.name.as_str()));
+    }
+    let multi_b1 = f.dp.backend_id("multi", IpAddr::V4(B1)).expect("id");
+    assert_eq!(
+        meta(&f, multi_b1),
+        BackendMeta {
+            weight: 1,
+            health: lb_common::HEALTH_UNKNOWN,
+            _pad: [0; 3]
+        },
+        "weight written, health not checked yet"
+    );
+
+    // Health from the checks survives a reweight; the weight follows the config.
+    f.dp.set_backend_health("multi", IpAddr::V4(B1), Health::Down)
+        .expect("health");
+    assert_eq!(meta(&f, multi_b1).health, lb_common::HEALTH_DOWN);
+    desired.services[5].backends[0].weight = 7;
+    f.dp.apply(&desired).expect("reweight");
+    assert_eq!(meta(&f, multi_b1).weight, 7);
+    assert_eq!(meta(&f, multi_b1).health, lb_common::HEALTH_DOWN);
+    assert!(
+        f.dp.set_backend_health("multi", IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), Health::Up)
+            .is_err(),
+        "an unknown backend is an error, not a silent no-op"
+    );
+
+    // A renamed service carries its new name; a removed one leaves no name behind.
+    let old_id = f.dp.service_id("dns").expect("id");
+    desired.services[1].name = "resolver".into();
+    desired.services.retain(|s| s.name != "noneigh");
+    let noneigh_id = f.dp.service_id("noneigh").expect("id");
+    let noneigh_backend =
+        f.dp.backend_id("noneigh", IpAddr::V4(B_NONEIGH))
+            .expect("id");
+    f.dp.apply(&desired).expect("rename and remove");
+    let new_id = f.dp.service_id("resolver").expect("id");
+    assert_eq!(names(&f, new_id).as_deref(), Some("resolver"));
+    if new_id != old_id {
+        assert_eq!(names(&f, old_id), None, "the old name is gone with its id");
+    }
+    if Some(noneigh_id) != f.dp.service_id("resolver") {
+        assert_eq!(
+            names(&f, noneigh_id),
+            None,
+            "removed service's name cleared"
+        );
+    }
+    assert_eq!(meta(&f, noneigh_backend), BackendMeta::default());
+
+    // Names longer than the field are cut at a character boundary.
+    let long = "é".repeat(100);
+    let cut = service_name(&l3lb::dataplane::service_meta(&long)).expect("name");
+    assert_eq!(cut, "é".repeat(64), "128 bytes of two-byte characters");
+}
+
 #[test]
 fn decap_role_strips_ipip_from_allowed_sources_only() {
     let mut desired = standard_desired();

@@ -164,6 +164,20 @@ fn a_backend_failing_its_health_check_gets_no_new_connections_until_it_recovers(
         log.contains(&format!("backend={}", s.lab.backends[1].ipv4)),
         "{log}"
     );
+    let shown = s.status().expect("status");
+    let b = shown
+        .backends
+        .iter()
+        .find(|b| {
+            b.address == IpAddr::V4(s.lab.backends[1].ipv4)
+                && b.service_name.as_deref() == Some("web")
+        })
+        .expect("backend in status");
+    assert_eq!(
+        (b.health.as_str(), b.weight),
+        ("down", Some(0)),
+        "status shows it failing"
+    );
     let during = new_connections(&s, 43000, 300);
     // Without the check, about a third of these would meet a closed port.
     assert_eq!(
