@@ -24,6 +24,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
+/// The cargo-deny version `cargo xtask test` checks the dependency tree with.
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
 /// Which groups of prerequisites a command needs.
 #[derive(Clone, Copy)]
 pub struct Needs {
@@ -49,6 +52,7 @@ pub fn ensure(workspace: &Workspace, needs: Needs) -> Result<()> {
     if needs.lint {
         ensure_components(Toolchain::Nightly, &["clippy"])?;
         ensure_components(Toolchain::Active, &["rustfmt", "clippy"])?;
+        ensure_cargo_deny(workspace)?;
     }
     ensure_bpf_linker(workspace)?;
     if needs.lab {
@@ -195,6 +199,40 @@ fn ensure_bpf_linker(workspace: &Workspace) -> Result<()> {
             "installed bpf-linker {BPF_LINKER_VERSION}, but `bpf-linker --version` does not \
              run: is ~/.cargo/bin on PATH?"
         ),
+    }
+    report(&item, "installed");
+    Ok(())
+}
+
+/// Installs cargo-deny [`CARGO_DENY_VERSION`] unless that version is on PATH.
+fn ensure_cargo_deny(workspace: &Workspace) -> Result<()> {
+    let item = format!("cargo-deny {CARGO_DENY_VERSION}");
+    let version = || -> Result<Option<String>> {
+        let Some(out) = process::output_if_installed(Command::new("cargo-deny").arg("--version"))?
+        else {
+            return Ok(None);
+        };
+        // `cargo-deny 0.20.2`
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .map(str::to_owned))
+    };
+    if version()?.as_deref() == Some(CARGO_DENY_VERSION) {
+        report(&item, "present");
+        return Ok(());
+    }
+    let mut cmd = workspace.cargo();
+    cmd.args([
+        "install",
+        &format!("cargo-deny@{CARGO_DENY_VERSION}"),
+        "--locked",
+    ]);
+    process::run_step(&format!("install {item}"), &mut cmd)?;
+    if version()?.as_deref() != Some(CARGO_DENY_VERSION) {
+        bail!(
+            "installed {item}, but `cargo-deny --version` does not report it: is ~/.cargo/bin on PATH?"
+        );
     }
     report(&item, "installed");
     Ok(())
