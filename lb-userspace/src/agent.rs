@@ -87,6 +87,29 @@ pub fn desired_from_config(cfg: &Config, local: &HashSet<IpAddr>) -> Desired {
     }
 }
 
+/// The desired state of a config and a source of services, for this node's addresses.
+fn desired_for(config: &Config, source: &Source, local: &HashSet<IpAddr>) -> Desired {
+    let from_config = desired_from_config(config, local);
+    match source {
+        Source::Config(_) => from_config,
+        Source::Kubernetes(kube) => {
+            // Services, local backends and the balancers' addresses come from the API; the
+            // config may add decap sources (balancers outside the cluster), and this node's
+            // addresses are always the current ones.
+            let mut desired = kube.clone();
+            desired.decap_v4.extend(from_config.decap_v4);
+            desired.decap_v4.sort();
+            desired.decap_v4.dedup();
+            desired.decap_v6.extend(from_config.decap_v6);
+            desired.decap_v6.sort();
+            desired.decap_v6.dedup();
+            desired.local_v4 = from_config.local_v4;
+            desired.local_v6 = from_config.local_v6;
+            desired
+        }
+    }
+}
+
 /// Source addresses of the encapsulation headers this node writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EncapSources {
@@ -97,8 +120,9 @@ pub struct EncapSources {
 }
 
 /// The encapsulation sources of `config`'s interface; an error when a service needs one
-/// the interface lacks.
-fn encap_sources(config: &Config) -> anyhow::Result<EncapSources> {
+/// the interface lacks. Kubernetes services are not known at start: a missing address is
+/// then a warning (those VIPs' packets would carry an unspecified outer source).
+fn encap_sources(config: &Config, kubernetes: bool) -> anyhow::Result<EncapSources> {
     let ipip = |v6: bool| {
         config
             .services
@@ -107,6 +131,10 @@ fn encap_sources(config: &Config) -> anyhow::Result<EncapSources> {
     };
     let v4 = match sys::interface_ipv4(&config.interface)? {
         Some(a) => a,
+        None if kubernetes => {
+            warn!(interface = %config.interface, "no IPv4 address: IPv4 Services cannot be encapsulated");
+            Ipv4Addr::UNSPECIFIED
+        }
         None if ipip(false) => bail!(
             "interface {} has no IPv4 address to use as the source of IPIP headers",
             config.interface
@@ -115,6 +143,7 @@ fn encap_sources(config: &Config) -> anyhow::Result<EncapSources> {
     };
     let v6 = match sys::interface_ipv6(&config.interface)? {
         Some(a) => a,
+        None if kubernetes => Ipv6Addr::UNSPECIFIED,
         None if ipip(true) => bail!(
             "interface {} has no global IPv6 address to use as the source of IPv6-in-IPv6 headers",
             config.interface
@@ -156,13 +185,24 @@ fn remote_backends(desired: &Desired) -> Vec<IpAddr> {
     v
 }
 
+/// Where an agent's services come from.
+#[derive(Debug)]
+enum Source {
+    /// The config file's `services` (SIGHUP re-reads it).
+    Config(Option<PathBuf>),
+    /// The Kubernetes API, translated by [`crate::kubernetes`]: the last desired state it
+    /// produced, kept so address changes and resyncs can re-apply it.
+    Kubernetes(Desired),
+}
+
 /// A running agent: the data plane plus the config it was built from.
 pub struct Agent {
     dataplane: Dataplane,
     config: Config,
-    config_path: PathBuf,
+    source: Source,
     pin_dir: PathBuf,
     no_neighbour_seen: u64,
+    ipv6_forwarding: bool,
 }
 
 impl Agent {
@@ -170,8 +210,28 @@ impl Agent {
     pub fn start(config_path: &Path) -> anyhow::Result<Self> {
         let config = Config::load(config_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+        Self::start_with(config, Source::Config(Some(config_path.to_path_buf())))
+    }
+
+    /// Starts the agent of `l3lb run --kubernetes`: the config gives the node settings
+    /// (its `services` must be empty) and the services come through
+    /// [`Agent::apply_kubernetes`]. The decap role is always on: every node is a backend.
+    pub fn start_kubernetes(mut config: Config) -> anyhow::Result<Self> {
+        if !config.services.is_empty() {
+            bail!(
+                "the config lists services, but with --kubernetes they come from the API server; remove `services`"
+            );
+        }
+        // Forced on because the decap role is a load-time switch and the allow list is
+        // filled from the Node objects later.
+        config.decap.allow.sort();
+        Self::start_with(config, Source::Kubernetes(Desired::default()))
+    }
+
+    fn start_with(config: Config, source: Source) -> anyhow::Result<Self> {
+        let kubernetes = matches!(source, Source::Kubernetes(_));
         sys::require_interface(&config.interface)?;
-        let encap = encap_sources(&config)?;
+        let encap = encap_sources(&config, kubernetes)?;
         sys::ensure_bpffs(&config.pin_path)?;
         let pin_dir = pin_dir(&config.pin_path);
         if pin_dir.exists() {
@@ -180,10 +240,11 @@ impl Agent {
                 .with_context(|| format!("removing {}", pin_dir.display()))?;
         }
 
-        let opts = load_options(&config, encap);
+        let mut opts = load_options(&config, encap);
+        opts.decap |= kubernetes;
         let mut dataplane = Dataplane::load(&opts).context("loading the XDP program")?;
         let local = sys::local_address_set()?;
-        let desired = desired_from_config(&config, &local);
+        let desired = desired_for(&config, &source, &local);
         let summary = dataplane
             .apply(&desired)
             .context("writing the initial state")?;
@@ -192,7 +253,7 @@ impl Agent {
             .pin(&pin_dir)
             .context("pinning maps and program")?;
 
-        if !config.services.is_empty() {
+        if !config.services.is_empty() || kubernetes {
             if sys::enable_ipv4_forwarding(&config.interface)? {
                 info!(interface = %config.interface, "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)");
             }
@@ -226,19 +287,51 @@ impl Agent {
             pins = %pin_dir.display(),
             "l3lb ready"
         );
+        let ipv6_forwarding = config.services.iter().any(|s| s.vip.is_ipv6());
         Ok(Self {
             dataplane,
             config,
-            config_path: config_path.to_path_buf(),
+            source,
             pin_dir,
             no_neighbour_seen: 0,
+            ipv6_forwarding,
         })
     }
 
+    /// Applies the services, decap allow list and local backends that the Kubernetes
+    /// translation produced (this node's addresses are refreshed here); returns what changed.
+    pub fn apply_kubernetes(&mut self, desired: Desired) -> anyhow::Result<ApplySummary> {
+        let local = sys::local_address_set()?;
+        let wants_v6 = desired
+            .services
+            .iter()
+            .any(|s| s.vips.iter().any(|v| v.0.is_ipv6()));
+        if wants_v6 && !self.ipv6_forwarding {
+            for change in sys::enable_ipv6_forwarding(&self.config.interface)? {
+                info!(interface = %self.config.interface, "{change} (bpf_fib_lookup needs IPv6 forwarding; router advertisements stay accepted)");
+            }
+            self.ipv6_forwarding = true;
+        }
+        let source = Source::Kubernetes(desired);
+        let full = desired_for(&self.config, &source, &local);
+        let summary = self
+            .dataplane
+            .apply(&full)
+            .context("applying the Kubernetes state")?;
+        self.source = source;
+        sys::prime_neighbours(remote_backends(&full));
+        Ok(summary)
+    }
+
     /// Re-reads the config and applies the difference; an invalid config changes nothing.
+    /// In Kubernetes mode the services come from the API, so this only re-applies them.
     pub fn reload(&mut self) -> anyhow::Result<()> {
-        let new = Config::load(&self.config_path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.config_path.display()))?;
+        let Source::Config(Some(path)) = &self.source else {
+            self.resync();
+            return Ok(());
+        };
+        let path = path.clone();
+        let new = Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let current = self.dataplane.options();
         let opts = load_options(
             &new,
@@ -256,7 +349,7 @@ impl Agent {
             );
         }
         let local = sys::local_address_set()?;
-        let desired = desired_from_config(&new, &local);
+        let desired = desired_for(&new, &self.source, &local);
         let summary = self
             .dataplane
             .apply(&desired)
@@ -300,7 +393,7 @@ impl Agent {
     pub fn resync(&mut self) {
         match sys::local_address_set() {
             Ok(local) => {
-                let desired = desired_from_config(&self.config, &local);
+                let desired = desired_for(&self.config, &self.source, &local);
                 match self.dataplane.apply(&desired) {
                     Ok(summary) if summary != ApplySummary::default() => {
                         info!(%summary, "node addresses changed; applied")
@@ -326,7 +419,18 @@ impl Agent {
 
 /// Runs the agent until SIGTERM or SIGINT; SIGHUP reloads the config.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
-    let mut agent = Agent::start(config_path)?;
+    let agent = Agent::start(config_path)?;
+    run_agent(agent, futures::stream::pending()).await
+}
+
+/// The run loop shared by both modes: signals, periodic upkeep, and `updates` (desired
+/// states from the Kubernetes translation; a pending stream for the standalone agent).
+pub async fn run_agent(
+    mut agent: Agent,
+    updates: impl futures::Stream<Item = Desired> + Unpin,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let mut updates = updates.fuse();
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -346,6 +450,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = refresh.tick() => agent.resync(),
             _ = watch.tick() => agent.refresh_neighbours_if_missing(),
             _ = nexthops.tick() => agent.expire_next_hops(),
+            Some(desired) = updates.next() => match agent.apply_kubernetes(desired) {
+                Ok(summary) if summary != ApplySummary::default() => info!(%summary, "applied Kubernetes state"),
+                Ok(_) => tracing::debug!("Kubernetes state unchanged"),
+                Err(e) => error!("applying the Kubernetes state, keeping the previous one: {e:#}"),
+            },
         }
     }
     agent.shutdown()

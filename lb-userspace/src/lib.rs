@@ -5,6 +5,8 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod generate;
+pub mod http;
+pub mod kubernetes;
 pub mod maglev;
 pub mod status;
 pub mod sys;

@@ -87,7 +87,9 @@ fn run() -> Result<()> {
             // For working on the data plane: just the per-packet table, in seconds.
             "--per-packet-only" => per_packet_only = true,
             "--json" => json = PathBuf::from(args.next().context("--json needs a path")?),
-            other => bail!("unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--json PATH]"),
+            other => bail!(
+                "unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--json PATH]"
+            ),
         }
     }
     let settings = Settings {

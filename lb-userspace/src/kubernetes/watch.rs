@@ -1,0 +1,471 @@
+//! The Kubernetes side of `l3lb run --kubernetes`: reflectors for Services,
+//! EndpointSlices and Nodes feed a debounced rebuild; each rebuild's desired state goes to
+//! the agent loop, which applies it like a config reload.
+//!
+//! Convergence rests on kube-runtime's watcher: a watch that ends is resumed from its
+//! last resourceVersion, and an expired one (`410 Gone`) or any error relists, after a
+//! backoff. Its reflector swaps a relisted kind's cache in whole at `InitDone`, so a
+//! rebuild never sees a half-listed kind and objects deleted while the watch was down
+//! disappear with the relist. Nothing is applied before all three kinds have been listed
+//! once, and while the API server is unreachable nothing is applied at all: the maps keep
+//! the last known state, and `/readyz` says why it is not ready.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use futures::{StreamExt as _, stream::BoxStream};
+use hyper::StatusCode;
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, ObjectReference, Service},
+        discovery::v1::EndpointSlice,
+        events::v1::Event as K8sEvent,
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+};
+use kube::{
+    Api, Client, Resource,
+    api::PostParams,
+    runtime::{
+        WatchStreamExt as _, reflector,
+        reflector::{Store, store::Writer},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+use tokio::{sync::watch as latest, time::Instant};
+use tracing::{debug, info, warn};
+
+use super::translate::{Settings, Warning, translate};
+use crate::{
+    agent::{self, Agent},
+    config::Config,
+    dataplane::Desired,
+    http::{self, Reply, Router},
+    sys,
+};
+
+/// The field manager / reporting controller name l3lb writes Events as.
+pub const CONTROLLER: &str = "l3lb.io/agent";
+
+/// Errors setting up the Kubernetes connection.
+#[derive(Debug, Error)]
+pub enum KubeError {
+    /// The kubeconfig could not be read.
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: kube::config::KubeconfigError,
+    },
+    /// Neither a kubeconfig nor in-cluster credentials were usable.
+    #[error("no Kubernetes credentials (kubeconfig or in-cluster service account): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    /// The client could not be built (TLS setup, proxy, …).
+    #[error("building the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client from `kubeconfig`, or else as kubectl would (`$KUBECONFIG`, `~/.kube/config`,
+/// then the in-cluster service account).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+                KubeError::Kubeconfig {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubeError::Kubeconfig {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// The watched kinds, in the order readiness reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Services = 0,
+    EndpointSlices = 1,
+    Nodes = 2,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Services => "services",
+            Kind::EndpointSlices => "endpointslices",
+            Kind::Nodes => "nodes",
+        })
+    }
+}
+
+const KINDS: [Kind; 3] = [Kind::Services, Kind::EndpointSlices, Kind::Nodes];
+
+/// What a watcher event means for the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// An object was added, changed or deleted in the cache.
+    Changed,
+    /// A (re)list finished: the cache was replaced as a whole.
+    Synced,
+    /// A relist is under way; the cache is unchanged until it finishes.
+    Listing,
+}
+
+/// Per kind: listed at least once, and whether its watch currently works.
+#[derive(Debug, Clone, Default)]
+struct KindState {
+    synced: bool,
+    error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct ReadinessState {
+    kinds: [KindState; 3],
+    applied: bool,
+}
+
+/// Whether the agent follows the API server: shared between the watch loop and `/readyz`.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<Mutex<ReadinessState>>);
+
+impl Readiness {
+    /// A fresh state: not ready until every kind is listed and the first state applied.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `Ok` when ready, else every reason it is not.
+    pub fn check(&self) -> Result<(), String> {
+        let state = match self.0.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut reasons = Vec::new();
+        for kind in KINDS {
+            let k = &state.kinds[kind as usize];
+            if let Some(e) = &k.error {
+                reasons.push(format!("{kind}: {e}"));
+            } else if !k.synced {
+                reasons.push(format!("{kind}: not listed yet"));
+            }
+        }
+        if !state.applied && reasons.is_empty() {
+            reasons.push("first state not applied yet".to_string());
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons.join("; "))
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ReadinessState)) {
+        match self.0.lock() {
+            Ok(mut s) => f(&mut s),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    fn all_synced(&self) -> bool {
+        let mut all = false;
+        self.update(|s| all = s.kinds.iter().all(|k| k.synced));
+        all
+    }
+}
+
+/// One kind's reflector as a stream of cache progress (or watch errors).
+fn reflect<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    kind: Kind,
+) -> BoxStream<'static, (Kind, Result<Progress, String>)>
+where
+    K: Resource + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        // Managed fields and annotations (last-applied-configuration) are most of an
+        // object's size and none of l3lb's business.
+        .modify(|o: &mut K| {
+            o.meta_mut().managed_fields = None;
+            o.meta_mut().annotations = None;
+        });
+    reflector(writer, stream)
+        .map(move |r| {
+            let progress = r
+                .map(|ev| match ev {
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => Progress::Changed,
+                    watcher::Event::InitDone => Progress::Synced,
+                    watcher::Event::Init | watcher::Event::InitApply(_) => Progress::Listing,
+                })
+                .map_err(|e| e.to_string());
+            (kind, progress)
+        })
+        .boxed()
+}
+
+/// The caches a rebuild reads.
+struct Caches {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+}
+
+impl Caches {
+    fn translate(&self, settings: &Settings) -> super::Translation {
+        let local: Vec<IpAddr> = match sys::local_address_set() {
+            Ok(set) => set.into_iter().collect(),
+            Err(e) => {
+                warn!("reading local addresses: {e:#}");
+                Vec::new()
+            }
+        };
+        let services: Vec<Service> = self
+            .services
+            .state()
+            .iter()
+            .map(|s| (**s).clone())
+            .collect();
+        let slices: Vec<EndpointSlice> =
+            self.slices.state().iter().map(|s| (**s).clone()).collect();
+        let nodes: Vec<Node> = self.nodes.state().iter().map(|s| (**s).clone()).collect();
+        translate(&services, &slices, &nodes, &local, settings)
+    }
+}
+
+/// Creates an Event (events.k8s.io/v1) on the Service a warning is about: the one write
+/// l3lb does, needing RBAC `create` on `events` in that group.
+async fn publish(client: Client, warning: Warning, node_name: String) {
+    let (namespace, name) = warning
+        .service
+        .split_once('/')
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .unwrap_or_else(|| ("default".to_string(), warning.service.clone()));
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let event = K8sEvent {
+        metadata: ObjectMeta {
+            namespace: Some(namespace.clone()),
+            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            ..Default::default()
+        },
+        action: Some("Balance".to_string()),
+        reason: Some(warning.reason.to_string()),
+        note: Some(warning.message.clone()),
+        event_time: Some(MicroTime(now)),
+        type_: Some("Warning".to_string()),
+        reporting_controller: Some(CONTROLLER.to_string()),
+        reporting_instance: Some(format!("{CONTROLLER}/{node_name}")),
+        regarding: Some(ObjectReference {
+            api_version: Some("v1".to_string()),
+            kind: Some("Service".to_string()),
+            name: Some(name),
+            namespace: Some(namespace.clone()),
+            uid: Some(warning.uid.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let api: Api<K8sEvent> = Api::namespaced(client, &namespace);
+    match api.create(&PostParams::default(), &event).await {
+        Ok(_) => debug!(service = %warning.service, reason = warning.reason, "event created"),
+        Err(e) => {
+            warn!(service = %warning.service, "creating an Event: {e} (RBAC: create on events.k8s.io events)")
+        }
+    }
+}
+
+/// Remembers which warnings were logged (and which Services got an Event), so each is
+/// said once rather than on every rebuild.
+#[derive(Default)]
+struct WarningLog {
+    logged: HashSet<(String, &'static str, String)>,
+    evented: HashSet<(String, &'static str)>,
+}
+
+impl WarningLog {
+    fn report(&mut self, warnings: &[Warning], client: &Client, node_name: &str) {
+        let current: HashSet<(String, &'static str, String)> = warnings
+            .iter()
+            .map(|w| (w.uid.clone(), w.reason, w.message.clone()))
+            .collect();
+        for w in warnings {
+            if self
+                .logged
+                .contains(&(w.uid.clone(), w.reason, w.message.clone()))
+            {
+                continue;
+            }
+            warn!(service = %w.service, reason = w.reason, "{}", w.message);
+            // One Event per Service and reason for this agent's lifetime: enough for
+            // `kubectl describe` to show it, and no `patch` permission needed for series.
+            if self.evented.insert((w.uid.clone(), w.reason)) {
+                tokio::spawn(publish(client.clone(), w.clone(), node_name.to_string()));
+            }
+        }
+        // A warning that went away and comes back is logged again.
+        self.logged = current;
+    }
+}
+
+/// Watches the API and sends each debounced rebuild to `out`; runs until the receiver
+/// is gone.
+async fn watch_loop(
+    client: Client,
+    settings: Settings,
+    debounce: Duration,
+    readiness: Readiness,
+    out: latest::Sender<Option<Desired>>,
+) {
+    let (services, svc_w) = reflector::store::<Service>();
+    let (slices, eps_w) = reflector::store::<EndpointSlice>();
+    let (nodes, node_w) = reflector::store::<Node>();
+    let caches = Caches {
+        services,
+        slices,
+        nodes,
+    };
+    let mut events = futures::stream::select_all([
+        reflect(Api::<Service>::all(client.clone()), svc_w, Kind::Services),
+        reflect(
+            Api::<EndpointSlice>::all(client.clone()),
+            eps_w,
+            Kind::EndpointSlices,
+        ),
+        reflect(Api::<Node>::all(client.clone()), node_w, Kind::Nodes),
+    ]);
+    let mut warnings = WarningLog::default();
+    // The batch closes `debounce` after its first change (not after the last one), so a
+    // steady stream of changes is still applied every `debounce`.
+    let mut deadline: Option<Instant> = None;
+    let far = Duration::from_secs(86400 * 365);
+    loop {
+        let sleep_until = deadline.unwrap_or_else(|| Instant::now() + far);
+        tokio::select! {
+            ev = events.next() => {
+                let Some((kind, progress)) = ev else { return };
+                match progress {
+                    Ok(p) => {
+                        readiness.update(|s| {
+                            let k = &mut s.kinds[kind as usize];
+                            if k.error.take().is_some() {
+                                info!(%kind, "watch working again");
+                            }
+                            if p == Progress::Synced {
+                                k.synced = true;
+                            }
+                        });
+                        if p != Progress::Listing && deadline.is_none() {
+                            deadline = Some(Instant::now() + debounce);
+                        }
+                    }
+                    Err(e) => {
+                        readiness.update(|s| {
+                            let k = &mut s.kinds[kind as usize];
+                            if k.error.is_none() {
+                                warn!(%kind, "watch failed; keeping the last applied state and retrying with backoff: {e}");
+                            } else {
+                                debug!(%kind, "watch still failing: {e}");
+                            }
+                            k.error = Some(e);
+                        });
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
+                deadline = None;
+                if !readiness.all_synced() {
+                    // Applying before every kind is listed would withdraw services whose
+                    // endpoints or nodes simply have not arrived yet.
+                    continue;
+                }
+                let t = caches.translate(&settings);
+                warnings.report(&t.warnings, &client, &settings.node_name);
+                debug!(services = t.desired.services.len(), "rebuilt desired state");
+                if out.send(Some(t.desired)).is_err() {
+                    return;
+                }
+                readiness.update(|s| s.applied = true);
+            }
+        }
+    }
+}
+
+/// How `l3lb run --kubernetes` was asked to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Node settings (interface, pins, sizes, metrics address, `kubernetes:` section).
+    pub config: Config,
+    /// This node's name (`--node-name` / `NODE_NAME`).
+    pub node_name: String,
+    /// A kubeconfig to use instead of the usual lookup.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Runs the Kubernetes agent until SIGTERM or SIGINT.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let k = &opts.config.kubernetes;
+    let settings = Settings {
+        class: k.load_balancer_class.clone(),
+        take_unclassed: k.take_unclassed,
+        node_name: opts.node_name.clone(),
+        balancer_node_labels: k.balancer_node_labels.clone(),
+    };
+    let debounce = Duration::from_millis(k.debounce_ms);
+    let client = client(opts.kubeconfig.as_deref()).await?;
+    let agent = Agent::start_kubernetes(opts.config.clone())?;
+
+    let readiness = Readiness::new();
+    let probe = readiness.clone();
+    let router = Router::new()
+        .route("/healthz", || Reply::text(StatusCode::OK, "ok\n"))
+        .route("/readyz", move || match probe.check() {
+            Ok(()) => Reply::text(StatusCode::OK, "ok\n"),
+            Err(why) => Reply::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        });
+    let bound = http::serve(opts.config.metrics_address, router).await?;
+    info!(
+        address = %bound,
+        node = %settings.node_name,
+        class = %settings.class,
+        take_unclassed = settings.take_unclassed,
+        "watching the Kubernetes API; /healthz and /readyz served"
+    );
+
+    // Latest value wins: a rebuild the agent has not applied yet is simply superseded.
+    let (tx, rx) = latest::channel(None);
+    tokio::spawn(watch_loop(client, settings, debounce, readiness, tx));
+    let updates = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            rx.changed().await.ok()?;
+            let latest = rx.borrow_and_update().clone();
+            if let Some(desired) = latest {
+                return Some((desired, rx));
+            }
+        }
+    });
+    agent::run_agent(agent, Box::pin(updates))
+        .await
+        .context("running the agent")
+}
