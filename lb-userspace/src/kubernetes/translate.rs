@@ -651,7 +651,13 @@ mod tests {
             take_unclassed: true,
             ..settings()
         };
-        let t = translate(&[unclassed], std::slice::from_ref(&eps), &nodes(), &[], &take);
+        let t = translate(
+            &[unclassed],
+            std::slice::from_ref(&eps),
+            &nodes(),
+            &[],
+            &take,
+        );
         assert_eq!(t.desired.services.len(), 1);
         let t = translate(&[other], &[eps], &nodes(), &[], &take);
         assert!(
