@@ -1,18 +1,20 @@
-//! The Kubernetes side of `l3lb run --kubernetes`: reflectors for Services,
-//! EndpointSlices and Nodes feed a debounced rebuild; each rebuild's desired state goes to
-//! the agent loop, which applies it like a config reload.
+//! The Kubernetes side of `l3lb run --kubernetes`: watches of Services, EndpointSlices
+//! and Nodes feed a debounced rebuild; each rebuild's desired state goes to the agent
+//! loop, which applies it like a config reload.
 //!
-//! Convergence rests on kube-runtime's watcher: a watch that ends is resumed from its
-//! last resourceVersion, and an expired one (`410 Gone`) or any error relists, after a
-//! backoff. Its reflector swaps a relisted kind's cache in whole at `InitDone`, so a
-//! rebuild never sees a half-listed kind and objects deleted while the watch was down
-//! disappear with the relist. Nothing is applied before all three kinds have been listed
-//! once, and while the API server is unreachable nothing is applied at all: the maps keep
-//! the last known state, and `/readyz` says why it is not ready.
+//! Convergence: kube-runtime's watcher speaks list/watch (a watch that ends is resumed from
+//! its last resourceVersion). Any error — `410 Gone`, a refused connection, a broken
+//! stream — drops that kind's watch and relists it after a backoff; the kind's cache is
+//! replaced whole when the list completes, so objects deleted meanwhile disappear and a
+//! rebuild never sees half a list. Nothing is applied before all three kinds have been
+//! listed once, and while the API server is unreachable nothing is applied at all: the
+//! maps keep the last known state, and `/readyz` says why it is not ready until every
+//! failed kind has been listed again.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
+    hash::BuildHasher as _,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -30,15 +32,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
 };
-use kube::{
-    Api, Client, Resource,
-    api::PostParams,
-    runtime::{
-        WatchStreamExt as _, reflector,
-        reflector::{Store, store::Writer},
-        watcher,
-    },
-};
+use kube::{Api, Client, Resource, api::PostParams, runtime::watcher};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tokio::{sync::watch as latest, time::Instant};
@@ -191,65 +185,138 @@ impl Readiness {
     }
 }
 
-/// One kind's reflector as a stream of cache progress (or watch errors).
-fn reflect<K>(
-    api: Api<K>,
-    writer: Writer<K>,
+/// Longest wait between two attempts to reach the API server.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// One kind's watch and its cache of objects by `namespace/name`.
+///
+/// kube-runtime's watcher does the list/watch protocol (resume from the last
+/// resourceVersion when a watch ends, bookmarks, pagination); this wrapper owns what
+/// happens on an error: the stream is dropped and, after a backoff, a fresh watcher
+/// relists. A resumed watch gives no sign that it started, so relisting is what lets
+/// readiness say "in sync again" — and it guarantees that nothing deleted during an
+/// outage survives it. The cache is replaced whole when a list completes, so a rebuild
+/// never sees half a list.
+struct Watch<K: Resource + 'static> {
     kind: Kind,
-) -> BoxStream<'static, (Kind, Result<Progress, String>)>
+    api: Api<K>,
+    stream: Option<BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>>,
+    cache: BTreeMap<String, K>,
+    /// Objects of a list in progress.
+    listing: Option<BTreeMap<String, K>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+fn object_key<K: Resource>(o: &K) -> String {
+    let m = o.meta();
+    format!(
+        "{}/{}",
+        m.namespace.as_deref().unwrap_or(""),
+        m.name.as_deref().unwrap_or("")
+    )
+}
+
+impl<K> Watch<K>
 where
     K: Resource + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    K::DynamicType: Default,
 {
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+    fn new(kind: Kind, api: Api<K>) -> Self {
+        let mut w = Self {
+            kind,
+            api,
+            stream: None,
+            cache: BTreeMap::new(),
+            listing: None,
+            failures: 0,
+            retry_at: None,
+        };
+        w.restart();
+        w
+    }
+
+    fn restart(&mut self) {
+        self.retry_at = None;
+        self.listing = None;
+        self.stream = Some(watcher(self.api.clone(), watcher::Config::default()).boxed());
+    }
+
+    /// The next watcher item; pending forever while waiting to retry.
+    async fn next(&mut self) -> Result<watcher::Event<K>, String> {
+        match &mut self.stream {
+            Some(stream) => match stream.next().await {
+                Some(item) => item.map_err(|e| e.to_string()),
+                None => Err("watch stream ended".to_string()),
+            },
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Folds one item into the cache.
+    fn handle(&mut self, item: Result<watcher::Event<K>, String>) -> Result<Progress, String> {
         // Managed fields and annotations (last-applied-configuration) are most of an
         // object's size and none of l3lb's business.
-        .modify(|o: &mut K| {
+        fn slim<K: Resource>(mut o: K) -> K {
             o.meta_mut().managed_fields = None;
             o.meta_mut().annotations = None;
-        });
-    reflector(writer, stream)
-        .map(move |r| {
-            let progress = r
-                .map(|ev| match ev {
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => Progress::Changed,
-                    watcher::Event::InitDone => Progress::Synced,
-                    watcher::Event::Init | watcher::Event::InitApply(_) => Progress::Listing,
-                })
-                .map_err(|e| e.to_string());
-            (kind, progress)
-        })
-        .boxed()
-}
-
-/// The caches a rebuild reads.
-struct Caches {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
-}
-
-impl Caches {
-    fn translate(&self, settings: &Settings) -> super::Translation {
-        let local: Vec<IpAddr> = match sys::local_address_set() {
-            Ok(set) => set.into_iter().collect(),
-            Err(e) => {
-                warn!("reading local addresses: {e:#}");
-                Vec::new()
+            o
+        }
+        match item {
+            Ok(watcher::Event::Apply(o)) => {
+                self.cache.insert(object_key(&o), slim(o));
+                Ok(Progress::Changed)
             }
-        };
-        let services: Vec<Service> = self
-            .services
-            .state()
-            .iter()
-            .map(|s| (**s).clone())
-            .collect();
-        let slices: Vec<EndpointSlice> =
-            self.slices.state().iter().map(|s| (**s).clone()).collect();
-        let nodes: Vec<Node> = self.nodes.state().iter().map(|s| (**s).clone()).collect();
-        translate(&services, &slices, &nodes, &local, settings)
+            Ok(watcher::Event::Delete(o)) => {
+                self.cache.remove(&object_key(&o));
+                Ok(Progress::Changed)
+            }
+            Ok(watcher::Event::Init) => {
+                self.listing = Some(BTreeMap::new());
+                Ok(Progress::Listing)
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                self.listing
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(object_key(&o), slim(o));
+                Ok(Progress::Listing)
+            }
+            Ok(watcher::Event::InitDone) => {
+                self.cache = self.listing.take().unwrap_or_default();
+                self.failures = 0;
+                Ok(Progress::Synced)
+            }
+            Err(e) => {
+                self.stream = None;
+                self.listing = None;
+                self.failures += 1;
+                let delay = backoff(self.failures);
+                debug!(kind = %self.kind, ?delay, "relisting after a watch error");
+                self.retry_at = Some(Instant::now() + delay);
+                Err(e)
+            }
+        }
     }
+
+    fn restart_if_due(&mut self, now: Instant) {
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.restart();
+        }
+    }
+
+    fn objects(&self) -> Vec<K> {
+        self.cache.values().cloned().collect()
+    }
+}
+
+/// Exponential backoff, 0.5 s doubling to 30 s, with up to a quarter of jitter so the
+/// agents of a whole cluster do not return to a recovering API server in step.
+fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_millis(500)
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(8))
+        .min(MAX_BACKOFF);
+    let noise = std::collections::hash_map::RandomState::new().hash_one(failures) % 1000;
+    base + base / 4 * u32::try_from(noise).unwrap_or(0) / 1000
 }
 
 /// Creates an Event (events.k8s.io/v1) on the Service a warning is about: the one write
@@ -335,75 +402,89 @@ async fn watch_loop(
     readiness: Readiness,
     out: latest::Sender<Option<Desired>>,
 ) {
-    let (services, svc_w) = reflector::store::<Service>();
-    let (slices, eps_w) = reflector::store::<EndpointSlice>();
-    let (nodes, node_w) = reflector::store::<Node>();
-    let caches = Caches {
-        services,
-        slices,
-        nodes,
-    };
-    let mut events = futures::stream::select_all([
-        reflect(Api::<Service>::all(client.clone()), svc_w, Kind::Services),
-        reflect(
-            Api::<EndpointSlice>::all(client.clone()),
-            eps_w,
-            Kind::EndpointSlices,
-        ),
-        reflect(Api::<Node>::all(client.clone()), node_w, Kind::Nodes),
-    ]);
+    let mut services = Watch::new(Kind::Services, Api::<Service>::all(client.clone()));
+    let mut slices = Watch::new(
+        Kind::EndpointSlices,
+        Api::<EndpointSlice>::all(client.clone()),
+    );
+    let mut nodes = Watch::new(Kind::Nodes, Api::<Node>::all(client.clone()));
     let mut warnings = WarningLog::default();
     // The batch closes `debounce` after its first change (not after the last one), so a
     // steady stream of changes is still applied every `debounce`.
     let mut deadline: Option<Instant> = None;
     let far = Duration::from_secs(86400 * 365);
     loop {
-        let sleep_until = deadline.unwrap_or_else(|| Instant::now() + far);
-        tokio::select! {
-            ev = events.next() => {
-                let Some((kind, progress)) = ev else { return };
-                match progress {
-                    Ok(p) => {
-                        readiness.update(|s| {
-                            let k = &mut s.kinds[kind as usize];
-                            if k.error.take().is_some() {
-                                info!(%kind, "watch working again");
-                            }
-                            if p == Progress::Synced {
-                                k.synced = true;
-                            }
-                        });
-                        if p != Progress::Listing && deadline.is_none() {
-                            deadline = Some(Instant::now() + debounce);
-                        }
-                    }
-                    Err(e) => {
-                        readiness.update(|s| {
-                            let k = &mut s.kinds[kind as usize];
-                            if k.error.is_none() {
-                                warn!(%kind, "watch failed; keeping the last applied state and retrying with backoff: {e}");
-                            } else {
-                                debug!(%kind, "watch still failing: {e}");
-                            }
-                            k.error = Some(e);
-                        });
-                    }
-                }
+        let apply_at = deadline.unwrap_or_else(|| Instant::now() + far);
+        let retry_at = [services.retry_at, slices.retry_at, nodes.retry_at]
+            .into_iter()
+            .flatten()
+            .min();
+        let (kind, progress) = tokio::select! {
+            item = services.next() => (Kind::Services, services.handle(item)),
+            item = slices.next() => (Kind::EndpointSlices, slices.handle(item)),
+            item = nodes.next() => (Kind::Nodes, nodes.handle(item)),
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(|| Instant::now() + far)), if retry_at.is_some() => {
+                let now = Instant::now();
+                services.restart_if_due(now);
+                slices.restart_if_due(now);
+                nodes.restart_if_due(now);
+                continue;
             }
-            _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
+            _ = tokio::time::sleep_until(apply_at), if deadline.is_some() => {
                 deadline = None;
                 if !readiness.all_synced() {
                     // Applying before every kind is listed would withdraw services whose
                     // endpoints or nodes simply have not arrived yet.
                     continue;
                 }
-                let t = caches.translate(&settings);
+                let local: Vec<IpAddr> = match sys::local_address_set() {
+                    Ok(set) => set.into_iter().collect(),
+                    Err(e) => {
+                        warn!("reading local addresses: {e:#}");
+                        Vec::new()
+                    }
+                };
+                let t = translate(
+                    &services.objects(),
+                    &slices.objects(),
+                    &nodes.objects(),
+                    &local,
+                    &settings,
+                );
                 warnings.report(&t.warnings, &client, &settings.node_name);
                 debug!(services = t.desired.services.len(), "rebuilt desired state");
                 if out.send(Some(t.desired)).is_err() {
                     return;
                 }
                 readiness.update(|s| s.applied = true);
+                continue;
+            }
+        };
+        match progress {
+            Ok(p) => {
+                readiness.update(|s| {
+                    let k = &mut s.kinds[kind as usize];
+                    if p == Progress::Synced {
+                        if k.error.take().is_some() {
+                            info!(%kind, "relisted; in sync with the API server again");
+                        }
+                        k.synced = true;
+                    }
+                });
+                if p != Progress::Listing && deadline.is_none() {
+                    deadline = Some(Instant::now() + debounce);
+                }
+            }
+            Err(e) => {
+                readiness.update(|s| {
+                    let k = &mut s.kinds[kind as usize];
+                    if k.error.is_none() {
+                        warn!(%kind, "watch failed; keeping the last applied state and relisting with backoff: {e}");
+                    } else {
+                        debug!(%kind, "watch still failing: {e}");
+                    }
+                    k.error = Some(e);
+                });
             }
         }
     }
