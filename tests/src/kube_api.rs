@@ -181,7 +181,13 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 impl ApiServer {
     /// Starts the stand-in on 127.0.0.1 (a free port) inside `ns`, where the agent runs.
     pub fn start_in(ns: &Netns) -> Result<ApiServer> {
-        let listener = ns.enter(|| TcpListener::bind("127.0.0.1:0"))??;
+        ApiServer::start_on(ns, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Starts the stand-in on `bind` inside `ns` (e.g. 0.0.0.0:0 so agents in other
+    /// namespaces reach it over the lab's fabric).
+    pub fn start_on(ns: &Netns, bind: SocketAddr) -> Result<ApiServer> {
+        let listener = ns.enter(move || TcpListener::bind(bind))??;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         shared.lock().up = true;
@@ -201,11 +207,23 @@ impl ApiServer {
 
     /// A kubeconfig that points at the stand-in.
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_for(&self.url())
+    }
+
+    /// A kubeconfig that reaches the stand-in at `host` (its port stays the bound one).
+    pub fn kubeconfig_via(&self, host: std::net::IpAddr) -> String {
+        self.kubeconfig_for(&format!(
+            "http://{}",
+            SocketAddr::new(host, self.addr.port())
+        ))
+    }
+
+    fn kubeconfig_for(&self, url: &str) -> String {
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {}\n\
              users:\n- name: tester\n  user: {{}}\ncontexts:\n- name: stand-in\n  context:\n    \
              cluster: stand-in\n    user: tester\ncurrent-context: stand-in\n",
-            self.url()
+            url
         )
     }
 

@@ -765,3 +765,166 @@ fn policy_cluster_is_warned_in_the_log_and_an_event() -> Result<()> {
     assert_eq!(posted, 1);
     Ok(())
 }
+
+/// The whole path as in a cluster: the client's packets reach the balancer node, which
+/// encapsulates them to a node with ready endpoints; that node's l3lb (also in Kubernetes
+/// mode, its decap allow list taken from the Node objects) strips the outer header, and
+/// the node's "kube-proxy" (an nftables DNAT of the LoadBalancer IP to a local "pod"
+/// port) delivers to the server, which sees the client's own address and answers it
+/// directly.
+#[test]
+fn pods_see_the_client_address_through_the_node_proxy() -> Result<()> {
+    const VIP: &str = "10.77.100.60";
+    let lab = Lab::new(LabSpec {
+        backends: 2,
+        balancers: 1,
+    })?;
+    let balancer_ns = &lab.balancers[0].ns;
+    // On the balancer's fabric address, so the agents on the backend nodes reach it too.
+    let api = ApiServer::start_on(balancer_ns, "0.0.0.0:0".parse()?)?;
+    for n in [BALANCER, NODE_A, NODE_B] {
+        api.apply(node(n))?;
+    }
+    api.apply(service("web", &[VIP], json!({})))?;
+    api.apply(slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[ready(NODE_A.0), ready(NODE_B.0)],
+    ))?;
+
+    let mut pods = Vec::new();
+    for (i, n) in [NODE_A, NODE_B].into_iter().enumerate() {
+        let ns = &lab.backend(i)?.ns;
+        let rules = lab.write_file(
+            &format!("{}-kube-proxy.nft", n.0),
+            &format!(
+                "table ip kube-proxy {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {VIP} tcp dport 80 dnat to {}:8080\n  }}\n}}\n",
+                n.1
+            ),
+        )?;
+        ns.run(["nft", "-f", &rules.to_string_lossy()])?;
+        pods.push(l3lb_tests::TcpServer::start(
+            ns,
+            n.0,
+            SocketAddr::new(n.1.parse()?, 8080),
+        )?);
+    }
+
+    let bin = l3lb_bin()?;
+    let kubeconfig = lab.write_file("kubeconfig", &api.kubeconfig_via(BALANCER.1.parse()?))?;
+    let mut agents = Vec::new();
+    // As in the other lab tests: a frame XDP_TX'ed into a veth is received only if the peer
+    // end runs XDP, so a service-less l3lb sits on the fabric side of the balancer's veth.
+    let fabric_port = lab.balancers[0].fabric_port.clone();
+    let fabric_cfg = lab.write_file(
+        "fabric.yaml",
+        &format!(
+            "interface: {fabric_port}\nxdp_mode: native\npin_path: {}\n",
+            lab.pin_path("fabric").display()
+        ),
+    )?;
+    let mut fabric = lab.spawn_in(
+        &lab.fabric,
+        &bin,
+        ["run", "--config", &fabric_cfg.to_string_lossy()],
+        "fabric.log",
+    )?;
+    fabric.wait_for_log("l3lb ready", Duration::from_secs(20))?;
+    agents.push(fabric);
+    let nodes = [
+        (balancer_ns, BALANCER.0),
+        (&lab.backend(0)?.ns, NODE_A.0),
+        (&lab.backend(1)?.ns, NODE_B.0),
+    ];
+    for (ns, name) in nodes {
+        let settings = lab.write_file(
+            &format!("{name}.yaml"),
+            &format!(
+                "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE}\n\
+                 kubernetes:\n  debounce_ms: 100\n",
+                lab.pin_path(name).display()
+            ),
+        )?;
+        let mut agent = lab.spawn_in(
+            ns,
+            &bin,
+            [
+                "run",
+                "--kubernetes",
+                "--config",
+                &settings.to_string_lossy(),
+                "--node-name",
+                name,
+                "--kubeconfig",
+                &kubeconfig.to_string_lossy(),
+            ],
+            format!("{name}.log"),
+        )?;
+        agent.wait_for_log("watching the Kubernetes API", Duration::from_secs(30))?;
+        agents.push(agent);
+    }
+    // Every agent has applied the API state: the balancer has both nodes as backends, the
+    // nodes accept encapsulated packets from the balancer.
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let bal = status_of_pins(&lab.pin_path(BALANCER.0))?;
+        let a = status_of_pins(&lab.pin_path(NODE_A.0))?;
+        let b = status_of_pins(&lab.pin_path(NODE_B.0))?;
+        let balanced = view(&bal)
+            .get(&format!("{VIP}:80/tcp"))
+            .is_some_and(|v| v.backends.len() == 2);
+        let from_balancer = "10.77.0.2/32".to_string();
+        if balanced
+            && a.decap_allow.contains(&from_balancer)
+            && b.decap_allow.contains(&from_balancer)
+        {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
+            bail!(
+                "the agents did not converge: {:?} {:?} {:?}\n{}",
+                view(&bal),
+                a.decap_allow,
+                b.decap_allow,
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.client_route_vip(VIP.parse()?, 0)?;
+
+    let client = lab.client.ipv4;
+    let mut served = BTreeMap::new();
+    for i in 0..40u16 {
+        let sport = 45000 + i;
+        let line = l3lb_tests::client::tcp_request(
+            &lab.client.ns,
+            VIP.parse()?,
+            80,
+            Some(sport),
+            Duration::from_secs(2),
+        )
+        .with_context(|| format!("request {i} to {VIP}:80"))?;
+        let reply = l3lb_tests::client::parse_reply(&line)?;
+        assert_eq!(
+            reply.peer,
+            SocketAddr::new(IpAddr::V4(client), sport),
+            "the pod on {} saw another address than the client's",
+            reply.backend
+        );
+        *served.entry(reply.backend).or_insert(0) += 1;
+    }
+    assert_eq!(served.len(), 2, "both nodes served: {served:?}");
+    let bal = status_of_pins(&lab.pin_path(BALANCER.0))?;
+    assert!(
+        bal.actions.get("encap").copied().unwrap_or(0) >= 40,
+        "the balancer encapsulated the requests: {:?}",
+        bal.actions
+    );
+    drop(agents);
+    drop(pods);
+    drop(api);
+    Ok(())
+}
