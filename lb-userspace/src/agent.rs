@@ -216,15 +216,12 @@ impl Agent {
     /// Starts the agent of `l3lb run --kubernetes`: the config gives the node settings
     /// (its `services` must be empty) and the services come through
     /// [`Agent::apply_kubernetes`]. The decap role is always on: every node is a backend.
-    pub fn start_kubernetes(mut config: Config) -> anyhow::Result<Self> {
+    pub fn start_kubernetes(config: Config) -> anyhow::Result<Self> {
         if !config.services.is_empty() {
             bail!(
                 "the config lists services, but with --kubernetes they come from the API server; remove `services`"
             );
         }
-        // Forced on because the decap role is a load-time switch and the allow list is
-        // filled from the Node objects later.
-        config.decap.allow.sort();
         Self::start_with(config, Source::Kubernetes(Desired::default()))
     }
 
@@ -241,6 +238,8 @@ impl Agent {
         }
 
         let mut opts = load_options(&config, encap);
+        // The decap role is a load-time switch, and in Kubernetes mode its allow list is
+        // filled from the Node objects only later: always on.
         opts.decap |= kubernetes;
         let mut dataplane = Dataplane::load(&opts).context("loading the XDP program")?;
         let local = sys::local_address_set()?;
@@ -420,14 +419,16 @@ impl Agent {
 /// Runs the agent until SIGTERM or SIGINT; SIGHUP reloads the config.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let agent = Agent::start(config_path)?;
-    run_agent(agent, futures::stream::pending()).await
+    run_agent(agent, futures::stream::pending(), |_| {}).await
 }
 
 /// The run loop shared by both modes: signals, periodic upkeep, and `updates` (desired
-/// states from the Kubernetes translation; a pending stream for the standalone agent).
+/// states from the Kubernetes translation; a pending stream for the standalone agent),
+/// each applied and its outcome reported to `applied`.
 pub async fn run_agent(
     mut agent: Agent,
     updates: impl futures::Stream<Item = Desired> + Unpin,
+    mut applied: impl FnMut(Result<(), String>),
 ) -> anyhow::Result<()> {
     use futures::StreamExt as _;
     let mut updates = updates.fuse();
@@ -451,9 +452,18 @@ pub async fn run_agent(
             _ = watch.tick() => agent.refresh_neighbours_if_missing(),
             _ = nexthops.tick() => agent.expire_next_hops(),
             Some(desired) = updates.next() => match agent.apply_kubernetes(desired) {
-                Ok(summary) if summary != ApplySummary::default() => info!(%summary, "applied Kubernetes state"),
-                Ok(_) => tracing::debug!("Kubernetes state unchanged"),
-                Err(e) => error!("applying the Kubernetes state, keeping the previous one: {e:#}"),
+                Ok(summary) => {
+                    if summary == ApplySummary::default() {
+                        tracing::debug!("Kubernetes state unchanged");
+                    } else {
+                        info!(%summary, "applied Kubernetes state");
+                    }
+                    applied(Ok(()));
+                }
+                Err(e) => {
+                    error!("applying the Kubernetes state failed; the maps may hold part of it until the next change or resync: {e:#}");
+                    applied(Err(format!("{e:#}")));
+                }
             },
         }
     }

@@ -174,12 +174,23 @@ fn kubernetes_config(
         m.insert("interface".into(), iface.into());
     }
     let text = serde_yaml_ng::to_string(&value).context("re-encoding the settings")?;
-    l3lb::config::Config::parse(&text).map_err(|e| {
-        let origin = path
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "settings".to_string());
-        anyhow::anyhow!("{origin}: {e} (give --interface or a config with `interface`)")
-    })
+    let origin = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "settings".to_string());
+    let config = l3lb::config::Config::parse(&text).map_err(|e| {
+        let hint = if e.to_string().contains("interface") {
+            " (give --interface or a config with `interface`)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{origin}: {e}{hint}")
+    })?;
+    if !config.services.is_empty() {
+        anyhow::bail!(
+            "{origin}: services: with --kubernetes the services come from the API server; remove `services`"
+        );
+    }
+    Ok(config)
 }
 
 fn run(command: Command) -> anyhow::Result<()> {

@@ -133,7 +133,10 @@ struct KindState {
 #[derive(Debug, Default)]
 struct ReadinessState {
     kinds: [KindState; 3],
-    applied: bool,
+    /// A rebuild has been handed to the agent loop.
+    sent: bool,
+    /// The outcome of the last apply: `None` before the first.
+    applied: Option<Result<(), String>>,
 }
 
 /// Whether the agent follows the API server: shared between the watch loop and `/readyz`.
@@ -161,14 +164,26 @@ impl Readiness {
                 reasons.push(format!("{kind}: not listed yet"));
             }
         }
-        if !state.applied && reasons.is_empty() {
-            reasons.push("first state not applied yet".to_string());
+        match &state.applied {
+            Some(Ok(())) => {}
+            Some(Err(e)) => reasons.push(format!("applying the state to the maps failed: {e}")),
+            None if reasons.is_empty() => reasons.push(if state.sent {
+                "first state not applied yet".to_string()
+            } else {
+                "first state not built yet".to_string()
+            }),
+            None => {}
         }
         if reasons.is_empty() {
             Ok(())
         } else {
             Err(reasons.join("; "))
         }
+    }
+
+    /// Records the outcome of an apply (the agent loop calls this).
+    pub fn record_apply(&self, result: Result<(), String>) {
+        self.update(|s| s.applied = Some(result));
     }
 
     fn update(&self, f: impl FnOnce(&mut ReadinessState)) {
@@ -456,7 +471,7 @@ async fn watch_loop(
                 if out.send(Some(t.desired)).is_err() {
                     return;
                 }
-                readiness.update(|s| s.applied = true);
+                readiness.update(|s| s.sent = true);
                 continue;
             }
         };
@@ -536,7 +551,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     // Latest value wins: a rebuild the agent has not applied yet is simply superseded.
     let (tx, rx) = latest::channel(None);
-    tokio::spawn(watch_loop(client, settings, debounce, readiness, tx));
+    tokio::spawn(watch_loop(
+        client,
+        settings,
+        debounce,
+        readiness.clone(),
+        tx,
+    ));
     let updates = futures::stream::unfold(rx, |mut rx| async move {
         loop {
             rx.changed().await.ok()?;
@@ -546,7 +567,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         }
     });
-    agent::run_agent(agent, Box::pin(updates))
+    agent::run_agent(agent, Box::pin(updates), |r| readiness.record_apply(r))
         .await
         .context("running the agent")
 }
