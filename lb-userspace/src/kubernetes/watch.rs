@@ -571,3 +571,87 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .await
         .context("running the agent")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "resourceVersion": "1"}
+        }))
+        .expect("a Node")
+    }
+
+    fn names(w: &Watch<Node>) -> Vec<String> {
+        w.objects()
+            .iter()
+            .filter_map(|n| n.metadata.name.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_relist_replaces_the_cache_whole_and_only_when_complete() {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        let client = Client::try_from(config).expect("client");
+        let mut w = Watch::new(Kind::Nodes, Api::<Node>::all(client));
+        assert_eq!(w.handle(Ok(watcher::Event::Init)), Ok(Progress::Listing));
+        assert!(w.handle(Ok(watcher::Event::InitApply(node("a")))).is_ok());
+        assert!(w.handle(Ok(watcher::Event::InitApply(node("b")))).is_ok());
+        assert!(
+            names(&w).is_empty(),
+            "nothing visible before the list completes"
+        );
+        assert_eq!(w.handle(Ok(watcher::Event::InitDone)), Ok(Progress::Synced));
+        assert_eq!(names(&w), ["a", "b"]);
+        assert_eq!(
+            w.handle(Ok(watcher::Event::Delete(node("a")))),
+            Ok(Progress::Changed)
+        );
+        assert_eq!(names(&w), ["b"]);
+
+        // An error drops the watch and schedules a relist; the cache stays as it was
+        // (forwarding keeps the last known state) until the relist completes.
+        assert!(w.handle(Err("410 Gone".into())).is_err());
+        assert!(w.stream.is_none() && w.retry_at.is_some());
+        assert_eq!(names(&w), ["b"]);
+        w.restart_if_due(Instant::now() + MAX_BACKOFF * 2);
+        assert!(w.stream.is_some() && w.retry_at.is_none());
+        assert!(w.handle(Ok(watcher::Event::Init)).is_ok());
+        assert!(w.handle(Ok(watcher::Event::InitApply(node("c")))).is_ok());
+        assert_eq!(names(&w), ["b"]);
+        assert!(w.handle(Ok(watcher::Event::InitDone)).is_ok());
+        assert_eq!(names(&w), ["c"], "b was deleted while the watch was down");
+    }
+
+    #[test]
+    fn backoff_doubles_to_thirty_seconds_with_bounded_jitter() {
+        let first = backoff(1);
+        assert!(first >= Duration::from_millis(500) && first <= Duration::from_millis(625));
+        let fourth = backoff(4);
+        assert!(fourth >= Duration::from_secs(4) && fourth <= Duration::from_secs(5));
+        for n in 7..40 {
+            let d = backoff(n);
+            assert!(
+                d >= MAX_BACKOFF && d <= MAX_BACKOFF + MAX_BACKOFF / 4,
+                "{n}: {d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ready_only_when_listed_connected_and_applied() {
+        let r = Readiness::new();
+        assert!(r.check().unwrap_err().contains("not listed yet"));
+        r.update(|s| s.kinds.iter_mut().for_each(|k| k.synced = true));
+        assert!(r.all_synced());
+        assert!(r.check().unwrap_err().contains("not built yet"));
+        r.record_apply(Ok(()));
+        assert_eq!(r.check(), Ok(()));
+        r.update(|s| s.kinds[Kind::Nodes as usize].error = Some("connection refused".into()));
+        assert_eq!(r.check(), Err("nodes: connection refused".to_string()));
+        r.update(|s| s.kinds[Kind::Nodes as usize].error = None);
+        r.record_apply(Err("service table is full".into()));
+        assert!(r.check().unwrap_err().contains("service table is full"));
+    }
+}
