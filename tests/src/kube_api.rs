@@ -291,6 +291,13 @@ impl ApiServer {
         Ok(())
     }
 
+    /// Ends every open watch cleanly (as at the end of `timeoutSeconds`), keeping history:
+    /// clients watch again from their last resourceVersion and miss nothing.
+    pub fn close_watches(&self) {
+        self.shared.lock().generation += 1;
+        self.shared.changed.notify_all();
+    }
+
     /// Takes the server off its port: new connections are refused, open ones closed.
     pub fn down(&mut self) -> Result<()> {
         {

@@ -226,6 +226,10 @@ fn http_get(ns: &Netns, path: &str) -> Result<(u16, String)> {
 
 impl KubeLab {
     fn start(nodes: &[(&str, &str, &str)]) -> Result<KubeLab> {
+        KubeLab::start_with_debounce(nodes, 100)
+    }
+
+    fn start_with_debounce(nodes: &[(&str, &str, &str)], debounce_ms: u64) -> Result<KubeLab> {
         let lab = Lab::new(LabSpec {
             backends: 2,
             balancers: 1,
@@ -241,7 +245,7 @@ impl KubeLab {
             "balancer-0.yaml",
             &format!(
                 "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE}\n\
-                 kubernetes:\n  debounce_ms: 100\n",
+                 kubernetes:\n  debounce_ms: {debounce_ms}\n",
                 pin_path.display()
             ),
         )?;
@@ -640,6 +644,78 @@ fn an_expired_watch_relists_and_leaves_no_stale_entry() -> Result<()> {
         k.api.requests()
     );
     k.readyz_becomes(200, CONVERGE);
+    Ok(())
+}
+
+#[test]
+fn a_closed_watch_resumes_without_relisting() -> Result<()> {
+    let mut k = KubeLab::start(&[BALANCER, NODE_A, NODE_B])?;
+    k.api.apply(service("e", &["10.77.100.35"], json!({})))?;
+    k.api.apply(slice("e-1", "e", "IPv4", &[ready(NODE_A.0)]))?;
+    k.vips_are(
+        "before",
+        &[(
+            "10.77.100.35:80/tcp",
+            vip("none", &[], expected(&[(NODE_A.1, 1)])),
+        )],
+    );
+    let lists = list_requests(&k.api, "/apis/discovery.k8s.io/v1/endpointslices");
+    let watches = k.api.requests().len();
+
+    // The server ends every watch (as at the end of timeoutSeconds, or an API server
+    // restart behind a load balancer): the agent watches again from where it was and
+    // sees the next change as an event, with no relist.
+    k.api.close_watches();
+    k.api.apply(slice("e-1", "e", "IPv4", &[ready(NODE_B.0)]))?;
+    k.vips_are(
+        "after the watch was closed",
+        &[(
+            "10.77.100.35:80/tcp",
+            vip("none", &[], expected(&[(NODE_B.1, 1)])),
+        )],
+    );
+    assert!(k.api.requests().len() > watches, "watched again");
+    assert_eq!(
+        list_requests(&k.api, "/apis/discovery.k8s.io/v1/endpointslices"),
+        lists,
+        "no relist: {:?}",
+        k.api.requests()
+    );
+    k.readyz_becomes(200, CONVERGE);
+    Ok(())
+}
+
+#[test]
+fn a_burst_of_changes_is_applied_as_one_batch() -> Result<()> {
+    let mut k = KubeLab::start_with_debounce(&[BALANCER, NODE_A, NODE_B], 1000)?;
+    k.readyz_becomes(200, CONVERGE);
+    const APPLIED: &str = "applied Kubernetes state";
+    let before = k.agent.log().matches(APPLIED).count();
+    let mut want = Vec::new();
+    for i in 0..5 {
+        let name = format!("burst{i}");
+        let ip = format!("10.77.100.{}", 70 + i);
+        k.api.apply(service(&name, &[&ip], json!({})))?;
+        k.api.apply(slice(
+            &format!("{name}-1"),
+            &name,
+            "IPv4",
+            &[ready(NODE_A.0), ready(NODE_B.0)],
+        ))?;
+        want.push((
+            format!("{ip}:80/tcp"),
+            vip("none", &[], expected(&[(NODE_A.1, 1), (NODE_B.1, 1)])),
+        ));
+    }
+    let want: Vec<(&str, Vip)> = want.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    k.vips_are("all five services", &want);
+    let applies = k.agent.log().matches(APPLIED).count() - before;
+    assert_eq!(
+        applies,
+        1,
+        "ten changes within the debounce window are one apply; log:\n{}",
+        k.agent.log()
+    );
     Ok(())
 }
 
