@@ -25,6 +25,9 @@ pub const DEFAULT_CLASS: &str = "l3lb.io/xdp";
 /// Largest weight the data plane takes (the config's limit).
 const MAX_WEIGHT: u32 = 65535;
 
+/// Nodes with this label (any value) are never backends.
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -207,8 +210,16 @@ pub fn translate(
     settings: &Settings,
 ) -> Translation {
     let mut warnings = Vec::new();
+    // Backend candidates: every node but those the well-known label excludes from external
+    // load balancers (the convention cloud load balancers follow too).
     let node_addrs: HashMap<String, NodeAddrs> = nodes
         .iter()
+        .filter(|n| {
+            !n.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(EXCLUDE_LABEL))
+        })
         .filter_map(|n| Some((n.metadata.name.clone()?, NodeAddrs::of(n))))
         .collect();
 
@@ -767,6 +778,28 @@ mod tests {
             t.desired.services[1].vips,
             vec![("2001:db8::10".parse().expect("ip"), 80, 6)]
         );
+    }
+
+    #[test]
+    fn nodes_excluded_from_external_load_balancers_are_no_backends() {
+        let svc = web(json!({}), &["192.0.2.10"]);
+        let eps = web_slice("web-abc", "IPv4", &[ready_on("node-a"), ready_on("node-b")]);
+        let mut ns = nodes();
+        ns[0]
+            .metadata
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert(EXCLUDE_LABEL.to_string(), String::new());
+        let t = translate(&[svc], &[eps], &ns, &[], &settings());
+        assert_eq!(
+            backends(&t.desired.services[0]),
+            [("10.0.0.12".to_string(), 1, true)]
+        );
+        assert_eq!(t.desired.decap_v4.len(), 3, "it may still be a balancer");
+    }
+
+    fn ready_on(node: &str) -> (&str, bool, bool, bool) {
+        (node, true, true, false)
     }
 
     #[test]
