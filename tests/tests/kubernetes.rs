@@ -847,7 +847,7 @@ fn policy_cluster_is_warned_in_the_log_and_an_event() -> Result<()> {
 /// mode, its decap allow list taken from the Node objects) strips the outer header, and
 /// the node's "kube-proxy" (an nftables DNAT of the LoadBalancer IP to a local "pod"
 /// port) delivers to the server, which sees the client's own address and answers it
-/// directly.
+/// directly — also while the API server is unreachable.
 #[test]
 fn pods_see_the_client_address_through_the_node_proxy() -> Result<()> {
     const VIP: &str = "10.77.100.60";
@@ -857,7 +857,7 @@ fn pods_see_the_client_address_through_the_node_proxy() -> Result<()> {
     })?;
     let balancer_ns = &lab.balancers[0].ns;
     // On the balancer's fabric address, so the agents on the backend nodes reach it too.
-    let api = ApiServer::start_on(balancer_ns, "0.0.0.0:0".parse()?)?;
+    let mut api = ApiServer::start_on(balancer_ns, "0.0.0.0:0".parse()?)?;
     for n in [BALANCER, NODE_A, NODE_B] {
         api.apply(node(n))?;
     }
@@ -999,6 +999,22 @@ fn pods_see_the_client_address_through_the_node_proxy() -> Result<()> {
         "the balancer encapsulated the requests: {:?}",
         bal.actions
     );
+
+    // With the API server gone, every node keeps forwarding on the last known state.
+    api.down()?;
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..10u16 {
+        let line = l3lb_tests::client::tcp_request(
+            &lab.client.ns,
+            VIP.parse()?,
+            80,
+            Some(46000 + i),
+            Duration::from_secs(2),
+        )
+        .with_context(|| format!("request {i} during the outage"))?;
+        let reply = l3lb_tests::client::parse_reply(&line)?;
+        assert_eq!(reply.peer.ip(), IpAddr::V4(client));
+    }
     drop(agents);
     drop(pods);
     drop(api);
