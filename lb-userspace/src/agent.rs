@@ -101,6 +101,34 @@ pub fn desired_from_config(
     }
 }
 
+/// The desired state of a config and a source of services, for this node's addresses.
+fn desired_for(
+    config: &Config,
+    source: &Source,
+    local: &HashSet<IpAddr>,
+    down: &HashSet<health::Key>,
+) -> Desired {
+    let from_config = desired_from_config(config, local, down);
+    match source {
+        Source::Config(_) => from_config,
+        Source::Kubernetes(kube) => {
+            // Services, local backends and the balancers' addresses come from the API; the
+            // config may add decap sources (balancers outside the cluster), and this node's
+            // addresses are always the current ones.
+            let mut desired = kube.clone();
+            desired.decap_v4.extend(from_config.decap_v4);
+            desired.decap_v4.sort();
+            desired.decap_v4.dedup();
+            desired.decap_v6.extend(from_config.decap_v6);
+            desired.decap_v6.sort();
+            desired.decap_v6.dedup();
+            desired.local_v4 = from_config.local_v4;
+            desired.local_v6 = from_config.local_v6;
+            desired
+        }
+    }
+}
+
 /// Source addresses of the encapsulation headers this node writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EncapSources {
@@ -111,8 +139,9 @@ pub struct EncapSources {
 }
 
 /// The encapsulation sources of `config`'s interface; an error when a service needs one
-/// the interface lacks.
-fn encap_sources(config: &Config) -> anyhow::Result<EncapSources> {
+/// the interface lacks. Kubernetes services are not known at start: a missing address is
+/// then a warning (those VIPs' packets would carry an unspecified outer source).
+fn encap_sources(config: &Config, kubernetes: bool) -> anyhow::Result<EncapSources> {
     let ipip = |v6: bool| {
         config
             .services
@@ -121,6 +150,10 @@ fn encap_sources(config: &Config) -> anyhow::Result<EncapSources> {
     };
     let v4 = match sys::interface_ipv4(&config.interface)? {
         Some(a) => a,
+        None if kubernetes => {
+            warn!(interface = %config.interface, "no IPv4 address: IPv4 Services cannot be encapsulated");
+            Ipv4Addr::UNSPECIFIED
+        }
         None if ipip(false) => bail!(
             "interface {} has no IPv4 address to use as the source of IPIP headers",
             config.interface
@@ -129,6 +162,7 @@ fn encap_sources(config: &Config) -> anyhow::Result<EncapSources> {
     };
     let v6 = match sys::interface_ipv6(&config.interface)? {
         Some(a) => a,
+        None if kubernetes => Ipv6Addr::UNSPECIFIED,
         None if ipip(true) => bail!(
             "interface {} has no global IPv6 address to use as the source of IPv6-in-IPv6 headers",
             config.interface
@@ -170,11 +204,62 @@ fn remote_backends(desired: &Desired) -> Vec<IpAddr> {
     v
 }
 
+/// Puts the program on the configured interface (switching an earlier agent's pinned link
+/// to it, or attaching afresh) and pins everything; returns the mode for the log.
+fn attach_and_pin(
+    dataplane: &mut Dataplane,
+    config: &Config,
+    pin_dir: &Path,
+) -> anyhow::Result<&'static str> {
+    let mode = aya_mode(config.xdp_mode);
+    let (attached, generic) = match dataplane.attach_pinned(&config.interface, mode, pin_dir) {
+        Ok(a) => (a, config.xdp_mode == XdpMode::Generic),
+        Err(e) if config.xdp_mode == XdpMode::Auto => {
+            warn!(error = %e, "native XDP unavailable; falling back to generic mode (slower)");
+            let a = dataplane.attach_pinned(&config.interface, AyaXdpMode::Skb, pin_dir)?;
+            (a, true)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mode_name = match attached {
+        // The earlier agent's attachment, in whatever mode it was made.
+        Attached::Replaced => "kept",
+        Attached::New { .. } if generic => "generic",
+        Attached::New { .. } => "native",
+    };
+    if attached == (Attached::New { pinned: false }) {
+        warn!(
+            "this kernel attaches XDP without bpf_link: the program cannot stay attached across agent restarts"
+        );
+    }
+    // Links on other interfaces (the config's interface changed) are no longer wanted.
+    let own = handover::link_pin(pin_dir, &config.interface);
+    for stale in handover::link_pins(pin_dir) {
+        if stale != own {
+            warn!(link = %stale.display(), "detaching the earlier agent's program from an interface no longer configured");
+            std::fs::remove_file(&stale)
+                .with_context(|| format!("removing {}", stale.display()))?;
+        }
+    }
+    dataplane.pin(pin_dir).context("pinning maps and program")?;
+    Ok(mode_name)
+}
+
+/// Where an agent's services come from.
+#[derive(Debug)]
+enum Source {
+    /// The config file's `services` (SIGHUP re-reads it).
+    Config(Option<PathBuf>),
+    /// The Kubernetes API, translated by [`crate::kubernetes`]: the last desired state it
+    /// produced, kept so address changes and resyncs can re-apply it.
+    Kubernetes(Desired),
+}
+
 /// A running agent: the data plane plus the config it was built from.
 pub struct Agent {
     dataplane: Dataplane,
     config: Config,
-    config_path: PathBuf,
+    source: Source,
     pin_dir: PathBuf,
     no_neighbour_seen: u64,
     health: health::Tracker,
@@ -182,6 +267,12 @@ pub struct Agent {
     health_tx: mpsc::Sender<health::Outcome>,
     /// The verdict last written to the metadata map per checked backend.
     health_shown: std::collections::HashMap<health::Key, bool>,
+    ipv6_forwarding: bool,
+    /// The program is not on the interface yet (Kubernetes mode, taking over from an
+    /// earlier agent): the first complete Kubernetes apply puts it there.
+    attach_deferred: bool,
+    /// Health check outcomes, until the run loop takes them.
+    health_rx: Option<mpsc::Receiver<health::Outcome>>,
 }
 
 impl Agent {
@@ -192,21 +283,38 @@ impl Agent {
     /// table and counters are reused (or migrated when only their size changed), its ids
     /// kept, and its pinned link switched to the new program in one step once the new
     /// maps are complete, so forwarding never stops.
-    /// Health check outcomes are sent to `health_tx` (see [`Agent::health_outcome`]).
-    pub fn start(
-        config_path: &Path,
-        health_tx: mpsc::Sender<health::Outcome>,
-    ) -> anyhow::Result<Self> {
+    /// Health check outcomes reach the run loop (see [`Agent::health_outcome`]).
+    pub fn start(config_path: &Path) -> anyhow::Result<Self> {
         let config = Config::load(config_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+        Self::start_with(config, Source::Config(Some(config_path.to_path_buf())))
+    }
+
+    /// Starts the agent of `l3lb run --kubernetes`: the config gives the node settings
+    /// (its `services` must be empty) and the services come through
+    /// [`Agent::apply_kubernetes`]. The decap role is always on: every node is a backend.
+    pub fn start_kubernetes(config: Config) -> anyhow::Result<Self> {
+        if !config.services.is_empty() {
+            bail!(
+                "the config lists services, but with --kubernetes they come from the API server; remove `services`"
+            );
+        }
+        Self::start_with(config, Source::Kubernetes(Desired::default()))
+    }
+
+    fn start_with(config: Config, source: Source) -> anyhow::Result<Self> {
+        let kubernetes = matches!(source, Source::Kubernetes(_));
         sys::require_capabilities()?;
         sys::require_interface(&config.interface)?;
-        let encap = encap_sources(&config)?;
+        let encap = encap_sources(&config, kubernetes)?;
         sys::ensure_bpffs(&config.pin_path)?;
         let pin_dir = pin_dir(&config.pin_path);
         let maps_dir = pin_dir.join("maps");
 
-        let opts = load_options(&config, encap);
+        let mut opts = load_options(&config, encap);
+        // The decap role is a load-time switch, and in Kubernetes mode its allow list is
+        // filled from the Node objects only later: always on.
+        opts.decap |= kubernetes;
         let plan = if maps_dir.exists() {
             handover::plan(&maps_dir, &opts).context("taking over the earlier agent's state")?
         } else {
@@ -234,13 +342,13 @@ impl Agent {
             );
         }
         let local = sys::local_address_set()?;
-        let desired = desired_from_config(&config, &local, &HashSet::new());
+        let desired = desired_for(&config, &source, &local, &HashSet::new());
         let summary = dataplane
             .apply(&desired)
             .context("writing the initial state")?;
         info!(%summary, "applied config");
 
-        if !config.services.is_empty() {
+        if !config.services.is_empty() || kubernetes {
             if sys::enable_ipv4_forwarding(&config.interface)? {
                 info!(interface = %config.interface, "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)");
             }
@@ -252,39 +360,15 @@ impl Agent {
         }
         sys::prime_neighbours(remote_backends(&desired));
 
-        let mode = aya_mode(config.xdp_mode);
-        let (attached, generic) = match dataplane.attach_pinned(&config.interface, mode, &pin_dir) {
-            Ok(a) => (a, config.xdp_mode == XdpMode::Generic),
-            Err(e) if config.xdp_mode == XdpMode::Auto => {
-                warn!(error = %e, "native XDP unavailable; falling back to generic mode (slower)");
-                let a = dataplane.attach_pinned(&config.interface, AyaXdpMode::Skb, &pin_dir)?;
-                (a, true)
-            }
-            Err(e) => return Err(e.into()),
+        // In Kubernetes mode the services arrive only once the API server has been listed;
+        // until then an earlier agent's program keeps forwarding with its complete maps
+        // (also through an API outage) instead of being switched to empty ones.
+        let defer = kubernetes && handover::link_pin(&pin_dir, &config.interface).exists();
+        let mode_name = if defer {
+            "deferred until the Kubernetes state is complete"
+        } else {
+            attach_and_pin(&mut dataplane, &config, &pin_dir)?
         };
-        let mode_name = match attached {
-            // The earlier agent's attachment, in whatever mode it was made.
-            Attached::Replaced => "kept",
-            Attached::New { .. } if generic => "generic",
-            Attached::New { .. } => "native",
-        };
-        if attached == (Attached::New { pinned: false }) {
-            warn!(
-                "this kernel attaches XDP without bpf_link: the program cannot stay attached across agent restarts"
-            );
-        }
-        // Links on other interfaces (the config's interface changed) are no longer wanted.
-        let own = handover::link_pin(&pin_dir, &config.interface);
-        for stale in handover::link_pins(&pin_dir) {
-            if stale != own {
-                warn!(link = %stale.display(), "detaching the earlier agent's program from an interface no longer configured");
-                std::fs::remove_file(&stale)
-                    .with_context(|| format!("removing {}", stale.display()))?;
-            }
-        }
-        dataplane
-            .pin(&pin_dir)
-            .context("pinning maps and program")?;
         info!(
             interface = %config.interface,
             mode = mode_name,
@@ -294,24 +378,67 @@ impl Agent {
         );
         let mut tracker = health::Tracker::default();
         tracker.follow(&config);
+        let (health_tx, health_rx) = mpsc::channel(1024);
         let probes = health::start(&config, &health_tx);
+        let ipv6_forwarding = config.services.iter().any(|s| s.vip.is_ipv6());
         Ok(Self {
             dataplane,
             config,
-            config_path: config_path.to_path_buf(),
+            source,
             pin_dir,
             no_neighbour_seen: 0,
             health: tracker,
             probes,
             health_tx,
             health_shown: std::collections::HashMap::new(),
+            ipv6_forwarding,
+            attach_deferred: defer,
+            health_rx: Some(health_rx),
         })
     }
 
+    /// Applies the services, decap allow list and local backends that the Kubernetes
+    /// translation produced (this node's addresses are refreshed here); returns what changed.
+    pub fn apply_kubernetes(&mut self, desired: Desired) -> anyhow::Result<ApplySummary> {
+        let local = sys::local_address_set()?;
+        let wants_v6 = desired
+            .services
+            .iter()
+            .any(|s| s.vips.iter().any(|v| v.0.is_ipv6()));
+        if wants_v6 && !self.ipv6_forwarding {
+            for change in sys::enable_ipv6_forwarding(&self.config.interface)? {
+                info!(interface = %self.config.interface, "{change} (bpf_fib_lookup needs IPv6 forwarding; router advertisements stay accepted)");
+            }
+            self.ipv6_forwarding = true;
+        }
+        let source = Source::Kubernetes(desired);
+        let full = desired_for(&self.config, &source, &local, &self.health.down());
+        let summary = self
+            .dataplane
+            .apply(&full)
+            .context("applying the Kubernetes state")?;
+        self.source = source;
+        sys::prime_neighbours(remote_backends(&full));
+        if self.attach_deferred {
+            let mode = attach_and_pin(&mut self.dataplane, &self.config, &self.pin_dir)?;
+            self.attach_deferred = false;
+            info!(
+                mode,
+                "the Kubernetes state is complete: the program now runs on the interface"
+            );
+        }
+        Ok(summary)
+    }
+
     /// Re-reads the config and applies the difference; an invalid config changes nothing.
+    /// In Kubernetes mode the services come from the API, so this only re-applies them.
     pub fn reload(&mut self) -> anyhow::Result<()> {
-        let new = Config::load(&self.config_path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.config_path.display()))?;
+        let Source::Config(Some(path)) = &self.source else {
+            self.resync();
+            return Ok(());
+        };
+        let path = path.clone();
+        let new = Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let current = self.dataplane.options();
         let opts = load_options(
             &new,
@@ -331,7 +458,7 @@ impl Agent {
         let local = sys::local_address_set()?;
         let mut tracker = std::mem::take(&mut self.health);
         tracker.follow(&new);
-        let desired = desired_from_config(&new, &local, &tracker.down());
+        let desired = desired_for(&new, &self.source, &local, &tracker.down());
         let applied = self.dataplane.apply(&desired);
         // Keep the health states of checks that did not change, whatever the outcome.
         self.health = tracker;
@@ -384,7 +511,7 @@ impl Agent {
     fn reapply(&mut self, why: &str) {
         match sys::local_address_set() {
             Ok(local) => {
-                let desired = desired_from_config(&self.config, &local, &self.health.down());
+                let desired = desired_for(&self.config, &self.source, &local, &self.health.down());
                 match self.dataplane.apply(&desired) {
                     Ok(summary) if summary != ApplySummary::default() => {
                         info!(%summary, "{why}; applied")
@@ -437,8 +564,24 @@ impl Agent {
 
 /// Runs the agent until SIGTERM or SIGINT; SIGHUP reloads the config.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
-    let (health_tx, mut health_rx) = mpsc::channel(1024);
-    let mut agent = Agent::start(config_path, health_tx)?;
+    let agent = Agent::start(config_path)?;
+    run_agent(agent, futures::stream::pending(), |_| {}).await
+}
+
+/// The run loop shared by both modes: signals, periodic upkeep, and `updates` (desired
+/// states from the Kubernetes translation; a pending stream for the standalone agent),
+/// each applied and its outcome reported to `applied`.
+pub async fn run_agent(
+    mut agent: Agent,
+    updates: impl futures::Stream<Item = Desired> + Unpin,
+    mut applied: impl FnMut(Result<(), String>),
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let mut updates = updates.fuse();
+    let mut health_rx = agent
+        .health_rx
+        .take()
+        .context("the agent's health channel was taken already")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -459,6 +602,20 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = watch.tick() => agent.refresh_neighbours_if_missing(),
             _ = nexthops.tick() => agent.expire_next_hops(),
             Some(outcome) = health_rx.recv() => agent.health_outcome(outcome),
+            Some(desired) = updates.next() => match agent.apply_kubernetes(desired) {
+                Ok(summary) => {
+                    if summary == ApplySummary::default() {
+                        tracing::debug!("Kubernetes state unchanged");
+                    } else {
+                        info!(%summary, "applied Kubernetes state");
+                    }
+                    applied(Ok(()));
+                }
+                Err(e) => {
+                    error!("applying the Kubernetes state failed; the maps may hold part of it until the next change or resync: {e:#}");
+                    applied(Err(format!("{e:#}")));
+                }
+            },
         }
     }
     agent.exit();

@@ -58,6 +58,48 @@ pub struct Config {
     /// The balanced services.
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Settings of `l3lb run --kubernetes` (ignored by the standalone agent).
+    #[serde(default)]
+    pub kubernetes: KubernetesSettings,
+}
+
+/// Settings of the Kubernetes mode; the node name comes from `--node-name` / `NODE_NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSettings {
+    /// `spec.loadBalancerClass` of the Services l3lb handles.
+    #[serde(default = "default_load_balancer_class")]
+    pub load_balancer_class: String,
+    /// Also handle `type: LoadBalancer` Services with no class (l3lb is the only
+    /// load-balancer implementation in the cluster).
+    #[serde(default)]
+    pub take_unclassed: bool,
+    /// Labels of the nodes that act as balancers (their addresses form the decap allow
+    /// list); empty: every node.
+    #[serde(default)]
+    pub balancer_node_labels: std::collections::BTreeMap<String, String>,
+    /// Quiet time after an API change before the batch is applied, in milliseconds.
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
+}
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        Self {
+            load_balancer_class: default_load_balancer_class(),
+            take_unclassed: false,
+            balancer_node_labels: Default::default(),
+            debounce_ms: default_debounce_ms(),
+        }
+    }
+}
+
+fn default_load_balancer_class() -> String {
+    "l3lb.io/xdp".to_string()
+}
+
+fn default_debounce_ms() -> u64 {
+    200
 }
 
 /// How the XDP program is attached.
@@ -851,6 +893,7 @@ services:
                 affinity: Affinity::None,
                 health_check: None,
             }],
+            kubernetes: KubernetesSettings::default(),
         };
         assert_eq!(config, expected);
     }

@@ -1107,6 +1107,23 @@ impl Dataplane {
         // 2. Services: tables into idle slots, then VIP entries switched over.
         self.reserve_previous_ids(desired);
         let mut wanted_names = std::collections::BTreeSet::new();
+        // A VIP entry can move between services in one apply (Kubernetes reassigns an
+        // ingress IP): the service that gives it up must not delete the entry the other one
+        // wrote, whichever of the two is handled first.
+        let wanted_vips: std::collections::HashSet<VipKey> = desired
+            .services
+            .iter()
+            .flat_map(|s| s.vips.iter())
+            .map(|&(addr, port, proto)| {
+                let (addr, family) = addr_bytes(addr);
+                VipKey {
+                    addr,
+                    port: port.to_be(),
+                    proto,
+                    family,
+                }
+            })
+            .collect();
         for svc in &desired.services {
             wanted_names.insert(svc.name.clone());
             let (mut state, is_new) = match self.services.get(&svc.name) {
@@ -1297,7 +1314,7 @@ impl Dataplane {
                     }
                 }
                 for k in &state.vips {
-                    if !vips.contains(k) {
+                    if !vips.contains(k) && !wanted_vips.contains(k) {
                         map.remove(k)
                             .map_err(map_err(format!("old VIP of {}", svc.name)))?;
                     }
@@ -1335,7 +1352,7 @@ impl Dataplane {
         for name in gone {
             if let Some(state) = self.services.remove(&name) {
                 let mut map = self.vips()?;
-                for k in &state.vips {
+                for k in state.vips.iter().filter(|k| !wanted_vips.contains(*k)) {
                     map.remove(k)
                         .map_err(map_err(format!("VIP of removed service {name}")))?;
                 }

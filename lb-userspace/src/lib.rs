@@ -8,6 +8,8 @@ pub mod flows;
 pub mod generate;
 pub mod handover;
 pub mod health;
+pub mod http;
+pub mod kubernetes;
 pub mod maglev;
 pub mod metrics;
 pub mod status;

@@ -22,10 +22,31 @@ enum Command {
     ///
     /// The data plane keeps forwarding after the agent exits; the next `run` (a restart
     /// or an upgrade) takes over its connection table and switches the program in place.
+    ///
+    /// With --kubernetes the services come from the Kubernetes API (LoadBalancer Services
+    /// of l3lb's class) and the config file, if any, gives only the node settings.
     Run {
-        /// Path of the YAML config.
-        #[arg(long, short)]
-        config: PathBuf,
+        /// Path of the YAML config (with --kubernetes: optional node settings).
+        #[arg(long, short, required_unless_present = "kubernetes")]
+        config: Option<PathBuf>,
+        /// Take services from the Kubernetes API (kubeconfig or in-cluster credentials).
+        #[arg(long)]
+        kubernetes: bool,
+        /// This node's name (from the downward API: spec.nodeName).
+        #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+        node_name: Option<String>,
+        /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, in-cluster).
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// NIC to attach to, overriding the config's `interface` (with --kubernetes).
+        #[arg(long, requires = "kubernetes")]
+        interface: Option<String>,
+        /// spec.loadBalancerClass to handle, overriding the config (default l3lb.io/xdp).
+        #[arg(long, alias = "class", requires = "kubernetes")]
+        load_balancer_class: Option<String>,
+        /// Also handle LoadBalancer Services without a class.
+        #[arg(long, requires = "kubernetes")]
+        take_unclassed: bool,
     },
     /// Validate a config; exits non-zero with the first error and its field path.
     Check {
@@ -157,14 +178,87 @@ fn unblock_signals() {
     }
 }
 
+/// The node settings of Kubernetes mode: the config file if given (its `interface` may be
+/// overridden), else the defaults with `--interface`.
+fn kubernetes_config(
+    path: Option<&std::path::Path>,
+    interface: Option<String>,
+) -> anyhow::Result<l3lb::config::Config> {
+    let text = match path {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => String::new(),
+    };
+    // The file may leave `interface` to the flag: the flag's value is filled in before
+    // validation so every other field is still checked with its path.
+    let mut value: serde_yaml_ng::Value = if text.trim().is_empty() {
+        serde_yaml_ng::Value::Mapping(Default::default())
+    } else {
+        serde_yaml_ng::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e}",
+                path.map(|p| p.display().to_string()).unwrap_or_default()
+            )
+        })?
+    };
+    if let (Some(iface), serde_yaml_ng::Value::Mapping(m)) = (interface, &mut value) {
+        m.insert("interface".into(), iface.into());
+    }
+    let text = serde_yaml_ng::to_string(&value).context("re-encoding the settings")?;
+    let origin = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "settings".to_string());
+    let config = l3lb::config::Config::parse(&text).map_err(|e| {
+        let hint = if e.to_string().contains("interface") {
+            " (give --interface or a config with `interface`)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{origin}: {e}{hint}")
+    })?;
+    if !config.services.is_empty() {
+        anyhow::bail!(
+            "{origin}: services: with --kubernetes the services come from the API server; remove `services`"
+        );
+    }
+    Ok(config)
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            kubernetes,
+            node_name,
+            kubeconfig,
+            interface,
+            load_balancer_class,
+            take_unclassed,
+        } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(l3lb::agent::run(&config))
+            if !kubernetes {
+                let config = config.context("--config is required without --kubernetes")?;
+                return rt.block_on(l3lb::agent::run(&config));
+            }
+            let mut cfg = kubernetes_config(config.as_deref(), interface)?;
+            if let Some(class) = load_balancer_class {
+                cfg.kubernetes.load_balancer_class = class;
+            }
+            cfg.kubernetes.take_unclassed |= take_unclassed;
+            let node_name = node_name.filter(|n| !n.is_empty()).context(
+                "--kubernetes needs this node's name: --node-name, or NODE_NAME from the downward API (spec.nodeName)",
+            )?;
+            rt.block_on(l3lb::kubernetes::watch::run(
+                l3lb::kubernetes::watch::Options {
+                    config: cfg,
+                    node_name,
+                    kubeconfig,
+                },
+            ))
         }
         Command::Check { config } => {
             let cfg = l3lb::config::Config::load(&config)

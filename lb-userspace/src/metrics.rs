@@ -280,6 +280,8 @@ mod tests {
             service: 0,
             forwarding: "ipip".into(),
             service_name: Some("web".into()),
+            affinity: "none".into(),
+            source_ranges: vec![],
         };
         let status = Status {
             vips: vec![vip(80), vip(443)],
@@ -302,6 +304,7 @@ mod tests {
                 service_name: Some("web".into()),
                 weight: Some(2),
                 health: "up".into(),
+                table_entries: 0,
             }],
             drops: [("no_backend".to_string(), 4)].into_iter().collect(),
             actions: [("encap".to_string(), 10)].into_iter().collect(),
@@ -311,6 +314,7 @@ mod tests {
                 entries: 7,
                 capacity: 1024,
             },
+            decap_allow: vec![],
         };
         let labels = Labels {
             generation: 3,

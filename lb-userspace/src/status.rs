@@ -8,14 +8,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     Action, Backend, BackendMeta, BackendStats, DropReason, FlowKey, FlowState, ServiceMeta,
-    ServiceStats, VipInfo, VipKey, map_names,
+    ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey, map_names,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -187,6 +187,12 @@ pub struct VipStatus {
     /// Service name (`None` when the pins hold no names).
     #[serde(default)]
     pub service_name: Option<String>,
+    /// `none` or `client_ip` (session affinity).
+    #[serde(default)]
+    pub affinity: String,
+    /// Client networks the service admits (from the source-range tries); empty: everyone.
+    #[serde(default)]
+    pub source_ranges: Vec<String>,
 }
 
 /// One service: its name, VIPs and counters (summed over CPUs).
@@ -235,6 +241,10 @@ pub struct BackendStatus {
     /// `unknown` (not checked), `up` or `down`.
     #[serde(default)]
     pub health: String,
+    /// Entries of its service's active Maglev table that name it: its share of new flows
+    /// (proportional to its weight; 0 for a weight-0 backend that keeps only old flows).
+    #[serde(default)]
+    pub table_entries: u32,
 }
 
 /// Connection-table usage: a count taken when the report was made.
@@ -266,6 +276,57 @@ pub struct Status {
     /// Connection-table entries and capacity.
     #[serde(default)]
     pub connection_table: ConnectionTable,
+    /// Sources whose encapsulated packets the decap role accepts (CIDRs).
+    #[serde(default)]
+    pub decap_allow: Vec<String>,
+}
+
+/// The (key data, prefix length) entries of an LPM trie.
+fn trie_entries<K: aya::Pod>(pins: &Pins, name: &str) -> Result<Vec<(K, u32)>, ReadError> {
+    let trie: LpmTrie<MapData, K, u32> = pins.open(name)?;
+    trie.keys()
+        .map(|k| {
+            let k = k.map_err(read_err(format!("iterating {name}")))?;
+            Ok((k.data(), k.prefix_len()))
+        })
+        .collect()
+}
+
+/// Source ranges per service id, from the two source-range tries (whose keys are the
+/// service id, 32 bits, then the network).
+fn source_ranges(pins: &Pins) -> Result<BTreeMap<u32, Vec<String>>, ReadError> {
+    let mut out: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (k, len) in trie_entries::<SrcRangeV4>(pins, map_names::SRC_V4)? {
+        let net = format!("{}/{}", Ipv4Addr::from(k.addr), len.saturating_sub(32));
+        out.entry(u32::from_be_bytes(k.service))
+            .or_default()
+            .push(net);
+    }
+    for (k, len) in trie_entries::<SrcRangeV6>(pins, map_names::SRC_V6)? {
+        let net = format!("{}/{}", Ipv6Addr::from(k.addr), len.saturating_sub(32));
+        out.entry(u32::from_be_bytes(k.service))
+            .or_default()
+            .push(net);
+    }
+    for v in out.values_mut() {
+        v.sort();
+    }
+    Ok(out)
+}
+
+/// The decap allow list, both families, as CIDRs.
+fn decap_allow(pins: &Pins) -> Result<Vec<String>, ReadError> {
+    let mut out: Vec<String> = trie_entries::<[u8; 4]>(pins, map_names::DECAP_V4)?
+        .into_iter()
+        .map(|(a, len)| format!("{}/{len}", Ipv4Addr::from(a)))
+        .chain(
+            trie_entries::<[u8; 16]>(pins, map_names::DECAP_V6)?
+                .into_iter()
+                .map(|(a, len)| format!("{}/{len}", Ipv6Addr::from(a))),
+        )
+        .collect();
+    out.sort();
+    Ok(out)
 }
 
 fn per_cpu_sum(pins: &Pins, name: &str, len: u32) -> Result<Vec<u64>, ReadError> {
@@ -297,9 +358,15 @@ pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
     let pins = Pins::new(pin_dir);
     let mut names = ServiceNames::open(&pins)?;
     let vip_map: HashMap<MapData, VipKey, VipInfo> = pins.open(map_names::VIPS)?;
+    let ranges = source_ranges(&pins)?;
     let mut vips = Vec::new();
+    // Service id → its active ring slot (for the table share of each backend).
+    let mut rings: BTreeMap<u32, u32> = BTreeMap::new();
     for item in vip_map.iter() {
         let (k, v) = item.map_err(read_err("VIP entries"))?;
+        if k.proto == lb_common::PROTO_TCP || k.proto == lb_common::PROTO_UDP {
+            rings.insert(v.service, v.ring);
+        }
         vips.push(VipStatus {
             address: addr_from_bytes(k.addr, k.family),
             port: u16::from_be(k.port),
@@ -311,6 +378,16 @@ pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
                 "ipip".into()
             },
             service_name: names.get(v.service)?,
+            affinity: if v.flags & lb_common::SERVICE_F_AFFINITY_CLIENT_IP != 0 {
+                "client_ip".into()
+            } else {
+                "none".into()
+            },
+            source_ranges: if v.flags & lb_common::SERVICE_F_SOURCE_RANGES != 0 {
+                ranges.get(&v.service).cloned().unwrap_or_default()
+            } else {
+                Vec::new()
+            },
         });
     }
     vips.sort_by(|a, b| (a.address, a.port, &a.protocol).cmp(&(b.address, b.port, &b.protocol)));
@@ -348,6 +425,22 @@ pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
     let be_stats: PerCpuArray<MapData, BackendStats> = pins.open(map_names::BACKEND_STATS)?;
     let be_meta: Option<Array<MapData, BackendMeta>> =
         pins.open_optional(map_names::BACKEND_META)?;
+    // Each service owns two ring slots of `ring_size` entries; count, in the active one,
+    // how many entries name each backend.
+    let ring_entries = pins.capacity(map_names::RINGS)?;
+    let max_services = pins.capacity(map_names::SERVICE_STATS)?.max(1);
+    let ring_size = ring_entries / (2 * max_services);
+    let ring_map: Array<MapData, u32> = pins.open(map_names::RINGS)?;
+    let mut table_entries: BTreeMap<u32, u32> = BTreeMap::new();
+    for slot in rings.values() {
+        let start = slot * ring_size;
+        for i in start..start + ring_size {
+            let id = ring_map
+                .get(&i, 0)
+                .map_err(read_err(format!("ring entry {i}")))?;
+            *table_entries.entry(id).or_default() += 1;
+        }
+    }
     let mut backends = Vec::new();
     for id in 0..be_map.len() {
         let b = be_map
@@ -378,6 +471,7 @@ pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
             health: Health::from_u8(meta.map_or(lb_common::HEALTH_UNKNOWN, |m| m.health))
                 .label()
                 .to_string(),
+            table_entries: table_entries.get(&id).copied().unwrap_or(0),
         });
     }
     // Grouped by service, then address: the order the tables print.
@@ -407,6 +501,7 @@ pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
             .collect(),
         flows: entries,
         connection_table: ConnectionTable { entries, capacity },
+        decap_allow: decap_allow(&pins)?,
     })
 }
 
@@ -600,6 +695,8 @@ mod tests {
                     service: 0,
                     forwarding: "ipip".into(),
                     service_name: Some("web".into()),
+                    affinity: "none".into(),
+                    source_ranges: vec![],
                 },
                 VipStatus {
                     address: vip,
@@ -608,6 +705,8 @@ mod tests {
                     service: 0,
                     forwarding: "ipip".into(),
                     service_name: Some("web".into()),
+                    affinity: "none".into(),
+                    source_ranges: vec![],
                 },
             ],
             services: vec![ServiceCounters {
@@ -630,6 +729,7 @@ mod tests {
                     service_name: Some("web".into()),
                     weight: Some(2),
                     health: "up".into(),
+                    table_entries: 0,
                 },
                 BackendStatus {
                     id: 1,
@@ -641,6 +741,7 @@ mod tests {
                     service_name: None,
                     weight: None,
                     health: "unknown".into(),
+                    table_entries: 0,
                 },
             ],
             drops: [("no_backend".to_string(), 4)].into(),
@@ -651,6 +752,7 @@ mod tests {
                 entries: 3,
                 capacity: 1000,
             },
+            decap_allow: vec![],
         }
     }
 

@@ -79,3 +79,61 @@ fn help_lists_the_subcommands() {
         assert!(stdout.contains(cmd), "--help mentions {cmd}: {stdout}");
     }
 }
+
+fn l3lb_without_node_name(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_l3lb"))
+        .args(args)
+        .env_remove("NODE_NAME")
+        .output()
+        .expect("run l3lb");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn kubernetes_mode_needs_the_node_name() {
+    let (ok, stderr) = l3lb_without_node_name(&["run", "--kubernetes", "--interface", "lo"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--node-name") && stderr.contains("NODE_NAME"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kubernetes_settings_errors_name_the_field() {
+    let path = write(
+        "kube-bad.yaml",
+        "interface: eth0\nkubernetes:\n  debounce: 5\n",
+    );
+    let (ok, stderr) = l3lb_without_node_name(&[
+        "run",
+        "--kubernetes",
+        "--node-name",
+        "n1",
+        "--config",
+        path.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("kubernetes.debounce: unknown field `debounce`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kubernetes_mode_refuses_static_services() {
+    let path = write("kube-services.yaml", GOOD);
+    let (ok, stderr) = l3lb_without_node_name(&[
+        "run",
+        "--kubernetes",
+        "--node-name",
+        "n1",
+        "--config",
+        path.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("remove `services`"), "{stderr}");
+}

@@ -303,3 +303,133 @@ fn l3lb_bin_is_found_or_explained() {
         Err(e) => assert!(format!("{e:#}").contains("cargo build -p l3lb"), "{e:#}"),
     }
 }
+
+/// Sends one raw HTTP/1.1 GET to the stand-in from inside `ns` and returns the body,
+/// de-chunked when the response is chunked (reads until the server ends it).
+fn raw_get(ns: &Netns, addr: SocketAddr, target: &str) -> (String, String) {
+    use std::io::{Read as _, Write as _};
+    let target = target.to_string();
+    ns.enter(move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        write!(s, "GET {target} HTTP/1.1\r\nHost: api\r\n\r\n").expect("write");
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&raw);
+            let head_end = text.find("\r\n\r\n");
+            let chunked = text.contains("Transfer-Encoding: chunked");
+            if chunked && text.ends_with("0\r\n\r\n") {
+                break;
+            }
+            if !chunked
+                && let Some(end) = head_end
+                && let Some(len) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|l| l.trim().parse::<usize>().ok())
+                && raw.len() >= end + 4 + len
+            {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+        if !head.contains("Transfer-Encoding: chunked") {
+            return (head.to_string(), body.to_string());
+        }
+        // Chunks: size line, data, CRLF.
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        (head.to_string(), out)
+    })
+    .expect("enter namespace")
+}
+
+#[test]
+fn kube_api_stand_in_speaks_list_watch_and_410() {
+    use serde_json::{Value, json};
+
+    use crate::kube_api::{ApiServer, Kind};
+
+    let ns = Netns::new("kapi").expect("namespace");
+    let api = ApiServer::start_in(&ns).expect("stand-in");
+    let addr: SocketAddr = api
+        .url()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let svc = json!({"apiVersion": "v1", "kind": "Service",
+                     "metadata": {"name": "web", "namespace": "shop"},
+                     "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}});
+    let stored = api.apply(svc.clone()).expect("create");
+    assert_eq!(stored["metadata"]["resourceVersion"], "1");
+    assert!(stored["metadata"]["uid"].is_string());
+    assert!(stored["metadata"]["creationTimestamp"].is_string());
+
+    // A list: the kind's List, the collection's resourceVersion, items without kind.
+    let (head, body) = raw_get(&ns, addr, "/api/v1/services?&limit=500");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let list: Value = serde_json::from_str(&body).expect("JSON list");
+    assert_eq!(list["kind"], "ServiceList");
+    assert_eq!(list["apiVersion"], "v1");
+    assert_eq!(list["metadata"]["resourceVersion"], "1");
+    assert_eq!(list["items"][0]["metadata"]["name"], "web");
+    assert!(list["items"][0].get("kind").is_none());
+
+    // A watch from resourceVersion 1 gets the later changes as events, then ends at
+    // timeoutSeconds.
+    let mut changed = svc.clone();
+    changed["spec"]["ports"][0]["port"] = json!(443);
+    api.apply(changed).expect("update");
+    api.delete(Kind::Service, "shop", "web").expect("delete");
+    let (head, body) = raw_get(
+        &ns,
+        addr,
+        "/api/v1/services?&watch=true&timeoutSeconds=1&allowWatchBookmarks=true&resourceVersion=1",
+    );
+    assert!(head.contains("Transfer-Encoding: chunked"), "{head}");
+    let events: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect();
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types, ["MODIFIED", "DELETED"]);
+    assert_eq!(events[0]["object"]["kind"], "Service");
+    assert_eq!(events[0]["object"]["metadata"]["resourceVersion"], "2");
+    assert_eq!(events[1]["object"]["metadata"]["resourceVersion"], "3");
+
+    // Below the compaction point: HTTP 200 and one ERROR event with a 410 Status.
+    api.expire(|_| Ok(())).expect("expire");
+    api.apply(svc).expect("create again");
+    let (head, body) = raw_get(
+        &ns,
+        addr,
+        "/api/v1/services?&watch=true&timeoutSeconds=1&resourceVersion=1",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let err: Value = serde_json::from_str(body.trim()).expect("an ERROR event");
+    assert_eq!(err["type"], "ERROR");
+    assert_eq!(err["object"]["kind"], "Status");
+    assert_eq!(err["object"]["code"], 410);
+    assert_eq!(err["object"]["reason"], "Expired");
+
+    // Unknown paths answer a 404 Status.
+    let (head, body) = raw_get(&ns, addr, "/api/v1/pods");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let status: Value = serde_json::from_str(&body).expect("Status");
+    assert_eq!(status["reason"], "NotFound");
+}

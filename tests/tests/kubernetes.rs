@@ -1,0 +1,1022 @@
+//! `l3lb run --kubernetes` against the API server stand-in (`l3lb_tests::kube_api`):
+//! objects are created, changed and deleted there, and every expectation is read back
+//! from the real BPF maps of the running agent (`l3lb status --json` on its pins).
+//! Needs root (network namespace, XDP).
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use l3lb::status::Status;
+use l3lb_tests::{
+    ChildGuard, Lab, LabSpec, Netns,
+    kube_api::{ApiServer, Kind},
+    l3lb_bin,
+    scenario::status_of_pins,
+};
+use serde_json::{Value, json};
+
+/// Maglev table size the agent is started with (prime; small keeps `status` quick).
+const TABLE: u32 = 4093;
+/// How long the maps may take to follow a change (debounce, backoff, relist).
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// Lab node names and addresses double as Kubernetes Node names and InternalIPs.
+const BALANCER: (&str, &str, &str) = ("balancer-0", "10.77.0.2", "fd77::2");
+const NODE_A: (&str, &str, &str) = ("backend-0", "10.77.0.11", "fd77::11");
+const NODE_B: (&str, &str, &str) = ("backend-1", "10.77.0.12", "fd77::12");
+
+/// A lab with the stand-in and an agent in `balancer-0`. Field order is drop order.
+struct KubeLab {
+    agent: ChildGuard,
+    api: ApiServer,
+    pin_path: PathBuf,
+    lab: Lab,
+}
+
+fn node(n: (&str, &str, &str)) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": n.0, "labels": {"kubernetes.io/hostname": n.0, "kubernetes.io/os": "linux"}},
+        "spec": {"podCIDR": "10.244.0.0/24"},
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": n.1},
+                {"type": "InternalIP", "address": n.2},
+                {"type": "Hostname", "address": n.0}
+            ],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]
+        }
+    })
+}
+
+/// A LoadBalancer Service of l3lb's class; `spec` fields override the defaults.
+fn service(name: &str, ingress: &[&str], spec: Value) -> Value {
+    let mut s = json!({
+        "type": "LoadBalancer",
+        "loadBalancerClass": "l3lb.io/xdp",
+        "externalTrafficPolicy": "Local",
+        "healthCheckNodePort": 32000,
+        "sessionAffinity": "None",
+        "clusterIP": "10.96.0.50",
+        "clusterIPs": ["10.96.0.50"],
+        "ipFamilies": ["IPv4"],
+        "ipFamilyPolicy": "SingleStack",
+        "internalTrafficPolicy": "Cluster",
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30080}],
+        "selector": {"app": name}
+    });
+    if let (Some(s), Some(p)) = (s.as_object_mut(), spec.as_object()) {
+        for (k, v) in p {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    let ingress: Vec<Value> = ingress
+        .iter()
+        .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop", "labels": {"app": name}},
+        "spec": s,
+        "status": {"loadBalancer": {"ingress": ingress}}
+    })
+}
+
+/// An endpoint: (node, ready, serving, terminating).
+type Ep<'a> = (&'a str, bool, bool, bool);
+
+fn ready(node: &str) -> Ep<'_> {
+    (node, true, true, false)
+}
+
+/// An EndpointSlice of `service` as the EndpointSlice controller writes it.
+fn slice(name: &str, service: &str, family: &str, endpoints: &[Ep<'_>]) -> Value {
+    let eps: Vec<Value> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, (node, ready, serving, terminating))| {
+            let addr = if family == "IPv6" {
+                format!("fd00:244::{:x}", i + 1)
+            } else {
+                format!("10.244.1.{}", i + 1)
+            };
+            json!({
+                "addresses": [addr],
+                "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                "nodeName": node,
+                "targetRef": {"kind": "Pod", "namespace": "shop", "name": format!("{service}-{i}"),
+                              "uid": format!("{service}-pod-{i}")},
+                "zone": "zone-a"
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": name, "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": service,
+                       "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": service,
+                                 "uid": "owner", "controller": true, "blockOwnerDeletion": true}]
+        },
+        "addressType": family,
+        "endpoints": eps,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    })
+}
+
+/// One VIP entry as the maps express it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Vip {
+    affinity: String,
+    source_ranges: Vec<String>,
+    /// (address, Maglev table entries, local), by address.
+    backends: Vec<(String, u32, bool)>,
+}
+
+/// The maps by VIP (`ADDRESS:PORT/PROTO`), TCP and UDP entries only (the data plane adds
+/// an ICMP marker entry per VIP address for echo and errors).
+fn view(status: &Status) -> BTreeMap<String, Vip> {
+    status
+        .vips
+        .iter()
+        .filter(|v| v.protocol == "tcp" || v.protocol == "udp")
+        .map(|v| {
+            let mut backends: Vec<(String, u32, bool)> = status
+                .backends
+                .iter()
+                .filter(|b| b.service == v.service)
+                .map(|b| (b.address.to_string(), b.table_entries, b.local))
+                .collect();
+            backends.sort();
+            (
+                format!("{}:{}/{}", v.address, v.port, v.protocol),
+                Vip {
+                    affinity: v.affinity.clone(),
+                    source_ranges: v.source_ranges.clone(),
+                    backends,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Backends with the table entries an independent Maglev build gives `weights`;
+/// `local` marks the balancer's own address.
+fn expected(weights: &[(&str, u32)]) -> Vec<(String, u32, bool)> {
+    let input: Vec<(IpAddr, u32)> = weights
+        .iter()
+        .map(|(a, w)| (a.parse().expect("address"), *w))
+        .collect();
+    let mut counts = vec![0u32; input.len()];
+    if input.iter().any(|(_, w)| *w > 0) {
+        for pos in l3lb::maglev::build(&input, TABLE).expect("maglev") {
+            counts[pos as usize] += 1;
+        }
+    }
+    let mut out: Vec<(String, u32, bool)> = weights
+        .iter()
+        .zip(counts)
+        .map(|((a, _), c)| (a.to_string(), c, *a == BALANCER.1 || *a == BALANCER.2))
+        .collect();
+    out.sort();
+    out
+}
+
+fn vip(affinity: &str, ranges: &[&str], backends: Vec<(String, u32, bool)>) -> Vip {
+    Vip {
+        affinity: affinity.to_string(),
+        source_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+        backends,
+    }
+}
+
+/// `GET path` on the agent's metrics address inside `ns`: (status code, body).
+fn http_get(ns: &Netns, path: &str) -> Result<(u16, String)> {
+    let path = path.to_string();
+    ns.enter(move || -> Result<(u16, String)> {
+        let addr: SocketAddr = "127.0.0.1:9477".parse()?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: l3lb\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("no status in {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|x| x.1)
+            .unwrap_or("")
+            .to_string();
+        Ok((code, body))
+    })?
+}
+
+impl KubeLab {
+    fn start(nodes: &[(&str, &str, &str)]) -> Result<KubeLab> {
+        KubeLab::start_with_debounce(nodes, 100)
+    }
+
+    fn start_with_debounce(nodes: &[(&str, &str, &str)], debounce_ms: u64) -> Result<KubeLab> {
+        let lab = Lab::new(LabSpec {
+            backends: 2,
+            balancers: 1,
+        })?;
+        let ns = &lab.balancers[0].ns;
+        let api = ApiServer::start_in(ns)?;
+        for n in nodes {
+            api.apply(node(*n))?;
+        }
+        let pin_path = lab.pin_path("balancer-0");
+        let kubeconfig = lab.write_file("kubeconfig", &api.kubeconfig())?;
+        let settings = lab.write_file(
+            "balancer-0.yaml",
+            &format!(
+                "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE}\n\
+                 kubernetes:\n  debounce_ms: {debounce_ms}\n",
+                pin_path.display()
+            ),
+        )?;
+        let mut agent = lab.spawn_in(
+            ns,
+            l3lb_bin()?,
+            [
+                "run",
+                "--kubernetes",
+                "--config",
+                &settings.to_string_lossy(),
+                "--node-name",
+                BALANCER.0,
+                "--kubeconfig",
+                &kubeconfig.to_string_lossy(),
+                "--log-level",
+                "info,l3lb=debug",
+            ],
+            "balancer-0.log",
+        )?;
+        agent.wait_for_log("watching the Kubernetes API", Duration::from_secs(30))?;
+        Ok(KubeLab {
+            agent,
+            api,
+            pin_path,
+            lab,
+        })
+    }
+
+    fn ns(&self) -> &Netns {
+        &self.lab.balancers[0].ns
+    }
+
+    fn status(&self) -> Result<Status> {
+        status_of_pins(&self.pin_path)
+    }
+
+    /// Waits until the maps match `want`; fails with the last difference and the log.
+    fn converges(&mut self, what: &str, want: impl Fn(&Status) -> Result<(), String>) -> Status {
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let last = match self.status() {
+                Ok(s) => match want(&s) {
+                    Ok(()) => return s,
+                    Err(e) => e,
+                },
+                Err(e) => format!("{e:#}"),
+            };
+            if let Ok(Some(exit)) = self.agent.try_status() {
+                panic!("{what}: the agent exited ({exit}):\n{}", self.agent.log());
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{what}: the maps did not converge within {CONVERGE:?}: {last}\nagent log:\n{}",
+                    self.agent.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the VIP entries are exactly `want`.
+    fn vips_are(&mut self, what: &str, want: &[(&str, Vip)]) -> Status {
+        let want: BTreeMap<String, Vip> = want
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        self.converges(what, |s| {
+            let got = view(s);
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("maps {got:#?}\nwanted {want:#?}"))
+            }
+        })
+    }
+
+    /// Waits until `/readyz` answers `code`.
+    fn readyz_becomes(&self, code: u16, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = http_get(self.ns(), "/readyz");
+            if let Ok((c, body)) = &got
+                && *c == code
+            {
+                return body.clone();
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "/readyz did not answer {code} within {within:?} (last {got:?}); log:\n{}",
+                    self.agent.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn decap_is(want: &[&str]) -> impl Fn(&Status) -> Result<(), String> {
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    move |s: &Status| {
+        if s.decap_allow == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "decap allow list {:?}, wanted {want:?}",
+                s.decap_allow
+            ))
+        }
+    }
+}
+
+#[test]
+fn services_follow_create_scale_update_and_delete() -> Result<()> {
+    let mut k = KubeLab::start(&[BALANCER, NODE_A, NODE_B])?;
+    k.readyz_becomes(200, CONVERGE);
+
+    // Create: ingress IP × port is a VIP, the nodes with ready endpoints its backends.
+    k.api.apply(service("web", &["10.77.100.10"], json!({})))?;
+    k.api.apply(slice(
+        "web-x1",
+        "web",
+        "IPv4",
+        &[ready(NODE_A.0), ready(NODE_B.0)],
+    ))?;
+    let s = k.vips_are(
+        "create",
+        &[(
+            "10.77.100.10:80/tcp",
+            vip("none", &[], expected(&[(NODE_A.1, 1), (NODE_B.1, 1)])),
+        )],
+    );
+    assert_eq!(s.vips[0].forwarding, "ipip");
+    // Every node is a balancer here, so each one's address may send encapsulated packets.
+    k.converges(
+        "decap allow list from the Nodes",
+        decap_is(&[
+            "10.77.0.2/32",
+            "10.77.0.11/32",
+            "10.77.0.12/32",
+            "fd77::2/128",
+            "fd77::11/128",
+            "fd77::12/128",
+        ]),
+    );
+
+    // Scale: weights follow the count of ready endpoints; this node is passed locally.
+    k.api.apply(slice(
+        "web-x1",
+        "web",
+        "IPv4",
+        &[
+            ready(NODE_A.0),
+            ready(NODE_A.0),
+            ready(NODE_A.0),
+            ready(NODE_B.0),
+            ready(BALANCER.0),
+            (NODE_B.0, false, false, false),
+        ],
+    ))?;
+    k.vips_are(
+        "scale",
+        &[(
+            "10.77.100.10:80/tcp",
+            vip(
+                "none",
+                &[],
+                expected(&[(NODE_A.1, 3), (NODE_B.1, 1), (BALANCER.1, 1)]),
+            ),
+        )],
+    );
+
+    // Update ports, source ranges and affinity in one change.
+    k.api.apply(service(
+        "web",
+        &["10.77.100.10"],
+        json!({
+            "ports": [
+                {"name": "https", "port": 443, "protocol": "TCP", "targetPort": 8443, "nodePort": 30443},
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353, "nodePort": 30053}
+            ],
+            "loadBalancerSourceRanges": ["10.77.0.0/24", "198.51.100.0/24"],
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10800}}
+        }),
+    ))?;
+    let backends = expected(&[(NODE_A.1, 3), (NODE_B.1, 1), (BALANCER.1, 1)]);
+    let ranges = ["10.77.0.0/24", "198.51.100.0/24"];
+    k.vips_are(
+        "update ports, ranges, affinity",
+        &[
+            (
+                "10.77.100.10:443/tcp",
+                vip("client_ip", &ranges, backends.clone()),
+            ),
+            ("10.77.100.10:53/udp", vip("client_ip", &ranges, backends)),
+        ],
+    );
+
+    // A node whose endpoints all terminate (still serving) keeps its flows, takes no new ones.
+    k.api.apply(slice(
+        "web-x1",
+        "web",
+        "IPv4",
+        &[ready(NODE_A.0), (NODE_B.0, false, true, true)],
+    ))?;
+    let backends = expected(&[(NODE_A.1, 1), (NODE_B.1, 0)]);
+    assert_eq!(backends[1], (NODE_B.1.to_string(), 0, false));
+    k.vips_are(
+        "terminating node at weight 0",
+        &[
+            (
+                "10.77.100.10:443/tcp",
+                vip("client_ip", &ranges, backends.clone()),
+            ),
+            ("10.77.100.10:53/udp", vip("client_ip", &ranges, backends)),
+        ],
+    );
+
+    // Deleting the EndpointSlice leaves the VIPs with no backend; deleting the Service
+    // removes them.
+    k.api.delete(Kind::EndpointSlice, "shop", "web-x1")?;
+    k.vips_are(
+        "endpoint slice deleted",
+        &[
+            ("10.77.100.10:443/tcp", vip("client_ip", &ranges, vec![])),
+            ("10.77.100.10:53/udp", vip("client_ip", &ranges, vec![])),
+        ],
+    );
+    k.api.delete(Kind::Service, "shop", "web")?;
+    k.vips_are("service deleted", &[]);
+    Ok(())
+}
+
+#[test]
+fn dual_stack_backends_follow_nodes_coming_and_going() -> Result<()> {
+    // NODE_B is not a Node yet: its endpoints cannot be placed.
+    let mut k = KubeLab::start(&[BALANCER, NODE_A])?;
+    k.api.apply(service(
+        "dual",
+        &["10.77.100.20", "fd77:100::20"],
+        json!({"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack"}),
+    ))?;
+    k.api.apply(slice(
+        "dual-4",
+        "dual",
+        "IPv4",
+        &[ready(NODE_A.0), ready(NODE_B.0)],
+    ))?;
+    k.api.apply(slice(
+        "dual-6",
+        "dual",
+        "IPv6",
+        &[ready(NODE_A.0), ready(NODE_B.0)],
+    ))?;
+    k.vips_are(
+        "dual stack, one node known",
+        &[
+            (
+                "10.77.100.20:80/tcp",
+                vip("none", &[], expected(&[(NODE_A.1, 1)])),
+            ),
+            (
+                "fd77:100::20:80/tcp",
+                vip("none", &[], expected(&[(NODE_A.2, 1)])),
+            ),
+        ],
+    );
+    k.converges(
+        "decap without the unknown node",
+        decap_is(&[
+            "10.77.0.2/32",
+            "10.77.0.11/32",
+            "fd77::2/128",
+            "fd77::11/128",
+        ]),
+    );
+
+    k.api.apply(node(NODE_B))?;
+    k.vips_are(
+        "node added",
+        &[
+            (
+                "10.77.100.20:80/tcp",
+                vip("none", &[], expected(&[(NODE_A.1, 1), (NODE_B.1, 1)])),
+            ),
+            (
+                "fd77:100::20:80/tcp",
+                vip("none", &[], expected(&[(NODE_A.2, 1), (NODE_B.2, 1)])),
+            ),
+        ],
+    );
+    k.converges(
+        "decap with the new node",
+        decap_is(&[
+            "10.77.0.2/32",
+            "10.77.0.11/32",
+            "10.77.0.12/32",
+            "fd77::2/128",
+            "fd77::11/128",
+            "fd77::12/128",
+        ]),
+    );
+
+    k.api.delete(Kind::Node, "", NODE_A.0)?;
+    k.vips_are(
+        "node removed",
+        &[
+            (
+                "10.77.100.20:80/tcp",
+                vip("none", &[], expected(&[(NODE_B.1, 1)])),
+            ),
+            (
+                "fd77:100::20:80/tcp",
+                vip("none", &[], expected(&[(NODE_B.2, 1)])),
+            ),
+        ],
+    );
+    k.converges(
+        "decap without the removed node",
+        decap_is(&[
+            "10.77.0.2/32",
+            "10.77.0.12/32",
+            "fd77::2/128",
+            "fd77::12/128",
+        ]),
+    );
+    Ok(())
+}
+
+#[test]
+fn an_expired_watch_relists_and_leaves_no_stale_entry() -> Result<()> {
+    let mut k = KubeLab::start(&[BALANCER, NODE_A, NODE_B])?;
+    for (name, ip) in [("a", "10.77.100.30"), ("b", "10.77.100.31")] {
+        k.api.apply(service(name, &[ip], json!({})))?;
+        k.api.apply(slice(
+            &format!("{name}-1"),
+            name,
+            "IPv4",
+            &[ready(NODE_A.0)],
+        ))?;
+    }
+    k.vips_are(
+        "before",
+        &[
+            (
+                "10.77.100.30:80/tcp",
+                vip("none", &[], expected(&[(NODE_A.1, 1)])),
+            ),
+            (
+                "10.77.100.31:80/tcp",
+                vip("none", &[], expected(&[(NODE_A.1, 1)])),
+            ),
+        ],
+    );
+    let lists_before = list_requests(&k.api, "/api/v1/services");
+
+    // Changes the agent never sees as watch events: history is compacted and the watches
+    // closed, so resuming from the old resourceVersion gets 410 Gone and must relist.
+    k.api.expire(|m| {
+        m.delete(Kind::Service, "shop", "a")?;
+        m.delete(Kind::EndpointSlice, "shop", "a-1")?;
+        m.apply(slice(
+            "b-1",
+            "b",
+            "IPv4",
+            &[ready(NODE_A.0), ready(NODE_B.0), ready(NODE_B.0)],
+        ))?;
+        m.apply(service("c", &["10.77.100.32"], json!({})))?;
+        m.apply(slice("c-1", "c", "IPv4", &[ready(NODE_B.0)]))?;
+        Ok(())
+    })?;
+    k.vips_are(
+        "after the relist",
+        &[
+            (
+                "10.77.100.31:80/tcp",
+                vip("none", &[], expected(&[(NODE_A.1, 1), (NODE_B.1, 2)])),
+            ),
+            (
+                "10.77.100.32:80/tcp",
+                vip("none", &[], expected(&[(NODE_B.1, 1)])),
+            ),
+        ],
+    );
+    // The agent resumed its watch from the old resourceVersion and got the 410.
+    let log = k.agent.log();
+    assert!(
+        log.contains("too old resource version"),
+        "no 410 Gone seen by the agent:\n{log}"
+    );
+    assert!(
+        list_requests(&k.api, "/api/v1/services") > lists_before,
+        "the services were listed again: {:?}",
+        k.api.requests()
+    );
+    k.readyz_becomes(200, CONVERGE);
+    Ok(())
+}
+
+#[test]
+fn a_closed_watch_resumes_without_relisting() -> Result<()> {
+    let mut k = KubeLab::start(&[BALANCER, NODE_A, NODE_B])?;
+    k.api.apply(service("e", &["10.77.100.35"], json!({})))?;
+    k.api.apply(slice("e-1", "e", "IPv4", &[ready(NODE_A.0)]))?;
+    k.vips_are(
+        "before",
+        &[(
+            "10.77.100.35:80/tcp",
+            vip("none", &[], expected(&[(NODE_A.1, 1)])),
+        )],
+    );
+    let lists = list_requests(&k.api, "/apis/discovery.k8s.io/v1/endpointslices");
+    let watches = k.api.requests().len();
+
+    // The server ends every watch (as at the end of timeoutSeconds, or an API server
+    // restart behind a load balancer): the agent watches again from where it was and
+    // sees the next change as an event, with no relist.
+    k.api.close_watches();
+    k.api.apply(slice("e-1", "e", "IPv4", &[ready(NODE_B.0)]))?;
+    k.vips_are(
+        "after the watch was closed",
+        &[(
+            "10.77.100.35:80/tcp",
+            vip("none", &[], expected(&[(NODE_B.1, 1)])),
+        )],
+    );
+    assert!(k.api.requests().len() > watches, "watched again");
+    assert_eq!(
+        list_requests(&k.api, "/apis/discovery.k8s.io/v1/endpointslices"),
+        lists,
+        "no relist: {:?}",
+        k.api.requests()
+    );
+    k.readyz_becomes(200, CONVERGE);
+    Ok(())
+}
+
+#[test]
+fn a_burst_of_changes_is_applied_as_one_batch() -> Result<()> {
+    let mut k = KubeLab::start_with_debounce(&[BALANCER, NODE_A, NODE_B], 1000)?;
+    k.readyz_becomes(200, CONVERGE);
+    const APPLIED: &str = "applied Kubernetes state";
+    let before = k.agent.log().matches(APPLIED).count();
+    let mut want = Vec::new();
+    for i in 0..5 {
+        let name = format!("burst{i}");
+        let ip = format!("10.77.100.{}", 70 + i);
+        k.api.apply(service(&name, &[&ip], json!({})))?;
+        k.api.apply(slice(
+            &format!("{name}-1"),
+            &name,
+            "IPv4",
+            &[ready(NODE_A.0), ready(NODE_B.0)],
+        ))?;
+        want.push((
+            format!("{ip}:80/tcp"),
+            vip("none", &[], expected(&[(NODE_A.1, 1), (NODE_B.1, 1)])),
+        ));
+    }
+    let want: Vec<(&str, Vip)> = want.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    k.vips_are("all five services", &want);
+    let applies = k.agent.log().matches(APPLIED).count() - before;
+    assert_eq!(
+        applies,
+        1,
+        "ten changes within the debounce window are one apply; log:\n{}",
+        k.agent.log()
+    );
+    Ok(())
+}
+
+/// How many list (not watch) requests the stand-in served for `path`.
+fn list_requests(api: &ApiServer, path: &str) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| {
+            let target = r.split_whitespace().nth(1).unwrap_or("");
+            let (p, q) = target.split_once('?').unwrap_or((target, ""));
+            p == path && !q.contains("watch=true")
+        })
+        .count()
+}
+
+#[test]
+fn an_unreachable_api_server_keeps_forwarding_and_turns_not_ready() -> Result<()> {
+    let mut k = KubeLab::start(&[BALANCER, NODE_A, NODE_B])?;
+    k.api.apply(service("d", &["10.77.100.40"], json!({})))?;
+    k.api.apply(slice(
+        "d-1",
+        "d",
+        "IPv4",
+        &[ready(NODE_A.0), ready(NODE_B.0)],
+    ))?;
+    let both = [(
+        "10.77.100.40:80/tcp",
+        vip("none", &[], expected(&[(NODE_A.1, 1), (NODE_B.1, 1)])),
+    )];
+    let before = view(&k.vips_are("before the outage", &both));
+    assert_eq!(k.readyz_becomes(200, CONVERGE), "ok\n");
+    assert_eq!(http_get(k.ns(), "/healthz")?.0, 200);
+
+    k.api.down()?;
+    let why = k.readyz_becomes(503, CONVERGE);
+    assert!(why.starts_with("not ready:"), "{why}");
+    // Liveness is not readiness: the agent is healthy, only out of touch.
+    assert_eq!(http_get(k.ns(), "/healthz")?.0, 200);
+    // Forwarding stays on the last known state while the server is away.
+    for _ in 0..10 {
+        assert_eq!(view(&k.status()?), before, "maps changed during the outage");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The cluster moved on meanwhile; once back, the agent catches up.
+    k.api.apply(slice(
+        "d-1",
+        "d",
+        "IPv4",
+        &[ready(NODE_B.0), ready(NODE_B.0)],
+    ))?;
+    let ns = k.lab.balancers[0].ns.name().to_string();
+    k.api.up(&k.lab.balancers[0].ns)?;
+    k.readyz_becomes(200, Duration::from_secs(60));
+    k.vips_are(
+        "after the outage",
+        &[(
+            "10.77.100.40:80/tcp",
+            vip("none", &[], expected(&[(NODE_B.1, 2)])),
+        )],
+    );
+    if !k.agent.log().contains("keeping the last applied state") {
+        bail!("the outage was not logged in {ns}:\n{}", k.agent.log());
+    }
+    Ok(())
+}
+
+#[test]
+fn policy_cluster_is_warned_in_the_log_and_an_event() -> Result<()> {
+    let mut k = KubeLab::start(&[BALANCER, NODE_A])?;
+    let svc = k.api.apply(service(
+        "snat",
+        &["10.77.100.50"],
+        json!({"externalTrafficPolicy": "Cluster"}),
+    ))?;
+    k.api
+        .apply(slice("snat-1", "snat", "IPv4", &[ready(NODE_A.0)]))?;
+    // Still balanced: the warning is about lost client addresses, not a refusal.
+    k.vips_are(
+        "balanced",
+        &[(
+            "10.77.100.50:80/tcp",
+            vip("none", &[], expected(&[(NODE_A.1, 1)])),
+        )],
+    );
+    k.agent
+        .wait_for_log("externalTrafficPolicy is Cluster", Duration::from_secs(10))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let event = loop {
+        if let Some(e) = k
+            .api
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "ClientAddressLost")
+        {
+            break e;
+        }
+        if Instant::now() >= deadline {
+            bail!("no Event posted; log:\n{}", k.agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["metadata"]["namespace"], "shop");
+    assert_eq!(event["regarding"]["kind"], "Service");
+    assert_eq!(event["regarding"]["name"], "snat");
+    assert_eq!(event["regarding"]["uid"], svc["metadata"]["uid"]);
+    assert_eq!(event["reportingController"], "l3lb.io/agent");
+    // Said once, not on every rebuild.
+    k.api.apply(slice(
+        "snat-1",
+        "snat",
+        "IPv4",
+        &[ready(NODE_A.0), ready(NODE_A.0)],
+    ))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let posted = k
+        .api
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == "ClientAddressLost")
+        .count();
+    assert_eq!(posted, 1);
+    Ok(())
+}
+
+/// The whole path as in a cluster: the client's packets reach the balancer node, which
+/// encapsulates them to a node with ready endpoints; that node's l3lb (also in Kubernetes
+/// mode, its decap allow list taken from the Node objects) strips the outer header, and
+/// the node's "kube-proxy" (an nftables DNAT of the LoadBalancer IP to a local "pod"
+/// port) delivers to the server, which sees the client's own address and answers it
+/// directly — also while the API server is unreachable.
+#[test]
+fn pods_see_the_client_address_through_the_node_proxy() -> Result<()> {
+    const VIP: &str = "10.77.100.60";
+    let lab = Lab::new(LabSpec {
+        backends: 2,
+        balancers: 1,
+    })?;
+    let balancer_ns = &lab.balancers[0].ns;
+    // On the balancer's fabric address, so the agents on the backend nodes reach it too.
+    let mut api = ApiServer::start_on(balancer_ns, "0.0.0.0:0".parse()?)?;
+    for n in [BALANCER, NODE_A, NODE_B] {
+        api.apply(node(n))?;
+    }
+    api.apply(service("web", &[VIP], json!({})))?;
+    api.apply(slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[ready(NODE_A.0), ready(NODE_B.0)],
+    ))?;
+
+    let mut pods = Vec::new();
+    for (i, n) in [NODE_A, NODE_B].into_iter().enumerate() {
+        let ns = &lab.backend(i)?.ns;
+        let rules = lab.write_file(
+            &format!("{}-kube-proxy.nft", n.0),
+            &format!(
+                "table ip kube-proxy {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {VIP} tcp dport 80 dnat to {}:8080\n  }}\n}}\n",
+                n.1
+            ),
+        )?;
+        ns.run(["nft", "-f", &rules.to_string_lossy()])?;
+        pods.push(l3lb_tests::TcpServer::start(
+            ns,
+            n.0,
+            SocketAddr::new(n.1.parse()?, 8080),
+        )?);
+    }
+
+    let bin = l3lb_bin()?;
+    let kubeconfig = lab.write_file("kubeconfig", &api.kubeconfig_via(BALANCER.1.parse()?))?;
+    let mut agents = Vec::new();
+    // As in the other lab tests: a frame XDP_TX'ed into a veth is received only if the peer
+    // end runs XDP, so a service-less l3lb sits on the fabric side of the balancer's veth.
+    let fabric_port = lab.balancers[0].fabric_port.clone();
+    let fabric_cfg = lab.write_file(
+        "fabric.yaml",
+        &format!(
+            "interface: {fabric_port}\nxdp_mode: native\npin_path: {}\n",
+            lab.pin_path("fabric").display()
+        ),
+    )?;
+    let mut fabric = lab.spawn_in(
+        &lab.fabric,
+        &bin,
+        ["run", "--config", &fabric_cfg.to_string_lossy()],
+        "fabric.log",
+    )?;
+    fabric.wait_for_log("l3lb ready", Duration::from_secs(20))?;
+    agents.push(fabric);
+    let nodes = [
+        (balancer_ns, BALANCER.0),
+        (&lab.backend(0)?.ns, NODE_A.0),
+        (&lab.backend(1)?.ns, NODE_B.0),
+    ];
+    for (ns, name) in nodes {
+        let settings = lab.write_file(
+            &format!("{name}.yaml"),
+            &format!(
+                "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE}\n\
+                 kubernetes:\n  debounce_ms: 100\n",
+                lab.pin_path(name).display()
+            ),
+        )?;
+        let mut agent = lab.spawn_in(
+            ns,
+            &bin,
+            [
+                "run",
+                "--kubernetes",
+                "--config",
+                &settings.to_string_lossy(),
+                "--node-name",
+                name,
+                "--kubeconfig",
+                &kubeconfig.to_string_lossy(),
+            ],
+            format!("{name}.log"),
+        )?;
+        agent.wait_for_log("watching the Kubernetes API", Duration::from_secs(30))?;
+        agents.push(agent);
+    }
+    // Every agent has applied the API state: the balancer has both nodes as backends, the
+    // nodes accept encapsulated packets from the balancer.
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let bal = status_of_pins(&lab.pin_path(BALANCER.0))?;
+        let a = status_of_pins(&lab.pin_path(NODE_A.0))?;
+        let b = status_of_pins(&lab.pin_path(NODE_B.0))?;
+        let balanced = view(&bal)
+            .get(&format!("{VIP}:80/tcp"))
+            .is_some_and(|v| v.backends.len() == 2);
+        let from_balancer = "10.77.0.2/32".to_string();
+        if balanced
+            && a.decap_allow.contains(&from_balancer)
+            && b.decap_allow.contains(&from_balancer)
+        {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
+            bail!(
+                "the agents did not converge: {:?} {:?} {:?}\n{}",
+                view(&bal),
+                a.decap_allow,
+                b.decap_allow,
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.client_route_vip(VIP.parse()?, 0)?;
+
+    let client = lab.client.ipv4;
+    let mut served = BTreeMap::new();
+    for i in 0..40u16 {
+        let sport = 45000 + i;
+        let line = l3lb_tests::client::tcp_request(
+            &lab.client.ns,
+            VIP.parse()?,
+            80,
+            Some(sport),
+            Duration::from_secs(2),
+        )
+        .with_context(|| format!("request {i} to {VIP}:80"))?;
+        let reply = l3lb_tests::client::parse_reply(&line)?;
+        assert_eq!(
+            reply.peer,
+            SocketAddr::new(IpAddr::V4(client), sport),
+            "the pod on {} saw another address than the client's",
+            reply.backend
+        );
+        *served.entry(reply.backend).or_insert(0) += 1;
+    }
+    assert_eq!(served.len(), 2, "both nodes served: {served:?}");
+    let bal = status_of_pins(&lab.pin_path(BALANCER.0))?;
+    assert!(
+        bal.actions.get("encap").copied().unwrap_or(0) >= 40,
+        "the balancer encapsulated the requests: {:?}",
+        bal.actions
+    );
+
+    // With the API server gone, every node keeps forwarding on the last known state.
+    api.down()?;
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..10u16 {
+        let line = l3lb_tests::client::tcp_request(
+            &lab.client.ns,
+            VIP.parse()?,
+            80,
+            Some(46000 + i),
+            Duration::from_secs(2),
+        )
+        .with_context(|| format!("request {i} during the outage"))?;
+        let reply = l3lb_tests::client::parse_reply(&line)?;
+        assert_eq!(reply.peer.ip(), IpAddr::V4(client));
+    }
+    drop(agents);
+    drop(pods);
+    drop(api);
+    Ok(())
+}
