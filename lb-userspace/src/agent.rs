@@ -180,6 +180,10 @@ pub struct Agent {
     health: health::Tracker,
     probes: health::Probes,
     health_tx: mpsc::Sender<health::Outcome>,
+    /// Applies logged since start: the first config is 1, every accepted SIGHUP reload
+    /// and every re-apply that changed something adds one. Logged with each apply so a
+    /// log reader can tell which reload a line belongs to.
+    generation: u64,
 }
 
 impl Agent {
@@ -236,7 +240,7 @@ impl Agent {
         let summary = dataplane
             .apply(&desired)
             .context("writing the initial state")?;
-        info!(%summary, "applied config");
+        info!(generation = 1, %summary, "applied config");
 
         if !config.services.is_empty() {
             if sys::enable_ipv4_forwarding(&config.interface)? {
@@ -302,6 +306,7 @@ impl Agent {
             health: tracker,
             probes,
             health_tx,
+            generation: 1,
         })
     }
 
@@ -334,7 +339,8 @@ impl Agent {
         self.health = tracker;
         let summary = applied.context("applying the new config")?;
         sys::prime_neighbours(remote_backends(&desired));
-        info!(%summary, "applied config");
+        self.generation += 1;
+        info!(generation = self.generation, %summary, "applied config");
         self.probes = health::start(&new, &self.health_tx);
         self.config = new;
         Ok(())
@@ -382,7 +388,8 @@ impl Agent {
                 let desired = desired_from_config(&self.config, &local, &self.health.down());
                 match self.dataplane.apply(&desired) {
                     Ok(summary) if summary != ApplySummary::default() => {
-                        info!(%summary, "{why}; applied")
+                        self.generation += 1;
+                        info!(generation = self.generation, %summary, "{why}; applied")
                     }
                     Ok(_) => {}
                     Err(e) => error!("re-applying ({why}): {e:#}"),
