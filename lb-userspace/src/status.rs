@@ -72,7 +72,7 @@ pub struct Status {
     pub actions: std::collections::BTreeMap<String, u64>,
     /// Events (counted besides the outcome), by name.
     pub events: std::collections::BTreeMap<String, u64>,
-    /// Entries in the connection table.
+    /// Entries in the connection table (at most its size; see `count_flows`).
     pub flows: u64,
 }
 
@@ -81,6 +81,24 @@ fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening pinned map {} (is l3lb running?)", path.display()))?;
     Map::from_map_data(data).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Entries in the connection table, read key by key.
+///
+/// The data plane inserts and evicts while this reads, and when the key just read is
+/// evicted the kernel's next-key call starts again from the first key: a busy table
+/// (say under a SYN flood) would be counted several times over, for as long as the
+/// churn lasts. The walk therefore stops after as many keys as the table can hold, and
+/// the count never exceeds that size: it is exact on a quiet table, and the table's
+/// size when every slot is being recycled.
+fn count_flows(pin_dir: &Path) -> anyhow::Result<u64> {
+    let path = pin_dir.join("maps").join(map_names::FLOWS);
+    let capacity = aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("opening pinned map {} (is l3lb running?)", path.display()))?
+        .max_entries();
+    let flows_map: HashMap<MapData, FlowKey, FlowState> =
+        open(pin_dir, map_names::FLOWS)?.try_into()?;
+    Ok(flows_map.keys().take(capacity as usize).count() as u64)
 }
 
 fn per_cpu_sum(dir: &Path, name: &str, len: u32) -> anyhow::Result<Vec<u64>> {
@@ -165,9 +183,7 @@ pub fn read(pin_dir: &Path) -> anyhow::Result<Status> {
     let drops = per_cpu_sum(pin_dir, map_names::DROPS, lb_common::DROP_REASON_COUNT)?;
     let actions = per_cpu_sum(pin_dir, map_names::ACTIONS, lb_common::ACTION_COUNT)?;
     let events = per_cpu_sum(pin_dir, map_names::EVENTS, lb_common::EVENT_COUNT)?;
-    let flows_map: HashMap<MapData, FlowKey, FlowState> =
-        open(pin_dir, map_names::FLOWS)?.try_into()?;
-    let flows = flows_map.keys().count() as u64;
+    let flows = count_flows(pin_dir)?;
     Ok(Status {
         vips,
         services,
