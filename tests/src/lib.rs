@@ -25,6 +25,7 @@
 pub mod bulk;
 pub mod capture;
 pub mod client;
+pub mod flood;
 pub mod lab;
 pub mod netns;
 pub mod prefix;
