@@ -447,20 +447,32 @@ fn backends_churning_at_1000_changes_per_second_keep_connections_and_placement()
         (first, last.max(first))
     };
     let mut pending: Vec<Vec<usize>> = vec![Vec::new(); versions.len()];
+    // Failed attempts are looked at in the first and last version of their window.
+    let mut pending_failed: Vec<Vec<usize>> = vec![Vec::new(); versions.len()];
     let mut ok = 0usize;
     let mut failed = Vec::new();
     for (i, a) in attempts.iter().enumerate() {
+        let (first, last) = window(a);
         match &a.outcome {
             Ok(_) => {
                 ok += 1;
-                let (first, last) = window(a);
                 for list in &mut pending[first..=last] {
                     list.push(i);
                 }
             }
-            Err(e) => failed.push(e.clone()),
+            Err(e) => {
+                failed.push(e.clone());
+                pending_failed[first].push(i);
+                if last != first {
+                    pending_failed[last].push(i);
+                }
+            }
         }
     }
+    // A failed attempt whose backend at the start of its window is gone by its end was
+    // cut mid-handshake: its next packet met a table without that backend.
+    let mut chosen: Vec<Option<Ipv4Addr>> = vec![None; attempts.len()];
+    let mut cut_mid_handshake = 0usize;
     let mut placed = vec![false; attempts.len()];
     let mut member = vec![false; attempts.len()];
     let mut moved = Vec::new();
@@ -477,6 +489,13 @@ fn backends_churning_at_1000_changes_per_second_keep_connections_and_placement()
             }
             if t[hash_of(attempts[i].sport)] == to {
                 placed[i] = true;
+            }
+        }
+        for &i in &pending_failed[v] {
+            match chosen[i] {
+                None => chosen[i] = Some(t[hash_of(attempts[i].sport)]),
+                Some(b) if !version.backends.contains(&b) => cut_mid_handshake += 1,
+                Some(_) => {}
             }
         }
         // The share of the stream's flows this version moved, against the least any
@@ -532,6 +551,11 @@ fn backends_churning_at_1000_changes_per_second_keep_connections_and_placement()
         moved_mean / minimum_mean,
         worst
     );
+    println!(
+        "failed new connections whose backend was removed while they were being opened: \
+         {cut_mid_handshake} of {}",
+        failed.len()
+    );
     for e in failed.iter().take(5) {
         println!("  failed: {e}");
     }
@@ -546,7 +570,7 @@ fn backends_churning_at_1000_changes_per_second_keep_connections_and_placement()
         &misplaced[..misplaced.len().min(10)]
     );
     assert!(
-        ok * 100 >= attempts.len() * 95,
+        ok * 100 >= attempts.len() * 99,
         "only {ok} of {} new connections answered: {:?}",
         attempts.len(),
         &failed[..failed.len().min(10)]
