@@ -273,6 +273,10 @@ pub struct Agent {
     attach_deferred: bool,
     /// Health check outcomes, until the run loop takes them.
     health_rx: Option<mpsc::Receiver<health::Outcome>>,
+    /// Applies logged since start: the first config is 1, every accepted SIGHUP reload
+    /// and every re-apply that changed something adds one. Logged with each apply so a
+    /// log reader can tell which reload a line belongs to.
+    generation: u64,
 }
 
 impl Agent {
@@ -346,7 +350,7 @@ impl Agent {
         let summary = dataplane
             .apply(&desired)
             .context("writing the initial state")?;
-        info!(%summary, "applied config");
+        info!(generation = 1, %summary, "applied config");
 
         if !config.services.is_empty() || kubernetes {
             if sys::enable_ipv4_forwarding(&config.interface)? {
@@ -394,6 +398,7 @@ impl Agent {
             ipv6_forwarding,
             attach_deferred: defer,
             health_rx: Some(health_rx),
+            generation: 1,
         })
     }
 
@@ -464,7 +469,8 @@ impl Agent {
         self.health = tracker;
         let summary = applied.context("applying the new config")?;
         sys::prime_neighbours(remote_backends(&desired));
-        info!(%summary, "applied config");
+        self.generation += 1;
+        info!(generation = self.generation, %summary, "applied config");
         self.probes = health::start(&new, &self.health_tx);
         // Backends the apply re-created show `unknown` until their next check.
         self.health_shown.clear();
@@ -514,7 +520,8 @@ impl Agent {
                 let desired = desired_for(&self.config, &self.source, &local, &self.health.down());
                 match self.dataplane.apply(&desired) {
                     Ok(summary) if summary != ApplySummary::default() => {
-                        info!(%summary, "{why}; applied")
+                        self.generation += 1;
+                        info!(generation = self.generation, %summary, "{why}; applied")
                     }
                     Ok(_) => {}
                     Err(e) => error!("re-applying ({why}): {e:#}"),

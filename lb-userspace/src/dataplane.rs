@@ -1231,15 +1231,21 @@ impl Dataplane {
             }
             let weighted: Vec<(IpAddr, u32)> =
                 svc.backends.iter().map(|b| (b.address, b.weight)).collect();
+            // Ids by position in the service's list, looked up once per backend rather
+            // than once per table entry (a table has thousands of entries per backend).
+            let ids: Vec<u32> = svc
+                .backends
+                .iter()
+                .map(|b| {
+                    self.backends
+                        .get(&(svc.name.clone(), b.address))
+                        .map_or(NO_BACKEND, |s| s.id)
+                })
+                .collect();
             let table: Vec<u32> = match maglev::build(&weighted, ring_size) {
                 Ok(positions) => positions
                     .iter()
-                    .map(|&p| {
-                        svc.backends
-                            .get(p as usize)
-                            .and_then(|b| self.backends.get(&(svc.name.clone(), b.address)))
-                            .map_or(NO_BACKEND, |s| s.id)
-                    })
+                    .map(|&p| ids.get(p as usize).copied().unwrap_or(NO_BACKEND))
                     .collect(),
                 Err(maglev::MaglevError::NoBackends) => vec![NO_BACKEND; ring_size as usize],
                 Err(source) => {

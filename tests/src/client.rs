@@ -36,23 +36,35 @@ pub struct Reply {
     pub backend: String,
     /// The peer address the server saw (`peer=<addr>`).
     pub peer: SocketAddr,
+    /// The backend address the balancer sent the connection to (`to=<addr>`), where the
+    /// backend namespace marks it (see [`crate::servers::reply_line_to`]).
+    pub to: Option<IpAddr>,
 }
 
-/// Parses `backend=<name> peer=<addr>` (with or without the trailing newline).
+/// Parses `backend=<name> peer=<addr>[ to=<addr>]` (with or without the trailing newline).
 pub fn parse_reply(line: &str) -> Result<Reply> {
     let line = line.trim_end();
     let rest = line
         .strip_prefix("backend=")
         .with_context(|| format!("not a server reply: {line:?}"))?;
-    let (backend, peer) = rest
+    let (backend, rest) = rest
         .split_once(" peer=")
         .with_context(|| format!("server reply without peer: {line:?}"))?;
+    let (peer, to) = match rest.split_once(" to=") {
+        Some((peer, to)) => (peer, Some(to)),
+        None => (rest, None),
+    };
     let peer = peer
         .parse()
         .with_context(|| format!("server reply with a bad peer address: {line:?}"))?;
+    let to = to
+        .map(str::parse)
+        .transpose()
+        .with_context(|| format!("server reply with a bad backend address: {line:?}"))?;
     Ok(Reply {
         backend: backend.to_owned(),
         peer,
+        to,
     })
 }
 
@@ -81,7 +93,9 @@ pub fn tcp_request_from(
     ns.enter(|| tcp_request_bound(target, Some(src), timeout))?
 }
 
-fn tcp_request_here(
+/// Like [`tcp_request`], from the calling thread's own namespace: for worker threads
+/// already inside it (see [`Netns::spawn_thread`]), which then skip entering it per call.
+pub fn tcp_request_here(
     target: SocketAddr,
     src_port: Option<u16>,
     timeout: Duration,

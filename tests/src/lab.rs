@@ -292,6 +292,62 @@ impl Lab {
         backend.ns.ip(vip_addr_args("add", vip)).map(drop)
     }
 
+    /// Gives backend `i` further backend addresses for `l2` forwarding, each on its own
+    /// macvlan of `eth0` (its own MAC, so the balancer's MAC rewrite picks the address),
+    /// and marks every packet with the backend address it was sent to: `eth0`'s own
+    /// address for packets arriving there, a macvlan's address for packets arriving on
+    /// it. With `tcp_fwmark_accept` on, an accepted TCP socket carries the mark of its
+    /// SYN, which [`crate::TcpServer`] reports as `to=<address>`.
+    ///
+    /// Every address must be a free host address of 10.77.0.0/24 (10.77.0.20 ..=
+    /// 10.77.0.199 are free in a lab with fewer than 9 backends). The balancer resolves
+    /// them by ARP like any backend (each macvlan answers for its own address only).
+    pub fn backend_add_l2_addresses(&self, i: usize, addrs: &[Ipv4Addr]) -> Result<()> {
+        let backend = self.backend(i)?;
+        for addr in addrs {
+            let [a, b, c, d] = addr.octets();
+            if [a, b, c] != [10, 77, 0] || d == 0 || d == 255 {
+                bail!("{addr} is not a host address in the lab subnet 10.77.0.0/24");
+            }
+            if *addr == ROUTER_IPV4 || self.nodes().any(|n| n.ipv4 == *addr) {
+                bail!("{addr} already belongs to a node of the lab");
+            }
+        }
+        // Before the macvlans exist, so they inherit it: a packet from the client on a
+        // macvlan would fail a strict reverse-path check (the client is reached via eth0).
+        backend.ns.sysctl(&[
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.tcp_fwmark_accept", "1"),
+        ])?;
+        let mut lines = Vec::new();
+        let mut rules = vec![
+            "add table ip l3lb_lab".to_owned(),
+            // Before anything else sees the packet (conntrack, routing).
+            "add chain ip l3lb_lab marks { type filter hook prerouting priority raw; }".to_owned(),
+            format!(
+                "add rule ip l3lb_lab marks iifname \"eth0\" meta mark set {:#010x}",
+                u32::from(backend.ipv4)
+            ),
+        ];
+        for addr in addrs {
+            let dev = format!("l2-{}", addr.octets()[3]);
+            lines.push(format!("link add {dev} link eth0 type macvlan mode bridge"));
+            lines.push(format!("addr add {addr}/32 dev {dev}"));
+            lines.push(format!("link set {dev} up"));
+            rules.push(format!(
+                "add rule ip l3lb_lab marks iifname \"{dev}\" meta mark set {:#010x}",
+                u32::from(*addr)
+            ));
+        }
+        backend.ns.ip_batch(&lines)?;
+        let path = self.write_file(&format!("{}-marks.nft", backend.name), &rules.join("\n"))?;
+        backend
+            .ns
+            .run(["nft", "-f", &path.to_string_lossy()])
+            .context("nft (apt-get install nftables)")?;
+        Ok(())
+    }
+
     /// Removes `vip` from backend `i`'s `lo`.
     pub fn backend_del_vip(&self, i: usize, vip: IpAddr) -> Result<()> {
         let backend = self.backend(i)?;

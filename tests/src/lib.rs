@@ -26,6 +26,7 @@ pub mod bulk;
 pub mod capture;
 pub mod client;
 pub mod kube_api;
+pub mod flood;
 pub mod lab;
 pub mod netns;
 pub mod prefix;
@@ -39,7 +40,7 @@ pub use client::{Bulk, EchoReply, EchoReply6, Reply, TcpPersistent, Transfer};
 pub use lab::{FarSite, LAB_ROOT, Lab, LabSpec, Mac, Node};
 pub use netns::{Netns, host, run};
 pub use prefix::Prefix;
-pub use process::{ChildGuard, l3lb_bin, spawn_in};
+pub use process::{ChildGuard, LogTail, l3lb_bin, spawn_in};
 pub use servers::{BulkServer, TcpServer, UdpServer};
 
 #[cfg(test)]

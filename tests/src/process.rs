@@ -118,6 +118,18 @@ impl ChildGuard {
         &self.log_path
     }
 
+    /// A reader of the log's lines as they are written, from the current end on.
+    pub fn tail(&self) -> Result<LogTail> {
+        let file = fs::File::open(&self.log_path)
+            .with_context(|| format!("opening log {}", self.log_path.display()))?;
+        let offset = file.metadata()?.len();
+        Ok(LogTail {
+            file,
+            offset,
+            partial: Vec::new(),
+        })
+    }
+
     /// Everything the process has logged so far (lossy UTF-8; empty if unreadable).
     pub fn log(&self) -> String {
         fs::read(&self.log_path)
@@ -229,6 +241,37 @@ impl Drop for ChildGuard {
         if let Err(e) = self.stop() {
             eprintln!("l3lb-tests: stopping {}: {e:#}", self.label);
         }
+    }
+}
+
+/// Reads a log file's new complete lines as they are written (see [`ChildGuard::tail`]):
+/// cheap enough to poll every few hundred microseconds, unlike re-reading the whole file.
+#[derive(Debug)]
+pub struct LogTail {
+    file: fs::File,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl LogTail {
+    /// The lines completed since the last call (lossy UTF-8, without newlines).
+    pub fn lines(&mut self) -> Result<Vec<String>> {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        self.file.seek(SeekFrom::Start(self.offset))?;
+        let mut fresh = Vec::new();
+        let n = self.file.read_to_end(&mut fresh)?;
+        self.offset += n as u64;
+        self.partial.extend_from_slice(&fresh);
+        let Some(last) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return Ok(Vec::new());
+        };
+        let rest = self.partial.split_off(last + 1);
+        let complete = std::mem::replace(&mut self.partial, rest);
+        Ok(complete
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect())
     }
 }
 

@@ -130,6 +130,10 @@ pub struct ScenarioSpec {
     pub far_site: Option<u32>,
     /// Address family of every service (IPv4 unless [`ScenarioSpec::ipv6`]).
     pub family: Family,
+    /// The balancer's `conntrack_size` (the agent's default unless set; load time only).
+    pub conntrack_size: Option<u32>,
+    /// The balancer's `maglev_table_size` ([`TABLE_SIZE`] unless set; load time only).
+    pub table_size: Option<u32>,
 }
 
 impl ScenarioSpec {
@@ -143,7 +147,21 @@ impl ScenarioSpec {
             bulk: false,
             far_site: None,
             family: Family::V4,
+            conntrack_size: None,
+            table_size: None,
         }
+    }
+
+    /// Sets the balancer's `maglev_table_size` (a prime).
+    pub fn table_size(mut self, entries: u32) -> ScenarioSpec {
+        self.table_size = Some(entries);
+        self
+    }
+
+    /// Sizes the balancer's connection table (`conntrack_size`).
+    pub fn conntrack_size(mut self, entries: u32) -> ScenarioSpec {
+        self.conntrack_size = Some(entries);
+        self
     }
 
     /// Makes every service IPv6: VIP [`VIP6`], backends at their `fd77::…` addresses,
@@ -476,9 +494,14 @@ pub fn balancer_config_for(
         )
     };
     let mut config = format!(
-        "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE_SIZE}\nservices:\n",
-        pin.display()
+        "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {}\n",
+        pin.display(),
+        spec.table_size.unwrap_or(TABLE_SIZE)
     );
+    if let Some(entries) = spec.conntrack_size {
+        config.push_str(&format!("conntrack_size: {entries}\n"));
+    }
+    config.push_str("services:\n");
     config.push_str(&service("web", TCP_PORT, "tcp", &spec.web));
     config.push_str(&service("dns", UDP_PORT, "udp", &spec.dns));
     if spec.bulk {

@@ -1,13 +1,19 @@
 //! Real servers inside a backend namespace that report the peer address they saw.
 //!
 //! Both answer with one line `backend=<name> peer=<ip>:<port>\n` (IPv6 peers are written
-//! `[ip]:port`, i.e. `SocketAddr`'s form); see [`crate::client::parse_reply`].
+//! `[ip]:port`, i.e. `SocketAddr`'s form); see [`crate::client::parse_reply`]. A TCP
+//! connection whose socket carries a mark adds ` to=<IPv4 address>`: the lab marks the
+//! packets of a backend namespace with the backend address they were sent to (see
+//! [`crate::Lab::backend_add_l2_addresses`]) and `tcp_fwmark_accept` gives the accepted
+//! socket the mark of its SYN, so the server can tell which of the namespace's backend
+//! addresses the balancer chose.
 //! TCP then echoes until EOF; UDP appends the datagram's payload after the line.
 //! [`BulkServer`] (TCP) follows the greeting with one bulk transfer, see [`crate::bulk`].
 
 use std::{
     io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -21,6 +27,7 @@ use anyhow::{Context, Result};
 use crate::{
     bulk::{Digest, Pattern},
     netns::Netns,
+    sock,
 };
 
 /// How often server threads look at their stop flag.
@@ -32,6 +39,23 @@ pub type Peers = Arc<Mutex<Vec<SocketAddr>>>;
 /// The line a server sends first: `backend=<name> peer=<peer>\n`.
 pub fn reply_line(name: &str, peer: SocketAddr) -> String {
     format!("backend={name} peer={peer}\n")
+}
+
+/// The line a TCP server sends first: [`reply_line`], with ` to=<address>` before the
+/// newline when the connection was marked with the backend address it was sent to.
+pub fn reply_line_to(name: &str, peer: SocketAddr, to: Option<Ipv4Addr>) -> String {
+    match to {
+        Some(to) => format!("backend={name} peer={peer} to={to}\n"),
+        None => reply_line(name, peer),
+    }
+}
+
+/// The backend address an accepted connection was sent to, from its mark (0: unmarked).
+fn marked_destination(stream: &TcpStream) -> Option<Ipv4Addr> {
+    match sock::socket_mark(stream.as_raw_fd()) {
+        Ok(0) | Err(_) => None,
+        Ok(mark) => Some(Ipv4Addr::from(mark)),
+    }
 }
 
 /// A TCP server: greets each connection with [`reply_line`], then echoes until EOF.
@@ -108,6 +132,11 @@ fn accept_loop(
 ) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
+        // Waiting in poll(2), not a sleep, so a connection is accepted (and greeted) at
+        // once: tests time new connections, and a sleep would add up to a tick to each.
+        if !readable_within(listener, TICK) {
+            continue;
+        }
         match listener.accept() {
             Ok((stream, peer)) => {
                 peers
@@ -126,13 +155,27 @@ fn accept_loop(
                 }
                 conns.retain(|h| !h.is_finished());
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(TICK),
+            // Taken by the time accept ran: wait in poll again.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => std::thread::sleep(TICK),
         }
     }
     for conn in conns {
         let _ = conn.join();
     }
+}
+
+/// Whether `listener` has a connection to accept within `timeout`.
+fn readable_within(listener: &TcpListener, timeout: Duration) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+    n > 0
 }
 
 fn serve_tcp(
@@ -143,7 +186,8 @@ fn serve_tcp(
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(TICK))?;
-    stream.write_all(reply_line(name, peer).as_bytes())?;
+    let to = marked_destination(&stream);
+    stream.write_all(reply_line_to(name, peer, to).as_bytes())?;
     let mut buf = [0u8; 16 * 1024];
     while !stop.load(Ordering::Relaxed) {
         match stream.read(&mut buf) {

@@ -90,6 +90,23 @@ pub(crate) fn set_abortive_close(fd: RawFd) -> io::Result<()> {
     .map(drop)
 }
 
+/// The socket's mark (`SO_MARK`); reading it needs no privilege.
+pub(crate) fn socket_mark(fd: RawFd) -> io::Result<u32> {
+    let mut mark: u32 = 0;
+    let mut len = mem::size_of::<u32>() as libc::socklen_t;
+    // SAFETY: the option buffer points to a live u32 whose size is passed in `len`.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw mut mark).cast(),
+            &raw mut len,
+        )
+    })?;
+    Ok(mark)
+}
+
 /// Unspecified address of the family of `like`, with `port`.
 pub(crate) fn any_addr(like: IpAddr, port: u16) -> SocketAddr {
     match like {
