@@ -21,7 +21,7 @@ use crate::{
         ApplySummary, Attached, Dataplane, Desired, DesiredBackend, DesiredService, Health,
         LoadOptions, ServiceMode,
     },
-    handover, health, sys,
+    handover, health, http, metrics, sys,
 };
 
 /// Version directory under `pin_path`: pins are an ABI, a layout change bumps it.
@@ -245,6 +245,12 @@ fn attach_and_pin(
     Ok(mode_name)
 }
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Where an agent's services come from.
 #[derive(Debug)]
 enum Source {
@@ -277,6 +283,8 @@ pub struct Agent {
     /// and every re-apply that changed something adds one. Logged with each apply so a
     /// log reader can tell which reload a line belongs to.
     generation: u64,
+    /// What `/metrics` adds to the pinned counters (generation, last apply).
+    labels: metrics::SharedLabels,
 }
 
 impl Agent {
@@ -399,6 +407,12 @@ impl Agent {
             attach_deferred: defer,
             health_rx: Some(health_rx),
             generation: 1,
+            labels: std::sync::Arc::new(std::sync::Mutex::new(metrics::Labels {
+                generation: 1,
+                last_apply_ok: true,
+                last_success_unix: unix_now(),
+                watches: Default::default(),
+            })),
         })
     }
 
@@ -433,6 +447,48 @@ impl Agent {
             );
         }
         Ok(summary)
+    }
+
+    /// The labels `/metrics` serves with the counters, kept current by [`Agent::note_apply`].
+    pub fn metrics_labels(&self) -> metrics::SharedLabels {
+        self.labels.clone()
+    }
+
+    /// Records the outcome of an apply (or a rejected reload) for `/metrics`.
+    pub fn note_apply(&self, ok: bool) {
+        let mut l = self
+            .labels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        l.generation = self.generation;
+        l.last_apply_ok = ok;
+        if ok {
+            l.last_success_unix = unix_now();
+        }
+    }
+
+    /// The router of `metrics_address`: `/metrics` (the pinned counters with the agent's
+    /// labels) plus `/healthz`; the caller adds `/readyz`.
+    pub fn router(&self) -> http::Router {
+        let pin_dir = self.pin_dir.clone();
+        let labels = self.labels.clone();
+        http::Router::new()
+            .route("/healthz", || {
+                http::Reply::text(hyper::StatusCode::OK, "ok\n")
+            })
+            .route("/metrics", move || {
+                match metrics::scrape(&pin_dir, &labels) {
+                    Ok(body) => http::Reply {
+                        status: hyper::StatusCode::OK,
+                        content_type: metrics::CONTENT_TYPE,
+                        body,
+                    },
+                    Err(e) => http::Reply::text(
+                        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("reading the pinned maps: {e:#}\n"),
+                    ),
+                }
+            })
     }
 
     /// Re-reads the config and applies the difference; an invalid config changes nothing.
@@ -572,6 +628,12 @@ impl Agent {
 /// Runs the agent until SIGTERM or SIGINT; SIGHUP reloads the config.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let agent = Agent::start(config_path)?;
+    // The standalone agent is ready once it runs: its state is the config's.
+    let router = agent.router().route("/readyz", || {
+        http::Reply::text(hyper::StatusCode::OK, "ok\n")
+    });
+    let bound = http::serve(agent.config.metrics_address, router).await?;
+    info!(address = %bound, "serving /metrics, /healthz and /readyz");
     run_agent(agent, futures::stream::pending(), |_| {}).await
 }
 
@@ -599,8 +661,12 @@ pub async fn run_agent(
         tokio::select! {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading config");
-                if let Err(e) = agent.reload() {
-                    error!("config reload rejected, keeping the running state: {e:#}");
+                match agent.reload() {
+                    Ok(()) => agent.note_apply(true),
+                    Err(e) => {
+                        agent.note_apply(false);
+                        error!("config reload rejected, keeping the running state: {e:#}");
+                    }
                 }
             }
             _ = term.recv() => break,
@@ -616,10 +682,12 @@ pub async fn run_agent(
                     } else {
                         info!(%summary, "applied Kubernetes state");
                     }
+                    agent.note_apply(true);
                     applied(Ok(()));
                 }
                 Err(e) => {
-                    error!("applying the Kubernetes state failed; the maps may hold part of it until the next change or resync: {e:#}");
+                    agent.note_apply(false);
+                    error!("applying the Kubernetes state failed: {e:#}");
                     applied(Err(format!("{e:#}")));
                 }
             },

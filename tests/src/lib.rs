@@ -25,8 +25,8 @@
 pub mod bulk;
 pub mod capture;
 pub mod client;
-pub mod kube_api;
 pub mod flood;
+pub mod kube_api;
 pub mod lab;
 pub mod netns;
 pub mod prefix;

@@ -306,7 +306,7 @@ impl Scenario {
         for node in &lab.balancers {
             let name = format!("fabric-{}", node.fabric_port);
             let cfg = format!(
-                "interface: {}\nxdp_mode: native\npin_path: {}\n",
+                "interface: {}\nxdp_mode: native\npin_path: {}\n# Several of these share the fabric namespace: each takes a free port.\nmetrics_address: 127.0.0.1:0\n",
                 node.fabric_port,
                 lab.pin_path(&name).display()
             );

@@ -43,7 +43,7 @@ use crate::{
     agent::{self, Agent},
     config::Config,
     dataplane::Desired,
-    http::{self, Reply, Router},
+    http::{self, Reply},
     sys,
 };
 
@@ -147,6 +147,21 @@ impl Readiness {
     /// A fresh state: not ready until every kind is listed and the first state applied.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Per resource kind, whether its watch is established (listed, no error since).
+    pub fn watches(&self) -> std::collections::BTreeMap<String, bool> {
+        let state = match self.0.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        KINDS
+            .iter()
+            .map(|&kind| {
+                let k = &state.kinds[kind as usize];
+                (kind.to_string(), k.synced && k.error.is_none())
+            })
+            .collect()
     }
 
     /// `Ok` when ready, else every reason it is not.
@@ -531,8 +546,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let readiness = Readiness::new();
     let probe = readiness.clone();
-    let router = Router::new()
-        .route("/healthz", || Reply::text(StatusCode::OK, "ok\n"))
+    let router = agent
+        .router()
         .route("/readyz", move || match probe.check() {
             Ok(()) => Reply::text(StatusCode::OK, "ok\n"),
             Err(why) => Reply::text(
@@ -541,12 +556,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             ),
         });
     let bound = http::serve(opts.config.metrics_address, router).await?;
+    // `/metrics` reports each kind's watch state, copied from the readiness tracker.
+    let (labels, watched) = (agent.metrics_labels(), readiness.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let watches = watched.watches();
+            labels
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .watches = watches;
+        }
+    });
     info!(
         address = %bound,
         node = %settings.node_name,
         class = %settings.class,
         take_unclassed = settings.take_unclassed,
-        "watching the Kubernetes API; /healthz and /readyz served"
+        "watching the Kubernetes API; /metrics, /healthz and /readyz served"
     );
 
     // Latest value wins: a rebuild the agent has not applied yet is simply superseded.

@@ -1,0 +1,128 @@
+//! `/metrics` of a running balancer, scraped from its namespace, against the traffic the
+//! test sent. Needs root.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, TcpStream},
+    time::Duration,
+};
+
+use l3lb_tests::{
+    Netns, client,
+    scenario::{Mode, Scenario, TCP_PORT, UDP_PORT},
+};
+
+const T: Duration = Duration::from_secs(2);
+
+/// `GET path` on the agent's default metrics address inside `ns`: (status line, body).
+fn get(ns: &Netns, path: &str) -> (String, String) {
+    ns.enter(|| {
+        let mut s = TcpStream::connect("127.0.0.1:9477").expect("metrics address listening");
+        s.set_read_timeout(Some(T)).expect("timeout");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: l3lb\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (
+            head.lines().next().unwrap_or_default().to_string(),
+            body.to_string(),
+        )
+    })
+    .expect("namespace")
+}
+
+/// The value of the series `series` (name and labels exactly) in `text`.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+#[test]
+fn metrics_count_what_the_client_sent() {
+    let s = Scenario::start(Mode::Ipip, 2).expect("scenario");
+    let vip = s.vip();
+    for port in 0..20 {
+        client::udp_request(&s.lab.client.ns, vip, UDP_PORT, Some(45000 + port), T)
+            .expect("UDP answered");
+    }
+    let tcp = client::tcp_bulk(&s.lab.client.ns, vip, TCP_PORT, 46000..46010, T).expect("TCP");
+    assert_eq!(tcp.ok, 10);
+
+    let ns = &s.lab.balancers[0].ns;
+    assert_eq!(get(ns, "/healthz").0, "HTTP/1.1 200 OK");
+    assert_eq!(get(ns, "/readyz").0, "HTTP/1.1 200 OK");
+    let (status, text) = get(ns, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{text}");
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics text:\n{text}");
+
+    let vip = match vip {
+        IpAddr::V4(v) => v.to_string(),
+        IpAddr::V6(v) => v.to_string(),
+    };
+    // One datagram per request, each counted once, at the service and at its backends.
+    let dns = format!("{{service=\"dns\",vip=\"{vip}\"}}");
+    assert_eq!(value(&text, &format!("l3lb_vip_packets_total{dns}")), 20.0);
+    assert_eq!(
+        value(&text, &format!("l3lb_vip_new_connections_total{dns}")),
+        20.0
+    );
+    let backend_sum: f64 = s
+        .lab
+        .backends
+        .iter()
+        .map(|b| {
+            let series = format!(
+                "l3lb_backend_packets_total{{service=\"dns\",backend=\"{}\"}}",
+                b.ipv4
+            );
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(series.as_str())
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                })
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(backend_sum, 20.0, "{text}");
+    // TCP: ten new connections (each SYN a fresh choice), more packets than that.
+    let web = format!("{{service=\"web\",vip=\"{vip}\"}}");
+    assert_eq!(
+        value(&text, &format!("l3lb_vip_new_connections_total{web}")),
+        10.0
+    );
+    assert!(value(&text, &format!("l3lb_vip_packets_total{web}")) >= 30.0);
+    for b in &s.lab.backends {
+        let series = format!(
+            "l3lb_backend_weight{{service=\"web\",backend=\"{}\"}}",
+            b.ipv4
+        );
+        assert_eq!(value(&text, &series), 1.0);
+    }
+    assert!(value(&text, "l3lb_packets_total{action=\"encap\"}") >= 50.0);
+    assert_eq!(
+        value(&text, "l3lb_dropped_packets_total{reason=\"no_backend\"}"),
+        0.0
+    );
+    assert!(value(&text, "l3lb_connection_table_entries") >= 30.0);
+    assert!(value(&text, "l3lb_connection_table_capacity") >= 1024.0);
+    assert_eq!(value(&text, "l3lb_config_generation"), 1.0);
+    assert_eq!(value(&text, "l3lb_config_last_apply_success"), 1.0);
+    assert!(value(&text, "l3lb_config_last_success_timestamp_seconds") > 1.6e9);
+    assert!(
+        text.contains("# UNIT l3lb_vip_received_bytes bytes"),
+        "{text}"
+    );
+
+    // Only loopback: the balancer's own address does not answer.
+    let addr = s.lab.balancers[0].ipv4;
+    let reachable = ns
+        .enter(|| TcpStream::connect_timeout(&(addr, 9477).into(), T).is_ok())
+        .expect("namespace");
+    assert!(!reachable, "metrics bound to loopback by default");
+}
