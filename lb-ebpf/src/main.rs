@@ -307,6 +307,12 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         return Ok(PASS.into());
     }
     let up = ipv6::walk(ctx, l2.l3_off, ip.next)?;
+    // The walk reads the frame; extension headers past the payload length are padding.
+    // Upper-layer headers are checked against the packet's end later, but a later
+    // fragment has none, so its chain is checked here.
+    if up.off > l2.l3_off + ip.tot_len as usize {
+        return Err(DropReason::Truncated);
+    }
     let pkt = Pkt {
         family: FAMILY_V6,
         src: ip.src,

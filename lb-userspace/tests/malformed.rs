@@ -567,6 +567,29 @@ fn ipv6_cases(m: &mut Matrix) {
             DropReason::BadIpHeader,
         );
     }
+    // A later fragment carries no upper-layer header to check, so its fragment header
+    // must itself lie inside the packet. Rows run in order: the first fragment records
+    // the datagram, so its later fragments are forwarded, unless malformed.
+    let mut first_frag = vec![PROTO_UDP, 0, 0, 1, 0, 0, 0, 5];
+    first_frag.extend_from_slice(&udp(5353, 53, &[1; 16])[..24]);
+    let first = v6_frame(&ipv6(CLIENT6, VIP6_L2, 44, &first_frag));
+    let later = v6_frame(&ipv6(
+        CLIENT6,
+        VIP6_L2,
+        44,
+        &[PROTO_UDP, 0, 0, 0x18, 0, 0, 0, 5, 1, 2, 3, 4, 5, 6, 7, 8],
+    ));
+    for (what, frame) in [("first", first), ("later", later.clone())] {
+        m.forwards(
+            format!("IPv6 {what} fragment to a VIP"),
+            frame.clone(),
+            Action::L2,
+            [&B2_MAC[..], &NODE_MAC[..], &frame[12..]].concat(),
+        );
+    }
+    packet_cuts(m, "IPv6 later fragment", &later, 14, 40..48, |_| {
+        DropReason::Truncated
+    });
     let mut huge = ext(PROTO_TCP, 60);
     huge[1] = 255;
     m.drops(
