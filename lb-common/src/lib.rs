@@ -340,11 +340,13 @@ macro_rules! counted_enum {
 counted_enum! {
     /// Why the XDP program dropped a packet: index of the drop counter and metrics label.
     DropReason {
-        /// The frame ends inside a header it announces.
+        /// The frame, or the IP packet by its length field, ends inside a header it
+        /// announces.
         Truncated = 0 => "truncated",
-        /// IPv4 header invalid: version, IHL or total length.
+        /// IP header invalid: version, IHL or total length (IPv4); version, payload
+        /// length or an extension-header chain beyond the walk's bound (IPv6, to a VIP).
         BadIpHeader = 1 => "bad_ip_header",
-        /// TCP data offset below 5 or beyond the frame.
+        /// TCP data offset below 5 or past the IP packet; UDP length below 8 or past it.
         BadL4Header = 2 => "bad_l4_header",
         /// A packet to a VIP claims the VIP as its source.
         SourceIsVip = 3 => "source_is_vip",

@@ -440,8 +440,10 @@ pub fn decap(
     let inner: *const Ipv4Hdr = ptr_at(ctx, inner_off).map_err(|_| DropReason::DecapMalformed)?;
     let vihl = unsafe { (*inner).vihl };
     let inner_tot = u16::from_be_bytes(unsafe { (*inner).tot_len }) as usize;
+    let inner_hdr_len = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4
-        || ((vihl & 0x0f) as usize) * 4 < Ipv4Hdr::LEN
+        || inner_hdr_len < Ipv4Hdr::LEN
+        || inner_hdr_len > inner_tot
         || inner_tot + outer_hdr_len != outer_tot_len as usize
     {
         return Err(DropReason::DecapMalformed);

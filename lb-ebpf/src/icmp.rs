@@ -51,11 +51,13 @@ pub fn echo_reply_v4(ctx: &XdpContext, l3_off: usize, l4_off: usize) -> Result<u
 }
 
 /// The flow an ICMP error quotes, seen from the client: the quoted packet went from the
-/// VIP (a backend's reply) to the client, so the flow key is its reverse.
+/// VIP (a backend's reply) to the client, so the flow key is its reverse. The quote must
+/// end before `end`, where the ICMP message's IP packet ends.
 #[inline(always)]
 pub fn quoted_flow_v4(
     ctx: &XdpContext,
     l4_off: usize,
+    end: usize,
     vip: [u8; 4],
 ) -> Result<FlowKey, DropReason> {
     let inner_off = l4_off + 8;
@@ -63,7 +65,11 @@ pub fn quoted_flow_v4(
     let h = unsafe { *inner };
     let ihl = ((h[0] & 0x0f) as usize) * 4;
     let proto = h[9];
-    if h[0] >> 4 != 4 || ihl < 20 || (proto != PROTO_TCP && proto != PROTO_UDP) || h[12..16] != vip
+    if h[0] >> 4 != 4
+        || ihl < 20
+        || inner_off + ihl + 4 > end
+        || (proto != PROTO_TCP && proto != PROTO_UDP)
+        || h[12..16] != vip
     {
         return Err(DropReason::IcmpUnmatched);
     }
@@ -196,13 +202,18 @@ pub fn echo_reply_v6(ctx: &XdpContext, l3_off: usize, l4_off: usize) -> Result<u
 pub fn quoted_flow_v6(
     ctx: &XdpContext,
     l4_off: usize,
+    end: usize,
     vip: &[u8; 16],
 ) -> Result<FlowKey, DropReason> {
     let inner_off = l4_off + 8;
     let inner: *const [u8; 40] = ptr_at(ctx, inner_off).map_err(|_| DropReason::IcmpUnmatched)?;
     let h = unsafe { &*inner };
     let proto = h[6];
-    if h[0] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) || h[8..24] != vip[..] {
+    if h[0] >> 4 != 6
+        || inner_off + 40 + 4 > end
+        || (proto != PROTO_TCP && proto != PROTO_UDP)
+        || h[8..24] != vip[..]
+    {
         return Err(DropReason::IcmpUnmatched);
     }
     let ports: *const [u16; 2] =

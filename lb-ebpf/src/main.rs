@@ -206,7 +206,7 @@ struct Pkt {
     proto: u8,
     /// Offset of the upper-layer header.
     l4_off: usize,
-    /// L3 length (header + payload).
+    /// L3 length (header + payload); bytes past it are link padding.
     tot_len: u16,
     /// IPv4 header length (for quoting); 40 for IPv6.
     hdr_len: usize,
@@ -261,14 +261,16 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
 
     // Only packets addressed to this node are ours to open; IPIP passing through (or for
     // another host) is left to the stack.
-    if proto == PROTO_IPIP
-        && !ip.fragment
-        && decap_enabled()
-        && unsafe { LOCAL_V4.get(dst) }.is_some()
-    {
+    if proto == PROTO_IPIP && decap_enabled() && unsafe { LOCAL_V4.get(dst) }.is_some() {
         let key = Key::new(32, src);
         if DECAP_V4.get(&key).is_none() {
             return Err(DropReason::DecapNotAllowed);
+        }
+        // A fragment cannot be opened here; the stack reassembles it. Only fragments from
+        // allowed sources get that far, so a kernel tunnel device cannot be used to get
+        // round the allow list.
+        if ip.fragment {
+            return Ok(PASS.into());
         }
         encap::decap(ctx, l2.l3_off, l2.vlans, ip.hdr_len, ip.tot_len)?;
         return Ok((xdp_action::XDP_PASS, Action::Decap).into());
@@ -305,6 +307,12 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         return Ok(PASS.into());
     }
     let up = ipv6::walk(ctx, l2.l3_off, ip.next)?;
+    // The walk reads the frame; extension headers past the payload length are padding.
+    // Upper-layer headers are checked against the packet's end later, but a later
+    // fragment has none, so its chain is checked here.
+    if up.off > l2.l3_off + ip.tot_len as usize {
+        return Err(DropReason::Truncated);
+    }
     let pkt = Pkt {
         family: FAMILY_V6,
         src: ip.src,
@@ -377,13 +385,16 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         (vip, false, 0, 0)
     } else if pkt.fragment {
         let ports: *const [u16; 2] = ptr_at(ctx, pkt.l4_off)?;
+        if pkt.l4_off + 4 > l3_end(l2, pkt) {
+            return Err(DropReason::Truncated);
+        }
         let dport = unsafe { (*ports)[1] };
         let Some(vip) = vip_lookup(&pkt.dst, dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
         (vip, false, 0, 0)
     } else {
-        let ports = l4::parse(ctx, pkt.l4_off, pkt.proto)?;
+        let ports = l4::parse(ctx, pkt.l4_off, l3_end(l2, pkt), pkt.proto)?;
         let Some(vip) = vip_lookup(&pkt.dst, ports.dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
@@ -451,6 +462,12 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
             Ok((verdict, Action::TooBig).into())
         }
     }
+}
+
+/// Offset where the IP packet ends by its length field (the frame may hold padding after it).
+#[inline(always)]
+fn l3_end(l2: &eth::L2, pkt: &Pkt) -> usize {
+    l2.l3_off + pkt.tot_len as usize
 }
 
 /// Whether the packet's source is in the service's source ranges.
@@ -577,6 +594,15 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
         return Ok(PASS.into());
     }
     let hdr: *const [u8; 2] = ptr_at(ctx, pkt.l4_off)?;
+    // Every ICMP message starts with 8 header bytes (type, code, checksum, 4 more).
+    let end = l3_end(l2, pkt);
+    if pkt.l4_off + 8 > end {
+        return Err(DropReason::Truncated);
+    }
+    // Echo would be answered to, and errors forwarded for, the VIP itself: a reflection.
+    if pkt.src == pkt.dst {
+        return Err(DropReason::SourceIsVip);
+    }
     let kind = unsafe { (*hdr)[0] };
     let v4 = pkt.family == FAMILY_V4;
     let key = if v4 {
@@ -593,6 +619,7 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
         icmp::quoted_flow_v4(
             ctx,
             pkt.l4_off,
+            end,
             [pkt.dst[0], pkt.dst[1], pkt.dst[2], pkt.dst[3]],
         )?
     } else {
@@ -606,7 +633,7 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
         if kind != icmp::DEST_UNREACH_V6 && kind != icmp::PACKET_TOO_BIG_V6 {
             return Ok(PASS.into());
         }
-        icmp::quoted_flow_v6(ctx, pkt.l4_off, &pkt.dst)?
+        icmp::quoted_flow_v6(ctx, pkt.l4_off, end, &pkt.dst)?
     };
     let vip =
         vip_lookup(&pkt.dst, key.dport, key.proto, pkt.family).ok_or(DropReason::IcmpUnmatched)?;

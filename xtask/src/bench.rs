@@ -31,6 +31,7 @@ pub fn run(workspace: &Workspace, args: &Args) -> Result<()> {
         prereqs::Needs {
             lint: false,
             lab: true,
+            fuzz: false,
         },
     )?;
     let mut build = workspace.cargo();

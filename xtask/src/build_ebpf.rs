@@ -22,6 +22,7 @@ pub fn run(workspace: &Workspace, args: &Args) -> Result<()> {
         prereqs::Needs {
             lint: false,
             lab: false,
+            fuzz: false,
         },
     )?;
     let mut build = workspace.cargo();

@@ -30,6 +30,7 @@ pub fn run(workspace: &Workspace, args: &Args) -> Result<ExitCode> {
         prereqs::Needs {
             lint: false,
             lab: true,
+            fuzz: false,
         },
     )?;
 

@@ -6,6 +6,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod fuzz;
 mod prereqs;
 mod process;
 mod test;
@@ -40,6 +41,9 @@ enum Command {
     Bench(bench::Args),
     /// Build the agent and with it the eBPF program (`-- -vv` shows the eBPF build's output).
     BuildEbpf(build_ebpf::Args),
+    /// Run the cargo-fuzz targets (`fuzz/`: the XDP program, the config parser) for a
+    /// bounded time each and print libFuzzer's figures (root, for the XDP target).
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,5 +74,6 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Demo(args) => demo::run(&workspace, &args),
         Command::Bench(args) => bench::run(&workspace, &args).map(|()| ExitCode::SUCCESS),
         Command::BuildEbpf(args) => build_ebpf::run(&workspace, &args).map(|()| ExitCode::SUCCESS),
+        Command::Fuzz(args) => fuzz::run(&workspace, &args).map(|_| ExitCode::SUCCESS),
     }
 }

@@ -34,6 +34,8 @@ pub struct Needs {
     pub lint: bool,
     /// The Debian packages the lab uses.
     pub lab: bool,
+    /// cargo-fuzz, for the fuzz targets.
+    pub fuzz: bool,
 }
 
 impl Needs {
@@ -41,6 +43,7 @@ impl Needs {
     pub const ALL: Self = Self {
         lint: true,
         lab: true,
+        fuzz: true,
     };
 }
 
@@ -58,6 +61,29 @@ pub fn ensure(workspace: &Workspace, needs: Needs) -> Result<()> {
     if needs.lab {
         ensure_debian_packages()?;
     }
+    if needs.fuzz {
+        ensure_cargo_fuzz(workspace)?;
+    }
+    Ok(())
+}
+
+/// Installs cargo-fuzz with cargo unless `cargo fuzz` already runs. It drives the
+/// targets in `fuzz/` (which build with nightly, present already for the eBPF crate).
+pub fn ensure_cargo_fuzz(workspace: &Workspace) -> Result<()> {
+    let item = "cargo-fuzz";
+    if crate::fuzz::cargo_fuzz_present(workspace)? {
+        report(item, "present");
+        return Ok(());
+    }
+    let mut cmd = workspace.cargo();
+    cmd.args(["install", "cargo-fuzz", "--locked"]);
+    process::run_step("install cargo-fuzz", &mut cmd)?;
+    if !crate::fuzz::cargo_fuzz_present(workspace)? {
+        bail!(
+            "installed cargo-fuzz, but `cargo fuzz --version` does not run: is ~/.cargo/bin on PATH?"
+        );
+    }
+    report(item, "installed");
     Ok(())
 }
 

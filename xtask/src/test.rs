@@ -15,6 +15,12 @@ pub struct Args {
     /// Skip the quick benchmark run at the end.
     #[arg(long)]
     no_bench: bool,
+    /// Skip the fuzz targets' short run.
+    #[arg(long)]
+    no_fuzz: bool,
+    /// Seconds each fuzz target runs.
+    #[arg(long, default_value_t = 20)]
+    fuzz_seconds: u64,
     /// Arguments passed on to `cargo test` (after its own flags), for example
     /// `-- --no-fail-fast -- --nocapture`.
     #[arg(last = true)]
@@ -36,6 +42,7 @@ pub fn run(workspace: &Workspace, args: &Args) -> Result<()> {
         prereqs::Needs {
             lint: !args.no_lint,
             lab: true,
+            fuzz: !args.no_fuzz,
         },
     )?;
 
@@ -98,6 +105,18 @@ pub fn run(workspace: &Workspace, args: &Args) -> Result<()> {
         .args(&args.cargo_test_args);
     let mut tally = process::run_tests_tallied("test", &mut test)?;
     tally.ignored += supply_chain_skipped;
+    // Each fuzz target that runs its time without finding anything counts as one passed
+    // test (a finding fails the step, naming the reproducer).
+    if !args.no_fuzz {
+        let reports = crate::fuzz::run(
+            workspace,
+            &crate::fuzz::Args {
+                seconds: args.fuzz_seconds,
+                targets: Vec::new(),
+            },
+        )?;
+        tally.passed += reports.len() as u64;
+    }
     // The benchmark never fails on a number, but it must keep working.
     if !args.no_bench {
         crate::bench::run(

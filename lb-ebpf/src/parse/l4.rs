@@ -16,18 +16,22 @@ pub struct Ports {
     pub syn: bool,
 }
 
-/// Parses the TCP or UDP header at `off`; `proto` must be TCP or UDP.
+/// Parses the TCP or UDP header at `off`; `proto` must be TCP or UDP, and `end` is the
+/// offset where the IP packet ends by its own length field.
+///
+/// Headers are checked against `end`, not only against the frame: bytes past the IP
+/// length are link padding, and a header found there belongs to no packet.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, off: usize, proto: u8) -> Result<Ports, DropReason> {
+pub fn parse(ctx: &XdpContext, off: usize, end: usize, proto: u8) -> Result<Ports, DropReason> {
     if proto == PROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(ctx, off)?;
+        if off + TcpHdr::LEN > end {
+            return Err(DropReason::Truncated);
+        }
         // Byte 12 holds the data offset, byte 13 the flags.
         let raw: *const [u8; 14] = ptr_at(ctx, off)?;
         let doff = (unsafe { (*raw)[12] } >> 4) as usize * 4;
-        if doff < TcpHdr::LEN {
-            return Err(DropReason::BadL4Header);
-        }
-        if ctx.data() + off + doff > ctx.data_end() {
+        if doff < TcpHdr::LEN || off + doff > end {
             return Err(DropReason::BadL4Header);
         }
         let flags = unsafe { (*raw)[13] };
@@ -38,6 +42,15 @@ pub fn parse(ctx: &XdpContext, off: usize, proto: u8) -> Result<Ports, DropReaso
         })
     } else {
         let udp: *const UdpHdr = ptr_at(ctx, off)?;
+        if off + UdpHdr::LEN > end {
+            return Err(DropReason::Truncated);
+        }
+        // The UDP length covers header and data: below 8 or past the IP payload, the
+        // receiver's stack discards the datagram (a shorter one is trimmed, as Linux does).
+        let len = u16::from_be_bytes(unsafe { (*udp).len }) as usize;
+        if len < UdpHdr::LEN || off + len > end {
+            return Err(DropReason::BadL4Header);
+        }
         Ok(Ports {
             sport: u16::from_ne_bytes(unsafe { (*udp).src }),
             dport: u16::from_ne_bytes(unsafe { (*udp).dst }),
