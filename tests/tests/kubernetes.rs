@@ -862,11 +862,17 @@ fn pods_see_the_client_address_through_the_node_proxy() -> Result<()> {
         api.apply(node(n))?;
     }
     api.apply(service("web", &[VIP], json!({})))?;
+    // One ready endpoint on node A, three on node B: new connections should split 1:3.
     api.apply(slice(
         "web-1",
         "web",
         "IPv4",
-        &[ready(NODE_A.0), ready(NODE_B.0)],
+        &[
+            ready(NODE_A.0),
+            ready(NODE_B.0),
+            ready(NODE_B.0),
+            ready(NODE_B.0),
+        ],
     ))?;
 
     let mut pods = Vec::new();
@@ -973,7 +979,8 @@ fn pods_see_the_client_address_through_the_node_proxy() -> Result<()> {
 
     let client = lab.client.ipv4;
     let mut served = BTreeMap::new();
-    for i in 0..40u16 {
+    const REQUESTS: u16 = 400;
+    for i in 0..REQUESTS {
         let sport = 45000 + i;
         let line = l3lb_tests::client::tcp_request(
             &lab.client.ns,
@@ -993,6 +1000,13 @@ fn pods_see_the_client_address_through_the_node_proxy() -> Result<()> {
         *served.entry(reply.backend).or_insert(0) += 1;
     }
     assert_eq!(served.len(), 2, "both nodes served: {served:?}");
+    // 1:3 by ready endpoints: node A expects 100 of 400 (binomial sd ≈ 8.7); the bounds
+    // are more than four deviations wide, while an even split (200) is far outside.
+    let on_a = served.get(NODE_A.0).copied().unwrap_or(0);
+    assert!(
+        (60..=140).contains(&on_a),
+        "node A (1 ready endpoint of 4) took {on_a} of {REQUESTS} new connections: {served:?}"
+    );
     let bal = status_of_pins(&lab.pin_path(BALANCER.0))?;
     assert!(
         bal.actions.get("encap").copied().unwrap_or(0) >= 40,
