@@ -468,6 +468,13 @@ pub enum Attached {
     },
 }
 
+/// Which id pool [`Dataplane::new_id`] draws from.
+#[derive(Clone, Copy)]
+enum IdKind {
+    Service,
+    Backend,
+}
+
 /// A fixed-key hash of a Maglev table, to notice when it changed.
 fn table_hash(table: &[u32]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
@@ -882,6 +889,44 @@ impl Dataplane {
         self.carried_stats = stats_carried;
     }
 
+    /// The id of a new service or backend: the one an earlier agent gave it (`reserved`;
+    /// its counters continue when they came along), else a fresh one; counters that did
+    /// not come along start at zero.
+    fn new_id(&mut self, kind: IdKind, reserved: Option<u32>) -> Result<u32, DataplaneError> {
+        let id = match reserved {
+            Some(id) => id,
+            None => {
+                let (pool, what, max, knob) = match kind {
+                    IdKind::Service => (
+                        &mut self.service_ids,
+                        "service",
+                        self.opts.max_services,
+                        "raise max_services in the config",
+                    ),
+                    IdKind::Backend => (
+                        &mut self.backend_ids,
+                        "backend",
+                        self.opts.max_backends,
+                        "raise max_backends in the config",
+                    ),
+                };
+                pool.take()
+                    .ok_or(DataplaneError::Full { what, max, knob })?
+            }
+        };
+        if reserved.is_none() || !self.carried_stats {
+            match kind {
+                IdKind::Service => {
+                    self.zero_per_cpu::<ServiceStats>(map_names::SERVICE_STATS, id)?
+                }
+                IdKind::Backend => {
+                    self.zero_per_cpu::<BackendStats>(map_names::BACKEND_STATS, id)?
+                }
+            }
+        }
+        Ok(id)
+    }
+
     /// Reserves the previous ids of `desired`'s services and backends (first apply after
     /// `adopt` only).
     fn reserve_previous_ids(&mut self, desired: &Desired) {
@@ -1129,24 +1174,8 @@ impl Dataplane {
             let (mut state, is_new) = match self.services.get(&svc.name) {
                 Some(s) => (s.clone(), false),
                 None => {
-                    let id = match self.reserved_services.remove(&svc.name) {
-                        // The earlier agent's id: its counters continue if they came along.
-                        Some(id) => {
-                            if !self.carried_stats {
-                                self.zero_per_cpu::<ServiceStats>(map_names::SERVICE_STATS, id)?;
-                            }
-                            id
-                        }
-                        None => {
-                            let id = self.service_ids.take().ok_or(DataplaneError::Full {
-                                what: "service",
-                                max: self.opts.max_services,
-                                knob: "raise max_services in the config",
-                            })?;
-                            self.zero_per_cpu::<ServiceStats>(map_names::SERVICE_STATS, id)?;
-                            id
-                        }
-                    };
+                    let reserved = self.reserved_services.remove(&svc.name);
+                    let id = self.new_id(IdKind::Service, reserved)?;
                     // The name goes in with the id, before any VIP entry names the id.
                     self.array::<ServiceMeta>(map_names::SERVICE_META)?
                         .set(id, service_meta(&svc.name), 0)
@@ -1197,22 +1226,8 @@ impl Dataplane {
                         }
                     }
                     None => {
-                        let id = match self.reserved_backends.remove(&key) {
-                            Some(id) if self.carried_stats => id,
-                            Some(id) => {
-                                self.zero_per_cpu::<BackendStats>(map_names::BACKEND_STATS, id)?;
-                                id
-                            }
-                            None => {
-                                let id = self.backend_ids.take().ok_or(DataplaneError::Full {
-                                    what: "backend",
-                                    max: self.opts.max_backends,
-                                    knob: "raise max_backends in the config",
-                                })?;
-                                self.zero_per_cpu::<BackendStats>(map_names::BACKEND_STATS, id)?;
-                                id
-                            }
-                        };
+                        let reserved = self.reserved_backends.remove(&key);
+                        let id = self.new_id(IdKind::Backend, reserved)?;
                         let meta = BackendMeta {
                             weight: b.weight,
                             health: lb_common::HEALTH_UNKNOWN,
