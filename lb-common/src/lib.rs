@@ -37,6 +37,10 @@ pub const SERVICE_F_SOURCE_RANGES: u32 = 4;
 /// lookup that misses on the port must also try port 0.
 pub const SETTINGS_F_ALL_PORTS: u32 = 1;
 
+/// Settings flag: the data plane reads the second half of the VIP index (the agent
+/// writes the idle half and flips this bit, so a lookup never meets a half-written table).
+pub const SETTINGS_F_VIP_INDEX_B: u32 = 2;
+
 /// Index of the settings array holding `SETTINGS_F_*` bits.
 pub const SETTINGS_FLAGS: u32 = 0;
 /// Index of the settings array holding the next-hop epoch: the agent advances it every
@@ -58,8 +62,12 @@ pub const SERVICE_NAME_LEN: usize = 128;
 
 /// Names of the maps, as pinned under `<pin_path>/maps/` (kernel limit: 15 characters).
 pub mod map_names {
-    /// `VipKey` → `VipInfo`: which destinations are VIPs and which service owns them.
+    /// `VipKey` → `VipInfo`: which destinations are VIPs and which service owns them (the
+    /// catalogue the agent and `l3lb status` read; the data plane reads `VIP_INDEX`).
     pub const VIPS: &str = "L3LB_VIPS";
+    /// Two halves of `VipSlot`s: the same entries as `VIPS` in an open-addressing table
+    /// the XDP program searches itself (no hash-map helper call per packet).
+    pub const VIP_INDEX: &str = "L3LB_VIP_INDEX";
     /// Ring slot × table size → backend id: the Maglev lookup tables of all services.
     pub const RINGS: &str = "L3LB_RINGS";
     /// Backend id → `Backend`: where a backend lives and how to reach it.
@@ -111,6 +119,8 @@ pub mod globals {
     pub const ENCAP_SRC_V6: &str = "ENCAP_SRC_V6";
     /// `u32`: non-zero when the decap role is on (IPIP from allowed sources is stripped).
     pub const DECAP_ENABLED: &str = "DECAP_ENABLED";
+    /// `u32`: slots per half of the VIP index (a power of two; `vip_index_slots`).
+    pub const VIP_INDEX_SIZE: &str = "VIP_INDEX_SIZE";
 }
 
 /// Name of the XDP program in the object.
@@ -137,6 +147,66 @@ pub struct VipKey {
     pub proto: u8,
     /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
+}
+
+/// One slot of the VIP index (`L3LB_VIP_INDEX`): a VIP key and the service it maps to;
+/// `key.family == 0` marks an empty slot, where every search for a key ends.
+///
+/// Linear probing from `vip_index_hash(key)`: a key sits at most `VIP_INDEX_PROBES − 1`
+/// slots past its home, which the agent checks when it builds a table.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipSlot {
+    /// The VIP key, as in `L3LB_VIPS`.
+    pub key: VipKey,
+    /// `VipInfo::service`.
+    pub service: u32,
+    /// `VipInfo::flags`.
+    pub flags: u32,
+    /// `VipInfo::ring`.
+    pub ring: u32,
+}
+
+/// Slots the data plane examines for one key before it gives up (the agent refuses a
+/// table where some key would sit further from its home).
+pub const VIP_INDEX_PROBES: u32 = 16;
+
+/// Slots per half of the VIP index for `max_services`: a power of two with room for 4 VIP
+/// entries per service at a quarter full, so searches for other addresses end at once.
+pub const fn vip_index_slots(max_services: u32) -> u32 {
+    let want = (max_services as u64) * 16;
+    let mut n: u64 = 64;
+    while n < want && n < (1 << 26) {
+        n *= 2;
+    }
+    n as u32
+}
+
+/// The home slot hash of a VIP key (its five words in memory order), shared by the agent,
+/// which places keys, and the XDP program, which looks them up.
+#[inline(always)]
+pub fn vip_index_hash(words: &[u32; 5]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < 5 {
+        h = (h ^ words[i]).wrapping_mul(0x9e37_79b1);
+        h ^= h >> 15;
+        i += 1;
+    }
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+impl VipKey {
+    /// The key as the five words `vip_index_hash` and the index's comparisons use.
+    #[inline(always)]
+    pub fn words(&self) -> [u32; 5] {
+        // SAFETY: VipKey is 20 bytes, 4-aligned, without padding; any bit pattern is a
+        // valid [u32; 5].
+        unsafe { core::mem::transmute(*self) }
+    }
 }
 
 /// Value of the VIP map: the service behind a VIP and its current Maglev table.
@@ -445,6 +515,7 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);
+    assert!(core::mem::size_of::<VipSlot>() == 32);
     assert!(core::mem::size_of::<Backend>() == 24);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowState>() == 16);
@@ -467,6 +538,7 @@ mod pod {
     // (checked by the size assertions above).
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for VipSlot {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}

@@ -20,14 +20,14 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     Action, BACKEND_F_LOCAL, DropReason, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVICE_F_L2,
-    SERVICE_F_SOURCE_RANGES, SrcRangeV4, SrcRangeV6, VipInfo, VipKey,
+    SERVICE_F_SOURCE_RANGES, SrcRangeV4, SrcRangeV6, VipInfo, VipKey, VipSlot,
 };
 
 use crate::{
     encap::Blocked,
     maps::{
         BACKENDS, DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, SCRATCH, SETTINGS, SRC_V4, SRC_V6,
-        VIPS,
+        VIP_INDEX,
     },
     parse::{eth, ipv4, ipv6, l4, ptr_at},
 };
@@ -215,35 +215,106 @@ struct Pkt {
     frag_id: u32,
 }
 
+/// Slots per half of the VIP index; set by the agent at load time (a power of two).
+#[unsafe(no_mangle)]
+static VIP_INDEX_SIZE: u32 = 0;
+
 /// The VIP entry for (address, port, protocol), falling back to the all-ports entry.
 #[inline(always)]
 fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipInfo> {
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch entry; nothing else holds a reference into it now.
-    let key: &mut VipKey = unsafe { &mut (*scratch).vip };
-    *key = VipKey {
+    let w = VipKey {
         addr: *addr,
         port,
         proto,
         family,
-    };
-    // Lookups by reference: the key stays in the scratch map instead of being copied
-    // onto the stack.
-    let by_ref: &VipKey = key;
-    if let Some(v) = unsafe { VIPS.get(by_ref) } {
-        return Some(*v);
     }
-    // Without any all-ports VIP the second lookup cannot hit: skip it (the common case
-    // for traffic to other destinations).
-    let all_ports = SETTINGS
-        .get(0)
-        .is_some_and(|f| f & lb_common::SETTINGS_F_ALL_PORTS != 0);
-    if port != 0 && !all_ports {
+    .words();
+    let found = vip_index_search(
+        w[0] as u64,
+        w[1] as u64,
+        w[2] as u64,
+        w[3] as u64,
+        w[4] as u64,
+    );
+    if found >> 32 != 0 {
         return None;
     }
-    key.port = 0;
-    let by_ref: &VipKey = key;
-    unsafe { VIPS.get(by_ref) }.copied()
+    let slot = VIP_INDEX.get(found as u32)?;
+    Some(VipInfo {
+        service: slot.service,
+        flags: slot.flags,
+        ring: slot.ring,
+        _reserved: 0,
+    })
+}
+
+/// Searches the active half of the VIP index for the key with words `w0..w4`, then (if
+/// some all-ports VIP exists) for the same key with port 0: the slot found, or a value
+/// ≥ 2³² when there is none.
+///
+/// Linear probing from the key's hash, ending at an empty slot. Array reads are inlined by
+/// the verifier, so a search costs loads and compares where a hash map costs helper calls.
+/// A global function (scalar arguments and result): the verifier checks it once on its
+/// own instead of once per call site and probe count, which kept the whole program's
+/// verification within bounds.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vip_index_search(w0: u64, w1: u64, w2: u64, w3: u64, w4: u64) -> u64 {
+    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
+    if size == 0 {
+        return NOT_FOUND;
+    }
+    let settings = SETTINGS
+        .get(lb_common::SETTINGS_FLAGS)
+        .copied()
+        .unwrap_or(0);
+    let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
+        size
+    } else {
+        0
+    };
+    let mut words = [w0 as u32, w1 as u32, w2 as u32, w3 as u32, w4 as u32];
+    let found = vip_index_probe(&words, base, size);
+    if found != NOT_FOUND {
+        return found;
+    }
+    // Without any all-ports VIP the second search cannot hit: skip it (the common case
+    // for traffic to other destinations). The port is the word's low half in memory
+    // order (see `VipKey`), on this little-endian target its low 16 bits.
+    if words[4] & 0xffff == 0 || settings & lb_common::SETTINGS_F_ALL_PORTS == 0 {
+        return NOT_FOUND;
+    }
+    words[4] &= !0xffff;
+    vip_index_probe(&words, base, size)
+}
+
+const NOT_FOUND: u64 = 1 << 32;
+
+#[inline(always)]
+fn vip_index_probe(words: &[u32; 5], base: u32, size: u32) -> u64 {
+    let home = lb_common::vip_index_hash(words);
+    let mask = size.wrapping_sub(1);
+    let mut i = 0;
+    while i < lb_common::VIP_INDEX_PROBES {
+        let idx = base + (home.wrapping_add(i) & mask);
+        let Some(slot) = VIP_INDEX.get(idx) else {
+            return NOT_FOUND;
+        };
+        // Word by word: comparing the arrays makes LLVM copy the key and call a
+        // byte-wise `bcmp` subprogram.
+        let k = slot as *const VipSlot as *const u32;
+        // SAFETY: a VipSlot starts with the 20-byte, 4-aligned key.
+        let (k0, k1, k2, k3, k4) = unsafe { (*k, *k.add(1), *k.add(2), *k.add(3), *k.add(4)) };
+        // The family byte (the fifth word's top byte) is 0 only in empty slots.
+        if k4 >> 24 == 0 {
+            return NOT_FOUND;
+        }
+        if k0 == words[0] && k1 == words[1] && k2 == words[2] && k3 == words[3] && k4 == words[4] {
+            return idx as u64;
+        }
+        i += 1;
+    }
+    NOT_FOUND
 }
 
 fn icmp_proto(family: u8) -> u8 {
@@ -342,7 +413,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Ok(PASS.into());
     };
-    // SAFETY: this CPU's scratch entry; `vip_lookup` only touches its `vip` field.
+    // SAFETY: this CPU's scratch entry; nothing else holds a reference into it now.
     let frag_key: &mut FragKey = unsafe { &mut (*scratch).frag };
     let fill_frag_key = |k: &mut FragKey| {
         *k = FragKey {

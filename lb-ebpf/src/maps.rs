@@ -8,12 +8,21 @@ use aya_ebpf::{
 use lb_common::{
     ACTION_COUNT, Backend, BackendMeta, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6,
     EVENT_COUNT, FlowKey, FlowState, FragKey, ServiceMeta, ServiceStats, SrcRangeV4, SrcRangeV6,
-    VipInfo, VipKey,
+    VipInfo, VipKey, VipSlot,
 };
 
-/// `VipKey` → `VipInfo`; written by the agent (size: load time).
+/// `VipKey` → `VipInfo`; written by the agent (size: load time). The catalogue behind
+/// `VIP_INDEX`: this program never reads it.
 #[map(name = "L3LB_VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(1, 0);
+
+/// Two halves of `VIP_INDEX_SIZE` slots, the active one chosen by
+/// `SETTINGS_F_VIP_INDEX_B`: the VIP entries as an open-addressing table this program
+/// searches with inlined array reads; written by the agent (size: load time).
+///
+/// Memory-mappable, so the agent writes a whole half with a copy.
+#[map(name = "L3LB_VIP_INDEX")]
+pub static VIP_INDEX: Array<VipSlot> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// (ring slot × RING_SIZE + hash % RING_SIZE) → backend id; written by the agent, one slot
 /// at a time while no VIP points at it, then switched to (size: load time).
@@ -93,8 +102,6 @@ pub static ENCAP_ID: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// which the IPv6 path would otherwise exhaust.
 #[repr(C)]
 pub struct Scratch {
-    /// VIP lookup key.
-    pub vip: VipKey,
     /// The packet's flow.
     pub flow: FlowKey,
     /// The packet's fragment key.

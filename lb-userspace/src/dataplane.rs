@@ -22,7 +22,7 @@ use aya::{
 use lb_common::{
     BACKEND_F_LOCAL, Backend, BackendMeta, BackendStats, FAMILY_V4, FAMILY_V6,
     SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, ServiceMeta, ServiceStats,
-    SrcRangeV4, SrcRangeV6, VipInfo, VipKey, globals, map_names,
+    SrcRangeV4, SrcRangeV6, VipInfo, VipKey, VipSlot, globals, map_names,
 };
 use thiserror::Error;
 
@@ -380,28 +380,36 @@ impl IdPool {
     }
 }
 
-/// Writes Maglev tables into the ring array through a memory mapping (the map is created
-/// with `BPF_F_MMAPABLE`): plain stores instead of a system call per entry. Only the pages
-/// of the table being written are mapped, and only while it is written, so the agent's
-/// resident memory does not grow with the rings.
-struct RingsMmap {
+/// Writes into an array map through a memory mapping (the map is created with
+/// `BPF_F_MMAPABLE`): plain stores instead of a system call per entry. Used for the Maglev
+/// rings and the VIP index. Only the pages being written are mapped, and only while they
+/// are written, so the agent's resident memory does not grow with the maps.
+struct MmapArray {
     fd: std::os::fd::OwnedFd,
     entries: usize,
+    /// Bytes between elements: the value size rounded up to 8, as array maps store them.
+    stride: usize,
     page: usize,
+    what: &'static str,
 }
 
-impl RingsMmap {
-    fn new(map: &Map, entries: usize) -> Result<Self, DataplaneError> {
+impl MmapArray {
+    fn new(
+        map: &Map,
+        entries: usize,
+        value_size: usize,
+        what: &'static str,
+    ) -> Result<Self, DataplaneError> {
         use std::os::fd::AsFd as _;
         let Map::Array(data) = map else {
-            return Err(DataplaneError::Missing("the ring array".into()));
+            return Err(DataplaneError::Missing(what.into()));
         };
         let fd = data
             .fd()
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| DataplaneError::Map {
-                what: "duplicating the ring array's descriptor".into(),
+                what: format!("duplicating the descriptor of {what}"),
                 source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                     call: "dup",
                     io_error: e,
@@ -409,18 +417,25 @@ impl RingsMmap {
             })?;
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        Ok(Self { fd, entries, page })
+        Ok(Self {
+            fd,
+            entries,
+            stride: value_size.div_ceil(8) * 8,
+            page,
+            what,
+        })
     }
 
     /// Writes `values` at entries `start..`.
-    fn write(&mut self, start: usize, values: &[u32]) -> Result<(), DataplaneError> {
+    fn write<T: Copy>(&mut self, start: usize, values: &[T]) -> Result<(), DataplaneError> {
         use std::os::fd::AsRawFd as _;
+        debug_assert!(size_of::<T>() <= self.stride);
         let end = (start + values.len()).min(self.entries);
         if end <= start {
             return Ok(());
         }
-        let first = start * RING_STRIDE / self.page * self.page;
-        let len = (end * RING_STRIDE).div_ceil(self.page) * self.page - first;
+        let first = start * self.stride / self.page * self.page;
+        let len = (end * self.stride).div_ceil(self.page) * self.page - first;
         // SAFETY: a shared read-write mapping of part of the map; the kernel checks the
         // range against the map's size and the flags against how it was created.
         let base = unsafe {
@@ -435,7 +450,7 @@ impl RingsMmap {
         };
         if base == libc::MAP_FAILED {
             return Err(DataplaneError::Map {
-                what: "mapping the Maglev rings into memory".into(),
+                what: format!("mapping {} into memory", self.what),
                 source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                     call: "mmap",
                     io_error: std::io::Error::last_os_error(),
@@ -443,17 +458,56 @@ impl RingsMmap {
             });
         }
         for (i, v) in values[..end - start].iter().enumerate() {
-            let off = (start + i) * RING_STRIDE - first;
-            // SAFETY: off + 4 ≤ len by construction; volatile because the data plane
-            // reads the same memory concurrently.
-            unsafe { std::ptr::write_volatile(base.cast::<u8>().add(off).cast::<u32>(), *v) };
+            let off = (start + i) * self.stride - first;
+            // SAFETY: off + size_of::<T>() ≤ len by construction, and array elements are
+            // 8-aligned; volatile because the data plane reads the same memory
+            // concurrently.
+            unsafe { std::ptr::write_volatile(base.cast::<u8>().add(off).cast::<T>(), *v) };
         }
-        // The VIP switch that follows must not be seen before the table.
+        // What switches traffic to this data (a VIP entry, the index flag) must not be
+        // seen before it.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         // SAFETY: unmapping exactly what was mapped above.
         unsafe { libc::munmap(base, len) };
         Ok(())
     }
+}
+
+/// Places VIP entries into one half of the VIP index (`slots` slots, a power of two) by
+/// linear probing from `vip_index_hash`, as the data plane searches it.
+///
+/// Fails when the entries exceed half the slots or some key would sit more than
+/// `VIP_INDEX_PROBES − 1` slots from its home (the data plane would not find it).
+pub fn build_vip_index<'a>(
+    entries: impl IntoIterator<Item = (&'a VipKey, &'a VipInfo)>,
+    slots: u32,
+) -> Result<Vec<VipSlot>, DataplaneError> {
+    let full = || DataplaneError::Full {
+        what: "VIP index slot",
+        max: slots / 2,
+        knob: "raise max_services in the config (the index holds up to 8 VIP entries per service)",
+    };
+    let mut table = vec![VipSlot::default(); slots as usize];
+    let mask = slots.wrapping_sub(1);
+    let mut used = 0u32;
+    for (key, info) in entries {
+        used += 1;
+        if used > slots / 2 {
+            return Err(full());
+        }
+        let home = lb_common::vip_index_hash(&key.words());
+        let free = (0..lb_common::VIP_INDEX_PROBES)
+            .map(|i| (home.wrapping_add(i) & mask) as usize)
+            .find(|&i| table[i].key.family == 0)
+            .ok_or_else(full)?;
+        table[free] = VipSlot {
+            key: *key,
+            service: info.service,
+            flags: info.flags,
+            ring: info.ring,
+        };
+    }
+    Ok(table)
 }
 
 /// How [`Dataplane::attach_pinned`] put the program on the interface.
@@ -483,13 +537,15 @@ fn table_hash(table: &[u32]) -> u64 {
     h.finish()
 }
 
-/// Array maps store each element in 8 bytes, whatever the value size.
-const RING_STRIDE: usize = 8;
-
 /// The loaded program and its maps, plus what the agent last wrote into them.
 pub struct Dataplane {
     ebpf: Ebpf,
-    rings: RingsMmap,
+    rings: MmapArray,
+    /// The VIP index (both halves) and the half the data plane reads.
+    vip_index: MmapArray,
+    vip_index_b: bool,
+    /// What the active half holds, so an apply that changes no VIP entry writes nothing.
+    vip_index_image: Option<Vec<VipSlot>>,
     opts: LoadOptions,
     link: Option<XdpLinkId>,
     /// The attachment when it is a pinned bpf_link (kept across agent restarts).
@@ -567,6 +623,7 @@ impl Dataplane {
             })?;
         let decap: u32 = opts.decap.into();
         let ring_size = opts.ring_size;
+        let index_size = lb_common::vip_index_slots(opts.max_services);
         let src = opts.encap_src_v4.octets();
         let src6 = opts.encap_src_v6.octets();
         let mut loader = EbpfLoader::new();
@@ -574,7 +631,8 @@ impl Dataplane {
             .override_global(globals::RING_SIZE, &ring_size, true)
             .override_global(globals::ENCAP_SRC_V4, &src, true)
             .override_global(globals::ENCAP_SRC_V6, &src6, true)
-            .override_global(globals::DECAP_ENABLED, &decap, true);
+            .override_global(globals::DECAP_ENABLED, &decap, true)
+            .override_global(globals::VIP_INDEX_SIZE, &index_size, true);
         for (name, size) in handover::max_entries_overrides(opts) {
             loader.map_max_entries(name, size);
         }
@@ -612,14 +670,26 @@ impl Dataplane {
                 }
             }
         }
-        let rings = RingsMmap::new(
+        let rings = MmapArray::new(
             ebpf.map(map_names::RINGS)
                 .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::RINGS)))?,
             ring_entries as usize,
+            size_of::<u32>(),
+            "the Maglev rings",
+        )?;
+        let vip_index = MmapArray::new(
+            ebpf.map(map_names::VIP_INDEX)
+                .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::VIP_INDEX)))?,
+            2 * lb_common::vip_index_slots(opts.max_services) as usize,
+            size_of::<VipSlot>(),
+            "the VIP index",
         )?;
         Ok(Self {
             ebpf,
             rings,
+            vip_index,
+            vip_index_b: false,
+            vip_index_image: None,
             opts: opts.clone(),
             link: None,
             pinned_link: None,
@@ -962,6 +1032,17 @@ impl Dataplane {
         }
     }
 
+    /// One half of the VIP index holding every entry of the VIP map as it now stands
+    /// (the services' VIPs and the address markers).
+    fn vip_index_entries_image(&self) -> Result<Vec<VipSlot>, DataplaneError> {
+        let entries = self
+            .services
+            .values()
+            .flat_map(|s| s.vips.iter().map(move |k| (k, &s.info)))
+            .chain(self.markers.iter());
+        build_vip_index(entries, lb_common::vip_index_slots(self.opts.max_services))
+    }
+
     fn map_mut(&mut self, name: &str) -> Result<&mut Map, DataplaneError> {
         self.ebpf
             .map_mut(name)
@@ -1096,6 +1177,31 @@ impl Dataplane {
                 knob: "raise max_services in the config",
             });
         }
+        // The VIP index holds the entries of `desired` alone (the data plane switches to
+        // them at once): they must all be placeable.
+        let mut wanted: std::collections::BTreeSet<VipKey> = std::collections::BTreeSet::new();
+        for svc in &desired.services {
+            for &(addr, port, proto) in &svc.vips {
+                let (addr, family) = addr_bytes(addr);
+                wanted.insert(VipKey {
+                    addr,
+                    port: port.to_be(),
+                    proto,
+                    family,
+                });
+                wanted.insert(VipKey {
+                    addr,
+                    port: 0,
+                    proto: icmp_proto(family),
+                    family,
+                });
+            }
+        }
+        let info = VipInfo::default();
+        build_vip_index(
+            wanted.iter().map(|k| (k, &info)),
+            lb_common::vip_index_slots(self.opts.max_services),
+        )?;
         // Source-range tries, per family: entries now plus those this apply adds.
         let (mut v4, mut v6) = (0usize, 0usize);
         let mut count = |r: &ipnet::IpNet| match r {
@@ -1386,32 +1492,6 @@ impl Dataplane {
             }
         }
 
-        // 4. Backend entries no service names any more: cleared once no VIP uses a table
-        //    that points at them.
-        let wanted: std::collections::HashSet<(String, IpAddr)> = desired
-            .services
-            .iter()
-            .flat_map(|svc| svc.backends.iter().map(|b| (svc.name.clone(), b.address)))
-            .collect();
-        let unused: Vec<(String, IpAddr)> = self
-            .backends
-            .keys()
-            .filter(|k| !wanted.contains(*k))
-            .cloned()
-            .collect();
-        for key in unused {
-            if let Some(s) = self.backends.remove(&key) {
-                self.array::<Backend>(map_names::BACKENDS)?
-                    .set(s.id, Backend::default(), 0)
-                    .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
-                self.array::<BackendMeta>(map_names::BACKEND_META)?
-                    .set(s.id, BackendMeta::default(), 0)
-                    .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
-                self.backend_ids.give(s.id);
-                sum.backends_removed += 1;
-            }
-        }
-
         // 5. Every VIP address gets an ICMP marker entry: echo to it is answered, and ICMP
         //    errors to it are matched against its flows.
         let mut markers: BTreeMap<VipKey, VipInfo> = BTreeMap::new();
@@ -1451,9 +1531,23 @@ impl Dataplane {
             .services
             .iter()
             .any(|s| s.vips.iter().any(|v| v.1 == 0));
-        if Some(all_ports) != self.all_ports {
+        // The VIP index: the entries above, written into the idle half, which then
+        // becomes the active one together with the all-ports flag (one store).
+        let image = self.vip_index_entries_image()?;
+        let index_changed = self.vip_index_image.as_ref() != Some(&image);
+        if index_changed {
+            let half = lb_common::vip_index_slots(self.opts.max_services) as usize;
+            let idle = if self.vip_index_b { 0 } else { half };
+            self.vip_index.write(idle, &image)?;
+        }
+        if index_changed || Some(all_ports) != self.all_ports {
+            let b = self.vip_index_b != index_changed;
             let flags = if all_ports {
                 lb_common::SETTINGS_F_ALL_PORTS
+            } else {
+                0
+            } | if b {
+                lb_common::SETTINGS_F_VIP_INDEX_B
             } else {
                 0
             };
@@ -1461,6 +1555,34 @@ impl Dataplane {
                 .set(lb_common::SETTINGS_FLAGS, flags, 0)
                 .map_err(map_err("settings"))?;
             self.all_ports = Some(all_ports);
+            self.vip_index_b = b;
+            self.vip_index_image = Some(image);
+        }
+
+        // 4. Backend entries no service names any more: cleared once no VIP (in the index
+        //    the data plane reads) uses a table that points at them.
+        let wanted: std::collections::HashSet<(String, IpAddr)> = desired
+            .services
+            .iter()
+            .flat_map(|svc| svc.backends.iter().map(|b| (svc.name.clone(), b.address)))
+            .collect();
+        let unused: Vec<(String, IpAddr)> = self
+            .backends
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for key in unused {
+            if let Some(s) = self.backends.remove(&key) {
+                self.array::<Backend>(map_names::BACKENDS)?
+                    .set(s.id, Backend::default(), 0)
+                    .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
+                self.array::<BackendMeta>(map_names::BACKEND_META)?
+                    .set(s.id, BackendMeta::default(), 0)
+                    .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
+                self.backend_ids.give(s.id);
+                sum.backends_removed += 1;
+            }
         }
 
         // 6. Decap allow lists and this node's addresses (the decap destinations).
@@ -1684,5 +1806,75 @@ impl Dataplane {
     /// Read access to a map by name, for tests and status readers.
     pub fn map(&self, name: &str) -> Option<&Map> {
         self.ebpf.map(name)
+    }
+}
+
+#[cfg(test)]
+mod vip_index_tests {
+    use super::*;
+
+    /// The data plane's search, as `vip_index_search` in the XDP program does it.
+    fn search(table: &[VipSlot], key: &VipKey) -> Option<VipSlot> {
+        let mask = table.len() as u32 - 1;
+        let home = lb_common::vip_index_hash(&key.words());
+        for i in 0..lb_common::VIP_INDEX_PROBES {
+            let slot = table[(home.wrapping_add(i) & mask) as usize];
+            if slot.key.family == 0 {
+                return None;
+            }
+            if slot.key == *key {
+                return Some(slot);
+            }
+        }
+        None
+    }
+
+    fn key(i: u32, port: u16) -> VipKey {
+        let (addr, family) = addr_bytes(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)));
+        VipKey {
+            addr,
+            port: port.to_be(),
+            proto: lb_common::PROTO_TCP,
+            family,
+        }
+    }
+
+    #[test]
+    fn every_entry_is_found_where_the_data_plane_looks() {
+        // 10 000 services with a port and an address marker each: the bench's largest.
+        let slots = lb_common::vip_index_slots(10_000);
+        let entries: Vec<(VipKey, VipInfo)> = (0..10_000u32)
+            .flat_map(|i| {
+                let info = VipInfo {
+                    service: i,
+                    flags: i % 8,
+                    ring: 2 * i,
+                    _reserved: 0,
+                };
+                [(key(i, 80), info), (key(i, 0), info)]
+            })
+            .collect();
+        let table = build_vip_index(entries.iter().map(|(k, v)| (k, v)), slots).expect("fits");
+        for (k, v) in &entries {
+            let slot = search(&table, k).expect("found");
+            assert_eq!(
+                (slot.service, slot.flags, slot.ring),
+                (v.service, v.flags, v.ring)
+            );
+        }
+        assert_eq!(search(&table, &key(10_001, 80)), None);
+        assert_eq!(search(&table, &key(5, 81)), None);
+    }
+
+    #[test]
+    fn an_index_more_than_half_full_is_refused() {
+        let slots = lb_common::vip_index_slots(1);
+        let info = VipInfo::default();
+        let keys: Vec<VipKey> = (0..=slots / 2).map(|i| key(i, 80)).collect();
+        let err = build_vip_index(keys.iter().map(|k| (k, &info)), slots)
+            .expect_err("over half full")
+            .to_string();
+        assert!(err.contains("VIP index slot table is full"), "{err}");
+        build_vip_index(keys[1..].iter().map(|k| (k, &info)), slots).expect("half fits");
     }
 }

@@ -136,6 +136,10 @@ pub fn max_entries_overrides(opts: &LoadOptions) -> Vec<(&'static str, u32)> {
             opts.max_services.saturating_mul(64).max(64),
         ),
         (map_names::RINGS, rings),
+        (
+            map_names::VIP_INDEX,
+            lb_common::vip_index_slots(opts.max_services).saturating_mul(2),
+        ),
         (map_names::BACKENDS, opts.max_backends),
         (map_names::FLOWS, opts.conntrack_size),
         (map_names::SERVICE_STATS, opts.max_services),

@@ -1040,6 +1040,24 @@ fn an_apply_that_would_not_fit_changes_nothing_and_says_why() {
         .to_string();
     assert!(err.contains("backend table is full (4 entries)"), "{err}");
     assert_eq!(map_snapshot(&dp), before, "nothing written");
+    // More VIP entries than the VIP index the data plane searches can hold (64 slots for
+    // two services, at most half of them used): refused, nothing written.
+    let mut many_ports = service("a", VIP, 80, PROTO_TCP, false, &[B1]);
+    many_ports.vips = (1..=40).map(|p| (IpAddr::V4(VIP), p, PROTO_TCP)).collect();
+    let too_many_vips = Desired {
+        services: vec![many_ports, service("b", VIP, 443, PROTO_TCP, false, &[B3])],
+        ..Default::default()
+    };
+    let err = dp
+        .apply(&too_many_vips)
+        .expect_err("does not fit")
+        .to_string();
+    assert!(
+        err.contains("VIP index slot table is full (32 entries)")
+            && err.contains("raise max_services"),
+        "{err}"
+    );
+    assert_eq!(map_snapshot(&dp), before, "nothing written");
     // The running state still forwards exactly as before.
     let prog = dp.program().expect("program");
     let frame = client_tcp(VIP, 40000, 443, SYN);
