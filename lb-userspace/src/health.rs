@@ -1,10 +1,10 @@
 //! Active health checks: each backend of a service with a `health_check` (standalone
 //! mode), or each target node of an `externalTrafficPolicy: Local` Service (Kubernetes
 //! mode, its `healthCheckNodePort`), is probed from the balancer at its address and port,
-//! the path real traffic takes. `fall` consecutive failures take it out of new-connection selection
-//! (weight 0: its established connections stay and drain); `rise` consecutive successes
-//! bring it back. A backend counts as up until checks say otherwise, so a starting or
-//! restarting balancer forwards at once.
+//! the path real traffic takes. `fall` consecutive failures take it out of
+//! new-connection selection (weight 0: its established connections stay and drain);
+//! `rise` consecutive successes bring it back. A backend counts as up until checks say
+//! otherwise, so a starting or restarting balancer forwards at once.
 
 use std::{
     collections::{HashMap, HashSet},
