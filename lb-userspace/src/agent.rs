@@ -116,6 +116,15 @@ fn desired_for(
             // config may add decap sources (balancers outside the cluster), and this node's
             // addresses are always the current ones.
             let mut desired = kube.clone();
+            // Nodes failing their probe keep their established flows and get no new ones,
+            // like standalone backends failing their checks.
+            for s in &mut desired.services {
+                for b in &mut s.backends {
+                    if down.contains(&(s.name.clone(), b.address)) {
+                        b.weight = 0;
+                    }
+                }
+            }
             desired.decap_v4.extend(from_config.decap_v4);
             desired.decap_v4.sort();
             desired.decap_v4.dedup();
@@ -249,6 +258,16 @@ fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// What the Kubernetes translation hands the agent: the maps' desired state (before
+/// health checks) and the node probes of `externalTrafficPolicy: Local` Services.
+#[derive(Debug, Clone, Default)]
+pub struct KubernetesState {
+    /// The services, decap allow list and local backends.
+    pub desired: Desired,
+    /// The nodes to probe, per data-plane service.
+    pub checks: Vec<health::Target>,
 }
 
 /// Where an agent's services come from.
@@ -391,7 +410,8 @@ impl Agent {
         let mut tracker = health::Tracker::default();
         tracker.follow(&config);
         let (health_tx, health_rx) = mpsc::channel(1024);
-        let probes = health::start(&config, &health_tx);
+        let mut probes = health::Probes::default();
+        probes.follow(&health::targets(&config), &health_tx);
         let ipv6_forwarding = config.services.iter().any(|s| s.vip.is_ipv6());
         Ok(Self {
             dataplane,
@@ -417,8 +437,15 @@ impl Agent {
     }
 
     /// Applies the services, decap allow list and local backends that the Kubernetes
-    /// translation produced (this node's addresses are refreshed here); returns what changed.
-    pub fn apply_kubernetes(&mut self, desired: Desired) -> anyhow::Result<ApplySummary> {
+    /// translation produced (this node's addresses are refreshed here), and probes the
+    /// nodes it lists; returns what changed.
+    pub fn apply_kubernetes(&mut self, state: KubernetesState) -> anyhow::Result<ApplySummary> {
+        let KubernetesState { desired, checks } = state;
+        // The tracker keeps the verdict of every probe that did not change, so a node
+        // failing its probe stays out through unrelated API changes; the probes of
+        // unchanged targets keep running in their rhythm.
+        self.health.follow_targets(&checks);
+        self.probes.follow(&checks, &self.health_tx);
         let local = sys::local_address_set()?;
         let wants_v6 = desired
             .services
@@ -436,6 +463,10 @@ impl Agent {
             .dataplane
             .apply(&full)
             .context("applying the Kubernetes state")?;
+        if summary != ApplySummary::default() {
+            // Backends the apply re-created show `unknown` until their next probe.
+            self.health_shown.clear();
+        }
         self.source = source;
         sys::prime_neighbours(remote_backends(&full));
         if self.attach_deferred {
@@ -527,7 +558,7 @@ impl Agent {
         sys::prime_neighbours(remote_backends(&desired));
         self.generation += 1;
         info!(generation = self.generation, %summary, "applied config");
-        self.probes = health::start(&new, &self.health_tx);
+        self.probes.follow(&health::targets(&new), &self.health_tx);
         // Backends the apply re-created show `unknown` until their next check.
         self.health_shown.clear();
         self.config = new;
@@ -642,7 +673,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 /// each applied and its outcome reported to `applied`.
 pub async fn run_agent(
     mut agent: Agent,
-    updates: impl futures::Stream<Item = Desired> + Unpin,
+    updates: impl futures::Stream<Item = KubernetesState> + Unpin,
     mut applied: impl FnMut(Result<(), String>),
 ) -> anyhow::Result<()> {
     use futures::StreamExt as _;

@@ -81,6 +81,86 @@ pub struct KubernetesSettings {
     /// Quiet time after an API change before the batch is applied, in milliseconds.
     #[serde(default = "default_debounce_ms")]
     pub debounce_ms: u64,
+    /// Probes of the target nodes' `healthCheckNodePort` for `externalTrafficPolicy: Local`
+    /// Services.
+    #[serde(default)]
+    pub node_health_check: NodeHealthCheck,
+}
+
+/// How the Kubernetes agent probes a `Local` Service's nodes: `GET /healthz` on the
+/// Service's `healthCheckNodePort` at each node's address, as cloud load balancers do. The
+/// node's service proxy answers 200 while the node has ready endpoints for the Service and
+/// 503 when it has none, so a node whose proxy, kubelet or network broke before the
+/// EndpointSlices say so stops getting new connections.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeHealthCheck {
+    /// `false` turns the probes off (a service proxy that does not serve
+    /// `healthCheckNodePort`): the EndpointSlices alone then decide.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Time between probes of one node for one Service.
+    #[serde(
+        default = "default_node_check_interval",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub interval: Duration,
+    /// How long one probe may take before it counts as failed.
+    #[serde(
+        default = "default_node_check_timeout",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a failed node back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take a node out of new-connection selection.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+impl Default for NodeHealthCheck {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: default_node_check_interval(),
+            timeout: default_node_check_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+        }
+    }
+}
+
+impl NodeHealthCheck {
+    /// The check of one Service's nodes: `GET /healthz` on its `healthCheckNodePort`.
+    pub fn http_check(&self, port: u16) -> HealthCheck {
+        HealthCheck {
+            kind: CheckKind::Http,
+            port: Some(port),
+            path: "/healthz".to_string(),
+            interval: self.interval,
+            timeout: self.timeout,
+            rise: self.rise,
+            fall: self.fall,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+// Slower than the standalone default (2 s): every node probes every target node of every
+// `Local` Service, so the probe count grows with the square of the cluster. 5 s with fall 3
+// still takes a dead node out within 17 s, about when its Node turns NotReady.
+fn default_node_check_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_node_check_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 impl Default for KubernetesSettings {
@@ -90,6 +170,7 @@ impl Default for KubernetesSettings {
             take_unclassed: false,
             balancer_node_labels: Default::default(),
             debounce_ms: default_debounce_ms(),
+            node_health_check: NodeHealthCheck::default(),
         }
     }
 }
@@ -502,8 +583,44 @@ impl Config {
             service.validate_backends(i, size)?;
             service.validate_health_check(i)?;
         }
+        let n = &self.kubernetes.node_health_check;
+        validate_timing(
+            &|field| format!("kubernetes.node_health_check.{field}"),
+            n.interval,
+            n.timeout,
+            n.rise,
+            n.fall,
+        )?;
         Ok(())
     }
+}
+
+/// Timing shared by backend and node health checks: `at(field)` names the field in errors.
+fn validate_timing(
+    at: &dyn Fn(&str) -> String,
+    interval: Duration,
+    timeout: Duration,
+    rise: u32,
+    fall: u32,
+) -> Result<(), ConfigError> {
+    if interval < Duration::from_millis(100) || interval > Duration::from_secs(3600) {
+        return Err(error(
+            at("interval"),
+            format!("{interval:?} is outside 100ms to 1h"),
+        ));
+    }
+    if timeout.is_zero() || timeout > interval {
+        return Err(error(
+            at("timeout"),
+            format!("{timeout:?} must be above 0 and at most the interval ({interval:?})"),
+        ));
+    }
+    for (field, v) in [("rise", rise), ("fall", fall)] {
+        if !(1..=100).contains(&v) {
+            return Err(error(at(field), format!("{v} is outside 1 to 100")));
+        }
+    }
+    Ok(())
 }
 
 /// Source ranges all services together may list (the size of each family's trie).
@@ -572,26 +689,7 @@ impl Service {
             }
             _ => {}
         }
-        if h.interval < Duration::from_millis(100) || h.interval > Duration::from_secs(3600) {
-            return Err(error(
-                at("interval"),
-                format!("{:?} is outside 100ms to 1h", h.interval),
-            ));
-        }
-        if h.timeout.is_zero() || h.timeout > h.interval {
-            return Err(error(
-                at("timeout"),
-                format!(
-                    "{:?} must be above 0 and at most the interval ({:?})",
-                    h.timeout, h.interval
-                ),
-            ));
-        }
-        for (field, v) in [("rise", h.rise), ("fall", h.fall)] {
-            if !(1..=100).contains(&v) {
-                return Err(error(at(field), format!("{v} is outside 1 to 100")));
-            }
-        }
+        validate_timing(&at, h.interval, h.timeout, h.rise, h.fall)?;
         if !h.path.starts_with('/') || h.path.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(error(
                 at("path"),
@@ -1332,6 +1430,65 @@ services:
             ),
         ] {
             let err = fails(&svc(check, ports));
+            assert!(err.starts_with(message), "{check}: {err}");
+        }
+    }
+
+    #[test]
+    fn node_health_checks_default_like_a_cloud_load_balancer_and_are_validated() {
+        let defaults = Config::parse("interface: eth0\n").expect("valid");
+        let n = &defaults.kubernetes.node_health_check;
+        assert_eq!(
+            (n.enabled, n.interval, n.timeout, n.rise, n.fall),
+            (true, Duration::from_secs(5), Duration::from_secs(2), 2, 3)
+        );
+        let set = Config::parse(
+            "interface: eth0\nkubernetes:\n  node_health_check: \
+             {interval: 300ms, timeout: 100ms, rise: 1, fall: 2}\n",
+        )
+        .expect("valid");
+        let check = set.kubernetes.node_health_check.http_check(32000);
+        assert_eq!(
+            (check.kind, check.port, check.path.as_str()),
+            (CheckKind::Http, Some(32000), "/healthz")
+        );
+        assert_eq!(
+            (check.interval, check.timeout, check.rise, check.fall),
+            (Duration::from_millis(300), Duration::from_millis(100), 1, 2)
+        );
+        let off =
+            Config::parse("interface: eth0\nkubernetes:\n  node_health_check: {enabled: false}\n")
+                .expect("valid");
+        assert!(!off.kubernetes.node_health_check.enabled);
+        for (check, message) in [
+            (
+                "{interval: 10ms}",
+                "kubernetes.node_health_check.interval: 10ms is outside 100ms to 1h",
+            ),
+            (
+                "{interval: 1s, timeout: 3s}",
+                "kubernetes.node_health_check.timeout: 3s must be above 0 and at most the interval (1s)",
+            ),
+            (
+                "{rise: 0}",
+                "kubernetes.node_health_check.rise: 0 is outside 1 to 100",
+            ),
+            (
+                "{fall: 101}",
+                "kubernetes.node_health_check.fall: 101 is outside 1 to 100",
+            ),
+            (
+                "{interval: soon}",
+                "kubernetes.node_health_check.interval: invalid duration",
+            ),
+            (
+                "{port: 32000}",
+                "kubernetes.node_health_check.port: unknown field `port`",
+            ),
+        ] {
+            let err = fails(&format!(
+                "interface: eth0\nkubernetes:\n  node_health_check: {check}\n"
+            ));
             assert!(err.starts_with(message), "{check}: {err}");
         }
     }

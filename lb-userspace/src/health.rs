@@ -1,9 +1,10 @@
-//! Active health checks (standalone mode): each backend of a service with a
-//! `health_check` is probed from the balancer at its address and port, the path real
-//! traffic takes. `fall` consecutive failures take it out of new-connection selection
-//! (weight 0: its established connections stay and drain); `rise` consecutive successes
-//! bring it back. A backend counts as up until checks say otherwise, so a starting or
-//! restarting balancer forwards at once.
+//! Active health checks: each backend of a service with a `health_check` (standalone
+//! mode), or each target node of an `externalTrafficPolicy: Local` Service (Kubernetes
+//! mode, its `healthCheckNodePort`), is probed from the balancer at its address and port,
+//! the path real traffic takes. `fall` consecutive failures take it out of
+//! new-connection selection (weight 0: its established connections stay and drain);
+//! `rise` consecutive successes bring it back. A backend counts as up until checks say
+//! otherwise, so a starting or restarting balancer forwards at once.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,6 +23,35 @@ use crate::config::{CheckKind, Config, HealthCheck};
 
 /// (service name, backend address): what a check is about.
 pub type Key = (String, IpAddr);
+
+/// One backend to probe: which one, how, and where the probe goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// The backend the outcome is about.
+    pub key: Key,
+    /// How to check it.
+    pub check: HealthCheck,
+    /// Where the probe connects (the backend's address, the check's port).
+    pub addr: SocketAddr,
+}
+
+/// The probe targets of a standalone config: every backend of a service with a check.
+pub fn targets(config: &Config) -> Vec<Target> {
+    let mut out = Vec::new();
+    for svc in &config.services {
+        let (Some(check), Some(port)) = (&svc.health_check, svc.health_port()) else {
+            continue;
+        };
+        for b in &svc.backends {
+            out.push(Target {
+                key: (svc.name.clone(), b.address),
+                check: check.clone(),
+                addr: SocketAddr::new(b.address, port),
+            });
+        }
+    }
+    out
+}
 
 /// One check result, sent by a probe task to the agent.
 #[derive(Debug)]
@@ -48,6 +78,7 @@ pub struct Transition {
 #[derive(Debug, Clone)]
 struct State {
     check: HealthCheck,
+    addr: SocketAddr,
     up: bool,
     successes: u32,
     failures: u32,
@@ -63,19 +94,26 @@ impl Tracker {
     /// Follows `config`: backends no longer checked are forgotten, new ones start up,
     /// and those whose check is unchanged keep their state.
     pub fn follow(&mut self, config: &Config) {
-        let mut wanted = HashMap::new();
-        for svc in &config.services {
-            if let Some(check) = &svc.health_check {
-                for b in &svc.backends {
-                    wanted.insert((svc.name.clone(), b.address), check.clone());
-                }
-            }
-        }
-        self.states
-            .retain(|k, s| wanted.get(k).is_some_and(|c| *c == s.check));
-        for (k, check) in wanted {
+        self.follow_targets(&targets(config));
+    }
+
+    /// Follows a list of targets (see [`Tracker::follow`]). A target whose check or
+    /// address changed starts afresh; one that is unchanged keeps its streaks and verdict,
+    /// so re-applying after an unrelated change never turns a failing backend healthy.
+    pub fn follow_targets(&mut self, targets: &[Target]) {
+        let wanted: HashMap<Key, (&HealthCheck, SocketAddr)> = targets
+            .iter()
+            .map(|t| (t.key.clone(), (&t.check, t.addr)))
+            .collect();
+        self.states.retain(|k, s| {
+            wanted
+                .get(k)
+                .is_some_and(|(c, addr)| **c == s.check && *addr == s.addr)
+        });
+        for (k, (check, addr)) in wanted {
             self.states.entry(k).or_insert(State {
-                check,
+                check: check.clone(),
+                addr,
                 up: true,
                 successes: 0,
                 failures: 0,
@@ -132,54 +170,64 @@ impl Tracker {
     }
 }
 
-/// The probe tasks of one config; dropping this stops them.
+/// The running probe tasks, one per target; dropping this stops them.
 #[derive(Debug, Default)]
 pub struct Probes {
-    tasks: Vec<JoinHandle<()>>,
+    tasks: HashMap<Target, JoinHandle<()>>,
 }
 
 impl Drop for Probes {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.values() {
             t.abort();
         }
     }
 }
 
-/// Starts one probe task per checked backend of `config`, sending outcomes to `tx`.
-/// Must run inside a tokio runtime.
-pub fn start(config: &Config, tx: &mpsc::Sender<Outcome>) -> Probes {
-    let mut tasks = Vec::new();
-    for svc in &config.services {
-        let (Some(check), Some(port)) = (&svc.health_check, svc.health_port()) else {
-            continue;
-        };
-        for (n, b) in svc.backends.iter().enumerate() {
-            let key = (svc.name.clone(), b.address);
-            let target = SocketAddr::new(b.address, port);
-            let check = check.clone();
-            let tx = tx.clone();
-            // Spread a service's probes over the interval instead of a burst.
-            let offset = check.interval.mul_f64((n as f64 * 0.618_034).fract());
-            tasks.push(tokio::spawn(async move {
-                tokio::time::sleep(offset).await;
-                let mut tick = tokio::time::interval(check.interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let result = probe(&check, target).await;
-                    let outcome = Outcome {
-                        key: key.clone(),
-                        result,
-                    };
-                    if tx.send(outcome).await.is_err() {
-                        return;
-                    }
-                }
-            }));
+impl Probes {
+    /// Probes exactly `targets`, sending outcomes to `tx`: tasks of targets no longer
+    /// wanted stop, new targets get a task, unchanged ones keep theirs (and their rhythm).
+    /// Must run inside a tokio runtime.
+    pub fn follow(&mut self, targets: &[Target], tx: &mpsc::Sender<Outcome>) {
+        let wanted: HashSet<&Target> = targets.iter().collect();
+        self.tasks.retain(|t, task| {
+            let keep = wanted.contains(t);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (n, target) in targets.iter().enumerate() {
+            if self.tasks.contains_key(target) {
+                continue;
+            }
+            // Spread the probes over the interval instead of a burst.
+            let offset = target
+                .check
+                .interval
+                .mul_f64((n as f64 * 0.618_034).fract());
+            let task = tokio::spawn(run_probe(target.clone(), offset, tx.clone()));
+            self.tasks.insert(target.clone(), task);
         }
     }
-    Probes { tasks }
+}
+
+/// Probes `target` every interval (after `offset`) until the receiver is gone.
+async fn run_probe(target: Target, offset: Duration, tx: mpsc::Sender<Outcome>) {
+    tokio::time::sleep(offset).await;
+    let mut tick = tokio::time::interval(target.check.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = probe(&target.check, target.addr).await;
+        let outcome = Outcome {
+            key: target.key.clone(),
+            result,
+        };
+        if tx.send(outcome).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// One check of `target`, bounded by the check's timeout.
@@ -313,6 +361,41 @@ mod tests {
         t.follow(&unchecked);
         assert!(t.down().is_empty());
         assert_eq!(t.record(outcome(false)), None, "no longer tracked");
+    }
+
+    #[test]
+    fn following_unchanged_targets_keeps_a_failing_backend_down() {
+        let node = |port: u16| Target {
+            key: ("shop/web/v4".to_string(), "10.0.0.1".parse().expect("addr")),
+            check: HealthCheck {
+                port: Some(port),
+                ..check(CheckKind::Http, "/healthz")
+            },
+            addr: SocketAddr::new("10.0.0.1".parse().expect("addr"), port),
+        };
+        let outcome = |ok: bool| Outcome {
+            key: node(32000).key,
+            result: if ok { Ok(()) } else { Err("503".into()) },
+        };
+        let mut t = Tracker::default();
+        t.follow_targets(&[node(32000)]);
+        for _ in 0..3 {
+            t.record(outcome(false));
+        }
+        assert_eq!(t.state(&node(32000).key), Some(false));
+        // An API change that leaves this node's probe as it was (a re-apply).
+        t.follow_targets(&[node(32000)]);
+        assert_eq!(t.state(&node(32000).key), Some(false), "still down");
+        assert_eq!(
+            t.record(outcome(true)),
+            None,
+            "the success streak counts on"
+        );
+        // A new healthCheckNodePort is a new probe: it starts up.
+        t.follow_targets(&[node(32001)]);
+        assert_eq!(t.state(&node(32000).key), Some(true));
+        t.follow_targets(&[]);
+        assert_eq!(t.state(&node(32000).key), None);
     }
 
     async fn serve_http_once(status: &'static str) -> SocketAddr {

@@ -41,7 +41,7 @@ pub use lab::{FarSite, LAB_ROOT, Lab, LabSpec, Mac, Node};
 pub use netns::{Netns, host, run};
 pub use prefix::Prefix;
 pub use process::{ChildGuard, LogTail, l3lb_bin, spawn_in};
-pub use servers::{BulkServer, TcpServer, UdpServer};
+pub use servers::{BulkServer, HealthzServer, TcpServer, UdpServer};
 
 #[cfg(test)]
 mod tests;

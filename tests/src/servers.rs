@@ -9,6 +9,7 @@
 //! addresses the balancer chose.
 //! TCP then echoes until EOF; UDP appends the datagram's payload after the line.
 //! [`BulkServer`] (TCP) follows the greeting with one bulk transfer, see [`crate::bulk`].
+//! [`HealthzServer`] stands in for a node proxy's `healthCheckNodePort` instead.
 
 use std::{
     io::{self, Read, Write},
@@ -16,7 +17,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU16, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -450,4 +451,117 @@ fn udp_loop(socket: &UdpSocket, name: &str, peers: &Peers, stop: &AtomicBool) {
             Err(_) => std::thread::sleep(TICK),
         }
     }
+}
+
+/// A node's service proxy on a Service's `healthCheckNodePort`, as kube-proxy serves it for
+/// `externalTrafficPolicy: Local`: `GET /healthz` answers 200 while the node has local
+/// endpoints and 503 when it has none. The test sets the status; every request line is
+/// recorded.
+#[derive(Debug)]
+pub struct HealthzServer {
+    status: Arc<AtomicU16>,
+    requests: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HealthzServer {
+    /// Listens on `addr` (a node address and the Service's `healthCheckNodePort`) inside
+    /// `ns`, answering `GET /healthz` with `status`.
+    pub fn start(ns: &Netns, addr: SocketAddr, status: u16) -> Result<HealthzServer> {
+        let listener = ns
+            .enter(|| TcpListener::bind(addr))?
+            .with_context(|| format!("binding TCP {addr} in {}", ns.name()))?;
+        listener.set_nonblocking(true)?;
+        let status = Arc::new(AtomicU16::new(status));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name(format!("healthz-{addr}"))
+            .spawn({
+                let (status, requests, stop) = (status.clone(), requests.clone(), stop.clone());
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if !readable_within(&listener, TICK) {
+                            continue;
+                        }
+                        if let Ok((stream, _)) = listener.accept() {
+                            // A probe that breaks off affects that probe only.
+                            let _ = answer_healthz(stream, &status, &requests);
+                        }
+                    }
+                }
+            })?;
+        Ok(HealthzServer {
+            status,
+            requests,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Answers `status` from the next request on (200: local endpoints, 503: none).
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::Relaxed);
+    }
+
+    /// The request lines seen so far (`GET /healthz HTTP/1.1`).
+    pub fn requests(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for HealthzServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            // A panicked server thread has nothing left to clean up.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads one request head and answers it like kube-proxy's health server (a JSON body
+/// naming the local endpoint count); other paths get 404.
+fn answer_healthz(
+    mut stream: TcpStream,
+    status: &AtomicU16,
+    requests: &Mutex<Vec<String>>,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let line = text.lines().next().unwrap_or_default().to_string();
+    requests
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(line.clone());
+    let code = if line.starts_with("GET /healthz ") {
+        status.load(Ordering::Relaxed)
+    } else {
+        404
+    };
+    let (reason, endpoints) = match code {
+        200 => ("OK", 1),
+        503 => ("Service Unavailable", 0),
+        _ => ("Not Found", 0),
+    };
+    let body = format!("{{\"localEndpoints\": {endpoints}}}\n");
+    write!(
+        stream,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }

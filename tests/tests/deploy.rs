@@ -528,6 +528,30 @@ fn the_agent_is_started_with_the_settings_and_probed_where_it_listens() {
     );
 }
 
+/// The node probe defaults the ConfigMap shows in a comment are the agent's defaults, so
+/// whoever uncomments them to edit gets what ran before.
+#[test]
+fn the_settings_comment_shows_the_node_health_check_defaults() {
+    let m = manifests();
+    let (_, text) = m.settings();
+    let shown: String = text
+        .lines()
+        .skip_while(|l| l.trim() != "# kubernetes:")
+        .map_while(|l| l.trim_start().strip_prefix("# "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        shown.contains("node_health_check"),
+        "the commented example is in the settings: {text}"
+    );
+    let parsed = l3lb::config::Config::parse(&format!("interface: eth0\n{shown}"))
+        .expect("the commented settings parse");
+    assert_eq!(
+        parsed.kubernetes.node_health_check,
+        l3lb::config::NodeHealthCheck::default()
+    );
+}
+
 /// A YAML file of the chart as JSON.
 fn chart_yaml(name: &str) -> Value {
     let path = deploy_dir().join("helm/l3lb").join(name);

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use l3lb::status::Status;
 use l3lb_tests::{
-    ChildGuard, Lab, LabSpec, Netns,
+    ChildGuard, HealthzServer, Lab, LabSpec, Netns,
     kube_api::{ApiServer, Kind},
     l3lb_bin,
     scenario::status_of_pins,
@@ -30,6 +30,11 @@ const CONVERGE: Duration = Duration::from_secs(20);
 const BALANCER: (&str, &str, &str) = ("balancer-0", "10.77.0.2", "fd77::2");
 const NODE_A: (&str, &str, &str) = ("backend-0", "10.77.0.11", "fd77::11");
 const NODE_B: (&str, &str, &str) = ("backend-1", "10.77.0.12", "fd77::12");
+
+/// The lab's nodes run no service proxy answering `healthCheckNodePort` (the Services
+/// have one, as the API server allocates it for `Local`), so tests about anything else
+/// turn the node probes off; `local_nodes_are_probed_…` turns them on.
+const NO_NODE_PROBES: &str = "{enabled: false}";
 
 /// A lab with the stand-in and an agent in `balancer-0`. Field order is drop order.
 struct KubeLab {
@@ -230,6 +235,15 @@ impl KubeLab {
     }
 
     fn start_with_debounce(nodes: &[(&str, &str, &str)], debounce_ms: u64) -> Result<KubeLab> {
+        KubeLab::start_with(nodes, debounce_ms, NO_NODE_PROBES)
+    }
+
+    /// An agent with `debounce_ms` and the `kubernetes.node_health_check` setting given.
+    fn start_with(
+        nodes: &[(&str, &str, &str)],
+        debounce_ms: u64,
+        node_health_check: &str,
+    ) -> Result<KubeLab> {
         let lab = Lab::new(LabSpec {
             backends: 2,
             balancers: 1,
@@ -245,7 +259,7 @@ impl KubeLab {
             "balancer-0.yaml",
             &format!(
                 "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE}\n\
-                 kubernetes:\n  debounce_ms: {debounce_ms}\n",
+                 kubernetes:\n  debounce_ms: {debounce_ms}\n  node_health_check: {node_health_check}\n",
                 pin_path.display()
             ),
         )?;
@@ -842,6 +856,130 @@ fn policy_cluster_is_warned_in_the_log_and_an_event() -> Result<()> {
     Ok(())
 }
 
+/// Each backend as the maps show it: (address, Maglev table entries, health), by address.
+fn backend_health(status: &Status) -> Vec<(String, u32, String)> {
+    let mut out: Vec<(String, u32, String)> = status
+        .backends
+        .iter()
+        .map(|b| (b.address.to_string(), b.table_entries, b.health.clone()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// `expected(weights)` with each backend's health instead of its local flag.
+fn with_health(weights: &[(&str, u32)], health: &[&str]) -> Vec<(String, u32, String)> {
+    expected(weights)
+        .into_iter()
+        .map(|(address, entries, _)| {
+            let i = weights
+                .iter()
+                .position(|(a, _)| *a == address)
+                .expect("a listed address");
+            (address, entries, health[i].to_string())
+        })
+        .collect()
+}
+
+/// Nodes of an `externalTrafficPolicy: Local` Service are probed as cloud load balancers
+/// probe them: `GET /healthz` on the Service's `healthCheckNodePort`, at each node's own
+/// address. A node whose proxy answers 503 (no local endpoint, whatever the EndpointSlices
+/// still say) gets no new connections, also through unrelated API changes, and takes them
+/// again once it has answered 200 `rise` times in a row.
+#[test]
+fn local_nodes_failing_their_health_check_node_port_take_no_new_connections() -> Result<()> {
+    let mut k = KubeLab::start_with(
+        &[BALANCER, NODE_A, NODE_B],
+        100,
+        "{interval: 200ms, timeout: 150ms, rise: 2, fall: 2}",
+    )?;
+    let port = 32000;
+    let proxy_a = HealthzServer::start(
+        &k.lab.backend(0)?.ns,
+        SocketAddr::new(NODE_A.1.parse()?, port),
+        200,
+    )?;
+    let proxy_b = HealthzServer::start(
+        &k.lab.backend(1)?.ns,
+        SocketAddr::new(NODE_B.1.parse()?, port),
+        503,
+    )?;
+    k.api.apply(service(
+        "web",
+        &["10.77.100.70"],
+        json!({"healthCheckNodePort": port}),
+    ))?;
+    k.api.apply(slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[ready(NODE_A.0), ready(NODE_B.0)],
+    ))?;
+
+    // Node B's proxy says it has no local endpoint: B keeps no table entry.
+    let want = with_health(&[(NODE_A.1, 1), (NODE_B.1, 0)], &["up", "down"]);
+    k.converges("node B fails its probe", |s| {
+        let got = backend_health(s);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("backends {got:?}, wanted {want:?}"))
+        }
+    });
+
+    // An unrelated change (a second endpoint on A) is applied; B stays out: the health
+    // verdict survives the re-apply instead of starting afresh as "up".
+    k.api.apply(slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[ready(NODE_A.0), ready(NODE_A.0), ready(NODE_B.0)],
+    ))?;
+    let s = k.converges("node A weighted 2", |s| {
+        let a = s
+            .backends
+            .iter()
+            .find(|b| b.address.to_string() == NODE_A.1);
+        match a.and_then(|b| b.weight) {
+            Some(2) => Ok(()),
+            w => Err(format!("node A's weight is {w:?}")),
+        }
+    });
+    assert_eq!(
+        backend_health(&s),
+        with_health(&[(NODE_A.1, 2), (NODE_B.1, 0)], &["up", "down"]),
+        "node B still failing its probe is still out after the re-apply"
+    );
+
+    // B's proxy has a local endpoint again: after `rise` successes B takes new connections.
+    proxy_b.set_status(200);
+    let want = with_health(&[(NODE_A.1, 2), (NODE_B.1, 1)], &["up", "up"]);
+    k.converges("node B passes its probe again", |s| {
+        let got = backend_health(s);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("backends {got:?}, wanted {want:?}"))
+        }
+    });
+    k.agent.wait_for_log(
+        "backend passes its health check again",
+        Duration::from_secs(5),
+    )?;
+
+    // The probes were kube-proxy's kind: GET /healthz at the node's own address (the
+    // servers listen there only).
+    for (node, proxy) in [(NODE_A.0, &proxy_a), (NODE_B.0, &proxy_b)] {
+        let requests = proxy.requests();
+        assert!(!requests.is_empty(), "{node} was never probed");
+        assert!(
+            requests.iter().all(|r| r == "GET /healthz HTTP/1.1"),
+            "{node}: {requests:?}"
+        );
+    }
+    Ok(())
+}
+
 /// The whole path as in a cluster: the client's packets reach the balancer node, which
 /// encapsulates them to a node with ready endpoints; that node's l3lb (also in Kubernetes
 /// mode, its decap allow list taken from the Node objects) strips the outer header, and
@@ -924,7 +1062,7 @@ fn pods_see_the_client_address_through_the_node_proxy() -> Result<()> {
             &format!("{name}.yaml"),
             &format!(
                 "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE}\n\
-                 kubernetes:\n  debounce_ms: 100\n",
+                 kubernetes:\n  debounce_ms: 100\n  node_health_check: {NO_NODE_PROBES}\n",
                 lab.pin_path(name).display()
             ),
         )?;

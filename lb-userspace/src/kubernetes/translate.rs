@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use k8s_openapi::api::{
@@ -17,7 +17,11 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::dataplane::{Desired, DesiredBackend, DesiredService, ServiceMode};
+use crate::{
+    config::NodeHealthCheck,
+    dataplane::{Desired, DesiredBackend, DesiredService, ServiceMode},
+    health,
+};
 
 /// l3lb's default `spec.loadBalancerClass`.
 pub const DEFAULT_CLASS: &str = "l3lb.io/xdp";
@@ -43,6 +47,8 @@ pub struct Settings {
     /// Labels a node must carry to be a balancer whose encapsulated packets this node
     /// accepts; empty: every node.
     pub balancer_node_labels: BTreeMap<String, String>,
+    /// How the nodes of `externalTrafficPolicy: Local` Services are probed.
+    pub node_health_check: NodeHealthCheck,
 }
 
 impl Default for Settings {
@@ -52,6 +58,7 @@ impl Default for Settings {
             take_unclassed: false,
             node_name: String::new(),
             balancer_node_labels: BTreeMap::new(),
+            node_health_check: NodeHealthCheck::default(),
         }
     }
 }
@@ -76,6 +83,9 @@ pub struct Translation {
     pub desired: Desired,
     /// Warnings about handled Services (policy `Cluster`, skipped ports or addresses, …).
     pub warnings: Vec<Warning>,
+    /// Node health probes: each backend node of a `Local` Service, on the Service's
+    /// `healthCheckNodePort`.
+    pub checks: Vec<health::Target>,
 }
 
 /// Whether `svc` is a Service this l3lb handles.
@@ -255,6 +265,7 @@ pub fn translate(
 
     let mut claimed: HashMap<(IpAddr, u16, u8), String> = HashMap::new();
     let mut out_services = Vec::new();
+    let mut checks = Vec::new();
     for svc in handled {
         let key = key_of(
             svc.metadata.namespace.as_deref(),
@@ -271,7 +282,23 @@ pub fn translate(
         };
         let Some(spec) = &svc.spec else { continue };
 
-        if spec.external_traffic_policy.as_deref() != Some("Local") {
+        let local_policy = spec.external_traffic_policy.as_deref() == Some("Local");
+        // Only with `Local` does the node's proxy answer `healthCheckNodePort` (with its
+        // count of local endpoints); the API server allocates the port for such Services,
+        // so a missing one is a Service written by hand or a stand-in API.
+        let check_port = if local_policy && settings.node_health_check.enabled {
+            let port = spec
+                .health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0);
+            if port.is_none() {
+                tracing::debug!(service = %key, "externalTrafficPolicy Local without a healthCheckNodePort: its nodes are not probed");
+            }
+            port
+        } else {
+            None
+        };
+        if !local_policy {
             warn(
                 "ClientAddressLost",
                 "externalTrafficPolicy is Cluster: the node's service proxy may forward to \
@@ -418,8 +445,18 @@ pub fn translate(
             for b in &mut backends {
                 b.weight = b.weight.min(MAX_WEIGHT);
             }
+            let name = format!("{key}/{}", if v6 { "v6" } else { "v4" });
+            if let Some(port) = check_port {
+                // The probe goes to the node's own address: that is where its proxy
+                // answers, and a VIP would be balanced rather than reach this node.
+                checks.extend(backends.iter().map(|b| health::Target {
+                    key: (name.clone(), b.address),
+                    check: settings.node_health_check.http_check(port),
+                    addr: SocketAddr::new(b.address, port),
+                }));
+            }
             out_services.push(DesiredService {
-                name: format!("{key}/{}", if v6 { "v6" } else { "v4" }),
+                name,
                 vips: entries,
                 mode: ServiceMode {
                     l2: false,
@@ -474,11 +511,14 @@ pub fn translate(
             local_v6,
         },
         warnings,
+        checks,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use serde_json::json;
 
     use super::*;
@@ -829,6 +869,127 @@ mod tests {
         assert_eq!(names, ["shop/web/v4"]);
         assert_eq!(t.warnings[0].reason, "VIPConflict");
         assert_eq!(t.warnings[0].service, "shop/web2");
+    }
+
+    /// (key, probe address, how) of each check.
+    fn checks(t: &Translation) -> Vec<(String, String, String)> {
+        t.checks
+            .iter()
+            .map(|c| {
+                let h = &c.check;
+                (
+                    format!("{} {}", c.key.0, c.key.1),
+                    c.addr.to_string(),
+                    format!(
+                        "{:?} {:?} {} {:?} {:?} {}/{}",
+                        h.kind, h.port, h.path, h.interval, h.timeout, h.rise, h.fall
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn local_services_probe_each_node_on_its_health_check_node_port() {
+        let svc = web(
+            json!({"healthCheckNodePort": 32000, "ipFamilies": ["IPv4", "IPv6"]}),
+            &["192.0.2.10", "2001:db8::10"],
+        );
+        let eps = web_slice("web-abc", "IPv4", &[ready_on("node-a"), ready_on("node-b")]);
+        let probing = Settings {
+            node_health_check: NodeHealthCheck {
+                enabled: true,
+                interval: Duration::from_millis(300),
+                timeout: Duration::from_millis(100),
+                rise: 4,
+                fall: 5,
+            },
+            ..settings()
+        };
+        let t = translate(
+            std::slice::from_ref(&svc),
+            std::slice::from_ref(&eps),
+            &nodes(),
+            &[],
+            &probing,
+        );
+        let how = "Http Some(32000) /healthz 300ms 100ms 4/5".to_string();
+        // The node's own address, not the VIP: that is where its proxy answers. This node
+        // (node-b) is probed too: its proxy may fail like any other.
+        assert_eq!(
+            checks(&t),
+            [
+                (
+                    "shop/web/v4 10.0.0.11".to_string(),
+                    "10.0.0.11:32000".to_string(),
+                    how.clone()
+                ),
+                (
+                    "shop/web/v4 10.0.0.12".to_string(),
+                    "10.0.0.12:32000".to_string(),
+                    how.clone()
+                ),
+                (
+                    "shop/web/v6 fd00:10::11".to_string(),
+                    "[fd00:10::11]:32000".to_string(),
+                    how.clone()
+                ),
+                (
+                    "shop/web/v6 fd00:10::12".to_string(),
+                    "[fd00:10::12]:32000".to_string(),
+                    how
+                ),
+            ]
+        );
+
+        let off = Settings {
+            node_health_check: NodeHealthCheck {
+                enabled: false,
+                ..NodeHealthCheck::default()
+            },
+            ..settings()
+        };
+        let t = translate(
+            std::slice::from_ref(&svc),
+            std::slice::from_ref(&eps),
+            &nodes(),
+            &[],
+            &off,
+        );
+        assert!(t.checks.is_empty(), "turned off");
+        assert_eq!(
+            t.desired.services.len(),
+            2,
+            "the Service is balanced all the same"
+        );
+    }
+
+    #[test]
+    fn cluster_services_and_local_ones_without_a_port_get_no_probe() {
+        let eps = web_slice("web-abc", "IPv4", &[ready_on("node-a")]);
+        // kube-proxy answers healthCheckNodePort only for `Local`; with `Cluster` any node
+        // forwards, so there is nothing to ask.
+        let cluster = web(
+            json!({"externalTrafficPolicy": "Cluster", "healthCheckNodePort": 32000}),
+            &["192.0.2.10"],
+        );
+        let t = run(&[cluster], std::slice::from_ref(&eps));
+        assert_eq!(t.desired.services.len(), 1);
+        assert!(t.checks.is_empty());
+        let no_port = web(json!({}), &["192.0.2.10"]);
+        let t = run(&[no_port], std::slice::from_ref(&eps));
+        assert_eq!(t.desired.services[0].backends.len(), 1);
+        assert!(t.checks.is_empty());
+        let default = web(json!({"healthCheckNodePort": 32000}), &["192.0.2.10"]);
+        let t = run(&[default], &[eps]);
+        assert_eq!(
+            checks(&t),
+            [(
+                "shop/web/v4 10.0.0.11".to_string(),
+                "10.0.0.11:32000".to_string(),
+                "Http Some(32000) /healthz 5s 2s 2/3".to_string()
+            )]
+        );
     }
 
     #[test]

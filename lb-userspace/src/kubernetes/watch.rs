@@ -40,9 +40,8 @@ use tracing::{debug, info, warn};
 
 use super::translate::{Settings, Warning, translate};
 use crate::{
-    agent::{self, Agent},
+    agent::{self, Agent, KubernetesState},
     config::Config,
-    dataplane::Desired,
     http::{self, Reply},
     sys,
 };
@@ -430,7 +429,7 @@ async fn watch_loop(
     settings: Settings,
     debounce: Duration,
     readiness: Readiness,
-    out: latest::Sender<Option<Desired>>,
+    out: latest::Sender<Option<KubernetesState>>,
 ) {
     let mut services = Watch::new(Kind::Services, Api::<Service>::all(client.clone()));
     let mut slices = Watch::new(
@@ -482,8 +481,12 @@ async fn watch_loop(
                     &settings,
                 );
                 warnings.report(&t.warnings, &client, &settings.node_name);
-                debug!(services = t.desired.services.len(), "rebuilt desired state");
-                if out.send(Some(t.desired)).is_err() {
+                debug!(services = t.desired.services.len(), probes = t.checks.len(), "rebuilt desired state");
+                let state = KubernetesState {
+                    desired: t.desired,
+                    checks: t.checks,
+                };
+                if out.send(Some(state)).is_err() {
                     return;
                 }
                 readiness.update(|s| s.sent = true);
@@ -539,6 +542,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         take_unclassed: k.take_unclassed,
         node_name: opts.node_name.clone(),
         balancer_node_labels: k.balancer_node_labels.clone(),
+        node_health_check: k.node_health_check.clone(),
     };
     let debounce = Duration::from_millis(k.debounce_ms);
     let client = client(opts.kubeconfig.as_deref()).await?;
