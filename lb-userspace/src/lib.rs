@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod status;
 pub mod sys;
 pub mod testing;
+pub mod xdplog;

@@ -303,6 +303,8 @@ fn load(decap: bool, flows: usize) -> Result<Dataplane> {
         encap_src_v4: NODE,
         encap_src_v6: NODE6,
         decap,
+        // As shipped: the program's debug logs off.
+        log_level: l3lb::xdplog::XdpLogLevel::Off,
     };
     let mut dp = Dataplane::load(&opts).context("loading l3lb")?;
     dp.apply(&desired()).context("applying the bench config")?;
@@ -843,6 +845,8 @@ fn throughput(t: &Throughput) -> Result<Value> {
         encap_src_v4: TP_BALANCER,
         encap_src_v6: NODE6,
         decap: false,
+        // As shipped: the program's debug logs off.
+        log_level: l3lb::xdplog::XdpLogLevel::Off,
     })
     .context("loading l3lb for the throughput run")?;
     dp.apply(&Desired {
@@ -1493,6 +1497,8 @@ fn small_table_options(n: usize, conntrack_size: u32) -> LoadOptions {
         encap_src_v4: NODE,
         encap_src_v6: NODE6,
         decap: false,
+        // As shipped: the program's debug logs off.
+        log_level: l3lb::xdplog::XdpLogLevel::Off,
     }
 }
 
