@@ -21,8 +21,9 @@ use crate::{
         ApplySummary, Attached, Dataplane, Desired, DesiredBackend, DesiredService, Health,
         LoadOptions, ServiceMode,
     },
-    handover, health, http, metrics, sys,
-    xdplog::{ToTracing, XdpLogLevel, XdpLogReader},
+    handover, health, http, metrics,
+    program_log::{ToTracing, XdpLogLevel, XdpLogReader},
+    sys,
 };
 
 /// Version directory under `pin_path`: pins are an ABI, a layout change bumps it.
@@ -341,7 +342,7 @@ impl Agent {
         let xdp_logs = if opts.log_level == XdpLogLevel::Off {
             None
         } else {
-            info!(level = ?opts.log_level, target = crate::xdplog::TARGET, "the XDP program logs (every drop and new flow: for debugging only)");
+            info!(level = ?opts.log_level, target = crate::program_log::TARGET, "the XDP program logs (every drop and new flow: for debugging only)");
             Some(
                 dataplane
                     .log_reader(ToTracing)

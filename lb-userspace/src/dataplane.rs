@@ -29,7 +29,7 @@ use thiserror::Error;
 use crate::{
     handover::{self, Carry, CarryPlan, PreviousIds},
     maglev,
-    xdplog::{XdpLogError, XdpLogLevel, XdpLogReader},
+    program_log::{XdpLogError, XdpLogLevel, XdpLogReader},
 };
 
 /// The XDP object built from lb-ebpf by build.rs.
@@ -177,7 +177,7 @@ pub struct LoadOptions {
     /// Whether the decap role is on.
     pub decap: bool,
     /// The program's debug logs (`AYA_LOG_LEVEL`); off unless the agent's filter names
-    /// them (see [`crate::xdplog`]).
+    /// them (see [`crate::program_log`]).
     pub log_level: XdpLogLevel,
 }
 
@@ -837,7 +837,7 @@ impl Dataplane {
         std::fs::create_dir_all(&maps_dir).map_err(|e| pin_io(&maps_dir, "mkdir", e))?;
         // Internal maps (.rodata, .bss) hold load-time globals; bpffs refuses dot names.
         // The benchmark's maps live in the same object but are no part of the agent's state;
-        // nor are the log ring buffer and notes (each program has its own; see `xdplog`).
+        // nor are the log ring buffer and notes (each program has its own; see `program_log`).
         for (name, map) in self.ebpf.maps().filter(|(n, _)| {
             !n.starts_with('.')
                 && !n.starts_with("L3LB_BENCH")

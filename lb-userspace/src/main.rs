@@ -156,15 +156,16 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     unblock_signals();
-    // The data plane's per-packet logs must be asked for by name (see l3lb::xdplog).
-    let filter_of =
-        |spec: &str| tracing_subscriber::EnvFilter::try_new(l3lb::xdplog::filter_directives(spec));
+    // The data plane's per-packet logs must be asked for by name (see l3lb::program_log).
+    let filter_of = |spec: &str| {
+        tracing_subscriber::EnvFilter::try_new(l3lb::program_log::filter_directives(spec))
+    };
     let filter = std::env::var("RUST_LOG")
         .map_err(|e| e.to_string())
         .and_then(|spec| filter_of(&spec).map_err(|e| e.to_string()))
         .or_else(|_| filter_of(&cli.log_level))
         .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(l3lb::xdplog::filter_directives("info"))
+            tracing_subscriber::EnvFilter::new(l3lb::program_log::filter_directives("info"))
         });
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -10,7 +10,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use l3lb::{dataplane::LoadOptions, xdplog::XdpLogLevel};
+use l3lb::{dataplane::LoadOptions, program_log::XdpLogLevel};
 use lb_common::DropReason;
 
 /// Keeps every record the reader hands over: (level, message).

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use l3lb::{
     dataplane::{Dataplane, LoadOptions},
     handover::CarryPlan,
-    xdplog::XdpLogLevel,
+    program_log::XdpLogLevel,
 };
 use l3lb_tests::OBJECT_WITHOUT_LOG;
 

@@ -186,7 +186,7 @@ pub fn opts(decap: bool) -> LoadOptions {
         encap_src_v6: NODE6,
         decap,
         // As shipped: the program's debug logs off.
-        log_level: l3lb::xdplog::XdpLogLevel::Off,
+        log_level: l3lb::program_log::XdpLogLevel::Off,
     }
 }
 

@@ -316,7 +316,7 @@ fn load_object(object: &[u8], decap: bool, flows: usize) -> Result<Dataplane> {
         encap_src_v6: NODE6,
         decap,
         // As shipped: the program's debug logs off.
-        log_level: l3lb::xdplog::XdpLogLevel::Off,
+        log_level: l3lb::program_log::XdpLogLevel::Off,
     };
     let mut dp =
         Dataplane::load_object(object, &opts, &CarryPlan::default()).context("loading l3lb")?;
@@ -973,7 +973,7 @@ fn throughput(t: &Throughput) -> Result<Value> {
         encap_src_v6: NODE6,
         decap: false,
         // As shipped: the program's debug logs off.
-        log_level: l3lb::xdplog::XdpLogLevel::Off,
+        log_level: l3lb::program_log::XdpLogLevel::Off,
     })
     .context("loading l3lb for the throughput run")?;
     dp.apply(&Desired {
@@ -1654,7 +1654,7 @@ fn small_table_options(n: usize, conntrack_size: u32) -> LoadOptions {
         encap_src_v6: NODE6,
         decap: false,
         // As shipped: the program's debug logs off.
-        log_level: l3lb::xdplog::XdpLogLevel::Off,
+        log_level: l3lb::program_log::XdpLogLevel::Off,
     }
 }
 

@@ -6,6 +6,9 @@
 //! [`TARGET`] at debug or trace. A general `debug` does not turn them on: the data plane
 //! logs per packet (each drop, each new flow), so it has to be asked for by name, e.g.
 //! `--log-level info,l3lb::xdp=debug`.
+//!
+//! (Filter targets match as string prefixes: this module's name starts neither with `xdp`,
+//! which `l3lb::xdp=debug` would then enable, nor with another module's name.)
 
 use std::os::fd::AsRawFd as _;
 
@@ -74,8 +77,7 @@ pub enum XdpLogError {
     Watch(#[from] std::io::Error),
 }
 
-/// Passes the program's records on to `tracing` under [`TARGET`], at their own level, with
-/// the source line of the statement.
+/// Passes the program's records on to `tracing` under [`TARGET`], at their own level.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ToTracing;
 
@@ -85,15 +87,14 @@ impl log::Log for ToTracing {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        let line = record.line().unwrap_or(0);
         let msg = record.args();
         // `tracing` needs the target and level as constants at each call site.
         match record.level() {
-            log::Level::Error => tracing::error!(target: "l3lb::xdp", line, "{msg}"),
-            log::Level::Warn => tracing::warn!(target: "l3lb::xdp", line, "{msg}"),
-            log::Level::Info => tracing::info!(target: "l3lb::xdp", line, "{msg}"),
-            log::Level::Debug => tracing::debug!(target: "l3lb::xdp", line, "{msg}"),
-            log::Level::Trace => tracing::trace!(target: "l3lb::xdp", line, "{msg}"),
+            log::Level::Error => tracing::error!(target: "l3lb::xdp", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "l3lb::xdp", "{msg}"),
+            log::Level::Info => tracing::info!(target: "l3lb::xdp", "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "l3lb::xdp", "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "l3lb::xdp", "{msg}"),
         }
     }
 
