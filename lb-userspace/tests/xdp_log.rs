@@ -1,13 +1,16 @@
 //! The XDP program's debug logs (aya-log): off as shipped, where the verifier removes the
-//! statements, and on, where drops, new flows and echo replies reach userspace as records
-//! through the agent's reader. The real object through `BPF_PROG_TEST_RUN`. Needs root.
+//! statements, and on, where drops, new flows, ICMP errors, echo replies and (at trace)
+//! decapsulations reach userspace as records through the agent's reader. The real object through `BPF_PROG_TEST_RUN`. Needs root.
 //!
 //! The comparison with the statements compiled out (the `log` feature off) is in the
 //! tests crate (`tests/tests/xdp_log.rs`), which builds that object.
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::{Arc, Mutex},
+};
 
 use common::*;
 use l3lb::{dataplane::LoadOptions, program_log::XdpLogLevel};
@@ -144,4 +147,72 @@ fn nothing_is_written_when_off() {
     assert_eq!(verdict, XDP_TX, "SYN to web");
     reader.flush();
     assert_eq!(records.take(), Vec::new(), "records with the logs off");
+}
+
+#[test]
+fn icmp_errors_and_at_trace_decapsulations_are_logged() {
+    let mut desired = standard_desired();
+    desired.decap_v4 = vec![(BALANCER, 32)];
+    let inner = ipv4(
+        CLIENT,
+        VIP,
+        lb_common::PROTO_TCP,
+        &[],
+        &tcp(40000, 80, ACK, b"data"),
+        true,
+    );
+    let ipip = eth(
+        NODE_MAC,
+        B1_MAC,
+        &[5],
+        0x0800,
+        &ipv4(BALANCER, NODE, lb_common::PROTO_IPIP, &[], &inner, true),
+    );
+    // A router on the return path complains about web's reply VIP → client.
+    let quoted = ipv4(
+        VIP,
+        CLIENT,
+        lb_common::PROTO_TCP,
+        &[],
+        &tcp(80, 40000, ACK, b"reply data"),
+        true,
+    );
+    let mut err = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00];
+    err.extend_from_slice(&quoted[..28]);
+    let icmp_error = icmp_frame(Ipv4Addr::new(198, 51, 100, 1), VIP, &err);
+
+    for level in [XdpLogLevel::Debug, XdpLogLevel::Trace] {
+        let mut f = Fixture::with_options(&options(level), &desired);
+        let records = Collect::default();
+        let mut reader = f.dp.log_reader(records.clone()).expect("log reader");
+        let (verdict, _) = f.run(&ipip);
+        assert_eq!(
+            verdict, XDP_PASS,
+            "{level:?}: IPIP from an allowed balancer"
+        );
+        let (verdict, _) = f.run(&icmp_error);
+        assert_eq!(verdict, XDP_TX, "{level:?}: ICMP error about a flow of web");
+        reader.flush();
+        let web = f.dp.service_id("web").expect("web's id");
+        let b1 = f.dp.backend_id("web", IpAddr::V4(B1)).expect("B1's id");
+        // The error quotes the reply; the flow it is about is the client's.
+        let icmp = (
+            log::Level::Debug,
+            format!(
+                "ICMP error about flow 203.0.113.7:40000 -> 192.0.2.10:80 proto 6: service {web} backend {b1}"
+            ),
+        );
+        let expected = if level == XdpLogLevel::Trace {
+            vec![
+                (
+                    log::Level::Trace,
+                    "decapsulated 203.0.113.7 -> 192.0.2.10".to_string(),
+                ),
+                icmp,
+            ]
+        } else {
+            vec![icmp]
+        };
+        assert_eq!(records.take(), expected, "{level:?}: records, in order");
+    }
 }
