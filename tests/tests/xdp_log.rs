@@ -1,17 +1,23 @@
 //! The XDP program's debug log statements cost nothing when off: the shipped object,
 //! loaded with `AYA_LOG_LEVEL` = 0 as the agent does by default, against the same program
 //! built without lb-ebpf's `log` feature (tests/build.rs), compared by the instructions
-//! the kernel runs (deterministic, unlike timing; `cargo xtask bench` times both). Needs
-//! root.
+//! the kernel runs (deterministic, unlike timing; `cargo xtask bench` times both). And
+//! through the real agent: named in its log filter, they reach its log. Needs root.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use l3lb::{
     dataplane::{Dataplane, LoadOptions},
     handover::CarryPlan,
     program_log::XdpLogLevel,
 };
-use l3lb_tests::OBJECT_WITHOUT_LOG;
+use l3lb_tests::{
+    OBJECT_WITHOUT_LOG, client, l3lb_bin,
+    scenario::{Mode, Scenario, TCP_PORT},
+};
 
 /// Places the level is tested in the translated program: drop and action at the entry
 /// point, new flow and ICMP error once in each family's path.
@@ -74,5 +80,77 @@ fn disabled_log_statements_leave_the_program_as_without_them() {
         "logs on: {} instructions, off: {}: the shipped object has no statements to remove",
         on.0,
         off.0
+    );
+}
+
+#[test]
+fn an_agent_that_names_l3lb_xdp_logs_new_flows_and_one_at_plain_debug_does_not() {
+    let mut s = Scenario::start(Mode::Ipip, 2).expect("scenario");
+    let vip = s.vip();
+    let client_ip = IpAddr::V4(s.lab.client.ipv4);
+    let config = s.config_path().to_path_buf();
+    let t = Duration::from_secs(2);
+
+    // A restart that asks for the program's logs: it takes over the running program's
+    // pins like any restart.
+    let status = s.balancer.stop().expect("stop the agent");
+    assert!(status.success(), "agent exit: {status}");
+    let config_arg = config.to_string_lossy().into_owned();
+    s.balancer = s
+        .lab
+        .spawn_in(
+            &s.lab.balancers[0].ns,
+            l3lb_bin().expect("binary"),
+            [
+                "run",
+                "--config",
+                config_arg.as_str(),
+                "--log-level",
+                "info,l3lb::xdp=debug",
+            ],
+            "balancer-0-logs.log",
+        )
+        .expect("start the agent with the program's logs");
+    s.balancer
+        .wait_for_log("l3lb ready", Duration::from_secs(30))
+        .expect("ready");
+    client::tcp_request(&s.lab.client.ns, vip, TCP_PORT, Some(47000), t)
+        .expect("TCP answered with the logs on");
+    let line = format!("l3lb::xdp: new flow {client_ip}:47000 -> {vip}:{TCP_PORT} proto 6");
+    s.balancer
+        .wait_for_log(&line, Duration::from_secs(5))
+        .expect("the new flow in the agent's log");
+
+    // Restarted with the agent's own debug logs, not naming the target: the program's stay
+    // off.
+    let status = s.balancer.stop().expect("stop the agent");
+    assert!(status.success(), "agent exit: {status}");
+    s.balancer = s
+        .lab
+        .spawn_in(
+            &s.lab.balancers[0].ns,
+            l3lb_bin().expect("binary"),
+            [
+                "run",
+                "--config",
+                config_arg.as_str(),
+                "--log-level",
+                "debug",
+            ],
+            "balancer-0-debug.log",
+        )
+        .expect("start the agent at debug");
+    s.balancer
+        .wait_for_log("l3lb ready", Duration::from_secs(30))
+        .expect("ready");
+    client::tcp_request(&s.lab.client.ns, vip, TCP_PORT, Some(47001), t)
+        .expect("TCP answered with the logs off");
+    std::thread::sleep(Duration::from_millis(500));
+    let log = s.balancer.log();
+    // Were they on, the new flow above would be in the log at debug, which this filter
+    // shows.
+    assert!(
+        !log.contains("l3lb::xdp") && !log.contains("the XDP program logs"),
+        "the program logged with the logs off:\n{log}"
     );
 }
