@@ -83,7 +83,7 @@ fn run() -> Result<()> {
     let mut quick = false;
     let mut per_packet_only = false;
     let mut profile = None;
-    let mut json = PathBuf::from("target/bench/bench.json");
+    let mut json = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -91,7 +91,7 @@ fn run() -> Result<()> {
             // For working on the data plane: just the per-packet table, in seconds.
             "--per-packet-only" => per_packet_only = true,
             "--profile" => profile = Some(args.next().context("--profile needs a path name")?),
-            "--json" => json = PathBuf::from(args.next().context("--json needs a path")?),
+            "--json" => json = Some(PathBuf::from(args.next().context("--json needs a path")?)),
             other => bail!(
                 "unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--profile PATH_NAME] [--json PATH]"
             ),
@@ -100,7 +100,11 @@ fn run() -> Result<()> {
     let settings = Settings {
         quick,
         profile,
-        json,
+        // A per-packet-only run writes JSON only when asked, so it never replaces a full
+        // run's figures.
+        json: json
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("target/bench/bench.json")),
         calls: if quick { 20_000 } else { 200_000 },
         rounds: if quick { 3 } else { 5 },
         flows: if quick { 10_000 } else { 100_000 },
@@ -138,7 +142,10 @@ fn run() -> Result<()> {
     if per_packet_only {
         let report = json!({ "machine": machine(), "per_packet": per_packet });
         print_per_packet(&report);
-        return write_json(&settings.json, &report);
+        return match &json {
+            Some(path) => write_json(path, &report),
+            None => Ok(()),
+        };
     }
     let throughput = throughput(&settings.throughput)?;
     let control = control_plane(&settings)?;
