@@ -107,6 +107,11 @@ pub mod map_names {
     pub const SERVICE_META: &str = "L3LB_SVC_META";
     /// Backend id → `BackendMeta`: weight and health for `l3lb status`; never read by the program.
     pub const BACKEND_META: &str = "L3LB_BE_META";
+    /// aya-log's ring buffer of the program's debug records; read by the agent only while
+    /// they are on, never pinned (no state: each program has its own).
+    pub const AYA_LOGS: &str = "AYA_LOGS";
+    /// Per CPU: a backend choice the program logs at its end; only with debug logs on.
+    pub const LOG_NOTE: &str = "L3LB_LOG_NOTE";
 }
 
 /// Names of the load-time globals in the XDP object.
@@ -121,6 +126,9 @@ pub mod globals {
     pub const DECAP_ENABLED: &str = "DECAP_ENABLED";
     /// `u32`: slots per half of the VIP index (a power of two; `vip_index_slots`).
     pub const VIP_INDEX_SIZE: &str = "VIP_INDEX_SIZE";
+    /// `u8`: aya-log's level of the program's debug statements (0: off, removed by the
+    /// verifier; 4 debug; 5 trace). Absent from an object built without the `log` feature.
+    pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 }
 
 /// Name of the XDP program in the object.

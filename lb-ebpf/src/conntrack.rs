@@ -3,7 +3,10 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use lb_common::{Backend, FlowKey, FlowState, SERVICE_F_AFFINITY_CLIENT_IP, VipInfo, flow_hash};
 
-use crate::maps::{BACKENDS, FLOWS, RINGS, SCRATCH};
+use crate::{
+    logs,
+    maps::{BACKENDS, FLOWS, RINGS, SCRATCH},
+};
 
 /// Entries per Maglev table; set by the agent at load time.
 #[unsafe(no_mangle)]
@@ -95,14 +98,17 @@ pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
         },
         0,
     );
+    logs::new_flow(key, vip.service, choice.id);
     Some(choice)
 }
 
 /// The backend that owns a flow, without recording anything (for ICMP errors about it).
 #[inline(always)]
 pub fn owner(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
-    match remembered(key, vip) {
-        Some(c) => Some(c),
-        None => from_table(key, vip),
-    }
+    let choice = match remembered(key, vip) {
+        Some(c) => c,
+        None => from_table(key, vip)?,
+    };
+    logs::icmp_error(key, vip.service, choice.id);
+    Some(choice)
 }

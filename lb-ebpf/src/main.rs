@@ -11,6 +11,7 @@ mod conntrack;
 mod csum;
 mod encap;
 mod icmp;
+mod logs;
 mod maps;
 mod parse;
 mod stats;
@@ -41,11 +42,11 @@ static DECAP_ENABLED: u32 = 0;
 pub fn l3lb(ctx: XdpContext) -> u32 {
     match try_l3lb(&ctx) {
         Ok((verdict, action)) => {
-            stats::action(action);
+            stats::action(&ctx, action);
             verdict
         }
         Err(reason) => {
-            stats::drop(reason);
+            stats::drop(&ctx, reason);
             xdp_action::XDP_DROP
         }
     }

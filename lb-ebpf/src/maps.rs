@@ -154,3 +154,26 @@ pub static SERVICE_META: Array<ServiceMeta> = Array::with_max_entries(1, 0);
 /// never read by this program (size: load time).
 #[map(name = "L3LB_BE_META")]
 pub static BACKEND_META: Array<BackendMeta> = Array::with_max_entries(1, 0);
+
+/// A backend choice waiting to be logged: noted deep in the pipeline, logged by the entry
+/// point (see `logs`). Only with debug logs on.
+#[cfg(feature = "log")]
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct LogNote {
+    /// The flow (for an ICMP error: the flow it quotes).
+    pub flow: FlowKey,
+    /// Service id.
+    pub service: u32,
+    /// Backend id.
+    pub backend: u32,
+    /// `logs::NOTE_*`: nothing, a new flow, or an ICMP error.
+    pub kind: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// One `LogNote` per CPU; written and read by this program only while debug logs are on.
+#[cfg(feature = "log")]
+#[map(name = "L3LB_LOG_NOTE")]
+pub static LOG_NOTE: PerCpuArray<LogNote> = PerCpuArray::with_max_entries(1, 0);

@@ -1,23 +1,31 @@
 //! Per-CPU counters. Each is a plain add on this CPU's copy: no atomics, no contention.
+//! The outcome counters also log (debug only: see `logs`).
 
+use aya_ebpf::programs::XdpContext;
 use lb_common::{Action, DropReason, Event};
 
-use crate::maps::{ACTIONS, BACKEND_STATS, DROPS, EVENTS, SERVICE_STATS};
+use crate::{
+    logs,
+    maps::{ACTIONS, BACKEND_STATS, DROPS, EVENTS, SERVICE_STATS},
+};
 
-/// Counts a dropped packet under its reason.
+/// Counts a dropped packet under its reason (and logs it when debug logs are on).
 #[inline(always)]
-pub fn drop(reason: DropReason) {
+pub fn drop(ctx: &XdpContext, reason: DropReason) {
     if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
     }
+    logs::drop(ctx, reason);
 }
 
-/// Counts a packet that left the program with `action`.
+/// Counts a packet that left the program with `action` (and logs the rare ones when
+/// debug logs are on).
 #[inline(always)]
-pub fn action(action: Action) {
+pub fn action(ctx: &XdpContext, action: Action) {
     if let Some(c) = ACTIONS.get_ptr_mut(action as u32) {
         unsafe { *c += 1 };
     }
+    logs::action(ctx, action);
 }
 
 /// Counts an event.

@@ -21,7 +21,9 @@ use crate::{
         ApplySummary, Attached, Dataplane, Desired, DesiredBackend, DesiredService, Health,
         LoadOptions, ServiceMode,
     },
-    handover, health, http, metrics, sys,
+    handover, health, http, metrics,
+    program_log::{ToTracing, XdpLogLevel, XdpLogReader},
+    sys,
 };
 
 /// Version directory under `pin_path`: pins are an ABI, a layout change bumps it.
@@ -191,6 +193,7 @@ pub fn load_options(cfg: &Config, encap: EncapSources) -> LoadOptions {
         encap_src_v4: encap.v4,
         encap_src_v6: encap.v6,
         decap: !cfg.decap.allow.is_empty(),
+        log_level: XdpLogLevel::from_tracing(),
     }
 }
 
@@ -298,6 +301,8 @@ pub struct Agent {
     attach_deferred: bool,
     /// Health check outcomes, until the run loop takes them.
     health_rx: Option<mpsc::Receiver<health::Outcome>>,
+    /// The XDP program's log records (when its logs are on), until the run loop reads them.
+    xdp_logs: Option<XdpLogReader<ToTracing>>,
     /// Applies logged since start: the first config is 1, every accepted SIGHUP reload
     /// and every re-apply that changed something adds one. Logged with each apply so a
     /// log reader can tell which reload a line belongs to.
@@ -353,6 +358,16 @@ impl Agent {
         };
         let mut dataplane =
             Dataplane::load_carrying(&opts, &plan).context("loading the XDP program")?;
+        let xdp_logs = if opts.log_level == XdpLogLevel::Off {
+            None
+        } else {
+            info!(level = ?opts.log_level, target = crate::program_log::TARGET, "the XDP program logs (every drop and new flow: for debugging only)");
+            Some(
+                dataplane
+                    .log_reader(ToTracing)
+                    .context("starting the XDP program's log reader")?,
+            )
+        };
         if plan.carries_anything() {
             for (name, n) in dataplane
                 .migrate(&plan)
@@ -426,6 +441,7 @@ impl Agent {
             ipv6_forwarding,
             attach_deferred: defer,
             health_rx: Some(health_rx),
+            xdp_logs,
             generation: 1,
             labels: std::sync::Arc::new(std::sync::Mutex::new(metrics::Labels {
                 generation: 1,
@@ -682,6 +698,13 @@ pub async fn run_agent(
         .health_rx
         .take()
         .context("the agent's health channel was taken already")?;
+    if let Some(reader) = agent.xdp_logs.take() {
+        tokio::spawn(async move {
+            if let Err(e) = reader.forward().await {
+                warn!("the XDP program's log records are no longer read: {e}");
+            }
+        });
+    }
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;

@@ -29,10 +29,18 @@ use thiserror::Error;
 use crate::{
     handover::{self, Carry, CarryPlan, PreviousIds},
     maglev,
+    program_log::{XdpLogError, XdpLogLevel, XdpLogReader},
 };
 
 /// The XDP object built from lb-ebpf by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The system's page size: the unit of ring-buffer sizes.
+fn page_size() -> u32 {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(n).unwrap_or(4096)
+}
 
 /// Marks an unused Maglev entry (a service with no backend that can take new flows).
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -168,6 +176,9 @@ pub struct LoadOptions {
     pub encap_src_v6: Ipv6Addr,
     /// Whether the decap role is on.
     pub decap: bool,
+    /// The program's debug logs (`AYA_LOG_LEVEL`); off unless the agent's filter names
+    /// them (see [`crate::program_log`]).
+    pub log_level: XdpLogLevel,
 }
 
 /// How a service forwards and hashes.
@@ -612,6 +623,16 @@ impl Dataplane {
     /// Like [`Dataplane::load`], with the state maps that `plan` reuses taken from an
     /// earlier agent's pins (the others are created empty; see [`Dataplane::migrate`]).
     pub fn load_carrying(opts: &LoadOptions, plan: &CarryPlan) -> Result<Self, DataplaneError> {
+        Self::load_object(OBJECT, opts, plan)
+    }
+
+    /// Like [`Dataplane::load_carrying`], from another build of lb-ebpf (the benchmark's
+    /// and tests' object without the `log` feature).
+    pub fn load_object(
+        object: &[u8],
+        opts: &LoadOptions,
+        plan: &CarryPlan,
+    ) -> Result<Self, DataplaneError> {
         let ring_entries = opts
             .max_services
             .checked_mul(2)
@@ -622,6 +643,7 @@ impl Dataplane {
                 knob: "raise max_services in the config",
             })?;
         let decap: u32 = opts.decap.into();
+        let log_level = opts.log_level.as_u8();
         let ring_size = opts.ring_size;
         let index_size = lb_common::vip_index_slots(opts.max_services);
         let src = opts.encap_src_v4.octets();
@@ -632,7 +654,13 @@ impl Dataplane {
             .override_global(globals::ENCAP_SRC_V4, &src, true)
             .override_global(globals::ENCAP_SRC_V6, &src6, true)
             .override_global(globals::DECAP_ENABLED, &decap, true)
-            .override_global(globals::VIP_INDEX_SIZE, &index_size, true);
+            .override_global(globals::VIP_INDEX_SIZE, &index_size, true)
+            // Absent from an object built without the `log` feature.
+            .override_global(globals::AYA_LOG_LEVEL, &log_level, false);
+        if opts.log_level == XdpLogLevel::Off {
+            // Nothing is ever written to it: the smallest ring buffer the kernel takes.
+            loader.map_max_entries(map_names::AYA_LOGS, page_size());
+        }
         for (name, size) in handover::max_entries_overrides(opts) {
             loader.map_max_entries(name, size);
         }
@@ -644,7 +672,7 @@ impl Dataplane {
                 reused.insert(*name);
             }
         }
-        let mut ebpf = loader.load(OBJECT)?;
+        let mut ebpf = loader.load(object)?;
         let prog: &mut Xdp = ebpf
             .program_mut(lb_common::PROGRAM_NAME)
             .ok_or_else(|| DataplaneError::Missing(format!("program {}", lb_common::PROGRAM_NAME)))?
@@ -728,6 +756,26 @@ impl Dataplane {
                 what: "program type".into(),
                 source,
             })
+    }
+
+    /// Starts reading the program's debug log records into `sink` (the ring buffer leaves
+    /// the object: call once, after loading with a [`LoadOptions::log_level`] other than off).
+    pub fn log_reader<L: log::Log>(&mut self, sink: L) -> Result<XdpLogReader<L>, XdpLogError> {
+        XdpLogReader::new(&mut self.ebpf, sink)
+    }
+
+    /// Instructions of the program as the kernel runs it (after the verifier removed dead
+    /// code and rewrote helpers): `xlated_prog_len` / 8; `None` where the kernel hides it
+    /// (it shows it to CAP_SYS_ADMIN only).
+    pub fn xlated_instructions(&self) -> Result<Option<u32>, DataplaneError> {
+        let info = self
+            .program()?
+            .info()
+            .map_err(|source| DataplaneError::Program {
+                what: "program info".into(),
+                source,
+            })?;
+        Ok(info.size_translated().map(|bytes| bytes / 8))
     }
 
     /// Instructions the verifier processed for the program (its complexity budget use).
@@ -858,12 +906,14 @@ impl Dataplane {
         };
         std::fs::create_dir_all(&maps_dir).map_err(|e| pin_io(&maps_dir, "mkdir", e))?;
         // Internal maps (.rodata, .bss) hold load-time globals; bpffs refuses dot names.
-        // The benchmark's maps live in the same object but are no part of the agent's state.
-        for (name, map) in self
-            .ebpf
-            .maps()
-            .filter(|(n, _)| !n.starts_with('.') && !n.starts_with("L3LB_BENCH"))
-        {
+        // The benchmark's maps live in the same object but are no part of the agent's state;
+        // nor are the log ring buffer and notes (each program has its own; see `program_log`).
+        for (name, map) in self.ebpf.maps().filter(|(n, _)| {
+            !n.starts_with('.')
+                && !n.starts_with("L3LB_BENCH")
+                && *n != map_names::AYA_LOGS
+                && *n != map_names::LOG_NOTE
+        }) {
             if self.reused.contains(name) {
                 continue;
             }

@@ -12,6 +12,7 @@ pub mod http;
 pub mod kubernetes;
 pub mod maglev;
 pub mod metrics;
+pub mod program_log;
 pub mod status;
 pub mod sys;
 pub mod testing;

@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "l3lb", version, about, long_about = None)]
 struct Cli {
     /// Log level filter (overridden by RUST_LOG), e.g. info, debug, l3lb=trace.
+    ///
+    /// The XDP program's own debug logs (each drop with its reason and addresses, each new
+    /// flow's backend, ICMP handling) are on only when the filter names the target
+    /// l3lb::xdp, e.g. `info,l3lb::xdp=debug` (trace adds one line per decapsulated
+    /// packet); `debug` alone leaves them off. Off, the verifier removes them from the
+    /// program; on, they cost per packet: for debugging only.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
     #[command(subcommand)]
@@ -25,6 +31,9 @@ enum Command {
     ///
     /// With --kubernetes the services come from the Kubernetes API (LoadBalancer Services
     /// of l3lb's class) and the config file, if any, gives only the node settings.
+    ///
+    /// The XDP program logs (debug only) when --log-level or RUST_LOG names the target
+    /// l3lb::xdp, e.g. `--log-level info,l3lb::xdp=debug`; see --log-level.
     Run {
         /// Path of the YAML config (with --kubernetes: optional node settings).
         #[arg(long, short, required_unless_present = "kubernetes")]
@@ -147,9 +156,17 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     unblock_signals();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The data plane's per-packet logs must be asked for by name (see l3lb::program_log).
+    let filter_of = |spec: &str| {
+        tracing_subscriber::EnvFilter::try_new(l3lb::program_log::filter_directives(spec))
+    };
+    let filter = std::env::var("RUST_LOG")
+        .map_err(|e| e.to_string())
+        .and_then(|spec| filter_of(&spec).map_err(|e| e.to_string()))
+        .or_else(|_| filter_of(&cli.log_level))
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(l3lb::program_log::filter_directives("info"))
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

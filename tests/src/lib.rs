@@ -43,5 +43,10 @@ pub use prefix::Prefix;
 pub use process::{ChildGuard, LogTail, l3lb_bin, spawn_in};
 pub use servers::{BulkServer, HealthzServer, TcpServer, UdpServer};
 
+/// The XDP object built without lb-ebpf's `log` feature (tests/build.rs): the shipped
+/// program with its log statements compiled out, to compare against.
+pub static OBJECT_WITHOUT_LOG: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
 #[cfg(test)]
 mod tests;

@@ -81,6 +81,25 @@ pub fn run(workspace: &Workspace, args: &Args) -> Result<()> {
             "warnings",
         ]);
         process::run_step("clippy (eBPF)", &mut clippy_ebpf)?;
+
+        // And once without its `log` feature (the benchmark's comparison object), whose
+        // stand-ins for the log statements are otherwise never linted.
+        let mut clippy_ebpf_no_log = workspace.nightly_cargo();
+        clippy_ebpf_no_log.args([
+            "clippy",
+            "-p",
+            "lb-ebpf",
+            "--no-default-features",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        process::run_step("clippy (eBPF, without log)", &mut clippy_ebpf_no_log)?;
     }
     let supply_chain_skipped = if args.no_lint {
         0

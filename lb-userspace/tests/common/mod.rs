@@ -185,6 +185,8 @@ pub fn opts(decap: bool) -> LoadOptions {
         encap_src_v4: NODE,
         encap_src_v6: NODE6,
         decap,
+        // As shipped: the program's debug logs off.
+        log_level: l3lb::program_log::XdpLogLevel::Off,
     }
 }
 
@@ -199,8 +201,13 @@ pub struct Fixture {
 impl Fixture {
     /// Enters a fresh namespace, loads the program and applies `desired`.
     pub fn new(decap: bool, desired: &Desired) -> Self {
+        Self::with_options(&opts(decap), desired)
+    }
+
+    /// Like [`Fixture::new`], loaded with `options`.
+    pub fn with_options(options: &LoadOptions, desired: &Desired) -> Self {
         let ifindex = enter_namespace();
-        let mut dp = Dataplane::load(&opts(decap)).expect("load");
+        let mut dp = Dataplane::load(options).expect("load");
         dp.apply(desired).expect("apply");
         Self { dp, ifindex }
     }

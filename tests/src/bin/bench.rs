@@ -34,6 +34,7 @@ use aya::{
 };
 use l3lb::{
     dataplane::{Dataplane, Desired, DesiredBackend, DesiredService, LoadOptions, ServiceMode},
+    handover::CarryPlan,
     maglev,
     testing::{TestNet, add_neighbours, enter_test_namespace, run_xdp},
 };
@@ -82,7 +83,7 @@ fn run() -> Result<()> {
     let mut quick = false;
     let mut per_packet_only = false;
     let mut profile = None;
-    let mut json = PathBuf::from("target/bench/bench.json");
+    let mut json = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -90,7 +91,7 @@ fn run() -> Result<()> {
             // For working on the data plane: just the per-packet table, in seconds.
             "--per-packet-only" => per_packet_only = true,
             "--profile" => profile = Some(args.next().context("--profile needs a path name")?),
-            "--json" => json = PathBuf::from(args.next().context("--json needs a path")?),
+            "--json" => json = Some(PathBuf::from(args.next().context("--json needs a path")?)),
             other => bail!(
                 "unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--profile PATH_NAME] [--json PATH]"
             ),
@@ -99,7 +100,11 @@ fn run() -> Result<()> {
     let settings = Settings {
         quick,
         profile,
-        json,
+        // A per-packet-only run writes JSON only when asked, so it never replaces a full
+        // run's figures.
+        json: json
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("target/bench/bench.json")),
         calls: if quick { 20_000 } else { 200_000 },
         rounds: if quick { 3 } else { 5 },
         flows: if quick { 10_000 } else { 100_000 },
@@ -135,8 +140,12 @@ fn run() -> Result<()> {
     let started = Instant::now();
     let per_packet = per_packet(&settings, ifindex)?;
     if per_packet_only {
-        print_per_packet(&json!({ "per_packet": per_packet }));
-        return Ok(());
+        let report = json!({ "machine": machine(), "per_packet": per_packet });
+        print_per_packet(&report);
+        return match &json {
+            Some(path) => write_json(path, &report),
+            None => Ok(()),
+        };
     }
     let throughput = throughput(&settings.throughput)?;
     let control = control_plane(&settings)?;
@@ -153,12 +162,17 @@ fn run() -> Result<()> {
         "seconds": started.elapsed().as_secs_f64(),
     });
     print_table(&report);
-    if let Some(dir) = settings.json.parent() {
+    write_json(&settings.json, &report)
+}
+
+/// Writes `report` to `path` (creating its directory) and says where.
+fn write_json(path: &std::path::Path, report: &Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(&settings.json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", settings.json.display()))?;
-    println!("\nall figures: {}", settings.json.display());
+    std::fs::write(path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nall figures: {}", path.display());
     Ok(())
 }
 
@@ -295,6 +309,11 @@ fn desired() -> Desired {
 }
 
 fn load(decap: bool, flows: usize) -> Result<Dataplane> {
+    load_object(l3lb::dataplane::OBJECT, decap, flows)
+}
+
+/// Like `load`, from another build of the XDP object (see `l3lb_tests::OBJECT_WITHOUT_LOG`).
+fn load_object(object: &[u8], decap: bool, flows: usize) -> Result<Dataplane> {
     let opts = LoadOptions {
         ring_size: TABLE_SIZE,
         max_services: 128,
@@ -303,8 +322,11 @@ fn load(decap: bool, flows: usize) -> Result<Dataplane> {
         encap_src_v4: NODE,
         encap_src_v6: NODE6,
         decap,
+        // As shipped: the program's debug logs off.
+        log_level: l3lb::program_log::XdpLogLevel::Off,
     };
-    let mut dp = Dataplane::load(&opts).context("loading l3lb")?;
+    let mut dp =
+        Dataplane::load_object(object, &opts, &CarryPlan::default()).context("loading l3lb")?;
     dp.apply(&desired()).context("applying the bench config")?;
     Ok(dp)
 }
@@ -420,10 +442,48 @@ fn interleaved(variants: &[(&Xdp, &[u8])], ifindex: u32, calls: usize) -> Result
         .collect())
 }
 
+/// One round of A/B pairs: mean ns/packet of both variants of each pair over `calls`
+/// single runs, in chunks of `CHUNK` calls, A first in even chunks and B first in odd ones
+/// so that neither gains from its place (caches, branch predictors warmed by the other);
+/// each variant's first 1 % dropped.
+fn paired(pairs: &[[(&Xdp, &[u8]); 2]], ifindex: u32, calls: usize) -> Result<Vec<[f64; 2]>> {
+    let skip = calls / 100;
+    let mut total = vec![[0u128; 2]; pairs.len()];
+    let mut done = 0;
+    let mut chunk = 0;
+    while done < calls {
+        let n = CHUNK.min(calls - done);
+        let order = if chunk % 2 == 0 { [0, 1] } else { [1, 0] };
+        for (p, pair) in pairs.iter().enumerate() {
+            for v in order {
+                let (prog, frame) = pair[v];
+                for i in done..done + n {
+                    let r = run_xdp(prog, ifindex, frame)?;
+                    if i >= skip {
+                        total[p][v] += r.duration.as_nanos();
+                    }
+                }
+            }
+        }
+        done += n;
+        chunk += 1;
+    }
+    let per = (calls - skip) as f64;
+    Ok(total
+        .into_iter()
+        .map(|[a, b]| [a as f64 / per, b as f64 / per])
+        .collect())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// Paths timed again on the object without log statements.
+const LOG_COMPARED: [&str; 2] = ["tcp_new_flow_syn", "tcp_established"];
+/// Target for shipped (statements off) / compiled out: equal within the run's noise.
+const LOG_TARGET_RATIO: f64 = 1.05;
 
 struct Path {
     name: &'static str,
@@ -474,8 +534,19 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         .context("floor program")?
         .try_into()?;
     let prog = dp.program()?;
+    // The shipped program, whose log statements are off (AYA_LOG_LEVEL = 0), against the
+    // same program with them compiled out: two loads set up alike and timed only against
+    // each other (the first load above, which every path runs on, measured 1-3 % slower
+    // than a second load of itself).
+    let logs_off = load(false, s.flows)?;
+    let logs_off_prog = logs_off.program()?;
+    let no_log = load_object(l3lb_tests::OBJECT_WITHOUT_LOG, false, s.flows)
+        .context("the object without log statements")?;
+    let no_log_prog = no_log.program()?;
 
     fill_connection_table(prog, ifindex, s.flows)?;
+    fill_connection_table(logs_off_prog, ifindex, s.flows)?;
+    fill_connection_table(no_log_prog, ifindex, s.flows)?;
     let v6_syn = eth(
         0x86dd,
         &ipv6(CLIENT6, vip6(), PROTO_TCP, &tcp(40000, 80, SYN)),
@@ -485,14 +556,16 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         0x0800,
         &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, ACK)),
     );
-    run_xdp(
-        prog,
-        ifindex,
-        &eth(
-            0x0800,
-            &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, SYN)),
-        ),
-    )?;
+    for p in [prog, logs_off_prog, no_log_prog] {
+        run_xdp(
+            p,
+            ifindex,
+            &eth(
+                0x0800,
+                &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, SYN)),
+            ),
+        )?;
+    }
     let mut inner = ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, ACK));
     inner[6] = 0x40;
     let decap_frame = eth(0x0800, &ipv4(BALANCER, NODE, 4, &inner));
@@ -599,6 +672,33 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         };
         variants.push((which, &p.frame));
     }
+    // The paths that run the most log sites (a new flow notes its backend; every packet
+    // passes the entry point's two), again without the statements compiled in.
+    let log_paths: Vec<usize> = LOG_COMPARED
+        .iter()
+        .map(|name| {
+            paths
+                .iter()
+                .position(|p| p.name == *name)
+                .with_context(|| format!("no per-packet path named {name}"))
+        })
+        .collect::<Result<_>>()?;
+    let mut pairs: Vec<[(&Xdp, &[u8]); 2]> = Vec::new();
+    for &i in &log_paths {
+        let p = &paths[i];
+        for which in [logs_off_prog, no_log_prog] {
+            let r = run_xdp(which, ifindex, &p.frame)?;
+            if r.verdict != p.expect {
+                bail!(
+                    "path {} returned verdict {} instead of {} in the log comparison",
+                    p.name,
+                    r.verdict,
+                    p.expect
+                );
+            }
+        }
+        pairs.push([(logs_off_prog, &p.frame), (no_log_prog, &p.frame)]);
+    }
     for _ in 0..s.rounds {
         // Interleaved in short chunks so drift on a noisy machine affects floor and paths
         // alike.
@@ -606,6 +706,15 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         floor_rounds.push(means[0]);
         for (i, m) in means[1..].iter().enumerate() {
             path_rounds[i].push(*m);
+        }
+    }
+    // Shipped against compiled out, in rounds of their own: a few per cent is the question,
+    // so each pair alternates which goes first (see `paired`).
+    let mut log_rounds: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()]; pairs.len()];
+    for _ in 0..s.rounds {
+        for (i, m) in paired(&pairs, ifindex, s.calls)?.into_iter().enumerate() {
+            log_rounds[i][0].push(m[0]);
+            log_rounds[i][1].push(m[1]);
         }
     }
     let floor_ns = median(floor_rounds.clone());
@@ -622,6 +731,32 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         "floor_ns".into(),
         json!({ "median": floor_ns, "rounds": floor_rounds }),
     );
+    let mut log_rows = serde_json::Map::new();
+    for (&i, [off, no_log]) in log_paths.iter().zip(log_rounds) {
+        // Each round's ratio comes from interleaved chunks, so it cancels drift between
+        // rounds; the median of them is the figure.
+        let ratios: Vec<f64> = off.iter().zip(&no_log).map(|(a, b)| a / b).collect();
+        log_rows.insert(
+            paths[i].name.into(),
+            json!({
+                "logs_off_median_ns": median(off.clone()),
+                "compiled_out_median_ns": median(no_log.clone()),
+                "logs_off_rounds": off,
+                "compiled_out_rounds": no_log,
+                "round_ratios": ratios,
+                "ratio": median(ratios.clone()),
+                "target_ratio": LOG_TARGET_RATIO,
+            }),
+        );
+    }
+    log_rows.insert(
+        "xlated_instructions".into(),
+        json!({ "logs_off": logs_off.xlated_instructions()?, "compiled_out": no_log.xlated_instructions()? }),
+    );
+    log_rows.insert(
+        "verifier_instructions".into(),
+        json!({ "logs_off": logs_off.verified_instructions()?, "compiled_out": no_log.verified_instructions()? }),
+    );
     for (p, rounds) in paths.iter().zip(path_rounds) {
         let ns = median(rounds.clone());
         out.insert(
@@ -633,6 +768,7 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         "verifier_instructions".into(),
         json!(dp.verified_instructions()?),
     );
+    out.insert("disabled_log_statements".into(), Value::Object(log_rows));
     Ok(Value::Object(out))
 }
 
@@ -843,6 +979,8 @@ fn throughput(t: &Throughput) -> Result<Value> {
         encap_src_v4: TP_BALANCER,
         encap_src_v6: NODE6,
         decap: false,
+        // As shipped: the program's debug logs off.
+        log_level: l3lb::program_log::XdpLogLevel::Off,
     })
     .context("loading l3lb for the throughput run")?;
     dp.apply(&Desired {
@@ -1361,6 +1499,35 @@ fn print_per_packet(r: &Value) {
         "  verifier-processed instructions: {}",
         pp["verifier_instructions"]
     );
+    let logs = &pp["disabled_log_statements"];
+    println!(
+        "\n  DISABLED LOG STATEMENTS  (as shipped, AYA_LOG_LEVEL = 0, against the same program built without them)"
+    );
+    println!(
+        "  {:<24} {:>9} {:>9} {:>8} {:>8}  ",
+        "PATH", "OFF NS", "OUT NS", "RATIO", "TARGET"
+    );
+    for name in LOG_COMPARED {
+        let p = &logs[name];
+        let ratio = p["ratio"].as_f64().unwrap_or(f64::NAN);
+        let target = p["target_ratio"].as_f64().unwrap_or(0.0);
+        println!(
+            "  {:<24} {:>9.1} {:>9.1} {:>8.3} {:>7.2}x  {}",
+            name,
+            p["logs_off_median_ns"].as_f64().unwrap_or(f64::NAN),
+            p["compiled_out_median_ns"].as_f64().unwrap_or(f64::NAN),
+            ratio,
+            target,
+            verdict(ratio <= target)
+        );
+    }
+    println!(
+        "  translated instructions: {} off, {} compiled out; verifier-processed: {} off, {} compiled out",
+        logs["xlated_instructions"]["logs_off"],
+        logs["xlated_instructions"]["compiled_out"],
+        logs["verifier_instructions"]["logs_off"],
+        logs["verifier_instructions"]["compiled_out"]
+    );
 }
 
 fn print_rest(r: &Value) {
@@ -1493,6 +1660,8 @@ fn small_table_options(n: usize, conntrack_size: u32) -> LoadOptions {
         encap_src_v4: NODE,
         encap_src_v6: NODE6,
         decap: false,
+        // As shipped: the program's debug logs off.
+        log_level: l3lb::program_log::XdpLogLevel::Off,
     }
 }
 
