@@ -768,26 +768,24 @@ impl Dataplane {
     /// code and rewrote helpers): `xlated_prog_len` / 8; `None` where the kernel hides it
     /// (it shows it to CAP_SYS_ADMIN only).
     pub fn xlated_instructions(&self) -> Result<Option<u32>, DataplaneError> {
-        let info = self
-            .program()?
+        Ok(self
+            .program_info()?
+            .size_translated()
+            .map(|bytes| bytes / 8))
+    }
+
+    fn program_info(&self) -> Result<aya::programs::ProgramInfo, DataplaneError> {
+        self.program()?
             .info()
             .map_err(|source| DataplaneError::Program {
                 what: "program info".into(),
                 source,
-            })?;
-        Ok(info.size_translated().map(|bytes| bytes / 8))
+            })
     }
 
     /// Instructions the verifier processed for the program (its complexity budget use).
     pub fn verified_instructions(&self) -> Result<Option<u32>, DataplaneError> {
-        let info = self
-            .program()?
-            .info()
-            .map_err(|source| DataplaneError::Program {
-                what: "program info".into(),
-                source,
-            })?;
-        Ok(info.verified_instruction_count())
+        Ok(self.program_info()?.verified_instruction_count())
     }
 
     fn xdp_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
