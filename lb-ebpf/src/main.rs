@@ -20,7 +20,8 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     Action, BACKEND_F_LOCAL, DropReason, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVICE_F_L2,
-    SERVICE_F_SOURCE_RANGES, SrcRangeV4, SrcRangeV6, VipInfo, VipKey, VipSlot,
+    SERVICE_F_SOURCE_RANGES, SETTINGS_F_DECAP_INDEX, SETTINGS_F_DECAP_PREFIXES, SrcRangeV4,
+    SrcRangeV6, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VipInfo, VipKey, VipSlot,
 };
 
 use crate::{
@@ -317,6 +318,110 @@ fn vip_index_probe(words: &[u32; 5], base: u32, size: u32) -> u64 {
     NOT_FOUND
 }
 
+/// `decap_check`'s answers.
+const DECAP_NOT_LOCAL: u64 = 0;
+const DECAP_ALLOWED: u64 = 1;
+const DECAP_DENIED: u64 = 2;
+
+/// The decap role's checks of a tunnel packet (`family` 4: IPIP, 6: IPv6-in-IPv6) whose
+/// outer addresses are `src` and `dst`, each passed as two words in memory order (IPv4:
+/// the address in the first word's low half, the rest zero): `DECAP_NOT_LOCAL` when `dst`
+/// is not one of this node's addresses (the packet is not ours to open), else
+/// `DECAP_ALLOWED` or `DECAP_DENIED` by the allow list.
+///
+/// Two searches of the VIP index, which holds this node's addresses and the host-exact
+/// allowed sources under their own family bits; the LPM trie is consulted only for a
+/// source the index lacks and only when some allow entry is a wider prefix. Without the
+/// index flag (the agent found no room) the maps answer, as they hold the same entries.
+/// A global function, for the same reason as `vip_index_search`, and so its keys live in
+/// its own stack frame: inlined into the IPv6 path they overflowed the 512-byte stack.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn decap_check(
+    src_lo: u64,
+    src_hi: u64,
+    dst_lo: u64,
+    dst_hi: u64,
+    family: u64,
+) -> u64 {
+    let family = family as u8;
+    let tunnel = if family == FAMILY_V4 {
+        PROTO_IPIP
+    } else {
+        PROTO_IPV6
+    };
+    let src = [
+        src_lo as u32,
+        (src_lo >> 32) as u32,
+        src_hi as u32,
+        (src_hi >> 32) as u32,
+    ];
+    let dst = [
+        dst_lo as u32,
+        (dst_lo >> 32) as u32,
+        dst_hi as u32,
+        (dst_hi >> 32) as u32,
+    ];
+    let settings = SETTINGS
+        .get(lb_common::SETTINGS_FLAGS)
+        .copied()
+        .unwrap_or(0);
+    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
+    if settings & SETTINGS_F_DECAP_INDEX != 0 && size != 0 {
+        let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
+            size
+        } else {
+            0
+        };
+        let tail = |marker: u8| {
+            VipKey {
+                addr: [0; 16],
+                port: 0,
+                proto: tunnel,
+                family: family | marker,
+            }
+            .words()[4]
+        };
+        let local = [dst[0], dst[1], dst[2], dst[3], tail(VIP_INDEX_LOCAL)];
+        if vip_index_probe(&local, base, size) == NOT_FOUND {
+            return DECAP_NOT_LOCAL;
+        }
+        let allowed = [src[0], src[1], src[2], src[3], tail(VIP_INDEX_DECAP)];
+        if vip_index_probe(&allowed, base, size) != NOT_FOUND {
+            return DECAP_ALLOWED;
+        }
+        if settings & SETTINGS_F_DECAP_PREFIXES == 0 {
+            return DECAP_DENIED;
+        }
+    } else if family == FAMILY_V4 {
+        if unsafe { LOCAL_V4.get(dst[0].to_ne_bytes()) }.is_none() {
+            return DECAP_NOT_LOCAL;
+        }
+    } else if unsafe { LOCAL_V6.get(words_to_bytes(dst)) }.is_none() {
+        return DECAP_NOT_LOCAL;
+    }
+    let listed = if family == FAMILY_V4 {
+        DECAP_V4.get(Key::new(32, src[0].to_ne_bytes())).is_some()
+    } else {
+        DECAP_V6.get(Key::new(128, words_to_bytes(src))).is_some()
+    };
+    if listed { DECAP_ALLOWED } else { DECAP_DENIED }
+}
+
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and every bit pattern is valid.
+    unsafe { core::mem::transmute(w) }
+}
+
+/// An address as `decap_check`'s two argument words.
+#[inline(always)]
+fn addr_args(a: &[u8; 16]) -> (u64, u64) {
+    // SAFETY: as in `words_to_bytes`, the other way round.
+    let w: [u64; 2] = unsafe { core::mem::transmute(*a) };
+    (w[0], w[1])
+}
+
 fn icmp_proto(family: u8) -> u8 {
     if family == FAMILY_V4 {
         PROTO_ICMP
@@ -332,19 +437,27 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
 
     // Only packets addressed to this node are ours to open; IPIP passing through (or for
     // another host) is left to the stack.
-    if proto == PROTO_IPIP && decap_enabled() && unsafe { LOCAL_V4.get(dst) }.is_some() {
-        let key = Key::new(32, src);
-        if DECAP_V4.get(&key).is_none() {
+    if proto == PROTO_IPIP && decap_enabled() {
+        let check = decap_check(
+            u32::from_ne_bytes(src) as u64,
+            0,
+            u32::from_ne_bytes(dst) as u64,
+            0,
+            FAMILY_V4 as u64,
+        );
+        if check == DECAP_DENIED {
             return Err(DropReason::DecapNotAllowed);
         }
-        // A fragment cannot be opened here; the stack reassembles it. Only fragments from
-        // allowed sources get that far, so a kernel tunnel device cannot be used to get
-        // round the allow list.
-        if ip.fragment {
-            return Ok(PASS.into());
+        if check == DECAP_ALLOWED {
+            // A fragment cannot be opened here; the stack reassembles it. Only fragments
+            // from allowed sources get that far, so a kernel tunnel device cannot be used
+            // to get round the allow list.
+            if ip.fragment {
+                return Ok(PASS.into());
+            }
+            encap::decap(ctx, l2.l3_off, l2.vlans, ip.hdr_len, ip.tot_len)?;
+            return Ok((xdp_action::XDP_PASS, Action::Decap).into());
         }
-        encap::decap(ctx, l2.l3_off, l2.vlans, ip.hdr_len, ip.tot_len)?;
-        return Ok((xdp_action::XDP_PASS, Action::Decap).into());
     }
     let pkt = Pkt {
         family: FAMILY_V4,
@@ -364,13 +477,17 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
 #[inline(always)]
 fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv6::parse(ctx, l2.l3_off)?;
-    if ip.next == PROTO_IPV6 && decap_enabled() && unsafe { LOCAL_V6.get(ip.dst) }.is_some() {
-        let key = Key::new(128, ip.src);
-        if DECAP_V6.get(&key).is_none() {
+    if ip.next == PROTO_IPV6 && decap_enabled() {
+        let (src_lo, src_hi) = addr_args(&ip.src);
+        let (dst_lo, dst_hi) = addr_args(&ip.dst);
+        let check = decap_check(src_lo, src_hi, dst_lo, dst_hi, FAMILY_V6 as u64);
+        if check == DECAP_DENIED {
             return Err(DropReason::DecapNotAllowed);
         }
-        encap::decap_v6(ctx, l2.l3_off, l2.vlans, ip.tot_len)?;
-        return Ok((xdp_action::XDP_PASS, Action::Decap).into());
+        if check == DECAP_ALLOWED {
+            encap::decap_v6(ctx, l2.l3_off, l2.vlans, ip.tot_len)?;
+            return Ok((xdp_action::XDP_PASS, Action::Decap).into());
+        }
     }
     // Only traffic to VIP addresses is looked at further: neighbour discovery, router
     // advertisements and everything else addressed elsewhere pass untouched.
