@@ -60,9 +60,10 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     let packed = if l2.ether_type == eth::ETH_P_IP {
         // The decap role: IPIP is looked at in a subprogram of its own, which does the
         // whole job (checks and decapsulation) without further calls, instead of in the
-        // IPv4 subprogram, which would call `decap_check`: under the SRSO mitigation each
-        // BPF-to-BPF call and return shows in the per-packet figure. Other packets pay one
-        // load and compare of the protocol byte.
+        // IPv4 subprogram, which would have to call out for the index searches (its own
+        // stack is too full to inline them): under the SRSO mitigation each BPF-to-BPF
+        // call and return shows in the per-packet figure. Other packets pay one load and
+        // compare of the protocol byte.
         if decap_enabled() && is_ipip(ctx, l2.l3_off) {
             let r = ipv4_decap_sub(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans);
             if r != NOT_OURS {
@@ -71,6 +72,14 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         }
         ipv4_path(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans)
     } else if l2.ether_type == eth::ETH_P_IPV6 {
+        // The same for IPv6-in-IPv6 (the fixed header's next header; a tunnel behind
+        // extension headers is not opened, as before).
+        if decap_enabled() && is_ip6ip6(ctx, l2.l3_off) {
+            let r = ipv6_decap_sub(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans);
+            if r != NOT_OURS {
+                return unpack(r);
+            }
+        }
         ipv6_path(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans)
     } else {
         return Ok(PASS);
@@ -344,25 +353,10 @@ const DECAP_DENIED: u64 = 2;
 /// allowed sources under their own family bits; the LPM trie is consulted only for a
 /// source the index lacks and only when some allow entry is a wider prefix. Without the
 /// index flag (the agent found no room) the maps answer, as they hold the same entries.
-/// A global function, for the same reason as `vip_index_search`, and so its keys live in
-/// its own stack frame: inlined into the IPv6 path they overflowed the 512-byte stack.
-/// (`ipv4_decap_sub`, with stack to spare and one call site, inlines it instead.)
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn decap_check(
-    src_lo: u64,
-    src_hi: u64,
-    dst_lo: u64,
-    dst_hi: u64,
-    family: u64,
-) -> u64 {
-    decap_verdict(src_lo, src_hi, dst_lo, dst_hi, family)
-}
-
-/// `decap_check`'s work, inlined where a call would cost more than its verification.
+/// Inlined into the decap subprograms (one call site each, stack to spare): a call to a
+/// global function costs more here than its verification saves.
 #[inline(always)]
-fn decap_verdict(src_lo: u64, src_hi: u64, dst_lo: u64, dst_hi: u64, family: u64) -> u64 {
-    let family = family as u8;
+fn decap_check(src_lo: u64, src_hi: u64, dst_lo: u64, dst_hi: u64, family: u8) -> u64 {
     let tunnel = if family == FAMILY_V4 {
         PROTO_IPIP
     } else {
@@ -472,12 +466,12 @@ fn ipv4_decap_sub(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
     let (src, dst) = unsafe { ((*ip.hdr).src_addr, (*ip.hdr).dst_addr) };
     // Only packets addressed to this node are ours to open; IPIP passing through (or for
     // another host) is left to the balancer path, which passes it to the stack.
-    let check = decap_verdict(
+    let check = decap_check(
         u32::from_ne_bytes(src) as u64,
         0,
         u32::from_ne_bytes(dst) as u64,
         0,
-        FAMILY_V4 as u64,
+        FAMILY_V4,
     );
     if check == DECAP_NOT_LOCAL {
         return NOT_OURS;
@@ -493,6 +487,34 @@ fn ipv4_decap_sub(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
     }
     pack(
         encap::decap(&ctx, l3_off, vlans, ip.hdr_len, ip.tot_len)
+            .map(|()| (xdp_action::XDP_PASS, Action::Decap).into()),
+    )
+}
+
+/// Whether the IPv6 packet at `l3_off` carries IPv6-in-IPv6 in its fixed header.
+#[inline(always)]
+fn is_ip6ip6(ctx: &XdpContext, l3_off: usize) -> bool {
+    ptr_at::<[u8; 8]>(ctx, l3_off).is_ok_and(|h| unsafe { (*h)[6] } == PROTO_IPV6)
+}
+
+/// `ipv4_decap_sub` for IPv6-in-IPv6.
+#[inline(never)]
+fn ipv6_decap_sub(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
+    let ip = match ipv6::parse(&ctx, l3_off) {
+        Ok(ip) => ip,
+        Err(reason) => return pack(Err(reason)),
+    };
+    let (src_lo, src_hi) = addr_args(&ip.src);
+    let (dst_lo, dst_hi) = addr_args(&ip.dst);
+    let check = decap_check(src_lo, src_hi, dst_lo, dst_hi, FAMILY_V6);
+    if check == DECAP_NOT_LOCAL {
+        return NOT_OURS;
+    }
+    if check != DECAP_ALLOWED {
+        return pack(Err(DropReason::DecapNotAllowed));
+    }
+    pack(
+        encap::decap_v6(&ctx, l3_off, vlans, ip.tot_len)
             .map(|()| (xdp_action::XDP_PASS, Action::Decap).into()),
     )
 }
@@ -520,18 +542,6 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
 #[inline(always)]
 fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv6::parse(ctx, l2.l3_off)?;
-    if ip.next == PROTO_IPV6 && decap_enabled() {
-        let (src_lo, src_hi) = addr_args(&ip.src);
-        let (dst_lo, dst_hi) = addr_args(&ip.dst);
-        let check = decap_check(src_lo, src_hi, dst_lo, dst_hi, FAMILY_V6 as u64);
-        if check == DECAP_DENIED {
-            return Err(DropReason::DecapNotAllowed);
-        }
-        if check == DECAP_ALLOWED {
-            encap::decap_v6(ctx, l2.l3_off, l2.vlans, ip.tot_len)?;
-            return Ok((xdp_action::XDP_PASS, Action::Decap).into());
-        }
-    }
     // Only traffic to VIP addresses is looked at further: neighbour discovery, router
     // advertisements and everything else addressed elsewhere pass untouched.
     if vip_lookup(&ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none() {
