@@ -1955,4 +1955,68 @@ mod vip_index_tests {
         assert!(err.contains("VIP index slot table is full"), "{err}");
         build_vip_index(keys[1..].iter().map(|k| (k, &info)), slots).expect("half fits");
     }
+
+    #[test]
+    fn decap_keys_are_hosts_only_marked_and_apart_from_vips() {
+        let balancer = Ipv4Addr::new(10, 1, 0, 2);
+        let node = Ipv4Addr::new(10, 1, 0, 1);
+        let desired = Desired {
+            decap_v4: vec![
+                (balancer, 32),
+                (Ipv4Addr::new(10, 9, 0, 0), 16),
+                (balancer, 32),
+            ],
+            local_v4: vec![node],
+            decap_v6: vec![("fd00::2".parse().expect("addr"), 128)],
+            local_v6: vec![],
+            ..Default::default()
+        };
+        let (keys, prefixes) = decap_index_keys(&desired);
+        assert!(prefixes, "the /16 needs the trie");
+        let marked = |addr: IpAddr, marker: u8, proto: u8| {
+            let (addr, family) = addr_bytes(addr);
+            VipKey {
+                addr,
+                port: 0,
+                proto,
+                family: family | marker,
+            }
+        };
+        let mut want = vec![
+            marked(IpAddr::V4(node), lb_common::VIP_INDEX_LOCAL, PROTO_IPIP),
+            marked(IpAddr::V4(balancer), lb_common::VIP_INDEX_DECAP, PROTO_IPIP),
+            marked(
+                "fd00::2".parse().expect("addr"),
+                lb_common::VIP_INDEX_DECAP,
+                PROTO_IPV6,
+            ),
+        ];
+        want.sort_by_key(|k| (k.family, k.addr));
+        assert_eq!(keys, want, "hosts only, each once");
+        // A VIP on the node's address is a different key: both are found in one table.
+        let (addr, family) = addr_bytes(IpAddr::V4(node));
+        let vip = VipKey {
+            addr,
+            port: 0,
+            proto: PROTO_IPIP,
+            family,
+        };
+        let info = VipInfo {
+            service: 7,
+            ..Default::default()
+        };
+        let none = VipInfo::default();
+        let table = build_vip_index(
+            std::iter::once((&vip, &info)).chain(keys.iter().map(|k| (k, &none))),
+            64,
+        )
+        .expect("fits");
+        assert_eq!(search(&table, &vip).map(|s| s.service), Some(7));
+        assert_eq!(search(&table, &keys[0]).map(|s| s.service), Some(0));
+        let hosts_only = Desired {
+            decap_v4: vec![(balancer, 32)],
+            ..Default::default()
+        };
+        assert!(!decap_index_keys(&hosts_only).1, "no prefix");
+    }
 }
