@@ -41,6 +41,24 @@ pub const SETTINGS_F_ALL_PORTS: u32 = 1;
 /// writes the idle half and flips this bit, so a lookup never meets a half-written table).
 pub const SETTINGS_F_VIP_INDEX_B: u32 = 2;
 
+/// Settings flag: the VIP index also holds this node's addresses and the host-exact
+/// (/32, /128) decap sources as `VIP_INDEX_LOCAL` / `VIP_INDEX_DECAP` keys, so the decap
+/// role's checks are index searches; when clear (the entries did not fit), the data plane
+/// reads `L3LB_LOCAL_V*` and `L3LB_DECAP_V*` as before.
+pub const SETTINGS_F_DECAP_INDEX: u32 = 4;
+
+/// Settings flag: some decap allow entry is a prefix wider than one host, so a source the
+/// VIP index does not list must still be looked up in `L3LB_DECAP_V*` (the LPM tries).
+pub const SETTINGS_F_DECAP_PREFIXES: u32 = 8;
+
+/// `VipKey::family` bit of a VIP index key naming one of this node's addresses (an outer
+/// destination the decap role opens), OR'd with `FAMILY_V4`/`FAMILY_V6`: no VIP key has
+/// it, so such keys never meet a VIP's.
+pub const VIP_INDEX_LOCAL: u8 = 0x10;
+/// `VipKey::family` bit of a VIP index key naming an allowed decap source (a host-exact
+/// allow entry), OR'd with `FAMILY_V4`/`FAMILY_V6`.
+pub const VIP_INDEX_DECAP: u8 = 0x20;
+
 /// Index of the settings array holding `SETTINGS_F_*` bits.
 pub const SETTINGS_FLAGS: u32 = 0;
 /// Index of the settings array holding the next-hop epoch: the agent advances it every

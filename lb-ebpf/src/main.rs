@@ -21,7 +21,8 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     Action, BACKEND_F_LOCAL, DropReason, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVICE_F_L2,
-    SERVICE_F_SOURCE_RANGES, SrcRangeV4, SrcRangeV6, VipInfo, VipKey, VipSlot,
+    SERVICE_F_SOURCE_RANGES, SETTINGS_F_DECAP_INDEX, SETTINGS_F_DECAP_PREFIXES, SrcRangeV4,
+    SrcRangeV6, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VipInfo, VipKey, VipSlot,
 };
 
 use crate::{
@@ -58,8 +59,28 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     // Each family runs in its own BPF subprogram: each gets its own 512-byte stack frame
     // instead of LLVM packing both paths' locals into one.
     let packed = if l2.ether_type == eth::ETH_P_IP {
+        // The decap role: IPIP is looked at in a subprogram of its own, which does the
+        // whole job (checks and decapsulation) without further calls, instead of in the
+        // IPv4 subprogram, which would have to call out for the index searches (its own
+        // stack is too full to inline them): under the SRSO mitigation each BPF-to-BPF
+        // call and return shows in the per-packet figure. Other packets pay one load and
+        // compare of the protocol byte.
+        if decap_enabled() && is_ipip(ctx, l2.l3_off) {
+            let r = ipv4_decap_sub(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans);
+            if r != NOT_OURS {
+                return unpack(r);
+            }
+        }
         ipv4_path(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans)
     } else if l2.ether_type == eth::ETH_P_IPV6 {
+        // The same for IPv6-in-IPv6 (the fixed header's next header; a tunnel behind
+        // extension headers is not opened, as before).
+        if decap_enabled() && is_ip6ip6(ctx, l2.l3_off) {
+            let r = ipv6_decap_sub(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans);
+            if r != NOT_OURS {
+                return unpack(r);
+            }
+        }
         ipv6_path(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans)
     } else {
         return Ok(PASS);
@@ -318,6 +339,102 @@ fn vip_index_probe(words: &[u32; 5], base: u32, size: u32) -> u64 {
     NOT_FOUND
 }
 
+/// `decap_check`'s answers.
+const DECAP_NOT_LOCAL: u64 = 0;
+const DECAP_ALLOWED: u64 = 1;
+const DECAP_DENIED: u64 = 2;
+
+/// The decap role's checks of a tunnel packet (`family` 4: IPIP, 6: IPv6-in-IPv6) whose
+/// outer addresses are `src` and `dst`, each passed as two words in memory order (IPv4:
+/// the address in the first word's low half, the rest zero): `DECAP_NOT_LOCAL` when `dst`
+/// is not one of this node's addresses (the packet is not ours to open), else
+/// `DECAP_ALLOWED` or `DECAP_DENIED` by the allow list.
+///
+/// Two searches of the VIP index, which holds this node's addresses and the host-exact
+/// allowed sources under their own family bits; the LPM trie is consulted only for a
+/// source the index lacks and only when some allow entry is a wider prefix. Without the
+/// index flag (the agent found no room) the maps answer, as they hold the same entries.
+/// Inlined into the decap subprograms (one call site each, stack to spare): a call to a
+/// global function costs more here than its verification saves.
+#[inline(always)]
+fn decap_check(src_lo: u64, src_hi: u64, dst_lo: u64, dst_hi: u64, family: u8) -> u64 {
+    let tunnel = if family == FAMILY_V4 {
+        PROTO_IPIP
+    } else {
+        PROTO_IPV6
+    };
+    let src = [
+        src_lo as u32,
+        (src_lo >> 32) as u32,
+        src_hi as u32,
+        (src_hi >> 32) as u32,
+    ];
+    let dst = [
+        dst_lo as u32,
+        (dst_lo >> 32) as u32,
+        dst_hi as u32,
+        (dst_hi >> 32) as u32,
+    ];
+    let settings = SETTINGS
+        .get(lb_common::SETTINGS_FLAGS)
+        .copied()
+        .unwrap_or(0);
+    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
+    if settings & SETTINGS_F_DECAP_INDEX != 0 && size != 0 {
+        let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
+            size
+        } else {
+            0
+        };
+        let tail = |marker: u8| {
+            VipKey {
+                addr: [0; 16],
+                port: 0,
+                proto: tunnel,
+                family: family | marker,
+            }
+            .words()[4]
+        };
+        let local = [dst[0], dst[1], dst[2], dst[3], tail(VIP_INDEX_LOCAL)];
+        if vip_index_probe(&local, base, size) == NOT_FOUND {
+            return DECAP_NOT_LOCAL;
+        }
+        let allowed = [src[0], src[1], src[2], src[3], tail(VIP_INDEX_DECAP)];
+        if vip_index_probe(&allowed, base, size) != NOT_FOUND {
+            return DECAP_ALLOWED;
+        }
+        if settings & SETTINGS_F_DECAP_PREFIXES == 0 {
+            return DECAP_DENIED;
+        }
+    } else if family == FAMILY_V4 {
+        if unsafe { LOCAL_V4.get(dst[0].to_ne_bytes()) }.is_none() {
+            return DECAP_NOT_LOCAL;
+        }
+    } else if unsafe { LOCAL_V6.get(words_to_bytes(dst)) }.is_none() {
+        return DECAP_NOT_LOCAL;
+    }
+    let listed = if family == FAMILY_V4 {
+        DECAP_V4.get(Key::new(32, src[0].to_ne_bytes())).is_some()
+    } else {
+        DECAP_V6.get(Key::new(128, words_to_bytes(src))).is_some()
+    };
+    if listed { DECAP_ALLOWED } else { DECAP_DENIED }
+}
+
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and every bit pattern is valid.
+    unsafe { core::mem::transmute(w) }
+}
+
+/// An address as `decap_check`'s two argument words.
+#[inline(always)]
+fn addr_args(a: &[u8; 16]) -> (u64, u64) {
+    // SAFETY: as in `words_to_bytes`, the other way round.
+    let w: [u64; 2] = unsafe { core::mem::transmute(*a) };
+    (w[0], w[1])
+}
+
 fn icmp_proto(family: u8) -> u8 {
     if family == FAMILY_V4 {
         PROTO_ICMP
@@ -326,27 +443,88 @@ fn icmp_proto(family: u8) -> u8 {
     }
 }
 
+/// Whether the IPv4 packet at `l3_off` carries IPIP (a frame too short is not: the IPv4
+/// path reports it).
+#[inline(always)]
+fn is_ipip(ctx: &XdpContext, l3_off: usize) -> bool {
+    ptr_at::<network_types::ip::Ipv4Hdr>(ctx, l3_off)
+        .is_ok_and(|hdr| unsafe { (*hdr).proto } == PROTO_IPIP)
+}
+
+/// `ipv4_decap_sub`'s answer for a packet that is not for this node: the IPv4 path takes
+/// it (no packed result has this bit).
+const NOT_OURS: u64 = 1 << 61;
+
+/// The decap role for an IPIP packet: `NOT_OURS` unless it is addressed to one of this
+/// node's addresses, else what to do with it, packed (opened, left to the stack as a
+/// fragment, or dropped from an unlisted source).
+#[inline(never)]
+fn ipv4_decap_sub(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
+    let ip = match ipv4::parse(&ctx, l3_off) {
+        Ok(ip) => ip,
+        Err(reason) => return pack(Err(reason)),
+    };
+    let (src, dst) = unsafe { ((*ip.hdr).src_addr, (*ip.hdr).dst_addr) };
+    // Only packets addressed to this node are ours to open; IPIP passing through (or for
+    // another host) is left to the balancer path, which passes it to the stack.
+    let check = decap_check(
+        u32::from_ne_bytes(src) as u64,
+        0,
+        u32::from_ne_bytes(dst) as u64,
+        0,
+        FAMILY_V4,
+    );
+    if check == DECAP_NOT_LOCAL {
+        return NOT_OURS;
+    }
+    if check != DECAP_ALLOWED {
+        return pack(Err(DropReason::DecapNotAllowed));
+    }
+    // A fragment cannot be opened here; the stack reassembles it. Only fragments from
+    // allowed sources get that far, so a kernel tunnel device cannot be used to get round
+    // the allow list.
+    if ip.fragment {
+        return pack(Ok(PASS.into()));
+    }
+    pack(
+        encap::decap(&ctx, l3_off, vlans, ip.hdr_len, ip.tot_len)
+            .map(|()| (xdp_action::XDP_PASS, Action::Decap).into()),
+    )
+}
+
+/// Whether the IPv6 packet at `l3_off` carries IPv6-in-IPv6 in its fixed header.
+#[inline(always)]
+fn is_ip6ip6(ctx: &XdpContext, l3_off: usize) -> bool {
+    ptr_at::<[u8; 8]>(ctx, l3_off).is_ok_and(|h| unsafe { (*h)[6] } == PROTO_IPV6)
+}
+
+/// `ipv4_decap_sub` for IPv6-in-IPv6.
+#[inline(never)]
+fn ipv6_decap_sub(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
+    let ip = match ipv6::parse(&ctx, l3_off) {
+        Ok(ip) => ip,
+        Err(reason) => return pack(Err(reason)),
+    };
+    let (src_lo, src_hi) = addr_args(&ip.src);
+    let (dst_lo, dst_hi) = addr_args(&ip.dst);
+    let check = decap_check(src_lo, src_hi, dst_lo, dst_hi, FAMILY_V6);
+    if check == DECAP_NOT_LOCAL {
+        return NOT_OURS;
+    }
+    if check != DECAP_ALLOWED {
+        return pack(Err(DropReason::DecapNotAllowed));
+    }
+    pack(
+        encap::decap_v6(&ctx, l3_off, vlans, ip.tot_len)
+            .map(|()| (xdp_action::XDP_PASS, Action::Decap).into()),
+    )
+}
+
 #[inline(always)]
 fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv4::parse(ctx, l2.l3_off)?;
     let (proto, src, dst) = unsafe { ((*ip.hdr).proto, (*ip.hdr).src_addr, (*ip.hdr).dst_addr) };
 
-    // Only packets addressed to this node are ours to open; IPIP passing through (or for
-    // another host) is left to the stack.
-    if proto == PROTO_IPIP && decap_enabled() && unsafe { LOCAL_V4.get(dst) }.is_some() {
-        let key = Key::new(32, src);
-        if DECAP_V4.get(&key).is_none() {
-            return Err(DropReason::DecapNotAllowed);
-        }
-        // A fragment cannot be opened here; the stack reassembles it. Only fragments from
-        // allowed sources get that far, so a kernel tunnel device cannot be used to get
-        // round the allow list.
-        if ip.fragment {
-            return Ok(PASS.into());
-        }
-        encap::decap(ctx, l2.l3_off, l2.vlans, ip.hdr_len, ip.tot_len)?;
-        return Ok((xdp_action::XDP_PASS, Action::Decap).into());
-    }
     let pkt = Pkt {
         family: FAMILY_V4,
         src: parse::v4_in_16(src),
@@ -365,14 +543,6 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
 #[inline(always)]
 fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv6::parse(ctx, l2.l3_off)?;
-    if ip.next == PROTO_IPV6 && decap_enabled() && unsafe { LOCAL_V6.get(ip.dst) }.is_some() {
-        let key = Key::new(128, ip.src);
-        if DECAP_V6.get(&key).is_none() {
-            return Err(DropReason::DecapNotAllowed);
-        }
-        encap::decap_v6(ctx, l2.l3_off, l2.vlans, ip.tot_len)?;
-        return Ok((xdp_action::XDP_PASS, Action::Decap).into());
-    }
     // Only traffic to VIP addresses is looked at further: neighbour discovery, router
     // advertisements and everything else addressed elsewhere pass untouched.
     if vip_lookup(&ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none() {

@@ -20,9 +20,9 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, BackendMeta, BackendStats, FAMILY_V4, FAMILY_V6,
-    SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, ServiceMeta, ServiceStats,
-    SrcRangeV4, SrcRangeV6, VipInfo, VipKey, VipSlot, globals, map_names,
+    BACKEND_F_LOCAL, Backend, BackendMeta, BackendStats, FAMILY_V4, FAMILY_V6, PROTO_IPIP,
+    PROTO_IPV6, SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, ServiceMeta,
+    ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey, VipSlot, globals, map_names,
 };
 use thiserror::Error;
 
@@ -581,7 +581,8 @@ pub struct Dataplane {
     decap_v6: Vec<(Ipv6Addr, u8)>,
     local_v6: Vec<Ipv6Addr>,
     markers: BTreeMap<VipKey, VipInfo>,
-    all_ports: Option<bool>,
+    /// The `SETTINGS_F_*` bits other than the index half last written (`None`: never).
+    settings_flags: Option<u32>,
     nexthop_epoch: u32,
 }
 
@@ -603,6 +604,50 @@ pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
         }
         IpAddr::V6(a) => (a.octets(), FAMILY_V6),
     }
+}
+
+/// The VIP index keys of the decap role in `desired` (this node's addresses, then the
+/// host-exact allowed sources), and whether some allow entry is a wider prefix, which only
+/// the LPM tries can match.
+pub fn decap_index_keys(desired: &Desired) -> (Vec<VipKey>, bool) {
+    let key = |addr: IpAddr, marker: u8, proto: u8| {
+        let (addr, family) = addr_bytes(addr);
+        VipKey {
+            addr,
+            port: 0,
+            proto,
+            family: family | marker,
+        }
+    };
+    let local_v4 = desired
+        .local_v4
+        .iter()
+        .map(|a| key(IpAddr::V4(*a), lb_common::VIP_INDEX_LOCAL, PROTO_IPIP));
+    let local_v6 = desired
+        .local_v6
+        .iter()
+        .map(|a| key(IpAddr::V6(*a), lb_common::VIP_INDEX_LOCAL, PROTO_IPV6));
+    let allow_v4 = desired
+        .decap_v4
+        .iter()
+        .filter(|(_, len)| *len == 32)
+        .map(|(a, _)| key(IpAddr::V4(*a), lb_common::VIP_INDEX_DECAP, PROTO_IPIP));
+    let allow_v6 = desired
+        .decap_v6
+        .iter()
+        .filter(|(_, len)| *len == 128)
+        .map(|(a, _)| key(IpAddr::V6(*a), lb_common::VIP_INDEX_DECAP, PROTO_IPV6));
+    let mut keys: Vec<VipKey> = local_v4
+        .chain(local_v6)
+        .chain(allow_v4)
+        .chain(allow_v6)
+        .collect();
+    // A repeated address would take two slots and make the image depend on list order.
+    keys.sort_by_key(|k| (k.family, k.addr));
+    keys.dedup();
+    let prefixes =
+        desired.decap_v4.iter().any(|e| e.1 < 32) || desired.decap_v6.iter().any(|e| e.1 < 128);
+    (keys, prefixes)
 }
 
 /// Inverse of [`addr_bytes`].
@@ -736,7 +781,7 @@ impl Dataplane {
             decap_v6: Vec::new(),
             local_v6: Vec::new(),
             markers: BTreeMap::new(),
-            all_ports: None,
+            settings_flags: None,
             nexthop_epoch: 0,
         })
     }
@@ -1081,13 +1126,15 @@ impl Dataplane {
     }
 
     /// One half of the VIP index holding every entry of the VIP map as it now stands
-    /// (the services' VIPs and the address markers).
-    fn vip_index_entries_image(&self) -> Result<Vec<VipSlot>, DataplaneError> {
+    /// (the services' VIPs and the address markers), followed by `decap` keys.
+    fn vip_index_entries_image(&self, decap: &[VipKey]) -> Result<Vec<VipSlot>, DataplaneError> {
+        let none = VipInfo::default();
         let entries = self
             .services
             .values()
             .flat_map(|s| s.vips.iter().map(move |k| (k, &s.info)))
-            .chain(self.markers.iter());
+            .chain(self.markers.iter())
+            .chain(decap.iter().map(|k| (k, &none)));
         build_vip_index(entries, lb_common::vip_index_slots(self.opts.max_services))
     }
 
@@ -1579,30 +1626,61 @@ impl Dataplane {
             .services
             .iter()
             .any(|s| s.vips.iter().any(|v| v.1 == 0));
+        let mut flags = if all_ports {
+            lb_common::SETTINGS_F_ALL_PORTS
+        } else {
+            0
+        };
+        // The decap role's checks go into the index too (this node's addresses and the
+        // host-exact allowed sources), so they cost index searches instead of a hash-map
+        // and an LPM-trie lookup. Taken from `desired`: the index must agree with the
+        // prefix flag set with it. When they do not fit (the index is sized by
+        // max_services), the data plane keeps using the maps, written below either way.
+        let (decap_keys, decap_prefixes) = decap_index_keys(desired);
+        if decap_prefixes {
+            flags |= lb_common::SETTINGS_F_DECAP_PREFIXES;
+        }
+        let image = match self.vip_index_entries_image(&decap_keys) {
+            Ok(image) => {
+                flags |= lb_common::SETTINGS_F_DECAP_INDEX;
+                image
+            }
+            Err(DataplaneError::Full { .. }) if !decap_keys.is_empty() => {
+                // Said once, when the fast path is lost, not on every apply.
+                if self
+                    .settings_flags
+                    .is_none_or(|f| f & lb_common::SETTINGS_F_DECAP_INDEX != 0)
+                {
+                    tracing::warn!(
+                        "the VIP index has no room for {} decap addresses; decapsulation \
+                     checks use the slower maps (raise max_services to make room)",
+                        decap_keys.len()
+                    );
+                }
+                self.vip_index_entries_image(&[])?
+            }
+            Err(e) => return Err(e),
+        };
         // The VIP index: the entries above, written into the idle half, which then
-        // becomes the active one together with the all-ports flag (one store).
-        let image = self.vip_index_entries_image()?;
+        // becomes the active one together with the flags (one store).
         let index_changed = self.vip_index_image.as_ref() != Some(&image);
         if index_changed {
             let half = lb_common::vip_index_slots(self.opts.max_services) as usize;
             let idle = if self.vip_index_b { 0 } else { half };
             self.vip_index.write(idle, &image)?;
         }
-        if index_changed || Some(all_ports) != self.all_ports {
+        if index_changed || Some(flags) != self.settings_flags {
             let b = self.vip_index_b != index_changed;
-            let flags = if all_ports {
-                lb_common::SETTINGS_F_ALL_PORTS
-            } else {
-                0
-            } | if b {
-                lb_common::SETTINGS_F_VIP_INDEX_B
-            } else {
-                0
-            };
+            let word = flags
+                | if b {
+                    lb_common::SETTINGS_F_VIP_INDEX_B
+                } else {
+                    0
+                };
             self.array::<u32>(map_names::SETTINGS)?
-                .set(lb_common::SETTINGS_FLAGS, flags, 0)
+                .set(lb_common::SETTINGS_FLAGS, word, 0)
                 .map_err(map_err("settings"))?;
-            self.all_ports = Some(all_ports);
+            self.settings_flags = Some(flags);
             self.vip_index_b = b;
             self.vip_index_image = Some(image);
         }
@@ -1924,5 +2002,69 @@ mod vip_index_tests {
             .to_string();
         assert!(err.contains("VIP index slot table is full"), "{err}");
         build_vip_index(keys[1..].iter().map(|k| (k, &info)), slots).expect("half fits");
+    }
+
+    #[test]
+    fn decap_keys_are_hosts_only_marked_and_apart_from_vips() {
+        let balancer = Ipv4Addr::new(10, 1, 0, 2);
+        let node = Ipv4Addr::new(10, 1, 0, 1);
+        let desired = Desired {
+            decap_v4: vec![
+                (balancer, 32),
+                (Ipv4Addr::new(10, 9, 0, 0), 16),
+                (balancer, 32),
+            ],
+            local_v4: vec![node],
+            decap_v6: vec![("fd00::2".parse().expect("addr"), 128)],
+            local_v6: vec![],
+            ..Default::default()
+        };
+        let (keys, prefixes) = decap_index_keys(&desired);
+        assert!(prefixes, "the /16 needs the trie");
+        let marked = |addr: IpAddr, marker: u8, proto: u8| {
+            let (addr, family) = addr_bytes(addr);
+            VipKey {
+                addr,
+                port: 0,
+                proto,
+                family: family | marker,
+            }
+        };
+        let mut want = vec![
+            marked(IpAddr::V4(node), lb_common::VIP_INDEX_LOCAL, PROTO_IPIP),
+            marked(IpAddr::V4(balancer), lb_common::VIP_INDEX_DECAP, PROTO_IPIP),
+            marked(
+                "fd00::2".parse().expect("addr"),
+                lb_common::VIP_INDEX_DECAP,
+                PROTO_IPV6,
+            ),
+        ];
+        want.sort_by_key(|k| (k.family, k.addr));
+        assert_eq!(keys, want, "hosts only, each once");
+        // A VIP on the node's address is a different key: both are found in one table.
+        let (addr, family) = addr_bytes(IpAddr::V4(node));
+        let vip = VipKey {
+            addr,
+            port: 0,
+            proto: PROTO_IPIP,
+            family,
+        };
+        let info = VipInfo {
+            service: 7,
+            ..Default::default()
+        };
+        let none = VipInfo::default();
+        let table = build_vip_index(
+            std::iter::once((&vip, &info)).chain(keys.iter().map(|k| (k, &none))),
+            64,
+        )
+        .expect("fits");
+        assert_eq!(search(&table, &vip).map(|s| s.service), Some(7));
+        assert_eq!(search(&table, &keys[0]).map(|s| s.service), Some(0));
+        let hosts_only = Desired {
+            decap_v4: vec![(balancer, 32)],
+            ..Default::default()
+        };
+        assert!(!decap_index_keys(&hosts_only).1, "no prefix");
     }
 }

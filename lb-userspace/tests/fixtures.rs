@@ -430,6 +430,177 @@ fn decap_role_strips_ipip_from_allowed_sources_only() {
     f.expect_drop(&frame, DropReason::DecapMalformed, "inner header cut");
 }
 
+/// The settings flags the agent last wrote (`SETTINGS_F_*`).
+fn settings_flags(dp: &Dataplane) -> u32 {
+    let settings: aya::maps::Array<&MapData, u32> =
+        aya::maps::Array::try_from(dp.map(map_names::SETTINGS).expect("settings")).expect("typed");
+    settings.get(&lb_common::SETTINGS_FLAGS, 0).expect("flags")
+}
+
+#[test]
+fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
+    use lb_common::{SETTINGS_F_DECAP_INDEX, SETTINGS_F_DECAP_PREFIXES};
+    let inner = ipv4(
+        CLIENT,
+        VIP,
+        PROTO_TCP,
+        &[],
+        &tcp(40000, 80, ACK, b"data"),
+        true,
+    );
+    let tunnel = |src: Ipv4Addr, dst: Ipv4Addr| {
+        eth(
+            NODE_MAC,
+            B1_MAC,
+            &[],
+            0x0800,
+            &ipv4(src, dst, 4, &[], &inner, true),
+        )
+    };
+    let opened = eth(NODE_MAC, B1_MAC, &[], 0x0800, &inner);
+    let expect_opened = |f: &Fixture, src: Ipv4Addr, dst: Ipv4Addr, what: &str| {
+        let (verdict, out) = f.run(&tunnel(src, dst));
+        assert_eq!((verdict, out), (XDP_PASS, opened.clone()), "{what}");
+    };
+    let stranger = Ipv4Addr::new(198, 51, 100, 1);
+
+    // Host entries only (what Kubernetes mode writes): the index answers, no trie.
+    let mut desired = standard_desired();
+    desired.decap_v4 = vec![(BALANCER, 32)];
+    // The web VIP is also this node's address and an allowed tunnel source: its VIP key
+    // and its decap-role keys sit side by side in the index without meeting.
+    desired.local_v4.push(VIP);
+    desired.decap_v4.push((VIP, 32));
+    let mut f = Fixture::new(true, &desired);
+    let flags = settings_flags(&f.dp);
+    assert_ne!(flags & SETTINGS_F_DECAP_INDEX, 0, "decap keys indexed");
+    assert_eq!(flags & SETTINGS_F_DECAP_PREFIXES, 0, "no prefix entries");
+    expect_opened(&f, BALANCER, NODE, "a /32 entry, through the index");
+    expect_opened(&f, VIP, NODE, "a source that is also a VIP");
+    expect_opened(&f, BALANCER, VIP, "to a local address that is also a VIP");
+    f.expect_drop(
+        &tunnel(stranger, NODE),
+        DropReason::DecapNotAllowed,
+        "unlisted source",
+    );
+    f.expect_drop(
+        &tunnel(Ipv4Addr::new(10, 1, 0, 3), NODE),
+        DropReason::DecapNotAllowed,
+        "a neighbour of the listed host",
+    );
+    f.expect_drop(
+        &tunnel(CLIENT, VIP),
+        DropReason::DecapNotAllowed,
+        "unlisted source to the local VIP",
+    );
+    // The VIP still balances, and VIP keys make no address local or allowed.
+    let (verdict, out) = f.run(&client_tcp(VIP, 40000, 80, SYN));
+    assert_eq!(verdict, XDP_TX, "TCP to the VIP is forwarded");
+    assert_eq!(
+        out,
+        expected_ipip(&client_tcp(VIP, 40000, 80, SYN)[14..], B1, B1_MAC)
+    );
+    f.expect_pass_unchanged(
+        &tunnel(BALANCER, VIP_L2),
+        "IPIP to a VIP that is not this node's address",
+    );
+    f.expect_drop(
+        &tunnel(VIP_L2, NODE),
+        DropReason::DecapNotAllowed,
+        "a VIP that is not on the allow list as a source",
+    );
+
+    // A prefix next to the host entry: sources the index lacks go to the trie.
+    desired.decap_v4.push((Ipv4Addr::new(10, 9, 0, 0), 16));
+    f.dp.apply(&desired).expect("apply");
+    let flags = settings_flags(&f.dp);
+    assert_ne!(flags & SETTINGS_F_DECAP_INDEX, 0, "decap keys indexed");
+    assert_ne!(flags & SETTINGS_F_DECAP_PREFIXES, 0, "prefix flagged");
+    expect_opened(&f, BALANCER, NODE, "the /32 entry");
+    expect_opened(&f, Ipv4Addr::new(10, 9, 200, 7), NODE, "inside the /16");
+    f.expect_drop(
+        &tunnel(stranger, NODE),
+        DropReason::DecapNotAllowed,
+        "unlisted source with a prefix configured",
+    );
+    // The same for IPv6-in-IPv6: a /128 through the index, a /32 through the trie.
+    desired.decap_v6 = vec![(BALANCER6, 128), ("fd00:9::".parse().expect("addr"), 32)];
+    f.dp.apply(&desired).expect("apply");
+    let inner6 = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, ACK, b"data"));
+    let tunnel6 = |src: Ipv6Addr| {
+        eth(
+            NODE_MAC,
+            B1_MAC,
+            &[],
+            0x86dd,
+            &ipv6(src, NODE6, 41, &inner6),
+        )
+    };
+    for (src, what) in [
+        (BALANCER6, "IPv6 /128 entry"),
+        ("fd00:9::5".parse().expect("addr"), "inside the IPv6 /32"),
+    ] {
+        let (verdict, out) = f.run(&tunnel6(src));
+        assert_eq!(verdict, XDP_PASS, "{what}");
+        assert_eq!(out, eth(NODE_MAC, B1_MAC, &[], 0x86dd, &inner6), "{what}");
+    }
+    f.expect_drop(
+        &tunnel6(B3_6),
+        DropReason::DecapNotAllowed,
+        "unlisted IPv6 source with a prefix configured",
+    );
+    desired.decap_v6 = vec![];
+
+    // The prefix gone again: its sources are refused at once.
+    desired.decap_v4.pop();
+    f.dp.apply(&desired).expect("apply");
+    assert_eq!(settings_flags(&f.dp) & SETTINGS_F_DECAP_PREFIXES, 0);
+    f.expect_drop(
+        &tunnel(Ipv4Addr::new(10, 9, 200, 7), NODE),
+        DropReason::DecapNotAllowed,
+        "the removed prefix",
+    );
+
+    // More host entries than the index has room for (max_services 16: 128 entries): the
+    // maps answer instead, with the same result.
+    desired.decap_v4 = (0..200u8)
+        .map(|i| (Ipv4Addr::new(10, 7, 0, i), 32))
+        .chain([(BALANCER, 32)])
+        .collect();
+    f.dp.apply(&desired).expect("apply");
+    assert_eq!(
+        settings_flags(&f.dp) & SETTINGS_F_DECAP_INDEX,
+        0,
+        "decap keys do not fit"
+    );
+    expect_opened(&f, BALANCER, NODE, "listed, through the maps");
+    expect_opened(
+        &f,
+        Ipv4Addr::new(10, 7, 0, 150),
+        NODE,
+        "listed, through the maps",
+    );
+    f.expect_drop(
+        &tunnel(stranger, NODE),
+        DropReason::DecapNotAllowed,
+        "unlisted, through the maps",
+    );
+    f.expect_pass_unchanged(&tunnel(BALANCER, B3), "to another host, through the maps");
+    let (verdict, _) = f.run(&client_tcp(VIP, 40001, 80, SYN));
+    assert_eq!(verdict, XDP_TX, "VIPs unaffected");
+
+    // Room again: back to the index.
+    desired.decap_v4 = vec![(BALANCER, 32)];
+    f.dp.apply(&desired).expect("apply");
+    assert_ne!(settings_flags(&f.dp) & SETTINGS_F_DECAP_INDEX, 0);
+    expect_opened(&f, BALANCER, NODE, "through the index again");
+    f.expect_drop(
+        &tunnel(Ipv4Addr::new(10, 7, 0, 150), NODE),
+        DropReason::DecapNotAllowed,
+        "no longer listed",
+    );
+}
+
 #[test]
 fn icmp_echo_to_a_vip_is_answered_by_the_balancer() {
     let f = Fixture::new(false, &standard_desired());
