@@ -484,6 +484,18 @@ impl MmapArray {
     }
 }
 
+/// A 64-bit digest of a VIP index image: equal digests are taken as equal tables (a
+/// collision, odds 2⁻⁶⁴ per apply, would skip a needed rewrite until the next change).
+fn slots_digest(slots: &[VipSlot]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    for s in slots {
+        s.key.hash(&mut h);
+        (s.service, s.flags, s.ring).hash(&mut h);
+    }
+    h.finish()
+}
+
 /// Places VIP entries into one half of the VIP index (`slots` slots, a power of two) by
 /// linear probing from `vip_index_hash`, as the data plane searches it.
 ///
@@ -555,8 +567,9 @@ pub struct Dataplane {
     /// The VIP index (both halves) and the half the data plane reads.
     vip_index: MmapArray,
     vip_index_b: bool,
-    /// What the active half holds, so an apply that changes no VIP entry writes nothing.
-    vip_index_image: Option<Vec<VipSlot>>,
+    /// A digest of what the active half holds, so an apply that changes no VIP entry
+    /// writes nothing (the table itself is not kept: megabytes at 10 000 services).
+    vip_index_digest: Option<u64>,
     opts: LoadOptions,
     link: Option<XdpLinkId>,
     /// The attachment when it is a pinned bpf_link (kept across agent restarts).
@@ -762,7 +775,7 @@ impl Dataplane {
             rings,
             vip_index,
             vip_index_b: false,
-            vip_index_image: None,
+            vip_index_digest: None,
             opts: opts.clone(),
             link: None,
             pinned_link: None,
@@ -1663,7 +1676,8 @@ impl Dataplane {
         };
         // The VIP index: the entries above, written into the idle half, which then
         // becomes the active one together with the flags (one store).
-        let index_changed = self.vip_index_image.as_ref() != Some(&image);
+        let digest = slots_digest(&image);
+        let index_changed = self.vip_index_digest != Some(digest);
         if index_changed {
             let half = lb_common::vip_index_slots(self.opts.max_services) as usize;
             let idle = if self.vip_index_b { 0 } else { half };
@@ -1682,7 +1696,7 @@ impl Dataplane {
                 .map_err(map_err("settings"))?;
             self.settings_flags = Some(flags);
             self.vip_index_b = b;
-            self.vip_index_image = Some(image);
+            self.vip_index_digest = Some(digest);
         }
 
         // 4. Backend entries no service names any more: cleared once no VIP (in the index
