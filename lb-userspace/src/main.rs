@@ -339,6 +339,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             let links = l3lb::handover::down(&dir)
                 .with_context(|| format!("removing the pins in {}", dir.display()))?;
+            // The pin_path itself goes too once nothing else is in it (the agent created
+            // it); a directory holding other files is left alone.
+            let _ = std::fs::remove_dir(&pin_path);
             println!(
                 "detached {links} link(s) and removed the pins in {}",
                 dir.display()

@@ -365,6 +365,7 @@ fn sigterm_leaves_the_data_plane_running_and_down_removes_it() {
     );
     assert!(!xdp_on_eth0(&s), "detached by l3lb down");
     assert!(!pins.join("v1").exists(), "pins removed");
+    assert!(!pins.exists(), "the emptied pin_path removed");
 }
 
 #[test]

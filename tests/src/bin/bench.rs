@@ -648,6 +648,8 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         } else {
             prog
         };
+        println!("profiling {name} for 5 s");
+        std::io::Write::flush(&mut std::io::stdout())?;
         let until = Instant::now() + std::time::Duration::from_secs(5);
         let mut calls = 0u64;
         while Instant::now() < until {
@@ -1380,9 +1382,9 @@ fn control_plane(s: &Settings) -> Result<Value> {
 fn agent_rss(services: usize) -> Result<Value> {
     let dir = std::env::temp_dir().join(format!("l3lb-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let pin_path = format!("/sys/fs/bpf/l3lb-bench-{}", std::process::id());
     let mut cfg = format!(
-        "interface: fx0\nxdp_mode: generic\npin_path: /sys/fs/bpf/l3lb-bench-{}\nmaglev_table_size: 1021\nmax_services: {services}\nmax_backends: {}\nservices:\n",
-        std::process::id(),
+        "interface: fx0\nxdp_mode: generic\npin_path: {pin_path}\nmaglev_table_size: 1021\nmax_services: {services}\nmax_backends: {}\nservices:\n",
         services * 2
     );
     for i in 0..services {
@@ -1406,36 +1408,54 @@ fn agent_rss(services: usize) -> Result<Value> {
         .spawn()
         .context("starting l3lb run")?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    let rss = loop {
-        if std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("l3lb ready")
-        {
-            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
-            let kb: u64 = status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .context("VmRSS")?;
-            break kb;
+    let rss = (|| -> Result<u64> {
+        loop {
+            if std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("l3lb ready")
+            {
+                let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+                return status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+                    .context("VmRSS");
+            }
+            if let Some(st) = child.try_wait()? {
+                bail!(
+                    "l3lb run exited ({st}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("l3lb run not ready after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        if let Some(st) = child.try_wait()? {
-            bail!(
-                "l3lb run exited ({st}): {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("l3lb run not ready after 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    })();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    if rss.is_err() {
+        let _ = child.kill();
+    }
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    // The stopped agent leaves its program and maps pinned (for a restart to take over):
+    // without this each run would leave them loaded. Done on failure too.
+    let down = Command::new(&bin)
+        .args(["down", "--pin-path"])
+        .arg(&pin_path)
+        .output()
+        .context("l3lb down")?;
+    let rss = rss?;
+    if !down.status.success() {
+        bail!(
+            "l3lb down --pin-path {}: {}",
+            pin_path,
+            String::from_utf8_lossy(&down.stderr)
+        );
+    }
     Ok(json!({ "services": services, "rss_mib": rss as f64 / 1024.0, "target_mib": 64.0 }))
 }
 
