@@ -3,7 +3,7 @@
 //! This crate is the single source of truth for everything that crosses the kernel/user
 //! boundary. Every type is `#[repr(C)]`, has explicit padding, and carries a size
 //! assertion so the two sides cannot drift apart silently.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// IPv4 address family tag used in map keys.
 pub const FAMILY_V4: u8 = 4;
@@ -90,7 +90,7 @@ pub mod map_names {
     pub const RINGS: &str = "L3LB_RINGS";
     /// Backend id → `Backend`: where a backend lives and how to reach it.
     pub const BACKENDS: &str = "L3LB_BACKENDS";
-    /// `FlowKey` → `FlowState`: the LRU connection table.
+    /// The connection table: an array of `FlowBucket`s (`flow_bucket`), memory-mappable.
     pub const FLOWS: &str = "L3LB_FLOWS";
     /// Service id → `ServiceStats`, per CPU.
     pub const SERVICE_STATS: &str = "L3LB_SVC_STATS";
@@ -289,7 +289,7 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the connection table: the backend a flow is pinned to.
+/// What the connection table keeps of a flow: the backend it is pinned to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
@@ -303,6 +303,131 @@ pub struct FlowState {
     /// `l3lb flows` orders by it. Nanoseconds because flows opened within one second (or
     /// one jiffy) must still sort, and the kernel rounds hash values up to 8 bytes anyway.
     pub created_ns: u64,
+}
+
+/// Entries per bucket of the connection table.
+pub const FLOW_WAYS: usize = 4;
+
+/// Entry flag: a packet after the one that wrote the entry has found it (the flow is
+/// more than a lone SYN or datagram). Unconfirmed entries are evicted first, so a flood
+/// of one-packet flows displaces its own entries before established connections.
+pub const FLOW_F_CONFIRMED: u32 = 1;
+
+/// One entry of the connection table; `key.family == 0` marks it free.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// The flow.
+    pub key: FlowKey,
+    /// Where it goes.
+    pub state: FlowState,
+    /// `SETTINGS[SETTINGS_NEXTHOP_EPOCH]` when a packet last found (or wrote) the entry:
+    /// the agent advances it every half second, so this is the entry's age for eviction,
+    /// kept without a clock read or a store per packet.
+    pub seen: u32,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
+}
+
+/// The connection table's unit: `FLOW_WAYS` entries sharing one hash value. The table
+/// (`L3LB_FLOWS`) is an array of buckets, a power of two of them (`flow_buckets`); a flow
+/// lives in bucket `flow_bucket(key, buckets)` or nowhere.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket {
+    /// The entries.
+    pub ways: [FlowEntry; FLOW_WAYS],
+}
+
+impl FlowKey {
+    /// The key as the five words `flow_bucket` hashes and the table compares.
+    #[inline(always)]
+    pub fn words64(&self) -> [u64; 5] {
+        // SAFETY: FlowKey is 40 bytes, 8-aligned, without implicit padding; any bit
+        // pattern is a valid [u64; 5].
+        unsafe { core::mem::transmute(*self) }
+    }
+}
+
+/// Buckets of a connection table meant to hold `entries` flows: the power of two that
+/// gives at least that many entries (at least 256 buckets).
+pub const fn flow_buckets(entries: u32) -> u32 {
+    let b = entries.div_ceil(FLOW_WAYS as u32);
+    let b = if b < 256 { 256 } else { b };
+    match b.checked_next_power_of_two() {
+        Some(p) => p,
+        None => 1 << 31,
+    }
+}
+
+/// The bucket of `key` in a table of `buckets` buckets (a power of two); identical in
+/// kernel and agent.
+///
+/// Multiply-and-fold over the key's five 64-bit words: a few instructions in BPF, and
+/// every input bit reaches the high half the bucket is taken from.
+#[inline(always)]
+pub fn flow_bucket(key: &FlowKey, buckets: u32) -> u32 {
+    flow_bucket_words(&key.words64(), buckets)
+}
+
+/// `flow_bucket` of a key given as its words (`FlowKey::words64`).
+#[inline(always)]
+pub fn flow_bucket_words(w: &[u64; 5], buckets: u32) -> u32 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h: u64 = 0;
+    let mut i = 0;
+    while i < 5 {
+        h = (h ^ w[i]).wrapping_mul(K);
+        h ^= h >> 32;
+        i += 1;
+    }
+    h = h.wrapping_mul(K);
+    ((h >> 32) as u32) & buckets.wrapping_sub(1)
+}
+
+/// The way of `bucket` a new entry for `key` takes: the entry already holding `key`,
+/// else a free one, else the unconfirmed entry seen longest ago, else the entry seen
+/// longest ago (ages by epoch distance from `now`, so the counter may wrap).
+#[inline(always)]
+pub fn flow_victim(bucket: &FlowBucket, key: &FlowKey, now: u32) -> usize {
+    let want = key.words64();
+    let mut free = FLOW_WAYS;
+    let mut victim = 0;
+    let mut victim_rank: u64 = 0;
+    let mut i = 0;
+    while i < FLOW_WAYS {
+        let e = &bucket.ways[i];
+        let w = e.key.words64();
+        if w[0] == want[0]
+            && w[1] == want[1]
+            && w[2] == want[2]
+            && w[3] == want[3]
+            && w[4] == want[4]
+        {
+            return i;
+        }
+        if e.key.family == 0 {
+            if free == FLOW_WAYS {
+                free = i;
+            }
+        } else {
+            // Unconfirmed entries rank above every confirmed one; within each class the
+            // older ranks higher.
+            let age = now.wrapping_sub(e.seen) as u64;
+            let rank = age
+                | if e.flags & FLOW_F_CONFIRMED == 0 {
+                    1 << 32
+                } else {
+                    0
+                };
+            if rank > victim_rank || i == 0 {
+                victim = i;
+                victim_rank = rank;
+            }
+        }
+        i += 1;
+    }
+    if free < FLOW_WAYS { free } else { victim }
 }
 
 /// Per-service counters (one instance per CPU).
@@ -545,6 +670,8 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 24);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowState>() == 16);
+    assert!(core::mem::size_of::<FlowEntry>() == 64);
+    assert!(core::mem::size_of::<FlowBucket>() == 64 * FLOW_WAYS);
     assert!(core::mem::offset_of!(FlowState, created_ns) == 8);
     assert!(core::mem::size_of::<ServiceMeta>() == SERVICE_NAME_LEN);
     assert!(core::mem::size_of::<BackendMeta>() == 8);
@@ -568,6 +695,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for FlowBucket {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for FragKey {}
@@ -575,4 +704,101 @@ mod pod {
     unsafe impl aya::Pod for SrcRangeV6 {}
     unsafe impl aya::Pod for ServiceMeta {}
     unsafe impl aya::Pod for BackendMeta {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(src: u8, sport: u16) -> FlowKey {
+        let mut k = FlowKey {
+            sport: sport.to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            ..Default::default()
+        };
+        k.src[..4].copy_from_slice(&[198, 51, 100, src]);
+        k.dst[..4].copy_from_slice(&[192, 0, 2, 10]);
+        k
+    }
+
+    #[test]
+    fn flow_buckets_round_up_to_a_power_of_two_with_a_floor() {
+        assert_eq!(flow_buckets(1024), 256);
+        assert_eq!(flow_buckets(4096), 1024);
+        assert_eq!(flow_buckets(4097), 2048);
+        assert_eq!(flow_buckets(262_144), 65_536);
+        assert_eq!(flow_buckets(u32::MAX), 1 << 30);
+    }
+
+    #[test]
+    fn sequential_ports_and_addresses_spread_over_the_buckets() {
+        let buckets = 1024u32;
+        let mut count = [0u32; 1024];
+        for src in 0..16u8 {
+            for port in 0..4096u16 {
+                count[flow_bucket(&key(src, 30_000 + port), buckets) as usize] += 1;
+            }
+        }
+        // 65 536 flows, 64 per bucket on average: a fair hash keeps every bucket near it.
+        let (min, max) = (count.iter().min().unwrap(), count.iter().max().unwrap());
+        assert!(*min >= 32 && *max <= 110, "min {min}, max {max}");
+        // IPv6 interface identifiers (the high half of the address words) spread too.
+        let mut count = [0u32; 1024];
+        for i in 0..65_536u32 {
+            let mut k = key(1, 443);
+            k.family = FAMILY_V6;
+            k.src[12..16].copy_from_slice(&i.to_be_bytes());
+            count[flow_bucket(&k, buckets) as usize] += 1;
+        }
+        let (min, max) = (count.iter().min().unwrap(), count.iter().max().unwrap());
+        assert!(*min >= 32 && *max <= 110, "IPv6: min {min}, max {max}");
+    }
+
+    #[test]
+    fn the_victim_is_the_same_key_then_a_free_way_then_the_oldest_unconfirmed() {
+        let mut b = FlowBucket::default();
+        let fill = |b: &mut FlowBucket, i: usize, k: FlowKey, seen: u32, flags: u32| {
+            b.ways[i] = FlowEntry {
+                key: k,
+                state: FlowState::default(),
+                seen,
+                flags,
+            };
+        };
+        assert_eq!(
+            flow_victim(&b, &key(1, 1), 10),
+            0,
+            "empty bucket: the first way"
+        );
+        fill(&mut b, 0, key(1, 1), 9, FLOW_F_CONFIRMED);
+        fill(&mut b, 1, key(1, 2), 9, 0);
+        assert_eq!(flow_victim(&b, &key(1, 2), 10), 1, "the key's own way");
+        assert_eq!(flow_victim(&b, &key(1, 3), 10), 2, "a free way");
+        fill(&mut b, 2, key(1, 3), 5, FLOW_F_CONFIRMED);
+        fill(&mut b, 3, key(1, 4), 8, 0);
+        assert_eq!(
+            flow_victim(&b, &key(1, 5), 10),
+            3,
+            "the oldest unconfirmed, though a confirmed one is older"
+        );
+        b.ways[1].flags = FLOW_F_CONFIRMED;
+        b.ways[3].flags = FLOW_F_CONFIRMED;
+        assert_eq!(
+            flow_victim(&b, &key(1, 5), 10),
+            2,
+            "all confirmed: the oldest"
+        );
+        // Ages are distances: an epoch counter that wrapped still ranks correctly.
+        b.ways[2].seen = u32::MAX - 2;
+        for i in [0, 1, 3] {
+            b.ways[i].seen = 1;
+        }
+        assert_eq!(
+            flow_victim(&b, &key(1, 5), 2),
+            2,
+            "the pre-wrap entry is the oldest"
+        );
+    }
 }
