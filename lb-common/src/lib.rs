@@ -144,6 +144,9 @@ pub mod globals {
     pub const DECAP_ENABLED: &str = "DECAP_ENABLED";
     /// `u32`: slots per half of the VIP index (a power of two; `vip_index_slots`).
     pub const VIP_INDEX_SIZE: &str = "VIP_INDEX_SIZE";
+    /// `u32`: buckets of the connection table (a power of two; `flow_buckets`), the
+    /// length of `L3LB_FLOWS`.
+    pub const FLOW_BUCKETS: &str = "FLOW_BUCKETS";
     /// `u8`: aya-log's level of the program's debug statements (0: off, removed by the
     /// verifier; 4 debug; 5 trace). Absent from an object built without the `log` feature.
     pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
