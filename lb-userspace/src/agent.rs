@@ -369,11 +369,26 @@ impl Agent {
             )
         };
         if plan.carries_anything() {
+            // The connection table's entries record the epoch they were last seen in:
+            // the clock goes on where the earlier agent left it.
+            if let Some(epoch) = handover::previous_epoch(&maps_dir) {
+                dataplane
+                    .resume_epoch(epoch)
+                    .context("continuing the earlier agent's epoch")?;
+            }
             for (name, n) in dataplane
                 .migrate(&plan)
                 .context("migrating the earlier agent's state")?
             {
-                info!(map = name, entries = n, "migrated to the new size");
+                if matches!(plan.get(name), handover::Carry::Convert(_)) {
+                    info!(
+                        map = name,
+                        entries = n,
+                        "converted the previous release's connection table (an LRU hash) into the set-associative table; its flows keep their backends"
+                    );
+                } else {
+                    info!(map = name, entries = n, "migrated to the new size");
+                }
             }
             let previous = handover::PreviousIds::read(&maps_dir)
                 .context("reading the earlier agent's ids")?;

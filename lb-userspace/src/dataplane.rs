@@ -27,6 +27,7 @@ use lb_common::{
 use thiserror::Error;
 
 use crate::{
+    flowtable::{FlowTable, FlowTableError},
     handover::{self, Carry, CarryPlan, PreviousIds},
     maglev,
     program_log::{XdpLogError, XdpLogLevel, XdpLogReader},
@@ -91,6 +92,9 @@ pub enum DataplaneError {
     /// Taking over an earlier agent's state failed.
     #[error(transparent)]
     Handover(#[from] handover::HandoverError),
+    /// Reading or writing the connection table failed.
+    #[error(transparent)]
+    FlowTable(#[from] FlowTableError),
     /// A link operation (pin, replace, detach) failed.
     #[error("{what}: {source}")]
     Link {
@@ -168,7 +172,8 @@ pub struct LoadOptions {
     pub max_services: u32,
     /// Backends the maps can hold.
     pub max_backends: u32,
-    /// Connection-table entries.
+    /// Connection-table entries: the table gets `flow_buckets(conntrack_size)` buckets of
+    /// `FLOW_WAYS` entries (this many rounded up to a power of two, at least 1024).
     pub conntrack_size: u32,
     /// Source address of IPIP headers.
     pub encap_src_v4: Ipv4Addr,
@@ -704,6 +709,7 @@ impl Dataplane {
         let log_level = opts.log_level.as_u8();
         let ring_size = opts.ring_size;
         let index_size = lb_common::vip_index_slots(opts.max_services);
+        let flow_buckets = lb_common::flow_buckets(opts.conntrack_size);
         let src = opts.encap_src_v4.octets();
         let src6 = opts.encap_src_v6.octets();
         let mut loader = EbpfLoader::new();
@@ -713,6 +719,7 @@ impl Dataplane {
             .override_global(globals::ENCAP_SRC_V6, &src6, true)
             .override_global(globals::DECAP_ENABLED, &decap, true)
             .override_global(globals::VIP_INDEX_SIZE, &index_size, true)
+            .override_global(globals::FLOW_BUCKETS, &flow_buckets, true)
             // Absent from an object built without the `log` feature.
             .override_global(globals::AYA_LOG_LEVEL, &log_level, false);
         if opts.log_level == XdpLogLevel::Off {
@@ -990,34 +997,95 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Fills the state maps that `plan` migrates (same layout, other size) from the
-    /// earlier agent's pinned maps; returns (map, entries copied) for each.
+    /// Fills the state maps that `plan` migrates (same layout, other size; or the
+    /// previous release's connection table) from the earlier agent's pinned maps; returns
+    /// (map, entries copied) for each.
     pub fn migrate(
         &mut self,
         plan: &CarryPlan,
     ) -> Result<Vec<(&'static str, usize)>, DataplaneError> {
         let mut done = Vec::new();
         for (name, carry) in &plan.maps {
-            let Carry::Migrate(path) = carry else {
-                continue;
+            let path = match carry {
+                Carry::Migrate(path) | Carry::Convert(path) => path,
+                Carry::Fresh | Carry::Reuse(_) => continue,
             };
             let old =
                 MapData::from_pin(path).map_err(map_err(format!("opening {}", path.display())))?;
-            let n = match *name {
-                map_names::FLOWS => self.copy_hash::<lb_common::FlowKey, lb_common::FlowState>(
-                    name,
-                    Map::LruHashMap(old),
-                )?,
-                map_names::FRAGS => {
+            let n = match (*name, carry) {
+                (map_names::FLOWS, Carry::Convert(_)) => self.convert_lru_flows(old)?,
+                (map_names::FLOWS, _) => {
+                    let old = FlowTable::from_map_data(&old, &path.display().to_string())?;
+                    self.replace_flows(&old)?
+                }
+                (map_names::FRAGS, _) => {
                     self.copy_hash::<lb_common::FragKey, VipInfo>(name, Map::LruHashMap(old))?
                 }
-                map_names::SERVICE_STATS => self.copy_per_cpu::<ServiceStats>(name, old)?,
-                map_names::BACKEND_STATS => self.copy_per_cpu::<BackendStats>(name, old)?,
+                (map_names::SERVICE_STATS, _) => self.copy_per_cpu::<ServiceStats>(name, old)?,
+                (map_names::BACKEND_STATS, _) => self.copy_per_cpu::<BackendStats>(name, old)?,
                 _ => self.copy_per_cpu::<u64>(name, old)?,
             };
             done.push((*name, n));
         }
         Ok(done)
+    }
+
+    /// Places every live entry of `old` (a connection table of another size) into this
+    /// program's table as the data plane would, keeping its epoch and flags; returns the
+    /// entries written. Where more of them share a new bucket than it has ways, the
+    /// unconfirmed and then the least recently seen give way, as in the data plane.
+    fn replace_flows(&mut self, old: &FlowTable) -> Result<usize, DataplaneError> {
+        let entries = old.entries()?;
+        let new = self.flow_table()?;
+        let placed = new.insert_all(entries, self.nexthop_epoch)?;
+        Ok(placed.written - placed.evicted)
+    }
+
+    /// Places the entries of the previous release's connection table (an LRU hash of
+    /// `FlowKey` → `FlowState`) into this program's table, as confirmed flows seen now
+    /// (that table kept no age); returns the entries that found a place.
+    fn convert_lru_flows(&mut self, old: MapData) -> Result<usize, DataplaneError> {
+        let what = "the previous release's connection table";
+        let old: HashMap<MapData, lb_common::FlowKey, lb_common::FlowState> =
+            HashMap::try_from(Map::LruHashMap(old)).map_err(map_err(what))?;
+        let now = self.nexthop_epoch;
+        // Entries evicted by the running program under the walk are skipped.
+        let entries: Vec<lb_common::FlowEntry> = old
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, state)| lb_common::FlowEntry {
+                key,
+                state,
+                seen: now,
+                flags: lb_common::FLOW_F_CONFIRMED,
+            })
+            .collect();
+        let placed = self.flow_table()?.insert_all(entries, now)?;
+        Ok(placed.written - placed.evicted)
+    }
+
+    /// The program's connection table (`L3LB_FLOWS`), for reading and placing entries.
+    pub fn flow_table(&self) -> Result<FlowTable, DataplaneError> {
+        let map = self
+            .ebpf
+            .map(map_names::FLOWS)
+            .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::FLOWS)))?;
+        Ok(FlowTable::from_map(map, map_names::FLOWS)?)
+    }
+
+    /// The epoch the data plane reads from `SETTINGS[SETTINGS_NEXTHOP_EPOCH]`: the
+    /// connection table's clock (entries record the epoch they were last seen in).
+    pub fn epoch(&self) -> u32 {
+        self.nexthop_epoch
+    }
+
+    /// Continues the epoch from `epoch` (an earlier agent's, read from its pins), so the
+    /// ages of the connection-table entries it left keep their meaning.
+    pub fn resume_epoch(&mut self, epoch: u32) -> Result<(), DataplaneError> {
+        self.nexthop_epoch = epoch;
+        self.array::<u32>(map_names::SETTINGS)?
+            .set(lb_common::SETTINGS_NEXTHOP_EPOCH, epoch, 0)
+            .map_err(map_err("next-hop epoch"))
     }
 
     fn copy_hash<K: aya::Pod, V: aya::Pod>(

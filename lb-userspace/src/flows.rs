@@ -1,10 +1,11 @@
 //! `l3lb flows`: the connection-table entries of one VIP, newest first, from the pins.
 //!
-//! The connection table is an LRU hash: the kernel walks it in bucket order, which says
-//! nothing about age. Each entry carries the time it was written (`FlowState::created_ns`,
-//! set by the program on insert only), so the listing walks the table once (at most its
-//! capacity of keys), keeps the entries of the VIP, sorts them by that time and prints the
-//! first `limit`. Like `l3lb status`, it reads only pins and works without an agent.
+//! The connection table is an array of buckets (see [`crate::flowtable`]): its order is
+//! the flows' hash, which says nothing about age. Each entry carries the time it was
+//! written (`FlowState::created_ns`, set by the program on insert only), so the listing
+//! walks the table once (its capacity of entries, through a memory mapping), keeps the
+//! entries of the VIP, sorts them by that time and prints the first `limit`. Like
+//! `l3lb status`, it reads only pins and works without an agent.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -13,7 +14,7 @@ use std::{
     str::FromStr,
 };
 
-use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::maps::{Array, MapData};
 use lb_common::{Backend, FlowKey, FlowState, map_names};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -128,9 +129,9 @@ pub struct FlowList {
     pub vip: String,
     /// Entries to that VIP found in the table (before the limit).
     pub matched: u64,
-    /// Entries walked: the whole table, counted now.
+    /// Live entries walked: the whole table, counted now.
     pub scanned: u64,
-    /// The table's capacity.
+    /// The table's capacity (buckets × `FLOW_WAYS`).
     pub capacity: u32,
     /// The most entries listed.
     pub limit: usize,
@@ -139,7 +140,8 @@ pub struct FlowList {
 }
 
 /// The newest `limit` entries of `entries` that match `filter`, newest first, and how
-/// many matched. A key seen twice (a walk restarted by an eviction) counts once.
+/// many matched. A key seen twice (an entry rewritten by the data plane under the walk)
+/// counts once.
 pub fn newest(
     entries: impl IntoIterator<Item = (FlowKey, FlowState)>,
     filter: &VipFilter,
@@ -177,35 +179,20 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Lists the connection-table entries to `filter` from the pins in `pin_dir`
-/// (`<pin_path>/v1`): at most `limit`, newest first. The walk visits at most the table's
-/// capacity of keys.
+/// (`<pin_path>/v1`): at most `limit`, newest first. The walk reads the table's memory
+/// once.
 pub fn read(pin_dir: &Path, filter: &VipFilter, limit: usize) -> Result<FlowList, ReadError> {
     let pins = Pins::new(pin_dir);
-    let capacity = pins.capacity(map_names::FLOWS)?;
-    let table: HashMap<MapData, FlowKey, FlowState> = pins.open(map_names::FLOWS)?;
+    let table = pins.flow_table()?;
+    let capacity = u32::try_from(table.capacity()).unwrap_or(u32::MAX);
     let mut scanned = 0u64;
     let mut entries = Vec::new();
-    for key in table.keys().take(capacity as usize) {
-        let key = key.map_err(|source| ReadError::Read {
-            what: "the connection table's keys".into(),
-            source,
-        })?;
+    table.for_each(|l| {
         scanned += 1;
-        if !filter.matches(&key) {
-            continue;
+        if filter.matches(&l.entry.key) {
+            entries.push((l.entry.key, l.entry.state));
         }
-        match table.get(&key, 0) {
-            Ok(state) => entries.push((key, state)),
-            // Evicted between the key and its value: gone, not an error.
-            Err(MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(ReadError::Read {
-                    what: "a connection-table entry".into(),
-                    source,
-                });
-            }
-        }
-    }
+    })?;
     let (matched, newest) = newest(entries, filter, limit);
 
     let mut names = ServiceNames::open(&pins)?;

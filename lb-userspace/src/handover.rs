@@ -6,8 +6,10 @@
 //! and filled completely before the link is switched to the new program, so a new agent
 //! never serves from half-written state. The state maps are taken over from their pins
 //! when their layout matches; a map whose size or flags changed is migrated entry by
-//! entry; a map whose key or value layout changed is refused with a message, never
-//! silently reset.
+//! entry (connection-table entries are placed anew, since a flow's bucket depends on the
+//! table's size); the previous release's connection table (an LRU hash) is converted into
+//! the set-associative one; a map whose key or value layout changed otherwise is refused
+//! with a message, never silently reset.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -100,6 +102,31 @@ pub enum Carry {
     Reuse(PathBuf),
     /// Same key and value, other size or flags: a new map, filled from the pinned one.
     Migrate(PathBuf),
+    /// The previous release's connection table (`LEGACY_FLOWS`): a new table, filled
+    /// with its entries.
+    Convert(PathBuf),
+}
+
+/// The shape of the previous release's connection table: an LRU hash of `FlowKey` (40 B)
+/// → `FlowState` (16 B); `max_entries` was `conntrack_size` and is not compared.
+pub const LEGACY_FLOWS: Shape = Shape {
+    map_type: BPF_MAP_TYPE_LRU_HASH,
+    key_size: size_of::<lb_common::FlowKey>() as u32,
+    value_size: size_of::<lb_common::FlowState>() as u32,
+    max_entries: 0,
+    flags: 0,
+};
+
+/// `BPF_MAP_TYPE_LRU_HASH`.
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+impl Shape {
+    /// Whether this is the previous release's connection table (any size and flags).
+    pub fn is_legacy_flows(&self) -> bool {
+        self.map_type == LEGACY_FLOWS.map_type
+            && self.key_size == LEGACY_FLOWS.key_size
+            && self.value_size == LEGACY_FLOWS.value_size
+    }
 }
 
 /// The carry decision for every state map.
@@ -141,7 +168,10 @@ pub fn max_entries_overrides(opts: &LoadOptions) -> Vec<(&'static str, u32)> {
             lb_common::vip_index_slots(opts.max_services).saturating_mul(2),
         ),
         (map_names::BACKENDS, opts.max_backends),
-        (map_names::FLOWS, opts.conntrack_size),
+        (
+            map_names::FLOWS,
+            lb_common::flow_buckets(opts.conntrack_size),
+        ),
         (map_names::SERVICE_STATS, opts.max_services),
         (map_names::BACKEND_STATS, opts.max_backends),
         (map_names::NEXTHOPS, opts.max_backends),
@@ -222,6 +252,8 @@ pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverEr
                 && found.value_size == want.value_size
             {
                 Carry::Migrate(path)
+            } else if name == map_names::FLOWS && found.is_legacy_flows() {
+                Carry::Convert(path)
             } else {
                 return Err(HandoverError::Incompatible {
                     name: name.to_string(),
@@ -234,6 +266,23 @@ pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverEr
         plan.maps.push((name, carry));
     }
     Ok(plan)
+}
+
+/// The epoch (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`) of the agent whose maps are pinned in
+/// `maps_dir`: the clock of its connection-table entries, which a new agent continues.
+/// `None` when there is no such pin or it cannot be read (the epoch then restarts at 0,
+/// and carried entries look older than they are until they are seen again).
+pub fn previous_epoch(maps_dir: &Path) -> Option<u32> {
+    let path = maps_dir.join(map_names::SETTINGS);
+    let shape = pinned_shape(&path).ok()?;
+    if shape.value_size as usize != size_of::<u32>()
+        || shape.max_entries <= lb_common::SETTINGS_NEXTHOP_EPOCH
+    {
+        return None;
+    }
+    let data = MapData::from_pin(&path).ok()?;
+    let settings: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    settings.get(&lb_common::SETTINGS_NEXTHOP_EPOCH, 0).ok()
 }
 
 /// The ids an earlier agent gave services and backends, read from its pinned maps, so a

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod flows;
+pub mod flowtable;
 pub mod generate;
 pub mod handover;
 pub mod health;

@@ -14,13 +14,16 @@ use std::{
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    Action, Backend, BackendMeta, BackendStats, DropReason, FlowKey, FlowState, ServiceMeta,
-    ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey, map_names,
+    Action, Backend, BackendMeta, BackendStats, DropReason, ServiceMeta, ServiceStats, SrcRangeV4,
+    SrcRangeV6, VipInfo, VipKey, map_names,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::dataplane::{Health, addr_from_bytes, service_name};
+use crate::{
+    dataplane::{Health, addr_from_bytes, service_name},
+    flowtable::{FlowTable, FlowTableError},
+};
 
 /// Errors reading the pinned maps.
 #[derive(Debug, Error)]
@@ -50,6 +53,9 @@ pub enum ReadError {
         /// The underlying error.
         source: MapError,
     },
+    /// The pinned connection table could not be read (or has another layout).
+    #[error(transparent)]
+    FlowTable(#[from] FlowTableError),
 }
 
 /// The pinned maps of one agent (`<pin_path>/v1/maps`).
@@ -94,6 +100,15 @@ impl Pins {
             Err(ReadError::NotPinned { .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The pinned connection table (`L3LB_FLOWS`).
+    pub fn flow_table(&self) -> Result<FlowTable, ReadError> {
+        let path = self.maps_dir.join(map_names::FLOWS);
+        if !path.exists() {
+            return Err(ReadError::NotPinned { path });
+        }
+        Ok(FlowTable::from_pin(&path)?)
     }
 
     /// The capacity (`max_entries`) of the pinned map `name`.
@@ -250,9 +265,12 @@ pub struct BackendStatus {
 /// Connection-table usage: a count taken when the report was made.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConnectionTable {
-    /// Entries found by walking the table's keys now (flows come and go meanwhile).
+    /// Live entries found by walking the table now (flows come and go meanwhile).
     pub entries: u64,
-    /// The table's capacity (`conntrack_size`); beyond it the least recently used go.
+    /// Entries the table holds: its buckets × `FLOW_WAYS` (`conntrack_size` rounded up to
+    /// a power of two, at least 1024). A new flow takes a free way of its bucket, else
+    /// evicts the bucket's unconfirmed entry (a flow that never got a second packet, such
+    /// as a lone SYN) seen longest ago, else its entry seen longest ago.
     pub capacity: u32,
 }
 
@@ -342,15 +360,10 @@ fn per_cpu_sum(pins: &Pins, name: &str, len: u32) -> Result<Vec<u64>, ReadError>
         .collect()
 }
 
-/// Counts the keys of the connection table, walking at most `capacity` of them: an entry
-/// evicted under the walk makes the kernel restart it from the first key, and the bound
-/// keeps such a walk finite.
-pub fn count_flows(flows: &HashMap<MapData, FlowKey, FlowState>, capacity: u32) -> u64 {
-    flows
-        .keys()
-        .take(capacity as usize)
-        .filter(Result::is_ok)
-        .count() as u64
+/// Counts the live entries of the connection table: one pass over its memory, so a table
+/// under a flood still takes a bounded time.
+pub fn count_flows(flows: &FlowTable) -> Result<u64, ReadError> {
+    Ok(flows.count()?)
 }
 
 /// Reads the status from the pins in `pin_dir` (`<pin_path>/v1`).
@@ -480,9 +493,9 @@ pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
     let drops = per_cpu_sum(&pins, map_names::DROPS, lb_common::DROP_REASON_COUNT)?;
     let actions = per_cpu_sum(&pins, map_names::ACTIONS, lb_common::ACTION_COUNT)?;
     let events = per_cpu_sum(&pins, map_names::EVENTS, lb_common::EVENT_COUNT)?;
-    let capacity = pins.capacity(map_names::FLOWS)?;
-    let flows_map: HashMap<MapData, FlowKey, FlowState> = pins.open(map_names::FLOWS)?;
-    let entries = count_flows(&flows_map, capacity);
+    let flows_table = pins.flow_table()?;
+    let capacity = u32::try_from(flows_table.capacity()).unwrap_or(u32::MAX);
+    let entries = count_flows(&flows_table)?;
     Ok(Status {
         vips,
         services,

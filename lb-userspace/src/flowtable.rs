@@ -1,0 +1,539 @@
+//! The connection table (`L3LB_FLOWS`) from userspace, through a memory mapping.
+//!
+//! The table is an array of `FlowBucket`s (`FLOW_WAYS` entries each), created with
+//! `BPF_F_MMAPABLE`; a flow lives in bucket `flow_bucket(key, buckets)` or nowhere, and an
+//! entry whose `key.family` is 0 is free. Reading it is plain loads (`l3lb status` counts a
+//! table of a million entries in milliseconds, where walking a hash map's keys took a
+//! system call per entry); writing places an entry the way the data plane does, with
+//! `flow_victim`.
+//!
+//! Only the part of the table in use is mapped, and only while it is used, so a reader's
+//! resident memory does not grow with the table.
+//!
+//! Writes are not atomic against the data plane: an entry being replaced may be seen half
+//! written by a packet of that flow. Userspace writes a table no program uses yet (a
+//! migration, before the new program is attached) or one that tests and the benchmark
+//! prepare.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use aya::maps::{Map, MapData, MapError, MapType};
+use lb_common::{FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, flow_bucket, flow_victim};
+use thiserror::Error;
+
+/// `BPF_F_MMAPABLE`, the creation flag the table needs.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Buckets mapped at a time by a walk over the table (1 MiB).
+const WALK_BUCKETS: u32 = 4096;
+
+/// Errors of the connection-table accessor.
+#[derive(Debug, Error)]
+pub enum FlowTableError {
+    /// The map is not a connection table of this build's layout.
+    #[error(
+        "{what} is not a connection table of this build: {found}; expected an array of \
+         {}-byte buckets created with BPF_F_MMAPABLE, a power of two of them",
+        size_of::<FlowBucket>()
+    )]
+    Layout {
+        /// The map (its name or pin).
+        what: String,
+        /// What it is instead.
+        found: String,
+    },
+    /// The kernel's description of the map could not be read.
+    #[error("{what}: {source}")]
+    Map {
+        /// What was done.
+        what: String,
+        /// The underlying error.
+        source: MapError,
+    },
+    /// Duplicating the descriptor or mapping the table failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// A live entry of the table, with the bucket it is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Located {
+    /// Bucket index.
+    pub bucket: u32,
+    /// Way within the bucket.
+    pub way: usize,
+    /// The entry.
+    pub entry: FlowEntry,
+}
+
+/// What [`FlowTable::insert_all`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placed {
+    /// Entries written.
+    pub written: usize,
+    /// Live entries of other flows they displaced (their bucket was full).
+    pub evicted: usize,
+}
+
+/// Access to one connection table (the map itself; the accessor holds a descriptor).
+#[derive(Debug)]
+pub struct FlowTable {
+    fd: OwnedFd,
+    buckets: u32,
+    page: usize,
+    what: String,
+}
+
+/// A shared mapping of part of the table, unmapped on drop.
+struct Mapping {
+    base: *mut libc::c_void,
+    len: usize,
+    /// Byte offset of `base` in the table.
+    first: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `FlowTable::map` mapped.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+impl Mapping {
+    /// Pointer to entry `way` of `bucket`, which the mapping covers.
+    fn entry(&self, bucket: u32, way: usize) -> *mut FlowEntry {
+        let off = bucket as usize * size_of::<FlowBucket>() + way * size_of::<FlowEntry>();
+        debug_assert!(off >= self.first && off + size_of::<FlowEntry>() <= self.first + self.len);
+        // SAFETY: in bounds of the mapping (debug-asserted; callers map the buckets they
+        // touch), and page-aligned base plus a multiple of 64 keeps FlowEntry's alignment.
+        unsafe {
+            self.base
+                .cast::<u8>()
+                .add(off - self.first)
+                .cast::<FlowEntry>()
+        }
+    }
+
+    /// A copy of entry `way` of `bucket` (volatile: the data plane writes concurrently).
+    fn read(&self, bucket: u32, way: usize) -> FlowEntry {
+        // SAFETY: see `entry`; any bit pattern is a valid FlowEntry.
+        unsafe { std::ptr::read_volatile(self.entry(bucket, way)) }
+    }
+
+    /// A copy of `bucket`.
+    fn bucket(&self, bucket: u32) -> FlowBucket {
+        let mut b = FlowBucket::default();
+        for (way, e) in b.ways.iter_mut().enumerate() {
+            *e = self.read(bucket, way);
+        }
+        b
+    }
+
+    /// Writes `entry` into way `way` of `bucket`: the way is freed first and the key
+    /// written last, so a concurrent reader sees the old entry, no entry, or the new one
+    /// (or, for the key's own words, a key that matches no flow).
+    fn write(&self, bucket: u32, way: usize, entry: &FlowEntry) {
+        use std::sync::atomic::{Ordering, fence};
+        let p = self.entry(bucket, way);
+        // SAFETY: see `entry`; the mapping is writable when callers write.
+        unsafe {
+            std::ptr::write_volatile(&raw mut (*p).key.family, 0);
+            fence(Ordering::SeqCst);
+            std::ptr::write_volatile(&raw mut (*p).state, entry.state);
+            std::ptr::write_volatile(&raw mut (*p).seen, entry.seen);
+            std::ptr::write_volatile(&raw mut (*p).flags, entry.flags);
+            let mut key = entry.key;
+            let family = key.family;
+            key.family = 0;
+            std::ptr::write_volatile(&raw mut (*p).key, key);
+            fence(Ordering::SeqCst);
+            std::ptr::write_volatile(&raw mut (*p).key.family, family);
+        }
+    }
+}
+
+impl FlowTable {
+    /// The table behind `data`, checked to have this build's layout; `what` names it in
+    /// errors.
+    pub fn from_map_data(data: &MapData, what: &str) -> Result<Self, FlowTableError> {
+        let info = data.info().map_err(|source| FlowTableError::Map {
+            what: format!("reading the description of {what}"),
+            source,
+        })?;
+        let map_type = info.map_type().map_err(|source| FlowTableError::Map {
+            what: format!("reading the type of {what}"),
+            source,
+        })?;
+        let (key, value, buckets, flags) = (
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        );
+        if map_type != MapType::Array
+            || key != 4
+            || value as usize != size_of::<FlowBucket>()
+            || flags & BPF_F_MMAPABLE == 0
+            || !buckets.is_power_of_two()
+        {
+            return Err(FlowTableError::Layout {
+                what: what.to_string(),
+                found: format!(
+                    "{map_type:?} with {key}-byte keys, {value}-byte values, {buckets} entries, \
+                     flags {flags:#x}"
+                ),
+            });
+        }
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| FlowTableError::Io {
+                what: format!("duplicating the descriptor of {what}"),
+                source,
+            })?;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        Ok(Self {
+            fd,
+            buckets,
+            page,
+            what: what.to_string(),
+        })
+    }
+
+    /// The table of a loaded program's map (`Ebpf::map(L3LB_FLOWS)`).
+    pub fn from_map(map: &Map, what: &str) -> Result<Self, FlowTableError> {
+        match map {
+            Map::Array(data) => Self::from_map_data(data, what),
+            other => Err(FlowTableError::Layout {
+                what: what.to_string(),
+                found: format!("{:?}", MapKind(other)),
+            }),
+        }
+    }
+
+    /// The table pinned at `path`.
+    pub fn from_pin(path: &Path) -> Result<Self, FlowTableError> {
+        let what = path.display().to_string();
+        let data = MapData::from_pin(path).map_err(|source| FlowTableError::Map {
+            what: format!("opening {what}"),
+            source,
+        })?;
+        Self::from_map_data(&data, &what)
+    }
+
+    /// Buckets in the table (the map's `max_entries`).
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    /// Entries the table holds when full: buckets × `FLOW_WAYS`.
+    pub fn capacity(&self) -> u64 {
+        u64::from(self.buckets) * FLOW_WAYS as u64
+    }
+
+    /// Maps buckets `first..first + count` (read-only unless `write`).
+    fn map(&self, first: u32, count: u32, write: bool) -> Result<Mapping, FlowTableError> {
+        let end = (u64::from(first) + u64::from(count)).min(u64::from(self.buckets)) as usize;
+        let start = first as usize * size_of::<FlowBucket>() / self.page * self.page;
+        let len = (end * size_of::<FlowBucket>()).div_ceil(self.page) * self.page - start;
+        let prot = if write {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a shared mapping of part of the map; the kernel checks the range
+        // against the map's size and the protection against how it was created.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                self.fd.as_raw_fd(),
+                start as libc::off_t,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(FlowTableError::Io {
+                what: format!("mapping {} into memory", self.what),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Mapping {
+            base,
+            len,
+            first: start,
+        })
+    }
+
+    /// Calls `f` with every live entry, bucket by bucket. Entries the data plane writes
+    /// meanwhile may or may not be seen.
+    pub fn for_each(&self, mut f: impl FnMut(Located)) -> Result<(), FlowTableError> {
+        let mut first = 0u32;
+        while first < self.buckets {
+            let count = WALK_BUCKETS.min(self.buckets - first);
+            let m = self.map(first, count, false)?;
+            for bucket in first..first + count {
+                for way in 0..FLOW_WAYS {
+                    let entry = m.read(bucket, way);
+                    if entry.key.family != 0 {
+                        f(Located { bucket, way, entry });
+                    }
+                }
+            }
+            first += count;
+        }
+        Ok(())
+    }
+
+    /// Every live entry.
+    pub fn entries(&self) -> Result<Vec<FlowEntry>, FlowTableError> {
+        let mut out = Vec::new();
+        self.for_each(|l| out.push(l.entry))?;
+        Ok(out)
+    }
+
+    /// Live entries now.
+    pub fn count(&self) -> Result<u64, FlowTableError> {
+        let mut n = 0u64;
+        self.for_each(|_| n += 1)?;
+        Ok(n)
+    }
+
+    /// The entry of `key`, if the table holds it.
+    pub fn get(&self, key: &FlowKey) -> Result<Option<FlowEntry>, FlowTableError> {
+        let bucket = flow_bucket(key, self.buckets);
+        let m = self.map(bucket, 1, false)?;
+        Ok((0..FLOW_WAYS)
+            .map(|way| m.read(bucket, way))
+            .find(|e| e.key == *key && key.family != 0))
+    }
+
+    /// Writes `entry` where the data plane would (`flow_victim` with epoch `now`): over
+    /// the entry of the same key, else into a free way, else over the bucket's unconfirmed
+    /// entry seen longest ago, else over its entry seen longest ago. Returns the live
+    /// entry of another flow it displaced.
+    pub fn insert(&self, entry: &FlowEntry, now: u32) -> Result<Option<FlowEntry>, FlowTableError> {
+        let bucket = flow_bucket(&entry.key, self.buckets);
+        let m = self.map(bucket, 1, true)?;
+        Ok(place(&m, bucket, entry, now))
+    }
+
+    /// [`FlowTable::insert`] for many entries, with one mapping of the whole table (for
+    /// migrations and for filling a table in tests and the benchmark).
+    pub fn insert_all(
+        &self,
+        entries: impl IntoIterator<Item = FlowEntry>,
+        now: u32,
+    ) -> Result<Placed, FlowTableError> {
+        let m = self.map(0, self.buckets, true)?;
+        let mut placed = Placed::default();
+        for entry in entries {
+            if entry.key.family == 0 {
+                continue;
+            }
+            let bucket = flow_bucket(&entry.key, self.buckets);
+            if place(&m, bucket, &entry, now).is_some() {
+                placed.evicted += 1;
+            }
+            placed.written += 1;
+        }
+        Ok(placed)
+    }
+}
+
+/// Writes `entry` into its way of `bucket` (mapped writable by `m`); returns the live
+/// entry of another flow it replaced.
+fn place(m: &Mapping, bucket: u32, entry: &FlowEntry, now: u32) -> Option<FlowEntry> {
+    let way = flow_victim(&m.bucket(bucket), &entry.key, now);
+    let old = m.read(bucket, way);
+    m.write(bucket, way, entry);
+    (old.key.family != 0 && old.key != entry.key).then_some(old)
+}
+
+/// A map's kind for messages (`Map` itself prints its whole descriptor).
+struct MapKind<'a>(&'a Map);
+
+impl std::fmt::Debug for MapKind<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = format!("{:?}", self.0);
+        f.write_str(s.split('(').next().unwrap_or("another map type"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::Array;
+    use lb_common::{FAMILY_V4, FLOW_F_CONFIRMED, FlowState, PROTO_TCP, flow_buckets};
+
+    use super::*;
+
+    /// A key of client 198.18.x.y, port `sport`, to 192.0.2.10:80.
+    fn key(client: u32, sport: u16) -> FlowKey {
+        let mut k = FlowKey {
+            sport: sport.to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            ..Default::default()
+        };
+        k.src[..4].copy_from_slice(&(0xc612_0000 + client).to_be_bytes());
+        k.dst[..4].copy_from_slice(&[192, 0, 2, 10]);
+        k
+    }
+
+    fn entry(k: FlowKey, backend: u32, seen: u32, flags: u32) -> FlowEntry {
+        FlowEntry {
+            key: k,
+            state: FlowState {
+                backend,
+                service: 1,
+                created_ns: 1000 + u64::from(backend),
+            },
+            seen,
+            flags,
+        }
+    }
+
+    /// A standalone table of `buckets` buckets, as the loader creates `L3LB_FLOWS`.
+    /// `None` without the privileges to create maps (then the test has nothing to check).
+    fn table(buckets: u32) -> Option<(Array<MapData, FlowBucket>, FlowTable)> {
+        let map = match Array::<MapData, FlowBucket>::create(buckets, BPF_F_MMAPABLE) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("skipped: cannot create a BPF map here ({e})");
+                return None;
+            }
+        };
+        let t = FlowTable::from_map_data(aya::maps::IterableMap::map(&map), "test table")
+            .expect("accessor");
+        Some((map, t))
+    }
+
+    #[test]
+    fn entries_go_where_the_data_plane_looks_and_come_back() {
+        let Some((map, t)) = table(flow_buckets(4096)) else {
+            return;
+        };
+        assert_eq!(t.buckets(), 1024);
+        assert_eq!(t.capacity(), 4096);
+        assert_eq!(t.count().expect("count"), 0, "a new table is empty");
+        let a = entry(key(1, 1000), 7, 3, FLOW_F_CONFIRMED);
+        assert_eq!(t.insert(&a, 3).expect("insert"), None);
+        assert_eq!(t.get(&a.key).expect("get"), Some(a));
+        assert_eq!(t.get(&key(1, 1001)).expect("get"), None);
+        // The kernel's view (a system call, not the mapping) agrees on the bucket.
+        let b = map
+            .get(&flow_bucket(&a.key, t.buckets()), 0)
+            .expect("bucket");
+        assert!(b.ways.contains(&a), "{b:?}");
+        // Writing the same key again replaces its entry.
+        let a2 = entry(a.key, 8, 4, 0);
+        assert_eq!(t.insert(&a2, 4).expect("insert"), None);
+        assert_eq!(t.get(&a.key).expect("get"), Some(a2));
+        assert_eq!(t.count().expect("count"), 1);
+    }
+
+    #[test]
+    fn a_full_bucket_gives_up_its_unconfirmed_entry_first() {
+        let Some((_map, t)) = table(256) else {
+            return;
+        };
+        // Five keys of one bucket.
+        let home = flow_bucket(&key(0, 1), 256);
+        let same: Vec<FlowKey> = (0..50_000u32)
+            .map(|i| key(i / 1000, (i % 1000) as u16 + 1))
+            .filter(|k| flow_bucket(k, 256) == home)
+            .take(5)
+            .collect();
+        assert_eq!(same.len(), 5);
+        // Two old confirmed, one newer unconfirmed (a lone SYN), one newer confirmed.
+        let first = [
+            entry(same[0], 1, 10, FLOW_F_CONFIRMED),
+            entry(same[1], 2, 11, FLOW_F_CONFIRMED),
+            entry(same[2], 3, 30, 0),
+            entry(same[3], 4, 31, FLOW_F_CONFIRMED),
+        ];
+        let placed = t.insert_all(first, 40).expect("insert_all");
+        assert_eq!(
+            placed,
+            Placed {
+                written: 4,
+                evicted: 0
+            }
+        );
+        let new = entry(same[4], 5, 40, 0);
+        assert_eq!(
+            t.insert(&new, 40).expect("insert"),
+            Some(first[2]),
+            "the unconfirmed entry goes, though two confirmed ones are older"
+        );
+        assert_eq!(t.get(&same[2]).expect("get"), None);
+        assert_eq!(t.get(&same[4]).expect("get"), Some(new));
+        // All confirmed now: the one seen longest ago goes.
+        let again = entry(same[2], 3, 41, FLOW_F_CONFIRMED);
+        t.insert(&entry(same[4], 5, 40, FLOW_F_CONFIRMED), 41)
+            .expect("confirm");
+        assert_eq!(t.insert(&again, 41).expect("insert"), Some(first[0]));
+        let mut live: Vec<u32> = t
+            .entries()
+            .expect("entries")
+            .iter()
+            .map(|e| e.state.backend)
+            .collect();
+        live.sort();
+        assert_eq!(live, [2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_walk_sees_every_entry_of_a_large_table_once() {
+        let Some((_map, t)) = table(flow_buckets(100_000)) else {
+            return;
+        };
+        assert_eq!(t.buckets(), 32_768, "more than one walk window");
+        let n = 60_000u32;
+        let placed = t
+            .insert_all((0..n).map(|i| entry(key(i, 1), i, 0, 0)), 0)
+            .expect("insert_all");
+        assert_eq!(placed.written, n as usize);
+        let count = t.count().expect("count");
+        assert_eq!(count + placed.evicted as u64, u64::from(n));
+        // 46 % full, 1.83 flows per bucket on average: with a fair hash (Poisson), about
+        // 3 % of the flows find their bucket full (≈ 1 700 here).
+        assert!(placed.evicted < 2500, "{placed:?}");
+        let mut seen = std::collections::HashSet::new();
+        t.for_each(|l| {
+            assert_eq!(l.bucket, flow_bucket(&l.entry.key, t.buckets()));
+            assert!(seen.insert(l.entry.key), "seen twice: {l:?}");
+        })
+        .expect("walk");
+        assert_eq!(seen.len() as u64, count);
+    }
+
+    #[test]
+    fn another_layout_is_refused_with_what_it_is() {
+        let map = match Array::<MapData, u64>::create(16, 0) {
+            Ok(m) => m,
+            Err(_) => return,
+        };
+        let err = FlowTable::from_map_data(aya::maps::IterableMap::map(&map), "L3LB_FLOWS")
+            .expect_err("a u64 array is no connection table");
+        let text = err.to_string();
+        assert!(
+            text.contains("L3LB_FLOWS")
+                && text.contains("8-byte values")
+                && text.contains("256-byte"),
+            "{text}"
+        );
+    }
+}
