@@ -241,11 +241,8 @@ fn connection_table_keeps_flows_on_their_backend() {
     }
 }
 
-/// The connection-table entry of the client flow from `sport` to `VIP:dport`.
-fn flow_entry(f: &Fixture, sport: u16, dport: u16) -> Option<lb_common::FlowState> {
-    let table: aya::maps::HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> =
-        aya::maps::HashMap::try_from(f.dp.map(map_names::FLOWS).expect("flows map"))
-            .expect("typed");
+/// The key of the client flow from `sport` to `VIP:dport`.
+fn client_key(sport: u16, dport: u16) -> lb_common::FlowKey {
     let mut key = lb_common::FlowKey {
         sport: sport.to_be(),
         dport: dport.to_be(),
@@ -255,12 +252,20 @@ fn flow_entry(f: &Fixture, sport: u16, dport: u16) -> Option<lb_common::FlowStat
     };
     key.src[..4].copy_from_slice(&CLIENT.octets());
     key.dst[..4].copy_from_slice(&VIP.octets());
-    table.get(&key, 0).ok()
+    key
+}
+
+/// The connection-table entry of the client flow from `sport` to `VIP:dport`.
+fn flow_entry(f: &Fixture, sport: u16, dport: u16) -> Option<lb_common::FlowEntry> {
+    f.dp.flow_table()
+        .expect("connection table")
+        .get(&client_key(sport, dport))
+        .expect("lookup")
 }
 
 #[test]
 fn connection_entries_carry_their_creation_time_written_on_insert_only() {
-    let f = Fixture::new(false, &standard_desired());
+    let mut f = Fixture::new(false, &standard_desired());
     let before = l3lb::flows::monotonic_ns();
     f.run(&client_tcp(VIP, 31000, 443, SYN));
     let first = flow_entry(&f, 31000, 443).expect("entry for the first flow");
@@ -268,25 +273,286 @@ fn connection_entries_carry_their_creation_time_written_on_insert_only() {
     let second = flow_entry(&f, 31001, 443).expect("entry for the second flow");
     let after = l3lb::flows::monotonic_ns();
     assert!(
-        before <= first.created_ns && first.created_ns < second.created_ns,
+        before <= first.state.created_ns && first.state.created_ns < second.state.created_ns,
         "stamps on the agent's clock, in the order the flows began: {before} {} {}",
-        first.created_ns,
-        second.created_ns
+        first.state.created_ns,
+        second.state.created_ns
     );
-    assert!(second.created_ns <= after);
-    // Packets that find their entry leave it as it was (no per-packet writes).
+    assert!(second.state.created_ns <= after);
+    assert_eq!(
+        (first.seen, first.flags),
+        (f.dp.epoch(), 0),
+        "a new entry: seen in this epoch, not confirmed"
+    );
+    // Packets that find their entry leave its state as it was; the first of them
+    // confirms it, and a packet in a later epoch marks it seen then.
+    f.run(&client_tcp(VIP, 31000, 443, ACK));
+    let confirmed = flow_entry(&f, 31000, 443).expect("entry");
+    assert_eq!(confirmed.state, first.state, "established packets");
+    assert_eq!(
+        confirmed.flags & lb_common::FLOW_F_CONFIRMED,
+        lb_common::FLOW_F_CONFIRMED
+    );
+    f.dp.expire_next_hops().expect("next epoch");
     for _ in 0..3 {
         f.run(&client_tcp(VIP, 31000, 443, ACK));
     }
+    let later = flow_entry(&f, 31000, 443).expect("entry");
+    assert_eq!(later.state, first.state, "established packets");
+    assert_eq!(later.seen, f.dp.epoch(), "seen in the new epoch");
     assert_eq!(
-        flow_entry(&f, 31000, 443),
-        Some(first),
-        "established packets"
+        flow_entry(&f, 31001, 443).map(|e| (e.state, e.seen)),
+        Some((second.state, second.seen)),
+        "an entry no packet found keeps its epoch"
     );
     // A SYN rebalances and so writes the entry anew.
     f.run(&client_tcp(VIP, 31000, 443, SYN));
     let again = flow_entry(&f, 31000, 443).expect("entry");
-    assert!(again.created_ns > second.created_ns, "a new SYN restamps");
+    assert!(
+        again.state.created_ns > second.state.created_ns,
+        "a new SYN restamps"
+    );
+}
+
+#[test]
+fn lone_syns_beyond_the_table_evict_each_other_not_confirmed_flows() {
+    // The smallest table: 256 buckets of 4.
+    let mut options = opts(false);
+    options.conntrack_size = 1024;
+    let f = Fixture::with_options(&options, &standard_desired());
+    let table = f.dp.flow_table().expect("connection table");
+    assert_eq!(table.capacity(), 1024);
+    // Established flows: a SYN, then an ACK that confirms the entry.
+    let established: Vec<u16> = (0..40).map(|i| 20000 + i).collect();
+    let mut owner = Vec::new();
+    for &port in &established {
+        let (_, out) = f.run(&client_tcp(VIP, port, 443, SYN));
+        f.run(&client_tcp(VIP, port, 443, ACK));
+        owner.push(out[14 + 16..14 + 20].to_vec());
+    }
+    // Then eight times the table in lone SYNs.
+    for port in 0..8192u16 {
+        f.run(&client_tcp(VIP_ALL, 1024 + port, 8080, SYN));
+    }
+    let flags: Vec<Option<u32>> = established
+        .iter()
+        .map(|&p| flow_entry(&f, p, 443).map(|e| e.flags))
+        .collect();
+    assert!(
+        flags
+            .iter()
+            .all(|f| *f == Some(lb_common::FLOW_F_CONFIRMED)),
+        "every established flow kept its entry: {flags:?}"
+    );
+    let live = table.count().expect("count");
+    assert!(
+        live > 900 && live <= 1024,
+        "the flood filled the table ({live} of 1024 entries live)"
+    );
+    for (&port, before) in established.iter().zip(&owner) {
+        let (_, out) = f.run(&client_tcp(VIP, port, 443, ACK));
+        assert_eq!(
+            &out[14 + 16..14 + 20],
+            &before[..],
+            "port {port} kept its backend"
+        );
+    }
+}
+
+/// A directory on the bpffs for one test's pins, removed on drop.
+struct PinDir(std::path::PathBuf);
+
+impl PinDir {
+    fn new(test: &str) -> Self {
+        let dir = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/l3lb-fixture-{}-{test}",
+            std::process::id()
+        ));
+        l3lb::sys::ensure_bpffs(&dir).expect("bpffs");
+        Self(dir)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Loads the program with `plan`'s maps carried over, in a fresh namespace, and applies
+/// the standard services.
+fn carrying(options: &LoadOptions, plan: &l3lb::handover::CarryPlan) -> Fixture {
+    let ifindex = enter_namespace();
+    let mut dp = Dataplane::load_carrying(options, plan).expect("load");
+    dp.apply(&standard_desired()).expect("apply");
+    Fixture { dp, ifindex }
+}
+
+/// Flows from ports 32000.. to `multi` (VIP:443) and the backends their entries name,
+/// whatever Maglev would pick (`assert_table_decided` checks that it picks otherwise for
+/// some of them).
+fn pinned_flows() -> Vec<(u16, Ipv4Addr)> {
+    vec![
+        (32000, B1),
+        (32001, B2),
+        (32002, B3),
+        (32003, B1),
+        (32004, B3),
+    ]
+}
+
+/// Asserts that for some of `flows` Maglev picks another backend than the entry names, so
+/// forwarding them there proved the entries were used (a SYN rebalances each flow: call
+/// last).
+fn assert_table_decided(f: &Fixture, flows: &[(u16, Ipv4Addr)]) {
+    let differ = flows
+        .iter()
+        .filter(|(port, b)| {
+            let (_, out) = f.run(&client_tcp(VIP, *port, 443, SYN));
+            Ipv4Addr::new(out[30], out[31], out[32], out[33]) != *b
+        })
+        .count();
+    assert!(
+        differ > 0,
+        "Maglev agrees with every entry: the check proves nothing"
+    );
+}
+
+/// Asserts each of `flows` (port, backend) is forwarded to its backend by an ACK.
+fn assert_forwarded(f: &Fixture, flows: &[(u16, Ipv4Addr)], what: &str) {
+    for (port, b) in flows {
+        let (v, out) = f.run(&client_tcp(VIP, *port, 443, ACK));
+        assert_eq!(v, XDP_TX, "{what}: port {port}");
+        assert_eq!(
+            Ipv4Addr::new(out[30], out[31], out[32], out[33]),
+            *b,
+            "{what}: port {port} kept the backend its entry names"
+        );
+    }
+}
+
+#[test]
+fn an_upgrade_converts_the_previous_releases_lru_connection_table() {
+    let pins = PinDir::new("upgrade");
+    let path = pins.0.join(map_names::FLOWS);
+    // The previous release's table: an LRU hash of FlowKey → FlowState.
+    let legacy = MapData::create(
+        aya_obj::Map::new_from_params(
+            9, // BPF_MAP_TYPE_LRU_HASH
+            size_of::<lb_common::FlowKey>() as u32,
+            size_of::<lb_common::FlowState>() as u32,
+            4096,
+            0,
+        ),
+        map_names::FLOWS,
+        None,
+    )
+    .expect("create the old table");
+    legacy.pin(&path).expect("pin");
+
+    let options = opts(false);
+    let plan = l3lb::handover::plan(&pins.0, &options).expect("plan");
+    assert_eq!(
+        plan.get(map_names::FLOWS),
+        &l3lb::handover::Carry::Convert(path.clone()),
+        "the old layout is converted, not refused"
+    );
+    let mut f = carrying(&options, &plan);
+    f.dp.resume_epoch(77).expect("epoch");
+    let service = f.dp.service_id("multi").expect("multi");
+    let mut old: aya::maps::HashMap<MapData, lb_common::FlowKey, lb_common::FlowState> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+            MapData::from_pin(&path).expect("open the pin"),
+        ))
+        .expect("typed");
+    let flows = pinned_flows();
+    for (port, b) in &flows {
+        let state = lb_common::FlowState {
+            backend: f.dp.backend_id("multi", IpAddr::V4(*b)).expect("backend"),
+            service,
+            created_ns: 1000 + u64::from(*port),
+        };
+        old.insert(client_key(*port, 443), state, 0)
+            .expect("insert");
+    }
+    let migrated = f.dp.migrate(&plan).expect("migrate");
+    assert_eq!(migrated, vec![(map_names::FLOWS, flows.len())]);
+    for (port, _) in &flows {
+        let e = flow_entry(&f, *port, 443).expect("converted entry");
+        assert_eq!(
+            e.state,
+            old.get(&client_key(*port, 443), 0).expect("old entry"),
+            "port {port}"
+        );
+        assert_eq!(
+            (e.seen, e.flags),
+            (77, lb_common::FLOW_F_CONFIRMED),
+            "converted entries count as established and seen now"
+        );
+    }
+    assert_forwarded(&f, &flows, "after the upgrade");
+    assert_table_decided(&f, &flows);
+}
+
+#[test]
+fn a_resized_connection_table_is_migrated_entry_by_entry() {
+    use lb_common::{FlowBucket, FlowEntry};
+
+    let pins = PinDir::new("resize");
+    let path = pins.0.join(map_names::FLOWS);
+    // A table of this layout with 256 buckets (conntrack_size 1024)...
+    let small =
+        aya::maps::Array::<MapData, FlowBucket>::create(256, l3lb::flowtable::BPF_F_MMAPABLE)
+            .expect("create");
+    let small_table = l3lb::flowtable::FlowTable::from_map_data(
+        aya::maps::IterableMap::map(&small),
+        "the small table",
+    )
+    .expect("accessor");
+    aya::maps::IterableMap::map(&small).pin(&path).expect("pin");
+    // ...taken over by a program with conntrack_size 4096.
+    let options = opts(false);
+    let plan = l3lb::handover::plan(&pins.0, &options).expect("plan");
+    assert_eq!(
+        plan.get(map_names::FLOWS),
+        &l3lb::handover::Carry::Migrate(path.clone())
+    );
+    let mut f = carrying(&options, &plan);
+    f.dp.resume_epoch(500).expect("epoch");
+    let service = f.dp.service_id("multi").expect("multi");
+    let flows = pinned_flows();
+    let entries: Vec<FlowEntry> = flows
+        .iter()
+        .zip([498u32, 499, 500, 400, 10])
+        .map(|((port, b), seen)| FlowEntry {
+            key: client_key(*port, 443),
+            state: lb_common::FlowState {
+                backend: f.dp.backend_id("multi", IpAddr::V4(*b)).expect("backend"),
+                service,
+                created_ns: u64::from(*port),
+            },
+            seen,
+            flags: if seen == 500 {
+                0
+            } else {
+                lb_common::FLOW_F_CONFIRMED
+            },
+        })
+        .collect();
+    small_table.insert_all(entries.clone(), 500).expect("fill");
+    let migrated = f.dp.migrate(&plan).expect("migrate");
+    assert_eq!(migrated, vec![(map_names::FLOWS, flows.len())]);
+    let table = f.dp.flow_table().expect("table");
+    assert_eq!(table.buckets(), 1024);
+    for e in &entries {
+        assert_eq!(
+            table.get(&e.key).expect("lookup"),
+            Some(*e),
+            "moved to its bucket in the larger table, epoch and flags kept"
+        );
+    }
+    assert_forwarded(&f, &flows, "after the resize");
+    assert_table_decided(&f, &flows);
 }
 
 #[test]
