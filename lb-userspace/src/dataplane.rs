@@ -704,6 +704,7 @@ impl Dataplane {
         let log_level = opts.log_level.as_u8();
         let ring_size = opts.ring_size;
         let index_size = lb_common::vip_index_slots(opts.max_services);
+        let flow_buckets = lb_common::flow_buckets(opts.conntrack_size);
         let src = opts.encap_src_v4.octets();
         let src6 = opts.encap_src_v6.octets();
         let mut loader = EbpfLoader::new();
@@ -713,6 +714,7 @@ impl Dataplane {
             .override_global(globals::ENCAP_SRC_V6, &src6, true)
             .override_global(globals::DECAP_ENABLED, &decap, true)
             .override_global(globals::VIP_INDEX_SIZE, &index_size, true)
+            .override_global(globals::FLOW_BUCKETS, &flow_buckets, true)
             // Absent from an object built without the `log` feature.
             .override_global(globals::AYA_LOG_LEVEL, &log_level, false);
         if opts.log_level == XdpLogLevel::Off {

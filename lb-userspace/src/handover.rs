@@ -141,7 +141,10 @@ pub fn max_entries_overrides(opts: &LoadOptions) -> Vec<(&'static str, u32)> {
             lb_common::vip_index_slots(opts.max_services).saturating_mul(2),
         ),
         (map_names::BACKENDS, opts.max_backends),
-        (map_names::FLOWS, opts.conntrack_size),
+        (
+            map_names::FLOWS,
+            lb_common::flow_buckets(opts.conntrack_size),
+        ),
         (map_names::SERVICE_STATS, opts.max_services),
         (map_names::BACKEND_STATS, opts.max_backends),
         (map_names::NEXTHOPS, opts.max_backends),
