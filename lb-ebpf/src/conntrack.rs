@@ -1,11 +1,15 @@
 //! Backend selection: the connection table first, Maglev on a miss.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
-use lb_common::{Backend, FlowKey, FlowState, SERVICE_F_AFFINITY_CLIENT_IP, VipInfo, flow_hash};
+use lb_common::{
+    Backend, FLOW_F_CONFIRMED, FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, FlowState,
+    SERVICE_F_AFFINITY_CLIENT_IP, SETTINGS_NEXTHOP_EPOCH, VipInfo, flow_bucket, flow_hash,
+    flow_victim,
+};
 
 use crate::{
     logs,
-    maps::{BACKENDS, FLOWS, RINGS, SCRATCH},
+    maps::{BACKENDS, FLOWS, RINGS, SCRATCH, SETTINGS},
 };
 
 /// Entries per Maglev table; set by the agent at load time.
@@ -22,23 +26,116 @@ pub struct Choice {
     pub new_flow: bool,
 }
 
-/// The backend the connection table remembers for `key`, if it still serves this service.
+/// Buckets of the connection table; set by the agent at load time (a power of two).
+#[unsafe(no_mangle)]
+static FLOW_BUCKETS: u32 = 0;
+
+/// The agent's half-second epoch: entries' age for eviction.
 #[inline(always)]
-fn remembered(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
-    let state = unsafe { FLOWS.get(key) }?;
-    let id = state.backend;
-    if state.service != vip.service {
+fn epoch() -> u32 {
+    SETTINGS.get(SETTINGS_NEXTHOP_EPOCH).copied().unwrap_or(0)
+}
+
+/// The bucket `key` belongs in, if the table exists.
+#[inline(always)]
+fn bucket_of(key: &FlowKey) -> Option<*mut FlowBucket> {
+    let buckets = unsafe { core::ptr::read_volatile(&FLOW_BUCKETS) };
+    if buckets == 0 {
+        return None;
+    }
+    FLOWS.get_ptr_mut(flow_bucket(key, buckets))
+}
+
+/// The entry holding `key`, if any.
+#[inline(always)]
+fn find(key: &FlowKey) -> Option<*mut FlowEntry> {
+    let bucket = bucket_of(key)?;
+    let want = key.words64();
+    let mut i = 0;
+    while i < FLOW_WAYS {
+        // SAFETY: a map value of this program's; the way index is below FLOW_WAYS.
+        let e = unsafe { &raw mut (*bucket).ways[i] };
+        // Word by word: comparing the keys makes LLVM call a byte-wise `bcmp`. A free
+        // entry (family 0) never equals a real key.
+        let k = unsafe { &raw const (*e).key } as *const u64;
+        // SAFETY: FlowKey is five aligned words (`FlowKey::words64`).
+        let same = unsafe {
+            *k.add(4) == want[4]
+                && *k == want[0]
+                && *k.add(1) == want[1]
+                && *k.add(2) == want[2]
+                && *k.add(3) == want[3]
+        };
+        if same {
+            return Some(e);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The backend the connection table remembers for `key`, if it still serves this service;
+/// `touch` marks the entry confirmed and seen now (a flow's packet, not an ICMP error).
+#[inline(always)]
+fn remembered(key: &FlowKey, vip: &VipInfo, touch: bool) -> Option<Choice> {
+    let e = find(key)?;
+    // SAFETY: the entry found above, in a map value.
+    let (id, service) = unsafe { ((*e).state.backend, (*e).state.service) };
+    if service != vip.service {
         return None;
     }
     let b = BACKENDS.get(id)?;
     if b.family != key.family || b.service != vip.service {
         return None;
     }
+    if touch {
+        // Stores only when something changed: once per flow for the flag, once per epoch
+        // (half a second) for the age, so the established path stays read-mostly.
+        let now = epoch();
+        unsafe {
+            if (*e).seen != now {
+                (*e).seen = now;
+            }
+            if (*e).flags & FLOW_F_CONFIRMED == 0 {
+                (*e).flags |= FLOW_F_CONFIRMED;
+            }
+        }
+    }
     Some(Choice {
         id,
         backend: *b,
         new_flow: false,
     })
+}
+
+/// Records `key` → `state` in the way `flow_victim` picks.
+///
+/// Writers on other CPUs may fill the same bucket at once (a flow's packets normally stay
+/// on one CPU, different flows do not): the entry is freed first and its key's last word,
+/// which holds the family, written last, so a concurrent reader sees the old flow, no flow,
+/// or the new one, each with its own state.
+#[inline(always)]
+fn record(key: &FlowKey, state: FlowState) {
+    let Some(bucket) = bucket_of(key) else {
+        return;
+    };
+    let now = epoch();
+    // SAFETY: a map value of this program's, read as a whole for the choice.
+    let way = flow_victim(unsafe { &*bucket }, key, now) & (FLOW_WAYS - 1);
+    let w = key.words64();
+    unsafe {
+        let e = &raw mut (*bucket).ways[way];
+        let k = &raw mut (*e).key as *mut u64;
+        core::ptr::write_volatile(k.add(4), 0);
+        (*e).state = state;
+        (*e).seen = now;
+        (*e).flags = 0;
+        *k = w[0];
+        *k.add(1) = w[1];
+        *k.add(2) = w[2];
+        *k.add(3) = w[3];
+        core::ptr::write_volatile(k.add(4), w[4]);
+    }
 }
 
 /// The backend the service's Maglev table gives `key` (ports ignored under client-IP
@@ -81,7 +178,7 @@ pub fn from_table(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
 /// records the choice.
 #[inline(always)]
 pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
-    if !syn && let Some(c) = remembered(key, vip) {
+    if !syn && let Some(c) = remembered(key, vip, true) {
         return Some(c);
     }
     let choice = from_table(key, vip)?;
@@ -89,14 +186,13 @@ pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
     // entry never write it (no per-packet stores on the established path).
     // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
     let created_ns = unsafe { bpf_ktime_get_ns() };
-    let _ = FLOWS.insert(
+    record(
         key,
         FlowState {
             backend: choice.id,
             service: vip.service,
             created_ns,
         },
-        0,
     );
     logs::new_flow(key, vip.service, choice.id);
     Some(choice)
@@ -105,7 +201,7 @@ pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
 /// The backend that owns a flow, without recording anything (for ICMP errors about it).
 #[inline(always)]
 pub fn owner(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
-    let choice = match remembered(key, vip) {
+    let choice = match remembered(key, vip, false) {
         Some(c) => c,
         None => from_table(key, vip)?,
     };

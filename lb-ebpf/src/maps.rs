@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     ACTION_COUNT, Backend, BackendMeta, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6,
-    EVENT_COUNT, FlowKey, FlowState, FragKey, ServiceMeta, ServiceStats, SrcRangeV4, SrcRangeV6,
+    EVENT_COUNT, FlowBucket, FlowKey, FragKey, ServiceMeta, ServiceStats, SrcRangeV4, SrcRangeV6,
     VipInfo, VipKey, VipSlot,
 };
 
@@ -38,9 +38,15 @@ const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE;
 #[map(name = "L3LB_BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(1, 0);
 
-/// `FlowKey` → `FlowState`: the connection table; written by this program (size: load time).
+/// The connection table: `FLOW_BUCKETS` buckets of `FLOW_WAYS` entries, a flow in bucket
+/// `flow_bucket(key)` or nowhere; written by this program (size: load time).
+///
+/// An array searched with inlined reads rather than a hash map: a hash-map lookup costs
+/// helper calls (hash, compare) and an LRU insert takes locks and list moves. Memory-
+/// mappable, so the agent reads (status, flows) and migrates it without a system call per
+/// entry.
 #[map(name = "L3LB_FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(1, 0);
+pub static FLOWS: Array<FlowBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Service id → counters, per CPU; written by this program (size: load time).
 #[map(name = "L3LB_SVC_STATS")]
