@@ -52,7 +52,7 @@ pub struct Config {
     /// Capacity of the backend map, summed over all services.
     #[serde(default = "default_max_backends")]
     pub max_backends: u32,
-    /// Entries in the connection-tracking LRU map.
+    /// Entries of the connection table (rounded up to a power of two; buckets of four).
     #[serde(default = "default_conntrack_size")]
     pub conntrack_size: u32,
     /// The balanced services.

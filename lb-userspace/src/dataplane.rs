@@ -1097,7 +1097,7 @@ impl Dataplane {
         let mut new: HashMap<&mut MapData, K, V> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         let mut n = 0;
-        // Entries that vanish meanwhile (LRU eviction by the running program) are skipped.
+        // Entries that vanish meanwhile (evicted by the running program) are skipped.
         for (k, v) in old.iter().flatten() {
             if new.insert(k, v, 0).is_err() {
                 break;

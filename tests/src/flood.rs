@@ -6,7 +6,8 @@
 //! source address in `sources` and a pseudo-random source port, so nearly every frame is
 //! a new flow for the balancer's connection table. With [`FloodSpec::ack_after_syn`] each
 //! SYN is followed by an ACK of the same flow, as a client completing the handshake would
-//! send: the ACK finds the flow's entry, which the kernel's LRU then counts as in use.
+//! send: the ACK finds the flow's entry and marks it confirmed (l3lb's connection table
+//! evicts unconfirmed entries, lone SYNs, first).
 
 use std::{
     ffi::CString,

@@ -14,13 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use l3lb::flowtable::FlowTable;
 use l3lb_tests::{
     Netns, TcpPersistent, client,
     flood::{FloodSpec, SynFlood},
     scenario::{Mode, Scenario, ScenarioSpec, TCP_PORT, VIP, status_of},
 };
-use lb_common::{FAMILY_V4, FlowKey, FlowState, PROTO_TCP, map_names};
+use lb_common::{FAMILY_V4, FLOW_F_CONFIRMED, FlowKey, PROTO_TCP, map_names};
 
 const T: Duration = Duration::from_secs(2);
 
@@ -149,12 +149,16 @@ fn a_syn_flood_beyond_the_connection_table_keeps_established_connections_and_the
         .pin_path("balancer-0")
         .join("v1/maps")
         .join(map_names::FLOWS);
-    let flows: HashMap<MapData, FlowKey, FlowState> = HashMap::try_from(Map::LruHashMap(
-        MapData::from_pin(&flows_pin).expect("pinned connection table"),
-    ))
-    .expect("connection table");
+    let flows = FlowTable::from_pin(&flows_pin).expect("pinned connection table");
+    assert_eq!(flows.capacity(), u64::from(CONNTRACK));
+    let in_table = |k: &FlowKey| flows.get(k).expect("connection-table lookup");
     for k in &keys {
-        assert!(flows.get(k, 0).is_ok(), "a persistent flow is in the table");
+        let e = in_table(k).expect("a persistent flow is in the table");
+        assert_eq!(
+            e.flags & FLOW_F_CONFIRMED,
+            FLOW_F_CONFIRMED,
+            "its packets after the SYN confirmed it"
+        );
     }
 
     // New connections of a legitimate client, before and during the flood.
@@ -193,9 +197,9 @@ fn a_syn_flood_beyond_the_connection_table_keeps_established_connections_and_the
     let mut max_rss = rss_before;
     let mut reload_times = Vec::new();
     persistent = std::thread::scope(|scope| {
-        // A busy connection's entry is refreshed by every packet; an idle one's may be
-        // pushed out by the flood, and its next packet must find the same backend
-        // through Maglev.
+        // A busy connection's entry is marked seen in every half-second epoch; an idle
+        // one's may be pushed out by the flood, and its next packet must find the same
+        // backend through Maglev.
         let echo = scope.spawn(|| {
             let mut persistent = persistent;
             let mut round = 0u32;
@@ -228,7 +232,7 @@ fn a_syn_flood_beyond_the_connection_table_keeps_established_connections_and_the
             }
             // Which persistent flows the flood pushed out of the table.
             for (k, seen) in keys.iter().zip(&mut evicted[phase]) {
-                if flows.get(k, 0).is_err() {
+                if in_table(k).is_none() {
                     *seen = true;
                 }
             }
@@ -354,9 +358,11 @@ fn a_syn_flood_beyond_the_connection_table_keeps_established_connections_and_the
         "the flood reached only {new_flows} new flows in {flood_seconds:.1} s: not twice the table \
          per second"
     );
-    // SYNs alone never touch an entry again, so the kernel's LRU keeps them in its
-    // inactive list and recycles them among themselves; flows that answer (the ACKs)
-    // compete with established ones, and idle established ones are pushed out.
+    // SYNs alone never touch their entry again, so it stays unconfirmed, and a new flow
+    // evicts its bucket's unconfirmed entries before any confirmed one: the flood
+    // recycles its own entries. Flows that answer (the ACKs) are confirmed and compete
+    // with established ones by age, and idle established ones (seen seconds ago) are
+    // pushed out.
     assert!(
         idle(1) > 0,
         "no idle established flow was evicted by SYN then ACK: the fallback to Maglev was \

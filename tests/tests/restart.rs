@@ -15,8 +15,12 @@ use l3lb_tests::{
     Netns, TcpPersistent,
     bulk::Pattern,
     client,
-    scenario::{Mode, Scenario, TCP_PORT, UDP_PORT, restart_agent},
+    scenario::{
+        Mode, Scenario, TABLE_SIZE, TCP_PORT, UDP_PORT, VIP, backend_name, balancer_config_for,
+        restart_agent,
+    },
 };
+use lb_common::{FAMILY_V4, FlowKey, FlowState, PROTO_TCP, flow_hash, map_names};
 
 const T: Duration = Duration::from_secs(2);
 
@@ -240,4 +244,144 @@ fn five_restarts_one_with_a_changed_program_keep_tcp_and_udp_flowing() {
     );
     conn.echo(b"still here\n", T)
         .expect("the running program kept forwarding after the refused start");
+}
+
+/// The backend Maglev gives a TCP flow from `client:sport` under `weights`, computed apart
+/// from the agent.
+fn maglev_backend(
+    s: &Scenario,
+    weights: &[Option<u32>],
+    client: std::net::Ipv4Addr,
+    sport: u16,
+) -> String {
+    let configured: Vec<(usize, IpAddr, u32)> = weights
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.map(|w| (i, IpAddr::V4(s.lab.backends[i].ipv4), w)))
+        .collect();
+    let input: Vec<(IpAddr, u32)> = configured.iter().map(|(_, a, w)| (*a, *w)).collect();
+    let table = l3lb::maglev::build(&input, TABLE_SIZE).expect("maglev");
+    let mut key = FlowKey {
+        sport: sport.to_be(),
+        dport: TCP_PORT.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        ..Default::default()
+    };
+    key.src[..4].copy_from_slice(&client.octets());
+    key.dst[..4].copy_from_slice(&VIP.octets());
+    let pos = table[(flow_hash(&key) % TABLE_SIZE) as usize] as usize;
+    backend_name(configured[pos].0)
+}
+
+#[test]
+fn an_upgrade_from_the_lru_connection_table_keeps_established_connections() {
+    const CONNS: u16 = 16;
+    let mut s = Scenario::start(Mode::Ipip, 3).expect("scenario");
+    let client_ip = s.lab.client.ipv4;
+    let mut conns: Vec<(String, TcpPersistent)> = (0..CONNS)
+        .map(|i| {
+            let c = client::tcp_connect_persistent(
+                &s.lab.client.ns,
+                s.vip(),
+                TCP_PORT,
+                Some(33000 + i),
+                T,
+            )
+            .expect("persistent connection");
+            (c.reply().expect("greeting").backend, c)
+        })
+        .collect();
+    let status = s.balancer.stop().expect("stop");
+    assert!(status.success(), "{status:?}");
+
+    // What the previous release left: its connection table, an LRU hash of FlowKey →
+    // FlowState, holding these flows (the running program keeps its own table; the
+    // upgrade reads the pin).
+    let flows = s
+        .lab
+        .pin_path("balancer-0")
+        .join("v1/maps")
+        .join(map_names::FLOWS);
+    let live = l3lb::flowtable::FlowTable::from_pin(&flows)
+        .expect("the pinned table")
+        .entries()
+        .expect("entries");
+    std::fs::remove_file(&flows).expect("unpin");
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&flows)
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            &size_of::<FlowKey>().to_string(),
+            "value",
+            &size_of::<FlowState>().to_string(),
+            "entries",
+            "65536",
+            "name",
+            "L3LB_FLOWS",
+        ])
+        .status()
+        .expect("bpftool");
+    assert!(made.success(), "bpftool map create");
+    let mut legacy: aya::maps::HashMap<aya::maps::MapData, FlowKey, FlowState> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+            aya::maps::MapData::from_pin(&flows).expect("open the old table"),
+        ))
+        .expect("typed");
+    for e in &live {
+        legacy.insert(e.key, e.state, 0).expect("insert");
+    }
+    drop(legacy);
+
+    // The new agent also gets new weights, so Maglev alone would move some of these
+    // connections (to a backend that answers with a reset): only their converted entries
+    // keep them where they are.
+    let weights = [Some(1), Some(1), Some(20)];
+    let moved = conns
+        .iter()
+        .filter(|(b, c)| maglev_backend(&s, &weights, client_ip, c.local_addr().port()) != *b)
+        .count();
+    assert!(moved > 0, "the new weights move none of the connections");
+    std::fs::write(
+        s.config_path(),
+        balancer_config_for(&s.lab, s.spec(), &weights).expect("config"),
+    )
+    .expect("config");
+    let config = s.config_path().to_string_lossy().into_owned();
+    s.balancer = s
+        .lab
+        .spawn_in(
+            &s.lab.balancers[0].ns,
+            l3lb_tests::l3lb_bin().expect("bin"),
+            ["run", "--config", &config],
+            "balancer-0-upgrade.log",
+        )
+        .expect("start");
+    s.balancer
+        .wait_for_log("l3lb ready", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("the upgraded agent: {e:#}\n{}", s.balancer.log()));
+    let log = s.balancer.log();
+    assert!(
+        log.contains("converted the previous release's connection table")
+            && log.contains(&format!("entries={}", live.len())),
+        "the conversion is logged with its entry count ({}):\n{log}",
+        live.len()
+    );
+    for (backend, c) in &mut conns {
+        c.echo(b"after the upgrade\n", T)
+            .unwrap_or_else(|e| panic!("connection to {backend} after the upgrade: {e:#}"));
+    }
+    let table = l3lb::flowtable::FlowTable::from_pin(&flows).expect("the new table is pinned");
+    assert!(
+        table.count().expect("count") >= live.len() as u64,
+        "the converted entries are in the new table"
+    );
+    println!(
+        "{} entries converted; {moved} of {CONNS} connections stayed on their backend only \
+         through them",
+        live.len()
+    );
 }
