@@ -184,13 +184,13 @@ pub fn monotonic_ns() -> u64 {
 pub fn read(pin_dir: &Path, filter: &VipFilter, limit: usize) -> Result<FlowList, ReadError> {
     let pins = Pins::new(pin_dir);
     let table = pins.flow_table()?;
-    let capacity = u32::try_from(table.capacity()).unwrap_or(u32::MAX);
+    let capacity = table.capacity();
     let mut scanned = 0u64;
     let mut entries = Vec::new();
-    table.for_each(|l| {
+    table.for_each(|key, state| {
         scanned += 1;
-        if filter.matches(&l.entry.key) {
-            entries.push((l.entry.key, l.entry.state));
+        if filter.matches(key) {
+            entries.push((*key, *state));
         }
     })?;
     let (matched, newest) = newest(entries, filter, limit);

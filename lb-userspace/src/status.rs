@@ -14,8 +14,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    Action, Backend, BackendMeta, BackendStats, DropReason, ServiceMeta, ServiceStats, SrcRangeV4,
-    SrcRangeV6, VipInfo, VipKey, map_names,
+    Action, Backend, BackendMeta, BackendStats, DropReason, FlowKey, FlowState, ServiceMeta,
+    ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey, map_names,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -102,13 +102,21 @@ impl Pins {
         }
     }
 
-    /// The pinned connection table (`L3LB_FLOWS`).
-    pub fn flow_table(&self) -> Result<FlowTable, ReadError> {
+    /// The pinned connection table (`L3LB_FLOWS`): this build's, or the previous
+    /// release's LRU hash while an agent of that release still runs on these pins.
+    pub fn flow_table(&self) -> Result<PinnedFlows, ReadError> {
         let path = self.maps_dir.join(map_names::FLOWS);
         if !path.exists() {
             return Err(ReadError::NotPinned { path });
         }
-        Ok(FlowTable::from_pin(&path)?)
+        if crate::handover::pinned_shape(&path).is_ok_and(|s| s.is_legacy_flows()) {
+            let capacity = self.capacity(map_names::FLOWS)?;
+            return Ok(PinnedFlows::Legacy {
+                map: self.open(map_names::FLOWS)?,
+                capacity,
+            });
+        }
+        Ok(PinnedFlows::Table(FlowTable::from_pin(&path)?))
     }
 
     /// The capacity (`max_entries`) of the pinned map `name`.
@@ -120,6 +128,54 @@ impl Pins {
         aya::maps::MapInfo::from_pin(&path)
             .map(|i| i.max_entries())
             .map_err(|source| ReadError::Open { path, source })
+    }
+}
+
+/// A pinned connection table, as [`Pins::flow_table`] finds it.
+pub enum PinnedFlows {
+    /// This build's table.
+    Table(FlowTable),
+    /// The previous release's LRU hash (read by walking its keys, at most `capacity`: an
+    /// entry evicted under the walk makes the kernel restart it from the first key).
+    Legacy {
+        /// The map.
+        map: HashMap<MapData, FlowKey, FlowState>,
+        /// Its `max_entries`.
+        capacity: u32,
+    },
+}
+
+impl PinnedFlows {
+    /// Entries the table holds when full.
+    pub fn capacity(&self) -> u32 {
+        match self {
+            PinnedFlows::Table(t) => u32::try_from(t.capacity()).unwrap_or(u32::MAX),
+            PinnedFlows::Legacy { capacity, .. } => *capacity,
+        }
+    }
+
+    /// Calls `f` with every live entry.
+    pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &FlowState)) -> Result<(), ReadError> {
+        match self {
+            PinnedFlows::Table(t) => Ok(t.for_each(|l| f(&l.entry.key, &l.entry.state))?),
+            PinnedFlows::Legacy { map, capacity } => {
+                for key in map.keys().take(*capacity as usize) {
+                    let key = key.map_err(read_err("the connection table's keys"))?;
+                    match map.get(&key, 0) {
+                        Ok(state) => f(&key, &state),
+                        // Evicted between the key and its value: gone, not an error.
+                        Err(MapError::KeyNotFound) => {}
+                        Err(source) => {
+                            return Err(ReadError::Read {
+                                what: "a connection-table entry".into(),
+                                source,
+                            });
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -362,8 +418,10 @@ fn per_cpu_sum(pins: &Pins, name: &str, len: u32) -> Result<Vec<u64>, ReadError>
 
 /// Counts the live entries of the connection table: one pass over its memory, so a table
 /// under a flood still takes a bounded time.
-pub fn count_flows(flows: &FlowTable) -> Result<u64, ReadError> {
-    Ok(flows.count()?)
+pub fn count_flows(flows: &PinnedFlows) -> Result<u64, ReadError> {
+    let mut n = 0u64;
+    flows.for_each(|_, _| n += 1)?;
+    Ok(n)
 }
 
 /// Reads the status from the pins in `pin_dir` (`<pin_path>/v1`).
@@ -494,7 +552,7 @@ pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
     let actions = per_cpu_sum(&pins, map_names::ACTIONS, lb_common::ACTION_COUNT)?;
     let events = per_cpu_sum(&pins, map_names::EVENTS, lb_common::EVENT_COUNT)?;
     let flows_table = pins.flow_table()?;
-    let capacity = u32::try_from(flows_table.capacity()).unwrap_or(u32::MAX);
+    let capacity = flows_table.capacity();
     let entries = count_flows(&flows_table)?;
     Ok(Status {
         vips,

@@ -359,8 +359,12 @@ fn lone_syns_beyond_the_table_evict_each_other_not_confirmed_flows() {
     }
 }
 
-/// A directory on the bpffs for one test's pins, removed on drop.
-struct PinDir(std::path::PathBuf);
+/// A pin directory on the bpffs for one test (`<dir>/maps` holds the maps, as under an
+/// agent's `<pin_path>/v1`), removed on drop.
+struct PinDir {
+    dir: std::path::PathBuf,
+    maps: std::path::PathBuf,
+}
 
 impl PinDir {
     fn new(test: &str) -> Self {
@@ -368,14 +372,15 @@ impl PinDir {
             "/sys/fs/bpf/l3lb-fixture-{}-{test}",
             std::process::id()
         ));
-        l3lb::sys::ensure_bpffs(&dir).expect("bpffs");
-        Self(dir)
+        let maps = dir.join("maps");
+        l3lb::sys::ensure_bpffs(&maps).expect("bpffs");
+        Self { dir, maps }
     }
 }
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -434,7 +439,7 @@ fn assert_forwarded(f: &Fixture, flows: &[(u16, Ipv4Addr)], what: &str) {
 #[test]
 fn an_upgrade_converts_the_previous_releases_lru_connection_table() {
     let pins = PinDir::new("upgrade");
-    let path = pins.0.join(map_names::FLOWS);
+    let path = pins.maps.join(map_names::FLOWS);
     // The previous release's table: an LRU hash of FlowKey → FlowState.
     let legacy = MapData::create(
         aya_obj::Map::new_from_params(
@@ -451,7 +456,7 @@ fn an_upgrade_converts_the_previous_releases_lru_connection_table() {
     legacy.pin(&path).expect("pin");
 
     let options = opts(false);
-    let plan = l3lb::handover::plan(&pins.0, &options).expect("plan");
+    let plan = l3lb::handover::plan(&pins.maps, &options).expect("plan");
     assert_eq!(
         plan.get(map_names::FLOWS),
         &l3lb::handover::Carry::Convert(path.clone()),
@@ -475,6 +480,16 @@ fn an_upgrade_converts_the_previous_releases_lru_connection_table() {
         old.insert(client_key(*port, 443), state, 0)
             .expect("insert");
     }
+    // A newer `l3lb status` or `l3lb flows` still reads the old table meanwhile.
+    let pinned = l3lb::status::Pins::new(&pins.dir)
+        .flow_table()
+        .expect("the old table, read");
+    assert!(matches!(pinned, l3lb::status::PinnedFlows::Legacy { .. }));
+    assert_eq!(pinned.capacity(), 4096);
+    assert_eq!(
+        l3lb::status::count_flows(&pinned).expect("count"),
+        flows.len() as u64
+    );
     let migrated = f.dp.migrate(&plan).expect("migrate");
     assert_eq!(migrated, vec![(map_names::FLOWS, flows.len())]);
     for (port, _) in &flows {
@@ -499,7 +514,7 @@ fn a_resized_connection_table_is_migrated_entry_by_entry() {
     use lb_common::{FlowBucket, FlowEntry};
 
     let pins = PinDir::new("resize");
-    let path = pins.0.join(map_names::FLOWS);
+    let path = pins.maps.join(map_names::FLOWS);
     // A table of this layout with 256 buckets (conntrack_size 1024)...
     let small =
         aya::maps::Array::<MapData, FlowBucket>::create(256, l3lb::flowtable::BPF_F_MMAPABLE)
@@ -512,7 +527,7 @@ fn a_resized_connection_table_is_migrated_entry_by_entry() {
     aya::maps::IterableMap::map(&small).pin(&path).expect("pin");
     // ...taken over by a program with conntrack_size 4096.
     let options = opts(false);
-    let plan = l3lb::handover::plan(&pins.0, &options).expect("plan");
+    let plan = l3lb::handover::plan(&pins.maps, &options).expect("plan");
     assert_eq!(
         plan.get(map_names::FLOWS),
         &l3lb::handover::Carry::Migrate(path.clone())
