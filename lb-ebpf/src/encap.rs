@@ -396,22 +396,30 @@ pub fn ipip_forward(
         return Err(Blocked::Drop(DropReason::AdjustFailed));
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    let outer: *mut [u8; 20] = ptr_at(ctx, EthHdr::LEN)?;
-    let len = outer_len.to_be_bytes();
+    let outer: *mut [u16; 10] = ptr_at(ctx, EthHdr::LEN)?;
     // Without DF the outer packet may be fragmented further on, and then its
     // identification must tell datagrams apart (RFC 6864).
-    let id = if df == 0 {
-        next_ip_id().to_be_bytes()
-    } else {
-        [0, 0]
-    };
-    let mut h: [u8; 20] = [
-        0x45, tos, len[0], len[1], id[0], id[1], df, 0, 64, PROTO_IPIP, 0, 0, src[0], src[1],
-        src[2], src[3], backend[0], backend[1], backend[2], backend[3],
+    let id = if df == 0 { next_ip_id().to_be() } else { 0 };
+    // The header as ten 16-bit words in memory order, summed and stored as such (the
+    // Internet checksum does not depend on byte order): whole-word stores and adds instead
+    // of building and summing it byte by byte. The frame's link-layer header is 14 bytes,
+    // so the words are 2-aligned.
+    let src = u32::from_ne_bytes(src);
+    let dst = u32::from_ne_bytes(backend);
+    let mut h = [
+        u16::from_ne_bytes([0x45, tos]),
+        outer_len.to_be(),
+        id,
+        u16::from_ne_bytes([df, 0]),
+        u16::from_ne_bytes([64, PROTO_IPIP]),
+        0,
+        src as u16,
+        (src >> 16) as u16,
+        dst as u16,
+        (dst >> 16) as u16,
     ];
-    let c = csum::ipv4_header(&h);
-    h[10] = c[0];
-    h[11] = c[1];
+    let sum = h.iter().fold(0u32, |a, w| a + *w as u32);
+    h[5] = csum::fold_ne(sum);
     unsafe {
         (*eth).dst_addr = hop.dmac;
         (*eth).src_addr = hop.smac;
