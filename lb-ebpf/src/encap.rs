@@ -159,17 +159,32 @@ pub fn ip6ip6_forward(
         return Err(Blocked::Drop(DropReason::AdjustFailed));
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    let outer: *mut [u8; 40] = ptr_at(ctx, EthHdr::LEN)?;
-    let plen = tot_len.to_be_bytes();
-    let mut h = [0u8; 40];
-    h[0] = 0x60 | (b0 & 0x0f);
-    h[1] = b1 & 0xf0;
-    h[4] = plen[0];
-    h[5] = plen[1];
-    h[6] = lb_common::PROTO_IPV6;
-    h[7] = 64;
-    h[8..24].copy_from_slice(&src);
-    h[24..40].copy_from_slice(backend);
+    let outer: *mut [u16; 20] = ptr_at(ctx, EthHdr::LEN)?;
+    // Stored in 16-bit words in memory order (2-aligned after the 14-byte Ethernet
+    // header), not byte by byte.
+    let word = |a: &[u8; 16], i: usize| u16::from_ne_bytes([a[2 * i], a[2 * i + 1]]);
+    let h = [
+        u16::from_ne_bytes([0x60 | (b0 & 0x0f), b1 & 0xf0]),
+        0,
+        tot_len.to_be(),
+        u16::from_ne_bytes([lb_common::PROTO_IPV6, 64]),
+        word(&src, 0),
+        word(&src, 1),
+        word(&src, 2),
+        word(&src, 3),
+        word(&src, 4),
+        word(&src, 5),
+        word(&src, 6),
+        word(&src, 7),
+        word(backend, 0),
+        word(backend, 1),
+        word(backend, 2),
+        word(backend, 3),
+        word(backend, 4),
+        word(backend, 5),
+        word(backend, 6),
+        word(backend, 7),
+    ];
     unsafe {
         (*eth).dst_addr = hop.dmac;
         (*eth).src_addr = hop.smac;
