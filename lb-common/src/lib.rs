@@ -215,13 +215,15 @@ pub const fn vip_index_slots(max_services: u32) -> u32 {
 /// which places keys, and the XDP program, which looks them up.
 #[inline(always)]
 pub fn vip_index_hash(words: &[u32; 5]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    let mut i = 0;
-    while i < 5 {
-        h = (h ^ words[i]).wrapping_mul(0x9e37_79b1);
-        h ^= h >> 15;
-        i += 1;
-    }
+    // Each word multiplied by its own odd constant, the products combined, then a full
+    // avalanche: the multiplications are independent, so the CPU overlaps them, where a
+    // round-by-round mix is one long chain of dependent multiplies on every lookup.
+    let h = words[0].wrapping_mul(0x9e37_79b1)
+        ^ words[1].wrapping_mul(0x85eb_ca77)
+        ^ words[2].wrapping_mul(0xc2b2_ae3d)
+        ^ words[3].wrapping_mul(0x27d4_eb2f)
+        ^ words[4].wrapping_mul(0x1656_67b1);
+    let mut h = h ^ (h >> 16);
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
@@ -366,8 +368,7 @@ pub const fn flow_buckets(entries: u32) -> u32 {
 /// The bucket of `key` in a table of `buckets` buckets (a power of two); identical in
 /// kernel and agent.
 ///
-/// Multiply-and-fold over the key's five 64-bit words: a few instructions in BPF, and
-/// every input bit reaches the high half the bucket is taken from.
+/// Multiply-and-fold over the key's five 64-bit words: a few instructions in BPF.
 #[inline(always)]
 pub fn flow_bucket(key: &FlowKey, buckets: u32) -> u32 {
     flow_bucket_words(&key.words64(), buckets)
@@ -376,15 +377,16 @@ pub fn flow_bucket(key: &FlowKey, buckets: u32) -> u32 {
 /// `flow_bucket` of a key given as its words (`FlowKey::words64`).
 #[inline(always)]
 pub fn flow_bucket_words(w: &[u64; 5], buckets: u32) -> u32 {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut h: u64 = 0;
-    let mut i = 0;
-    while i < 5 {
-        h = (h ^ w[i]).wrapping_mul(K);
-        h ^= h >> 32;
-        i += 1;
-    }
-    h = h.wrapping_mul(K);
+    // Independent products (overlapped by the CPU, see `vip_index_hash`), folded, mixed
+    // once more; the bucket comes from the high half, which every input bit reaches.
+    // Changing this function moves every pinned flow: the agent would have to re-place
+    // the table it takes over.
+    let h = w[0].wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ w[1].wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        ^ w[2].wrapping_mul(0x1656_67b1_9e37_79f9)
+        ^ w[3].wrapping_mul(0x85eb_ca77_c2b2_ae63)
+        ^ w[4].wrapping_mul(0x27d4_eb2f_1656_67c5);
+    let h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     ((h >> 32) as u32) & buckets.wrapping_sub(1)
 }
 

@@ -31,3 +31,12 @@ pub fn fold(mut sum: u32) -> [u8; 2] {
     sum = (sum & 0xffff) + (sum >> 16);
     (!(sum as u16)).to_be_bytes()
 }
+
+/// Folds a 32-bit one's-complement sum of 16-bit words in memory order into the checksum
+/// word, in the same order.
+#[inline(always)]
+pub fn fold_ne(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

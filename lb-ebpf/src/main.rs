@@ -242,6 +242,11 @@ struct Pkt {
 static VIP_INDEX_SIZE: u32 = 0;
 
 /// The VIP entry for (address, port, protocol), falling back to the all-ports entry.
+///
+/// The key's home slot is examined here, inline: it holds the key, or is empty, for
+/// nearly every lookup (the index is at most a quarter full), and then the call to the
+/// full search (`vip_index_search`) — a BPF-to-BPF call and return, dear under the SRSO
+/// mitigation — is saved.
 #[inline(always)]
 fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipInfo> {
     let w = VipKey {
@@ -251,6 +256,31 @@ fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipIn
         family,
     }
     .words();
+    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
+    if size == 0 {
+        return None;
+    }
+    let settings = SETTINGS
+        .get(lb_common::SETTINGS_FLAGS)
+        .copied()
+        .unwrap_or(0);
+    let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
+        size
+    } else {
+        0
+    };
+    let home = base + (lb_common::vip_index_hash(&w) & size.wrapping_sub(1));
+    let slot = VIP_INDEX.get(home)?;
+    let k = slot as *const VipSlot as *const u32;
+    // SAFETY: a VipSlot starts with the 20-byte, 4-aligned key.
+    let (k0, k1, k2, k3, k4) = unsafe { (*k, *k.add(1), *k.add(2), *k.add(3), *k.add(4)) };
+    if k4 == w[4] && k0 == w[0] && k1 == w[1] && k2 == w[2] && k3 == w[3] {
+        return Some(info_of(slot));
+    }
+    // An empty home slot ends the search for this key; only the all-ports entry is left.
+    if k4 >> 24 == 0 && (w[4] & 0xffff == 0 || settings & lb_common::SETTINGS_F_ALL_PORTS == 0) {
+        return None;
+    }
     let found = vip_index_search(
         w[0] as u64,
         w[1] as u64,
@@ -261,13 +291,17 @@ fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipIn
     if found >> 32 != 0 {
         return None;
     }
-    let slot = VIP_INDEX.get(found as u32)?;
-    Some(VipInfo {
+    VIP_INDEX.get(found as u32).map(info_of)
+}
+
+#[inline(always)]
+fn info_of(slot: &VipSlot) -> VipInfo {
+    VipInfo {
         service: slot.service,
         flags: slot.flags,
         ring: slot.ring,
         _reserved: 0,
-    })
+    }
 }
 
 /// Searches the active half of the VIP index for the key with words `w0..w4`, then (if
