@@ -568,6 +568,19 @@ fn a_resized_connection_table_is_migrated_entry_by_entry() {
     }
     assert_forwarded(&f, &flows, "after the resize");
     assert_table_decided(&f, &flows);
+
+    // The next agent with the same size takes this table over as it is.
+    std::fs::remove_file(&path).expect("unpin the small table");
+    f.dp.map(map_names::FLOWS)
+        .expect("flows map")
+        .pin(&path)
+        .expect("pin");
+    let plan = l3lb::handover::plan(&pins.maps, &options).expect("plan");
+    assert_eq!(
+        plan.get(map_names::FLOWS),
+        &l3lb::handover::Carry::Reuse(path.clone()),
+        "same size and flags: reused"
+    );
 }
 
 #[test]
