@@ -1406,6 +1406,9 @@ fn ipv6_decap_fragments_and_source_ranges() {
 
 #[test]
 fn next_hops_are_reused_until_the_agent_expires_them() {
+    // The next-hop cache is per CPU: every run of the program must be on one CPU, or the
+    // second run may meet another CPU's empty entry and ask the FIB anyway.
+    pin_this_thread_to_cpu0();
     let mut f = Fixture::new(false, &standard_desired());
     let frame = client_tcp(VIP, 40000, 80, SYN);
     let (_, out) = f.run(&frame);
@@ -1436,6 +1439,22 @@ fn next_hops_are_reused_until_the_agent_expires_them() {
     f.dp.expire_next_hops().expect("advance the epoch");
     let (_, out) = f.run(&frame);
     assert_eq!(&out[0..6], &new_mac, "after it, the FIB is asked again");
+}
+
+/// Keeps the calling test thread on CPU 0 (`BPF_PROG_TEST_RUN` runs the program on the
+/// caller's CPU), so per-CPU state written by one run is seen by the next.
+fn pin_this_thread_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_setaffinity(0, …) applies to
+    // the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning the test thread to CPU 0"
+        );
+    }
 }
 
 /// Every VIP entry and every used backend entry, to compare the maps before and after.
