@@ -235,6 +235,40 @@ pub fn backend_name(i: usize) -> String {
     format!("backend-{i}")
 }
 
+/// The connection-table key of a TCP connection from `client`:`sport` to the `web`
+/// service's VIP and port.
+pub fn vip_flow_key(client: Ipv4Addr, sport: u16) -> lb_common::FlowKey {
+    let mut key = lb_common::FlowKey {
+        sport: sport.to_be(),
+        dport: TCP_PORT.to_be(),
+        proto: lb_common::PROTO_TCP,
+        family: lb_common::FAMILY_V4,
+        ..Default::default()
+    };
+    key.src[..4].copy_from_slice(&client.octets());
+    key.dst[..4].copy_from_slice(&VIP.octets());
+    key
+}
+
+/// Name of the backend Maglev gives that connection when the backends carry `weights`
+/// (`None`: not configured), computed apart from the agent from the shared flow hash.
+pub fn maglev_backend(
+    s: &Scenario,
+    weights: &[Option<u32>],
+    client: Ipv4Addr,
+    sport: u16,
+) -> String {
+    let configured: Vec<(usize, IpAddr, u32)> = weights
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.map(|w| (i, IpAddr::V4(s.lab.backends[i].ipv4), w)))
+        .collect();
+    let input: Vec<(IpAddr, u32)> = configured.iter().map(|(_, a, w)| (*a, *w)).collect();
+    let table = l3lb::maglev::build(&input, TABLE_SIZE).expect("maglev");
+    let hash = lb_common::flow_hash(&vip_flow_key(client, sport));
+    backend_name(configured[table[(hash % TABLE_SIZE) as usize] as usize].0)
+}
+
 impl Scenario {
     /// Builds the lab, starts servers and agents, and waits until the balancer is ready.
     pub fn start(mode: Mode, backends: usize) -> Result<Self> {

@@ -30,9 +30,9 @@ use std::{
 use l3lb_tests::{
     LogTail, TcpPersistent,
     client::{self, parse_reply},
-    scenario::{Mode, Scenario, ScenarioSpec, TCP_PORT, VIP},
+    scenario::{Mode, Scenario, ScenarioSpec, TCP_PORT, VIP, vip_flow_key},
 };
-use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, flow_hash};
+use lb_common::flow_hash;
 
 const T: Duration = Duration::from_secs(2);
 
@@ -165,20 +165,6 @@ fn apply(s: &mut Scenario, tail: &mut LogTail, backends: Vec<Ipv4Addr>) -> Versi
         );
         std::thread::sleep(Duration::from_micros(250));
     }
-}
-
-/// The flow key of a stream connection from `sport`.
-fn flow_key(client: Ipv4Addr, sport: u16) -> FlowKey {
-    let mut key = FlowKey {
-        sport: sport.to_be(),
-        dport: TCP_PORT.to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        ..Default::default()
-    };
-    key.src[..4].copy_from_slice(&client.octets());
-    key.dst[..4].copy_from_slice(&VIP.octets());
-    key
 }
 
 /// The Maglev table of `backends` as addresses, computed apart from the agent.
@@ -428,7 +414,7 @@ fn backends_churning_at_1000_changes_per_second_keep_connections_and_placement()
     // while it was being opened, exactly where that version's Maglev table puts it.
     let attempts = std::mem::take(&mut *attempts.lock().unwrap_or_else(PoisonError::into_inner));
     let hashes: Vec<usize> = STREAM_PORTS
-        .map(|p| (flow_hash(&flow_key(client_ip, p)) % TABLE_SIZE) as usize)
+        .map(|p| (flow_hash(&vip_flow_key(client_ip, p)) % TABLE_SIZE) as usize)
         .collect();
     let hash_of = |sport: u16| hashes[usize::from(sport - STREAM_PORTS.start)];
     // Versions possibly in force during [start, end]: written by its end, and not yet

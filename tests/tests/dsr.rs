@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -11,38 +11,13 @@ use l3lb_tests::{
     Capture, TcpServer, UdpServer,
     capture::IPPROTO_UDP,
     client,
-    scenario::{Mode, Scenario, TABLE_SIZE, TCP_PORT, UDP_PORT, VIP, backend_name},
+    scenario::{Mode, Scenario, TCP_PORT, UDP_PORT, VIP, backend_name, maglev_backend},
 };
-use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, flow_hash};
 
 const T: Duration = Duration::from_secs(2);
 
 fn vip() -> IpAddr {
     IpAddr::V4(VIP)
-}
-
-/// Which backend the balancer must pick for a new TCP flow from `sport`, computed
-/// independently from the agent's Maglev and the shared flow hash.
-fn predicted_backend(s: &Scenario, client: Ipv4Addr, sport: u16) -> String {
-    let configured: Vec<(usize, IpAddr, u32)> = s
-        .weights
-        .iter()
-        .enumerate()
-        .filter_map(|(i, w)| w.map(|w| (i, IpAddr::V4(s.lab.backends[i].ipv4), w)))
-        .collect();
-    let input: Vec<(IpAddr, u32)> = configured.iter().map(|(_, a, w)| (*a, *w)).collect();
-    let table = l3lb::maglev::build(&input, TABLE_SIZE).expect("maglev");
-    let mut key = FlowKey {
-        sport: sport.to_be(),
-        dport: TCP_PORT.to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        ..Default::default()
-    };
-    key.src[..4].copy_from_slice(&client.octets());
-    key.dst[..4].copy_from_slice(&VIP.octets());
-    let pos = table[(flow_hash(&key) % TABLE_SIZE) as usize] as usize;
-    backend_name(configured[pos].0)
 }
 
 fn shares_within(counts: &HashMap<String, usize>, expected: &[(String, f64)], total: usize) {
@@ -172,7 +147,7 @@ fn connections_follow_maglev_and_weights(mode: Mode) {
     for (port, got) in &bulk.by_src_port {
         assert_eq!(
             *got,
-            predicted_backend(&s, client_ip, *port),
+            maglev_backend(&s, &s.weights, client_ip, *port),
             "flow from port {port}"
         );
     }
@@ -193,7 +168,7 @@ fn connections_follow_maglev_and_weights(mode: Mode) {
     for (port, got) in &bulk.by_src_port {
         assert_eq!(
             *got,
-            predicted_backend(&s, client_ip, *port),
+            maglev_backend(&s, &s.weights, client_ip, *port),
             "flow from port {port} after reweight"
         );
     }
@@ -254,7 +229,7 @@ fn removing_a_backend(mode: Mode) {
     for (port, got) in &after.by_src_port {
         assert_eq!(
             *got,
-            predicted_backend(&s, client_ip, *port),
+            maglev_backend(&s, &s.weights, client_ip, *port),
             "flow from port {port}"
         );
         if let Some(old) = before.by_src_port.get(port)

@@ -18,9 +18,9 @@ use l3lb::flowtable::FlowTable;
 use l3lb_tests::{
     Netns, TcpPersistent, client,
     flood::{FloodSpec, SynFlood},
-    scenario::{Mode, Scenario, ScenarioSpec, TCP_PORT, VIP, status_of},
+    scenario::{Mode, Scenario, ScenarioSpec, TCP_PORT, VIP, status_of, vip_flow_key},
 };
-use lb_common::{FAMILY_V4, FLOW_F_CONFIRMED, FlowKey, PROTO_TCP, map_names};
+use lb_common::{FLOW_F_CONFIRMED, FlowKey, map_names};
 
 const T: Duration = Duration::from_secs(2);
 
@@ -61,19 +61,6 @@ fn rss(pid: i32) -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("VmRSS");
     kib << 10
-}
-
-fn flow_key(client: Ipv4Addr, sport: u16) -> FlowKey {
-    let mut key = FlowKey {
-        sport: sport.to_be(),
-        dport: TCP_PORT.to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        ..Default::default()
-    };
-    key.src[..4].copy_from_slice(&client.octets());
-    key.dst[..4].copy_from_slice(&VIP.octets());
-    key
 }
 
 /// A new connection of the legitimate client during the flood.
@@ -142,7 +129,7 @@ fn a_syn_flood_beyond_the_connection_table_keeps_established_connections_and_the
         .collect();
     let keys: Vec<FlowKey> = persistent
         .iter()
-        .map(|(_, c)| flow_key(client_ip, c.local_addr().port()))
+        .map(|(_, c)| vip_flow_key(client_ip, c.local_addr().port()))
         .collect();
     let flows_pin = s
         .lab

@@ -16,11 +16,10 @@ use l3lb_tests::{
     bulk::Pattern,
     client,
     scenario::{
-        Mode, Scenario, TABLE_SIZE, TCP_PORT, UDP_PORT, VIP, backend_name, balancer_config_for,
-        restart_agent,
+        Mode, Scenario, TCP_PORT, UDP_PORT, balancer_config_for, maglev_backend, restart_agent,
     },
 };
-use lb_common::{FAMILY_V4, FlowKey, FlowState, PROTO_TCP, flow_hash, map_names};
+use lb_common::{FlowKey, FlowState, map_names};
 
 const T: Duration = Duration::from_secs(2);
 
@@ -244,34 +243,6 @@ fn five_restarts_one_with_a_changed_program_keep_tcp_and_udp_flowing() {
     );
     conn.echo(b"still here\n", T)
         .expect("the running program kept forwarding after the refused start");
-}
-
-/// The backend Maglev gives a TCP flow from `client:sport` under `weights`, computed apart
-/// from the agent.
-fn maglev_backend(
-    s: &Scenario,
-    weights: &[Option<u32>],
-    client: std::net::Ipv4Addr,
-    sport: u16,
-) -> String {
-    let configured: Vec<(usize, IpAddr, u32)> = weights
-        .iter()
-        .enumerate()
-        .filter_map(|(i, w)| w.map(|w| (i, IpAddr::V4(s.lab.backends[i].ipv4), w)))
-        .collect();
-    let input: Vec<(IpAddr, u32)> = configured.iter().map(|(_, a, w)| (*a, *w)).collect();
-    let table = l3lb::maglev::build(&input, TABLE_SIZE).expect("maglev");
-    let mut key = FlowKey {
-        sport: sport.to_be(),
-        dport: TCP_PORT.to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        ..Default::default()
-    };
-    key.src[..4].copy_from_slice(&client.octets());
-    key.dst[..4].copy_from_slice(&VIP.octets());
-    let pos = table[(flow_hash(&key) % TABLE_SIZE) as usize] as usize;
-    backend_name(configured[pos].0)
 }
 
 #[test]
