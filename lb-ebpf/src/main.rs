@@ -256,19 +256,7 @@ fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipIn
         family,
     }
     .words();
-    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
-    if size == 0 {
-        return None;
-    }
-    let settings = SETTINGS
-        .get(lb_common::SETTINGS_FLAGS)
-        .copied()
-        .unwrap_or(0);
-    let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
-        size
-    } else {
-        0
-    };
+    let (size, settings, base) = vip_index_half()?;
     let home = base + (lb_common::vip_index_hash(&w) & size.wrapping_sub(1));
     let slot = VIP_INDEX.get(home)?;
     let k = slot as *const VipSlot as *const u32;
@@ -304,6 +292,26 @@ fn info_of(slot: &VipSlot) -> VipInfo {
     }
 }
 
+/// The VIP index as it stands: (slots per half, `SETTINGS_F_*` bits, first slot of the
+/// active half); `None` until the agent has sized it.
+#[inline(always)]
+fn vip_index_half() -> Option<(u32, u32, u32)> {
+    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
+    if size == 0 {
+        return None;
+    }
+    let settings = SETTINGS
+        .get(lb_common::SETTINGS_FLAGS)
+        .copied()
+        .unwrap_or(0);
+    let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
+        size
+    } else {
+        0
+    };
+    Some((size, settings, base))
+}
+
 /// Searches the active half of the VIP index for the key with words `w0..w4`, then (if
 /// some all-ports VIP exists) for the same key with port 0: the slot found, or a value
 /// ≥ 2³² when there is none.
@@ -316,18 +324,8 @@ fn info_of(slot: &VipSlot) -> VipInfo {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn vip_index_search(w0: u64, w1: u64, w2: u64, w3: u64, w4: u64) -> u64 {
-    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
-    if size == 0 {
+    let Some((size, settings, base)) = vip_index_half() else {
         return NOT_FOUND;
-    }
-    let settings = SETTINGS
-        .get(lb_common::SETTINGS_FLAGS)
-        .copied()
-        .unwrap_or(0);
-    let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
-        size
-    } else {
-        0
     };
     let mut words = [w0 as u32, w1 as u32, w2 as u32, w3 as u32, w4 as u32];
     let found = vip_index_probe(&words, base, size);
