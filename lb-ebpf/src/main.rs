@@ -576,8 +576,14 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
 fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv6::parse(ctx, l2.l3_off)?;
     // Only traffic to VIP addresses is looked at further: neighbour discovery, router
-    // advertisements and everything else addressed elsewhere pass untouched.
-    if vip_lookup(&ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none() {
+    // advertisements and everything else addressed elsewhere pass untouched. TCP or UDP
+    // right after the fixed header skips the address's marker lookup: `balance` looks
+    // the VIP up by port anyway, and asks the marker only if the L4 header is bad (so
+    // such a packet to another address still passes untouched).
+    if ip.next != PROTO_TCP
+        && ip.next != PROTO_UDP
+        && vip_lookup(&ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none()
+    {
         return Ok(PASS.into());
     }
     let up = ipv6::walk(ctx, l2.l3_off, ip.next)?;
@@ -658,9 +664,11 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         };
         (vip, false, 0, 0)
     } else if pkt.fragment {
-        let ports: *const [u16; 2] = ptr_at(ctx, pkt.l4_off)?;
+        let Ok(ports) = ptr_at::<[u16; 2]>(ctx, pkt.l4_off) else {
+            return not_a_vip_or(pkt, DropReason::Truncated);
+        };
         if pkt.l4_off + 4 > l3_end(l2, pkt) {
-            return Err(DropReason::Truncated);
+            return not_a_vip_or(pkt, DropReason::Truncated);
         }
         let dport = unsafe { (*ports)[1] };
         let Some(vip) = vip_lookup(&pkt.dst, dport, pkt.proto, pkt.family) else {
@@ -668,7 +676,10 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         };
         (vip, false, 0, 0)
     } else {
-        let ports = l4::parse(ctx, pkt.l4_off, l3_end(l2, pkt), pkt.proto)?;
+        let ports = match l4::parse(ctx, pkt.l4_off, l3_end(l2, pkt), pkt.proto) {
+            Ok(p) => p,
+            Err(e) => return not_a_vip_or(pkt, e),
+        };
         let Some(vip) = vip_lookup(&pkt.dst, ports.dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
@@ -735,6 +746,19 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
             )?;
             Ok((verdict, Action::TooBig).into())
         }
+    }
+}
+
+/// A bad L4 header is ours to drop only when it is addressed to a VIP (the address has
+/// its ICMP marker): anything else goes to the stack untouched, as all traffic that is
+/// not a VIP's does. Asked only on this error path, so good packets pay no extra lookup
+/// (IPv6 TCP and UDP come here without one: see `ipv6_packet`).
+#[inline(always)]
+fn not_a_vip_or(pkt: &Pkt, reason: DropReason) -> Result<Outcome, DropReason> {
+    if vip_lookup(&pkt.dst, 0, icmp_proto(pkt.family), pkt.family).is_none() {
+        Ok(PASS.into())
+    } else {
+        Err(reason)
     }
 }
 

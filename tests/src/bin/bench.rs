@@ -82,6 +82,7 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let mut quick = false;
     let mut per_packet_only = false;
+    let mut throughput_only = false;
     let mut profile = None;
     let mut json = None;
     let mut args = std::env::args().skip(1);
@@ -90,10 +91,12 @@ fn run() -> Result<()> {
             "--quick" => quick = true,
             // For working on the data plane: just the per-packet table, in seconds.
             "--per-packet-only" => per_packet_only = true,
+            // For profiling the veth path: just the throughput table.
+            "--throughput-only" => throughput_only = true,
             "--profile" => profile = Some(args.next().context("--profile needs a path name")?),
             "--json" => json = Some(PathBuf::from(args.next().context("--json needs a path")?)),
             other => bail!(
-                "unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--profile PATH_NAME] [--json PATH]"
+                "unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--throughput-only] [--profile PATH_NAME] [--json PATH]"
             ),
         }
     }
@@ -137,6 +140,17 @@ fn run() -> Result<()> {
             ),
     )?;
 
+    if throughput_only {
+        let throughput = throughput(&settings.throughput)?;
+        print_throughput(&throughput);
+        return match &json {
+            Some(path) => write_json(
+                path,
+                &json!({ "machine": machine(), "throughput": throughput }),
+            ),
+            None => Ok(()),
+        };
+    }
     let started = Instant::now();
     let per_packet = per_packet(&settings, ifindex)?;
     if per_packet_only {
@@ -1588,51 +1602,7 @@ fn print_per_packet(r: &Value) {
 }
 
 fn print_rest(r: &Value) {
-    let tp = &r["throughput"];
-    println!(
-        "\nTHROUGHPUT  (live-frame generator -> veth -> balancer end -> same veth -> sink; {} flows, {}-byte UDP frames, one CPU; {} frames x {} rounds, median)",
-        tp["flows"], tp["frame_bytes"], tp["frames_per_round"], tp["rounds"]
-    );
-    println!(
-        "  {:<34} {:>8} {:>9} {:>10} {:>10}",
-        "AT THE BALANCER END", "MPPS", "NS/FRAME", "LOOP MPPS", "DELIVERED"
-    );
-    for (key, label) in [
-        ("floor", "floor (MAC swap, XDP_TX)"),
-        ("l3lb", "l3lb (UDP VIP, IPIP, XDP_TX)"),
-        ("peer_nftables_dnat", "peer (nftables DNAT, forwarding)"),
-    ] {
-        let v = &tp[key];
-        println!(
-            "  {:<34} {:>8.2} {:>9.0} {:>10.2} {:>9.2}%",
-            label,
-            v["mpps"].as_f64().unwrap_or(f64::NAN),
-            v["ns_per_frame"].as_f64().unwrap_or(f64::NAN),
-            v["loop_mpps"].as_f64().unwrap_or(f64::NAN),
-            v["delivered_fraction"].as_f64().unwrap_or(f64::NAN) * 100.0
-        );
-    }
-    let to_floor = tp["l3lb_to_floor"].as_f64().unwrap_or(f64::NAN);
-    let floor_target = tp["target_l3lb_to_floor"].as_f64().unwrap_or(0.0);
-    let to_peer = tp["l3lb_to_peer"].as_f64().unwrap_or(f64::NAN);
-    let peer_target = tp["target_l3lb_to_peer"].as_f64().unwrap_or(0.0);
-    println!(
-        "  l3lb / floor: {to_floor:.2}  (target >= {floor_target}) {}",
-        verdict(to_floor >= floor_target)
-    );
-    println!(
-        "  l3lb / peer:  {to_peer:.2}  (target >= {peer_target}) {}",
-        verdict(to_peer >= peer_target)
-    );
-    println!(
-        "  (MPPS: frames at the sink / wall time of the generator call; LOOP MPPS: over the kernel's frame-loop time, without the ~{:.0} ms each call spends on page-pool setup and teardown)",
-        tp["floor"]["call_overhead_ms"].as_f64().unwrap_or(f64::NAN)
-    );
-    let l = &tp["l3lb"];
-    println!(
-        "  checked: l3lb encapsulated {} of {} generated frames, dropped {}; every frame at the sink had its variant's shape",
-        l["l3lb_actions"]["encap"], l["generated"], l["l3lb_drops"]
-    );
+    print_throughput(&r["throughput"]);
     let cp = &r["control_plane"];
     println!("\nMAGLEV BUILD");
     for b in cp["maglev_build"].as_array().into_iter().flatten() {
@@ -1703,6 +1673,54 @@ fn print_rest(r: &Value) {
             verdict(growth <= target)
         );
     }
+}
+
+/// Prints the throughput table of `tp` (the report's `throughput` object).
+fn print_throughput(tp: &Value) {
+    println!(
+        "\nTHROUGHPUT  (live-frame generator -> veth -> balancer end -> same veth -> sink; {} flows, {}-byte UDP frames, one CPU; {} frames x {} rounds, median)",
+        tp["flows"], tp["frame_bytes"], tp["frames_per_round"], tp["rounds"]
+    );
+    println!(
+        "  {:<34} {:>8} {:>9} {:>10} {:>10}",
+        "AT THE BALANCER END", "MPPS", "NS/FRAME", "LOOP MPPS", "DELIVERED"
+    );
+    for (key, label) in [
+        ("floor", "floor (MAC swap, XDP_TX)"),
+        ("l3lb", "l3lb (UDP VIP, IPIP, XDP_TX)"),
+        ("peer_nftables_dnat", "peer (nftables DNAT, forwarding)"),
+    ] {
+        let v = &tp[key];
+        println!(
+            "  {:<34} {:>8.2} {:>9.0} {:>10.2} {:>9.2}%",
+            label,
+            v["mpps"].as_f64().unwrap_or(f64::NAN),
+            v["ns_per_frame"].as_f64().unwrap_or(f64::NAN),
+            v["loop_mpps"].as_f64().unwrap_or(f64::NAN),
+            v["delivered_fraction"].as_f64().unwrap_or(f64::NAN) * 100.0
+        );
+    }
+    let to_floor = tp["l3lb_to_floor"].as_f64().unwrap_or(f64::NAN);
+    let floor_target = tp["target_l3lb_to_floor"].as_f64().unwrap_or(0.0);
+    let to_peer = tp["l3lb_to_peer"].as_f64().unwrap_or(f64::NAN);
+    let peer_target = tp["target_l3lb_to_peer"].as_f64().unwrap_or(0.0);
+    println!(
+        "  l3lb / floor: {to_floor:.2}  (target >= {floor_target}) {}",
+        verdict(to_floor >= floor_target)
+    );
+    println!(
+        "  l3lb / peer:  {to_peer:.2}  (target >= {peer_target}) {}",
+        verdict(to_peer >= peer_target)
+    );
+    println!(
+        "  (MPPS: frames at the sink / wall time of the generator call; LOOP MPPS: over the kernel's frame-loop time, without the ~{:.0} ms each call spends on page-pool setup and teardown)",
+        tp["floor"]["call_overhead_ms"].as_f64().unwrap_or(f64::NAN)
+    );
+    let l = &tp["l3lb"];
+    println!(
+        "  checked: l3lb encapsulated {} of {} generated frames, dropped {}; every frame at the sink had its variant's shape",
+        l["l3lb_actions"]["encap"], l["generated"], l["l3lb_drops"]
+    );
 }
 
 // ---- scaling ----
