@@ -310,6 +310,14 @@ fn truncation_cases(m: &mut Matrix) {
     // untouched, as the address's missing ICMP marker says (asked only when a header is
     // bad; IPv6 TCP and UDP skip the marker lookup on the way in).
     let other4 = Ipv4Addr::new(198, 51, 100, 9);
+    let udp_other4 = ipv4(
+        CLIENT,
+        other4,
+        PROTO_UDP,
+        &[],
+        &udp(5353, 53, b"query"),
+        false,
+    );
     for (what, frame, l3_hdr, l4_hdr) in [
         (
             "IPv4 TCP",
@@ -327,22 +335,7 @@ fn truncation_cases(m: &mut Matrix) {
             20,
             20,
         ),
-        (
-            "IPv4 UDP",
-            v4_frame(
-                &[],
-                &ipv4(
-                    CLIENT,
-                    other4,
-                    PROTO_UDP,
-                    &[],
-                    &udp(5353, 53, b"query"),
-                    false,
-                ),
-            ),
-            20,
-            8,
-        ),
+        ("IPv4 UDP", v4_frame(&[], &udp_other4), 20, 8),
         (
             "IPv6 TCP",
             v6_frame(&ipv6(
@@ -380,14 +373,7 @@ fn truncation_cases(m: &mut Matrix) {
         );
     }
     // A first fragment whose ports are cut, to no VIP.
-    let mut frag = ipv4(
-        CLIENT,
-        other4,
-        PROTO_UDP,
-        &[],
-        &udp(5353, 53, b"query"),
-        false,
-    );
+    let mut frag = udp_other4.clone();
     frag[6] = 0x20;
     refresh_v4_checksum(&mut frag);
     m.passes(
