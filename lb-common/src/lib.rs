@@ -90,7 +90,7 @@ pub mod map_names {
     pub const RINGS: &str = "L3LB_RINGS";
     /// Backend id → `Backend`: where a backend lives and how to reach it.
     pub const BACKENDS: &str = "L3LB_BACKENDS";
-    /// The connection table: an array of `FlowBucket`s (`flow_bucket`), memory-mappable.
+    /// The connection table: an array of `FlowBucket`s (`flow_buckets_of`), memory-mappable.
     pub const FLOWS: &str = "L3LB_FLOWS";
     /// Service id → `ServiceStats`, per CPU.
     pub const SERVICE_STATS: &str = "L3LB_SVC_STATS";
@@ -336,7 +336,8 @@ pub struct FlowEntry {
 
 /// The connection table's unit: `FLOW_WAYS` entries sharing one hash value. The table
 /// (`L3LB_FLOWS`) is an array of buckets, a power of two of them (`flow_buckets`); a flow
-/// lives in bucket `flow_bucket(key, buckets)` or nowhere.
+/// lives in its home bucket, in its overflow bucket if the home bucket was full
+/// (`flow_buckets_of`), or nowhere.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowBucket {
@@ -345,6 +346,23 @@ pub struct FlowBucket {
 }
 
 impl FlowKey {
+    /// Whether two keys are equal, compared as their five words in place (no copies: in
+    /// the BPF program a copy of each key would take stack).
+    #[inline(always)]
+    pub fn same_words(&self, other: &FlowKey) -> bool {
+        let a = (self as *const FlowKey).cast::<u64>();
+        let b = (other as *const FlowKey).cast::<u64>();
+        // SAFETY: FlowKey is 40 bytes, 8-aligned, without implicit padding: five u64
+        // reads within each key.
+        unsafe {
+            *a.add(4) == *b.add(4)
+                && *a == *b
+                && *a.add(1) == *b.add(1)
+                && *a.add(2) == *b.add(2)
+                && *a.add(3) == *b.add(3)
+        }
+    }
+
     /// The key as the five words `flow_bucket` hashes and the table compares.
     #[inline(always)]
     pub fn words64(&self) -> [u64; 5] {
@@ -365,8 +383,8 @@ pub const fn flow_buckets(entries: u32) -> u32 {
     }
 }
 
-/// The bucket of `key` in a table of `buckets` buckets (a power of two); identical in
-/// kernel and agent.
+/// The home bucket of `key` in a table of `buckets` buckets (a power of two; see
+/// `flow_buckets_of`); identical in kernel and agent.
 ///
 /// Multiply-and-fold over the key's five 64-bit words: a few instructions in BPF.
 #[inline(always)]
@@ -377,39 +395,57 @@ pub fn flow_bucket(key: &FlowKey, buckets: u32) -> u32 {
 /// `flow_bucket` of a key given as its words (`FlowKey::words64`).
 #[inline(always)]
 pub fn flow_bucket_words(w: &[u64; 5], buckets: u32) -> u32 {
+    flow_buckets_of_words(w, buckets).0
+}
+
+/// The two buckets `key` may live in, in a table of `buckets` buckets (a power of two):
+/// its home bucket (`flow_bucket`) and its overflow bucket, which takes the flow only
+/// when the home bucket is full. Identical in kernel and agent.
+#[inline(always)]
+pub fn flow_buckets_of(key: &FlowKey, buckets: u32) -> (u32, u32) {
+    flow_buckets_of_words(&key.words64(), buckets)
+}
+
+/// `flow_buckets_of` of a key given as its words (`FlowKey::words64`).
+#[inline(always)]
+pub fn flow_buckets_of_words(w: &[u64; 5], buckets: u32) -> (u32, u32) {
     // Independent products (overlapped by the CPU, see `vip_index_hash`), folded, mixed
-    // once more; the bucket comes from the high half, which every input bit reaches.
-    // Changing this function moves every pinned flow: the agent would have to re-place
-    // the table it takes over.
+    // once more; the home bucket comes from the high half, which every input bit
+    // reaches. Changing the home bucket moves every pinned flow: the agent would have to
+    // re-place the table it takes over.
     let h = w[0].wrapping_mul(0x9e37_79b9_7f4a_7c15)
         ^ w[1].wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
         ^ w[2].wrapping_mul(0x1656_67b1_9e37_79f9)
         ^ w[3].wrapping_mul(0x85eb_ca77_c2b2_ae63)
         ^ w[4].wrapping_mul(0x27d4_eb2f_1656_67c5);
     let h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    ((h >> 32) as u32) & buckets.wrapping_sub(1)
+    let mask = buckets.wrapping_sub(1);
+    // The overflow bucket from the low half, mixed again so that flows sharing a home
+    // bucket spread over different overflow buckets.
+    let low = (h as u32).wrapping_mul(0x9e37_79b1);
+    (((h >> 32) as u32) & mask, (low ^ (low >> 15)) & mask)
 }
 
-/// The way of `bucket` a new entry for `key` takes: the entry already holding `key`,
-/// else a free one, else the unconfirmed entry seen longest ago, else the entry seen
-/// longest ago (ages by epoch distance from `now`, so the counter may wrap).
+/// `flow_slot`'s score of the way holding the key itself.
+pub const FLOW_SLOT_OWN: u64 = u64::MAX;
+/// `flow_slot`'s score of a free way.
+pub const FLOW_SLOT_FREE: u64 = u64::MAX - 1;
+
+/// The way of `bucket` a new entry for `key` would take, and how good a place it is:
+/// the entry already holding `key` (`FLOW_SLOT_OWN`), else a free one (`FLOW_SLOT_FREE`),
+/// else the unconfirmed entry seen longest ago, else the entry seen longest ago (score:
+/// its age by epoch distance from `now`, so the counter may wrap, plus 2^32 when
+/// unconfirmed; higher is a better victim).
 #[inline(always)]
-pub fn flow_victim(bucket: &FlowBucket, key: &FlowKey, now: u32) -> usize {
-    let want = key.words64();
+pub fn flow_slot(bucket: &FlowBucket, key: &FlowKey, now: u32) -> (usize, u64) {
     let mut free = FLOW_WAYS;
     let mut victim = 0;
     let mut victim_rank: u64 = 0;
     let mut i = 0;
     while i < FLOW_WAYS {
         let e = &bucket.ways[i];
-        let w = e.key.words64();
-        if w[0] == want[0]
-            && w[1] == want[1]
-            && w[2] == want[2]
-            && w[3] == want[3]
-            && w[4] == want[4]
-        {
-            return i;
+        if e.key.same_words(key) {
+            return (i, FLOW_SLOT_OWN);
         }
         if e.key.family == 0 {
             if free == FLOW_WAYS {
@@ -432,7 +468,33 @@ pub fn flow_victim(bucket: &FlowBucket, key: &FlowKey, now: u32) -> usize {
         }
         i += 1;
     }
-    if free < FLOW_WAYS { free } else { victim }
+    if free < FLOW_WAYS {
+        (free, FLOW_SLOT_FREE)
+    } else {
+        (victim, victim_rank)
+    }
+}
+
+/// The way of `bucket` a new entry for `key` takes when only this bucket is considered
+/// (`flow_slot` without the score).
+#[inline(always)]
+pub fn flow_victim(bucket: &FlowBucket, key: &FlowKey, now: u32) -> usize {
+    flow_slot(bucket, key, now).0
+}
+
+/// Where a new entry for `key` goes, given its home and overflow buckets: `(false, way)`
+/// for the home bucket, `(true, way)` for the overflow bucket. The key's own entry
+/// wherever it is; else a free way at home; else a free way in the overflow bucket; else
+/// the better victim of the two (home on a tie). Ways are never freed, so a home bucket
+/// with a free way means the key is not in the overflow bucket, which is then not read.
+#[inline(always)]
+pub fn flow_place(home: &FlowBucket, over: &FlowBucket, key: &FlowKey, now: u32) -> (bool, usize) {
+    let (hw, hs) = flow_slot(home, key, now);
+    if hs >= FLOW_SLOT_FREE {
+        return (false, hw);
+    }
+    let (ow, os) = flow_slot(over, key, now);
+    if os > hs { (true, ow) } else { (false, hw) }
 }
 
 /// Per-service counters (one instance per CPU).

@@ -3,8 +3,8 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use lb_common::{
     Backend, FLOW_F_CONFIRMED, FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, FlowState,
-    SERVICE_F_AFFINITY_CLIENT_IP, SETTINGS_NEXTHOP_EPOCH, VipInfo, flow_bucket, flow_hash,
-    flow_victim,
+    SERVICE_F_AFFINITY_CLIENT_IP, SETTINGS_NEXTHOP_EPOCH, VipInfo, flow_buckets_of, flow_hash,
+    flow_place,
 };
 
 use crate::{
@@ -36,42 +36,49 @@ fn epoch() -> u32 {
     SETTINGS.get(SETTINGS_NEXTHOP_EPOCH).copied().unwrap_or(0)
 }
 
-/// The bucket `key` belongs in, if the table exists.
+/// The home bucket of `key` and the index of its overflow bucket, if the table exists.
 #[inline(always)]
-fn bucket_of(key: &FlowKey) -> Option<*mut FlowBucket> {
+fn buckets_of(key: &FlowKey) -> Option<(*mut FlowBucket, u32)> {
     let buckets = unsafe { core::ptr::read_volatile(&FLOW_BUCKETS) };
     if buckets == 0 {
         return None;
     }
-    FLOWS.get_ptr_mut(flow_bucket(key, buckets))
+    let (home, over) = flow_buckets_of(key, buckets);
+    Some((FLOWS.get_ptr_mut(home)?, over))
 }
 
-/// The entry holding `key`, if any.
+/// Where `bucket` holds `key`, and whether it has a free way.
 #[inline(always)]
-fn find(key: &FlowKey) -> Option<*mut FlowEntry> {
-    let bucket = bucket_of(key)?;
-    let want = key.words64();
+fn search(bucket: *mut FlowBucket, key: &FlowKey) -> (Option<*mut FlowEntry>, bool) {
+    let mut free = false;
     let mut i = 0;
     while i < FLOW_WAYS {
         // SAFETY: a map value of this program's; the way index is below FLOW_WAYS.
         let e = unsafe { &raw mut (*bucket).ways[i] };
-        // Word by word: comparing the keys makes LLVM call a byte-wise `bcmp`. A free
-        // entry (family 0) never equals a real key.
-        let k = unsafe { &raw const (*e).key } as *const u64;
-        // SAFETY: FlowKey is five aligned words (`FlowKey::words64`).
-        let same = unsafe {
-            *k.add(4) == want[4]
-                && *k == want[0]
-                && *k.add(1) == want[1]
-                && *k.add(2) == want[2]
-                && *k.add(3) == want[3]
-        };
-        if same {
-            return Some(e);
+        // Word by word in place (`same_words`): comparing the keys makes LLVM call a
+        // byte-wise `bcmp`, copying them takes stack. A free entry has family 0, so its
+        // last word is 0 and never equals a real key's.
+        let k = unsafe { &*(&raw const (*e).key) };
+        if k.same_words(key) {
+            return (Some(e), free);
         }
+        free |= k.family == 0;
         i += 1;
     }
-    None
+    (None, free)
+}
+
+/// The entry holding `key`, if any: in its home bucket, or in its overflow bucket when
+/// the home bucket is full (ways are never freed, so a flow that overflowed left a full
+/// home bucket behind).
+#[inline(always)]
+fn find(key: &FlowKey) -> Option<*mut FlowEntry> {
+    let (home, over) = buckets_of(key)?;
+    let (found, free) = search(home, key);
+    if found.is_some() || free {
+        return found;
+    }
+    search(FLOWS.get_ptr_mut(over)?, key).0
 }
 
 /// The backend the connection table remembers for `key`, if it still serves this service;
@@ -116,12 +123,18 @@ fn remembered(key: &FlowKey, vip: &VipInfo, touch: bool) -> Option<Choice> {
 /// or the new one, each with its own state.
 #[inline(always)]
 fn record(key: &FlowKey, state: FlowState) {
-    let Some(bucket) = bucket_of(key) else {
+    let Some((home, over)) = buckets_of(key) else {
+        return;
+    };
+    let Some(over) = FLOWS.get_ptr_mut(over) else {
         return;
     };
     let now = epoch();
-    // SAFETY: a map value of this program's, read as a whole for the choice.
-    let way = flow_victim(unsafe { &*bucket }, key, now) & (FLOW_WAYS - 1);
+    // SAFETY: map values of this program's, read as a whole for the choice (the
+    // overflow bucket only when the home bucket is full).
+    let (overflow, way) = flow_place(unsafe { &*home }, unsafe { &*over }, key, now);
+    let bucket = if overflow { over } else { home };
+    let way = way & (FLOW_WAYS - 1);
     let w = key.words64();
     unsafe {
         let e = &raw mut (*bucket).ways[way];

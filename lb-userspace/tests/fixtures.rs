@@ -359,6 +359,59 @@ fn lone_syns_beyond_the_table_evict_each_other_not_confirmed_flows() {
     }
 }
 
+#[test]
+fn a_flow_whose_home_bucket_is_full_is_kept_in_its_overflow_bucket() {
+    // The smallest table: 256 buckets of 4.
+    let mut options = opts(false);
+    options.conntrack_size = 1024;
+    let f = Fixture::with_options(&options, &standard_desired());
+    let table = f.dp.flow_table().expect("connection table");
+    let buckets = table.buckets();
+    // Five flows to VIP:443 sharing a home bucket (client ports found by hashing).
+    let home = lb_common::flow_buckets_of(&client_key(40000, 443), buckets).0;
+    let ports: Vec<u16> = (40000..60000u16)
+        .filter(|&p| lb_common::flow_buckets_of(&client_key(p, 443), buckets).0 == home)
+        .take(5)
+        .collect();
+    assert_eq!(ports.len(), 5);
+    let over = lb_common::flow_buckets_of(&client_key(ports[4], 443), buckets).1;
+    assert_ne!(over, home, "pick another first port if this ever fails");
+    let mut syn_out = Vec::new();
+    for &port in &ports {
+        syn_out = f.run(&client_tcp(VIP, port, 443, SYN)).1;
+    }
+    // The program put the fifth where the agent looks, displacing none of the four.
+    let mut located = Vec::new();
+    table
+        .for_each(|l| located.push((l.bucket, l.entry.key.sport)))
+        .expect("walk");
+    located.sort();
+    let mut want: Vec<(u32, u16)> = ports[..4].iter().map(|&p| (home, p.to_be())).collect();
+    want.push((over, ports[4].to_be()));
+    want.sort();
+    assert_eq!(
+        located, want,
+        "four at home, the fifth in its overflow bucket"
+    );
+    // Its next packet finds it there: the entry is confirmed, not written anew.
+    let first = flow_entry(&f, ports[4], 443).expect("entry");
+    assert_eq!(first.flags, 0);
+    let (verdict, out) = f.run(&client_tcp(VIP, ports[4], 443, ACK));
+    assert_eq!(verdict, XDP_TX);
+    let found = flow_entry(&f, ports[4], 443).expect("entry");
+    assert_eq!(
+        found.flags,
+        lb_common::FLOW_F_CONFIRMED,
+        "found, not re-recorded"
+    );
+    assert_eq!(found.state, first.state);
+    assert_eq!(
+        &out[14 + 16..14 + 20],
+        &syn_out[14 + 16..14 + 20],
+        "to the backend of its SYN"
+    );
+}
+
 /// A pin directory on the bpffs for one test (`<dir>/maps` holds the maps, as under an
 /// agent's `<pin_path>/v1`), removed on drop.
 struct PinDir {
