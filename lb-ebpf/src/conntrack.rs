@@ -58,7 +58,7 @@ fn search(bucket: *mut FlowBucket, key: &FlowKey) -> (Option<*mut FlowEntry>, bo
         // Word by word in place (`same_words`): comparing the keys makes LLVM call a
         // byte-wise `bcmp`, copying them takes stack. A free entry has family 0, so its
         // last word is 0 and never equals a real key's.
-        let k = unsafe { &*(&raw const (*e).key) };
+        let k = unsafe { &(*e).key };
         if k.same_words(key) {
             return (Some(e), free);
         }
