@@ -64,6 +64,12 @@ pub const SETTINGS_FLAGS: u32 = 0;
 /// Index of the settings array holding the next-hop epoch: the agent advances it every
 /// half second, and next hops learnt in an older epoch are looked up again.
 pub const SETTINGS_NEXTHOP_EPOCH: u32 = 1;
+/// Index of the settings array holding the low half of the connection table's hash seed
+/// (`flow_buckets_of`): the program has it as a load-time global, the array keeps it for
+/// the next agent, which must search a table it takes over with the same seed.
+pub const SETTINGS_FLOW_SEED_LO: u32 = 2;
+/// Index of the settings array holding the high half of that seed.
+pub const SETTINGS_FLOW_SEED_HI: u32 = 3;
 
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
@@ -147,6 +153,8 @@ pub mod globals {
     /// `u32`: buckets of the connection table (a power of two; `flow_buckets`), the
     /// length of `L3LB_FLOWS`.
     pub const FLOW_BUCKETS: &str = "FLOW_BUCKETS";
+    /// `u64`: the connection table's hash seed (`flow_buckets_of`), random per table.
+    pub const FLOW_SEED: &str = "FLOW_SEED";
     /// `u8`: aya-log's level of the program's debug statements (0: off, removed by the
     /// verifier; 4 debug; 5 trace). Absent from an object built without the `log` feature.
     pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
@@ -395,20 +403,24 @@ pub fn flow_bucket(key: &FlowKey, buckets: u32) -> u32 {
 /// `flow_bucket` of a key given as its words (`FlowKey::words64`).
 #[inline(always)]
 pub fn flow_bucket_words(w: &[u64; 5], buckets: u32) -> u32 {
-    flow_buckets_of_words(w, buckets).0
+    flow_buckets_of_words(w, buckets, 0).0
 }
 
-/// The two buckets `key` may live in, in a table of `buckets` buckets (a power of two):
-/// its home bucket (`flow_bucket`) and its overflow bucket, which takes the flow only
+/// The two buckets `key` may live in, in a table of `buckets` buckets (a power of two)
+/// hashed with `seed`: its home bucket and its overflow bucket, which takes the flow only
 /// when the home bucket is full. Identical in kernel and agent.
+///
+/// The seed is random per table (kept in `SETTINGS_FLOW_SEED_*` for the next agent), so
+/// whoever can choose 5-tuples cannot aim them at the buckets of someone else's flow;
+/// seed 0 places as the unkeyed hash of earlier builds did (`flow_bucket`).
 #[inline(always)]
-pub fn flow_buckets_of(key: &FlowKey, buckets: u32) -> (u32, u32) {
-    flow_buckets_of_words(&key.words64(), buckets)
+pub fn flow_buckets_of(key: &FlowKey, buckets: u32, seed: u64) -> (u32, u32) {
+    flow_buckets_of_words(&key.words64(), buckets, seed)
 }
 
 /// `flow_buckets_of` of a key given as its words (`FlowKey::words64`).
 #[inline(always)]
-pub fn flow_buckets_of_words(w: &[u64; 5], buckets: u32) -> (u32, u32) {
+pub fn flow_buckets_of_words(w: &[u64; 5], buckets: u32, seed: u64) -> (u32, u32) {
     // Independent products (overlapped by the CPU, see `vip_index_hash`), folded, mixed
     // once more; the home bucket comes from the high half, which every input bit
     // reaches. Changing the home bucket moves every pinned flow: the agent would have to
@@ -417,7 +429,10 @@ pub fn flow_buckets_of_words(w: &[u64; 5], buckets: u32) -> (u32, u32) {
         ^ w[1].wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
         ^ w[2].wrapping_mul(0x1656_67b1_9e37_79f9)
         ^ w[3].wrapping_mul(0x85eb_ca77_c2b2_ae63)
-        ^ w[4].wrapping_mul(0x27d4_eb2f_1656_67c5);
+        ^ w[4].wrapping_mul(0x27d4_eb2f_1656_67c5)
+        ^ seed;
+    // The seed enters before the mixing multiply, whose carries spread it (and the key)
+    // over the bits the bucket indices take.
     let h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     let mask = buckets.wrapping_sub(1);
     // The overflow bucket from the low half, mixed again so that flows sharing a home
@@ -788,6 +803,35 @@ mod tests {
         k.src[..4].copy_from_slice(&[198, 51, 100, src]);
         k.dst[..4].copy_from_slice(&[192, 0, 2, 10]);
         k
+    }
+
+    #[test]
+    fn the_flow_hash_seed_moves_flows_and_seed_zero_is_the_unkeyed_hash() {
+        let keys: Vec<FlowKey> = (0..1000u32)
+            .map(|i| {
+                let mut k = FlowKey {
+                    sport: (i as u16).to_be(),
+                    dport: 443u16.to_be(),
+                    proto: PROTO_TCP,
+                    family: FAMILY_V4,
+                    ..Default::default()
+                };
+                k.src[..4].copy_from_slice(&(0xc612_0000 + i / 7).to_be_bytes());
+                k
+            })
+            .collect();
+        for k in &keys {
+            assert_eq!(flow_buckets_of(k, 1024, 0).0, flow_bucket(k, 1024));
+        }
+        let moved = |a: u64, b: u64| {
+            keys.iter()
+                .filter(|k| flow_buckets_of(k, 1024, a).0 != flow_buckets_of(k, 1024, b).0)
+                .count()
+        };
+        // Another seed places nearly every key elsewhere (a chance 1 in 1024 each).
+        assert!(moved(0, 1) > 980, "{}", moved(0, 1));
+        assert!(moved(0x1234_5678_9abc_def0, 0x1234_5678_9abc_def1) > 980);
+        assert!(moved(1 << 63, 0) > 980);
     }
 
     #[test]

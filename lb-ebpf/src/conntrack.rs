@@ -30,6 +30,10 @@ pub struct Choice {
 #[unsafe(no_mangle)]
 static FLOW_BUCKETS: u32 = 0;
 
+/// The connection table's hash seed; set by the agent at load time (random per table).
+#[unsafe(no_mangle)]
+static FLOW_SEED: u64 = 0;
+
 /// The agent's half-second epoch: entries' age for eviction.
 #[inline(always)]
 fn epoch() -> u32 {
@@ -43,7 +47,8 @@ fn buckets_of(key: &FlowKey) -> Option<(*mut FlowBucket, u32)> {
     if buckets == 0 {
         return None;
     }
-    let (home, over) = flow_buckets_of(key, buckets);
+    let seed = unsafe { core::ptr::read_volatile(&FLOW_SEED) };
+    let (home, over) = flow_buckets_of(key, buckets, seed);
     Some((FLOWS.get_ptr_mut(home)?, over))
 }
 

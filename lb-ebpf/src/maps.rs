@@ -148,9 +148,11 @@ pub struct CachedHop {
 #[map(name = "L3LB_NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(1, 0);
 
-/// Index 0 → `SETTINGS_F_*` bits, index 1 → next-hop epoch; written by the agent.
+/// Index 0 → `SETTINGS_F_*` bits, index 1 → next-hop epoch, 2 and 3 → the connection
+/// table's hash seed (kept for the next agent; this program has it as `FLOW_SEED`);
+/// written by the agent.
 #[map(name = "L3LB_SETTINGS")]
-pub static SETTINGS: Array<u32> = Array::with_max_entries(2, 0);
+pub static SETTINGS: Array<u32> = Array::with_max_entries(4, 0);
 
 /// Service id → `ServiceMeta` (name); written by the agent for `l3lb status`, never read
 /// by this program (size: load time).

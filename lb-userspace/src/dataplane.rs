@@ -95,6 +95,9 @@ pub enum DataplaneError {
     /// Reading or writing the connection table failed.
     #[error(transparent)]
     FlowTable(#[from] FlowTableError),
+    /// The kernel gave no random bytes for the connection table's hash seed.
+    #[error("reading random bytes for the connection table's hash seed: {0}")]
+    Random(std::io::Error),
     /// A link operation (pin, replace, detach) failed.
     #[error("{what}: {source}")]
     Link {
@@ -602,6 +605,19 @@ pub struct Dataplane {
     /// The `SETTINGS_F_*` bits other than the index half last written (`None`: never).
     settings_flags: Option<u32>,
     nexthop_epoch: u32,
+    /// The connection table's hash seed (the program's `FLOW_SEED`).
+    flow_seed: u64,
+}
+
+/// A random connection-table hash seed, from the kernel's generator.
+fn random_seed() -> Result<u64, DataplaneError> {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        return Err(DataplaneError::Random(std::io::Error::last_os_error()));
+    }
+    Ok(u64::from_ne_bytes(buf))
 }
 
 fn icmp_proto(family: u8) -> u8 {
@@ -710,6 +726,22 @@ impl Dataplane {
         let ring_size = opts.ring_size;
         let index_size = lb_common::vip_index_slots(opts.max_services);
         let flow_buckets = lb_common::flow_buckets(opts.conntrack_size);
+        // A connection table taken over as it is keeps the seed it was placed with; a
+        // new one (or one re-placed entry by entry) gets a random seed.
+        let flow_seed = match plan.maps.iter().find(|(n, _)| *n == map_names::FLOWS) {
+            Some((_, Carry::Reuse(path))) => {
+                let dir = path.parent().unwrap_or(path.as_path());
+                handover::previous_flow_seed(dir).unwrap_or_else(|| {
+                    tracing::warn!(
+                        "cannot read the hash seed of the connection table at {}: its flows \
+                         will be balanced afresh as their packets arrive",
+                        path.display()
+                    );
+                    0
+                })
+            }
+            _ => random_seed()?,
+        };
         let src = opts.encap_src_v4.octets();
         let src6 = opts.encap_src_v6.octets();
         let mut loader = EbpfLoader::new();
@@ -720,6 +752,7 @@ impl Dataplane {
             .override_global(globals::DECAP_ENABLED, &decap, true)
             .override_global(globals::VIP_INDEX_SIZE, &index_size, true)
             .override_global(globals::FLOW_BUCKETS, &flow_buckets, true)
+            .override_global(globals::FLOW_SEED, &flow_seed, true)
             // Absent from an object built without the `log` feature.
             .override_global(globals::AYA_LOG_LEVEL, &log_level, false);
         if opts.log_level == XdpLogLevel::Off {
@@ -803,6 +836,22 @@ impl Dataplane {
             markers: BTreeMap::new(),
             settings_flags: None,
             nexthop_epoch: 0,
+            flow_seed,
+        })
+        .and_then(|mut dp| {
+            // For the next agent, which takes the table over with it.
+            let mut settings = dp.array::<u32>(map_names::SETTINGS)?;
+            settings
+                .set(lb_common::SETTINGS_FLOW_SEED_LO, flow_seed as u32, 0)
+                .map_err(map_err("writing the hash seed to the settings"))?;
+            settings
+                .set(
+                    lb_common::SETTINGS_FLOW_SEED_HI,
+                    (flow_seed >> 32) as u32,
+                    0,
+                )
+                .map_err(map_err("writing the hash seed to the settings"))?;
+            Ok(dp)
         })
     }
 
@@ -1070,7 +1119,7 @@ impl Dataplane {
             .ebpf
             .map(map_names::FLOWS)
             .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::FLOWS)))?;
-        Ok(FlowTable::from_map(map, map_names::FLOWS)?)
+        Ok(FlowTable::from_map(map, map_names::FLOWS)?.with_seed(self.flow_seed))
     }
 
     /// The epoch the data plane reads from `SETTINGS[SETTINGS_NEXTHOP_EPOCH]`: the

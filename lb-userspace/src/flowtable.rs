@@ -88,6 +88,8 @@ pub struct Placed {
 pub struct FlowTable {
     fd: OwnedFd,
     buckets: u32,
+    /// The hash seed the table is placed with (`flow_buckets_of`); walks do not need it.
+    seed: u64,
     page: usize,
     what: String,
 }
@@ -205,9 +207,22 @@ impl FlowTable {
         Ok(Self {
             fd,
             buckets,
+            seed: 0,
             page,
             what: what.to_string(),
         })
+    }
+
+    /// The same table, looked up and placed with hash seed `seed` (the program's
+    /// `FLOW_SEED`; 0 until set, which only walks and tables of seed 0 may use).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The home and overflow buckets of `key` in this table.
+    pub fn buckets_of(&self, key: &FlowKey) -> (u32, u32) {
+        flow_buckets_of(key, self.buckets, self.seed)
     }
 
     /// The table of a loaded program's map (`Ebpf::map(L3LB_FLOWS)`).
@@ -315,7 +330,7 @@ impl FlowTable {
         if key.family == 0 {
             return Ok(None);
         }
-        let (home, over) = flow_buckets_of(key, self.buckets);
+        let (home, over) = self.buckets_of(key);
         for bucket in [home, over] {
             let m = self.map(bucket, 1, false)?;
             if let Some(e) = (0..FLOW_WAYS)
@@ -334,7 +349,7 @@ impl FlowTable {
     /// over their entry seen longest ago. Returns the live entry of another flow it
     /// displaced.
     pub fn insert(&self, entry: &FlowEntry, now: u32) -> Result<Option<FlowEntry>, FlowTableError> {
-        let (home, over) = flow_buckets_of(&entry.key, self.buckets);
+        let (home, over) = self.buckets_of(&entry.key);
         let home_map = self.map(home, 1, true)?;
         let over_map = self.map(over, 1, true)?;
         Ok(place((&home_map, home), (&over_map, over), entry, now))
@@ -353,7 +368,7 @@ impl FlowTable {
             if entry.key.family == 0 {
                 continue;
             }
-            let (home, over) = flow_buckets_of(&entry.key, self.buckets);
+            let (home, over) = self.buckets_of(&entry.key);
             if place((&m, home), (&m, over), &entry, now).is_some() {
                 placed.evicted += 1;
             }
@@ -456,9 +471,7 @@ mod tests {
         assert_eq!(t.get(&a.key).expect("get"), Some(a));
         assert_eq!(t.get(&key(1, 1001)).expect("get"), None);
         // The kernel's view (a system call, not the mapping) agrees on the bucket.
-        let b = map
-            .get(&flow_buckets_of(&a.key, t.buckets()).0, 0)
-            .expect("bucket");
+        let b = map.get(&t.buckets_of(&a.key).0, 0).expect("bucket");
         assert!(b.ways.contains(&a), "{b:?}");
         // Writing the same key again replaces its entry.
         let a2 = entry(a.key, 8, 4, 0);
@@ -471,7 +484,7 @@ mod tests {
     fn homed_at(home: u32, n: usize, not: &[FlowKey]) -> Vec<FlowKey> {
         let keys: Vec<FlowKey> = (0..200_000u32)
             .map(|i| key(i / 1000, (i % 1000) as u16 + 1))
-            .filter(|k| flow_buckets_of(k, 256).0 == home && !not.contains(k))
+            .filter(|k| flow_buckets_of(k, 256, 0).0 == home && !not.contains(k))
             .take(n)
             .collect();
         assert_eq!(keys.len(), n);
@@ -484,9 +497,9 @@ mod tests {
             return;
         };
         // Five keys of one home bucket.
-        let home = flow_buckets_of(&key(0, 1), 256).0;
+        let home = flow_buckets_of(&key(0, 1), 256, 0).0;
         let same = homed_at(home, 5, &[]);
-        let over = flow_buckets_of(&same[4], 256).1;
+        let over = flow_buckets_of(&same[4], 256, 0).1;
         assert_ne!(over, home, "pick another first key if this ever fails");
         // Two old confirmed, one newer unconfirmed (a lone SYN), one newer confirmed.
         let first = [
@@ -514,7 +527,7 @@ mod tests {
         // flows at home there, confirmed and fresh): the unconfirmed entry seen longest
         // ago of the two buckets goes, though older confirmed ones exist.
         let sixth_key = homed_at(home, 6, &[])[5];
-        let over6 = flow_buckets_of(&sixth_key, 256).1;
+        let over6 = flow_buckets_of(&sixth_key, 256, 0).1;
         assert_ne!(over6, home, "pick another first key if this ever fails");
         let bucket = map.get(&over6, 0).expect("bucket");
         let free = bucket.ways.iter().filter(|e| e.key.family == 0).count();
@@ -553,7 +566,7 @@ mod tests {
         assert!(placed.evicted < 400, "{placed:?}");
         let mut seen = std::collections::HashSet::new();
         t.for_each(|l| {
-            let (home, over) = flow_buckets_of(&l.entry.key, t.buckets());
+            let (home, over) = t.buckets_of(&l.entry.key);
             assert!(l.bucket == home || l.bucket == over, "{l:?}");
             assert!(seen.insert(l.entry.key), "seen twice: {l:?}");
         })

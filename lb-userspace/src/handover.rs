@@ -285,6 +285,26 @@ pub fn previous_epoch(maps_dir: &Path) -> Option<u32> {
     settings.get(&lb_common::SETTINGS_NEXTHOP_EPOCH, 0).ok()
 }
 
+/// The connection-table hash seed (`SETTINGS[SETTINGS_FLOW_SEED_LO/HI]`) of the agent
+/// whose maps are pinned in `maps_dir`, which a table taken over from it must be searched
+/// with: 0 for a build before seeds (its settings array is shorter; its table was placed
+/// unkeyed), `None` when the pin cannot be read.
+pub fn previous_flow_seed(maps_dir: &Path) -> Option<u64> {
+    let path = maps_dir.join(map_names::SETTINGS);
+    let shape = pinned_shape(&path).ok()?;
+    if shape.value_size as usize != size_of::<u32>() {
+        return None;
+    }
+    if shape.max_entries <= lb_common::SETTINGS_FLOW_SEED_HI {
+        return Some(0);
+    }
+    let data = MapData::from_pin(&path).ok()?;
+    let settings: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    let lo = settings.get(&lb_common::SETTINGS_FLOW_SEED_LO, 0).ok()?;
+    let hi = settings.get(&lb_common::SETTINGS_FLOW_SEED_HI, 0).ok()?;
+    Some(u64::from(hi) << 32 | u64::from(lo))
+}
+
 /// The ids an earlier agent gave services and backends, read from its pinned maps, so a
 /// new agent gives the same ones and connection-table entries stay meaningful.
 #[derive(Debug, Clone, Default)]

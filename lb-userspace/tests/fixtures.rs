@@ -366,15 +366,14 @@ fn a_flow_whose_home_bucket_is_full_is_kept_in_its_overflow_bucket() {
     options.conntrack_size = 1024;
     let f = Fixture::with_options(&options, &standard_desired());
     let table = f.dp.flow_table().expect("connection table");
-    let buckets = table.buckets();
     // Five flows to VIP:443 sharing a home bucket (client ports found by hashing).
-    let home = lb_common::flow_buckets_of(&client_key(40000, 443), buckets).0;
+    let home = table.buckets_of(&client_key(40000, 443)).0;
     let ports: Vec<u16> = (40000..60000u16)
-        .filter(|&p| lb_common::flow_buckets_of(&client_key(p, 443), buckets).0 == home)
+        .filter(|&p| table.buckets_of(&client_key(p, 443)).0 == home)
         .take(5)
         .collect();
     assert_eq!(ports.len(), 5);
-    let over = lb_common::flow_buckets_of(&client_key(ports[4], 443), buckets).1;
+    let over = table.buckets_of(&client_key(ports[4], 443)).1;
     assert_ne!(over, home, "pick another first port if this ever fails");
     let mut syn_out = Vec::new();
     for &port in &ports {
@@ -634,6 +633,63 @@ fn a_resized_connection_table_is_migrated_entry_by_entry() {
         &l3lb::handover::Carry::Reuse(path.clone()),
         "same size and flags: reused"
     );
+    // It searches the table with the hash seed the table was placed with, which the
+    // settings array keeps (the re-placed table got a new seed of its own). The SYNs of
+    // `assert_table_decided` re-balanced the flows: pin them to their backends again.
+    assert_ne!(flow_seed(&f), 0);
+    f.dp.flow_table()
+        .expect("table")
+        .insert_all(entries.clone(), 500)
+        .expect("refill");
+    f.dp.map(map_names::SETTINGS)
+        .expect("settings")
+        .pin(pins.maps.join(map_names::SETTINGS))
+        .expect("pin settings");
+    let next = carrying(&options, &plan);
+    assert_eq!(flow_seed(&next), flow_seed(&f));
+    let table = next.dp.flow_table().expect("table");
+    for e in &entries {
+        assert_eq!(
+            table.get(&e.key).expect("lookup").map(|x| x.state),
+            Some(e.state),
+            "found by the next agent"
+        );
+    }
+    assert_forwarded(&next, &flows, "by the next agent");
+    assert_table_decided(&next, &flows);
+}
+
+/// The connection table's hash seed as the agent left it in the settings array.
+fn flow_seed(f: &Fixture) -> u64 {
+    let settings: aya::maps::Array<&MapData, u32> =
+        aya::maps::Array::try_from(f.dp.map(map_names::SETTINGS).expect("settings"))
+            .expect("typed");
+    let lo = settings
+        .get(&lb_common::SETTINGS_FLOW_SEED_LO, 0)
+        .expect("lo");
+    let hi = settings
+        .get(&lb_common::SETTINGS_FLOW_SEED_HI, 0)
+        .expect("hi");
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+#[test]
+fn each_new_connection_table_gets_its_own_hash_seed_and_the_program_places_by_it() {
+    let a = Fixture::new(false, &standard_desired());
+    let b = Fixture::new(false, &standard_desired());
+    assert_ne!(flow_seed(&a), 0);
+    assert_ne!(flow_seed(&a), flow_seed(&b), "random per table");
+    // The program puts a flow where the agent's accessor, which knows the seed, looks.
+    for f in [&a, &b] {
+        f.run(&client_tcp(VIP, 45000, 443, SYN));
+        let table = f.dp.flow_table().expect("table");
+        let home = table.buckets_of(&client_key(45000, 443)).0;
+        let mut located = Vec::new();
+        table
+            .for_each(|l| located.push((l.bucket, l.entry.key)))
+            .expect("walk");
+        assert_eq!(located, vec![(home, client_key(45000, 443))]);
+    }
 }
 
 #[test]
