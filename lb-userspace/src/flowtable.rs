@@ -236,14 +236,21 @@ impl FlowTable {
         }
     }
 
-    /// The table pinned at `path`.
+    /// The table pinned at `path`, with the hash seed its agent keeps beside it
+    /// (`L3LB_SETTINGS` in the same directory; 0 without one).
     pub fn from_pin(path: &Path) -> Result<Self, FlowTableError> {
         let what = path.display().to_string();
         let data = MapData::from_pin(path).map_err(|source| FlowTableError::Map {
             what: format!("opening {what}"),
             source,
         })?;
-        Self::from_map_data(&data, &what)
+        let table = Self::from_map_data(&data, &what)?;
+        // The agent that pinned it keeps its hash seed in the settings array beside it.
+        let seed = path
+            .parent()
+            .and_then(crate::handover::previous_flow_seed)
+            .unwrap_or(0);
+        Ok(table.with_seed(seed))
     }
 
     /// Buckets in the table (the map's `max_entries`).

@@ -314,12 +314,16 @@ fn connection_entries_carry_their_creation_time_written_on_insert_only() {
     );
 }
 
-#[test]
-fn lone_syns_beyond_the_table_evict_each_other_not_confirmed_flows() {
-    // The smallest table: 256 buckets of 4.
+/// The standard services with the smallest connection table: 256 buckets of 4.
+fn smallest_table() -> Fixture {
     let mut options = opts(false);
     options.conntrack_size = 1024;
-    let f = Fixture::with_options(&options, &standard_desired());
+    Fixture::with_options(&options, &standard_desired())
+}
+
+#[test]
+fn lone_syns_beyond_the_table_evict_each_other_not_confirmed_flows() {
+    let f = smallest_table();
     let table = f.dp.flow_table().expect("connection table");
     assert_eq!(table.capacity(), 1024);
     // Established flows: a SYN, then an ACK that confirms the entry.
@@ -361,10 +365,7 @@ fn lone_syns_beyond_the_table_evict_each_other_not_confirmed_flows() {
 
 #[test]
 fn a_flow_whose_home_bucket_is_full_is_kept_in_its_overflow_bucket() {
-    // The smallest table: 256 buckets of 4.
-    let mut options = opts(false);
-    options.conntrack_size = 1024;
-    let f = Fixture::with_options(&options, &standard_desired());
+    let f = smallest_table();
     let table = f.dp.flow_table().expect("connection table");
     // Five flows to VIP:443 sharing a home bucket (client ports found by hashing).
     let home = table.buckets_of(&client_key(40000, 443)).0;
@@ -657,6 +658,14 @@ fn a_resized_connection_table_is_migrated_entry_by_entry() {
     }
     assert_forwarded(&next, &flows, "by the next agent");
     assert_table_decided(&next, &flows);
+    // A reader of the pins (status, tests) finds the seed beside the table too.
+    let pinned = l3lb::flowtable::FlowTable::from_pin(&path).expect("pinned table");
+    for e in &entries {
+        assert!(
+            pinned.get(&e.key).expect("lookup").is_some(),
+            "looked up through the pin with the seed beside it"
+        );
+    }
 }
 
 /// The connection table's hash seed as the agent left it in the settings array.
