@@ -421,6 +421,14 @@ pub fn flow_buckets_of(key: &FlowKey, buckets: u32, seed: u64) -> (u32, u32) {
 /// `flow_buckets_of` of a key given as its words (`FlowKey::words64`).
 #[inline(always)]
 pub fn flow_buckets_of_words(w: &[u64; 5], buckets: u32, seed: u64) -> (u32, u32) {
+    let h = flow_mix(w, seed);
+    (flow_home(h, buckets), flow_overflow(h, buckets))
+}
+
+/// The mixed 64-bit hash both buckets of a key come from (`flow_home`, `flow_overflow`):
+/// the program computes the overflow bucket from it only when it needs that bucket.
+#[inline(always)]
+pub fn flow_mix(w: &[u64; 5], seed: u64) -> u64 {
     // Independent products (overlapped by the CPU, see `vip_index_hash`), folded, mixed
     // once more; the home bucket comes from the high half, which every input bit
     // reaches. Changing the home bucket moves every pinned flow: the agent would have to
@@ -433,12 +441,21 @@ pub fn flow_buckets_of_words(w: &[u64; 5], buckets: u32, seed: u64) -> (u32, u32
         ^ seed;
     // The seed enters before the mixing multiply, whose carries spread it (and the key)
     // over the bits the bucket indices take.
-    let h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    let mask = buckets.wrapping_sub(1);
-    // The overflow bucket from the low half, mixed again so that flows sharing a home
-    // bucket spread over different overflow buckets.
+    (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+}
+
+/// The home bucket of mixed hash `h` (`flow_mix`) in a table of `buckets` buckets.
+#[inline(always)]
+pub fn flow_home(h: u64, buckets: u32) -> u32 {
+    ((h >> 32) as u32) & buckets.wrapping_sub(1)
+}
+
+/// The overflow bucket of mixed hash `h`: from the low half, mixed again so that flows
+/// sharing a home bucket spread over different overflow buckets.
+#[inline(always)]
+pub fn flow_overflow(h: u64, buckets: u32) -> u32 {
     let low = (h as u32).wrapping_mul(0x9e37_79b1);
-    (((h >> 32) as u32) & mask, (low ^ (low >> 15)) & mask)
+    (low ^ (low >> 15)) & buckets.wrapping_sub(1)
 }
 
 /// `flow_slot`'s score of the way holding the key itself.
@@ -807,19 +824,7 @@ mod tests {
 
     #[test]
     fn the_flow_hash_seed_moves_flows_and_seed_zero_is_the_unkeyed_hash() {
-        let keys: Vec<FlowKey> = (0..1000u32)
-            .map(|i| {
-                let mut k = FlowKey {
-                    sport: (i as u16).to_be(),
-                    dport: 443u16.to_be(),
-                    proto: PROTO_TCP,
-                    family: FAMILY_V4,
-                    ..Default::default()
-                };
-                k.src[..4].copy_from_slice(&(0xc612_0000 + i / 7).to_be_bytes());
-                k
-            })
-            .collect();
+        let keys: Vec<FlowKey> = (0..1000u32).map(|i| key((i / 7) as u8, i as u16)).collect();
         for k in &keys {
             assert_eq!(flow_buckets_of(k, 1024, 0).0, flow_bucket(k, 1024));
         }

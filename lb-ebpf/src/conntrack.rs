@@ -3,8 +3,8 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use lb_common::{
     Backend, FLOW_F_CONFIRMED, FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, FlowState,
-    SERVICE_F_AFFINITY_CLIENT_IP, SETTINGS_NEXTHOP_EPOCH, VipInfo, flow_buckets_of, flow_hash,
-    flow_place,
+    SERVICE_F_AFFINITY_CLIENT_IP, SETTINGS_NEXTHOP_EPOCH, VipInfo, flow_hash, flow_home, flow_mix,
+    flow_overflow, flow_place,
 };
 
 use crate::{
@@ -42,14 +42,32 @@ fn epoch() -> u32 {
 
 /// The home bucket of `key` and the index of its overflow bucket, if the table exists.
 #[inline(always)]
-fn buckets_of(key: &FlowKey) -> Option<(*mut FlowBucket, u32)> {
+fn buckets_of(key: &FlowKey) -> Option<(*mut FlowBucket, Overflow)> {
     let buckets = unsafe { core::ptr::read_volatile(&FLOW_BUCKETS) };
     if buckets == 0 {
         return None;
     }
     let seed = unsafe { core::ptr::read_volatile(&FLOW_SEED) };
-    let (home, over) = flow_buckets_of(key, buckets, seed);
-    Some((FLOWS.get_ptr_mut(home)?, over))
+    let h = flow_mix(&key.words64(), seed);
+    Some((
+        FLOWS.get_ptr_mut(flow_home(h, buckets))?,
+        Overflow { h, buckets },
+    ))
+}
+
+/// What names a key's overflow bucket, kept until a miss in a full home bucket needs it
+/// (most lookups never do).
+#[derive(Clone, Copy)]
+struct Overflow {
+    h: u64,
+    buckets: u32,
+}
+
+impl Overflow {
+    #[inline(always)]
+    fn bucket(self) -> Option<*mut FlowBucket> {
+        FLOWS.get_ptr_mut(flow_overflow(self.h, self.buckets))
+    }
 }
 
 /// Where `bucket` holds `key`, and whether it has a free way.
@@ -83,7 +101,7 @@ fn find(key: &FlowKey) -> Option<*mut FlowEntry> {
     if found.is_some() || free {
         return found;
     }
-    search(FLOWS.get_ptr_mut(over)?, key).0
+    search(over.bucket()?, key).0
 }
 
 /// The backend the connection table remembers for `key`, if it still serves this service;
@@ -131,7 +149,7 @@ fn record(key: &FlowKey, state: FlowState) {
     let Some((home, over)) = buckets_of(key) else {
         return;
     };
-    let Some(over) = FLOWS.get_ptr_mut(over) else {
+    let Some(over) = over.bucket() else {
         return;
     };
     let now = epoch();
