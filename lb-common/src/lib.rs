@@ -308,7 +308,8 @@ pub struct FlowKey {
 pub struct FlowState {
     /// Backend id.
     pub backend: u32,
-    /// Service id the flow was balanced for (guards against backend id reuse).
+    /// Service id the flow was balanced for (what `l3lb flows` shows; the data plane
+    /// checks the backend's own service instead, which it reads anyway).
     pub service: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the entry was written: the flow's first
     /// packet, a TCP SYN, or a packet of a flow the table had lost. Written only with the
@@ -323,10 +324,13 @@ pub const FLOW_WAYS: usize = 4;
 
 /// Entry flag: a packet after the one that wrote the entry has found it (the flow is
 /// more than a lone SYN or datagram). Unconfirmed entries are evicted first, so a flood
-/// of one-packet flows displaces its own entries before established connections.
+/// of one-packet flows displaces its own entries before established connections. In the
+/// table it is bit 0 of the way's tag (`FlowWay::tag`).
 pub const FLOW_F_CONFIRMED: u32 = 1;
 
-/// One entry of the connection table; `key.family == 0` marks it free.
+/// A connection-table entry as a whole: what userspace reads, writes and lists (the
+/// table keeps it split into a `FlowWay` and a `FlowRecord`), and the way layout of the
+/// tables of earlier builds (`WideFlowBucket`), which a new agent converts.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
@@ -342,36 +346,114 @@ pub struct FlowEntry {
     pub flags: u32,
 }
 
-/// The connection table's unit: `FLOW_WAYS` entries sharing one hash value. The table
-/// (`L3LB_FLOWS`) is an array of buckets, a power of two of them (`flow_buckets`); a flow
-/// lives in its home bucket, in its overflow bucket if the home bucket was full
-/// (`flow_buckets_of`), or nowhere.
+/// A bucket of the connection table of earlier builds: `FLOW_WAYS` whole entries
+/// (256 bytes). Kept so that a new agent can read such a table and convert it.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowBucket {
-    /// The entries.
+pub struct WideFlowBucket {
+    /// The entries; `key.family == 0` marks a free one.
     pub ways: [FlowEntry; FLOW_WAYS],
 }
 
-impl FlowKey {
-    /// Whether two keys are equal, compared as their five words in place (no copies: in
-    /// the BPF program a copy of each key would take stack).
+/// Tag bit set in every live way, so that a live tag is never 0 (a free way).
+pub const FLOW_TAG_LIVE: u64 = 1 << 63;
+
+/// What the established path reads of a flow: 16 bytes, four to a cache line.
+///
+/// A flow is found by its tag, a second 64-bit hash of its key (`flow_tag`) independent
+/// of the one that picks its buckets, so the packets of established flows touch one
+/// cache line of a table a quarter the size a whole key per way would take: with tens of
+/// thousands of flows, how many pages the working set spans (TLB misses, nested paging
+/// in a VM) decides the cost per packet. The full key lives in the way's `FlowRecord`,
+/// written with the entry and read only by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowWay {
+    /// `flow_tag` of the key, with `FLOW_F_CONFIRMED` in bit 0; 0 when the way is free.
+    pub tag: u64,
+    /// Backend id.
+    pub backend: u32,
+    /// Epoch the entry was last found or written in (see `FlowEntry::seen`).
+    pub seen: u32,
+}
+
+impl FlowWay {
+    /// Whether this way holds the flow tagged `tag` (confirmed or not).
     #[inline(always)]
-    pub fn same_words(&self, other: &FlowKey) -> bool {
-        let a = (self as *const FlowKey).cast::<u64>();
-        let b = (other as *const FlowKey).cast::<u64>();
-        // SAFETY: FlowKey is 40 bytes, 8-aligned, without implicit padding: five u64
-        // reads within each key.
-        unsafe {
-            *a.add(4) == *b.add(4)
-                && *a == *b
-                && *a.add(1) == *b.add(1)
-                && *a.add(2) == *b.add(2)
-                && *a.add(3) == *b.add(3)
-        }
+    pub fn holds(&self, tag: u64) -> bool {
+        self.tag & !(FLOW_F_CONFIRMED as u64) == tag
     }
 
-    /// The key as the five words `flow_bucket` hashes and the table compares.
+    /// Whether the way is free.
+    #[inline(always)]
+    pub fn is_free(&self) -> bool {
+        self.tag == 0
+    }
+
+    /// Whether a packet after the entry's first has found it.
+    #[inline(always)]
+    pub fn confirmed(&self) -> bool {
+        self.tag & FLOW_F_CONFIRMED as u64 != 0
+    }
+}
+
+/// The hot half of the connection table's unit: `FLOW_WAYS` ways sharing one hash value,
+/// one cache line. The table (`L3LB_FLOWS`) is an array of 64-byte values: `buckets`
+/// (a power of two, `flow_buckets`) of these, followed by `FLOW_WAYS` `FlowRecord`s per
+/// bucket (`flow_record_index`). A flow lives in its home bucket, in its overflow bucket
+/// if the home bucket was full (`flow_buckets_of`), or nowhere.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket {
+    /// The ways.
+    pub ways: [FlowWay; FLOW_WAYS],
+}
+
+/// The cold half of a connection-table entry: the flow's key and what `l3lb flows` shows,
+/// written by whoever writes the entry, never read on the packet path.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// The flow.
+    pub key: FlowKey,
+    /// Service id the flow was balanced for.
+    pub service: u32,
+    /// Explicit padding; zero.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` when the entry was written (see `FlowState::created_ns`).
+    pub created_ns: u64,
+    /// Reserved; zero.
+    pub _reserved: u64,
+}
+
+/// 64-byte values in a connection table of `buckets` buckets: the buckets, then a record
+/// per way.
+pub const fn flow_table_values(buckets: u32) -> u32 {
+    buckets * (1 + FLOW_WAYS as u32)
+}
+
+/// Buckets of a connection table of `values` 64-byte values (`flow_table_values`), if
+/// that is a table's size.
+pub const fn flow_table_buckets(values: u32) -> Option<u32> {
+    let per = 1 + FLOW_WAYS as u32;
+    let b = values / per;
+    if b * per == values && b.is_power_of_two() {
+        Some(b)
+    } else {
+        None
+    }
+}
+
+/// Index, among the table's values, of the record of way `way` of bucket `bucket`.
+#[inline(always)]
+pub fn flow_record_index(buckets: u32, bucket: u32, way: usize) -> u32 {
+    buckets
+        .wrapping_add(bucket.wrapping_mul(FLOW_WAYS as u32))
+        .wrapping_add(way as u32)
+}
+
+impl FlowKey {
+    /// The key as the five words `flow_mix` and `flow_tag` hash.
     #[inline(always)]
     pub fn words64(&self) -> [u64; 5] {
         // SAFETY: FlowKey is 40 bytes, 8-aligned, without implicit padding; any bit
@@ -380,30 +462,26 @@ impl FlowKey {
     }
 }
 
+/// Largest number of buckets a connection table gets (2^30 entries), so that its values
+/// (`flow_table_values`) fit the map's 32-bit size.
+pub const FLOW_MAX_BUCKETS: u32 = 1 << 28;
+
 /// Buckets of a connection table meant to hold `entries` flows: the power of two that
-/// gives at least that many entries (at least 256 buckets).
+/// gives at least that many entries (at least 256 buckets, at most `FLOW_MAX_BUCKETS`).
 pub const fn flow_buckets(entries: u32) -> u32 {
     let b = entries.div_ceil(FLOW_WAYS as u32);
     let b = if b < 256 { 256 } else { b };
     match b.checked_next_power_of_two() {
-        Some(p) => p,
-        None => 1 << 31,
+        Some(p) if p <= FLOW_MAX_BUCKETS => p,
+        _ => FLOW_MAX_BUCKETS,
     }
 }
 
-/// The home bucket of `key` in a table of `buckets` buckets (a power of two; see
-/// `flow_buckets_of`); identical in kernel and agent.
-///
-/// Multiply-and-fold over the key's five 64-bit words: a few instructions in BPF.
+/// The home bucket of `key` in a table of `buckets` buckets (a power of two) placed
+/// unkeyed (seed 0; see `flow_buckets_of`); identical in kernel and agent.
 #[inline(always)]
 pub fn flow_bucket(key: &FlowKey, buckets: u32) -> u32 {
-    flow_bucket_words(&key.words64(), buckets)
-}
-
-/// `flow_bucket` of a key given as its words (`FlowKey::words64`).
-#[inline(always)]
-pub fn flow_bucket_words(w: &[u64; 5], buckets: u32) -> u32 {
-    flow_buckets_of_words(w, buckets, 0).0
+    flow_buckets_of(key, buckets, 0).0
 }
 
 /// The two buckets `key` may live in, in a table of `buckets` buckets (a power of two)
@@ -411,17 +489,10 @@ pub fn flow_bucket_words(w: &[u64; 5], buckets: u32) -> u32 {
 /// when the home bucket is full. Identical in kernel and agent.
 ///
 /// The seed is random per table (kept in `SETTINGS_FLOW_SEED_*` for the next agent), so
-/// whoever can choose 5-tuples cannot aim them at the buckets of someone else's flow;
-/// seed 0 places as the unkeyed hash of earlier builds did (`flow_bucket`).
+/// whoever can choose 5-tuples cannot aim them at the buckets of someone else's flow.
 #[inline(always)]
 pub fn flow_buckets_of(key: &FlowKey, buckets: u32, seed: u64) -> (u32, u32) {
-    flow_buckets_of_words(&key.words64(), buckets, seed)
-}
-
-/// `flow_buckets_of` of a key given as its words (`FlowKey::words64`).
-#[inline(always)]
-pub fn flow_buckets_of_words(w: &[u64; 5], buckets: u32, seed: u64) -> (u32, u32) {
-    let h = flow_mix(w, seed);
+    let h = flow_mix(&key.words64(), seed);
     (flow_home(h, buckets), flow_overflow(h, buckets))
 }
 
@@ -444,6 +515,25 @@ pub fn flow_mix(w: &[u64; 5], seed: u64) -> u64 {
     (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9)
 }
 
+/// The tag that identifies `key`'s entry within its buckets (`FlowWay::tag`), for a table
+/// hashed with `seed`: bit 63 set, bit 0 clear (the way keeps `FLOW_F_CONFIRMED` there).
+///
+/// Its products use other multipliers than `flow_mix`, so two keys that share a bucket
+/// still differ in 62 tag bits of their own: a new flow is taken for another with odds
+/// of about 2^-59 per lookup (eight candidate ways), and aiming a key at another flow's
+/// tag and bucket takes about 2^64 attempts whatever the seed.
+#[inline(always)]
+pub fn flow_tag(w: &[u64; 5], seed: u64) -> u64 {
+    let t = w[0].wrapping_mul(0xd6e8_feb8_6659_fd93)
+        ^ w[1].wrapping_mul(0xa076_1d64_78bd_642f)
+        ^ w[2].wrapping_mul(0xe703_7ed1_a0b4_28db)
+        ^ w[3].wrapping_mul(0x8ebc_6af0_9c88_c6e3)
+        ^ w[4].wrapping_mul(0x5899_65cc_7537_4cc3)
+        ^ seed.rotate_left(32);
+    let t = (t ^ (t >> 31)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (t ^ (t >> 29)) & !(FLOW_F_CONFIRMED as u64) | FLOW_TAG_LIVE
+}
+
 /// The home bucket of mixed hash `h` (`flow_mix`) in a table of `buckets` buckets.
 #[inline(always)]
 pub fn flow_home(h: u64, buckets: u32) -> u32 {
@@ -463,36 +553,31 @@ pub const FLOW_SLOT_OWN: u64 = u64::MAX;
 /// `flow_slot`'s score of a free way.
 pub const FLOW_SLOT_FREE: u64 = u64::MAX - 1;
 
-/// The way of `bucket` a new entry for `key` would take, and how good a place it is:
-/// the entry already holding `key` (`FLOW_SLOT_OWN`), else a free one (`FLOW_SLOT_FREE`),
-/// else the unconfirmed entry seen longest ago, else the entry seen longest ago (score:
-/// its age by epoch distance from `now`, so the counter may wrap, plus 2^32 when
-/// unconfirmed; higher is a better victim).
+/// The way of `bucket` a new entry for the flow tagged `tag` would take, and how good a
+/// place it is: the way already holding the flow (`FLOW_SLOT_OWN`), else a free one
+/// (`FLOW_SLOT_FREE`), else the unconfirmed entry seen longest ago, else the entry seen
+/// longest ago (score: its age by epoch distance from `now`, so the counter may wrap,
+/// plus 2^32 when unconfirmed; higher is a better victim).
 #[inline(always)]
-pub fn flow_slot(bucket: &FlowBucket, key: &FlowKey, now: u32) -> (usize, u64) {
+pub fn flow_slot(bucket: &FlowBucket, tag: u64, now: u32) -> (usize, u64) {
     let mut free = FLOW_WAYS;
     let mut victim = 0;
     let mut victim_rank: u64 = 0;
     let mut i = 0;
     while i < FLOW_WAYS {
-        let e = &bucket.ways[i];
-        if e.key.same_words(key) {
+        let w = &bucket.ways[i];
+        if w.holds(tag) {
             return (i, FLOW_SLOT_OWN);
         }
-        if e.key.family == 0 {
+        if w.is_free() {
             if free == FLOW_WAYS {
                 free = i;
             }
         } else {
             // Unconfirmed entries rank above every confirmed one; within each class the
             // older ranks higher.
-            let age = now.wrapping_sub(e.seen) as u64;
-            let rank = age
-                | if e.flags & FLOW_F_CONFIRMED == 0 {
-                    1 << 32
-                } else {
-                    0
-                };
+            let age = now.wrapping_sub(w.seen) as u64;
+            let rank = age | if w.confirmed() { 0 } else { 1 << 32 };
             if rank > victim_rank || i == 0 {
                 victim = i;
                 victim_rank = rank;
@@ -507,25 +592,26 @@ pub fn flow_slot(bucket: &FlowBucket, key: &FlowKey, now: u32) -> (usize, u64) {
     }
 }
 
-/// The way of `bucket` a new entry for `key` takes when only this bucket is considered
-/// (`flow_slot` without the score).
+/// The way of `bucket` a new entry for the flow tagged `tag` takes when only this bucket
+/// is considered (`flow_slot` without the score).
 #[inline(always)]
-pub fn flow_victim(bucket: &FlowBucket, key: &FlowKey, now: u32) -> usize {
-    flow_slot(bucket, key, now).0
+pub fn flow_victim(bucket: &FlowBucket, tag: u64, now: u32) -> usize {
+    flow_slot(bucket, tag, now).0
 }
 
-/// Where a new entry for `key` goes, given its home and overflow buckets: `(false, way)`
-/// for the home bucket, `(true, way)` for the overflow bucket. The key's own entry
-/// wherever it is; else a free way at home; else a free way in the overflow bucket; else
-/// the better victim of the two (home on a tie). Ways are never freed, so a home bucket
-/// with a free way means the key is not in the overflow bucket, which is then not read.
+/// Where a new entry for the flow tagged `tag` goes, given its home and overflow buckets:
+/// `(false, way)` for the home bucket, `(true, way)` for the overflow bucket. The flow's
+/// own entry wherever it is; else a free way at home; else a free way in the overflow
+/// bucket; else the better victim of the two (home on a tie). Ways are never freed, so a
+/// home bucket with a free way means the flow is not in the overflow bucket, which is
+/// then not read.
 #[inline(always)]
-pub fn flow_place(home: &FlowBucket, over: &FlowBucket, key: &FlowKey, now: u32) -> (bool, usize) {
-    let (hw, hs) = flow_slot(home, key, now);
+pub fn flow_place(home: &FlowBucket, over: &FlowBucket, tag: u64, now: u32) -> (bool, usize) {
+    let (hw, hs) = flow_slot(home, tag, now);
     if hs >= FLOW_SLOT_FREE {
         return (false, hw);
     }
-    let (ow, os) = flow_slot(over, key, now);
+    let (ow, os) = flow_slot(over, tag, now);
     if os > hs { (true, ow) } else { (false, hw) }
 }
 
@@ -770,7 +856,10 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowState>() == 16);
     assert!(core::mem::size_of::<FlowEntry>() == 64);
-    assert!(core::mem::size_of::<FlowBucket>() == 64 * FLOW_WAYS);
+    assert!(core::mem::size_of::<WideFlowBucket>() == 64 * FLOW_WAYS);
+    assert!(core::mem::size_of::<FlowWay>() == 16);
+    assert!(core::mem::size_of::<FlowBucket>() == 64);
+    assert!(core::mem::size_of::<FlowRecord>() == 64);
     assert!(core::mem::offset_of!(FlowState, created_ns) == 8);
     assert!(core::mem::size_of::<ServiceMeta>() == SERVICE_NAME_LEN);
     assert!(core::mem::size_of::<BackendMeta>() == 8);
@@ -796,6 +885,8 @@ mod pod {
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for FlowBucket {}
+    unsafe impl aya::Pod for WideFlowBucket {}
+    unsafe impl aya::Pod for FlowRecord {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for FragKey {}
@@ -845,7 +936,7 @@ mod tests {
         assert_eq!(flow_buckets(4096), 1024);
         assert_eq!(flow_buckets(4097), 2048);
         assert_eq!(flow_buckets(262_144), 65_536);
-        assert_eq!(flow_buckets(u32::MAX), 1 << 30);
+        assert_eq!(flow_buckets(u32::MAX), FLOW_MAX_BUCKETS);
     }
 
     #[test]
@@ -873,36 +964,37 @@ mod tests {
     }
 
     #[test]
-    fn the_victim_is_the_same_key_then_a_free_way_then_the_oldest_unconfirmed() {
+    fn the_victim_is_the_same_flow_then_a_free_way_then_the_oldest_unconfirmed() {
+        let tag = |src: u8, sport: u16| flow_tag(&key(src, sport).words64(), 7);
         let mut b = FlowBucket::default();
-        let fill = |b: &mut FlowBucket, i: usize, k: FlowKey, seen: u32, flags: u32| {
-            b.ways[i] = FlowEntry {
-                key: k,
-                state: FlowState::default(),
+        let fill = |b: &mut FlowBucket, i: usize, tag: u64, seen: u32, flags: u32| {
+            b.ways[i] = FlowWay {
+                tag: tag | u64::from(flags),
+                backend: 1,
                 seen,
-                flags,
             };
         };
         assert_eq!(
-            flow_victim(&b, &key(1, 1), 10),
+            flow_victim(&b, tag(1, 1), 10),
             0,
             "empty bucket: the first way"
         );
-        fill(&mut b, 0, key(1, 1), 9, FLOW_F_CONFIRMED);
-        fill(&mut b, 1, key(1, 2), 9, 0);
-        assert_eq!(flow_victim(&b, &key(1, 2), 10), 1, "the key's own way");
-        assert_eq!(flow_victim(&b, &key(1, 3), 10), 2, "a free way");
-        fill(&mut b, 2, key(1, 3), 5, FLOW_F_CONFIRMED);
-        fill(&mut b, 3, key(1, 4), 8, 0);
+        fill(&mut b, 0, tag(1, 1), 9, FLOW_F_CONFIRMED);
+        fill(&mut b, 1, tag(1, 2), 9, 0);
+        assert_eq!(flow_victim(&b, tag(1, 2), 10), 1, "the flow's own way");
+        assert_eq!(flow_victim(&b, tag(1, 1), 10), 0, "its own way, confirmed");
+        assert_eq!(flow_victim(&b, tag(1, 3), 10), 2, "a free way");
+        fill(&mut b, 2, tag(1, 3), 5, FLOW_F_CONFIRMED);
+        fill(&mut b, 3, tag(1, 4), 8, 0);
         assert_eq!(
-            flow_victim(&b, &key(1, 5), 10),
+            flow_victim(&b, tag(1, 5), 10),
             3,
             "the oldest unconfirmed, though a confirmed one is older"
         );
-        b.ways[1].flags = FLOW_F_CONFIRMED;
-        b.ways[3].flags = FLOW_F_CONFIRMED;
+        b.ways[1].tag |= u64::from(FLOW_F_CONFIRMED);
+        b.ways[3].tag |= u64::from(FLOW_F_CONFIRMED);
         assert_eq!(
-            flow_victim(&b, &key(1, 5), 10),
+            flow_victim(&b, tag(1, 5), 10),
             2,
             "all confirmed: the oldest"
         );
@@ -912,9 +1004,57 @@ mod tests {
             b.ways[i].seen = 1;
         }
         assert_eq!(
-            flow_victim(&b, &key(1, 5), 2),
+            flow_victim(&b, tag(1, 5), 2),
             2,
             "the pre-wrap entry is the oldest"
         );
+    }
+
+    #[test]
+    fn tags_are_live_leave_the_flag_bit_free_and_differ_between_keys_and_seeds() {
+        let mut seen = std::collections::HashSet::new();
+        for src in 0..=255u8 {
+            for sport in 0..256u16 {
+                let t = flow_tag(&key(src, sport).words64(), 0x1234);
+                assert_eq!(t & FLOW_TAG_LIVE, FLOW_TAG_LIVE);
+                assert_eq!(t & u64::from(FLOW_F_CONFIRMED), 0);
+                assert!(seen.insert(t), "two of 65536 keys share a tag");
+                let way = FlowWay {
+                    tag: t | u64::from(FLOW_F_CONFIRMED),
+                    backend: 0,
+                    seen: 0,
+                };
+                assert!(way.holds(t) && way.confirmed() && !way.is_free());
+            }
+        }
+        let k = key(9, 9).words64();
+        assert_ne!(flow_tag(&k, 1), flow_tag(&k, 2), "the seed changes the tag");
+        // Keys of one bucket are told apart by the tag: it must not be a function of the
+        // bucket hash.
+        let same_home: Vec<FlowKey> = (0..20_000u16)
+            .map(|p| key(1, p))
+            .filter(|k| flow_buckets_of(k, 256, 5).0 == 3)
+            .collect();
+        assert!(same_home.len() > 40);
+        let tags: std::collections::HashSet<u64> = same_home
+            .iter()
+            .map(|k| flow_tag(&k.words64(), 5))
+            .collect();
+        assert_eq!(tags.len(), same_home.len());
+    }
+
+    #[test]
+    fn a_table_of_values_is_its_buckets_then_a_record_per_way() {
+        assert_eq!(flow_table_values(256), 1280);
+        assert_eq!(flow_table_buckets(1280), Some(256));
+        assert_eq!(flow_table_buckets(1281), None);
+        assert_eq!(
+            flow_table_buckets(5 * 3),
+            None,
+            "3 buckets is not a power of two"
+        );
+        assert_eq!(flow_record_index(256, 0, 0), 256);
+        assert_eq!(flow_record_index(256, 255, 3), 1279);
+        assert!(flow_table_values(flow_buckets(u32::MAX)) > 0);
     }
 }

@@ -2,9 +2,9 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use lb_common::{
-    Backend, FLOW_F_CONFIRMED, FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, FlowState,
+    Backend, FLOW_F_CONFIRMED, FLOW_WAYS, FlowBucket, FlowKey, FlowRecord, FlowState, FlowWay,
     SERVICE_F_AFFINITY_CLIENT_IP, SETTINGS_NEXTHOP_EPOCH, VipInfo, flow_hash, flow_home, flow_mix,
-    flow_overflow, flow_place,
+    flow_overflow, flow_place, flow_record_index, flow_tag,
 };
 
 use crate::{
@@ -40,80 +40,88 @@ fn epoch() -> u32 {
     SETTINGS.get(SETTINGS_NEXTHOP_EPOCH).copied().unwrap_or(0)
 }
 
-/// The home bucket of `key` and the index of its overflow bucket, if the table exists.
+/// Where a key's entry may be: its home bucket, what names its overflow bucket, and the
+/// tag that identifies it within them.
+#[derive(Clone, Copy)]
+struct Place {
+    home: *mut FlowBucket,
+    home_index: u32,
+    h: u64,
+    buckets: u32,
+    tag: u64,
+}
+
+/// The place of `key`, if the table exists.
 #[inline(always)]
-fn buckets_of(key: &FlowKey) -> Option<(*mut FlowBucket, Overflow)> {
+fn place_of(key: &FlowKey) -> Option<Place> {
     let buckets = unsafe { core::ptr::read_volatile(&FLOW_BUCKETS) };
     if buckets == 0 {
         return None;
     }
     let seed = unsafe { core::ptr::read_volatile(&FLOW_SEED) };
-    let h = flow_mix(&key.words64(), seed);
-    Some((
-        FLOWS.get_ptr_mut(flow_home(h, buckets))?,
-        Overflow { h, buckets },
-    ))
+    let w = key.words64();
+    let h = flow_mix(&w, seed);
+    let home_index = flow_home(h, buckets);
+    Some(Place {
+        home: FLOWS.get_ptr_mut(home_index)?,
+        home_index,
+        h,
+        buckets,
+        tag: flow_tag(&w, seed),
+    })
 }
 
-/// What names a key's overflow bucket, kept until a miss in a full home bucket needs it
-/// (most lookups never do).
-#[derive(Clone, Copy)]
-struct Overflow {
-    h: u64,
-    buckets: u32,
-}
-
-impl Overflow {
+impl Place {
+    /// The overflow bucket and its index, computed only when a miss in a full home
+    /// bucket needs it (most lookups never do).
     #[inline(always)]
-    fn bucket(self) -> Option<*mut FlowBucket> {
-        FLOWS.get_ptr_mut(flow_overflow(self.h, self.buckets))
+    fn overflow(self) -> Option<(*mut FlowBucket, u32)> {
+        let i = flow_overflow(self.h, self.buckets);
+        Some((FLOWS.get_ptr_mut(i)?, i))
     }
 }
 
-/// Where `bucket` holds `key`, and whether it has a free way.
+/// The way of `bucket` holding the flow tagged `tag`, and whether the bucket has a free
+/// way.
 #[inline(always)]
-fn search(bucket: *mut FlowBucket, key: &FlowKey) -> (Option<*mut FlowEntry>, bool) {
+fn search(bucket: *mut FlowBucket, tag: u64) -> (Option<*mut FlowWay>, bool) {
     let mut free = false;
     let mut i = 0;
     while i < FLOW_WAYS {
         // SAFETY: a map value of this program's; the way index is below FLOW_WAYS.
-        let e = unsafe { &raw mut (*bucket).ways[i] };
-        // Word by word in place (`same_words`): comparing the keys makes LLVM call a
-        // byte-wise `bcmp`, copying them takes stack. A free entry has family 0, so its
-        // last word is 0 and never equals a real key's.
-        let k = unsafe { &(*e).key };
-        if k.same_words(key) {
-            return (Some(e), free);
+        let w = unsafe { &raw mut (*bucket).ways[i] };
+        let t = unsafe { (*w).tag };
+        if t & !(FLOW_F_CONFIRMED as u64) == tag {
+            return (Some(w), free);
         }
-        free |= k.family == 0;
+        free |= t == 0;
         i += 1;
     }
     (None, free)
 }
 
-/// The entry holding `key`, if any: in its home bucket, or in its overflow bucket when
-/// the home bucket is full (ways are never freed, so a flow that overflowed left a full
-/// home bucket behind).
+/// The way holding `key`'s flow, if any: in its home bucket, or in its overflow bucket
+/// when the home bucket is full (ways are never freed, so a flow that overflowed left a
+/// full home bucket behind).
 #[inline(always)]
-fn find(key: &FlowKey) -> Option<*mut FlowEntry> {
-    let (home, over) = buckets_of(key)?;
-    let (found, free) = search(home, key);
+fn find(key: &FlowKey) -> Option<*mut FlowWay> {
+    let p = place_of(key)?;
+    let (found, free) = search(p.home, p.tag);
     if found.is_some() || free {
         return found;
     }
-    search(over.bucket()?, key).0
+    search(p.overflow()?.0, p.tag).0
 }
 
 /// The backend the connection table remembers for `key`, if it still serves this service;
 /// `touch` marks the entry confirmed and seen now (a flow's packet, not an ICMP error).
 #[inline(always)]
 fn remembered(key: &FlowKey, vip: &VipInfo, touch: bool) -> Option<Choice> {
-    let e = find(key)?;
-    // SAFETY: the entry found above, in a map value.
-    let (id, service) = unsafe { ((*e).state.backend, (*e).state.service) };
-    if service != vip.service {
-        return None;
-    }
+    let w = find(key)?;
+    // SAFETY: the way found above, in a map value.
+    let id = unsafe { (*w).backend };
+    // The backend's own service decides whether the entry still applies: it is read
+    // anyway, and the entry's service (in its cold record) is not.
     let b = BACKENDS.get(id)?;
     if b.family != key.family || b.service != vip.service {
         return None;
@@ -123,11 +131,12 @@ fn remembered(key: &FlowKey, vip: &VipInfo, touch: bool) -> Option<Choice> {
         // (half a second) for the age, so the established path stays read-mostly.
         let now = epoch();
         unsafe {
-            if (*e).seen != now {
-                (*e).seen = now;
+            if (*w).seen != now {
+                (*w).seen = now;
             }
-            if (*e).flags & FLOW_F_CONFIRMED == 0 {
-                (*e).flags |= FLOW_F_CONFIRMED;
+            let t = (*w).tag;
+            if t & FLOW_F_CONFIRMED as u64 == 0 {
+                (*w).tag = t | FLOW_F_CONFIRMED as u64;
             }
         }
     }
@@ -138,39 +147,42 @@ fn remembered(key: &FlowKey, vip: &VipInfo, touch: bool) -> Option<Choice> {
     })
 }
 
-/// Records `key` → `state` in the way `flow_victim` picks.
+/// Records `key` → `state` in the way `flow_place` picks, its cold record first.
 ///
 /// Writers on other CPUs may fill the same bucket at once (a flow's packets normally stay
-/// on one CPU, different flows do not): the entry is freed first and its key's last word,
-/// which holds the family, written last, so a concurrent reader sees the old flow, no flow,
-/// or the new one, each with its own state.
+/// on one CPU, different flows do not): the way is freed first and its tag written last,
+/// so a concurrent reader sees the old flow, no flow, or the new one.
 #[inline(always)]
 fn record(key: &FlowKey, state: FlowState) {
-    let Some((home, over)) = buckets_of(key) else {
+    let Some(p) = place_of(key) else {
         return;
     };
-    let Some(over) = over.bucket() else {
+    let Some((over, over_index)) = p.overflow() else {
         return;
     };
     let now = epoch();
     // SAFETY: map values of this program's, read as a whole for the choice (the
     // overflow bucket only when the home bucket is full).
-    let (overflow, way) = flow_place(unsafe { &*home }, unsafe { &*over }, key, now);
-    let bucket = if overflow { over } else { home };
+    let (overflow, way) = flow_place(unsafe { &*p.home }, unsafe { &*over }, p.tag, now);
+    let (bucket, index) = if overflow {
+        (over, over_index)
+    } else {
+        (p.home, p.home_index)
+    };
     let way = way & (FLOW_WAYS - 1);
-    let w = key.words64();
+    let Some(rec) = FLOWS.get_ptr_mut(flow_record_index(p.buckets, index, way)) else {
+        return;
+    };
+    let rec = rec.cast::<FlowRecord>();
     unsafe {
-        let e = &raw mut (*bucket).ways[way];
-        let k = &raw mut (*e).key as *mut u64;
-        core::ptr::write_volatile(k.add(4), 0);
-        (*e).state = state;
-        (*e).seen = now;
-        (*e).flags = 0;
-        *k = w[0];
-        *k.add(1) = w[1];
-        *k.add(2) = w[2];
-        *k.add(3) = w[3];
-        core::ptr::write_volatile(k.add(4), w[4]);
+        let w = &raw mut (*bucket).ways[way];
+        core::ptr::write_volatile(&raw mut (*w).tag, 0);
+        (*rec).key = *key;
+        (*rec).service = state.service;
+        (*rec).created_ns = state.created_ns;
+        (*w).backend = state.backend;
+        (*w).seen = now;
+        core::ptr::write_volatile(&raw mut (*w).tag, p.tag);
     }
 }
 

@@ -38,9 +38,10 @@ const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE;
 #[map(name = "L3LB_BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(1, 0);
 
-/// The connection table: `FLOW_BUCKETS` buckets of `FLOW_WAYS` entries, a flow in its home
-/// or its overflow bucket (`flow_buckets_of`) or nowhere; written by this program (size:
-/// load time).
+/// The connection table: `FLOW_BUCKETS` buckets of `FLOW_WAYS` tagged ways (one cache line
+/// each), then a `FlowRecord` per way (`flow_record_index`), all 64-byte values; a flow in
+/// its home or its overflow bucket (`flow_buckets_of`) or nowhere; written by this program
+/// (size: load time).
 ///
 /// An array searched with inlined reads rather than a hash map: a hash-map lookup costs
 /// helper calls (hash, compare) and an LRU insert takes locks and list moves. Memory-

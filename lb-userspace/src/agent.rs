@@ -384,7 +384,7 @@ impl Agent {
                     info!(
                         map = name,
                         entries = n,
-                        "converted the previous release's connection table (an LRU hash) into the set-associative table; its flows keep their backends"
+                        "converted the previous release's connection table (an LRU hash, or buckets of whole entries) into this build's table; its flows keep their backends"
                     );
                 } else {
                     info!(map = name, entries = n, "migrated to the new size");

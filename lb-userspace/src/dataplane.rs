@@ -1062,7 +1062,13 @@ impl Dataplane {
             let old =
                 MapData::from_pin(path).map_err(map_err(format!("opening {}", path.display())))?;
             let n = match (*name, carry) {
-                (map_names::FLOWS, Carry::Convert(_)) => self.convert_lru_flows(old)?,
+                (map_names::FLOWS, Carry::Convert(path)) => {
+                    if crate::handover::pinned_shape(path)?.is_legacy_flows() {
+                        self.convert_lru_flows(old)?
+                    } else {
+                        self.convert_wide_flows(&old, path)?
+                    }
+                }
                 (map_names::FLOWS, _) => {
                     let old = FlowTable::from_map_data(&old, &path.display().to_string())?;
                     self.replace_flows(&old)?
@@ -1110,6 +1116,15 @@ impl Dataplane {
             })
             .collect();
         let placed = self.flow_table()?.insert_all(entries, now)?;
+        Ok(placed.written - placed.evicted)
+    }
+
+    /// Places the entries of a connection table of the builds before tagged ways (buckets
+    /// of whole entries) into this program's table, keeping their epoch and flags;
+    /// returns the entries that found a place.
+    fn convert_wide_flows(&mut self, old: &MapData, path: &Path) -> Result<usize, DataplaneError> {
+        let entries = crate::flowtable::wide_table_entries(old, &path.display().to_string())?;
+        let placed = self.flow_table()?.insert_all(entries, self.nexthop_epoch)?;
         Ok(placed.written - placed.evicted)
     }
 

@@ -1,11 +1,13 @@
 //! The connection table (`L3LB_FLOWS`) from userspace, through a memory mapping.
 //!
-//! The table is an array of `FlowBucket`s (`FLOW_WAYS` entries each), created with
-//! `BPF_F_MMAPABLE`; a flow lives in its home bucket, in its overflow bucket when the home
-//! bucket was full (`flow_buckets_of`), or nowhere, and an entry whose `key.family` is 0 is
-//! free. Reading it is plain loads (`l3lb status` counts a table of a million entries in
-//! milliseconds, where walking a hash map's keys took a system call per entry); writing
-//! places an entry the way the data plane does, with `flow_place`.
+//! The table is an array of 64-byte values created with `BPF_F_MMAPABLE`: `buckets`
+//! `FlowBucket`s (`FLOW_WAYS` tagged ways each, what the packet path reads), then a
+//! `FlowRecord` per way (the flow's key and what `l3lb flows` shows). A flow lives in its
+//! home bucket, in its overflow bucket when the home bucket was full (`flow_buckets_of`),
+//! or nowhere, and a way whose tag is 0 is free. Reading it is plain loads (`l3lb status`
+//! counts a table of a million entries in milliseconds, where walking a hash map's keys
+//! took a system call per entry); writing places an entry the way the data plane does,
+//! with `flow_place`.
 //!
 //! Only the part of the table in use is mapped, and only while it is used, so a reader's
 //! resident memory does not grow with the table.
@@ -21,14 +23,20 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, MapError, MapType};
-use lb_common::{FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, flow_buckets_of, flow_place};
+use lb_common::{
+    FLOW_F_CONFIRMED, FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, FlowRecord, FlowState, FlowWay,
+    WideFlowBucket, flow_buckets_of, flow_place, flow_record_index, flow_table_buckets, flow_tag,
+};
 use thiserror::Error;
 
 /// `BPF_F_MMAPABLE`, the creation flag the table needs.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// Buckets mapped at a time by a walk over the table (1 MiB).
+/// Buckets mapped at a time by a walk over the table (256 KiB of ways, 1 MiB of records).
 const WALK_BUCKETS: u32 = 4096;
+
+/// Bytes of one value of the table (a bucket or a record).
+const VALUE: usize = size_of::<FlowBucket>();
 
 /// Errors of the connection-table accessor.
 #[derive(Debug, Error)]
@@ -36,8 +44,9 @@ pub enum FlowTableError {
     /// The map is not a connection table of this build's layout.
     #[error(
         "{what} is not a connection table of this build: {found}; expected an array of \
-         {}-byte buckets created with BPF_F_MMAPABLE, a power of two of them",
-        size_of::<FlowBucket>()
+         {VALUE}-byte values created with BPF_F_MMAPABLE, {} per bucket and a power of two \
+         of buckets",
+        1 + FLOW_WAYS
     )]
     Layout {
         /// The map (its name or pin).
@@ -88,127 +97,209 @@ pub struct Placed {
 pub struct FlowTable {
     fd: OwnedFd,
     buckets: u32,
-    /// The hash seed the table is placed with (`flow_buckets_of`); walks do not need it.
+    /// The hash seed the table is placed with (`flow_buckets_of`, `flow_tag`); walks do
+    /// not need it.
     seed: u64,
     page: usize,
     what: String,
 }
 
-/// A shared mapping of part of the table, unmapped on drop.
+/// A shared mapping of part of a map of 64-byte values, unmapped on drop.
 struct Mapping {
     base: *mut libc::c_void,
     len: usize,
-    /// Byte offset of `base` in the table.
+    /// Byte offset of `base` in the map.
     first: usize,
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `FlowTable::map` mapped.
+        // SAFETY: unmapping exactly what `map_values` mapped.
         unsafe { libc::munmap(self.base, self.len) };
     }
 }
 
 impl Mapping {
-    /// Pointer to entry `way` of `bucket`, which the mapping covers.
-    fn entry(&self, bucket: u32, way: usize) -> *mut FlowEntry {
-        let off = bucket as usize * size_of::<FlowBucket>() + way * size_of::<FlowEntry>();
-        debug_assert!(off >= self.first && off + size_of::<FlowEntry>() <= self.first + self.len);
-        // SAFETY: in bounds of the mapping (debug-asserted; callers map the buckets they
-        // touch), and page-aligned base plus a multiple of 64 keeps FlowEntry's alignment.
-        unsafe {
-            self.base
-                .cast::<u8>()
-                .add(off - self.first)
-                .cast::<FlowEntry>()
-        }
+    /// Pointer to value `index` of the map, which the mapping covers.
+    fn value<T>(&self, index: u32) -> *mut T {
+        let off = index as usize * VALUE;
+        debug_assert!(off >= self.first && off + VALUE <= self.first + self.len);
+        // SAFETY: in bounds of the mapping (debug-asserted; callers map the values they
+        // touch), and page-aligned base plus a multiple of 64 keeps the values' alignment.
+        unsafe { self.base.cast::<u8>().add(off - self.first).cast::<T>() }
+    }
+}
+
+/// The buckets a read or write touches and their records, mapped.
+struct View {
+    ways: Mapping,
+    records: Mapping,
+    buckets: u32,
+}
+
+impl View {
+    fn way(&self, bucket: u32, way: usize) -> *mut FlowWay {
+        // SAFETY: way < FLOW_WAYS within a mapped bucket (see `Mapping::value`).
+        unsafe { &raw mut (*self.ways.value::<FlowBucket>(bucket)).ways[way] }
     }
 
-    /// A copy of entry `way` of `bucket` (volatile: the data plane writes concurrently).
-    fn read(&self, bucket: u32, way: usize) -> FlowEntry {
-        // SAFETY: see `entry`; any bit pattern is a valid FlowEntry.
-        unsafe { std::ptr::read_volatile(self.entry(bucket, way)) }
+    fn record(&self, bucket: u32, way: usize) -> *mut FlowRecord {
+        self.records
+            .value(flow_record_index(self.buckets, bucket, way))
     }
 
-    /// A copy of `bucket`.
+    /// A copy of `bucket`'s ways (volatile: the data plane writes concurrently).
     fn bucket(&self, bucket: u32) -> FlowBucket {
-        let mut b = FlowBucket::default();
-        for (way, e) in b.ways.iter_mut().enumerate() {
-            *e = self.read(bucket, way);
-        }
-        b
+        // SAFETY: see `Mapping::value`; any bit pattern is a valid FlowBucket.
+        unsafe { std::ptr::read_volatile(self.ways.value(bucket)) }
     }
 
-    /// Writes `entry` into way `way` of `bucket`: the way is freed first and the key
-    /// written last, so a concurrent reader sees the old entry, no entry, or the new one
-    /// (or, for the key's own words, a key that matches no flow).
-    fn write(&self, bucket: u32, way: usize, entry: &FlowEntry) {
+    /// The entry in way `way` of `bucket`, if it is live.
+    fn read(&self, bucket: u32, way: usize) -> Option<FlowEntry> {
+        // SAFETY: see `Mapping::value`; any bit pattern is a valid FlowWay / FlowRecord.
+        let w = unsafe { std::ptr::read_volatile(self.way(bucket, way)) };
+        if w.is_free() {
+            return None;
+        }
+        let r = unsafe { std::ptr::read_volatile(self.record(bucket, way)) };
+        Some(FlowEntry {
+            key: r.key,
+            state: FlowState {
+                backend: w.backend,
+                service: r.service,
+                created_ns: r.created_ns,
+            },
+            seen: w.seen,
+            flags: if w.confirmed() { FLOW_F_CONFIRMED } else { 0 },
+        })
+    }
+
+    /// Writes `entry` (tagged `tag`) into way `way` of `bucket`: the way is freed first
+    /// and its tag written last, so a concurrent reader sees the old entry, no entry, or
+    /// the new one.
+    fn write(&self, bucket: u32, way: usize, entry: &FlowEntry, tag: u64) {
         use std::sync::atomic::{Ordering, fence};
-        let p = self.entry(bucket, way);
-        // SAFETY: see `entry`; the mapping is writable when callers write.
+        let w = self.way(bucket, way);
+        let r = self.record(bucket, way);
+        let record = FlowRecord {
+            key: entry.key,
+            service: entry.state.service,
+            created_ns: entry.state.created_ns,
+            ..FlowRecord::default()
+        };
+        // SAFETY: see `Mapping::value`; the mappings are writable when callers write.
         unsafe {
-            std::ptr::write_volatile(&raw mut (*p).key.family, 0);
+            std::ptr::write_volatile(&raw mut (*w).tag, 0);
             fence(Ordering::SeqCst);
-            std::ptr::write_volatile(&raw mut (*p).state, entry.state);
-            std::ptr::write_volatile(&raw mut (*p).seen, entry.seen);
-            std::ptr::write_volatile(&raw mut (*p).flags, entry.flags);
-            let mut key = entry.key;
-            let family = key.family;
-            key.family = 0;
-            std::ptr::write_volatile(&raw mut (*p).key, key);
+            std::ptr::write_volatile(r, record);
+            std::ptr::write_volatile(&raw mut (*w).backend, entry.state.backend);
+            std::ptr::write_volatile(&raw mut (*w).seen, entry.seen);
             fence(Ordering::SeqCst);
-            std::ptr::write_volatile(&raw mut (*p).key.family, family);
+            let confirmed = u64::from(entry.flags & FLOW_F_CONFIRMED);
+            std::ptr::write_volatile(&raw mut (*w).tag, tag | confirmed);
         }
     }
+}
+
+/// The kernel's description of an array map: (type, key size, value size, entries, flags).
+fn describe(data: &MapData, what: &str) -> Result<(MapType, u32, u32, u32, u32), FlowTableError> {
+    let info = data.info().map_err(|source| FlowTableError::Map {
+        what: format!("reading the description of {what}"),
+        source,
+    })?;
+    let map_type = info.map_type().map_err(|source| FlowTableError::Map {
+        what: format!("reading the type of {what}"),
+        source,
+    })?;
+    Ok((
+        map_type,
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
+        info.map_flags(),
+    ))
+}
+
+/// The system's page size.
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize
+}
+
+/// Maps bytes `start..end` of the map behind `fd` (rounded out to pages; read-only
+/// unless `write`).
+fn map_bytes(
+    fd: &OwnedFd,
+    page: usize,
+    start: usize,
+    end: usize,
+    write: bool,
+    what: &str,
+) -> Result<Mapping, FlowTableError> {
+    let first = start / page * page;
+    let len = end.div_ceil(page) * page - first;
+    let prot = if write {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: a shared mapping of part of the map; the kernel checks the range against
+    // the map's size and the protection against how it was created.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            first as libc::off_t,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(FlowTableError::Io {
+            what: format!("mapping {what} into memory"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(Mapping { base, len, first })
+}
+
+/// A descriptor of its own for the map behind `data`.
+fn own_fd(data: &MapData, what: &str) -> Result<OwnedFd, FlowTableError> {
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| FlowTableError::Io {
+            what: format!("duplicating the descriptor of {what}"),
+            source,
+        })
 }
 
 impl FlowTable {
     /// The table behind `data`, checked to have this build's layout; `what` names it in
     /// errors.
     pub fn from_map_data(data: &MapData, what: &str) -> Result<Self, FlowTableError> {
-        let info = data.info().map_err(|source| FlowTableError::Map {
-            what: format!("reading the description of {what}"),
-            source,
-        })?;
-        let map_type = info.map_type().map_err(|source| FlowTableError::Map {
-            what: format!("reading the type of {what}"),
-            source,
-        })?;
-        let (key, value, buckets, flags) = (
-            info.key_size(),
-            info.value_size(),
-            info.max_entries(),
-            info.map_flags(),
-        );
-        if map_type != MapType::Array
-            || key != 4
-            || value as usize != size_of::<FlowBucket>()
-            || flags & BPF_F_MMAPABLE == 0
-            || !buckets.is_power_of_two()
-        {
+        let (map_type, key, value, values, flags) = describe(data, what)?;
+        let buckets = flow_table_buckets(values);
+        let Some(buckets) = buckets.filter(|_| {
+            map_type == MapType::Array
+                && key == 4
+                && value as usize == VALUE
+                && flags & BPF_F_MMAPABLE != 0
+        }) else {
             return Err(FlowTableError::Layout {
                 what: what.to_string(),
                 found: format!(
-                    "{map_type:?} with {key}-byte keys, {value}-byte values, {buckets} entries, \
+                    "{map_type:?} with {key}-byte keys, {value}-byte values, {values} entries, \
                      flags {flags:#x}"
                 ),
             });
-        }
-        let fd = data
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| FlowTableError::Io {
-                what: format!("duplicating the descriptor of {what}"),
-                source,
-            })?;
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        };
         Ok(Self {
-            fd,
+            fd: own_fd(data, what)?,
             buckets,
             seed: 0,
-            page,
+            page: page_size(),
             what: what.to_string(),
         })
     }
@@ -223,6 +314,11 @@ impl FlowTable {
     /// The home and overflow buckets of `key` in this table.
     pub fn buckets_of(&self, key: &FlowKey) -> (u32, u32) {
         flow_buckets_of(key, self.buckets, self.seed)
+    }
+
+    /// The tag that identifies `key`'s entry in this table (`flow_tag`).
+    pub fn tag_of(&self, key: &FlowKey) -> u64 {
+        flow_tag(&key.words64(), self.seed)
     }
 
     /// The table of a loaded program's map (`Ebpf::map(L3LB_FLOWS)`).
@@ -253,7 +349,7 @@ impl FlowTable {
         Ok(table.with_seed(seed))
     }
 
-    /// Buckets in the table (the map's `max_entries`).
+    /// Buckets in the table.
     pub fn buckets(&self) -> u32 {
         self.buckets
     }
@@ -263,38 +359,29 @@ impl FlowTable {
         u64::from(self.buckets) * FLOW_WAYS as u64
     }
 
-    /// Maps buckets `first..first + count` (read-only unless `write`).
-    fn map(&self, first: u32, count: u32, write: bool) -> Result<Mapping, FlowTableError> {
-        let end = (u64::from(first) + u64::from(count)).min(u64::from(self.buckets)) as usize;
-        let start = first as usize * size_of::<FlowBucket>() / self.page * self.page;
-        let len = (end * size_of::<FlowBucket>()).div_ceil(self.page) * self.page - start;
-        let prot = if write {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        // SAFETY: a shared mapping of part of the map; the kernel checks the range
-        // against the map's size and the protection against how it was created.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                self.fd.as_raw_fd(),
-                start as libc::off_t,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(FlowTableError::Io {
-                what: format!("mapping {} into memory", self.what),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(Mapping {
-            base,
-            len,
-            first: start,
+    /// Maps buckets `first..first + count` and their records (read-only unless `write`).
+    fn view(&self, first: u32, count: u32, write: bool) -> Result<View, FlowTableError> {
+        let end = (u64::from(first) + u64::from(count)).min(u64::from(self.buckets)) as u32;
+        let ways = map_bytes(
+            &self.fd,
+            self.page,
+            first as usize * VALUE,
+            end as usize * VALUE,
+            write,
+            &self.what,
+        )?;
+        let records = map_bytes(
+            &self.fd,
+            self.page,
+            flow_record_index(self.buckets, first, 0) as usize * VALUE,
+            flow_record_index(self.buckets, end, 0) as usize * VALUE,
+            write,
+            &self.what,
+        )?;
+        Ok(View {
+            ways,
+            records,
+            buckets: self.buckets,
         })
     }
 
@@ -304,11 +391,10 @@ impl FlowTable {
         let mut first = 0u32;
         while first < self.buckets {
             let count = WALK_BUCKETS.min(self.buckets - first);
-            let m = self.map(first, count, false)?;
+            let v = self.view(first, count, false)?;
             for bucket in first..first + count {
                 for way in 0..FLOW_WAYS {
-                    let entry = m.read(bucket, way);
-                    if entry.key.family != 0 {
+                    if let Some(entry) = v.read(bucket, way) {
                         f(Located { bucket, way, entry });
                     }
                 }
@@ -325,10 +411,28 @@ impl FlowTable {
         Ok(out)
     }
 
-    /// Live entries now.
+    /// Live entries now (reads the ways only).
     pub fn count(&self) -> Result<u64, FlowTableError> {
         let mut n = 0u64;
-        self.for_each(|_| n += 1)?;
+        let mut first = 0u32;
+        while first < self.buckets {
+            let count = WALK_BUCKETS.min(self.buckets - first);
+            let end = first + count;
+            let m = map_bytes(
+                &self.fd,
+                self.page,
+                first as usize * VALUE,
+                end as usize * VALUE,
+                false,
+                &self.what,
+            )?;
+            for bucket in first..end {
+                // SAFETY: see `Mapping::value`; any bit pattern is a valid FlowBucket.
+                let b: FlowBucket = unsafe { std::ptr::read_volatile(m.value(bucket)) };
+                n += b.ways.iter().filter(|w| !w.is_free()).count() as u64;
+            }
+            first = end;
+        }
         Ok(n)
     }
 
@@ -337,14 +441,13 @@ impl FlowTable {
         if key.family == 0 {
             return Ok(None);
         }
+        let tag = self.tag_of(key);
         let (home, over) = self.buckets_of(key);
         for bucket in [home, over] {
-            let m = self.map(bucket, 1, false)?;
-            if let Some(e) = (0..FLOW_WAYS)
-                .map(|way| m.read(bucket, way))
-                .find(|e| e.key == *key)
-            {
-                return Ok(Some(e));
+            let v = self.view(bucket, 1, false)?;
+            let b = v.bucket(bucket);
+            if let Some(way) = b.ways.iter().position(|w| w.holds(tag)) {
+                return Ok(v.read(bucket, way));
             }
         }
         Ok(None)
@@ -357,9 +460,16 @@ impl FlowTable {
     /// displaced.
     pub fn insert(&self, entry: &FlowEntry, now: u32) -> Result<Option<FlowEntry>, FlowTableError> {
         let (home, over) = self.buckets_of(&entry.key);
-        let home_map = self.map(home, 1, true)?;
-        let over_map = self.map(over, 1, true)?;
-        Ok(place((&home_map, home), (&over_map, over), entry, now))
+        let home_view = self.view(home, 1, true)?;
+        let over_view = self.view(over, 1, true)?;
+        let tag = self.tag_of(&entry.key);
+        Ok(place(
+            (&home_view, home),
+            (&over_view, over),
+            entry,
+            tag,
+            now,
+        ))
     }
 
     /// [`FlowTable::insert`] for many entries, with one mapping of the whole table (for
@@ -369,14 +479,15 @@ impl FlowTable {
         entries: impl IntoIterator<Item = FlowEntry>,
         now: u32,
     ) -> Result<Placed, FlowTableError> {
-        let m = self.map(0, self.buckets, true)?;
+        let v = self.view(0, self.buckets, true)?;
         let mut placed = Placed::default();
         for entry in entries {
             if entry.key.family == 0 {
                 continue;
             }
             let (home, over) = self.buckets_of(&entry.key);
-            if place((&m, home), (&m, over), &entry, now).is_some() {
+            let tag = self.tag_of(&entry.key);
+            if place((&v, home), (&v, over), &entry, tag, now).is_some() {
                 placed.evicted += 1;
             }
             placed.written += 1;
@@ -385,25 +496,70 @@ impl FlowTable {
     }
 }
 
-/// Writes `entry` into the way `flow_place` picks of its home and overflow buckets (each
-/// with a mapping that covers it writable); returns the live entry of another flow it
-/// replaced.
+/// Writes `entry` (tagged `tag`) into the way `flow_place` picks of its home and overflow
+/// buckets (each with a view that covers it writable); returns the live entry of another
+/// flow it replaced.
 fn place(
-    home: (&Mapping, u32),
-    over: (&Mapping, u32),
+    home: (&View, u32),
+    over: (&View, u32),
     entry: &FlowEntry,
+    tag: u64,
     now: u32,
 ) -> Option<FlowEntry> {
-    let (overflow, way) = flow_place(
-        &home.0.bucket(home.1),
-        &over.0.bucket(over.1),
-        &entry.key,
-        now,
-    );
-    let (m, bucket) = if overflow { over } else { home };
-    let old = m.read(bucket, way);
-    m.write(bucket, way, entry);
-    (old.key.family != 0 && old.key != entry.key).then_some(old)
+    let (overflow, way) = flow_place(&home.0.bucket(home.1), &over.0.bucket(over.1), tag, now);
+    let (v, bucket) = if overflow { over } else { home };
+    let old = v.read(bucket, way);
+    let displaced = v.bucket(bucket).ways[way];
+    v.write(bucket, way, entry, tag);
+    old.filter(|_| !displaced.holds(tag))
+}
+
+/// Whether `data` is a connection table of the builds before tagged ways: an array of
+/// `WideFlowBucket`s (whole 64-byte entries, four to a bucket), memory-mappable.
+pub fn is_wide_table(map_type: u32, key: u32, value: u32) -> bool {
+    map_type == MapType::Array as u32 && key == 4 && value as usize == size_of::<WideFlowBucket>()
+}
+
+/// Every live entry of a connection table of the builds before tagged ways (see
+/// `is_wide_table`), for converting it; `what` names it in errors.
+pub fn wide_table_entries(data: &MapData, what: &str) -> Result<Vec<FlowEntry>, FlowTableError> {
+    let (map_type, key, value, buckets, flags) = describe(data, what)?;
+    if !is_wide_table(map_type as u32, key, value) || flags & BPF_F_MMAPABLE == 0 {
+        return Err(FlowTableError::Layout {
+            what: what.to_string(),
+            found: format!(
+                "{map_type:?} with {key}-byte keys, {value}-byte values, flags {flags:#x} \
+                 (not the earlier layout either)"
+            ),
+        });
+    }
+    let fd = own_fd(data, what)?;
+    let page = page_size();
+    let size = size_of::<WideFlowBucket>();
+    let mut out = Vec::new();
+    let mut first = 0u32;
+    while first < buckets {
+        let end = first + WALK_BUCKETS.min(buckets - first);
+        let m = map_bytes(
+            &fd,
+            page,
+            first as usize * size,
+            end as usize * size,
+            false,
+            what,
+        )?;
+        for bucket in first..end {
+            let off = bucket as usize * size - m.first;
+            // SAFETY: within the mapping (it covers buckets first..end), 64-aligned; any
+            // bit pattern is a valid WideFlowBucket.
+            let b: WideFlowBucket = unsafe {
+                std::ptr::read_volatile(m.base.cast::<u8>().add(off).cast::<WideFlowBucket>())
+            };
+            out.extend(b.ways.iter().filter(|e| e.key.family != 0).copied());
+        }
+        first = end;
+    }
+    Ok(out)
 }
 
 /// A map's kind for messages (`Map` itself prints its whole descriptor).
@@ -453,7 +609,8 @@ mod tests {
     /// A standalone table of `buckets` buckets, as the loader creates `L3LB_FLOWS`.
     /// `None` without the privileges to create maps (then the test has nothing to check).
     fn table(buckets: u32) -> Option<(Array<MapData, FlowBucket>, FlowTable)> {
-        let map = match Array::<MapData, FlowBucket>::create(buckets, BPF_F_MMAPABLE) {
+        let values = lb_common::flow_table_values(buckets);
+        let map = match Array::<MapData, FlowBucket>::create(values, BPF_F_MMAPABLE) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("skipped: cannot create a BPF map here ({e})");
@@ -477,9 +634,21 @@ mod tests {
         assert_eq!(t.insert(&a, 3).expect("insert"), None);
         assert_eq!(t.get(&a.key).expect("get"), Some(a));
         assert_eq!(t.get(&key(1, 1001)).expect("get"), None);
-        // The kernel's view (a system call, not the mapping) agrees on the bucket.
-        let b = map.get(&t.buckets_of(&a.key).0, 0).expect("bucket");
-        assert!(b.ways.contains(&a), "{b:?}");
+        // The kernel's view (a system call, not the mapping) agrees on the bucket, the
+        // way and its record.
+        let home = t.buckets_of(&a.key).0;
+        let b = map.get(&home, 0).expect("bucket");
+        let way = b
+            .ways
+            .iter()
+            .position(|w| w.holds(t.tag_of(&a.key)) && w.confirmed() && w.backend == 7)
+            .expect("a way of the home bucket holds the flow");
+        let rec = map
+            .get(&lb_common::flow_record_index(t.buckets(), home, way), 0)
+            .expect("record");
+        // SAFETY: a record is a 64-byte value of the same array.
+        let rec: FlowRecord = unsafe { std::mem::transmute(rec) };
+        assert_eq!((rec.key, rec.service, rec.created_ns), (a.key, 1, 1007));
         // Writing the same key again replaces its entry.
         let a2 = entry(a.key, 8, 4, 0);
         assert_eq!(t.insert(&a2, 4).expect("insert"), None);
@@ -537,7 +706,7 @@ mod tests {
         let over6 = flow_buckets_of(&sixth_key, 256, 0).1;
         assert_ne!(over6, home, "pick another first key if this ever fails");
         let bucket = map.get(&over6, 0).expect("bucket");
-        let free = bucket.ways.iter().filter(|e| e.key.family == 0).count();
+        let free = bucket.ways.iter().filter(|w| w.is_free()).count();
         let locals = homed_at(over6, free, &same);
         for (i, k) in locals.iter().enumerate() {
             let e = entry(*k, 10 + i as u32, 41, FLOW_F_CONFIRMED);
@@ -593,8 +762,40 @@ mod tests {
         assert!(
             text.contains("L3LB_FLOWS")
                 && text.contains("8-byte values")
-                && text.contains("256-byte"),
+                && text.contains("64-byte values created with BPF_F_MMAPABLE, 5 per bucket"),
             "{text}"
         );
+        // The right values but not a whole table: 3 buckets' worth is no power of two.
+        let Ok(map) = Array::<MapData, FlowBucket>::create(15, BPF_F_MMAPABLE) else {
+            return;
+        };
+        let err = FlowTable::from_map_data(aya::maps::IterableMap::map(&map), "odd")
+            .expect_err("15 values is no table");
+        assert!(err.to_string().contains("15 entries"), "{err}");
+    }
+
+    #[test]
+    fn a_table_of_whole_entries_from_an_earlier_build_is_read_for_conversion() {
+        let Ok(mut map) = Array::<MapData, WideFlowBucket>::create(8192, BPF_F_MMAPABLE) else {
+            return;
+        };
+        let mut b = WideFlowBucket::default();
+        b.ways[1] = entry(key(1, 1), 3, 9, FLOW_F_CONFIRMED);
+        b.ways[3] = entry(key(2, 2), 4, 8, 0);
+        map.set(7, b, 0).expect("set");
+        let mut c = WideFlowBucket::default();
+        c.ways[0] = entry(key(3, 3), 5, 7, 0);
+        map.set(4100, c, 0).expect("set");
+        let data = aya::maps::IterableMap::map(&map);
+        let mut got = wide_table_entries(data, "old").expect("read");
+        got.sort_by_key(|e| e.state.backend);
+        assert_eq!(got, vec![b.ways[1], b.ways[3], c.ways[0]]);
+        assert!(
+            FlowTable::from_map_data(data, "old").is_err(),
+            "not this build's layout"
+        );
+        // And this build's table is not taken for an earlier one.
+        let Some((new, _)) = table(256) else { return };
+        assert!(wide_table_entries(aya::maps::IterableMap::map(&new), "new").is_err());
     }
 }

@@ -102,8 +102,8 @@ pub enum Carry {
     Reuse(PathBuf),
     /// Same key and value, other size or flags: a new map, filled from the pinned one.
     Migrate(PathBuf),
-    /// The previous release's connection table (`LEGACY_FLOWS`): a new table, filled
-    /// with its entries.
+    /// A connection table of an earlier layout (the LRU hash `LEGACY_FLOWS`, or buckets
+    /// of whole entries, `Shape::is_wide_flows`): a new table, filled with its entries.
     Convert(PathBuf),
 }
 
@@ -117,6 +117,9 @@ pub const LEGACY_FLOWS: Shape = Shape {
     flags: 0,
 };
 
+/// `BPF_MAP_TYPE_ARRAY`.
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+
 /// `BPF_MAP_TYPE_LRU_HASH`.
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
@@ -126,6 +129,14 @@ impl Shape {
         self.map_type == LEGACY_FLOWS.map_type
             && self.key_size == LEGACY_FLOWS.key_size
             && self.value_size == LEGACY_FLOWS.value_size
+    }
+
+    /// Whether this is the connection table of the builds before tagged ways: an array of
+    /// 256-byte buckets of whole entries (`lb_common::WideFlowBucket`), any size.
+    pub fn is_wide_flows(&self) -> bool {
+        self.map_type == BPF_MAP_TYPE_ARRAY
+            && self.key_size == 4
+            && self.value_size as usize == size_of::<lb_common::WideFlowBucket>()
     }
 }
 
@@ -170,7 +181,7 @@ pub fn max_entries_overrides(opts: &LoadOptions) -> Vec<(&'static str, u32)> {
         (map_names::BACKENDS, opts.max_backends),
         (
             map_names::FLOWS,
-            lb_common::flow_buckets(opts.conntrack_size),
+            lb_common::flow_table_values(lb_common::flow_buckets(opts.conntrack_size)),
         ),
         (map_names::SERVICE_STATS, opts.max_services),
         (map_names::BACKEND_STATS, opts.max_backends),
@@ -252,7 +263,8 @@ pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverEr
                 && found.value_size == want.value_size
             {
                 Carry::Migrate(path)
-            } else if name == map_names::FLOWS && found.is_legacy_flows() {
+            } else if name == map_names::FLOWS && (found.is_legacy_flows() || found.is_wide_flows())
+            {
                 Carry::Convert(path)
             } else {
                 return Err(HandoverError::Incompatible {

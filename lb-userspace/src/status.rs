@@ -102,8 +102,9 @@ impl Pins {
         }
     }
 
-    /// The pinned connection table (`L3LB_FLOWS`): this build's, or the previous
-    /// release's LRU hash while an agent of that release still runs on these pins.
+    /// The pinned connection table (`L3LB_FLOWS`): this build's, or an earlier build's
+    /// (the LRU hash, or buckets of whole entries) while an agent of that build still runs
+    /// on these pins.
     pub fn flow_table(&self) -> Result<PinnedFlows, ReadError> {
         let path = self.maps_dir.join(map_names::FLOWS);
         if !path.exists() {
@@ -114,6 +115,18 @@ impl Pins {
             return Ok(PinnedFlows::Legacy {
                 map: self.open(map_names::FLOWS)?,
                 capacity,
+            });
+        }
+        if crate::handover::pinned_shape(&path).is_ok_and(|s| s.is_wide_flows()) {
+            let capacity = self.capacity(map_names::FLOWS)?;
+            let data = MapData::from_pin(&path).map_err(|source| ReadError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            let entries = crate::flowtable::wide_table_entries(&data, &path.display().to_string())?;
+            return Ok(PinnedFlows::Wide {
+                entries,
+                capacity: capacity.saturating_mul(lb_common::FLOW_WAYS as u32),
             });
         }
         Ok(PinnedFlows::Table(FlowTable::from_pin(&path)?))
@@ -143,6 +156,13 @@ pub enum PinnedFlows {
         /// Its `max_entries`.
         capacity: u32,
     },
+    /// An earlier build's table of whole entries, read at once.
+    Wide {
+        /// Its live entries.
+        entries: Vec<lb_common::FlowEntry>,
+        /// Entries it holds when full.
+        capacity: u32,
+    },
 }
 
 impl PinnedFlows {
@@ -150,7 +170,7 @@ impl PinnedFlows {
     pub fn capacity(&self) -> u32 {
         match self {
             PinnedFlows::Table(t) => u32::try_from(t.capacity()).unwrap_or(u32::MAX),
-            PinnedFlows::Legacy { capacity, .. } => *capacity,
+            PinnedFlows::Legacy { capacity, .. } | PinnedFlows::Wide { capacity, .. } => *capacity,
         }
     }
 
@@ -158,6 +178,10 @@ impl PinnedFlows {
     pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &FlowState)) -> Result<(), ReadError> {
         match self {
             PinnedFlows::Table(t) => Ok(t.for_each(|l| f(&l.entry.key, &l.entry.state))?),
+            PinnedFlows::Wide { entries, .. } => {
+                entries.iter().for_each(|e| f(&e.key, &e.state));
+                Ok(())
+            }
             PinnedFlows::Legacy { map, capacity } => {
                 for key in map.keys().take(*capacity as usize) {
                     let key = key.map_err(read_err("the connection table's keys"))?;
@@ -419,6 +443,9 @@ fn per_cpu_sum(pins: &Pins, name: &str, len: u32) -> Result<Vec<u64>, ReadError>
 /// Counts the live entries of the connection table: one pass over its memory, so a table
 /// under a flood still takes a bounded time.
 pub fn count_flows(flows: &PinnedFlows) -> Result<u64, ReadError> {
+    if let PinnedFlows::Table(t) = flows {
+        return Ok(t.count()?);
+    }
     let mut n = 0u64;
     flows.for_each(|_, _| n += 1)?;
     Ok(n)

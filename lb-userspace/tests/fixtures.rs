@@ -569,9 +569,11 @@ fn a_resized_connection_table_is_migrated_entry_by_entry() {
     let pins = PinDir::new("resize");
     let path = pins.maps.join(map_names::FLOWS);
     // A table of this layout with 256 buckets (conntrack_size 1024)...
-    let small =
-        aya::maps::Array::<MapData, FlowBucket>::create(256, l3lb::flowtable::BPF_F_MMAPABLE)
-            .expect("create");
+    let small = aya::maps::Array::<MapData, FlowBucket>::create(
+        lb_common::flow_table_values(256),
+        l3lb::flowtable::BPF_F_MMAPABLE,
+    )
+    .expect("create");
     let small_table = l3lb::flowtable::FlowTable::from_map_data(
         aya::maps::IterableMap::map(&small),
         "the small table",
@@ -666,6 +668,77 @@ fn a_resized_connection_table_is_migrated_entry_by_entry() {
             "looked up through the pin with the seed beside it"
         );
     }
+}
+
+#[test]
+fn a_table_of_whole_entries_from_an_earlier_build_is_converted() {
+    use lb_common::{FlowEntry, WideFlowBucket};
+
+    let pins = PinDir::new("wide");
+    let path = pins.maps.join(map_names::FLOWS);
+    // The table of the builds before tagged ways: 256-byte buckets of four whole
+    // entries, as an agent of such a build left it pinned (with its own seed, which the
+    // conversion does not need: every entry carries its key).
+    let mut old =
+        aya::maps::Array::<MapData, WideFlowBucket>::create(256, l3lb::flowtable::BPF_F_MMAPABLE)
+            .expect("create");
+    aya::maps::IterableMap::map(&old).pin(&path).expect("pin");
+    let options = opts(false);
+    let plan = l3lb::handover::plan(&pins.maps, &options).expect("plan");
+    assert_eq!(
+        plan.get(map_names::FLOWS),
+        &l3lb::handover::Carry::Convert(path.clone()),
+        "the earlier layout is converted, not refused"
+    );
+    let mut f = carrying(&options, &plan);
+    f.dp.resume_epoch(300).expect("epoch");
+    let service = f.dp.service_id("multi").expect("multi");
+    let flows = pinned_flows();
+    let entries: Vec<FlowEntry> = flows
+        .iter()
+        .enumerate()
+        .map(|(i, (port, b))| FlowEntry {
+            key: client_key(*port, 443),
+            state: lb_common::FlowState {
+                backend: f.dp.backend_id("multi", IpAddr::V4(*b)).expect("backend"),
+                service,
+                created_ns: 5000 + u64::from(*port),
+            },
+            seen: 290 + i as u32,
+            flags: if i % 2 == 0 {
+                lb_common::FLOW_F_CONFIRMED
+            } else {
+                0
+            },
+        })
+        .collect();
+    for (i, e) in entries.iter().enumerate() {
+        let mut b = WideFlowBucket::default();
+        b.ways[i % 4] = *e;
+        old.set(17 * i as u32, b, 0).expect("old bucket");
+    }
+    // A newer `l3lb status` or `l3lb flows` still reads the old table meanwhile.
+    let pinned = l3lb::status::Pins::new(&pins.dir)
+        .flow_table()
+        .expect("the old table, read");
+    assert!(matches!(pinned, l3lb::status::PinnedFlows::Wide { .. }));
+    assert_eq!(pinned.capacity(), 1024);
+    assert_eq!(
+        l3lb::status::count_flows(&pinned).expect("count"),
+        flows.len() as u64
+    );
+    let migrated = f.dp.migrate(&plan).expect("migrate");
+    assert_eq!(migrated, vec![(map_names::FLOWS, flows.len())]);
+    let table = f.dp.flow_table().expect("table");
+    for e in &entries {
+        assert_eq!(
+            table.get(&e.key).expect("lookup"),
+            Some(*e),
+            "converted with its backend, service, creation time, age and flags"
+        );
+    }
+    assert_forwarded(&f, &flows, "after the conversion");
+    assert_table_decided(&f, &flows);
 }
 
 /// The connection table's hash seed as the agent left it in the settings array.
