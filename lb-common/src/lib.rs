@@ -148,10 +148,11 @@ pub mod globals {
     pub const ENCAP_SRC_V6: &str = "ENCAP_SRC_V6";
     /// `u32`: non-zero when the decap role is on (IPIP from allowed sources is stripped).
     pub const DECAP_ENABLED: &str = "DECAP_ENABLED";
-    /// `u32`: slots per half of the VIP index (a power of two; `vip_index_slots`).
+    /// `u32`: probed slots per half of the VIP index (a power of two; `vip_index_slots`);
+    /// each half is `vip_index_half_len` slots with the address filter.
     pub const VIP_INDEX_SIZE: &str = "VIP_INDEX_SIZE";
-    /// `u32`: buckets of the connection table (a power of two; `flow_buckets`), the
-    /// length of `L3LB_FLOWS`.
+    /// `u32`: buckets of the connection table (a power of two; `flow_buckets`);
+    /// `L3LB_FLOWS` holds `flow_table_values` of that many 64-byte values.
     pub const FLOW_BUCKETS: &str = "FLOW_BUCKETS";
     /// `u64`: the connection table's hash seed (`flow_buckets_of`), random per table.
     pub const FLOW_SEED: &str = "FLOW_SEED";
@@ -217,6 +218,37 @@ pub const fn vip_index_slots(max_services: u32) -> u32 {
         n *= 2;
     }
     n as u32
+}
+
+/// Slots of the address filter that follows the `slots` probed slots (a power of two, at
+/// least 64: `vip_index_slots`) in each half of the VIP index (`vip_filter_bit`): 32 bits
+/// per probed slot, so with the index at most a quarter full the filter is at most 1/64
+/// set.
+pub const fn vip_filter_slots(slots: u32) -> u32 {
+    slots / 8
+}
+
+/// Slots in each half of the VIP index: `slots` probed slots, then the address filter.
+pub const fn vip_index_half_len(slots: u32) -> u32 {
+    slots + vip_filter_slots(slots)
+}
+
+/// The bit of the address filter that stands for `addr` (its four words in memory order;
+/// an IPv4 address in the first, as in `VipKey`) of `family`, in a VIP index of `slots`
+/// probed slots: bit `b` is bit `b % 32` of word `(b / 32) % 8` of filter slot `b / 256`.
+///
+/// The agent sets the bit of every address in the index; the XDP program finds the bit
+/// clear for nearly every packet to another address and passes it before parsing its
+/// upper-layer header or searching the index.
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u32; 4], family: u8, slots: u32) -> u32 {
+    let h = addr[0].wrapping_mul(0x9e37_79b1)
+        ^ addr[1].wrapping_mul(0x85eb_ca77)
+        ^ addr[2].wrapping_mul(0xc2b2_ae3d)
+        ^ addr[3].wrapping_mul(0x27d4_eb2f)
+        ^ (family as u32).wrapping_mul(0x1656_67b1);
+    let h = (h ^ (h >> 15)).wrapping_mul(0x2c1b_3c6d);
+    (h ^ (h >> 12)) & (vip_filter_slots(slots) * 256).wrapping_sub(1)
 }
 
 /// The home slot hash of a VIP key (its five words in memory order), shared by the agent,

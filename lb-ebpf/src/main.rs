@@ -116,6 +116,39 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     unpack(packed)
 }
 
+/// Whether the IPv4 packet at `l3_off` may be for a VIP: false when its destination
+/// address is in the frame and its bit in the VIP index's address filter is clear. Such
+/// traffic (to the node itself, to anything routed through it) goes to the stack at the
+/// cost of one read and bit test, before any header is validated: like every packet not
+/// for a VIP, it is the kernel's to judge, malformed or not.
+#[inline(always)]
+fn may_be_for_a_vip_v4(ctx: &XdpContext, l3_off: usize) -> bool {
+    let Ok(p) = ptr_at::<[u8; 4]>(ctx, l3_off + 16) else {
+        return true;
+    };
+    vip_address_maybe(u32::from_ne_bytes(unsafe { *p }), 0, 0, 0, FAMILY_V4)
+}
+
+/// `may_be_for_a_vip_v4` for IPv6.
+#[inline(always)]
+fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> bool {
+    let Ok(p) = ptr_at::<[u32; 4]>(ctx, l3_off + 24) else {
+        return true;
+    };
+    let p = p as *const u32;
+    // SAFETY: four u32 reads within the bounds `ptr_at` checked, unaligned (the address
+    // sits 2 bytes past a 4-byte boundary behind a 14-byte Ethernet header).
+    let (a, b, c, d) = unsafe {
+        (
+            p.read_unaligned(),
+            p.add(1).read_unaligned(),
+            p.add(2).read_unaligned(),
+            p.add(3).read_unaligned(),
+        )
+    };
+    vip_address_maybe(a, b, c, d, FAMILY_V6)
+}
+
 /// What the pipeline decided: a verdict, or (IPv6) a backend to transmit to, which the
 /// entry point does in a subprogram of its own so the two frames never stack up.
 ///
@@ -191,6 +224,11 @@ fn unpack(v: u64) -> Result<(u32, Action), DropReason> {
 
 #[inline(never)]
 fn ipv4_path(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
+    // Traffic to an address the VIP index does not hold is not ours: passed before any
+    // header is parsed (see `may_be_for_a_vip_v4`).
+    if !may_be_for_a_vip_v4(&ctx, l3_off) {
+        return pack(Ok(PASS.into()));
+    }
     let l2 = eth::L2 {
         ether_type: eth::ETH_P_IP,
         l3_off,
@@ -201,6 +239,9 @@ fn ipv4_path(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
 
 #[inline(never)]
 fn ipv6_path(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
+    if !may_be_for_a_vip_v6(&ctx, l3_off) {
+        return pack(Ok(PASS.into()));
+    }
     let l2 = eth::L2 {
         ether_type: eth::ETH_P_IPV6,
         l3_off,
@@ -305,11 +346,30 @@ fn vip_index_half() -> Option<(u32, u32, u32)> {
         .copied()
         .unwrap_or(0);
     let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
-        size
+        lb_common::vip_index_half_len(size)
     } else {
         0
     };
     Some((size, settings, base))
+}
+
+/// Whether the address `a0..a3` (its words in memory order; of `family`) may be in the VIP
+/// index: false when its bit of the active
+/// half's address filter is clear (then no VIP, marker or decap entry has this address),
+/// and when the index does not exist yet.
+#[inline(always)]
+fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32, family: u8) -> bool {
+    let Some((size, _, base)) = vip_index_half() else {
+        return false;
+    };
+    let bit = lb_common::vip_filter_bit(&[a0, a1, a2, a3], family, size);
+    let Some(slot) = VIP_INDEX.get(base + size + (bit >> 8)) else {
+        return true;
+    };
+    let words = slot as *const VipSlot as *const u32;
+    // SAFETY: a VipSlot is eight u32 words; the index is below 8.
+    let word = unsafe { *words.add(((bit >> 5) & 7) as usize) };
+    word & (1 << (bit & 31)) != 0
 }
 
 /// Searches the active half of the VIP index for the key with words `w0..w4`, then (if
@@ -414,7 +474,7 @@ fn decap_check(src_lo: u64, src_hi: u64, dst_lo: u64, dst_hi: u64, family: u8) -
     let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
     if settings & SETTINGS_F_DECAP_INDEX != 0 && size != 0 {
         let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
-            size
+            lb_common::vip_index_half_len(size)
         } else {
             0
         };

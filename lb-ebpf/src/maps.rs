@@ -16,9 +16,10 @@ use lb_common::{
 #[map(name = "L3LB_VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(1, 0);
 
-/// Two halves of `VIP_INDEX_SIZE` slots, the active one chosen by
-/// `SETTINGS_F_VIP_INDEX_B`: the VIP entries as an open-addressing table this program
-/// searches with inlined array reads; written by the agent (size: load time).
+/// Two halves of `vip_index_half_len(VIP_INDEX_SIZE)` slots, the active one chosen by
+/// `SETTINGS_F_VIP_INDEX_B`: the VIP entries as an open-addressing table of
+/// `VIP_INDEX_SIZE` slots this program searches with inlined array reads, then the
+/// address filter (`vip_filter_bit`); written by the agent (size: load time).
 ///
 /// Memory-mappable, so the agent writes a whole half with a copy.
 #[map(name = "L3LB_VIP_INDEX")]

@@ -504,8 +504,10 @@ fn slots_digest(slots: &[VipSlot]) -> u64 {
     h.finish()
 }
 
-/// Places VIP entries into one half of the VIP index (`slots` slots, a power of two) by
-/// linear probing from `vip_index_hash`, as the data plane searches it.
+/// Places VIP entries into one half of the VIP index (`slots` probed slots, a power of
+/// two) by linear probing from `vip_index_hash`, as the data plane searches it, and sets
+/// each entry's address in the address filter after them (`vip_filter_bit`): the image is
+/// `vip_index_half_len(slots)` slots.
 ///
 /// Fails when the entries exceed half the slots or some key would sit more than
 /// `VIP_INDEX_PROBES − 1` slots from its home (the data plane would not find it).
@@ -519,12 +521,22 @@ pub fn build_vip_index<'a>(
         knob: "raise max_services in the config (the index holds up to 8 VIP entries per service)",
     };
     let mut table = vec![VipSlot::default(); slots as usize];
+    let mut filter = vec![[0u32; 8]; lb_common::vip_filter_slots(slots) as usize];
     let mask = slots.wrapping_sub(1);
     let mut used = 0u32;
     for (key, info) in entries {
         used += 1;
         if used > slots / 2 {
             return Err(full());
+        }
+        // VIPs and their addresses' markers: what the IPv4 and IPv6 paths look up. The
+        // node's own addresses and decap sources are looked up by the decap role only,
+        // which does not ask the filter; left out, so traffic to the node itself is
+        // passed early too.
+        if key.family & (lb_common::VIP_INDEX_LOCAL | lb_common::VIP_INDEX_DECAP) == 0 {
+            let w = key.words();
+            let bit = lb_common::vip_filter_bit(&[w[0], w[1], w[2], w[3]], key.family, slots);
+            filter[(bit >> 8) as usize][((bit >> 5) & 7) as usize] |= 1 << (bit & 31);
         }
         let home = lb_common::vip_index_hash(&key.words());
         let free = (0..lb_common::VIP_INDEX_PROBES)
@@ -538,6 +550,13 @@ pub fn build_vip_index<'a>(
             ring: info.ring,
         };
     }
+    // SAFETY: a VipSlot is 32 bytes of integers without padding, as [u32; 8] is; the
+    // data plane reads filter slots as eight words.
+    table.extend(
+        filter
+            .into_iter()
+            .map(|words| unsafe { std::mem::transmute::<[u32; 8], VipSlot>(words) }),
+    );
     Ok(table)
 }
 
@@ -806,7 +825,8 @@ impl Dataplane {
         let vip_index = MmapArray::new(
             ebpf.map(map_names::VIP_INDEX)
                 .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::VIP_INDEX)))?,
-            2 * lb_common::vip_index_slots(opts.max_services) as usize,
+            2 * lb_common::vip_index_half_len(lb_common::vip_index_slots(opts.max_services))
+                as usize,
             size_of::<VipSlot>(),
             "the VIP index",
         )?;
@@ -1811,7 +1831,9 @@ impl Dataplane {
         let digest = slots_digest(&image);
         let index_changed = self.vip_index_digest != Some(digest);
         if index_changed {
-            let half = lb_common::vip_index_slots(self.opts.max_services) as usize;
+            let half =
+                lb_common::vip_index_half_len(lb_common::vip_index_slots(self.opts.max_services))
+                    as usize;
             let idle = if self.vip_index_b { 0 } else { half };
             self.vip_index.write(idle, &image)?;
         }
@@ -2085,9 +2107,16 @@ impl Dataplane {
 mod vip_index_tests {
     use super::*;
 
+    /// Probed slots of a half-index image (`vip_index_half_len(slots)` long).
+    fn probed(table: &[VipSlot]) -> u32 {
+        let slots = (table.len() as u32 * 8 / 9).next_power_of_two();
+        assert_eq!(lb_common::vip_index_half_len(slots) as usize, table.len());
+        slots
+    }
+
     /// The data plane's search, as `vip_index_search` in the XDP program does it.
     fn search(table: &[VipSlot], key: &VipKey) -> Option<VipSlot> {
-        let mask = table.len() as u32 - 1;
+        let mask = probed(table) - 1;
         let home = lb_common::vip_index_hash(&key.words());
         for i in 0..lb_common::VIP_INDEX_PROBES {
             let slot = table[(home.wrapping_add(i) & mask) as usize];
@@ -2133,9 +2162,25 @@ mod vip_index_tests {
                 (slot.service, slot.flags, slot.ring),
                 (v.service, v.flags, v.ring)
             );
+            assert!(may_hold(&table, k), "the filter lets {k:?} through");
         }
         assert_eq!(search(&table, &key(10_001, 80)), None);
         assert_eq!(search(&table, &key(5, 81)), None);
+        // 10 000 addresses in 8 Mi bits: about 1 in 800 other addresses gets through.
+        let through = (20_000..120_000u32)
+            .filter(|i| may_hold(&table, &key(*i, 80)))
+            .count();
+        assert!(through < 500, "{through} of 100 000 other addresses");
+    }
+
+    /// The data plane's filter test (`vip_address_maybe`) on a half-index image.
+    fn may_hold(table: &[VipSlot], key: &VipKey) -> bool {
+        let slots = probed(table);
+        let w = key.words();
+        let bit = lb_common::vip_filter_bit(&[w[0], w[1], w[2], w[3]], key.family, slots);
+        // SAFETY: a VipSlot is eight u32 words.
+        let words: [u32; 8] = unsafe { std::mem::transmute(table[(slots + (bit >> 8)) as usize]) };
+        words[((bit >> 5) & 7) as usize] & (1 << (bit & 31)) != 0
     }
 
     #[test]
@@ -2207,6 +2252,15 @@ mod vip_index_tests {
         .expect("fits");
         assert_eq!(search(&table, &vip).map(|s| s.service), Some(7));
         assert_eq!(search(&table, &keys[0]).map(|s| s.service), Some(0));
+        // The filter holds the VIP's address, not the decap source's: the IPv4 and IPv6
+        // paths pass traffic to it early (the decap role searches the index itself).
+        assert!(may_hold(&table, &vip));
+        let as_vip = |k: &VipKey| VipKey {
+            family: k.family & 0x0f,
+            ..*k
+        };
+        assert!(!may_hold(&table, &as_vip(&keys[1])), "decap source");
+        assert!(!may_hold(&table, &as_vip(&keys[2])), "IPv6 decap source");
         let hosts_only = Desired {
             decap_v4: vec![(balancer, 32)],
             ..Default::default()

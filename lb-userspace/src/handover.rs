@@ -176,7 +176,8 @@ pub fn max_entries_overrides(opts: &LoadOptions) -> Vec<(&'static str, u32)> {
         (map_names::RINGS, rings),
         (
             map_names::VIP_INDEX,
-            lb_common::vip_index_slots(opts.max_services).saturating_mul(2),
+            lb_common::vip_index_half_len(lb_common::vip_index_slots(opts.max_services))
+                .saturating_mul(2),
         ),
         (map_names::BACKENDS, opts.max_backends),
         (

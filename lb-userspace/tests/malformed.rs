@@ -508,6 +508,39 @@ fn header_cases(m: &mut Matrix) {
             DropReason::BadIpHeader,
         );
     }
+    // The same header damage to an address that is no VIP's goes to the stack untouched:
+    // its bit in the VIP index's address filter is clear, so nothing past the destination
+    // address is read (the kernel judges the header as it does for all its traffic).
+    let other = ipv4(
+        CLIENT,
+        Ipv4Addr::new(198, 51, 100, 9),
+        PROTO_TCP,
+        &[],
+        &tcp(40000, 80, SYN, b"hello"),
+        true,
+    );
+    let edit_other = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut ip = other.clone();
+        f(&mut ip);
+        refresh_v4_checksum(&mut ip);
+        v4_frame(&[], &ip)
+    };
+    m.passes(
+        "IPv4 IHL 3, to a non-VIP address",
+        edit_other(&|ip| ip[0] = 0x43),
+    );
+    m.passes(
+        "IPv4 EtherType, IP version 6, to a non-VIP address",
+        edit_other(&|ip| ip[0] = 0x65),
+    );
+    m.passes(
+        "IPv4 total length 1500 beyond the packet, to a non-VIP address",
+        edit_other(&|ip| ip[2..4].copy_from_slice(&1500u16.to_be_bytes())),
+    );
+    m.passes(
+        "IPv4 cut after the addresses, to a non-VIP address",
+        v4_frame(&[], &other)[..14 + 20].to_vec(),
+    );
     // A total length shorter than the frame is the normal shape of a padded minimum-size
     // frame: forwarded with its padding, which the receiver trims by the length field.
     let padded = {
@@ -600,6 +633,19 @@ fn ipv6_cases(m: &mut Matrix) {
         "IPv6 EtherType, IP version 4",
         v6_frame(&v4),
         DropReason::BadIpHeader,
+    );
+    // To an address that is no VIP's: the stack's to judge.
+    let mut other = ipv6(CLIENT6, OTHER6, PROTO_TCP, &tcp(40000, 80, SYN, b"hello"));
+    let plen = other.len() as u16 - 39;
+    other[4..6].copy_from_slice(&plen.to_be_bytes());
+    m.passes(
+        "IPv6 payload length one beyond the frame, to a non-VIP address",
+        v6_frame(&other),
+    );
+    other[0] = 0x40;
+    m.passes(
+        "IPv6 EtherType, IP version 4, to a non-VIP address",
+        v6_frame(&other),
     );
 
     // Extension chains: every kind the walk knows, up to its bound of six.
