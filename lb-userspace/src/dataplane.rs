@@ -520,8 +520,9 @@ pub fn build_vip_index<'a>(
         max: slots / 2,
         knob: "raise max_services in the config (the index holds up to 8 VIP entries per service)",
     };
-    let mut table = vec![VipSlot::default(); slots as usize];
-    let mut filter = vec![[0u32; 8]; lb_common::vip_filter_slots(slots) as usize];
+    // One allocation of the whole half: the agent holding 10 000 services keeps its
+    // resident memory to the image it writes.
+    let mut table = vec![VipSlot::default(); lb_common::vip_index_half_len(slots) as usize];
     let mask = slots.wrapping_sub(1);
     let mut used = 0u32;
     for (key, info) in entries {
@@ -536,7 +537,12 @@ pub fn build_vip_index<'a>(
         if key.family & (lb_common::VIP_INDEX_LOCAL | lb_common::VIP_INDEX_DECAP) == 0 {
             let w = key.words();
             let bit = lb_common::vip_filter_bit(&[w[0], w[1], w[2], w[3]], key.family, slots);
-            filter[(bit >> 8) as usize][((bit >> 5) & 7) as usize] |= 1 << (bit & 31);
+            let slot = &mut table[(slots + (bit >> 8)) as usize];
+            // SAFETY: a VipSlot is 32 bytes of integers without padding, as [u32; 8] is;
+            // the data plane reads filter slots as eight words.
+            let mut words: [u32; 8] = unsafe { std::mem::transmute(*slot) };
+            words[((bit >> 5) & 7) as usize] |= 1 << (bit & 31);
+            *slot = unsafe { std::mem::transmute::<[u32; 8], VipSlot>(words) };
         }
         let home = lb_common::vip_index_hash(&key.words());
         let free = (0..lb_common::VIP_INDEX_PROBES)
@@ -550,13 +556,6 @@ pub fn build_vip_index<'a>(
             ring: info.ring,
         };
     }
-    // SAFETY: a VipSlot is 32 bytes of integers without padding, as [u32; 8] is; the
-    // data plane reads filter slots as eight words.
-    table.extend(
-        filter
-            .into_iter()
-            .map(|words| unsafe { std::mem::transmute::<[u32; 8], VipSlot>(words) }),
-    );
     Ok(table)
 }
 
