@@ -148,8 +148,7 @@ pub mod globals {
     pub const ENCAP_SRC_V6: &str = "ENCAP_SRC_V6";
     /// `u32`: non-zero when the decap role is on (IPIP from allowed sources is stripped).
     pub const DECAP_ENABLED: &str = "DECAP_ENABLED";
-    /// `u32`: probed slots per half of the VIP index (a power of two; `vip_index_slots`);
-    /// each half is `vip_index_half_len` slots with the address filter.
+    /// `u32`: slots per half of the VIP index (a power of two; `vip_index_slots`).
     pub const VIP_INDEX_SIZE: &str = "VIP_INDEX_SIZE";
     /// `u32`: buckets of the connection table (a power of two; `flow_buckets`);
     /// `L3LB_FLOWS` holds `flow_table_values` of that many 64-byte values.
@@ -220,22 +219,28 @@ pub const fn vip_index_slots(max_services: u32) -> u32 {
     n as u32
 }
 
-/// Slots of the address filter that follows the `slots` probed slots (a power of two, at
-/// least 64: `vip_index_slots`) in each half of the VIP index (`vip_filter_bit`): 32 bits
-/// per probed slot, so with the index at most a quarter full the filter is at most 1/64
-/// set.
-pub const fn vip_filter_slots(slots: u32) -> u32 {
-    slots / 8
+/// Index of the settings array where the VIP address filter starts: two halves of
+/// `vip_filter_words` words, the active one chosen with the VIP index's
+/// (`SETTINGS_F_VIP_INDEX_B`). Beside the flags every VIP packet reads anyway, so the
+/// filter costs that packet no page of its own.
+pub const SETTINGS_FILTER: u32 = 16;
+
+/// Words (32 bits each) of one half of the VIP address filter for a VIP index of `slots`
+/// slots (`vip_index_slots`): one bit per slot, at least 2048 bits. The index holds at
+/// most 16 slots per service, so the filter is at most about 1/16 set at `max_services`.
+pub const fn vip_filter_words(slots: u32) -> u32 {
+    if slots / 32 < 64 { 64 } else { slots / 32 }
 }
 
-/// Slots in each half of the VIP index: `slots` probed slots, then the address filter.
-pub const fn vip_index_half_len(slots: u32) -> u32 {
-    slots + vip_filter_slots(slots)
+/// Entries of the settings array for a VIP index of `slots` slots: the settings, then
+/// both halves of the address filter.
+pub const fn settings_len(slots: u32) -> u32 {
+    SETTINGS_FILTER + 2 * vip_filter_words(slots)
 }
 
 /// The bit of the address filter that stands for `addr` (its four words in memory order;
-/// an IPv4 address in the first, as in `VipKey`) of `family`, in a VIP index of `slots`
-/// probed slots: bit `b` is bit `b % 32` of word `(b / 32) % 8` of filter slot `b / 256`.
+/// an IPv4 address in the first, as in `VipKey`) of `family`, for a VIP index of `slots`
+/// slots: bit `b` is bit `b % 32` of word `b / 32` of the filter half.
 ///
 /// The agent sets the bit of every address in the index; the XDP program finds the bit
 /// clear for nearly every packet to another address and passes it before parsing its
@@ -248,7 +253,7 @@ pub fn vip_filter_bit(addr: &[u32; 4], family: u8, slots: u32) -> u32 {
         ^ addr[3].wrapping_mul(0x27d4_eb2f)
         ^ (family as u32).wrapping_mul(0x1656_67b1);
     let h = (h ^ (h >> 15)).wrapping_mul(0x2c1b_3c6d);
-    (h ^ (h >> 12)) & (vip_filter_slots(slots) * 256).wrapping_sub(1)
+    (h ^ (h >> 12)) & (vip_filter_words(slots) * 32).wrapping_sub(1)
 }
 
 /// The home slot hash of a VIP key (its five words in memory order), shared by the agent,

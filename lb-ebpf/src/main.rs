@@ -346,30 +346,38 @@ fn vip_index_half() -> Option<(u32, u32, u32)> {
         .copied()
         .unwrap_or(0);
     let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
-        lb_common::vip_index_half_len(size)
+        size
     } else {
         0
     };
     Some((size, settings, base))
 }
 
-/// Whether the address `a0..a3` (its words in memory order; of `family`) may be in the VIP
-/// index: false when its bit of the active
-/// half's address filter is clear (then no VIP, marker or decap entry has this address),
+/// Whether the address `a0..a3` (its words in memory order; of `family`) may be in the
+/// VIP index: false when its bit in the active half of the address filter (in the
+/// settings array, `SETTINGS_FILTER`) is clear — then no VIP or marker has this address —
 /// and when the index does not exist yet.
 #[inline(always)]
 fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32, family: u8) -> bool {
-    let Some((size, _, base)) = vip_index_half() else {
+    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
+    if size == 0 {
         return false;
+    }
+    let settings = SETTINGS
+        .get(lb_common::SETTINGS_FLAGS)
+        .copied()
+        .unwrap_or(0);
+    let words = lb_common::vip_filter_words(size);
+    let half = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
+        words
+    } else {
+        0
     };
     let bit = lb_common::vip_filter_bit(&[a0, a1, a2, a3], family, size);
-    let Some(slot) = VIP_INDEX.get(base + size + (bit >> 8)) else {
-        return true;
-    };
-    let words = slot as *const VipSlot as *const u32;
-    // SAFETY: a VipSlot is eight u32 words; the index is below 8.
-    let word = unsafe { *words.add(((bit >> 5) & 7) as usize) };
-    word & (1 << (bit & 31)) != 0
+    match SETTINGS.get(lb_common::SETTINGS_FILTER + half + (bit >> 5)) {
+        Some(w) => *w & (1 << (bit & 31)) != 0,
+        None => true,
+    }
 }
 
 /// Searches the active half of the VIP index for the key with words `w0..w4`, then (if
@@ -474,7 +482,7 @@ fn decap_check(src_lo: u64, src_hi: u64, dst_lo: u64, dst_hi: u64, family: u8) -
     let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
     if settings & SETTINGS_F_DECAP_INDEX != 0 && size != 0 {
         let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
-            lb_common::vip_index_half_len(size)
+            size
         } else {
             0
         };

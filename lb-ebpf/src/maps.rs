@@ -16,10 +16,9 @@ use lb_common::{
 #[map(name = "L3LB_VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(1, 0);
 
-/// Two halves of `vip_index_half_len(VIP_INDEX_SIZE)` slots, the active one chosen by
-/// `SETTINGS_F_VIP_INDEX_B`: the VIP entries as an open-addressing table of
-/// `VIP_INDEX_SIZE` slots this program searches with inlined array reads, then the
-/// address filter (`vip_filter_bit`); written by the agent (size: load time).
+/// Two halves of `VIP_INDEX_SIZE` slots, the active one chosen by
+/// `SETTINGS_F_VIP_INDEX_B`: the VIP entries as an open-addressing table this program
+/// searches with inlined array reads; written by the agent (size: load time).
 ///
 /// Memory-mappable, so the agent writes a whole half with a copy.
 #[map(name = "L3LB_VIP_INDEX")]
@@ -151,10 +150,12 @@ pub struct CachedHop {
 pub static NEXTHOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(1, 0);
 
 /// Index 0 → `SETTINGS_F_*` bits, index 1 → next-hop epoch, 2 and 3 → the connection
-/// table's hash seed (kept for the next agent; this program has it as `FLOW_SEED`);
-/// written by the agent.
+/// table's hash seed (kept for the next agent; this program has it as `FLOW_SEED`), from
+/// `SETTINGS_FILTER` on → the two halves of the VIP address filter (`vip_filter_bit`);
+/// written by the agent (size: load time, `settings_len`). Memory-mappable, so the agent
+/// writes a filter half with a copy.
 #[map(name = "L3LB_SETTINGS")]
-pub static SETTINGS: Array<u32> = Array::with_max_entries(4, 0);
+pub static SETTINGS: Array<u32> = Array::with_max_entries(4, BPF_F_MMAPABLE);
 
 /// Service id → `ServiceMeta` (name); written by the agent for `l3lb status`, never read
 /// by this program (size: load time).

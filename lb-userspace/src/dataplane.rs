@@ -504,10 +504,8 @@ fn slots_digest(slots: &[VipSlot]) -> u64 {
     h.finish()
 }
 
-/// Places VIP entries into one half of the VIP index (`slots` probed slots, a power of
-/// two) by linear probing from `vip_index_hash`, as the data plane searches it, and sets
-/// each entry's address in the address filter after them (`vip_filter_bit`): the image is
-/// `vip_index_half_len(slots)` slots.
+/// Places VIP entries into one half of the VIP index (`slots` slots, a power of two) by
+/// linear probing from `vip_index_hash`, as the data plane searches it.
 ///
 /// Fails when the entries exceed half the slots or some key would sit more than
 /// `VIP_INDEX_PROBES − 1` slots from its home (the data plane would not find it).
@@ -520,29 +518,13 @@ pub fn build_vip_index<'a>(
         max: slots / 2,
         knob: "raise max_services in the config (the index holds up to 8 VIP entries per service)",
     };
-    // One allocation of the whole half: the agent holding 10 000 services keeps its
-    // resident memory to the image it writes.
-    let mut table = vec![VipSlot::default(); lb_common::vip_index_half_len(slots) as usize];
+    let mut table = vec![VipSlot::default(); slots as usize];
     let mask = slots.wrapping_sub(1);
     let mut used = 0u32;
     for (key, info) in entries {
         used += 1;
         if used > slots / 2 {
             return Err(full());
-        }
-        // VIPs and their addresses' markers: what the IPv4 and IPv6 paths look up. The
-        // node's own addresses and decap sources are looked up by the decap role only,
-        // which does not ask the filter; left out, so traffic to the node itself is
-        // passed early too.
-        if key.family & (lb_common::VIP_INDEX_LOCAL | lb_common::VIP_INDEX_DECAP) == 0 {
-            let w = key.words();
-            let bit = lb_common::vip_filter_bit(&[w[0], w[1], w[2], w[3]], key.family, slots);
-            let slot = &mut table[(slots + (bit >> 8)) as usize];
-            // SAFETY: a VipSlot is 32 bytes of integers without padding, as [u32; 8] is;
-            // the data plane reads filter slots as eight words.
-            let mut words: [u32; 8] = unsafe { std::mem::transmute(*slot) };
-            words[((bit >> 5) & 7) as usize] |= 1 << (bit & 31);
-            *slot = unsafe { std::mem::transmute::<[u32; 8], VipSlot>(words) };
         }
         let home = lb_common::vip_index_hash(&key.words());
         let free = (0..lb_common::VIP_INDEX_PROBES)
@@ -557,6 +539,23 @@ pub fn build_vip_index<'a>(
         };
     }
     Ok(table)
+}
+
+/// One half of the VIP address filter (`vip_filter_words(slots)` words) for the VIP index
+/// entries `keys`: the bit `vip_filter_bit` names is set for the address of every VIP and
+/// marker. The node's own addresses and decap sources are left out: the decap role looks
+/// them up itself, before the filter is asked, so traffic to the node passes early too.
+pub fn build_vip_filter<'a>(keys: impl IntoIterator<Item = &'a VipKey>, slots: u32) -> Vec<u32> {
+    let mut words = vec![0u32; lb_common::vip_filter_words(slots) as usize];
+    for key in keys {
+        if key.family & (lb_common::VIP_INDEX_LOCAL | lb_common::VIP_INDEX_DECAP) != 0 {
+            continue;
+        }
+        let w = key.words();
+        let bit = lb_common::vip_filter_bit(&[w[0], w[1], w[2], w[3]], key.family, slots);
+        words[(bit >> 5) as usize] |= 1 << (bit & 31);
+    }
+    words
 }
 
 /// How [`Dataplane::attach_pinned`] put the program on the interface.
@@ -592,6 +591,8 @@ pub struct Dataplane {
     rings: MmapArray,
     /// The VIP index (both halves) and the half the data plane reads.
     vip_index: MmapArray,
+    /// The settings array, for writing the VIP address filter.
+    settings_map: MmapArray,
     vip_index_b: bool,
     /// A digest of what the active half holds, so an apply that changes no VIP entry
     /// writes nothing (the table itself is not kept: megabytes at 10 000 services).
@@ -824,15 +825,22 @@ impl Dataplane {
         let vip_index = MmapArray::new(
             ebpf.map(map_names::VIP_INDEX)
                 .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::VIP_INDEX)))?,
-            2 * lb_common::vip_index_half_len(lb_common::vip_index_slots(opts.max_services))
-                as usize,
+            2 * lb_common::vip_index_slots(opts.max_services) as usize,
             size_of::<VipSlot>(),
             "the VIP index",
+        )?;
+        let settings = MmapArray::new(
+            ebpf.map(map_names::SETTINGS)
+                .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::SETTINGS)))?,
+            lb_common::settings_len(lb_common::vip_index_slots(opts.max_services)) as usize,
+            size_of::<u32>(),
+            "the settings array",
         )?;
         Ok(Self {
             ebpf,
             rings,
             vip_index,
+            settings_map: settings,
             vip_index_b: false,
             vip_index_digest: None,
             opts: opts.clone(),
@@ -1830,11 +1838,20 @@ impl Dataplane {
         let digest = slots_digest(&image);
         let index_changed = self.vip_index_digest != Some(digest);
         if index_changed {
-            let half =
-                lb_common::vip_index_half_len(lb_common::vip_index_slots(self.opts.max_services))
-                    as usize;
+            let slots = lb_common::vip_index_slots(self.opts.max_services);
+            let half = slots as usize;
             let idle = if self.vip_index_b { 0 } else { half };
             self.vip_index.write(idle, &image)?;
+            // The address filter of the same entries, into the idle half of the filter
+            // (switched with the index by the same flag).
+            let filter = build_vip_filter(
+                image.iter().map(|s| &s.key).filter(|k| k.family != 0),
+                slots,
+            );
+            let words = lb_common::vip_filter_words(slots) as usize;
+            let idle =
+                lb_common::SETTINGS_FILTER as usize + if self.vip_index_b { 0 } else { words };
+            self.settings_map.write(idle, &filter)?;
         }
         if index_changed || Some(flags) != self.settings_flags {
             let b = self.vip_index_b != index_changed;
@@ -2106,16 +2123,9 @@ impl Dataplane {
 mod vip_index_tests {
     use super::*;
 
-    /// Probed slots of a half-index image (`vip_index_half_len(slots)` long).
-    fn probed(table: &[VipSlot]) -> u32 {
-        let slots = (table.len() as u32 * 8 / 9).next_power_of_two();
-        assert_eq!(lb_common::vip_index_half_len(slots) as usize, table.len());
-        slots
-    }
-
     /// The data plane's search, as `vip_index_search` in the XDP program does it.
     fn search(table: &[VipSlot], key: &VipKey) -> Option<VipSlot> {
-        let mask = probed(table) - 1;
+        let mask = table.len() as u32 - 1;
         let home = lb_common::vip_index_hash(&key.words());
         for i in 0..lb_common::VIP_INDEX_PROBES {
             let slot = table[(home.wrapping_add(i) & mask) as usize];
@@ -2161,25 +2171,26 @@ mod vip_index_tests {
                 (slot.service, slot.flags, slot.ring),
                 (v.service, v.flags, v.ring)
             );
-            assert!(may_hold(&table, k), "the filter lets {k:?} through");
         }
         assert_eq!(search(&table, &key(10_001, 80)), None);
         assert_eq!(search(&table, &key(5, 81)), None);
-        // 10 000 addresses in 8 Mi bits: about 1 in 800 other addresses gets through.
+        let filter = build_vip_filter(entries.iter().map(|(k, _)| k), slots);
+        assert_eq!(filter.len() as u32, lb_common::vip_filter_words(slots));
+        for (k, _) in &entries {
+            assert!(may_hold(&filter, slots, k), "the filter lets {k:?} through");
+        }
+        // 10 000 addresses in 256 Ki bits: about 1 in 26 other addresses gets through.
         let through = (20_000..120_000u32)
-            .filter(|i| may_hold(&table, &key(*i, 80)))
+            .filter(|i| may_hold(&filter, slots, &key(*i, 80)))
             .count();
-        assert!(through < 500, "{through} of 100 000 other addresses");
+        assert!(through < 5_000, "{through} of 100 000 other addresses");
     }
 
-    /// The data plane's filter test (`vip_address_maybe`) on a half-index image.
-    fn may_hold(table: &[VipSlot], key: &VipKey) -> bool {
-        let slots = probed(table);
+    /// The data plane's filter test (`vip_address_maybe`) on one filter half.
+    fn may_hold(filter: &[u32], slots: u32, key: &VipKey) -> bool {
         let w = key.words();
         let bit = lb_common::vip_filter_bit(&[w[0], w[1], w[2], w[3]], key.family, slots);
-        // SAFETY: a VipSlot is eight u32 words.
-        let words: [u32; 8] = unsafe { std::mem::transmute(table[(slots + (bit >> 8)) as usize]) };
-        words[((bit >> 5) & 7) as usize] & (1 << (bit & 31)) != 0
+        filter[(bit >> 5) as usize] & (1 << (bit & 31)) != 0
     }
 
     #[test]
@@ -2253,13 +2264,17 @@ mod vip_index_tests {
         assert_eq!(search(&table, &keys[0]).map(|s| s.service), Some(0));
         // The filter holds the VIP's address, not the decap source's: the IPv4 and IPv6
         // paths pass traffic to it early (the decap role searches the index itself).
-        assert!(may_hold(&table, &vip));
+        let filter = build_vip_filter(std::iter::once(&vip).chain(keys.iter()), 64);
+        assert!(may_hold(&filter, 64, &vip));
         let as_vip = |k: &VipKey| VipKey {
             family: k.family & 0x0f,
             ..*k
         };
-        assert!(!may_hold(&table, &as_vip(&keys[1])), "decap source");
-        assert!(!may_hold(&table, &as_vip(&keys[2])), "IPv6 decap source");
+        assert!(!may_hold(&filter, 64, &as_vip(&keys[1])), "decap source");
+        assert!(
+            !may_hold(&filter, 64, &as_vip(&keys[2])),
+            "IPv6 decap source"
+        );
         let hosts_only = Desired {
             decap_v4: vec![(balancer, 32)],
             ..Default::default()

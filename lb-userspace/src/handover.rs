@@ -176,13 +176,16 @@ pub fn max_entries_overrides(opts: &LoadOptions) -> Vec<(&'static str, u32)> {
         (map_names::RINGS, rings),
         (
             map_names::VIP_INDEX,
-            lb_common::vip_index_half_len(lb_common::vip_index_slots(opts.max_services))
-                .saturating_mul(2),
+            lb_common::vip_index_slots(opts.max_services).saturating_mul(2),
         ),
         (map_names::BACKENDS, opts.max_backends),
         (
             map_names::FLOWS,
             lb_common::flow_table_values(lb_common::flow_buckets(opts.conntrack_size)),
+        ),
+        (
+            map_names::SETTINGS,
+            lb_common::settings_len(lb_common::vip_index_slots(opts.max_services)),
         ),
         (map_names::SERVICE_STATS, opts.max_services),
         (map_names::BACKEND_STATS, opts.max_backends),
