@@ -359,14 +359,9 @@ fn vip_index_half() -> Option<(u32, u32, u32)> {
 /// and when the index does not exist yet.
 #[inline(always)]
 fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32, family: u8) -> bool {
-    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
-    if size == 0 {
+    let Some((size, settings, _)) = vip_index_half() else {
         return false;
-    }
-    let settings = SETTINGS
-        .get(lb_common::SETTINGS_FLAGS)
-        .copied()
-        .unwrap_or(0);
+    };
     let words = lb_common::vip_filter_words(size);
     let half = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
         words
