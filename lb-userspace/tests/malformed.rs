@@ -441,22 +441,30 @@ fn truncation_cases(m: &mut Matrix) {
     );
 }
 
-/// IPv4 and TCP/UDP header fields out of range.
-fn header_cases(m: &mut Matrix) {
-    let good = ipv4(
+/// A TCP SYN from the client to `dst`, as an IPv4 packet.
+fn syn_v4(dst: Ipv4Addr) -> Vec<u8> {
+    ipv4(
         CLIENT,
-        VIP,
+        dst,
         PROTO_TCP,
         &[],
         &tcp(40000, 80, SYN, b"hello"),
         true,
-    );
-    let edit = |f: &dyn Fn(&mut Vec<u8>)| {
-        let mut ip = good.clone();
-        f(&mut ip);
-        refresh_v4_checksum(&mut ip);
-        v4_frame(&[], &ip)
-    };
+    )
+}
+
+/// The frame of IPv4 packet `ip` after `f` edits it, its header checksum made right again.
+fn edited_v4(ip: &[u8], f: &dyn Fn(&mut Vec<u8>)) -> Vec<u8> {
+    let mut ip = ip.to_vec();
+    f(&mut ip);
+    refresh_v4_checksum(&mut ip);
+    v4_frame(&[], &ip)
+}
+
+/// IPv4 and TCP/UDP header fields out of range.
+fn header_cases(m: &mut Matrix) {
+    let good = syn_v4(VIP);
+    let edit = |f: &dyn Fn(&mut Vec<u8>)| edited_v4(&good, f);
     for ihl in 0..5u8 {
         m.drops(
             format!("IPv4 IHL {ihl}"),
@@ -509,22 +517,10 @@ fn header_cases(m: &mut Matrix) {
         );
     }
     // The same header damage to an address that is no VIP's goes to the stack untouched:
-    // its bit in the VIP index's address filter is clear, so nothing past the destination
-    // address is read (the kernel judges the header as it does for all its traffic).
-    let other = ipv4(
-        CLIENT,
-        Ipv4Addr::new(198, 51, 100, 9),
-        PROTO_TCP,
-        &[],
-        &tcp(40000, 80, SYN, b"hello"),
-        true,
-    );
-    let edit_other = |f: &dyn Fn(&mut Vec<u8>)| {
-        let mut ip = other.clone();
-        f(&mut ip);
-        refresh_v4_checksum(&mut ip);
-        v4_frame(&[], &ip)
-    };
+    // its bit in the VIP address filter is clear, so nothing past the destination address
+    // is read (the kernel judges the header as it does for all its traffic).
+    let other = syn_v4(Ipv4Addr::new(198, 51, 100, 9));
+    let edit_other = |f: &dyn Fn(&mut Vec<u8>)| edited_v4(&other, f);
     m.passes(
         "IPv4 IHL 3, to a non-VIP address",
         edit_other(&|ip| ip[0] = 0x43),
