@@ -117,7 +117,7 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
 }
 
 /// Whether the IPv4 packet at `l3_off` may be for a VIP: false when its destination
-/// address is in the frame and its bit in the VIP index's address filter is clear. Such
+/// address is in the frame and its bit in the VIP address filter is clear. Such
 /// traffic (to the node itself, to anything routed through it) goes to the stack at the
 /// cost of one read and bit test, before any header is validated: like every packet not
 /// for a VIP, it is the kernel's to judge, malformed or not.
