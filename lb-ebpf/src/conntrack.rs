@@ -20,10 +20,31 @@ static RING_SIZE: u32 = 0;
 pub struct Choice {
     /// Backend id.
     pub id: u32,
-    /// The backend's entry.
-    pub backend: Backend,
+    /// The backend's IPv4 address (its first address word, memory order); IPv6
+    /// transmission reads the whole entry again in its own subprogram.
+    pub addr_v4: u32,
+    /// The backend's `BACKEND_F_*` bits.
+    pub flags: u8,
     /// True when Maglev chose (a new flow, or one the table had lost).
     pub new_flow: bool,
+}
+
+impl Choice {
+    /// The choice of backend `id` with entry `b`.
+    ///
+    /// Only the fields used later are read, the address as one word: copying the whole
+    /// entry made LLVM load and spill it byte by byte.
+    #[inline(always)]
+    fn of(id: u32, b: &Backend, new_flow: bool) -> Self {
+        // SAFETY: a Backend is 4-aligned and starts with its address bytes.
+        let addr_v4 = unsafe { *(b as *const Backend as *const u32) };
+        Choice {
+            id,
+            addr_v4,
+            flags: b.flags,
+            new_flow,
+        }
+    }
 }
 
 /// Buckets of the connection table; set by the agent at load time (a power of two).
@@ -140,11 +161,7 @@ fn remembered(key: &FlowKey, vip: &VipInfo, touch: bool) -> Option<Choice> {
             }
         }
     }
-    Some(Choice {
-        id,
-        backend: *b,
-        new_flow: false,
-    })
+    Some(Choice::of(id, b, false))
 }
 
 /// Records `key` → `state` in the way `flow_place` picks, its cold record first.
@@ -207,15 +224,11 @@ pub fn from_table(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
     };
     let slot = vip.ring.wrapping_mul(size) + hash % size;
     let id = *RINGS.get(slot)?;
-    let backend = *BACKENDS.get(id)?;
+    let backend = BACKENDS.get(id)?;
     if backend.family != key.family || backend.service != vip.service {
         return None;
     }
-    Some(Choice {
-        id,
-        backend,
-        new_flow: true,
-    })
+    Some(Choice::of(id, backend, true))
 }
 
 /// Picks the backend of a flow and records it.

@@ -14,22 +14,45 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{csum, parse::ptr_at};
 
-/// Source address of outer IPv4 headers; set by the agent at load time.
+/// Source address of outer IPv4 headers, its four bytes in memory order; set by the agent
+/// at load time.
 #[unsafe(no_mangle)]
-static ENCAP_SRC_V4: [u8; 4] = [0; 4];
+static ENCAP_SRC_V4: u32 = 0;
 
-/// Source address of outer IPv6 headers; set by the agent at load time.
+/// Source address of outer IPv6 headers; set by the agent at load time (16 bytes, held
+/// as 16-bit words so the header is built from word loads).
 #[unsafe(no_mangle)]
-static ENCAP_SRC_V6: [u8; 16] = [0; 16];
+static ENCAP_SRC_V6: Addr6 = [0; 8];
+
+/// An IPv6 address as its eight 16-bit words in memory order (network byte order kept).
+pub type Addr6 = [u16; 8];
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// Where a frame goes next: MAC addresses and egress interface.
 pub struct NextHop {
-    smac: [u8; 6],
-    dmac: [u8; 6],
+    /// Destination then source MAC, as the Ethernet header's first six 16-bit words.
+    macs: [u16; 6],
     ifindex: u32,
+}
+
+/// A MAC address in a struct that places it 2-aligned, as three 16-bit words.
+///
+/// # Safety
+/// `m` must be 2-aligned.
+#[inline(always)]
+unsafe fn mac_words(m: &[u8; 6]) -> [u16; 3] {
+    unsafe { *(m as *const [u8; 6] as *const [u16; 3]) }
+}
+
+/// Writes the frame's destination and source MAC addresses: six 16-bit stores instead of
+/// twelve byte stores (frames start 2-aligned, see `parse::load16`).
+#[inline(always)]
+fn write_macs(ctx: &XdpContext, hop: &NextHop) -> Result<(), DropReason> {
+    let eth: *mut [u16; 6] = ptr_at(ctx, 0)?;
+    unsafe { *eth = hop.macs };
+    Ok(())
 }
 
 /// Why a packet cannot be sent on: a drop reason, or "too big" with the route's MTU.
@@ -58,11 +81,15 @@ fn fib(ctx: &XdpContext, p: &mut FibParams) -> Result<NextHop, Blocked> {
         )
     };
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
-            smac: p.smac,
-            dmac: p.dmac,
-            ifindex: p.ifindex,
-        }),
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // SAFETY: the kernel's struct places both MACs 2-aligned (offsets 52 and 58
+            // of a 4-aligned struct).
+            let (d, s) = unsafe { (mac_words(&p.dmac), mac_words(&p.smac)) };
+            Ok(NextHop {
+                macs: [d[0], d[1], d[2], s[0], s[1], s[2]],
+                ifindex: p.ifindex,
+            })
+        }
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(Blocked::Drop(DropReason::NoNeighbour)),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             Err(Blocked::TooBig(unsafe { p.__bindgen_anon_1.mtu_result }))
@@ -95,22 +122,16 @@ pub fn next_hop(
 #[inline(always)]
 pub fn next_hop_v6(
     ctx: &XdpContext,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+    src: &Addr6,
+    dst: &Addr6,
     tot_len: u16,
 ) -> Result<NextHop, Blocked> {
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET6;
     p.__bindgen_anon_1.tot_len = tot_len;
     p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    let words = |a: &[u8; 16]| {
-        [
-            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-        ]
-    };
+    // SAFETY: [u16; 8] and [u32; 4] have the same size and every bit pattern is valid.
+    let words = |a: &Addr6| -> [u32; 4] { unsafe { core::mem::transmute(*a) } };
     p.__bindgen_anon_3.ipv6_src = words(src);
     p.__bindgen_anon_4.ipv6_dst = words(dst);
     fib(ctx, &mut p)
@@ -121,12 +142,14 @@ pub fn next_hop_v6(
 pub fn l2_forward_v6(
     ctx: &XdpContext,
     id: u32,
-    backend: &[u8; 16],
+    backend: &Addr6,
     src: &[u8; 16],
     tot_len: u16,
 ) -> Result<u32, Blocked> {
-    let hop = cached_hop(id, backend, tot_len, || {
-        next_hop_v6(ctx, src, backend, tot_len)
+    let hop = cached_hop(id, v6_key(backend), tot_len, || {
+        // SAFETY: [u8; 16] and [u16; 8] have the same size and every bit pattern is valid.
+        let src: Addr6 = unsafe { core::mem::transmute(*src) };
+        next_hop_v6(ctx, &src, backend, tot_len)
     })?;
     Ok(readdress(ctx, &hop)?)
 }
@@ -140,7 +163,7 @@ pub const IP6IP6_OVERHEAD: u16 = 40;
 pub fn ip6ip6_forward(
     ctx: &XdpContext,
     id: u32,
-    backend: &[u8; 16],
+    backend: &Addr6,
     l3_off: usize,
     tot_len: u16,
 ) -> Result<u32, Blocked> {
@@ -148,7 +171,7 @@ pub fn ip6ip6_forward(
     let outer_len = tot_len
         .checked_add(IP6IP6_OVERHEAD)
         .ok_or(Blocked::TooBig(0))?;
-    let hop = cached_hop(id, backend, outer_len, || {
+    let hop = cached_hop(id, v6_key(backend), outer_len, || {
         next_hop_v6(ctx, &src, backend, outer_len)
     })?;
     // The traffic class is carried over to the outer header.
@@ -162,32 +185,31 @@ pub fn ip6ip6_forward(
     let outer: *mut [u16; 20] = ptr_at(ctx, EthHdr::LEN)?;
     // Stored in 16-bit words in memory order (2-aligned after the 14-byte Ethernet
     // header), not byte by byte.
-    let word = |a: &[u8; 16], i: usize| u16::from_ne_bytes([a[2 * i], a[2 * i + 1]]);
+    let (s, b) = (src, backend);
     let h = [
         u16::from_ne_bytes([0x60 | (b0 & 0x0f), b1 & 0xf0]),
         0,
         tot_len.to_be(),
         u16::from_ne_bytes([lb_common::PROTO_IPV6, 64]),
-        word(&src, 0),
-        word(&src, 1),
-        word(&src, 2),
-        word(&src, 3),
-        word(&src, 4),
-        word(&src, 5),
-        word(&src, 6),
-        word(&src, 7),
-        word(backend, 0),
-        word(backend, 1),
-        word(backend, 2),
-        word(backend, 3),
-        word(backend, 4),
-        word(backend, 5),
-        word(backend, 6),
-        word(backend, 7),
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        s[4],
+        s[5],
+        s[6],
+        s[7],
+        b[0],
+        b[1],
+        b[2],
+        b[3],
+        b[4],
+        b[5],
+        b[6],
+        b[7],
     ];
+    write_macs(ctx, &hop)?;
     unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
         (*eth).ether_type = crate::parse::eth::ETH_P_IPV6;
         *outer = h;
     }
@@ -207,7 +229,13 @@ pub fn decap_v6(
 
     let inner: *const [u8; 40] =
         ptr_at(ctx, l3_off + 40).map_err(|_| DropReason::DecapMalformed)?;
-    let (v, plen) = unsafe { ((*inner)[0], u16::from_be_bytes([(*inner)[4], (*inner)[5]])) };
+    // SAFETY: the inner header was checked against the frame above.
+    let (v, plen) = unsafe {
+        (
+            (*inner)[0],
+            u16::from_be(crate::parse::load16((inner as *const u8).add(4))),
+        )
+    };
     if v >> 4 != 6 || plen as usize + 80 != outer_tot_len as usize {
         return Err(DropReason::DecapMalformed);
     }
@@ -220,9 +248,13 @@ pub fn decap_v6(
 
 /// A frame's link-layer header (Ethernet and up to two VLAN tags), kept across a resize
 /// of the frame's head.
+///
+/// Held and copied as 16-bit words (frames start 2-aligned, see `parse::load16`): byte
+/// copies cost a load and a store per byte.
 pub struct SavedL2 {
-    eth: EthHdr,
-    tags: [u8; 8],
+    /// Destination MAC, source MAC, EtherType.
+    eth: [u16; 7],
+    tags: [u16; 4],
     vlans: usize,
 }
 
@@ -230,12 +262,12 @@ impl SavedL2 {
     /// Copies the link-layer header of a frame with `vlans` tags.
     #[inline(always)]
     pub fn save(ctx: &XdpContext, vlans: usize) -> Result<Self, DropReason> {
-        let eth: *const EthHdr = ptr_at(ctx, 0)?;
+        let eth: *const [u16; 7] = ptr_at(ctx, 0)?;
         let tags = if vlans > 0 {
-            let t: *const [u8; 8] = ptr_at(ctx, EthHdr::LEN)?;
+            let t: *const [u16; 4] = ptr_at(ctx, EthHdr::LEN)?;
             unsafe { *t }
         } else {
-            [0; 8]
+            [0; 4]
         };
         Ok(Self {
             eth: unsafe { *eth },
@@ -248,22 +280,23 @@ impl SavedL2 {
     /// frame returns to its sender.
     #[inline(always)]
     pub fn restore(&self, ctx: &XdpContext, reply: bool) -> Result<(), DropReason> {
-        let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+        let eth: *mut [u16; 7] = ptr_at(ctx, 0)?;
+        let e = self.eth;
         unsafe {
-            *eth = self.eth;
-            if reply {
-                (*eth).dst_addr = self.eth.src_addr;
-                (*eth).src_addr = self.eth.dst_addr;
-            }
+            *eth = if reply {
+                [e[3], e[4], e[5], e[0], e[1], e[2], e[6]]
+            } else {
+                e
+            };
         }
         let t = self.tags;
         if self.vlans >= 1 {
-            let p: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
-            unsafe { *p = [t[0], t[1], t[2], t[3]] };
+            let p: *mut [u16; 2] = ptr_at(ctx, EthHdr::LEN)?;
+            unsafe { *p = [t[0], t[1]] };
         }
         if self.vlans >= 2 {
-            let p: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + 4)?;
-            unsafe { *p = [t[4], t[5], t[6], t[7]] };
+            let p: *mut [u16; 2] = ptr_at(ctx, EthHdr::LEN + 4)?;
+            unsafe { *p = [t[2], t[3]] };
         }
         Ok(())
     }
@@ -281,7 +314,7 @@ const NEXTHOP_MAX_USES: u32 = 1 << 16;
 #[inline(always)]
 fn cached_hop(
     id: u32,
-    addr: &[u8; 16],
+    addr: [u64; 2],
     len: u16,
     lookup: impl FnOnce() -> Result<NextHop, Blocked>,
 ) -> Result<NextHop, Blocked> {
@@ -292,11 +325,10 @@ fn cached_hop(
     let entry = crate::maps::NEXTHOPS.get_ptr_mut(id);
     if let Some(e) = entry {
         let e = unsafe { &mut *e };
-        if e.epoch == epoch && e.uses < NEXTHOP_MAX_USES && len <= e.max_len && e.addr == *addr {
+        if e.epoch == epoch && e.uses < NEXTHOP_MAX_USES && len <= e.max_len && e.addr == addr {
             e.uses += 1;
             return Ok(NextHop {
-                smac: e.smac,
-                dmac: e.dmac,
+                macs: e.macs,
                 ifindex: e.ifindex,
             });
         }
@@ -304,16 +336,17 @@ fn cached_hop(
     let hop = lookup()?;
     if let Some(e) = entry {
         let e = unsafe { &mut *e };
-        let same =
-            e.epoch == epoch && e.addr == *addr && e.dmac == hop.dmac && e.ifindex == hop.ifindex;
+        let same = e.epoch == epoch
+            && e.addr == addr
+            && e.macs[..3] == hop.macs[..3]
+            && e.ifindex == hop.ifindex;
         e.max_len = if same && e.max_len > len {
             e.max_len
         } else {
             len
         };
-        e.addr = *addr;
-        e.smac = hop.smac;
-        e.dmac = hop.dmac;
+        e.addr = addr;
+        e.macs = hop.macs;
         e.ifindex = hop.ifindex;
         e.epoch = epoch;
         e.uses = 0;
@@ -321,21 +354,25 @@ fn cached_hop(
     Ok(hop)
 }
 
-/// `addr` as the 16-byte form the cache keys on.
+/// An IPv4 address as the two words the cache keys on (the 16-byte form, first four
+/// bytes the address).
 #[inline(always)]
-fn v4_key(addr: [u8; 4]) -> [u8; 16] {
-    crate::parse::v4_in_16(addr)
+fn v4_key(addr: [u8; 4]) -> [u64; 2] {
+    [u32::from_ne_bytes(addr) as u64, 0]
+}
+
+/// An IPv6 address as the two words the cache keys on.
+#[inline(always)]
+pub fn v6_key(addr: &Addr6) -> [u64; 2] {
+    // SAFETY: [u16; 8] and [u64; 2] have the same size and every bit pattern is valid.
+    unsafe { core::mem::transmute(*addr) }
 }
 
 /// Points the frame's Ethernet addresses at `hop` (VLAN tags and payload untouched) and
 /// sends it out: the whole of `l2` forwarding.
 #[inline(always)]
 fn readdress(ctx: &XdpContext, hop: &NextHop) -> Result<u32, DropReason> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
-    }
+    write_macs(ctx, hop)?;
     Ok(transmit(ctx, hop))
 }
 
@@ -358,7 +395,7 @@ pub fn l2_forward(
     ip_src: [u8; 4],
     tot_len: u16,
 ) -> Result<u32, Blocked> {
-    let hop = cached_hop(id, &v4_key(backend), tot_len, || {
+    let hop = cached_hop(id, v4_key(backend), tot_len, || {
         next_hop(ctx, ip_src, backend, tot_len)
     })?;
     Ok(readdress(ctx, &hop)?)
@@ -393,11 +430,12 @@ pub fn ipip_forward(
     l3_off: usize,
     tot_len: u16,
 ) -> Result<u32, Blocked> {
-    let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V4) };
+    // The address's four bytes in memory order, read as one word.
+    let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V4) }.to_ne_bytes();
     let outer_len = tot_len
         .checked_add(Ipv4Hdr::LEN as u16)
         .ok_or(Blocked::TooBig(0))?;
-    let hop = cached_hop(id, &v4_key(backend), outer_len, || {
+    let hop = cached_hop(id, v4_key(backend), outer_len, || {
         next_hop(ctx, src, backend, outer_len)
     })?;
 
@@ -435,9 +473,8 @@ pub fn ipip_forward(
     ];
     let sum = h.iter().fold(0u32, |a, w| a + *w as u32);
     h[5] = csum::fold_ne(sum);
+    write_macs(ctx, &hop)?;
     unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
         (*eth).ether_type = crate::parse::eth::ETH_P_IP;
         *outer = h;
     }
@@ -462,7 +499,9 @@ pub fn decap(
     let inner_off = l3_off + outer_hdr_len;
     let inner: *const Ipv4Hdr = ptr_at(ctx, inner_off).map_err(|_| DropReason::DecapMalformed)?;
     let vihl = unsafe { (*inner).vihl };
-    let inner_tot = u16::from_be_bytes(unsafe { (*inner).tot_len }) as usize;
+    // SAFETY: the inner header was checked against the frame above.
+    let inner_tot =
+        u16::from_be(unsafe { crate::parse::load16((inner as *const u8).add(2)) }) as usize;
     let inner_hdr_len = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4
         || inner_hdr_len < Ipv4Hdr::LEN

@@ -5,6 +5,8 @@
 //! to the stack untouched.
 #![no_std]
 #![no_main]
+// Inline assembly for whole-word loads from the frame (see `parse::load32`).
+#![feature(asm_experimental_arch)]
 
 mod bench;
 mod conntrack;
@@ -126,7 +128,8 @@ fn may_be_for_a_vip_v4(ctx: &XdpContext, l3_off: usize) -> bool {
     let Ok(p) = ptr_at::<[u8; 4]>(ctx, l3_off + 16) else {
         return true;
     };
-    vip_address_maybe(u32::from_ne_bytes(unsafe { *p }), 0, 0, 0, FAMILY_V4)
+    // SAFETY: four bytes `ptr_at` checked.
+    vip_address_maybe(unsafe { parse::load32(p.cast()) }, 0, 0, 0, FAMILY_V4)
 }
 
 /// `may_be_for_a_vip_v4` for IPv6.
@@ -135,18 +138,16 @@ fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> bool {
     let Ok(p) = ptr_at::<[u32; 4]>(ctx, l3_off + 24) else {
         return true;
     };
-    let p = p as *const u32;
-    // SAFETY: four u32 reads within the bounds `ptr_at` checked, unaligned (the address
-    // sits 2 bytes past a 4-byte boundary behind a 14-byte Ethernet header).
-    let (a, b, c, d) = unsafe {
-        (
-            p.read_unaligned(),
-            p.add(1).read_unaligned(),
-            p.add(2).read_unaligned(),
-            p.add(3).read_unaligned(),
-        )
-    };
-    vip_address_maybe(a, b, c, d, FAMILY_V6)
+    let p = p as *const u8;
+    // SAFETY: two 8-byte reads within the bounds `ptr_at` checked.
+    let (lo, hi) = unsafe { (parse::load64(p), parse::load64(p.add(8))) };
+    vip_address_maybe(
+        lo as u32,
+        (lo >> 32) as u32,
+        hi as u32,
+        (hi >> 32) as u32,
+        FAMILY_V6,
+    )
 }
 
 /// What the pipeline decided: a verdict, or (IPv6) a backend to transmit to, which the
@@ -559,16 +560,12 @@ fn ipv4_decap_sub(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
         Ok(ip) => ip,
         Err(reason) => return pack(Err(reason)),
     };
-    let (src, dst) = unsafe { ((*ip.hdr).src_addr, (*ip.hdr).dst_addr) };
+    let hdr = ip.hdr as *const u8;
+    // SAFETY: fields of the header `ipv4::parse` checked.
+    let (src, dst) = unsafe { (parse::load32(hdr.add(12)), parse::load32(hdr.add(16))) };
     // Only packets addressed to this node are ours to open; IPIP passing through (or for
     // another host) is left to the balancer path, which passes it to the stack.
-    let check = decap_check(
-        u32::from_ne_bytes(src) as u64,
-        0,
-        u32::from_ne_bytes(dst) as u64,
-        0,
-        FAMILY_V4,
-    );
+    let check = decap_check(src as u64, 0, dst as u64, 0, FAMILY_V4);
     if check == DECAP_NOT_LOCAL {
         return NOT_OURS;
     }
@@ -618,12 +615,20 @@ fn ipv6_decap_sub(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
 #[inline(always)]
 fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv4::parse(ctx, l2.l3_off)?;
-    let (proto, src, dst) = unsafe { ((*ip.hdr).proto, (*ip.hdr).src_addr, (*ip.hdr).dst_addr) };
+    let hdr = ip.hdr as *const u8;
+    // SAFETY: fields of the header `ipv4::parse` checked.
+    let (proto, src, dst) = unsafe {
+        (
+            (*ip.hdr).proto,
+            parse::load32(hdr.add(12)),
+            parse::load32(hdr.add(16)),
+        )
+    };
 
     let pkt = Pkt {
         family: FAMILY_V4,
-        src: parse::v4_in_16(src),
-        dst: parse::v4_in_16(dst),
+        src: parse::v4_word_in_16(src),
+        dst: parse::v4_word_in_16(dst),
         proto,
         l4_off: l2.l3_off + ip.hdr_len,
         tot_len: ip.tot_len,
@@ -867,15 +872,14 @@ fn forward(
     choice: &conntrack::Choice,
     icmp_error: bool,
 ) -> Result<Outcome, Blocked> {
-    if choice.backend.flags & BACKEND_F_LOCAL != 0 {
+    if choice.flags & BACKEND_F_LOCAL != 0 {
         return Ok((xdp_action::XDP_PASS, Action::Local).into());
     }
     let l2_mode = vip.flags & SERVICE_F_L2 != 0;
     if pkt.family != FAMILY_V4 {
         return Ok(Outcome::transmit6(choice.id, l2_mode, icmp_error));
     }
-    let b = choice.backend.addr;
-    let baddr = [b[0], b[1], b[2], b[3]];
+    let baddr = choice.addr_v4.to_ne_bytes();
     let src = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
     if l2_mode {
         Ok((
@@ -928,7 +932,8 @@ fn tx6(ctx: &XdpContext, l3_off: usize, backend: u32, l2: bool) -> Result<u32, B
     let b = BACKENDS
         .get(backend)
         .ok_or(Blocked::Drop(DropReason::NoBackend))?;
-    let addr = b.addr;
+    // SAFETY: a Backend is 4-aligned and starts with its 16 address bytes.
+    let addr: encap::Addr6 = unsafe { *(b as *const lb_common::Backend as *const encap::Addr6) };
     let ip = ipv6::parse(ctx, l3_off)?;
     if l2 {
         encap::l2_forward_v6(ctx, backend, &addr, &ip.src, ip.tot_len)

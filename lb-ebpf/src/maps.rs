@@ -126,12 +126,12 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct CachedHop {
-    /// The backend address this entry was learnt for (ids are reused).
-    pub addr: [u8; 16],
-    /// Source MAC of the egress interface.
-    pub smac: [u8; 6],
-    /// MAC of the next hop.
-    pub dmac: [u8; 6],
+    /// The backend address this entry was learnt for (ids are reused), as the 16-byte
+    /// form's two words.
+    pub addr: [u64; 2],
+    /// MAC of the next hop, then source MAC of the egress interface: the Ethernet
+    /// header's first six 16-bit words.
+    pub macs: [u16; 6],
     /// Egress interface.
     pub ifindex: u32,
     /// Largest L3 length the route was seen to accept.

@@ -36,18 +36,20 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
     }
     // The options must be inside the frame too.
     let _: *const u8 = ptr_at(ctx, off + hdr_len - 1)?;
-    let tot_len = u16::from_be_bytes(unsafe { (*hdr).tot_len });
+    let base = hdr as *const u8;
+    // SAFETY: the fixed header was checked against the frame above.
+    let tot_len = u16::from_be(unsafe { super::load16(base.add(2)) });
     let frame_l3 = ctx.data_end() - ctx.data() - off;
     if (tot_len as usize) < hdr_len || tot_len as usize > frame_l3 {
         return Err(DropReason::BadIpHeader);
     }
-    let frags = u16::from_be_bytes(unsafe { (*hdr).frags });
+    let frags = u16::from_be(unsafe { super::load16(base.add(6)) });
     Ok(Ipv4 {
         hdr,
         hdr_len,
         tot_len,
         fragment: frags & 0x3fff != 0,
         later_fragment: frags & 0x1fff != 0,
-        id: u16::from_be_bytes(unsafe { (*hdr).id }),
+        id: u16::from_be(unsafe { super::load16(base.add(4)) }),
     })
 }

@@ -31,21 +31,33 @@ pub struct Ipv6 {
 /// Parses and validates the fixed IPv6 header at `off`.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv6, DropReason> {
-    let h: *const [u8; 40] = ptr_at(ctx, off)?;
-    let h = unsafe { &*h };
+    let hp: *const [u8; 40] = ptr_at(ctx, off)?;
+    let b = hp as *const u8;
+    let h = unsafe { &*hp };
     if h[0] >> 4 != 6 {
         return Err(DropReason::BadIpHeader);
     }
-    let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+    // SAFETY: the 40 bytes were checked against the frame above.
+    let payload = u16::from_be(unsafe { super::load16(b.add(4)) }) as usize;
     let frame_l3 = ctx.data_end() - ctx.data() - off;
     // A zero payload length (jumbogram) or one beyond the frame is not forwarded.
     if (payload == 0 && h[6] == NH_HOP_BY_HOP) || payload + HDR_LEN > frame_l3 {
         return Err(DropReason::BadIpHeader);
     }
-    let mut src = [0u8; 16];
-    src.copy_from_slice(&h[8..24]);
-    let mut dst = [0u8; 16];
-    dst.copy_from_slice(&h[24..40]);
+    // SAFETY: as above; [u64; 2] and [u8; 16] have the same size and every bit pattern
+    // is valid.
+    let (src, dst) = unsafe {
+        (
+            core::mem::transmute::<[u64; 2], [u8; 16]>([
+                super::load64(b.add(8)),
+                super::load64(b.add(16)),
+            ]),
+            core::mem::transmute::<[u64; 2], [u8; 16]>([
+                super::load64(b.add(24)),
+                super::load64(b.add(32)),
+            ]),
+        )
+    };
     Ok(Ipv6 {
         src,
         dst,

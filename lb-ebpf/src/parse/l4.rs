@@ -36,8 +36,9 @@ pub fn parse(ctx: &XdpContext, off: usize, end: usize, proto: u8) -> Result<Port
         }
         let flags = unsafe { (*raw)[13] };
         Ok(Ports {
-            sport: u16::from_ne_bytes(unsafe { (*tcp).source }),
-            dport: u16::from_ne_bytes(unsafe { (*tcp).dest }),
+            // SAFETY: the header was checked against the frame above.
+            sport: unsafe { super::load16(tcp as *const u8) },
+            dport: unsafe { super::load16((tcp as *const u8).add(2)) },
             syn: flags & 0x12 == 0x02,
         })
     } else {
@@ -47,13 +48,14 @@ pub fn parse(ctx: &XdpContext, off: usize, end: usize, proto: u8) -> Result<Port
         }
         // The UDP length covers header and data: below 8 or past the IP payload, the
         // receiver's stack discards the datagram (a shorter one is trimmed, as Linux does).
-        let len = u16::from_be_bytes(unsafe { (*udp).len }) as usize;
+        // SAFETY: the header was checked against the frame above.
+        let len = u16::from_be(unsafe { super::load16((udp as *const u8).add(4)) }) as usize;
         if len < UdpHdr::LEN || off + len > end {
             return Err(DropReason::BadL4Header);
         }
         Ok(Ports {
-            sport: u16::from_ne_bytes(unsafe { (*udp).src }),
-            dport: u16::from_ne_bytes(unsafe { (*udp).dst }),
+            sport: unsafe { super::load16(udp as *const u8) },
+            dport: unsafe { super::load16((udp as *const u8).add(2)) },
             syn: false,
         })
     }
