@@ -64,7 +64,7 @@ fn epoch() -> u32 {
 /// Where a key's entry may be: its home bucket, what names its overflow bucket, and the
 /// tag that identifies it within them.
 #[derive(Clone, Copy)]
-struct Place {
+pub struct Place {
     home: *mut FlowBucket,
     home_index: u32,
     h: u64,
@@ -74,7 +74,7 @@ struct Place {
 
 /// The place of `key`, if the table exists.
 #[inline(always)]
-fn place_of(key: &FlowKey) -> Option<Place> {
+pub fn place_of(key: &FlowKey) -> Option<Place> {
     let buckets = unsafe { core::ptr::read_volatile(&FLOW_BUCKETS) };
     if buckets == 0 {
         return None;
@@ -125,8 +125,7 @@ fn search(bucket: *mut FlowBucket, tag: u64) -> (Option<*mut FlowWay>, bool) {
 /// when the home bucket is full (ways are never freed, so a flow that overflowed left a
 /// full home bucket behind).
 #[inline(always)]
-fn find(key: &FlowKey) -> Option<*mut FlowWay> {
-    let p = place_of(key)?;
+fn find(p: Place) -> Option<*mut FlowWay> {
     let (found, free) = search(p.home, p.tag);
     if found.is_some() || free {
         return found;
@@ -137,8 +136,8 @@ fn find(key: &FlowKey) -> Option<*mut FlowWay> {
 /// The backend the connection table remembers for `key`, if it still serves this service;
 /// `touch` marks the entry confirmed and seen now (a flow's packet, not an ICMP error).
 #[inline(always)]
-fn remembered(key: &FlowKey, vip: &VipInfo, touch: bool) -> Option<Choice> {
-    let w = find(key)?;
+fn remembered(key: &FlowKey, place: Option<Place>, vip: &VipInfo, touch: bool) -> Option<Choice> {
+    let w = find(place?)?;
     // SAFETY: the way found above, in a map value.
     let id = unsafe { (*w).backend };
     // The backend's own service decides whether the entry still applies: it is read
@@ -170,8 +169,8 @@ fn remembered(key: &FlowKey, vip: &VipInfo, touch: bool) -> Option<Choice> {
 /// on one CPU, different flows do not): the way is freed first and its tag written last,
 /// so a concurrent reader sees the old flow, no flow, or the new one.
 #[inline(always)]
-fn record(key: &FlowKey, state: FlowState) {
-    let Some(p) = place_of(key) else {
+fn record(key: &FlowKey, place: Option<Place>, state: FlowState) {
+    let Some(p) = place else {
         return;
     };
     let Some((over, over_index)) = p.overflow() else {
@@ -231,15 +230,15 @@ pub fn from_table(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
     Some(Choice::of(id, backend, true))
 }
 
-/// Picks the backend of a flow and records it.
+/// Picks the backend of a flow (whose table place `place_of` gave) and records it.
 ///
 /// A connection-table hit keeps the flow where it is as long as that backend still
 /// exists for this service; a TCP SYN always chooses afresh so a reused 5-tuple is
 /// balanced by the current table. A miss consults the service's active Maglev table and
 /// records the choice.
 #[inline(always)]
-pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
-    if !syn && let Some(c) = remembered(key, vip, true) {
+pub fn select(key: &FlowKey, place: Option<Place>, vip: &VipInfo, syn: bool) -> Option<Choice> {
+    if !syn && let Some(c) = remembered(key, place, vip, true) {
         return Some(c);
     }
     let choice = from_table(key, vip)?;
@@ -249,6 +248,7 @@ pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
     let created_ns = unsafe { bpf_ktime_get_ns() };
     record(
         key,
+        place,
         FlowState {
             backend: choice.id,
             service: vip.service,
@@ -262,7 +262,7 @@ pub fn select(key: &FlowKey, vip: &VipInfo, syn: bool) -> Option<Choice> {
 /// The backend that owns a flow, without recording anything (for ICMP errors about it).
 #[inline(always)]
 pub fn owner(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
-    let choice = match remembered(key, vip, false) {
+    let choice = match remembered(key, place_of(key), vip, false) {
         Some(c) => c,
         None => from_table(key, vip)?,
     };

@@ -708,7 +708,9 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     // Every fragment of a datagram must reach one backend: fragments are hashed on
     // (source, destination, protocol) only, and later fragments (no ports) find their
     // service through the first one's record, else the all-ports entry.
-    let (vip, syn, sport, dport) = if icmp {
+    // The 5-tuple's branch builds the flow key and its place in the connection table
+    // (hashed once for lookup and insertion); the other branches get theirs below.
+    let (vip, syn, place) = if icmp {
         // A fragmented ICMP message cannot be answered or matched here; like other
         // fragments it goes, hashed on addresses and protocol, to a backend of the
         // address's marker (its first service), which holds the VIP, reassembles it and
@@ -716,7 +718,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         let Some(marker) = vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        (marker, false, 0, 0)
+        (marker, false, None)
     } else if pkt.later_fragment {
         fill_frag_key(frag_key);
         let by_ref: &FragKey = frag_key;
@@ -730,7 +732,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
                 None => return Ok(PASS.into()),
             },
         };
-        (vip, false, 0, 0)
+        (vip, false, None)
     } else if pkt.fragment {
         let Ok(ports) = ptr_at::<[u16; 2]>(ctx, pkt.l4_off) else {
             return not_a_vip_or(pkt, DropReason::Truncated);
@@ -742,28 +744,42 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         let Some(vip) = vip_lookup(&pkt.dst, dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        (vip, false, 0, 0)
+        (vip, false, None)
     } else {
         let ports = match l4::parse(ctx, pkt.l4_off, l3_end(l2, pkt), pkt.proto) {
             Ok(p) => p,
             Err(e) => return not_a_vip_or(pkt, e),
         };
+        // SAFETY: as above.
+        let fkey: &mut FlowKey = unsafe { &mut (*scratch).flow };
+        *fkey = FlowKey {
+            src: pkt.src,
+            dst: pkt.dst,
+            sport: ports.sport,
+            dport: ports.dport,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+        };
         let Some(vip) = vip_lookup(&pkt.dst, ports.dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        (vip, ports.syn, ports.sport, ports.dport)
+        (vip, ports.syn, conntrack::place_of(fkey))
     };
-    // SAFETY: as above; the flow key is built only for VIP traffic.
+    // SAFETY: as above.
     let fkey: &mut FlowKey = unsafe { &mut (*scratch).flow };
-    *fkey = FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport,
-        dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-    };
+    // Fragments and ICMP are keyed on addresses and protocol only.
+    if icmp || pkt.fragment {
+        *fkey = FlowKey {
+            src: pkt.src,
+            dst: pkt.dst,
+            sport: 0,
+            dport: 0,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+        };
+    }
     if pkt.src == pkt.dst {
         return Err(DropReason::SourceIsVip);
     }
@@ -779,7 +795,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     let choice = if pkt.fragment {
         conntrack::from_table(fkey, &vip)
     } else {
-        conntrack::select(fkey, &vip, syn)
+        conntrack::select(fkey, place, &vip, syn)
     }
     .ok_or(DropReason::NoBackend)?;
     stats::service(
