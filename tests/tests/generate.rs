@@ -77,12 +77,40 @@ fn generate_sends_the_requested_frames_to_the_peer() {
         ])
         .expect("generate");
     assert!(out.contains("sent 200000 frames of 128 bytes"), "{out}");
-    std::thread::sleep(Duration::from_millis(200));
-    let after = status_of_pins(&pins).expect("status").actions["pass"];
+    // Every frame the generator sent went into the veth: the frames the peer's ring
+    // took, plus those it refused when full (which happens when the host stalls the
+    // receiving softirq: a veth has no backpressure for XDP transmit).
+    let ethtool = gen_ns.run(["ethtool", "-S", "g0"]).expect("ethtool");
+    let counter = |name: &str| -> u64 {
+        ethtool
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("no {name} in {ethtool}"))
+            .trim()
+            .parse()
+            .expect("counter")
+    };
+    let (taken, refused) = (
+        counter("tx_queue_0_xdp_xmit"),
+        counter("tx_queue_0_xdp_xmit_errors"),
+    );
+    assert_eq!(taken + refused, 200_000, "{ethtool}");
     assert!(
-        after - before >= 200_000,
-        "the peer received {} of 200000 frames",
-        after - before
+        refused <= 20_000,
+        "the veth refused {refused} of 200000 frames"
+    );
+    // And every frame it took reached the peer's program.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let received = loop {
+        let after = status_of_pins(&pins).expect("status").actions["pass"];
+        if after - before >= taken || std::time::Instant::now() > deadline {
+            break after - before;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        received >= taken,
+        "the peer received {received} of the {taken} frames the veth took (of 200000)"
     );
     let stats = sink_ns.ip(["-s", "link", "show", "s0"]).expect("stats");
     assert!(stats.contains("RX:"), "{stats}");
