@@ -522,7 +522,11 @@ fn respond(stream: &mut TcpStream, code: u16, reason: &str, body: &Value) -> Res
 fn serve_connection(shared: &Shared, stream: TcpStream) -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut stream = stream;
-    // Keep-alive: one request after another until the client closes or a watch ends.
+    // Keep-alive: one request after another until the client closes, a watch is cut short
+    // (an error writing to it) or the server goes down. A watch that ends cleanly leaves
+    // the connection usable, as with the real server: the client may send its next
+    // request on it at once (closing here raced with that, and the failed request made
+    // the agent relist).
     while let Some((req, line)) = read_request(&mut reader)? {
         let generation = {
             let mut s = shared.lock();
@@ -536,7 +540,6 @@ fn serve_connection(shared: &Shared, stream: TcpStream) -> Result<()> {
         match (req.method.as_str(), kind) {
             ("GET", Some(kind)) if req.query.get("watch").map(String::as_str) == Some("true") => {
                 watch(shared, &mut stream, kind, &req, generation)?;
-                break;
             }
             ("GET", Some(kind)) => {
                 let s = shared.lock();
