@@ -34,6 +34,8 @@ fn generate_sends_the_requested_frames_to_the_peer() {
     let pins = std::path::PathBuf::from("/run/l3lb-lab/bpffs")
         .join(format!("generate-{}", std::process::id()));
     std::fs::create_dir_all(&pins).expect("pin dir");
+    // Dropped after the sink agent and before the namespaces, also when an assertion fails.
+    let _cleanup = RemoveOnDrop(vec![dir.clone(), pins.clone()]);
     let cfg = dir.join("sink.yaml");
     std::fs::write(
         &cfg,
@@ -122,6 +124,15 @@ fn generate_sends_the_requested_frames_to_the_peer() {
         .status()
         .expect("l3lb down");
     assert!(down.success());
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir(&pins);
+}
+
+/// Directories removed when dropped (pins on bpffs go with them), on failure too.
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
