@@ -560,12 +560,9 @@ fn ipv4_decap_sub(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
         Ok(ip) => ip,
         Err(reason) => return pack(Err(reason)),
     };
-    let hdr = ip.hdr as *const u8;
-    // SAFETY: fields of the header `ipv4::parse` checked.
-    let (src, dst) = unsafe { (parse::load32(hdr.add(12)), parse::load32(hdr.add(16))) };
     // Only packets addressed to this node are ours to open; IPIP passing through (or for
     // another host) is left to the balancer path, which passes it to the stack.
-    let check = decap_check(src as u64, 0, dst as u64, 0, FAMILY_V4);
+    let check = decap_check(ip.src as u64, 0, ip.dst as u64, 0, FAMILY_V4);
     if check == DECAP_NOT_LOCAL {
         return NOT_OURS;
     }
@@ -615,20 +612,12 @@ fn ipv6_decap_sub(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
 #[inline(always)]
 fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv4::parse(ctx, l2.l3_off)?;
-    let hdr = ip.hdr as *const u8;
-    // SAFETY: fields of the header `ipv4::parse` checked.
-    let (proto, src, dst) = unsafe {
-        (
-            (*ip.hdr).proto,
-            parse::load32(hdr.add(12)),
-            parse::load32(hdr.add(16)),
-        )
-    };
+    let proto = unsafe { (*ip.hdr).proto };
 
     let pkt = Pkt {
         family: FAMILY_V4,
-        src: parse::v4_word_in_16(src),
-        dst: parse::v4_word_in_16(dst),
+        src: parse::v4_word_in_16(ip.src),
+        dst: parse::v4_word_in_16(ip.dst),
         proto,
         l4_off: l2.l3_off + ip.hdr_len,
         tot_len: ip.tot_len,
@@ -674,6 +663,20 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         frag_id: up.id,
     };
     balance(ctx, l2, &pkt)
+}
+
+/// The connection-table key of `pkt` with these ports.
+#[inline(always)]
+fn flow_key(pkt: &Pkt, sport: u16, dport: u16) -> FlowKey {
+    FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport,
+        dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    }
 }
 
 /// VIP traffic of either family: classify, check, select, forward.
@@ -752,15 +755,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         };
         // SAFETY: as above.
         let fkey: &mut FlowKey = unsafe { &mut (*scratch).flow };
-        *fkey = FlowKey {
-            src: pkt.src,
-            dst: pkt.dst,
-            sport: ports.sport,
-            dport: ports.dport,
-            proto: pkt.proto,
-            family: pkt.family,
-            _pad: [0; 2],
-        };
+        *fkey = flow_key(pkt, ports.sport, ports.dport);
         let Some(vip) = vip_lookup(&pkt.dst, ports.dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
@@ -770,15 +765,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     let fkey: &mut FlowKey = unsafe { &mut (*scratch).flow };
     // Fragments and ICMP are keyed on addresses and protocol only.
     if icmp || pkt.fragment {
-        *fkey = FlowKey {
-            src: pkt.src,
-            dst: pkt.dst,
-            sport: 0,
-            dport: 0,
-            proto: pkt.proto,
-            family: pkt.family,
-            _pad: [0; 2],
-        };
+        *fkey = flow_key(pkt, 0, 0);
     }
     if pkt.src == pkt.dst {
         return Err(DropReason::SourceIsVip);

@@ -20,6 +20,10 @@ pub struct Ipv4 {
     pub later_fragment: bool,
     /// Identification field (ties fragments of one datagram together).
     pub id: u16,
+    /// Source address, its four bytes in memory order as one word.
+    pub src: u32,
+    /// Destination address, likewise.
+    pub dst: u32,
 }
 
 /// Parses and validates the IPv4 header at `off`: version, IHL and total length.
@@ -44,6 +48,7 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
         return Err(DropReason::BadIpHeader);
     }
     let frags = u16::from_be(unsafe { super::load16(base.add(6)) });
+    // SAFETY (the loads below): as above.
     Ok(Ipv4 {
         hdr,
         hdr_len,
@@ -51,5 +56,7 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
         fragment: frags & 0x3fff != 0,
         later_fragment: frags & 0x1fff != 0,
         id: u16::from_be(unsafe { super::load16(base.add(4)) }),
+        src: unsafe { super::load32(base.add(12)) },
+        dst: unsafe { super::load32(base.add(16)) },
     })
 }
