@@ -73,6 +73,12 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
                 return unpack(r);
             }
         }
+        // Traffic to an address the VIP index does not hold is not ours: passed before any
+        // header is parsed (see `may_be_for_a_vip_v4`), and without the call into the
+        // path's subprogram, which costs a sixth of the whole program's time on this path.
+        if !may_be_for_a_vip_v4(ctx, l2.l3_off) {
+            return Ok(PASS);
+        }
         ipv4_path(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans)
     } else if l2.ether_type == eth::ETH_P_IPV6 {
         // The same for IPv6-in-IPv6 (the fixed header's next header; a tunnel behind
@@ -83,37 +89,22 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
                 return unpack(r);
             }
         }
+        if !may_be_for_a_vip_v6(ctx, l2.l3_off) {
+            return Ok(PASS);
+        }
         ipv6_path(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans)
     } else {
         return Ok(PASS);
     };
-    if packed >> 63 == 0 && packed & TRANSMIT6 != 0 {
-        let l2_mode = packed & TRANSMIT6_L2 != 0;
-        let sent = tx6_sub(
+    // An IPv6 packet too big for its backend's route: the client is told the size that
+    // fits, in a subprogram of its own (the reply needs a frame the path's cannot spare).
+    if packed >> 63 == 0 && packed & TOO_BIG6 != 0 {
+        return unpack(too_big_v6_sub(
             XdpContext { ctx: ctx.ctx },
             l2.l3_off,
-            packed & 0xffff_ffff,
-            l2_mode as u64,
-        );
-        return match unpack_tx(sent) {
-            Ok(verdict) => Ok((verdict, if l2_mode { Action::L2 } else { Action::Encap })),
-            Err(Blocked::Drop(r)) => Err(r),
-            Err(Blocked::TooBig(_)) if packed & TRANSMIT6_ICMP_ERROR != 0 => {
-                Err(DropReason::MtuExceeded)
-            }
-            // Tell the client the size that fits once encapsulated (never below the
-            // IPv6 minimum MTU).
-            Err(Blocked::TooBig(mtu)) => {
-                let overhead = if l2_mode { 0 } else { encap::IP6IP6_OVERHEAD };
-                let mtu = mtu.saturating_sub(overhead).max(1280);
-                unpack(too_big_v6_sub(
-                    XdpContext { ctx: ctx.ctx },
-                    l2.l3_off,
-                    l2.vlans,
-                    mtu as u64,
-                ))
-            }
-        };
+            l2.vlans,
+            packed & 0xffff,
+        ));
     }
     unpack(packed)
 }
@@ -150,8 +141,9 @@ fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> bool {
     )
 }
 
-/// What the pipeline decided: a verdict, or (IPv6) a backend to transmit to, which the
-/// entry point does in a subprogram of its own so the two frames never stack up.
+/// What the pipeline decided: a verdict, or (IPv6) that the packet is too big for the
+/// route to its backend, which the entry point answers in a subprogram of its own so the
+/// two frames never stack up.
 ///
 /// A plain struct with every field always set: with an enum, LLVM copied the unset
 /// fields of one variant as undefined registers, which the verifier rejects.
@@ -159,21 +151,18 @@ fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> bool {
 struct Outcome {
     verdict: u32,
     action: Action,
-    transmit6: bool,
-    backend: u32,
-    l2: bool,
-    icmp_error: bool,
+    too_big6: bool,
+    /// The MTU to announce when `too_big6`.
+    mtu: u16,
 }
 
 impl Outcome {
-    fn transmit6(backend: u32, l2: bool, icmp_error: bool) -> Self {
+    fn too_big6(mtu: u16) -> Self {
         Outcome {
             verdict: 0,
-            action: Action::Pass,
-            transmit6: true,
-            backend,
-            l2,
-            icmp_error,
+            action: Action::TooBig,
+            too_big6: true,
+            mtu,
         }
     }
 }
@@ -183,32 +172,19 @@ impl From<(u32, Action)> for Outcome {
         Outcome {
             verdict,
             action,
-            transmit6: false,
-            backend: 0,
-            l2: false,
-            icmp_error: false,
+            too_big6: false,
+            mtu: 0,
         }
     }
 }
 
-const TRANSMIT6: u64 = 1 << 62;
-const TRANSMIT6_L2: u64 = 1 << 32;
-const TRANSMIT6_ICMP_ERROR: u64 = 1 << 33;
+const TOO_BIG6: u64 = 1 << 62;
 
 /// Packs a pipeline result into one register (subprograms return in r0).
 #[inline(always)]
 fn pack(r: Result<Outcome, DropReason>) -> u64 {
     match r {
-        Ok(o) if o.transmit6 => {
-            TRANSMIT6
-                | o.backend as u64
-                | if o.l2 { TRANSMIT6_L2 } else { 0 }
-                | if o.icmp_error {
-                    TRANSMIT6_ICMP_ERROR
-                } else {
-                    0
-                }
-        }
+        Ok(o) if o.too_big6 => TOO_BIG6 | o.mtu as u64,
         Ok(o) => o.verdict as u64 | (o.action as u64) << 8,
         Err(reason) => 1 << 63 | reason as u64,
     }
@@ -223,13 +199,9 @@ fn unpack(v: u64) -> Result<(u32, Action), DropReason> {
     Ok(((v & 0xff) as u32, action))
 }
 
+/// The balancer's IPv4 path, for a packet that may be for a VIP (the result packed).
 #[inline(never)]
 fn ipv4_path(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
-    // Traffic to an address the VIP index does not hold is not ours: passed before any
-    // header is parsed (see `may_be_for_a_vip_v4`).
-    if !may_be_for_a_vip_v4(&ctx, l3_off) {
-        return pack(Ok(PASS.into()));
-    }
     let l2 = eth::L2 {
         ether_type: eth::ETH_P_IP,
         l3_off,
@@ -238,11 +210,9 @@ fn ipv4_path(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
     pack(ipv4_packet(&ctx, &l2))
 }
 
+/// The balancer's IPv6 path, transmission included (the result packed).
 #[inline(never)]
 fn ipv6_path(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
-    if !may_be_for_a_vip_v6(&ctx, l3_off) {
-        return pack(Ok(PASS.into()));
-    }
     let l2 = eth::L2 {
         ether_type: eth::ETH_P_IPV6,
         l3_off,
@@ -795,13 +765,22 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     }
     stats::backend(choice.id, pkt.tot_len as u64);
 
-    match forward(ctx, l2, pkt, &vip, &choice, false) {
+    match forward(ctx, l2, pkt, &vip, &choice) {
         Ok(done) => Ok(done),
         Err(Blocked::Drop(r)) => Err(r),
         // A packet that would not fit once encapsulated: tell the client the size that
         // does, so its next packets fit (TCP lowers its MSS). Sent for IPv4 without DF
         // too, since the balancer cannot fragment; Linux honours it for such traffic.
-        // (IPv6 does this in the entry point; see `Outcome`.)
+        // (IPv6 answers in the entry point; see `Outcome`.)
+        Err(Blocked::TooBig(mtu)) if pkt.family != FAMILY_V4 => {
+            // Never announced below the IPv6 minimum MTU.
+            let overhead = if vip.flags & SERVICE_F_L2 != 0 {
+                0
+            } else {
+                encap::IP6IP6_OVERHEAD
+            };
+            Ok(Outcome::too_big6(mtu.saturating_sub(overhead).max(1280)))
+        }
         Err(Blocked::TooBig(mtu)) => {
             let overhead = if vip.flags & SERVICE_F_L2 != 0 {
                 0
@@ -864,8 +843,8 @@ fn source_allowed(pkt: &Pkt, service: u32) -> bool {
     }
 }
 
-/// Sends a packet of `vip` to the chosen backend: locally, by MAC rewrite, or by IPIP;
-/// IPv6 transmission is handed to the entry point (`Outcome::transmit6`).
+/// Sends a packet of `vip` to the chosen backend: locally, by MAC rewrite, or in a tunnel
+/// (IPIP, IPv6-in-IPv6).
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
@@ -873,14 +852,14 @@ fn forward(
     pkt: &Pkt,
     vip: &VipInfo,
     choice: &conntrack::Choice,
-    icmp_error: bool,
 ) -> Result<Outcome, Blocked> {
     if choice.flags & BACKEND_F_LOCAL != 0 {
         return Ok((xdp_action::XDP_PASS, Action::Local).into());
     }
     let l2_mode = vip.flags & SERVICE_F_L2 != 0;
+    let action = if l2_mode { Action::L2 } else { Action::Encap };
     if pkt.family != FAMILY_V4 {
-        return Ok(Outcome::transmit6(choice.id, l2_mode, icmp_error));
+        return Ok((tx6(ctx, l2.l3_off, pkt, choice.id, l2_mode)?, action).into());
     }
     let baddr = choice.addr_v4.to_ne_bytes();
     let src = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
@@ -899,49 +878,19 @@ fn forward(
     }
 }
 
-// The IPv6 transmit paths run as subprograms with frames of their own (see try_l3lb).
-
+/// Transmits the IPv6 packet `pkt` at `l3_off` to backend `backend` (MAC rewrite when
+/// `l2`, else IPv6-in-IPv6).
 #[inline(always)]
-fn pack_tx(r: Result<u32, Blocked>) -> u64 {
-    match r {
-        Ok(v) => v as u64,
-        Err(Blocked::Drop(reason)) => 1 << 63 | reason as u64,
-        Err(Blocked::TooBig(mtu)) => 1 << 62 | mtu as u64,
-    }
-}
-
-#[inline(always)]
-fn unpack_tx(v: u64) -> Result<u32, Blocked> {
-    if v >> 63 != 0 {
-        return match unpack(v) {
-            Err(r) => Err(Blocked::Drop(r)),
-            Ok(_) => Err(Blocked::Drop(DropReason::Truncated)),
-        };
-    }
-    if v >> 62 != 0 {
-        return Err(Blocked::TooBig((v & 0xffff) as u16));
-    }
-    Ok(v as u32)
-}
-
-/// Transmits the IPv6 packet at `l3_off` to backend `backend` (MAC rewrite when `l2`).
-#[inline(never)]
-fn tx6_sub(ctx: XdpContext, l3_off: usize, backend: u64, l2: u64) -> u64 {
-    pack_tx(tx6(&ctx, l3_off, backend as u32, l2 != 0))
-}
-
-#[inline(always)]
-fn tx6(ctx: &XdpContext, l3_off: usize, backend: u32, l2: bool) -> Result<u32, Blocked> {
+fn tx6(ctx: &XdpContext, l3_off: usize, pkt: &Pkt, backend: u32, l2: bool) -> Result<u32, Blocked> {
     let b = BACKENDS
         .get(backend)
         .ok_or(Blocked::Drop(DropReason::NoBackend))?;
     // SAFETY: a Backend is 4-aligned and starts with its 16 address bytes.
     let addr: encap::Addr6 = unsafe { *(b as *const lb_common::Backend as *const encap::Addr6) };
-    let ip = ipv6::parse(ctx, l3_off)?;
     if l2 {
-        encap::l2_forward_v6(ctx, backend, &addr, &ip.src, ip.tot_len)
+        encap::l2_forward_v6(ctx, backend, &addr, &pkt.src, pkt.tot_len)
     } else {
-        encap::ip6ip6_forward(ctx, backend, &addr, l3_off, ip.tot_len)
+        encap::ip6ip6_forward(ctx, backend, &addr, l3_off, pkt.tot_len)
     }
 }
 
@@ -1009,7 +958,7 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
     let choice = conntrack::owner(&key, &vip).ok_or(DropReason::NoBackend)?;
     stats::service(vip.service, pkt.tot_len as u64, false);
     stats::backend(choice.id, pkt.tot_len as u64);
-    match forward(ctx, l2, pkt, &vip, &choice, true) {
+    match forward(ctx, l2, pkt, &vip, &choice) {
         Ok(done) => Ok(done),
         Err(Blocked::Drop(r)) => Err(r),
         Err(Blocked::TooBig(_)) => Err(DropReason::MtuExceeded),
