@@ -96,15 +96,16 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     } else {
         return Ok(PASS);
     };
-    // An IPv6 packet too big for its backend's route: the client is told the size that
-    // fits, in a subprogram of its own (the reply needs a frame the path's cannot spare).
-    if packed >> 63 == 0 && packed & TOO_BIG6 != 0 {
-        return unpack(too_big_v6_sub(
-            XdpContext { ctx: ctx.ctx },
-            l2.l3_off,
-            l2.vlans,
-            packed & 0xffff,
-        ));
+    // A packet too big for its backend's route: the client is told the size that fits,
+    // in a subprogram of its own, which keeps the rarely used reply code out of the
+    // paths' (and its frame out of theirs).
+    if packed >> 63 == 0 && packed & TOO_BIG != 0 {
+        let ctx = XdpContext { ctx: ctx.ctx };
+        return unpack(if l2.ether_type == eth::ETH_P_IP {
+            frag_needed_v4_sub(ctx, l2.l3_off, l2.vlans, packed)
+        } else {
+            too_big_v6_sub(ctx, l2.l3_off, l2.vlans, packed & 0xffff)
+        });
     }
     unpack(packed)
 }
@@ -141,9 +142,8 @@ fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> bool {
     )
 }
 
-/// What the pipeline decided: a verdict, or (IPv6) that the packet is too big for the
-/// route to its backend, which the entry point answers in a subprogram of its own so the
-/// two frames never stack up.
+/// What the pipeline decided: a verdict, or that the packet is too big for the route to
+/// its backend, which the entry point answers in a subprogram of its own.
 ///
 /// A plain struct with every field always set: with an enum, LLVM copied the unset
 /// fields of one variant as undefined registers, which the verifier rejects.
@@ -151,18 +151,21 @@ fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> bool {
 struct Outcome {
     verdict: u32,
     action: Action,
-    too_big6: bool,
-    /// The MTU to announce when `too_big6`.
+    too_big: bool,
+    /// The MTU to announce when `too_big`.
     mtu: u16,
+    /// The IPv4 header's length when `too_big` (the reply quotes it).
+    hdr_len: u8,
 }
 
 impl Outcome {
-    fn too_big6(mtu: u16) -> Self {
+    fn too_big(mtu: u16, hdr_len: u8) -> Self {
         Outcome {
             verdict: 0,
             action: Action::TooBig,
-            too_big6: true,
+            too_big: true,
             mtu,
+            hdr_len,
         }
     }
 }
@@ -172,19 +175,20 @@ impl From<(u32, Action)> for Outcome {
         Outcome {
             verdict,
             action,
-            too_big6: false,
+            too_big: false,
             mtu: 0,
+            hdr_len: 0,
         }
     }
 }
 
-const TOO_BIG6: u64 = 1 << 62;
+const TOO_BIG: u64 = 1 << 62;
 
 /// Packs a pipeline result into one register (subprograms return in r0).
 #[inline(always)]
 fn pack(r: Result<Outcome, DropReason>) -> u64 {
     match r {
-        Ok(o) if o.too_big6 => TOO_BIG6 | o.mtu as u64,
+        Ok(o) if o.too_big => TOO_BIG | (o.hdr_len as u64) << 16 | o.mtu as u64,
         Ok(o) => o.verdict as u64 | (o.action as u64) << 8,
         Err(reason) => 1 << 63 | reason as u64,
     }
@@ -781,13 +785,13 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
                 encap::IP6IP6_OVERHEAD
             };
             let mtu = mtu.saturating_sub(overhead);
-            // IPv6 answers in the entry point (see `Outcome`), never announcing less than
-            // the IPv6 minimum MTU.
-            if !v4 {
-                return Ok(Outcome::too_big6(mtu.max(1280)));
-            }
-            let verdict = icmp::frag_needed_v4(ctx, l2.l3_off, l2.vlans, pkt.hdr_len, mtu)?;
-            Ok((verdict, Action::TooBig).into())
+            // The entry point answers (see `Outcome`); IPv6 never announces less than its
+            // minimum MTU.
+            Ok(if v4 {
+                Outcome::too_big(mtu, pkt.hdr_len as u8)
+            } else {
+                Outcome::too_big(mtu.max(1280), 0)
+            })
         }
     }
 }
@@ -885,6 +889,15 @@ fn tx6(ctx: &XdpContext, l3_off: usize, pkt: &Pkt, backend: u32, l2: bool) -> Re
     } else {
         encap::ip6ip6_forward(ctx, backend, &addr, l3_off, pkt.tot_len)
     }
+}
+
+/// Answers the IPv4 packet at `l3_off` with "fragmentation needed" announcing the MTU in
+/// `packed`'s low 16 bits (its header length in the next 8).
+#[inline(never)]
+fn frag_needed_v4_sub(ctx: XdpContext, l3_off: usize, vlans: usize, packed: u64) -> u64 {
+    let hdr_len = ((packed >> 16) & 0xff) as usize;
+    let r = icmp::frag_needed_v4(&ctx, l3_off, vlans, hdr_len, (packed & 0xffff) as u16);
+    pack(r.map(|v| (v, Action::TooBig).into()))
 }
 
 /// Answers the IPv6 packet at `l3_off` with "packet too big" announcing `mtu`.
