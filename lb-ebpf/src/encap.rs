@@ -20,12 +20,13 @@ use crate::{csum, parse::ptr_at};
 static ENCAP_SRC_V4: u32 = 0;
 
 /// Source address of outer IPv6 headers; set by the agent at load time (16 bytes, held
-/// as 16-bit words so the header is built from word loads).
+/// as two 64-bit words so the header is built from word loads).
 #[unsafe(no_mangle)]
-static ENCAP_SRC_V6: Addr6 = [0; 8];
+static ENCAP_SRC_V6: Addr6 = [0; 2];
 
-/// An IPv6 address as its eight 16-bit words in memory order (network byte order kept).
-pub type Addr6 = [u16; 8];
+/// An IPv6 address as two 64-bit words in memory order (network byte order kept): two
+/// loads and stores each, where bytes would take sixteen.
+pub type Addr6 = [u64; 2];
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -130,7 +131,7 @@ pub fn next_hop_v6(
     p.family = AF_INET6;
     p.__bindgen_anon_1.tot_len = tot_len;
     p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    // SAFETY: [u16; 8] and [u32; 4] have the same size and every bit pattern is valid.
+    // SAFETY: [u64; 2] and [u32; 4] have the same size and every bit pattern is valid.
     let words = |a: &Addr6| -> [u32; 4] { unsafe { core::mem::transmute(*a) } };
     p.__bindgen_anon_3.ipv6_src = words(src);
     p.__bindgen_anon_4.ipv6_dst = words(dst);
@@ -146,8 +147,8 @@ pub fn l2_forward_v6(
     src: &[u8; 16],
     tot_len: u16,
 ) -> Result<u32, Blocked> {
-    let hop = cached_hop(id, v6_key(backend), tot_len, || {
-        // SAFETY: [u8; 16] and [u16; 8] have the same size and every bit pattern is valid.
+    let hop = cached_hop(id, *backend, tot_len, || {
+        // SAFETY: [u8; 16] and [u64; 2] have the same size and every bit pattern is valid.
         let src: Addr6 = unsafe { core::mem::transmute(*src) };
         next_hop_v6(ctx, &src, backend, tot_len)
     })?;
@@ -171,7 +172,7 @@ pub fn ip6ip6_forward(
     let outer_len = tot_len
         .checked_add(IP6IP6_OVERHEAD)
         .ok_or(Blocked::TooBig(0))?;
-    let hop = cached_hop(id, v6_key(backend), outer_len, || {
+    let hop = cached_hop(id, *backend, outer_len, || {
         next_hop_v6(ctx, &src, backend, outer_len)
     })?;
     // The traffic class is carried over to the outer header.
@@ -182,36 +183,23 @@ pub fn ip6ip6_forward(
         return Err(Blocked::Drop(DropReason::AdjustFailed));
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    let outer: *mut [u16; 20] = ptr_at(ctx, EthHdr::LEN)?;
-    // Stored in 16-bit words in memory order (2-aligned after the 14-byte Ethernet
-    // header), not byte by byte.
-    let (s, b) = (src, backend);
-    let h = [
-        u16::from_ne_bytes([0x60 | (b0 & 0x0f), b1 & 0xf0]),
-        0,
-        tot_len.to_be(),
-        u16::from_ne_bytes([lb_common::PROTO_IPV6, 64]),
-        s[0],
-        s[1],
-        s[2],
-        s[3],
-        s[4],
-        s[5],
-        s[6],
-        s[7],
-        b[0],
-        b[1],
-        b[2],
-        b[3],
-        b[4],
-        b[5],
-        b[6],
-        b[7],
-    ];
+    let outer: *mut [u64; 5] = ptr_at(ctx, EthHdr::LEN)?;
+    // Version and traffic class, a zero flow label, payload length, next header and hop
+    // limit: the header's first eight bytes as one word in memory order.
+    let first = u16::from_ne_bytes([0x60 | (b0 & 0x0f), b1 & 0xf0]) as u64
+        | (tot_len.to_be() as u64) << 32
+        | (u16::from_ne_bytes([lb_common::PROTO_IPV6, 64]) as u64) << 48;
     write_macs(ctx, &hop)?;
+    let o = outer as *mut u8;
+    // SAFETY: 40 bytes `ptr_at` checked; stored in 64-bit words (2-aligned after the
+    // 14-byte Ethernet header, see `parse::store64`), not byte by byte.
     unsafe {
         (*eth).ether_type = crate::parse::eth::ETH_P_IPV6;
-        *outer = h;
+        crate::parse::store64(o, first);
+        crate::parse::store64(o.add(8), src[0]);
+        crate::parse::store64(o.add(16), src[1]);
+        crate::parse::store64(o.add(24), backend[0]);
+        crate::parse::store64(o.add(32), backend[1]);
     }
     Ok(transmit(ctx, &hop))
 }
@@ -359,13 +347,6 @@ fn cached_hop(
 #[inline(always)]
 fn v4_key(addr: [u8; 4]) -> [u64; 2] {
     [u32::from_ne_bytes(addr) as u64, 0]
-}
-
-/// An IPv6 address as the two words the cache keys on.
-#[inline(always)]
-pub fn v6_key(addr: &Addr6) -> [u64; 2] {
-    // SAFETY: [u16; 8] and [u64; 2] have the same size and every bit pattern is valid.
-    unsafe { core::mem::transmute(*addr) }
 }
 
 /// Points the frame's Ethernet addresses at `hop` (VLAN tags and payload untouched) and

@@ -882,8 +882,12 @@ fn tx6(ctx: &XdpContext, l3_off: usize, pkt: &Pkt, backend: u32, l2: bool) -> Re
     let b = BACKENDS
         .get(backend)
         .ok_or(Blocked::Drop(DropReason::NoBackend))?;
-    // SAFETY: a Backend is 4-aligned and starts with its 16 address bytes.
-    let addr: encap::Addr6 = unsafe { *(b as *const lb_common::Backend as *const encap::Addr6) };
+    // SAFETY: a Backend starts with its 16 address bytes; one load per word (the entry
+    // is only 4-aligned).
+    let addr: encap::Addr6 = unsafe {
+        let p = b as *const lb_common::Backend as *const u8;
+        [parse::load64(p), parse::load64(p.add(8))]
+    };
     if l2 {
         encap::l2_forward_v6(ctx, backend, &addr, &pkt.src, pkt.tot_len)
     } else {

@@ -94,3 +94,16 @@ frame_load!(
     /// As for `load16`, with eight bytes.
     load64 -> u64, "{v} = *(u64 *)({p} + 0)"
 );
+
+/// Writes `v` to the frame at `p` with one store instruction (the other way round from
+/// `load16`; LLVM splits an unaligned store into single bytes the same way).
+///
+/// # Safety
+/// `p` must point into the frame, with the eight bytes checked against its end.
+#[inline(always)]
+pub unsafe fn store64(p: *mut u8, v: u64) {
+    unsafe {
+        core::arch::asm!("*(u64 *)({p} + 0) = {v}", p = in(reg) p, v = in(reg) v,
+            options(nostack, preserves_flags));
+    }
+}
