@@ -183,7 +183,7 @@ pub fn ip6ip6_forward(
         return Err(Blocked::Drop(DropReason::AdjustFailed));
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    let outer: *mut [u64; 5] = ptr_at(ctx, EthHdr::LEN)?;
+    let outer: *mut [u8; 40] = ptr_at(ctx, EthHdr::LEN)?;
     // Version and traffic class, a zero flow label, payload length, next header and hop
     // limit: the header's first eight bytes as one word in memory order.
     let first = u16::from_ne_bytes([0x60 | (b0 & 0x0f), b1 & 0xf0]) as u64
