@@ -101,10 +101,12 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     // paths' (and its frame out of theirs).
     if packed >> 63 == 0 && packed & TOO_BIG != 0 {
         let ctx = XdpContext { ctx: ctx.ctx };
+        let mtu = packed & 0xffff;
         return unpack(if l2.ether_type == eth::ETH_P_IP {
-            frag_needed_v4_sub(ctx, l2.l3_off, l2.vlans, packed)
+            let hdr_len = (packed >> 16) & 0xff;
+            frag_needed_v4_sub(ctx, l2.l3_off, l2.vlans, hdr_len, mtu)
         } else {
-            too_big_v6_sub(ctx, l2.l3_off, l2.vlans, packed & 0xffff)
+            too_big_v6_sub(ctx, l2.l3_off, l2.vlans, mtu)
         });
     }
     unpack(packed)
@@ -184,7 +186,8 @@ impl From<(u32, Action)> for Outcome {
 
 const TOO_BIG: u64 = 1 << 62;
 
-/// Packs a pipeline result into one register (subprograms return in r0).
+/// Packs a pipeline result into one register (subprograms return in r0); "too big" carries
+/// the MTU in bits 0–15 and the IPv4 header length in bits 16–23.
 #[inline(always)]
 fn pack(r: Result<Outcome, DropReason>) -> u64 {
     match r {
@@ -895,12 +898,11 @@ fn tx6(ctx: &XdpContext, l3_off: usize, pkt: &Pkt, backend: u32, l2: bool) -> Re
     }
 }
 
-/// Answers the IPv4 packet at `l3_off` with "fragmentation needed" announcing the MTU in
-/// `packed`'s low 16 bits (its header length in the next 8).
+/// Answers the IPv4 packet at `l3_off` (header `hdr_len` bytes) with "fragmentation
+/// needed" announcing `mtu`.
 #[inline(never)]
-fn frag_needed_v4_sub(ctx: XdpContext, l3_off: usize, vlans: usize, packed: u64) -> u64 {
-    let hdr_len = ((packed >> 16) & 0xff) as usize;
-    let r = icmp::frag_needed_v4(&ctx, l3_off, vlans, hdr_len, (packed & 0xffff) as u16);
+fn frag_needed_v4_sub(ctx: XdpContext, l3_off: usize, vlans: usize, hdr_len: u64, mtu: u64) -> u64 {
+    let r = icmp::frag_needed_v4(&ctx, l3_off, vlans, hdr_len as usize, mtu as u16);
     pack(r.map(|v| (v, Action::TooBig).into()))
 }
 
