@@ -85,6 +85,7 @@ fn run() -> Result<()> {
     let mut throughput_only = false;
     let mut profile = None;
     let mut json = None;
+    let mut compare_with = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -94,9 +95,15 @@ fn run() -> Result<()> {
             // For profiling the veth path: just the throughput table.
             "--throughput-only" => throughput_only = true,
             "--profile" => profile = Some(args.next().context("--profile needs a path name")?),
+            // For working on the data plane: this build against another object, path by path.
+            "--compare" => {
+                compare_with = Some(PathBuf::from(
+                    args.next().context("--compare needs an object file")?,
+                ))
+            }
             "--json" => json = Some(PathBuf::from(args.next().context("--json needs a path")?)),
             other => bail!(
-                "unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--throughput-only] [--profile PATH_NAME] [--json PATH]"
+                "unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--throughput-only] [--profile PATH_NAME] [--compare OBJECT] [--json PATH]"
             ),
         }
     }
@@ -140,6 +147,10 @@ fn run() -> Result<()> {
             ),
     )?;
 
+    if let Some(path) = &compare_with {
+        let other = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        return compare(&settings, ifindex, &other);
+    }
     if throughput_only {
         let throughput = throughput(&settings.throughput)?;
         print_throughput(&throughput);
@@ -574,54 +585,116 @@ fn load_floor() -> Result<aya::Ebpf> {
     Ok(obj)
 }
 
-fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
-    const XDP_PASS: u32 = 2;
-    const XDP_TX: u32 = 3;
-    let dp = load(false, s.flows)?;
-    let decap = load(true, 16)?;
-    let floor_obj = load_floor()?;
-    let floor: &Xdp = floor_obj
-        .program(lb_common::FLOOR_PROGRAM_NAME)
-        .context("floor program")?
-        .try_into()?;
-    let prog = dp.program()?;
-    // The shipped program, whose log statements are off (AYA_LOG_LEVEL = 0), against the
-    // same program with them compiled out: two loads set up alike and timed only against
-    // each other (the first load above, which every path runs on, measured 1-3 % slower
-    // than a second load of itself).
-    let logs_off = load(false, s.flows)?;
-    let logs_off_prog = logs_off.program()?;
-    let no_log = load_object(l3lb_tests::OBJECT_WITHOUT_LOG, false, s.flows)
-        .context("the object without log statements")?;
-    let no_log_prog = no_log.program()?;
+/// Loads of each object in `--compare`: where a load's maps and code land in memory moves
+/// its per-packet figure by a few per cent (two loads of one object differ by up to 5 %),
+/// so each side is loaded several times, in alternating order, and the loads are paired.
+const COMPARE_LOADS: usize = 3;
 
-    let live = fill_connection_table(&dp, s.flows)?;
-    fill_connection_table(&logs_off, s.flows)?;
-    fill_connection_table(&no_log, s.flows)?;
+/// `--compare OBJECT`: each per-packet path of this build against the same path of another
+/// build of lb-ebpf (an object file), in A/B pairs within one run (see `paired`), so that
+/// a data-plane change is judged by a ratio the machine's drift cannot skew. Prints
+/// this/other per path: the median over loads and rounds, and each load pair's median.
+fn compare(s: &Settings, ifindex: u32, other: &[u8]) -> Result<()> {
+    let mut this = Vec::new();
+    let mut that = Vec::new();
+    for i in 0..COMPARE_LOADS {
+        // This build first in even pairs, the other object first in odd ones.
+        for first in [i % 2 == 0, i % 2 != 0] {
+            if first {
+                this.push((load(false, s.flows)?, load(true, 16)?));
+            } else {
+                that.push((
+                    load_object(other, false, s.flows).context("the object to compare with")?,
+                    load_object(other, true, 16).context("the object to compare with")?,
+                ));
+            }
+        }
+    }
+    for ((a, _), (b, _)) in this.iter().zip(&that) {
+        prepare(a, &[b], s.flows, ifindex)?;
+    }
+    let paths = per_packet_paths();
+    let mut pairs: Vec<[(&Xdp, &[u8]); 2]> = Vec::new();
+    for ((a, a_decap), (b, b_decap)) in this.iter().zip(&that) {
+        for p in &paths {
+            let (a, b) = if p.name == "decap" {
+                (a_decap.program()?, b_decap.program()?)
+            } else {
+                (a.program()?, b.program()?)
+            };
+            for (which, prog) in [("this build", a), ("the other object", b)] {
+                let r = run_xdp(prog, ifindex, &p.frame)?;
+                if r.verdict != p.expect {
+                    bail!(
+                        "path {} returned verdict {} instead of {} in {which}",
+                        p.name,
+                        r.verdict,
+                        p.expect
+                    );
+                }
+            }
+            pairs.push([(a, &p.frame), (b, &p.frame)]);
+        }
+    }
+    // ratios[load][path]: one per round.
+    let mut ratios = vec![vec![Vec::new(); paths.len()]; COMPARE_LOADS];
+    for _ in 0..s.rounds {
+        for (i, [a, b]) in paired(&pairs, ifindex, s.calls)?.into_iter().enumerate() {
+            ratios[i / paths.len()][i % paths.len()].push(a / b);
+        }
+    }
+    println!(
+        "\nTHIS BUILD / OTHER OBJECT  (per-packet ns; {COMPARE_LOADS} loads of each, paired; {} calls x {} rounds)",
+        s.calls, s.rounds
+    );
+    println!("  {:<26} {:>7}   EACH LOAD PAIR", "PATH", "MEDIAN");
+    for (j, p) in paths.iter().enumerate() {
+        let all: Vec<f64> = ratios.iter().flat_map(|l| l[j].iter().copied()).collect();
+        let each: Vec<String> = ratios
+            .iter()
+            .map(|l| format!("{:.3}", median(l[j].clone())))
+            .collect();
+        println!("  {:<26} {:>7.3}   {}", p.name, median(all), each.join(" "));
+    }
+    Ok(())
+}
+
+/// Fills the connection tables of `main` and `others` with `flows` flows and starts the
+/// flows the established paths send on; returns the entries live in `main`'s table.
+fn prepare(main: &Dataplane, others: &[&Dataplane], flows: usize, ifindex: u32) -> Result<u64> {
+    let live = fill_connection_table(main, flows)?;
+    for dp in others {
+        fill_connection_table(dp, flows)?;
+    }
     let v6_syn = eth(
         0x86dd,
         &ipv6(CLIENT6, vip6(), PROTO_TCP, &tcp(40000, 80, SYN)),
     );
-    run_xdp(prog, ifindex, &v6_syn)?;
+    let syn = eth(
+        0x0800,
+        &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, SYN)),
+    );
+    for dp in std::iter::once(&main).chain(others) {
+        let p = dp.program()?;
+        run_xdp(p, ifindex, &v6_syn)?;
+        run_xdp(p, ifindex, &syn)?;
+    }
+    Ok(live)
+}
+
+/// The per-packet paths: name, frame, expected verdict, target.
+fn per_packet_paths() -> Vec<Path> {
+    const XDP_PASS: u32 = 2;
+    const XDP_TX: u32 = 3;
     let est = eth(
         0x0800,
         &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, ACK)),
     );
-    for p in [prog, logs_off_prog, no_log_prog] {
-        run_xdp(
-            p,
-            ifindex,
-            &eth(
-                0x0800,
-                &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, SYN)),
-            ),
-        )?;
-    }
     let mut inner = ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, ACK));
     inner[6] = 0x40;
     let decap_frame = eth(0x0800, &ipv4(BALANCER, NODE, 4, &inner));
 
-    let paths = [
+    vec![
         Path {
             name: "non_vip_pass",
             frame: eth(
@@ -672,7 +745,30 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
             expect: XDP_PASS,
             target_ratio: 1.6,
         },
-    ];
+    ]
+}
+
+fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
+    let dp = load(false, s.flows)?;
+    let decap = load(true, 16)?;
+    let floor_obj = load_floor()?;
+    let floor: &Xdp = floor_obj
+        .program(lb_common::FLOOR_PROGRAM_NAME)
+        .context("floor program")?
+        .try_into()?;
+    let prog = dp.program()?;
+    // The shipped program, whose log statements are off (AYA_LOG_LEVEL = 0), against the
+    // same program with them compiled out: two loads set up alike and timed only against
+    // each other (the first load above, which every path runs on, measured 1-3 % slower
+    // than a second load of itself).
+    let logs_off = load(false, s.flows)?;
+    let logs_off_prog = logs_off.program()?;
+    let no_log = load_object(l3lb_tests::OBJECT_WITHOUT_LOG, false, s.flows)
+        .context("the object without log statements")?;
+    let no_log_prog = no_log.program()?;
+
+    let live = prepare(&dp, &[&logs_off, &no_log], s.flows, ifindex)?;
+    let paths = per_packet_paths();
     for p in &paths {
         let which = if p.name == "decap" {
             decap.program()?
