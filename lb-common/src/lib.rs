@@ -136,6 +136,11 @@ pub mod map_names {
     pub const AYA_LOGS: &str = "AYA_LOGS";
     /// Per CPU: a backend choice the program logs at its end; only with debug logs on.
     pub const LOG_NOTE: &str = "L3LB_LOG_NOTE";
+    /// Slot → program: the programs `l3lb` tail-calls (`PATH_PROGRAMS`); filled by the
+    /// agent at load time, pinned with the other maps so that a program left attached
+    /// between two agents keeps them (the kernel empties a program array no file or pin
+    /// refers to).
+    pub const PATHS: &str = "L3LB_PATHS";
 }
 
 /// Names of the load-time globals in the XDP object.
@@ -162,6 +167,21 @@ pub mod globals {
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "l3lb";
+/// Slot in `L3LB_PATHS` of the IPv6 balancer path (tail-called by `l3lb`).
+pub const PATH_V6: u32 = 0;
+/// Slot in `L3LB_PATHS` of the IPv6 "packet too big" reply (tail-called by the IPv6 path).
+pub const PATH_TOO_BIG_V6: u32 = 1;
+/// Slot in `L3LB_PATHS` of the program that counts and logs the IPv6 programs' outcome
+/// while debug logs are on.
+pub const PATH_LOG_OUTCOME: u32 = 2;
+/// The programs reached by tail call from `PROGRAM_NAME`, with their `L3LB_PATHS` slots:
+/// each has a 512-byte stack of its own, which the IPv4 path inlined into the entry point
+/// leaves too little of for them.
+pub const PATH_PROGRAMS: [(&str, u32); 3] = [
+    ("l3lb_v6", PATH_V6),
+    ("l3lb_too_big_v6", PATH_TOO_BIG_V6),
+    ("l3lb_log_outcome", PATH_LOG_OUTCOME),
+];
 /// Name of the benchmark floor program in the object (MAC swap + `XDP_TX`).
 pub const FLOOR_PROGRAM_NAME: &str = "l3lb_floor";
 /// Name of the benchmark's live-frame generator program in the object.
@@ -814,6 +834,9 @@ counted_enum! {
         FragmentUnknown = 12 => "fragment_unknown",
         /// An ICMP error to a VIP that quotes no flow of a VIP (or quotes it truncated).
         IcmpUnmatched = 13 => "icmp_unmatched",
+        /// The program for the packet's path was missing from `L3LB_PATHS` (an agent that
+        /// did not finish loading): never expected.
+        ProgramMissing = 14 => "program_missing",
     }
     count DROP_REASON_COUNT
 }

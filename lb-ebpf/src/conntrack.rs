@@ -21,7 +21,7 @@ pub struct Choice {
     /// Backend id.
     pub id: u32,
     /// The backend's IPv4 address (its first address word, memory order); IPv6
-    /// transmission reads the whole entry again in its own subprogram.
+    /// transmission reads the whole entry again.
     pub addr_v4: u32,
     /// The backend's `BACKEND_F_*` bits.
     pub flags: u8,

@@ -12,9 +12,11 @@
 //! function here is empty.
 //!
 //! Where the statements run, and why:
-//! - At the entry point only, after the pipeline: its subprograms use most of the 512-byte
+//! - At the end of a program, after the pipeline: its subprograms use most of the 512-byte
 //!   stack that a call chain shares. A backend choice made deep inside is noted in a
-//!   per-CPU map (`LOG_NOTE`) and logged there.
+//!   per-CPU map (`LOG_NOTE`) and logged there. The IPv6 programs' own frames leave too
+//!   little for these functions: with logs on they hand their outcome to
+//!   `l3lb_log_outcome` by tail call (see `finish_deep`).
 //! - Labels (drop reasons, actions) come from fixed-size tables indexed by the value, not
 //!   from a `match`: the verifier would follow every statement once per label, since each
 //!   has its own length, and a program with logs on would exceed its complexity limit.
@@ -44,6 +46,12 @@ mod enabled {
         maps::{LOG_NOTE, LogNote},
         parse::{eth, ptr_at},
     };
+
+    /// Whether the statements are on (the verifier knows, as it knows the level).
+    #[inline(always)]
+    pub fn on() -> bool {
+        level_enabled(Level::Debug)
+    }
 
     /// Room for the longest label (drop reason or action).
     const LABEL_MAX: usize = 24;
@@ -284,6 +292,12 @@ mod enabled {
 mod disabled {
     use aya_ebpf::programs::XdpContext;
     use lb_common::{Action, DropReason, FlowKey};
+
+    /// Compiled out (no `log` feature).
+    #[inline(always)]
+    pub fn on() -> bool {
+        false
+    }
 
     /// Compiled out (no `log` feature).
     #[inline(always)]

@@ -2,7 +2,9 @@
 //!
 //! One program serves both roles: the balancer (VIP traffic to backends, direct server
 //! return) and the backend (strip IPIP from allowed balancers). Everything else passes
-//! to the stack untouched.
+//! to the stack untouched. The entry point, `l3lb`, runs the IPv4 path inline; IPv6 VIP
+//! traffic continues in `l3lb_v6`, a program of its own (its own 512-byte stack) entered
+//! by tail call through `L3LB_PATHS`.
 #![no_std]
 #![no_main]
 // Inline assembly for whole-word loads from the frame (see `parse::load32`).
@@ -19,7 +21,10 @@ mod parse;
 mod stats;
 
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{xdp_action, xdp_md},
+    programs::XdpContext,
+};
 use lb_common::{
     Action, BACKEND_F_LOCAL, DropReason, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVICE_F_L2,
@@ -30,8 +35,8 @@ use lb_common::{
 use crate::{
     encap::Blocked,
     maps::{
-        BACKENDS, DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, SCRATCH, SETTINGS, SRC_V4, SRC_V6,
-        VIP_INDEX,
+        BACKENDS, DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, PATHS, SCRATCH, SETTINGS, SRC_V4,
+        SRC_V6, VIP_INDEX,
     },
     parse::{eth, ipv4, ipv6, l4, ptr_at},
 };
@@ -41,15 +46,93 @@ use crate::{
 static DECAP_ENABLED: u32 = 0;
 
 /// Entry point: runs the pipeline, counts the outcome and maps it to a verdict.
-#[xdp]
-pub fn l3lb(ctx: XdpContext) -> u32 {
-    match try_l3lb(&ctx) {
+///
+/// Written out instead of with `#[xdp]`, whose wrapper calls the body as a function of its
+/// own: with the IPv4 path inlined the body is too big for LLVM to inline into the
+/// wrapper, and that call (a BPF-to-BPF call and return) would be on every packet.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "xdp")]
+pub extern "C" fn l3lb(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let r = try_l3lb(&ctx);
+    finish(&ctx, r)
+}
+
+/// The IPv6 balancer path: a program of its own, entered from `l3lb` by tail call (slot
+/// `PATH_V6` of `L3LB_PATHS`), so that its 512-byte stack is its own rather than shared
+/// with the IPv4 path inlined into the entry point.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "xdp")]
+pub extern "C" fn l3lb_v6(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let r = try_v6(&ctx);
+    finish_deep(&ctx, r)
+}
+
+/// Answers an IPv6 packet too big for its backend's route with "packet too big": a
+/// program of its own, entered from `l3lb_v6` by tail call (slot `PATH_TOO_BIG_V6`) with
+/// the MTU to announce in this CPU's scratch entry (the reply needs more stack than the
+/// IPv6 path leaves).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "xdp")]
+pub extern "C" fn l3lb_too_big_v6(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let r = try_too_big_v6(&ctx);
+    finish_deep(&ctx, r)
+}
+
+/// Counts and logs the outcome an IPv6 program left in this CPU's scratch entry: entered
+/// by tail call (slot `PATH_LOG_OUTCOME`), only while debug logs are on (see
+/// `finish_deep`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "xdp")]
+pub extern "C" fn l3lb_log_outcome(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let r = match SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's scratch entry, written before the tail call in this same run.
+        Some(s) => unpack(unsafe { (*s).outcome }),
+        None => Err(DropReason::ProgramMissing),
+    };
+    finish(&ctx, r)
+}
+
+/// `finish` for a program whose own frame leaves too little stack for the log statements'
+/// functions (`l3lb_v6`, `l3lb_too_big_v6`): with debug logs on, the outcome goes by tail
+/// call to `l3lb_log_outcome`, which counts and logs it; with logs off (the verifier
+/// knows the level and removes the rest) it is counted here, without logging.
+#[inline(always)]
+fn finish_deep(ctx: &XdpContext, r: Result<(u32, Action), DropReason>) -> u32 {
+    if logs::on()
+        && let Some(s) = SCRATCH.get_ptr_mut(0)
+    {
+        // SAFETY: this CPU's scratch entry; `l3lb_log_outcome` reads it in this same run.
+        unsafe {
+            (*s).outcome = pack(r.map(Outcome::from));
+            PATHS.tail_call(ctx, lb_common::PATH_LOG_OUTCOME);
+        }
+    }
+    match r {
         Ok((verdict, action)) => {
-            stats::action(&ctx, action);
+            stats::count_action(action);
             verdict
         }
         Err(reason) => {
-            stats::drop(&ctx, reason);
+            stats::count_drop(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// Counts a program's outcome and turns it into the verdict.
+#[inline(always)]
+fn finish(ctx: &XdpContext, r: Result<(u32, Action), DropReason>) -> u32 {
+    match r {
+        Ok((verdict, action)) => {
+            stats::action(ctx, action);
+            verdict
+        }
+        Err(reason) => {
+            stats::drop(ctx, reason);
             xdp_action::XDP_DROP
         }
     }
@@ -58,15 +141,10 @@ pub fn l3lb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     let l2 = eth::parse(ctx)?;
-    // Each family runs in its own BPF subprogram: each gets its own 512-byte stack frame
-    // instead of LLVM packing both paths' locals into one.
-    let packed = if l2.ether_type == eth::ETH_P_IP {
+    if l2.ether_type == eth::ETH_P_IP {
         // The decap role: IPIP is looked at in a subprogram of its own, which does the
-        // whole job (checks and decapsulation) without further calls, instead of in the
-        // IPv4 subprogram, which would have to call out for the index searches (its own
-        // stack is too full to inline them): under the SRSO mitigation each BPF-to-BPF
-        // call and return shows in the per-packet figure. Other packets pay one load and
-        // compare of the protocol byte.
+        // whole job (checks and decapsulation) without further calls. Other packets pay
+        // one load and compare of the protocol byte.
         if decap_enabled() && is_ipip(ctx, l2.l3_off) {
             let r = ipv4_decap_sub(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans);
             if r != NOT_OURS {
@@ -74,15 +152,28 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
             }
         }
         // Traffic to an address the VIP index does not hold is not ours: passed before any
-        // header is parsed (see `may_be_for_a_vip_v4`), and without the call into the
-        // path's subprogram (about 0.15 × the floor program's time per packet).
+        // header is parsed (see `may_be_for_a_vip_v4`).
         if !may_be_for_a_vip_v4(ctx, l2.l3_off) {
             return Ok(PASS);
         }
-        ipv4_path(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans)
+        // The IPv4 path runs inline: under this host's SRSO mitigation a call into a
+        // subprogram and its return cost ~7 % of the established path (`bench --compare`).
+        let o = ipv4_packet(ctx, &l2)?;
+        if o.too_big {
+            // The client is told the size that fits, in a subprogram of its own, which
+            // keeps the rarely used reply code and its frame out of the path's.
+            return unpack(frag_needed_v4_sub(
+                XdpContext { ctx: ctx.ctx },
+                l2.l3_off,
+                l2.vlans,
+                o.hdr_len as u64,
+                o.mtu as u64,
+            ));
+        }
+        Ok((o.verdict, o.action))
     } else if l2.ether_type == eth::ETH_P_IPV6 {
         // The same for IPv6-in-IPv6 (the fixed header's next header; a tunnel behind
-        // extension headers is not opened, as before).
+        // extension headers is not opened).
         if decap_enabled() && is_ip6ip6(ctx, l2.l3_off) {
             let r = ipv6_decap_sub(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans);
             if r != NOT_OURS {
@@ -92,24 +183,43 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         if !may_be_for_a_vip_v6(ctx, l2.l3_off) {
             return Ok(PASS);
         }
-        ipv6_path(XdpContext { ctx: ctx.ctx }, l2.l3_off, l2.vlans)
+        // SAFETY: a tail call does not return when it succeeds; nothing here holds state
+        // that must be dropped.
+        unsafe { PATHS.tail_call(ctx, lb_common::PATH_V6) };
+        Err(DropReason::ProgramMissing)
     } else {
-        return Ok(PASS);
-    };
-    // A packet too big for its backend's route: the client is told the size that fits,
-    // in a subprogram of its own, which keeps the rarely used reply code out of the
-    // paths' (and its frame out of theirs).
-    if packed >> 63 == 0 && packed & TOO_BIG != 0 {
-        let ctx = XdpContext { ctx: ctx.ctx };
-        let mtu = packed & 0xffff;
-        return unpack(if l2.ether_type == eth::ETH_P_IP {
-            let hdr_len = (packed >> 16) & 0xff;
-            frag_needed_v4_sub(ctx, l2.l3_off, l2.vlans, hdr_len, mtu)
-        } else {
-            too_big_v6_sub(ctx, l2.l3_off, l2.vlans, mtu)
-        });
+        Ok(PASS)
     }
-    unpack(packed)
+}
+
+#[inline(always)]
+fn try_v6(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
+    let l2 = eth::parse(ctx)?;
+    if l2.ether_type != eth::ETH_P_IPV6 {
+        return Ok(PASS);
+    }
+    let o = ipv6_packet(ctx, &l2)?;
+    if o.too_big {
+        let scratch = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ProgramMissing)?;
+        // SAFETY: this CPU's scratch entry; the reply program reads it in this same run.
+        unsafe {
+            (*scratch).too_big_mtu = o.mtu as u32;
+            PATHS.tail_call(ctx, lb_common::PATH_TOO_BIG_V6);
+        }
+        return Err(DropReason::ProgramMissing);
+    }
+    Ok((o.verdict, o.action))
+}
+
+#[inline(always)]
+fn try_too_big_v6(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
+    let l2 = eth::parse(ctx)?;
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ProgramMissing)?;
+    // SAFETY: this CPU's scratch entry, written by `l3lb_v6` before the tail call.
+    let mtu = unsafe { (*scratch).too_big_mtu } as u16;
+    let ip = ipv6::parse(ctx, l2.l3_off)?;
+    let verdict = icmp::packet_too_big_v6(ctx, l2.l3_off, l2.vlans, ip.tot_len, mtu)?;
+    Ok((verdict, Action::TooBig))
 }
 
 /// Whether the IPv4 packet at `l3_off` may be for a VIP: false when its destination
@@ -145,7 +255,7 @@ fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> bool {
 }
 
 /// What the pipeline decided: a verdict, or that the packet is too big for the route to
-/// its backend, which the entry point answers in a subprogram of its own.
+/// its backend, which the family's reply code then answers (see `try_l3lb`, `try_v6`).
 ///
 /// A plain struct with every field always set: with an enum, LLVM copied the unset
 /// fields of one variant as undefined registers, which the verifier rejects.
@@ -184,14 +294,11 @@ impl From<(u32, Action)> for Outcome {
     }
 }
 
-const TOO_BIG: u64 = 1 << 62;
-
-/// Packs a pipeline result into one register (subprograms return in r0); "too big" carries
-/// the MTU in bits 0–15 and the IPv4 header length in bits 16–23.
+/// Packs a subprogram's result into one register (subprograms return in r0). The
+/// subprograms answer or decapsulate, so a "too big" outcome never comes back this way.
 #[inline(always)]
 fn pack(r: Result<Outcome, DropReason>) -> u64 {
     match r {
-        Ok(o) if o.too_big => TOO_BIG | (o.hdr_len as u64) << 16 | o.mtu as u64,
         Ok(o) => o.verdict as u64 | (o.action as u64) << 8,
         Err(reason) => 1 << 63 | reason as u64,
     }
@@ -204,28 +311,6 @@ fn unpack(v: u64) -> Result<(u32, Action), DropReason> {
     }
     let action = Action::from_index(((v >> 8) & 0xff) as u32).unwrap_or(Action::Pass);
     Ok(((v & 0xff) as u32, action))
-}
-
-/// The balancer's IPv4 path, for a packet that may be for a VIP (the result packed).
-#[inline(never)]
-fn ipv4_path(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
-    let l2 = eth::L2 {
-        ether_type: eth::ETH_P_IP,
-        l3_off,
-        vlans,
-    };
-    pack(ipv4_packet(&ctx, &l2))
-}
-
-/// The balancer's IPv6 path, transmission included (the result packed).
-#[inline(never)]
-fn ipv6_path(ctx: XdpContext, l3_off: usize, vlans: usize) -> u64 {
-    let l2 = eth::L2 {
-        ether_type: eth::ETH_P_IPV6,
-        l3_off,
-        vlans,
-    };
-    pack(ipv6_packet(&ctx, &l2))
 }
 
 const PASS: (u32, Action) = (xdp_action::XDP_PASS, Action::Pass);
@@ -788,8 +873,8 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
                 encap::IP6IP6_OVERHEAD
             };
             let mtu = mtu.saturating_sub(overhead);
-            // The entry point answers (see `Outcome`); IPv6 never announces less than its
-            // minimum MTU.
+            // The program's reply code answers (see `Outcome`); IPv6 never announces less
+            // than its minimum MTU.
             Ok(if v4 {
                 Outcome::too_big(mtu, pkt.hdr_len as u8)
             } else {
@@ -906,16 +991,6 @@ fn frag_needed_v4_sub(ctx: XdpContext, l3_off: usize, vlans: usize, hdr_len: u64
     pack(r.map(|v| (v, Action::TooBig).into()))
 }
 
-/// Answers the IPv6 packet at `l3_off` with "packet too big" announcing `mtu`.
-#[inline(never)]
-fn too_big_v6_sub(ctx: XdpContext, l3_off: usize, vlans: usize, mtu: u64) -> u64 {
-    let r = match ipv6::parse(&ctx, l3_off) {
-        Ok(ip) => icmp::packet_too_big_v6(&ctx, l3_off, vlans, ip.tot_len, mtu as u16),
-        Err(e) => Err(e),
-    };
-    pack(r.map(|v| (v, Action::TooBig).into()))
-}
-
 /// ICMP to a VIP address: echo is answered; errors about a VIP flow go to its backend.
 #[inline(always)]
 fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropReason> {
@@ -979,7 +1054,7 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
 
 /// The benchmark's floor: the least an XDP forwarder does — swap the MAC addresses and
 /// send the frame back out. Only `cargo xtask bench` loads it.
-#[xdp]
+#[aya_ebpf::macros::xdp]
 pub fn l3lb_floor(ctx: XdpContext) -> u32 {
     match ptr_at::<network_types::eth::EthHdr>(&ctx, 0) {
         Ok(eth) => {

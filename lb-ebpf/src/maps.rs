@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     ACTION_COUNT, Backend, BackendMeta, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6,
@@ -116,6 +116,11 @@ pub struct Scratch {
     pub frag: FragKey,
     /// The flow as hashed (ports cleared under client-IP affinity).
     pub hash: FlowKey,
+    /// The MTU a "packet too big" reply announces: from the IPv6 path to the reply
+    /// program it tail-calls (see `l3lb_too_big_v6`).
+    pub too_big_mtu: u32,
+    /// A program's outcome handed to `l3lb_log_outcome` (packed as subprograms return it).
+    pub outcome: u64,
 }
 
 /// One `Scratch` per CPU; only this program touches it.
@@ -189,3 +194,9 @@ pub struct LogNote {
 #[cfg(feature = "log")]
 #[map(name = "L3LB_LOG_NOTE")]
 pub static LOG_NOTE: PerCpuArray<LogNote> = PerCpuArray::with_max_entries(1, 0);
+
+/// The programs `l3lb` and `l3lb_v6` tail-call, by slot (`lb_common::PATH_*`); the agent
+/// fills it after loading them (see `lb_common::PATH_PROGRAMS`).
+#[map(name = "L3LB_PATHS")]
+pub static PATHS: ProgramArray =
+    ProgramArray::with_max_entries(lb_common::PATH_PROGRAMS.len() as u32, 0);

@@ -12,20 +12,32 @@ use crate::{
 /// Counts a dropped packet under its reason (and logs it when debug logs are on).
 #[inline(always)]
 pub fn drop(ctx: &XdpContext, reason: DropReason) {
+    count_drop(reason);
+    logs::drop(ctx, reason);
+}
+
+/// Counts a dropped packet under its reason, without logging.
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
     if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
     }
-    logs::drop(ctx, reason);
 }
 
 /// Counts a packet that left the program with `action` (and logs the rare ones when
 /// debug logs are on).
 #[inline(always)]
 pub fn action(ctx: &XdpContext, action: Action) {
+    count_action(action);
+    logs::action(ctx, action);
+}
+
+/// Counts a packet that left the program with `action`, without logging.
+#[inline(always)]
+pub fn count_action(action: Action) {
     if let Some(c) = ACTIONS.get_ptr_mut(action as u32) {
         unsafe { *c += 1 };
     }
-    logs::action(ctx, action);
 }
 
 /// Counts an event.

@@ -712,8 +712,42 @@ pub fn addr_from_bytes(bytes: [u8; 16], family: u8) -> IpAddr {
     }
 }
 
+/// The XDP program `name` of a loaded object.
+fn xdp_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut Xdp, DataplaneError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::Missing(format!("program {name}")))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            what: format!("the type of program {name}"),
+            source,
+        })
+}
+
+/// Loads (verifies) the XDP program `name` of `ebpf` into the kernel.
+fn load_xdp(ebpf: &mut aya::Ebpf, name: &str) -> Result<(), DataplaneError> {
+    let prog = xdp_program(ebpf, name)?;
+    // The kernel abandons a long verification with EAGAIN when a signal arrives
+    // meanwhile; like libbpf, try again a few times before giving up.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match prog.load() {
+            Ok(()) => return Ok(()),
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempt < 5 => {}
+            Err(source) => {
+                return Err(DataplaneError::Program {
+                    what: format!("verifying the XDP program {name}"),
+                    source,
+                });
+            }
+        }
+    }
+}
+
 impl Dataplane {
-    /// Loads and verifies the XDP program with maps sized by `opts` (not attached yet).
+    /// Loads and verifies the XDP programs (the entry point and those it tail-calls) with
+    /// maps sized by `opts` (not attached yet).
     pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
         Self::load_carrying(opts, &CarryPlan::default())
     }
@@ -790,30 +824,35 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(object)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(lb_common::PROGRAM_NAME)
-            .ok_or_else(|| DataplaneError::Missing(format!("program {}", lb_common::PROGRAM_NAME)))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                what: "program type".into(),
-                source,
-            })?;
-        // The kernel abandons a long verification with EAGAIN when a signal arrives
-        // meanwhile; like libbpf, try again a few times before giving up.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match prog.load() {
-                Ok(()) => break,
-                Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                    if io_error.kind() == std::io::ErrorKind::WouldBlock && attempt < 5 => {}
-                Err(source) => {
-                    return Err(DataplaneError::Program {
-                        what: "verifying the XDP program".into(),
-                        source,
-                    });
-                }
-            }
+        load_xdp(&mut ebpf, lb_common::PROGRAM_NAME)?;
+        // The programs the entry point tail-calls, each verified on its own, then put in
+        // their slots: the entry point is attached only after this, so no packet meets an
+        // empty slot.
+        for (name, slot) in lb_common::PATH_PROGRAMS {
+            load_xdp(&mut ebpf, name)?;
+            let fd = xdp_program(&mut ebpf, name)?
+                .fd()
+                .and_then(|fd| {
+                    fd.try_clone().map_err(|io_error| {
+                        aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                            call: "dup",
+                            io_error,
+                        })
+                    })
+                })
+                .map_err(|source| DataplaneError::Program {
+                    what: format!("the descriptor of program {name}"),
+                    source,
+                })?;
+            let map = ebpf
+                .map_mut(map_names::PATHS)
+                .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::PATHS)))?;
+            aya::maps::ProgramArray::try_from(map)
+                .and_then(|mut paths| paths.set(slot, &fd, 0))
+                .map_err(map_err(format!(
+                    "putting program {name} in slot {slot} of {}",
+                    map_names::PATHS
+                )))?;
         }
         let rings = MmapArray::new(
             ebpf.map(map_names::RINGS)
@@ -905,28 +944,47 @@ impl Dataplane {
         XdpLogReader::new(&mut self.ebpf, sink)
     }
 
-    /// Instructions of the program as the kernel runs it (after the verifier removed dead
-    /// code and rewrote helpers): `xlated_prog_len` / 8; `None` where the kernel hides it
-    /// (it shows it to CAP_SYS_ADMIN only).
+    /// Instructions of the data plane's programs (the entry point and those it tail-calls)
+    /// as the kernel runs them (after the verifier removed dead code and rewrote helpers):
+    /// the sum of `xlated_prog_len` / 8; `None` where the kernel hides it (it shows it to
+    /// CAP_SYS_ADMIN only).
     pub fn xlated_instructions(&self) -> Result<Option<u32>, DataplaneError> {
-        Ok(self
-            .program_info()?
-            .size_translated()
-            .map(|bytes| bytes / 8))
+        self.sum_over_programs(|info| info.size_translated().map(|bytes| bytes / 8))
     }
 
-    fn program_info(&self) -> Result<aya::programs::ProgramInfo, DataplaneError> {
-        self.program()?
-            .info()
-            .map_err(|source| DataplaneError::Program {
-                what: "program info".into(),
-                source,
-            })
-    }
-
-    /// Instructions the verifier processed for the program (its complexity budget use).
+    /// Instructions the verifier processed for the data plane's programs, summed (each
+    /// program's own count is what the kernel's complexity limit bounds).
     pub fn verified_instructions(&self) -> Result<Option<u32>, DataplaneError> {
-        Ok(self.program_info()?.verified_instruction_count())
+        self.sum_over_programs(|info| info.verified_instruction_count())
+    }
+
+    fn sum_over_programs(
+        &self,
+        of: impl Fn(&aya::programs::ProgramInfo) -> Option<u32>,
+    ) -> Result<Option<u32>, DataplaneError> {
+        let names = std::iter::once(lb_common::PROGRAM_NAME)
+            .chain(lb_common::PATH_PROGRAMS.iter().map(|(name, _)| *name));
+        let mut total = 0;
+        for name in names {
+            let prog: &Xdp = self
+                .ebpf
+                .program(name)
+                .ok_or_else(|| DataplaneError::Missing(format!("program {name}")))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program {
+                    what: format!("the type of program {name}"),
+                    source,
+                })?;
+            let info = prog.info().map_err(|source| DataplaneError::Program {
+                what: format!("the info of program {name}"),
+                source,
+            })?;
+            match of(&info) {
+                Some(n) => total += n,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(total))
     }
 
     fn xdp_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {

@@ -1438,6 +1438,41 @@ fn ipv6_tcp_is_encapsulated_ip6ip6_and_udp_rewritten_in_l2() {
 }
 
 #[test]
+fn ipv6_vip_traffic_is_dropped_and_counted_when_its_program_is_missing() {
+    let f = Fixture::new(false, &standard_desired());
+    // The agent fills the slot before attaching; emptied here as a broken load would leave it.
+    let Some(aya::maps::Map::ProgramArray(md)) = f.dp.map(map_names::PATHS) else {
+        panic!("{} is a program array", map_names::PATHS);
+    };
+    let id = md.info().expect("map info").id();
+    let mut paths = aya::maps::ProgramArray::try_from(aya::maps::Map::ProgramArray(
+        MapData::from_id(id).expect("open the map"),
+    ))
+    .expect("typed");
+    paths
+        .clear_index(&lb_common::PATH_V6)
+        .expect("empty the IPv6 slot");
+    let ip = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, SYN, b""));
+    f.expect_drop(
+        &v6_frame(&ip),
+        DropReason::ProgramMissing,
+        "IPv6 to a VIP without the IPv6 program",
+    );
+    // What the entry point decides itself is unaffected.
+    f.expect_pass_unchanged(
+        &v6_frame(&ipv6(
+            CLIENT6,
+            "2001:db8:99::1".parse().expect("addr"),
+            PROTO_TCP,
+            &tcp(1, 80, SYN, b""),
+        )),
+        "IPv6 to a non-VIP address",
+    );
+    let (v, _) = f.run(&client_tcp(VIP, 40000, 80, SYN));
+    assert_eq!(v, XDP_TX, "IPv4 to a VIP");
+}
+
+#[test]
 fn ipv6_extension_headers_are_walked_within_a_bound() {
     let f = Fixture::new(false, &standard_desired());
     // Hop-by-hop options, then destination options, then TCP.

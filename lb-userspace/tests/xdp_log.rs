@@ -14,7 +14,7 @@ use std::{
 
 use common::*;
 use l3lb::{dataplane::LoadOptions, program_log::XdpLogLevel};
-use lb_common::DropReason;
+use lb_common::{DropReason, PROTO_TCP};
 
 /// Keeps every record the reader hands over: (level, message).
 #[derive(Clone, Default)]
@@ -135,6 +135,48 @@ fn drops_new_flows_and_echo_replies_reach_userspace_when_on() {
         got.iter().all(|(level, _)| *level == log::Level::Debug),
         "every record at debug: {got:?}"
     );
+}
+
+/// The IPv6 programs' frames leave no room for the log functions: their outcome is logged
+/// by the program they hand it to (`l3lb_log_outcome`), and counted once.
+#[test]
+fn ipv6_outcomes_are_logged_and_counted_once() {
+    let mut f = Fixture::with_options(&options(XdpLogLevel::Debug), &standard_desired());
+    let records = Collect::default();
+    let mut reader = f.dp.log_reader(records.clone()).expect("log reader");
+    let before = f.outcome_counts();
+    let syn = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, SYN, b""));
+    let (verdict, _) = f.run(&v6_frame(&syn));
+    assert_eq!(verdict, XDP_TX, "IPv6 SYN to web6");
+    let mut bad = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, SYN, b""));
+    // TCP data offset 4: below the minimum.
+    bad[40 + 12] = 4 << 4;
+    f.expect_drop(
+        &v6_frame(&bad),
+        DropReason::BadL4Header,
+        "IPv6 TCP with data offset 4",
+    );
+    reader.flush();
+    let got = records.take();
+    let messages: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let web6 = f.dp.service_id("web6").expect("web6's id");
+    let b1 =
+        f.dp.backend_id("web6", std::net::IpAddr::V6(B1_6))
+            .expect("B1_6's id");
+    let expected = [
+        format!(
+            "new flow 2001:db8:c::7:40000 -> 2001:db8:f::10:80 proto 6: service {web6} backend {b1}"
+        ),
+        "drop 2001:db8:c::7 -> 2001:db8:f::10: bad_l4_header".to_string(),
+    ];
+    assert_eq!(messages, expected, "records, in order");
+    let after = f.outcome_counts();
+    let encap = lb_common::DROP_REASON_COUNT as usize + lb_common::Action::Encap as usize;
+    let bad_l4 = DropReason::BadL4Header as usize;
+    for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+        let want = u64::from(i == encap || i == bad_l4);
+        assert_eq!(a - b, want, "outcome counter {i} moved by {}", a - b);
+    }
 }
 
 #[test]

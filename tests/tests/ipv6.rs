@@ -21,7 +21,8 @@ use l3lb_tests::{
     client,
     lab::{FAR_CLIENT_IPV6, ROUTER_IPV6},
     scenario::{
-        BULK_PORT, Mode, Scenario, ScenarioSpec, TABLE_SIZE, TCP_PORT, UDP_PORT, VIP6, backend_name,
+        BULK_PORT, Mode, Scenario, ScenarioSpec, TABLE_SIZE, TCP_PORT, UDP_PORT, VIP6,
+        backend_name, restart_agent,
     },
 };
 use lb_common::{FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, flow_hash};
@@ -277,6 +278,40 @@ fn ipv6_l2_clients_are_answered_backends_see_client_address_replies_bypass_balan
 
 // ---------------------------------------------------------------------------------------
 // Maglev placement, removal
+
+/// The IPv6 path is a program of its own that the entry point reaches through a program
+/// array (`L3LB_PATHS`), which the kernel empties once no file or pin refers to it: pinned
+/// with the maps, it keeps IPv6 VIPs served while no agent runs, and a restart puts the
+/// new agent's in place with the new entry point.
+#[test]
+fn ipv6_keeps_flowing_while_no_agent_runs_and_across_a_restart() {
+    let mut s = Scenario::start_spec(spec(Mode::Ipip, 2)).expect("scenario");
+    let mut conn = client::tcp_connect_persistent(&s.lab.client.ns, vip(), TCP_PORT, None, T)
+        .expect("TCP connection through the IPv6 VIP");
+    conn.echo(b"before\n", T)
+        .expect("echo with the agent running");
+    let status = s.balancer.stop().expect("stop the agent");
+    assert!(status.success(), "agent exit: {status:?}");
+    conn.echo(b"no agent\n", T)
+        .expect("the attached program kept forwarding IPv6 after its agent exited");
+    let mut fresh = client::tcp_connect_persistent(&s.lab.client.ns, vip(), TCP_PORT, None, T)
+        .expect("a new IPv6 connection while no agent runs");
+    fresh.echo(b"new\n", T).expect("echo on the new connection");
+    let config = s.config_path().to_path_buf();
+    let (lab, balancer) = (&s.lab, &mut s.balancer);
+    restart_agent(
+        lab,
+        &lab.balancers[0].ns,
+        balancer,
+        &config,
+        "balancer-0-restart.log",
+    )
+    .expect("start the next agent");
+    conn.echo(b"after\n", T).expect("echo after the restart");
+    fresh
+        .echo(b"after\n", T)
+        .expect("echo on the second connection after the restart");
+}
 
 fn connections_follow_maglev(mode: Mode) {
     let s = Scenario::start_spec(spec(mode, 3)).expect("scenario");
