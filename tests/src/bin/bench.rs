@@ -622,17 +622,8 @@ fn compare(s: &Settings, ifindex: u32, other: &[u8]) -> Result<()> {
             } else {
                 (a.program()?, b.program()?)
             };
-            for (which, prog) in [("this build", a), ("the other object", b)] {
-                let r = run_xdp(prog, ifindex, &p.frame)?;
-                if r.verdict != p.expect {
-                    bail!(
-                        "path {} returned verdict {} instead of {} in {which}",
-                        p.name,
-                        r.verdict,
-                        p.expect
-                    );
-                }
-            }
+            check_path(a, ifindex, p, "in this build")?;
+            check_path(b, ifindex, p, "in the other object")?;
             pairs.push([(a, &p.frame), (b, &p.frame)]);
         }
     }
@@ -655,6 +646,21 @@ fn compare(s: &Settings, ifindex: u32, other: &[u8]) -> Result<()> {
             .map(|l| format!("{:.3}", median(l[j].clone())))
             .collect();
         println!("  {:<26} {:>7.3}   {}", p.name, median(all), each.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs `p`'s frame once through `prog` and fails unless it gets the path's verdict:
+/// otherwise the bench would time another path than the one it names.
+fn check_path(prog: &Xdp, ifindex: u32, p: &Path, context: &str) -> Result<()> {
+    let r = run_xdp(prog, ifindex, &p.frame)?;
+    if r.verdict != p.expect {
+        bail!(
+            "path {} returned verdict {} instead of {} {context}: the bench would measure the wrong path",
+            p.name,
+            r.verdict,
+            p.expect
+        );
     }
     Ok(())
 }
@@ -775,15 +781,7 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         } else {
             prog
         };
-        let r = run_xdp(which, ifindex, &p.frame)?;
-        if r.verdict != p.expect {
-            bail!(
-                "path {} returned verdict {} instead of {}: the bench would measure the wrong path",
-                p.name,
-                r.verdict,
-                p.expect
-            );
-        }
+        check_path(which, ifindex, p, "in the timed load")?;
     }
     if let Some(name) = &s.profile {
         let p = paths
@@ -836,15 +834,7 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
     for &i in &log_paths {
         let p = &paths[i];
         for which in [logs_off_prog, no_log_prog] {
-            let r = run_xdp(which, ifindex, &p.frame)?;
-            if r.verdict != p.expect {
-                bail!(
-                    "path {} returned verdict {} instead of {} in the log comparison",
-                    p.name,
-                    r.verdict,
-                    p.expect
-                );
-            }
+            check_path(which, ifindex, p, "in the log comparison")?;
         }
         pairs.push([(logs_off_prog, &p.frame), (no_log_prog, &p.frame)]);
     }
