@@ -123,7 +123,7 @@ pub struct Scratch {
     pub outcome: u64,
 }
 
-/// One `Scratch` per CPU; only this program touches it.
+/// One `Scratch` per CPU; only the data plane's programs touch it, one packet at a time.
 #[map(name = "L3LB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
