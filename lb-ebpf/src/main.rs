@@ -147,9 +147,8 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         // one load and compare of the protocol byte; with the role off the verifier
         // removes all of it.
         if decap_enabled() && is_ipip(ctx, l2.l3_off) {
-            let r = ipv4_decap(ctx, l2.l3_off, l2.vlans);
-            if r != NOT_OURS {
-                return unpack(r);
+            if let Some(r) = ipv4_decap(ctx, l2.l3_off, l2.vlans) {
+                return r;
             }
         }
         // Traffic to an address the VIP index does not hold is not ours: passed before any
@@ -176,9 +175,8 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         // The same for IPv6-in-IPv6 (the fixed header's next header; a tunnel behind
         // extension headers is not opened).
         if decap_enabled() && is_ip6ip6(ctx, l2.l3_off) {
-            let r = ipv6_decap(ctx, l2.l3_off, l2.vlans);
-            if r != NOT_OURS {
-                return unpack(r);
+            if let Some(r) = ipv6_decap(ctx, l2.l3_off, l2.vlans) {
+                return r;
             }
         }
         if !may_be_for_a_vip_v6(ctx, l2.l3_off) {
@@ -295,8 +293,9 @@ impl From<(u32, Action)> for Outcome {
     }
 }
 
-/// Packs a subprogram's result into one register (subprograms return in r0). The
-/// subprograms answer or decapsulate, so a "too big" outcome never comes back this way.
+/// Packs a result into one register: what `frag_needed_v4_sub` returns (subprograms return
+/// in r0) and what `finish_deep` hands to `l3lb_log_outcome`. Neither carries a "too big"
+/// outcome.
 #[inline(always)]
 fn pack(r: Result<Outcome, DropReason>) -> u64 {
     match r {
@@ -610,37 +609,37 @@ fn is_ipip(ctx: &XdpContext, l3_off: usize) -> bool {
         .is_ok_and(|hdr| unsafe { (*hdr).proto } == PROTO_IPIP)
 }
 
-/// `ipv4_decap`'s answer for a packet that is not for this node: the IPv4 path takes
-/// it (no packed result has this bit).
-const NOT_OURS: u64 = 1 << 61;
-
-/// The decap role for an IPIP packet: `NOT_OURS` unless it is addressed to one of this
-/// node's addresses, else what to do with it, packed (opened, left to the stack as a
-/// fragment, or dropped from an unlisted source).
+/// The decap role for an IPIP packet: `None` unless it is addressed to one of this node's
+/// addresses (then the IPv4 path takes it), else what to do with it (opened, left to the
+/// stack as a fragment, or dropped from an unlisted source).
 #[inline(always)]
-fn ipv4_decap(ctx: &XdpContext, l3_off: usize, vlans: usize) -> u64 {
+fn ipv4_decap(
+    ctx: &XdpContext,
+    l3_off: usize,
+    vlans: usize,
+) -> Option<Result<(u32, Action), DropReason>> {
     let ip = match ipv4::parse(ctx, l3_off) {
         Ok(ip) => ip,
-        Err(reason) => return pack(Err(reason)),
+        Err(reason) => return Some(Err(reason)),
     };
     // Only packets addressed to this node are ours to open; IPIP passing through (or for
     // another host) is left to the balancer path, which passes it to the stack.
     let check = decap_check(ip.src as u64, 0, ip.dst as u64, 0, FAMILY_V4);
     if check == DECAP_NOT_LOCAL {
-        return NOT_OURS;
+        return None;
     }
     if check != DECAP_ALLOWED {
-        return pack(Err(DropReason::DecapNotAllowed));
+        return Some(Err(DropReason::DecapNotAllowed));
     }
     // A fragment cannot be opened here; the stack reassembles it. Only fragments from
     // allowed sources get that far, so a kernel tunnel device cannot be used to get round
     // the allow list.
     if ip.fragment {
-        return pack(Ok(PASS.into()));
+        return Some(Ok(PASS));
     }
-    pack(
+    Some(
         encap::decap(ctx, l3_off, vlans, ip.hdr_len, ip.tot_len)
-            .map(|()| (xdp_action::XDP_PASS, Action::Decap).into()),
+            .map(|()| (xdp_action::XDP_PASS, Action::Decap)),
     )
 }
 
@@ -652,23 +651,27 @@ fn is_ip6ip6(ctx: &XdpContext, l3_off: usize) -> bool {
 
 /// `ipv4_decap` for IPv6-in-IPv6.
 #[inline(always)]
-fn ipv6_decap(ctx: &XdpContext, l3_off: usize, vlans: usize) -> u64 {
+fn ipv6_decap(
+    ctx: &XdpContext,
+    l3_off: usize,
+    vlans: usize,
+) -> Option<Result<(u32, Action), DropReason>> {
     let ip = match ipv6::parse(ctx, l3_off) {
         Ok(ip) => ip,
-        Err(reason) => return pack(Err(reason)),
+        Err(reason) => return Some(Err(reason)),
     };
     let (src_lo, src_hi) = addr_args(&ip.src);
     let (dst_lo, dst_hi) = addr_args(&ip.dst);
     let check = decap_check(src_lo, src_hi, dst_lo, dst_hi, FAMILY_V6);
     if check == DECAP_NOT_LOCAL {
-        return NOT_OURS;
+        return None;
     }
     if check != DECAP_ALLOWED {
-        return pack(Err(DropReason::DecapNotAllowed));
+        return Some(Err(DropReason::DecapNotAllowed));
     }
-    pack(
+    Some(
         encap::decap_v6(ctx, l3_off, vlans, ip.tot_len)
-            .map(|()| (xdp_action::XDP_PASS, Action::Decap).into()),
+            .map(|()| (xdp_action::XDP_PASS, Action::Decap)),
     )
 }
 

@@ -723,6 +723,17 @@ fn xdp_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut Xdp, D
         })
 }
 
+/// `xdp_program`, shared.
+fn xdp_program_ref<'a>(ebpf: &'a aya::Ebpf, name: &str) -> Result<&'a Xdp, DataplaneError> {
+    ebpf.program(name)
+        .ok_or_else(|| DataplaneError::Missing(format!("program {name}")))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            what: format!("the type of program {name}"),
+            source,
+        })
+}
+
 /// Loads (verifies) the XDP program `name` of `ebpf` into the kernel.
 fn load_xdp(ebpf: &mut aya::Ebpf, name: &str) -> Result<(), DataplaneError> {
     let prog = xdp_program(ebpf, name)?;
@@ -928,14 +939,7 @@ impl Dataplane {
 
     /// The loaded program (for test runs and introspection).
     pub fn program(&self) -> Result<&Xdp, DataplaneError> {
-        self.ebpf
-            .program(lb_common::PROGRAM_NAME)
-            .ok_or_else(|| DataplaneError::Missing(format!("program {}", lb_common::PROGRAM_NAME)))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                what: "program type".into(),
-                source,
-            })
+        xdp_program_ref(&self.ebpf, lb_common::PROGRAM_NAME)
     }
 
     /// Starts reading the program's debug log records into `sink` (the ring buffer leaves
@@ -966,19 +970,12 @@ impl Dataplane {
             .chain(lb_common::PATH_PROGRAMS.iter().map(|(name, _)| *name));
         let mut total = 0;
         for name in names {
-            let prog: &Xdp = self
-                .ebpf
-                .program(name)
-                .ok_or_else(|| DataplaneError::Missing(format!("program {name}")))?
-                .try_into()
+            let info = xdp_program_ref(&self.ebpf, name)?
+                .info()
                 .map_err(|source| DataplaneError::Program {
-                    what: format!("the type of program {name}"),
+                    what: format!("the info of program {name}"),
                     source,
                 })?;
-            let info = prog.info().map_err(|source| DataplaneError::Program {
-                what: format!("the info of program {name}"),
-                source,
-            })?;
             match of(&info) {
                 Some(n) => total += n,
                 None => return Ok(None),
@@ -988,14 +985,7 @@ impl Dataplane {
     }
 
     fn xdp_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
-        self.ebpf
-            .program_mut(lb_common::PROGRAM_NAME)
-            .ok_or_else(|| DataplaneError::Missing(format!("program {}", lb_common::PROGRAM_NAME)))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                what: "program type".into(),
-                source,
-            })
+        xdp_program(&mut self.ebpf, lb_common::PROGRAM_NAME)
     }
 
     /// Attaches to `interface` in `mode` (a plain attachment, not kept across restarts).
