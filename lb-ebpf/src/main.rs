@@ -146,10 +146,11 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         // subprogram call cost the decap path 8 %, `bench --compare`). Other packets pay
         // one load and compare of the protocol byte; with the role off the verifier
         // removes all of it.
-        if decap_enabled() && is_ipip(ctx, l2.l3_off) {
-            if let Some(r) = ipv4_decap(ctx, l2.l3_off, l2.vlans) {
-                return r;
-            }
+        if decap_enabled()
+            && is_ipip(ctx, l2.l3_off)
+            && let Some(r) = ipv4_decap(ctx, l2.l3_off, l2.vlans)
+        {
+            return r;
         }
         // Traffic to an address the VIP index does not hold is not ours: passed before any
         // header is parsed (see `may_be_for_a_vip_v4`).
@@ -174,10 +175,11 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     } else if l2.ether_type == eth::ETH_P_IPV6 {
         // The same for IPv6-in-IPv6 (the fixed header's next header; a tunnel behind
         // extension headers is not opened).
-        if decap_enabled() && is_ip6ip6(ctx, l2.l3_off) {
-            if let Some(r) = ipv6_decap(ctx, l2.l3_off, l2.vlans) {
-                return r;
-            }
+        if decap_enabled()
+            && is_ip6ip6(ctx, l2.l3_off)
+            && let Some(r) = ipv6_decap(ctx, l2.l3_off, l2.vlans)
+        {
+            return r;
         }
         if !may_be_for_a_vip_v6(ctx, l2.l3_off) {
             return Ok(PASS);
