@@ -27,6 +27,9 @@ pub struct Choice {
     pub flags: u8,
     /// True when Maglev chose (a new flow, or one the table had lost).
     pub new_flow: bool,
+    /// The next-hop epoch read for this packet (see `epoch`), handed on to the next-hop
+    /// cache so one packet reads the settings entry once.
+    pub epoch: u32,
 }
 
 impl Choice {
@@ -35,7 +38,7 @@ impl Choice {
     /// Only the fields used later are read, the address as one word: copying the whole
     /// entry made LLVM load and spill it byte by byte.
     #[inline(always)]
-    fn of(id: u32, b: &Backend, new_flow: bool) -> Self {
+    fn of(id: u32, b: &Backend, new_flow: bool, epoch: u32) -> Self {
         // SAFETY: a Backend is 4-aligned and starts with its address bytes.
         let addr_v4 = unsafe { *(b as *const Backend as *const u32) };
         Choice {
@@ -43,6 +46,7 @@ impl Choice {
             addr_v4,
             flags: b.flags,
             new_flow,
+            epoch,
         }
     }
 }
@@ -55,9 +59,10 @@ static FLOW_BUCKETS: u32 = 0;
 #[unsafe(no_mangle)]
 static FLOW_SEED: u64 = 0;
 
-/// The agent's half-second epoch: entries' age for eviction.
+/// The agent's half-second epoch: entries' age for eviction, and the next-hop cache's
+/// freshness.
 #[inline(always)]
-fn epoch() -> u32 {
+pub fn epoch() -> u32 {
     SETTINGS.get(SETTINGS_NEXTHOP_EPOCH).copied().unwrap_or(0)
 }
 
@@ -136,7 +141,13 @@ fn find(p: Place) -> Option<*mut FlowWay> {
 /// The backend the connection table remembers for `key`, if it still serves this service;
 /// `touch` marks the entry confirmed and seen now (a flow's packet, not an ICMP error).
 #[inline(always)]
-fn remembered(key: &FlowKey, place: Option<Place>, vip: &VipInfo, touch: bool) -> Option<Choice> {
+fn remembered(
+    key: &FlowKey,
+    place: Option<Place>,
+    vip: &VipInfo,
+    touch: bool,
+    now: u32,
+) -> Option<Choice> {
     let w = find(place?)?;
     // SAFETY: the way found above, in a map value.
     let id = unsafe { (*w).backend };
@@ -149,7 +160,6 @@ fn remembered(key: &FlowKey, place: Option<Place>, vip: &VipInfo, touch: bool) -
     if touch {
         // Stores only when something changed: once per flow for the flag, once per epoch
         // (half a second) for the age, so the established path stays read-mostly.
-        let now = epoch();
         unsafe {
             if (*w).seen != now {
                 (*w).seen = now;
@@ -160,7 +170,7 @@ fn remembered(key: &FlowKey, place: Option<Place>, vip: &VipInfo, touch: bool) -
             }
         }
     }
-    Some(Choice::of(id, b, false))
+    Some(Choice::of(id, b, false, now))
 }
 
 /// Records `key` → `state` in the way `flow_place` picks, its cold record first.
@@ -169,14 +179,13 @@ fn remembered(key: &FlowKey, place: Option<Place>, vip: &VipInfo, touch: bool) -
 /// on one CPU, different flows do not): the way is freed first and its tag written last,
 /// so a concurrent reader sees the old flow, no flow, or the new one.
 #[inline(always)]
-fn record(key: &FlowKey, place: Option<Place>, state: FlowState) {
+fn record(key: &FlowKey, place: Option<Place>, state: FlowState, now: u32) {
     let Some(p) = place else {
         return;
     };
     let Some((over, over_index)) = p.overflow() else {
         return;
     };
-    let now = epoch();
     // SAFETY: map values of this program's, read as a whole for the choice (the
     // overflow bucket only when the home bucket is full).
     let (overflow, way) = flow_place(unsafe { &*p.home }, unsafe { &*over }, p.tag, now);
@@ -205,7 +214,7 @@ fn record(key: &FlowKey, place: Option<Place>, state: FlowState) {
 /// The backend the service's Maglev table gives `key` (ports ignored under client-IP
 /// affinity); no state is read or written.
 #[inline(always)]
-pub fn from_table(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
+pub fn from_table(key: &FlowKey, vip: &VipInfo, now: u32) -> Option<Choice> {
     let size = unsafe { core::ptr::read_volatile(&RING_SIZE) };
     if size == 0 {
         return None;
@@ -227,7 +236,7 @@ pub fn from_table(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
     if backend.family != key.family || backend.service != vip.service {
         return None;
     }
-    Some(Choice::of(id, backend, true))
+    Some(Choice::of(id, backend, true, now))
 }
 
 /// Picks the backend of a flow (whose table place `place_of` gave) and records it.
@@ -238,10 +247,23 @@ pub fn from_table(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
 /// records the choice.
 #[inline(always)]
 pub fn select(key: &FlowKey, place: Option<Place>, vip: &VipInfo, syn: bool) -> Option<Choice> {
-    if !syn && let Some(c) = remembered(key, place, vip, true) {
+    let now = epoch();
+    if !syn && let Some(c) = remembered(key, place, vip, true, now) {
         return Some(c);
     }
-    let choice = from_table(key, vip)?;
+    // From here on the key is read through memory: a copy in this CPU's scratch entry
+    // keeps it off the stack (see `Scratch`), and the established path above never
+    // pays for the copy. (An IPv6 key is there already.)
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch entry; nothing else holds a reference into it now.
+    let key: &FlowKey = unsafe {
+        let own = &raw mut (*scratch).flow;
+        if !core::ptr::eq(own, key) {
+            *own = *key;
+        }
+        &*own
+    };
+    let choice = from_table(key, vip, now)?;
     // The creation stamp costs one clock read per new entry only; packets that find their
     // entry never write it (no per-packet stores on the established path).
     // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
@@ -254,6 +276,7 @@ pub fn select(key: &FlowKey, place: Option<Place>, vip: &VipInfo, syn: bool) -> 
             service: vip.service,
             created_ns,
         },
+        now,
     );
     logs::new_flow(key, vip.service, choice.id);
     Some(choice)
@@ -262,9 +285,10 @@ pub fn select(key: &FlowKey, place: Option<Place>, vip: &VipInfo, syn: bool) -> 
 /// The backend that owns a flow, without recording anything (for ICMP errors about it).
 #[inline(always)]
 pub fn owner(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
-    let choice = match remembered(key, place_of(key), vip, false) {
+    let now = epoch();
+    let choice = match remembered(key, place_of(key), vip, false, now) {
         Some(c) => c,
-        None => from_table(key, vip)?,
+        None => from_table(key, vip, now)?,
     };
     logs::icmp_error(key, vip.service, choice.id);
     Some(choice)

@@ -143,11 +143,12 @@ pub fn next_hop_v6(
 pub fn l2_forward_v6(
     ctx: &XdpContext,
     id: u32,
+    epoch: u32,
     backend: &Addr6,
     src: &[u8; 16],
     tot_len: u16,
 ) -> Result<u32, Blocked> {
-    let hop = cached_hop(id, *backend, tot_len, || {
+    let hop = cached_hop(id, epoch, *backend, tot_len, || {
         // SAFETY: [u8; 16] and [u64; 2] have the same size and every bit pattern is valid.
         let src: Addr6 = unsafe { core::mem::transmute(*src) };
         next_hop_v6(ctx, &src, backend, tot_len)
@@ -164,6 +165,7 @@ pub const IP6IP6_OVERHEAD: u16 = 40;
 pub fn ip6ip6_forward(
     ctx: &XdpContext,
     id: u32,
+    epoch: u32,
     backend: &Addr6,
     l3_off: usize,
     tot_len: u16,
@@ -172,7 +174,7 @@ pub fn ip6ip6_forward(
     let outer_len = tot_len
         .checked_add(IP6IP6_OVERHEAD)
         .ok_or(Blocked::TooBig(0))?;
-    let hop = cached_hop(id, *backend, outer_len, || {
+    let hop = cached_hop(id, epoch, *backend, outer_len, || {
         next_hop_v6(ctx, &src, backend, outer_len)
     })?;
     // The traffic class is carried over to the outer header.
@@ -298,18 +300,15 @@ const NEXTHOP_MAX_USES: u32 = 1 << 16;
 /// per-CPU cache while its epoch is current and the packet is known to fit, else from
 /// `lookup` (the FIB), remembered. The agent advances the epoch every half second, so
 /// route and neighbour changes reach established flows within that time — without a
-/// clock read per packet.
+/// clock read per packet. `epoch` is the epoch as this packet read it (`Choice::epoch`).
 #[inline(always)]
 fn cached_hop(
     id: u32,
+    epoch: u32,
     addr: [u64; 2],
     len: u16,
     lookup: impl FnOnce() -> Result<NextHop, Blocked>,
 ) -> Result<NextHop, Blocked> {
-    let epoch = crate::maps::SETTINGS
-        .get(lb_common::SETTINGS_NEXTHOP_EPOCH)
-        .copied()
-        .unwrap_or(0);
     let entry = crate::maps::NEXTHOPS.get_ptr_mut(id);
     if let Some(e) = entry {
         let e = unsafe { &mut *e };
@@ -372,11 +371,12 @@ fn transmit(ctx: &XdpContext, hop: &NextHop) -> u32 {
 pub fn l2_forward(
     ctx: &XdpContext,
     id: u32,
+    epoch: u32,
     backend: [u8; 4],
     ip_src: [u8; 4],
     tot_len: u16,
 ) -> Result<u32, Blocked> {
-    let hop = cached_hop(id, v4_key(backend), tot_len, || {
+    let hop = cached_hop(id, epoch, v4_key(backend), tot_len, || {
         next_hop(ctx, ip_src, backend, tot_len)
     })?;
     Ok(readdress(ctx, &hop)?)
@@ -399,7 +399,9 @@ fn next_ip_id() -> u16 {
 /// Bytes IPIP encapsulation adds (the outer IPv4 header).
 pub const IPIP_OVERHEAD: u16 = Ipv4Hdr::LEN as u16;
 
-/// Encapsulates the IPv4 packet at `l3_off` in an outer IPv4 header toward `backend`.
+/// Encapsulates the IPv4 packet at `l3_off` in an outer IPv4 header toward `backend`;
+/// `(tos, df)` are the inner header's TOS and DF bit as parsed (see `ipv4::Ipv4`), which
+/// the outer header copies.
 ///
 /// The frame becomes Ethernet + outer IPv4 + the original packet; VLAN tags of the
 /// ingress frame are not carried over (the egress is chosen by the FIB).
@@ -407,30 +409,28 @@ pub const IPIP_OVERHEAD: u16 = Ipv4Hdr::LEN as u16;
 pub fn ipip_forward(
     ctx: &XdpContext,
     id: u32,
+    epoch: u32,
     backend: [u8; 4],
     l3_off: usize,
     tot_len: u16,
+    (tos, df): (u8, u8),
 ) -> Result<u32, Blocked> {
     // The address's four bytes in memory order, read as one word.
     let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V4) }.to_ne_bytes();
     let outer_len = tot_len
         .checked_add(Ipv4Hdr::LEN as u16)
         .ok_or(Blocked::TooBig(0))?;
-    let hop = cached_hop(id, v4_key(backend), outer_len, || {
+    let hop = cached_hop(id, epoch, v4_key(backend), outer_len, || {
         next_hop(ctx, src, backend, outer_len)
     })?;
-
-    // Inner fields the outer header copies: TOS and DF.
-    let inner: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;
-    let (tos, df) = unsafe { ((*inner).tos, (*inner).frags[0] & 0x40) };
 
     // Grow the head so that exactly Ethernet + outer IPv4 precede the inner header.
     let delta = (EthHdr::LEN + Ipv4Hdr::LEN) as i32 - l3_off as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
         return Err(Blocked::Drop(DropReason::AdjustFailed));
     }
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    let outer: *mut [u16; 10] = ptr_at(ctx, EthHdr::LEN)?;
+    // Ethernet and outer header as 17 16-bit words, checked at once.
+    let head: *mut [u16; 17] = ptr_at(ctx, 0)?;
     // Without DF the outer packet may be fragmented further on, and then its
     // identification must tell datagrams apart (RFC 6864).
     let id = if df == 0 { next_ip_id().to_be() } else { 0 };
@@ -454,10 +454,27 @@ pub fn ipip_forward(
     ];
     let sum = h.iter().fold(0u32, |a, w| a + *w as u32);
     h[5] = csum::fold_ne(sum);
-    write_macs(ctx, &hop)?;
+    let m = hop.macs;
     unsafe {
-        (*eth).ether_type = crate::parse::eth::ETH_P_IP;
-        *outer = h;
+        *head = [
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            m[4],
+            m[5],
+            crate::parse::eth::ETH_P_IP,
+            h[0],
+            h[1],
+            h[2],
+            h[3],
+            h[4],
+            h[5],
+            h[6],
+            h[7],
+            h[8],
+            h[9],
+        ];
     }
     Ok(transmit(ctx, &hop))
 }

@@ -154,12 +154,13 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         }
         // Traffic to an address the VIP index does not hold is not ours: passed before any
         // header is parsed (see `may_be_for_a_vip_v4`).
-        if !may_be_for_a_vip_v4(ctx, l2.l3_off) {
+        let Some(index) = may_be_for_a_vip_v4(ctx, l2.l3_off) else {
             return Ok(PASS);
-        }
-        // The IPv4 path runs inline: under this host's SRSO mitigation a call into a
-        // subprogram and its return cost ~7 % of the established path (`bench --compare`).
-        let o = ipv4_packet(ctx, &l2)?;
+        };
+        // The IPv4 path runs inline: on a host with return-thunk mitigations (SRSO) a call
+        // into a subprogram and its return cost ~7 % of the established path (`bench
+        // --compare`).
+        let o = ipv4_packet(ctx, &l2, index)?;
         if o.too_big {
             // The client is told the size that fits, in a subprogram of its own, which
             // keeps the rarely used reply code and its frame out of the path's.
@@ -181,7 +182,7 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         {
             return r;
         }
-        if !may_be_for_a_vip_v6(ctx, l2.l3_off) {
+        if may_be_for_a_vip_v6(ctx, l2.l3_off).is_none() {
             return Ok(PASS);
         }
         // SAFETY: a tail call does not return when it succeeds; nothing here holds state
@@ -223,15 +224,16 @@ fn try_too_big_v6(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     Ok((verdict, Action::TooBig))
 }
 
-/// Whether the IPv4 packet at `l3_off` may be for a VIP: false when its destination
-/// address is in the frame and its bit in the VIP address filter is clear. Such
-/// traffic (to the node itself, to anything routed through it) goes to the stack at the
-/// cost of one read and bit test, before any header is validated: like every packet not
-/// for a VIP, it is the kernel's to judge, malformed or not.
+/// Whether the IPv4 packet at `l3_off` may be for a VIP, with the VIP index its lookups
+/// then use: `None` when its destination address is in the frame and its bit in the VIP
+/// address filter is clear. Such traffic (to the node itself, to anything routed through
+/// it) goes to the stack at the cost of one read and bit test, before any header is
+/// validated: like every packet not for a VIP, it is the kernel's to judge, malformed or
+/// not.
 #[inline(always)]
-fn may_be_for_a_vip_v4(ctx: &XdpContext, l3_off: usize) -> bool {
+fn may_be_for_a_vip_v4(ctx: &XdpContext, l3_off: usize) -> Option<VipIndex> {
     let Ok(p) = ptr_at::<[u8; 4]>(ctx, l3_off + 16) else {
-        return true;
+        return Some(vip_index());
     };
     // SAFETY: four bytes `ptr_at` checked.
     vip_address_maybe(unsafe { parse::load32(p.cast()) }, 0, 0, 0, FAMILY_V4)
@@ -239,9 +241,9 @@ fn may_be_for_a_vip_v4(ctx: &XdpContext, l3_off: usize) -> bool {
 
 /// `may_be_for_a_vip_v4` for IPv6.
 #[inline(always)]
-fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> bool {
+fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> Option<VipIndex> {
     let Ok(p) = ptr_at::<[u32; 4]>(ctx, l3_off + 24) else {
-        return true;
+        return Some(vip_index());
     };
     let p = p as *const u8;
     // SAFETY: two 8-byte reads within the bounds `ptr_at` checked.
@@ -341,6 +343,12 @@ struct Pkt {
     fragment: bool,
     later_fragment: bool,
     frag_id: u32,
+    /// IPv4: the header's TOS and DF bit (see `ipv4::Ipv4`), for the outer header; 0
+    /// for IPv6.
+    tos: u8,
+    df: u8,
+    /// The VIP index this packet's lookups use.
+    index: VipIndex,
 }
 
 /// Slots per half of the VIP index; set by the agent at load time (a power of two).
@@ -354,7 +362,13 @@ static VIP_INDEX_SIZE: u32 = 0;
 /// full search (`vip_index_search`) — a BPF-to-BPF call and return, dear under the SRSO
 /// mitigation — is saved.
 #[inline(always)]
-fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipInfo> {
+fn vip_lookup(
+    index: VipIndex,
+    addr: &[u8; 16],
+    port: u16,
+    proto: u8,
+    family: u8,
+) -> Option<VipInfo> {
     let w = VipKey {
         addr: *addr,
         port,
@@ -362,7 +376,14 @@ fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipIn
         family,
     }
     .words();
-    let (size, settings, base) = vip_index_half()?;
+    let VipIndex {
+        size,
+        settings,
+        base,
+    } = index;
+    if size == 0 {
+        return None;
+    }
     let home = base + (lb_common::vip_index_hash(&w) & size.wrapping_sub(1));
     let slot = VIP_INDEX.get(home)?;
     let k = slot as *const VipSlot as *const u32;
@@ -398,13 +419,28 @@ fn info_of(slot: &VipSlot) -> VipInfo {
     }
 }
 
-/// The VIP index as it stands: (slots per half, `SETTINGS_F_*` bits, first slot of the
-/// active half); `None` until the agent has sized it.
+/// The VIP index as a packet finds it, read once per packet and handed to its lookups
+/// (each read of the settings array is a map lookup).
+#[derive(Clone, Copy)]
+struct VipIndex {
+    /// Slots per half; 0 until the agent has sized the index.
+    size: u32,
+    /// The `SETTINGS_F_*` bits.
+    settings: u32,
+    /// First slot of the active half.
+    base: u32,
+}
+
+/// The VIP index as it stands (`size` 0 until the agent has sized it).
 #[inline(always)]
-fn vip_index_half() -> Option<(u32, u32, u32)> {
+fn vip_index() -> VipIndex {
     let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
     if size == 0 {
-        return None;
+        return VipIndex {
+            size: 0,
+            settings: 0,
+            base: 0,
+        };
     }
     let settings = SETTINGS
         .get(lb_common::SETTINGS_FLAGS)
@@ -415,18 +451,24 @@ fn vip_index_half() -> Option<(u32, u32, u32)> {
     } else {
         0
     };
-    Some((size, settings, base))
+    VipIndex {
+        size,
+        settings,
+        base,
+    }
 }
 
 /// Whether the address `a0..a3` (its words in memory order; of `family`) may be in the
-/// VIP index: false when its bit in the active half of the address filter (in the
-/// settings array, `SETTINGS_FILTER`) is clear — then no VIP or marker has this address —
-/// and when the index does not exist yet.
+/// VIP index, with the index as read: `None` when its bit in the active half of the
+/// address filter (in the settings array, `SETTINGS_FILTER`) is clear — then no VIP or
+/// marker has this address — and when the index does not exist yet.
 #[inline(always)]
-fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32, family: u8) -> bool {
-    let Some((size, settings, _)) = vip_index_half() else {
-        return false;
-    };
+fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32, family: u8) -> Option<VipIndex> {
+    let index = vip_index();
+    let VipIndex { size, settings, .. } = index;
+    if size == 0 {
+        return None;
+    }
     let words = lb_common::vip_filter_words(size);
     let half = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
         words
@@ -435,8 +477,8 @@ fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32, family: u8) -> bool {
     };
     let bit = lb_common::vip_filter_bit(&[a0, a1, a2, a3], family, size);
     match SETTINGS.get(lb_common::SETTINGS_FILTER + half + (bit >> 5)) {
-        Some(w) => *w & (1 << (bit & 31)) != 0,
-        None => true,
+        Some(w) if *w & (1 << (bit & 31)) == 0 => None,
+        _ => Some(index),
     }
 }
 
@@ -452,9 +494,14 @@ fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32, family: u8) -> bool {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn vip_index_search(w0: u64, w1: u64, w2: u64, w3: u64, w4: u64) -> u64 {
-    let Some((size, settings, base)) = vip_index_half() else {
+    let VipIndex {
+        size,
+        settings,
+        base,
+    } = vip_index();
+    if size == 0 {
         return NOT_FOUND;
-    };
+    }
     let mut words = [w0 as u32, w1 as u32, w2 as u32, w3 as u32, w4 as u32];
     let found = vip_index_probe(&words, base, size);
     if found != NOT_FOUND {
@@ -678,7 +725,7 @@ fn ipv6_decap(
 }
 
 #[inline(always)]
-fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
+fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2, index: VipIndex) -> Result<Outcome, DropReason> {
     let ip = ipv4::parse(ctx, l2.l3_off)?;
     let proto = unsafe { (*ip.hdr).proto };
 
@@ -693,6 +740,9 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         fragment: ip.fragment,
         later_fragment: ip.later_fragment,
         frag_id: ip.id as u32,
+        tos: ip.tos,
+        df: ip.df,
+        index,
     };
     balance(ctx, l2, &pkt)
 }
@@ -700,6 +750,7 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
 #[inline(always)]
 fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv6::parse(ctx, l2.l3_off)?;
+    let index = vip_index();
     // Only traffic to VIP addresses is looked at further: neighbour discovery, router
     // advertisements and everything else addressed elsewhere pass untouched. TCP or UDP
     // right after the fixed header skips the address's marker lookup: `balance` looks
@@ -707,7 +758,7 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     // such a packet to another address still passes untouched).
     if ip.next != PROTO_TCP
         && ip.next != PROTO_UDP
-        && vip_lookup(&ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none()
+        && vip_lookup(index, &ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none()
     {
         return Ok(PASS.into());
     }
@@ -729,6 +780,9 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         fragment: up.fragment,
         later_fragment: up.later_fragment,
         frag_id: up.id,
+        tos: 0,
+        df: 0,
+        index,
     };
     balance(ctx, l2, &pkt)
 }
@@ -757,13 +811,12 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     if !icmp && pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
         return Ok(PASS.into());
     }
-    // The keys live in per-CPU scratch space, not on the stack (see `Scratch`).
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return Ok(PASS.into());
-    };
-    // SAFETY: this CPU's scratch entry; nothing else holds a reference into it now.
-    let frag_key: &mut FragKey = unsafe { &mut (*scratch).frag };
-    let fill_frag_key = |k: &mut FragKey| {
+    // The fragment key lives in per-CPU scratch space, not on the stack (see `Scratch`);
+    // the scratch entry is looked up only for fragments.
+    let frag_key = || -> Option<&'static FragKey> {
+        let scratch = SCRATCH.get_ptr_mut(0)?;
+        // SAFETY: this CPU's scratch entry; nothing else holds a reference into it now.
+        let k: &mut FragKey = unsafe { &mut (*scratch).frag };
         *k = FragKey {
             src: pkt.src,
             dst: pkt.dst,
@@ -771,7 +824,8 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
             proto: pkt.proto,
             family: pkt.family,
             _pad: [0; 2],
-        }
+        };
+        Some(k)
     };
 
     // The VIP lookup comes first, before any other key is built, so traffic for other
@@ -779,31 +833,35 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     // Every fragment of a datagram must reach one backend: fragments are hashed on
     // (source, destination, protocol) only, and later fragments (no ports) find their
     // service through the first one's record, else the all-ports entry.
-    // The 5-tuple's branch builds the flow key and its place in the connection table
-    // (hashed once for lookup and insertion); the other branches get theirs below.
-    let (vip, syn, place) = if icmp {
+    // The 5-tuple's branch finds the flow's place in the connection table (hashed once
+    // for lookup and insertion); fragments and ICMP are keyed on addresses and protocol
+    // only, and not kept in the table.
+    let (vip, syn, place, key) = if icmp {
         // A fragmented ICMP message cannot be answered or matched here; like other
         // fragments it goes, hashed on addresses and protocol, to a backend of the
         // address's marker (its first service), which holds the VIP, reassembles it and
         // answers.
-        let Some(marker) = vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family) else {
+        let Some(marker) = vip_lookup(pkt.index, &pkt.dst, 0, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        (marker, false, None)
+        (marker, false, None, flow_key(pkt, 0, 0))
     } else if pkt.later_fragment {
-        fill_frag_key(frag_key);
-        let by_ref: &FragKey = frag_key;
+        let Some(by_ref) = frag_key() else {
+            return Ok(PASS.into());
+        };
         let vip = match unsafe { FRAGS.get(by_ref) } {
             Some(v) => *v,
-            None => match vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family) {
+            None => match vip_lookup(pkt.index, &pkt.dst, 0, pkt.proto, pkt.family) {
                 Some(v) => v,
-                None if vip_lookup(&pkt.dst, 0, icmp_proto(pkt.family), pkt.family).is_some() => {
+                None if vip_lookup(pkt.index, &pkt.dst, 0, icmp_proto(pkt.family), pkt.family)
+                    .is_some() =>
+                {
                     return Err(DropReason::FragmentUnknown);
                 }
                 None => return Ok(PASS.into()),
             },
         };
-        (vip, false, None)
+        (vip, false, None, flow_key(pkt, 0, 0))
     } else if pkt.fragment {
         let Ok(ports) = ptr_at::<[u16; 2]>(ctx, pkt.l4_off) else {
             return not_a_vip_or(pkt, DropReason::Truncated);
@@ -812,29 +870,37 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
             return not_a_vip_or(pkt, DropReason::Truncated);
         }
         let dport = unsafe { (*ports)[1] };
-        let Some(vip) = vip_lookup(&pkt.dst, dport, pkt.proto, pkt.family) else {
+        let Some(vip) = vip_lookup(pkt.index, &pkt.dst, dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        (vip, false, None)
+        (vip, false, None, flow_key(pkt, 0, 0))
     } else {
         let ports = match l4::parse(ctx, pkt.l4_off, l3_end(l2, pkt), pkt.proto) {
             Ok(p) => p,
             Err(e) => return not_a_vip_or(pkt, e),
         };
-        // SAFETY: as above.
-        let fkey: &mut FlowKey = unsafe { &mut (*scratch).flow };
-        *fkey = flow_key(pkt, ports.sport, ports.dport);
-        let Some(vip) = vip_lookup(&pkt.dst, ports.dport, pkt.proto, pkt.family) else {
+        let Some(vip) = vip_lookup(pkt.index, &pkt.dst, ports.dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        (vip, ports.syn, conntrack::place_of(fkey))
+        // The key stays a value (no store and reload through memory): LLVM then knows an
+        // IPv4 key's zero words and leaves their products out of the hashes.
+        let key = flow_key(pkt, ports.sport, ports.dport);
+        (vip, ports.syn, conntrack::place_of(&key), key)
     };
-    // SAFETY: as above.
-    let fkey: &mut FlowKey = unsafe { &mut (*scratch).flow };
-    // Fragments and ICMP are keyed on addresses and protocol only.
-    if icmp || pkt.fragment {
-        *fkey = flow_key(pkt, 0, 0);
-    }
+    // An IPv4 key stays a value; an IPv6 key, whose words would crowd the IPv6 path's
+    // stack, is read through this CPU's scratch entry (see `Scratch`).
+    let key: &FlowKey = if pkt.family == FAMILY_V4 {
+        &key
+    } else {
+        let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+            return Ok(PASS.into());
+        };
+        // SAFETY: this CPU's scratch entry; nothing else holds a reference into it now.
+        unsafe {
+            (*scratch).flow = key;
+            &(*scratch).flow
+        }
+    };
     if pkt.src == pkt.dst {
         return Err(DropReason::SourceIsVip);
     }
@@ -842,15 +908,17 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         return Err(DropReason::SourceNotAllowed);
     }
     // Only an admitted first fragment may take a place in the fragment table.
-    if pkt.fragment && !pkt.later_fragment && !icmp {
-        fill_frag_key(frag_key);
-        let by_ref: &FragKey = frag_key;
+    if pkt.fragment
+        && !pkt.later_fragment
+        && !icmp
+        && let Some(by_ref) = frag_key()
+    {
         let _ = FRAGS.insert(by_ref, vip, 0);
     }
     let choice = if pkt.fragment {
-        conntrack::from_table(fkey, &vip)
+        conntrack::from_table(key, &vip, conntrack::epoch())
     } else {
-        conntrack::select(fkey, place, &vip, syn)
+        conntrack::select(key, place, &vip, syn)
     }
     .ok_or(DropReason::NoBackend)?;
     stats::service(
@@ -896,7 +964,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
 /// (IPv6 TCP and UDP come here without one: see `ipv6_packet`).
 #[inline(always)]
 fn not_a_vip_or(pkt: &Pkt, reason: DropReason) -> Result<Outcome, DropReason> {
-    if vip_lookup(&pkt.dst, 0, icmp_proto(pkt.family), pkt.family).is_none() {
+    if vip_lookup(pkt.index, &pkt.dst, 0, icmp_proto(pkt.family), pkt.family).is_none() {
         Ok(PASS.into())
     } else {
         Err(reason)
@@ -950,19 +1018,27 @@ fn forward(
     let l2_mode = vip.flags & SERVICE_F_L2 != 0;
     let action = if l2_mode { Action::L2 } else { Action::Encap };
     if pkt.family != FAMILY_V4 {
-        return Ok((tx6(ctx, l2.l3_off, pkt, choice.id, l2_mode)?, action).into());
+        return Ok((tx6(ctx, l2.l3_off, pkt, choice, l2_mode)?, action).into());
     }
     let baddr = choice.addr_v4.to_ne_bytes();
     let src = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
     if l2_mode {
         Ok((
-            encap::l2_forward(ctx, choice.id, baddr, src, pkt.tot_len)?,
+            encap::l2_forward(ctx, choice.id, choice.epoch, baddr, src, pkt.tot_len)?,
             Action::L2,
         )
             .into())
     } else {
         Ok((
-            encap::ipip_forward(ctx, choice.id, baddr, l2.l3_off, pkt.tot_len)?,
+            encap::ipip_forward(
+                ctx,
+                choice.id,
+                choice.epoch,
+                baddr,
+                l2.l3_off,
+                pkt.tot_len,
+                (pkt.tos, pkt.df),
+            )?,
             Action::Encap,
         )
             .into())
@@ -972,7 +1048,14 @@ fn forward(
 /// Transmits the IPv6 packet `pkt` at `l3_off` to backend `backend` (MAC rewrite when
 /// `l2`, else IPv6-in-IPv6).
 #[inline(always)]
-fn tx6(ctx: &XdpContext, l3_off: usize, pkt: &Pkt, backend: u32, l2: bool) -> Result<u32, Blocked> {
+fn tx6(
+    ctx: &XdpContext,
+    l3_off: usize,
+    pkt: &Pkt,
+    choice: &conntrack::Choice,
+    l2: bool,
+) -> Result<u32, Blocked> {
+    let backend = choice.id;
     let b = BACKENDS
         .get(backend)
         .ok_or(Blocked::Drop(DropReason::NoBackend))?;
@@ -983,9 +1066,9 @@ fn tx6(ctx: &XdpContext, l3_off: usize, pkt: &Pkt, backend: u32, l2: bool) -> Re
         [parse::load64(p), parse::load64(p.add(8))]
     };
     if l2 {
-        encap::l2_forward_v6(ctx, backend, &addr, &pkt.src, pkt.tot_len)
+        encap::l2_forward_v6(ctx, backend, choice.epoch, &addr, &pkt.src, pkt.tot_len)
     } else {
-        encap::ip6ip6_forward(ctx, backend, &addr, l3_off, pkt.tot_len)
+        encap::ip6ip6_forward(ctx, backend, choice.epoch, &addr, l3_off, pkt.tot_len)
     }
 }
 
@@ -1001,7 +1084,7 @@ fn frag_needed_v4_sub(ctx: XdpContext, l3_off: usize, vlans: usize, hdr_len: u64
 #[inline(always)]
 fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropReason> {
     // The agent marks every VIP address with an ICMP entry; anything else is not ours.
-    if vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family).is_none() {
+    if vip_lookup(pkt.index, &pkt.dst, 0, pkt.proto, pkt.family).is_none() {
         return Ok(PASS.into());
     }
     let hdr: *const [u8; 2] = ptr_at(ctx, pkt.l4_off)?;
@@ -1046,8 +1129,8 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
         }
         icmp::quoted_flow_v6(ctx, pkt.l4_off, end, &pkt.dst)?
     };
-    let vip =
-        vip_lookup(&pkt.dst, key.dport, key.proto, pkt.family).ok_or(DropReason::IcmpUnmatched)?;
+    let vip = vip_lookup(pkt.index, &pkt.dst, key.dport, key.proto, pkt.family)
+        .ok_or(DropReason::IcmpUnmatched)?;
     let choice = conntrack::owner(&key, &vip).ok_or(DropReason::NoBackend)?;
     stats::service(vip.service, pkt.tot_len as u64, false);
     stats::backend(choice.id, pkt.tot_len as u64);

@@ -20,6 +20,11 @@ pub struct Ipv4 {
     pub later_fragment: bool,
     /// Identification field (ties fragments of one datagram together).
     pub id: u16,
+    /// Type of service (DSCP and ECN), which an outer header copies.
+    pub tos: u8,
+    /// The flags byte's DF bit (0x40) as it lies in the header, which an outer header
+    /// copies.
+    pub df: u8,
     /// Source address, its four bytes in memory order as one word.
     pub src: u32,
     /// Destination address, likewise.
@@ -38,8 +43,11 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
     if hdr_len < Ipv4Hdr::LEN {
         return Err(DropReason::BadIpHeader);
     }
-    // The options must be inside the frame too.
-    let _: *const u8 = ptr_at(ctx, off + hdr_len - 1)?;
+    // The options must be inside the frame too (without options, the check above
+    // covered the header).
+    if hdr_len > Ipv4Hdr::LEN {
+        let _: *const u8 = ptr_at(ctx, off + hdr_len - 1)?;
+    }
     let base = hdr as *const u8;
     // SAFETY: the fixed header was checked against the frame above.
     let tot_len = u16::from_be(unsafe { super::load16(base.add(2)) });
@@ -56,6 +64,8 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
         fragment: frags & 0x3fff != 0,
         later_fragment: frags & 0x1fff != 0,
         id: u16::from_be(unsafe { super::load16(base.add(4)) }),
+        tos: unsafe { (*hdr).tos },
+        df: (frags >> 8) as u8 & 0x40,
         src: unsafe { super::load32(base.add(12)) },
         dst: unsafe { super::load32(base.add(16)) },
     })

@@ -28,13 +28,13 @@ pub fn parse(ctx: &XdpContext, off: usize, end: usize, proto: u8) -> Result<Port
         if off + TcpHdr::LEN > end {
             return Err(DropReason::Truncated);
         }
-        // Byte 12 holds the data offset, byte 13 the flags.
-        let raw: *const [u8; 14] = ptr_at(ctx, off)?;
-        let doff = (unsafe { (*raw)[12] } >> 4) as usize * 4;
+        // Byte 12 holds the data offset, byte 13 the flags (within the checked header).
+        let raw = tcp as *const u8;
+        let doff = (unsafe { *raw.add(12) } >> 4) as usize * 4;
         if doff < TcpHdr::LEN || off + doff > end {
             return Err(DropReason::BadL4Header);
         }
-        let flags = unsafe { (*raw)[13] };
+        let flags = unsafe { *raw.add(13) };
         Ok(Ports {
             // SAFETY: the header was checked against the frame above.
             sport: unsafe { super::load16(tcp as *const u8) },
