@@ -368,11 +368,12 @@ pub struct FlowState {
     /// Service id the flow was balanced for (what `l3lb flows` shows; the data plane
     /// checks the backend's own service instead, which it reads anyway).
     pub service: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the entry was written: the flow's first
-    /// packet, a TCP SYN, or a packet of a flow the table had lost. Written only with the
-    /// entry, never by the packets that find it, so the established path stays read-only;
-    /// `l3lb flows` orders by it. Nanoseconds because flows opened within one second (or
-    /// one jiffy) must still sort, and the kernel rounds hash values up to 8 bytes anyway.
+    /// `bpf_ktime_get_coarse_ns()` when the entry was written: CLOCK_MONOTONIC as of the
+    /// kernel's last tick (1-10 ms before; a precise read costs the new-flow path a
+    /// quarter), at the flow's first packet, a TCP SYN, or a packet of a flow the table
+    /// had lost. Written only with the entry, never by the packets that find it, so the
+    /// established path stays read-only; `l3lb flows` orders by it (flows begun within
+    /// one tick by client address and port).
     pub created_ns: u64,
 }
 
@@ -477,7 +478,8 @@ pub struct FlowRecord {
     pub service: u32,
     /// Explicit padding; zero.
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()` when the entry was written (see `FlowState::created_ns`).
+    /// `bpf_ktime_get_coarse_ns()` when the entry was written (see
+    /// `FlowState::created_ns`).
     pub created_ns: u64,
     /// Reserved; zero.
     pub _reserved: u64,

@@ -164,7 +164,8 @@ pub fn newest(
     (matched, all)
 }
 
-/// Now on the clock `bpf_ktime_get_ns` reads (CLOCK_MONOTONIC), in nanoseconds.
+/// Now on CLOCK_MONOTONIC, in nanoseconds: the clock of the entries' creation stamps,
+/// which the data plane reads as of the kernel's last tick (`bpf_ktime_get_coarse_ns`).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

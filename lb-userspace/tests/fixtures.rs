@@ -263,17 +263,25 @@ fn flow_entry(f: &Fixture, sport: u16, dport: u16) -> Option<lb_common::FlowEntr
         .expect("lookup")
 }
 
+/// Time between flows whose creation stamps must differ: the stamps are CLOCK_MONOTONIC
+/// as of the kernel's last tick (`bpf_ktime_get_coarse_ns`), which lags by up to a tick
+/// (10 ms at HZ = 100) and, on an idle system, a little more.
+const STAMP_GRAIN: std::time::Duration = std::time::Duration::from_millis(25);
+
 #[test]
 fn connection_entries_carry_their_creation_time_written_on_insert_only() {
     let mut f = Fixture::new(false, &standard_desired());
     let before = l3lb::flows::monotonic_ns();
     f.run(&client_tcp(VIP, 31000, 443, SYN));
     let first = flow_entry(&f, 31000, 443).expect("entry for the first flow");
+    std::thread::sleep(STAMP_GRAIN);
     f.run(&client_tcp(VIP, 31001, 443, SYN));
     let second = flow_entry(&f, 31001, 443).expect("entry for the second flow");
     let after = l3lb::flows::monotonic_ns();
+    let grain = STAMP_GRAIN.as_nanos() as u64;
     assert!(
-        before <= first.state.created_ns && first.state.created_ns < second.state.created_ns,
+        before.saturating_sub(grain) <= first.state.created_ns
+            && first.state.created_ns < second.state.created_ns,
         "stamps on the agent's clock, in the order the flows began: {before} {} {}",
         first.state.created_ns,
         second.state.created_ns
@@ -306,6 +314,7 @@ fn connection_entries_carry_their_creation_time_written_on_insert_only() {
         "an entry no packet found keeps its epoch"
     );
     // A SYN rebalances and so writes the entry anew.
+    std::thread::sleep(STAMP_GRAIN);
     f.run(&client_tcp(VIP, 31000, 443, SYN));
     let again = flow_entry(&f, 31000, 443).expect("entry");
     assert!(

@@ -96,10 +96,15 @@ fn status_and_flows_show_names_weights_counters_and_connections_with_or_without_
         let reply = parse_reply(&line).expect("reply");
         udp_owner.insert(port, address_of[&reply.backend]);
     }
-    // TCP: connections in a known order, so "newest first" is checkable.
+    // TCP: connections in a known order, so "newest first" is checkable. Creation
+    // stamps have the kernel tick's grain (up to 10 ms): connections begun within one
+    // tick would be listed by port instead, so they begin further apart.
     const TCP_N: u16 = 12;
     let mut tcp_owner = HashMap::new();
     for i in 0..TCP_N {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(25));
+        }
         let port = 46000 + i;
         let line = client::tcp_request(&s.lab.client.ns, vip, TCP_PORT, Some(port), T)
             .expect("TCP answered");
