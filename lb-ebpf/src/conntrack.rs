@@ -139,7 +139,8 @@ fn find(p: Place) -> Option<*mut FlowWay> {
 }
 
 /// The backend the connection table remembers for `key`, if it still serves this service;
-/// `touch` marks the entry confirmed and seen now (a flow's packet, not an ICMP error).
+/// `touch` marks the entry confirmed and seen in epoch `now` (a flow's packet, not an ICMP
+/// error), the epoch this packet read.
 #[inline(always)]
 fn remembered(
     key: &FlowKey,
@@ -173,7 +174,8 @@ fn remembered(
     Some(Choice::of(id, b, false, now))
 }
 
-/// Records `key` → `state` in the way `flow_place` picks, its cold record first.
+/// Records `key` → `state` in the way `flow_place` picks (ages counted from epoch `now`),
+/// its cold record first.
 ///
 /// Writers on other CPUs may fill the same bucket at once (a flow's packets normally stay
 /// on one CPU, different flows do not): the way is freed first and its tag written last,
@@ -212,7 +214,8 @@ fn record(key: &FlowKey, place: Option<Place>, state: FlowState, now: u32) {
 }
 
 /// The backend the service's Maglev table gives `key` (ports ignored under client-IP
-/// affinity); no state is read or written.
+/// affinity); no state is read or written. `now`, the epoch this packet read, rides along
+/// in the choice.
 #[inline(always)]
 pub fn from_table(key: &FlowKey, vip: &VipInfo, now: u32) -> Option<Choice> {
     let size = unsafe { core::ptr::read_volatile(&RING_SIZE) };
