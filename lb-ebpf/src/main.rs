@@ -582,17 +582,12 @@ fn decap_check(src_lo: u64, src_hi: u64, dst_lo: u64, dst_hi: u64, family: u8) -
         dst_hi as u32,
         (dst_hi >> 32) as u32,
     ];
-    let settings = SETTINGS
-        .get(lb_common::SETTINGS_FLAGS)
-        .copied()
-        .unwrap_or(0);
-    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
+    let VipIndex {
+        size,
+        settings,
+        base,
+    } = vip_index();
     if settings & SETTINGS_F_DECAP_INDEX != 0 && size != 0 {
-        let base = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
-            size
-        } else {
-            0
-        };
         let tail = |marker: u8| {
             VipKey {
                 addr: [0; 16],
