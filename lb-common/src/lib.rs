@@ -61,8 +61,10 @@ pub const VIP_INDEX_DECAP: u8 = 0x20;
 
 /// Index of the settings array holding `SETTINGS_F_*` bits.
 pub const SETTINGS_FLAGS: u32 = 0;
-/// Index of the settings array holding the next-hop epoch: the agent advances it every
-/// half second, and next hops learnt in an older epoch are looked up again.
+/// Index of the settings array holding the epoch: the agent advances it every half second
+/// and after every change it writes to the maps. Next hops learnt in an older epoch are
+/// looked up again, and a connection-table entry is trusted without its VIP lookup only
+/// in the epoch it was last checked in (see `FlowWay::seen`).
 pub const SETTINGS_NEXTHOP_EPOCH: u32 = 1;
 /// Index of the settings array holding the low half of the connection table's hash seed
 /// (`flow_buckets_of`): the program has it as a load-time global, the array keeps it for
@@ -73,6 +75,9 @@ pub const SETTINGS_FLOW_SEED_HI: u32 = 3;
 
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
+/// Backend flag: its service forwards by MAC rewrite (`SERVICE_F_L2`), copied here so a
+/// packet whose flow is known forwards without reading its VIP entry.
+pub const BACKEND_F_L2: u8 = 2;
 
 /// `BackendMeta::health`: not checked (no health check has run for it).
 pub const HEALTH_UNKNOWN: u8 = 0;
@@ -397,8 +402,8 @@ pub struct FlowEntry {
     /// Where it goes.
     pub state: FlowState,
     /// `SETTINGS[SETTINGS_NEXTHOP_EPOCH]` when a packet last found (or wrote) the entry:
-    /// the agent advances it every half second, so this is the entry's age for eviction,
-    /// kept without a clock read or a store per packet.
+    /// the agent advances it every half second (and after each change it writes), so this
+    /// is the entry's age for eviction, kept without a clock read or a store per packet.
     pub seen: u32,
     /// `FLOW_F_*` bits.
     pub flags: u32,
@@ -431,7 +436,9 @@ pub struct FlowWay {
     pub tag: u64,
     /// Backend id.
     pub backend: u32,
-    /// Epoch the entry was last found or written in (see `FlowEntry::seen`).
+    /// Epoch the entry was last found or written in (see `FlowEntry::seen`). The program
+    /// writes it only after the flow's VIP lookup agreed with the entry, so within that
+    /// epoch (the agent advances it after every map change) the entry alone decides.
     pub seen: u32,
 }
 

@@ -25,6 +25,8 @@ pub struct Choice {
     pub addr_v4: u32,
     /// The backend's `BACKEND_F_*` bits.
     pub flags: u8,
+    /// The service the backend belongs to.
+    pub service: u32,
     /// True when Maglev chose (a new flow, or one the table had lost).
     pub new_flow: bool,
     /// The next-hop epoch read for this packet (see `epoch`), handed on to the next-hop
@@ -45,6 +47,7 @@ impl Choice {
             id,
             addr_v4,
             flags: b.flags,
+            service: b.service,
             new_flow,
             epoch,
         }
@@ -59,8 +62,9 @@ static FLOW_BUCKETS: u32 = 0;
 #[unsafe(no_mangle)]
 static FLOW_SEED: u64 = 0;
 
-/// The agent's half-second epoch: entries' age for eviction, and the next-hop cache's
-/// freshness.
+/// The agent's epoch (advanced every half second and after every change it writes):
+/// entries' age for eviction, the next-hop cache's freshness, and how long a checked
+/// entry decides alone (see `current`).
 #[inline(always)]
 pub fn epoch() -> u32 {
     SETTINGS.get(SETTINGS_NEXTHOP_EPOCH).copied().unwrap_or(0)
@@ -136,6 +140,32 @@ fn find(p: Place) -> Option<*mut FlowWay> {
         return found;
     }
     search(p.overflow()?.0, p.tag).0
+}
+
+/// The backend of a flow (whose table place `place_of` gave) whose entry is confirmed and
+/// was checked against its VIP in epoch `now`, the epoch this packet read: such an entry
+/// decides alone, and the packet needs no VIP lookup.
+///
+/// The program marks an entry seen only after the flow's VIP lookup agreed with it
+/// (`remembered`, `record`), and the agent advances the epoch after every change it
+/// writes (VIPs, services, source ranges, backends): an entry seen in the current epoch
+/// was checked against the maps as they stand. The backend's family is checked all the
+/// same, so a slot the agent cleared is never used.
+#[inline(always)]
+pub fn current(place: Option<Place>, family: u8, now: u32) -> Option<Choice> {
+    let w = find(place?)?;
+    // SAFETY: the way found above, in a map value.
+    let (tag, id, seen) = unsafe { ((*w).tag, (*w).backend, (*w).seen) };
+    // An entry not yet confirmed (its SYN wrote it) is left to `remembered`, which
+    // confirms it: this path stays free of stores.
+    if seen != now || tag & FLOW_F_CONFIRMED as u64 == 0 {
+        return None;
+    }
+    let b = BACKENDS.get(id)?;
+    if b.family != family {
+        return None;
+    }
+    Some(Choice::of(id, b, false, now))
 }
 
 /// The backend the connection table remembers for `key`, if it still serves this service;
@@ -247,10 +277,17 @@ pub fn from_table(key: &FlowKey, vip: &VipInfo, now: u32) -> Option<Choice> {
 /// A connection-table hit keeps the flow where it is as long as that backend still
 /// exists for this service; a TCP SYN always chooses afresh so a reused 5-tuple is
 /// balanced by the current table. A miss consults the service's active Maglev table and
-/// records the choice.
+/// records the choice. `now` is the epoch this packet read before its VIP lookup (see
+/// `current`: read after it, an entry could be marked checked in an epoch whose maps
+/// the lookup did not see).
 #[inline(always)]
-pub fn select(key: &FlowKey, place: Option<Place>, vip: &VipInfo, syn: bool) -> Option<Choice> {
-    let now = epoch();
+pub fn select(
+    key: &FlowKey,
+    place: Option<Place>,
+    vip: &VipInfo,
+    syn: bool,
+    now: u32,
+) -> Option<Choice> {
     if !syn && let Some(c) = remembered(key, place, vip, true, now) {
         return Some(c);
     }

@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Action, BACKEND_F_LOCAL, DropReason, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVICE_F_L2,
+    Action, BACKEND_F_L2, BACKEND_F_LOCAL, DropReason, FAMILY_V4, FAMILY_V6, FlowKey, FragKey,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP,
     SERVICE_F_SOURCE_RANGES, SETTINGS_F_DECAP_INDEX, SETTINGS_F_DECAP_PREFIXES, SrcRangeV4,
     SrcRangeV6, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VipInfo, VipKey, VipSlot,
 };
@@ -822,9 +822,10 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         };
         Some(k)
     };
+    // Read before any VIP lookup: an entry is marked checked in this epoch (see
+    // `conntrack::current`), and it must not be an epoch whose maps the lookup missed.
+    let now = conntrack::epoch();
 
-    // The VIP lookup comes first, before any other key is built, so traffic for other
-    // destinations leaves as cheaply as possible.
     // Every fragment of a datagram must reach one backend: fragments are hashed on
     // (source, destination, protocol) only, and later fragments (no ports) find their
     // service through the first one's record, else the all-ports entry.
@@ -874,13 +875,25 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
             Ok(p) => p,
             Err(e) => return not_a_vip_or(pkt, e),
         };
-        let Some(vip) = vip_lookup(pkt.index, &pkt.dst, ports.dport, pkt.proto, pkt.family) else {
-            return Ok(PASS.into());
-        };
         // The key stays a value (no store and reload through memory): LLVM then knows an
         // IPv4 key's zero words and leaves their products out of the hashes.
         let key = flow_key(pkt, ports.sport, ports.dport);
-        (vip, ports.syn, conntrack::place_of(&key), key)
+        let place = conntrack::place_of(&key);
+        // A flow whose entry was checked in this epoch goes on without its VIP lookup
+        // (the established path's largest saving); a SYN always chooses afresh below.
+        if !ports.syn
+            && let Some(choice) = conntrack::current(place, pkt.family, now)
+        {
+            return send(ctx, l2, pkt, &choice);
+        }
+        // The index as it stands now, not as the address filter read it: had the agent
+        // switched halves in between (and then advanced the epoch), a lookup in the old
+        // half would mark the entry checked in the new epoch.
+        let Some(vip) = vip_lookup(vip_index(), &pkt.dst, ports.dport, pkt.proto, pkt.family)
+        else {
+            return Ok(PASS.into());
+        };
+        (vip, ports.syn, place, key)
     };
     // An IPv4 key stays a value; an IPv6 key, whose words would crowd the IPv6 path's
     // stack, is read through this CPU's scratch entry (see `Scratch`).
@@ -911,22 +924,34 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         let _ = FRAGS.insert(by_ref, vip, 0);
     }
     let choice = if pkt.fragment {
-        conntrack::from_table(key, &vip, conntrack::epoch())
+        conntrack::from_table(key, &vip, now)
     } else {
-        conntrack::select(key, place, &vip, syn)
+        conntrack::select(key, place, &vip, syn, now)
     }
     .ok_or(DropReason::NoBackend)?;
-    stats::service(
-        vip.service,
-        pkt.tot_len as u64,
-        choice.new_flow && !pkt.fragment,
-    );
     if pkt.fragment {
         stats::event(lb_common::Event::Fragment);
     }
+    send(ctx, l2, pkt, &choice)
+}
+
+/// Counts a packet of a flow (or fragment) for its service and backend and sends it to
+/// the chosen backend; a packet too big for the way there becomes a "too big" outcome.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    l2: &eth::L2,
+    pkt: &Pkt,
+    choice: &conntrack::Choice,
+) -> Result<Outcome, DropReason> {
+    stats::service(
+        choice.service,
+        pkt.tot_len as u64,
+        choice.new_flow && !pkt.fragment,
+    );
     stats::backend(choice.id, pkt.tot_len as u64);
 
-    match forward(ctx, l2, pkt, &vip, &choice) {
+    match forward(ctx, l2, pkt, choice) {
         Ok(done) => Ok(done),
         Err(Blocked::Drop(r)) => Err(r),
         // A packet that would not fit once encapsulated: tell the client the size that
@@ -934,7 +959,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         // too, since the balancer cannot fragment; Linux honours it for such traffic.
         Err(Blocked::TooBig(mtu)) => {
             let v4 = pkt.family == FAMILY_V4;
-            let overhead = if vip.flags & SERVICE_F_L2 != 0 {
+            let overhead = if choice.flags & BACKEND_F_L2 != 0 {
                 0
             } else if v4 {
                 encap::IPIP_OVERHEAD
@@ -997,20 +1022,19 @@ fn source_allowed(pkt: &Pkt, service: u32) -> bool {
     }
 }
 
-/// Sends a packet of `vip` to the chosen backend: locally, by MAC rewrite, or in a tunnel
-/// (IPIP, IPv6-in-IPv6).
+/// Sends a packet to the chosen backend: locally, by MAC rewrite (its service's mode,
+/// copied into the backend's flags), or in a tunnel (IPIP, IPv6-in-IPv6).
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
     l2: &eth::L2,
     pkt: &Pkt,
-    vip: &VipInfo,
     choice: &conntrack::Choice,
 ) -> Result<Outcome, Blocked> {
     if choice.flags & BACKEND_F_LOCAL != 0 {
         return Ok((xdp_action::XDP_PASS, Action::Local).into());
     }
-    let l2_mode = vip.flags & SERVICE_F_L2 != 0;
+    let l2_mode = choice.flags & BACKEND_F_L2 != 0;
     let action = if l2_mode { Action::L2 } else { Action::Encap };
     if pkt.family != FAMILY_V4 {
         return Ok((tx6(ctx, l2.l3_off, pkt, choice, l2_mode)?, action).into());
@@ -1127,9 +1151,9 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
     let vip = vip_lookup(pkt.index, &pkt.dst, key.dport, key.proto, pkt.family)
         .ok_or(DropReason::IcmpUnmatched)?;
     let choice = conntrack::owner(&key, &vip).ok_or(DropReason::NoBackend)?;
-    stats::service(vip.service, pkt.tot_len as u64, false);
+    stats::service(choice.service, pkt.tot_len as u64, false);
     stats::backend(choice.id, pkt.tot_len as u64);
-    match forward(ctx, l2, pkt, &vip, &choice) {
+    match forward(ctx, l2, pkt, &choice) {
         Ok(done) => Ok(done),
         Err(Blocked::Drop(r)) => Err(r),
         Err(Blocked::TooBig(_)) => Err(DropReason::MtuExceeded),

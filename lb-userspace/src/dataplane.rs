@@ -20,9 +20,10 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, BackendMeta, BackendStats, FAMILY_V4, FAMILY_V6, PROTO_IPIP,
-    PROTO_IPV6, SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, SERVICE_F_SOURCE_RANGES, ServiceMeta,
-    ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey, VipSlot, globals, map_names,
+    BACKEND_F_L2, BACKEND_F_LOCAL, Backend, BackendMeta, BackendStats, FAMILY_V4, FAMILY_V6,
+    PROTO_IPIP, PROTO_IPV6, SERVICE_F_AFFINITY_CLIENT_IP, SERVICE_F_L2, SERVICE_F_SOURCE_RANGES,
+    ServiceMeta, ServiceStats, SrcRangeV4, SrcRangeV6, VipInfo, VipKey, VipSlot, globals,
+    map_names,
 };
 use thiserror::Error;
 
@@ -1406,8 +1407,24 @@ impl Dataplane {
     /// All or nothing: what would not fit (ids, VIP entries, source ranges, allow lists)
     /// is refused before anything is written; an update that fails midway anyway is
     /// undone by applying the previous state again, and the error says so.
+    ///
+    /// Whatever was written, the epoch advances afterwards: connection-table entries the
+    /// data plane checked against the maps before the change are checked again (see
+    /// `lb_common::FlowWay::seen`).
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplySummary, DataplaneError> {
         self.check_capacity(desired)?;
+        let applied = self.apply_written(desired);
+        if let Err(e) = self.advance_epoch() {
+            // The maps hold what `applied` says; until an advance succeeds (the agent's
+            // next tick tries again) entries checked before the change may still skip
+            // their VIP lookup.
+            tracing::warn!(error = %e, "could not advance the epoch after writing the maps");
+        }
+        applied
+    }
+
+    /// `apply` without the epoch's advance.
+    fn apply_written(&mut self, desired: &Desired) -> Result<ApplySummary, DataplaneError> {
         match self.apply_inner(desired) {
             Ok(sum) => {
                 self.last_applied = Some(desired.clone());
@@ -1615,10 +1632,16 @@ impl Dataplane {
             // Backends that are new get ids and entries before any table can name them.
             for b in &svc.backends {
                 let (addr, family) = addr_bytes(b.address);
+                // The service's forwarding mode goes into its backends' entries: a packet
+                // whose flow is known forwards without reading its VIP entry.
+                let mut flags = if b.local { BACKEND_F_LOCAL } else { 0 };
+                if svc.mode.l2 {
+                    flags |= BACKEND_F_L2;
+                }
                 let entry = Backend {
                     addr,
                     family,
-                    flags: if b.local { BACKEND_F_LOCAL } else { 0 },
+                    flags,
                     _pad: [0; 2],
                     service: state.id,
                 };
@@ -2138,8 +2161,15 @@ impl Dataplane {
     }
 
     /// Makes the data plane look every backend's next hop up again (advances the
-    /// next-hop epoch); the agent calls it every half second.
+    /// epoch); the agent calls it every half second.
     pub fn expire_next_hops(&mut self) -> Result<(), DataplaneError> {
+        self.advance_epoch()
+    }
+
+    /// Advances the epoch (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`): the clock of the
+    /// connection table's ages and of the next-hop cache, and the span in which an
+    /// entry the data plane checked against its VIP is trusted without the lookup.
+    fn advance_epoch(&mut self) -> Result<(), DataplaneError> {
         self.nexthop_epoch = self.nexthop_epoch.wrapping_add(1);
         let epoch = self.nexthop_epoch;
         self.array::<u32>(map_names::SETTINGS)?

@@ -323,6 +323,61 @@ fn connection_entries_carry_their_creation_time_written_on_insert_only() {
     );
 }
 
+/// A flow whose entry was checked against its VIP in this epoch is forwarded from the
+/// entry alone (no VIP lookup): every change the agent writes starts a new epoch, so the
+/// change applies to established flows from their next packet on.
+#[test]
+fn known_flows_follow_every_config_change_from_their_next_packet() {
+    let mut desired = standard_desired();
+    let mut f = Fixture::new(false, &desired);
+    let syn = client_tcp(VIP, 32000, 80, SYN);
+    let ack = client_tcp(VIP, 32000, 80, ACK);
+    f.run(&syn);
+    // The first ACK confirms the entry; those after it take the entry's word.
+    for _ in 0..3 {
+        let (v, out) = f.run(&ack);
+        assert_eq!(v, XDP_TX);
+        assert_eq!(out, expected_ipip(&ack[14..], B1, B1_MAC));
+    }
+    // Source ranges that leave this client out: refused from its next packet on.
+    desired.services[0].source_ranges = vec!["198.51.100.0/24".parse().expect("net")];
+    f.dp.apply(&desired).expect("restrict");
+    f.expect_drop(&ack, DropReason::SourceNotAllowed, "an established flow");
+    desired.services[0].source_ranges.clear();
+    f.dp.apply(&desired).expect("lift");
+    for _ in 0..2 {
+        let (v, out) = f.run(&ack);
+        assert_eq!(v, XDP_TX, "admitted again, on its backend");
+        assert_eq!(out, expected_ipip(&ack[14..], B1, B1_MAC));
+    }
+    // The service moves to another port with the same backend: the flow's packets to
+    // the old port are no longer a VIP's.
+    desired.services[0].vips = vec![(IpAddr::V4(VIP), 8080, PROTO_TCP)];
+    f.dp.apply(&desired).expect("move the port");
+    f.expect_pass_unchanged(&ack, "the old port");
+    // A service in MAC-rewrite mode keeps it on the entry-only path.
+    let query = eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(
+            CLIENT,
+            VIP_L2,
+            PROTO_UDP,
+            &[],
+            &udp(5353, 53, b"query"),
+            false,
+        ),
+    );
+    for _ in 0..3 {
+        let (v, out) = f.run(&query);
+        assert_eq!(v, XDP_TX);
+        assert_eq!(out[..12], [B2_MAC, NODE_MAC].concat()[..]);
+        assert_eq!(out[12..], query[12..], "only the MACs rewritten");
+    }
+}
+
 /// The standard services with the smallest connection table: 256 buckets of 4.
 fn smallest_table() -> Fixture {
     let mut options = opts(false);
