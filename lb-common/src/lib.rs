@@ -244,13 +244,14 @@ pub const fn vip_index_slots(max_services: u32) -> u32 {
     n as u32
 }
 
-/// Index of the settings array where the VIP address filter starts: two halves of
-/// `vip_filter_words` words, the active one chosen with the VIP index's
-/// (`SETTINGS_F_VIP_INDEX_B`). Beside the flags every VIP packet reads anyway, so the
-/// filter costs that packet no page of its own.
+/// Index of the settings array where the VIP address filter starts (`vip_filter_words`
+/// words). One filter serves both halves of the VIP index: the agent sets a new
+/// address's bit before the index that holds it becomes active, and clears a removed
+/// address's bit only after, so the program tests the filter without reading which half
+/// is active. Beside the epoch every VIP packet reads anyway.
 pub const SETTINGS_FILTER: u32 = 16;
 
-/// Words (32 bits each) of one half of the VIP address filter for a VIP index of `slots`
+/// Words (32 bits each) of the VIP address filter for a VIP index of `slots`
 /// slots (`vip_index_slots`): one bit per slot, at least 2048 bits. The index holds at
 /// most 16 slots per service, so the filter is at most about 1/16 set at `max_services`.
 pub const fn vip_filter_words(slots: u32) -> u32 {
@@ -258,14 +259,14 @@ pub const fn vip_filter_words(slots: u32) -> u32 {
 }
 
 /// Entries of the settings array for a VIP index of `slots` slots: the settings, then
-/// both halves of the address filter.
+/// the address filter.
 pub const fn settings_len(slots: u32) -> u32 {
-    SETTINGS_FILTER + 2 * vip_filter_words(slots)
+    SETTINGS_FILTER + vip_filter_words(slots)
 }
 
 /// The bit of the address filter that stands for `addr` (its four words in memory order;
 /// an IPv4 address in the first, as in `VipKey`) of `family`, for a VIP index of `slots`
-/// slots: bit `b` is bit `b % 32` of word `b / 32` of the filter half.
+/// slots: bit `b` is bit `b % 32` of word `b / 32` of the filter.
 ///
 /// The agent sets the bit of every address in the index; the XDP program finds the bit
 /// clear for nearly every packet to another address and passes it before parsing its

@@ -154,13 +154,13 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         }
         // Traffic to an address the VIP index does not hold is not ours: passed before any
         // header is parsed (see `may_be_for_a_vip_v4`).
-        let Some(index) = may_be_for_a_vip_v4(ctx, l2.l3_off) else {
+        if !may_be_for_a_vip_v4(ctx, l2.l3_off) {
             return Ok(PASS);
-        };
+        }
         // The IPv4 path runs inline: on a host with return-thunk mitigations (SRSO) a call
         // into a subprogram and its return cost ~7 % of the established path (`bench
         // --compare`).
-        let o = ipv4_packet(ctx, &l2, index)?;
+        let o = ipv4_packet(ctx, &l2)?;
         if o.too_big {
             // The client is told the size that fits, in a subprogram of its own, which
             // keeps the rarely used reply code and its frame out of the path's.
@@ -182,7 +182,7 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         {
             return r;
         }
-        if may_be_for_a_vip_v6(ctx, l2.l3_off).is_none() {
+        if !may_be_for_a_vip_v6(ctx, l2.l3_off) {
             return Ok(PASS);
         }
         // SAFETY: a tail call does not return when it succeeds; nothing here holds state
@@ -224,16 +224,15 @@ fn try_too_big_v6(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     Ok((verdict, Action::TooBig))
 }
 
-/// Whether the IPv4 packet at `l3_off` may be for a VIP, with the VIP index its lookups
-/// then use: `None` when its destination address is in the frame and its bit in the VIP
-/// address filter is clear. Such traffic (to the node itself, to anything routed through
+/// Whether the IPv4 packet at `l3_off` may be for a VIP: false when its destination
+/// address is in the frame and its bit in the VIP address filter is clear. Such traffic (to the node itself, to anything routed through
 /// it) goes to the stack at the cost of one read and bit test, before any header is
 /// validated: like every packet not for a VIP, it is the kernel's to judge, malformed or
 /// not.
 #[inline(always)]
-fn may_be_for_a_vip_v4(ctx: &XdpContext, l3_off: usize) -> Option<VipIndex> {
+fn may_be_for_a_vip_v4(ctx: &XdpContext, l3_off: usize) -> bool {
     let Ok(p) = ptr_at::<[u8; 4]>(ctx, l3_off + 16) else {
-        return Some(vip_index());
+        return true;
     };
     // SAFETY: four bytes `ptr_at` checked.
     vip_address_maybe(unsafe { parse::load32(p.cast()) }, 0, 0, 0, FAMILY_V4)
@@ -241,9 +240,9 @@ fn may_be_for_a_vip_v4(ctx: &XdpContext, l3_off: usize) -> Option<VipIndex> {
 
 /// `may_be_for_a_vip_v4` for IPv6.
 #[inline(always)]
-fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> Option<VipIndex> {
+fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> bool {
     let Ok(p) = ptr_at::<[u32; 4]>(ctx, l3_off + 24) else {
-        return Some(vip_index());
+        return true;
     };
     let p = p as *const u8;
     // SAFETY: two 8-byte reads within the bounds `ptr_at` checked.
@@ -347,8 +346,6 @@ struct Pkt {
     /// for IPv6.
     tos: u8,
     df: u8,
-    /// The VIP index this packet's lookups use.
-    index: VipIndex,
 }
 
 /// Slots per half of the VIP index; set by the agent at load time (a power of two).
@@ -459,26 +456,23 @@ fn vip_index() -> VipIndex {
 }
 
 /// Whether the address `a0..a3` (its words in memory order; of `family`) may be in the
-/// VIP index, with the index as read: `None` when its bit in the active half of the
-/// address filter (in the settings array, `SETTINGS_FILTER`) is clear — then no VIP or
-/// marker has this address — and when the index does not exist yet.
+/// VIP index: false when its bit in the address filter (in the settings array from
+/// `SETTINGS_FILTER`) is clear — then no VIP or marker has this address — and when the
+/// index does not exist yet.
+///
+/// One filter for both halves of the index (the agent sets a new address's bit before
+/// the index holding it becomes active, and clears a removed one's after): the test
+/// reads no settings flags, so a packet whose flow is known reads none at all.
 #[inline(always)]
-fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32, family: u8) -> Option<VipIndex> {
-    let index = vip_index();
-    let VipIndex { size, settings, .. } = index;
+fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32, family: u8) -> bool {
+    let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
     if size == 0 {
-        return None;
+        return false;
     }
-    let words = lb_common::vip_filter_words(size);
-    let half = if settings & lb_common::SETTINGS_F_VIP_INDEX_B != 0 {
-        words
-    } else {
-        0
-    };
     let bit = lb_common::vip_filter_bit(&[a0, a1, a2, a3], family, size);
-    match SETTINGS.get(lb_common::SETTINGS_FILTER + half + (bit >> 5)) {
-        Some(w) if *w & (1 << (bit & 31)) == 0 => None,
-        _ => Some(index),
+    match SETTINGS.get(lb_common::SETTINGS_FILTER + (bit >> 5)) {
+        Some(w) => *w & (1 << (bit & 31)) != 0,
+        None => true,
     }
 }
 
@@ -720,7 +714,7 @@ fn ipv6_decap(
 }
 
 #[inline(always)]
-fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2, index: VipIndex) -> Result<Outcome, DropReason> {
+fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv4::parse(ctx, l2.l3_off)?;
     let proto = unsafe { (*ip.hdr).proto };
 
@@ -737,7 +731,6 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2, index: VipIndex) -> Result<Outcom
         frag_id: ip.id as u32,
         tos: ip.tos,
         df: ip.df,
-        index,
     };
     balance(ctx, l2, &pkt)
 }
@@ -745,7 +738,6 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2, index: VipIndex) -> Result<Outcom
 #[inline(always)]
 fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     let ip = ipv6::parse(ctx, l2.l3_off)?;
-    let index = vip_index();
     // Only traffic to VIP addresses is looked at further: neighbour discovery, router
     // advertisements and everything else addressed elsewhere pass untouched. TCP or UDP
     // right after the fixed header skips the address's marker lookup: `balance` looks
@@ -753,7 +745,7 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     // such a packet to another address still passes untouched).
     if ip.next != PROTO_TCP
         && ip.next != PROTO_UDP
-        && vip_lookup(index, &ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none()
+        && vip_lookup(vip_index(), &ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none()
     {
         return Ok(PASS.into());
     }
@@ -777,7 +769,6 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         frag_id: up.id,
         tos: 0,
         df: 0,
-        index,
     };
     balance(ctx, l2, &pkt)
 }
@@ -837,7 +828,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         // fragments it goes, hashed on addresses and protocol, to a backend of the
         // address's marker (its first service), which holds the VIP, reassembles it and
         // answers.
-        let Some(marker) = vip_lookup(pkt.index, &pkt.dst, 0, pkt.proto, pkt.family) else {
+        let Some(marker) = vip_lookup(vip_index(), &pkt.dst, 0, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
         (marker, false, None, flow_key(pkt, 0, 0))
@@ -845,11 +836,12 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         let Some(by_ref) = frag_key() else {
             return Ok(PASS.into());
         };
+        let index = vip_index();
         let vip = match unsafe { FRAGS.get(by_ref) } {
             Some(v) => *v,
-            None => match vip_lookup(pkt.index, &pkt.dst, 0, pkt.proto, pkt.family) {
+            None => match vip_lookup(index, &pkt.dst, 0, pkt.proto, pkt.family) {
                 Some(v) => v,
-                None if vip_lookup(pkt.index, &pkt.dst, 0, icmp_proto(pkt.family), pkt.family)
+                None if vip_lookup(index, &pkt.dst, 0, icmp_proto(pkt.family), pkt.family)
                     .is_some() =>
                 {
                     return Err(DropReason::FragmentUnknown);
@@ -866,7 +858,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
             return not_a_vip_or(pkt, DropReason::Truncated);
         }
         let dport = unsafe { (*ports)[1] };
-        let Some(vip) = vip_lookup(pkt.index, &pkt.dst, dport, pkt.proto, pkt.family) else {
+        let Some(vip) = vip_lookup(vip_index(), &pkt.dst, dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
         (vip, false, None, flow_key(pkt, 0, 0))
@@ -886,9 +878,9 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         {
             return send(ctx, l2, pkt, &choice);
         }
-        // The index as it stands now, not as the address filter read it: had the agent
-        // switched halves in between (and then advanced the epoch), a lookup in the old
-        // half would mark the entry checked in the new epoch.
+        // The index is read after the epoch (see `now`): had the agent switched halves
+        // in between and then advanced the epoch, a lookup in the old half would mark
+        // the entry checked in the new epoch.
         let Some(vip) = vip_lookup(vip_index(), &pkt.dst, ports.dport, pkt.proto, pkt.family)
         else {
             return Ok(PASS.into());
@@ -984,7 +976,7 @@ fn send(
 /// (IPv6 TCP and UDP come here without one: see `ipv6_packet`).
 #[inline(always)]
 fn not_a_vip_or(pkt: &Pkt, reason: DropReason) -> Result<Outcome, DropReason> {
-    if vip_lookup(pkt.index, &pkt.dst, 0, icmp_proto(pkt.family), pkt.family).is_none() {
+    if vip_lookup(vip_index(), &pkt.dst, 0, icmp_proto(pkt.family), pkt.family).is_none() {
         Ok(PASS.into())
     } else {
         Err(reason)
@@ -1103,7 +1095,8 @@ fn frag_needed_v4_sub(ctx: XdpContext, l3_off: usize, vlans: usize, hdr_len: u64
 #[inline(always)]
 fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropReason> {
     // The agent marks every VIP address with an ICMP entry; anything else is not ours.
-    if vip_lookup(pkt.index, &pkt.dst, 0, pkt.proto, pkt.family).is_none() {
+    let index = vip_index();
+    if vip_lookup(index, &pkt.dst, 0, pkt.proto, pkt.family).is_none() {
         return Ok(PASS.into());
     }
     let hdr: *const [u8; 2] = ptr_at(ctx, pkt.l4_off)?;
@@ -1148,7 +1141,7 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
         }
         icmp::quoted_flow_v6(ctx, pkt.l4_off, end, &pkt.dst)?
     };
-    let vip = vip_lookup(pkt.index, &pkt.dst, key.dport, key.proto, pkt.family)
+    let vip = vip_lookup(index, &pkt.dst, key.dport, key.proto, pkt.family)
         .ok_or(DropReason::IcmpUnmatched)?;
     let choice = conntrack::owner(&key, &vip).ok_or(DropReason::NoBackend)?;
     stats::service(choice.service, pkt.tot_len as u64, false);

@@ -154,11 +154,11 @@ pub struct CachedHop {
 #[map(name = "L3LB_NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(1, 0);
 
-/// Index 0 → `SETTINGS_F_*` bits, index 1 → next-hop epoch, 2 and 3 → the connection
-/// table's hash seed (kept for the next agent; this program has it as `FLOW_SEED`), from
-/// `SETTINGS_FILTER` on → the two halves of the VIP address filter (`vip_filter_bit`);
-/// written by the agent (size: load time, `settings_len`). Memory-mappable, so the agent
-/// writes a filter half with a copy.
+/// Index 0 → `SETTINGS_F_*` bits, index 1 → the epoch, 2 and 3 → the connection table's
+/// hash seed (kept for the next agent; this program has it as `FLOW_SEED`), from
+/// `SETTINGS_FILTER` on → the VIP address filter (`vip_filter_bit`); written by the agent
+/// (size: load time, `settings_len`). Memory-mappable, so the agent writes the filter
+/// with a copy.
 #[map(name = "L3LB_SETTINGS")]
 pub static SETTINGS: Array<u32> = Array::with_max_entries(4, BPF_F_MMAPABLE);
 

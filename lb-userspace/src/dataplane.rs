@@ -542,7 +542,7 @@ pub fn build_vip_index<'a>(
     Ok(table)
 }
 
-/// One half of the VIP address filter (`vip_filter_words(slots)` words) for the VIP index
+/// The VIP address filter (`vip_filter_words(slots)` words) for the VIP index
 /// entries `keys`: the bit `vip_filter_bit` names is set for the address of every VIP and
 /// marker. The node's own addresses and decap sources are left out: the decap role looks
 /// them up itself, before the filter is asked, so traffic to the node passes early too.
@@ -598,6 +598,10 @@ pub struct Dataplane {
     /// A digest of what the active half holds, so an apply that changes no VIP entry
     /// writes nothing (the table itself is not kept: megabytes at 10 000 services).
     vip_index_digest: Option<u64>,
+    /// The address filter as written (`SETTINGS_FILTER` on): a new index's addresses are
+    /// added to it before the index is switched to, and the filter is narrowed to them
+    /// only after.
+    vip_filter: Vec<u32>,
     opts: LoadOptions,
     link: Option<XdpLinkId>,
     /// The attachment when it is a pinned bpf_link (kept across agent restarts).
@@ -894,6 +898,11 @@ impl Dataplane {
             settings_map: settings,
             vip_index_b: false,
             vip_index_digest: None,
+            vip_filter: vec![
+                0;
+                lb_common::vip_filter_words(lb_common::vip_index_slots(opts.max_services))
+                    as usize
+            ],
             opts: opts.clone(),
             link: None,
             pinned_link: None,
@@ -1908,21 +1917,26 @@ impl Dataplane {
         // becomes the active one together with the flags (one store).
         let digest = slots_digest(&image);
         let index_changed = self.vip_index_digest != Some(digest);
+        let mut narrowed = None;
         if index_changed {
             let slots = lb_common::vip_index_slots(self.opts.max_services);
             let half = slots as usize;
             let idle = if self.vip_index_b { 0 } else { half };
             self.vip_index.write(idle, &image)?;
-            // The address filter of the same entries, into the idle half of the filter
-            // (switched with the index by the same flag).
+            // The address filter of the same entries. Until the switch, packets search the
+            // old half: the filter lets both halves' addresses through, and is narrowed to
+            // the new ones below, once the old half is out of use.
             let filter = build_vip_filter(
                 image.iter().map(|s| &s.key).filter(|k| k.family != 0),
                 slots,
             );
-            let words = lb_common::vip_filter_words(slots) as usize;
-            let idle =
-                lb_common::SETTINGS_FILTER as usize + if self.vip_index_b { 0 } else { words };
-            self.settings_map.write(idle, &filter)?;
+            let both: Vec<u32> = filter
+                .iter()
+                .zip(&self.vip_filter)
+                .map(|(new, old)| new | old)
+                .collect();
+            self.write_vip_filter(both)?;
+            narrowed = Some(filter);
         }
         if index_changed || Some(flags) != self.settings_flags {
             let b = self.vip_index_b != index_changed;
@@ -1938,6 +1952,9 @@ impl Dataplane {
             self.settings_flags = Some(flags);
             self.vip_index_b = b;
             self.vip_index_digest = Some(digest);
+        }
+        if let Some(filter) = narrowed {
+            self.write_vip_filter(filter)?;
         }
 
         // 4. Backend entries no service names any more: cleared once no VIP (in the index
@@ -2164,6 +2181,17 @@ impl Dataplane {
     /// epoch); the agent calls it every half second.
     pub fn expire_next_hops(&mut self) -> Result<(), DataplaneError> {
         self.advance_epoch()
+    }
+
+    /// Writes the VIP address filter (`SETTINGS_FILTER` on) where it differs from what
+    /// is there.
+    fn write_vip_filter(&mut self, filter: Vec<u32>) -> Result<(), DataplaneError> {
+        if filter != self.vip_filter {
+            self.settings_map
+                .write(lb_common::SETTINGS_FILTER as usize, &filter)?;
+            self.vip_filter = filter;
+        }
+        Ok(())
     }
 
     /// Advances the epoch (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`): the clock of the

@@ -980,6 +980,73 @@ fn decap_role_strips_ipip_from_allowed_sources_only() {
 }
 
 /// The settings flags the agent last wrote (`SETTINGS_F_*`).
+/// The address filter's set bits as the data plane reads them.
+fn filter_bits(dp: &Dataplane) -> std::collections::BTreeSet<u32> {
+    let settings: aya::maps::Array<&MapData, u32> =
+        aya::maps::Array::try_from(dp.map(map_names::SETTINGS).expect("settings")).expect("typed");
+    let slots = lb_common::vip_index_slots(opts(false).max_services);
+    let mut bits = std::collections::BTreeSet::new();
+    for w in 0..lb_common::vip_filter_words(slots) {
+        let word = settings
+            .get(&(lb_common::SETTINGS_FILTER + w), 0)
+            .expect("filter word");
+        bits.extend((0..32).filter(|b| word & (1 << b) != 0).map(|b| w * 32 + b));
+    }
+    bits
+}
+
+/// The filter bits the VIP addresses of `desired` should set.
+fn vip_address_bits(desired: &Desired) -> std::collections::BTreeSet<u32> {
+    let slots = lb_common::vip_index_slots(opts(false).max_services);
+    desired
+        .services
+        .iter()
+        .flat_map(|s| s.vips.iter())
+        .map(|(addr, _, _)| {
+            let (bytes, family) = match addr {
+                IpAddr::V4(a) => {
+                    let mut b = [0u8; 16];
+                    b[..4].copy_from_slice(&a.octets());
+                    (b, lb_common::FAMILY_V4)
+                }
+                IpAddr::V6(a) => (a.octets(), lb_common::FAMILY_V6),
+            };
+            let w: [u32; 4] = std::array::from_fn(|i| {
+                u32::from_ne_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+            });
+            lb_common::vip_filter_bit(&w, family, slots)
+        })
+        .collect()
+}
+
+/// One filter serves both halves of the VIP index: widened to both sets of addresses for
+/// the switch, it is narrowed to the new ones after it, so traffic to a removed VIP
+/// address passes at the first test again.
+#[test]
+fn the_address_filter_holds_the_vip_addresses_of_the_last_apply() {
+    let mut desired = standard_desired();
+    let mut f = Fixture::new(false, &desired);
+    assert_eq!(filter_bits(&f.dp), vip_address_bits(&desired));
+    let before = vip_address_bits(&desired);
+    desired
+        .services
+        .retain(|s| s.name != "noneigh" && s.name != "web6");
+    desired.services[0]
+        .vips
+        .push((IpAddr::V4(Ipv4Addr::new(192, 0, 2, 60)), 80, PROTO_TCP));
+    f.dp.apply(&desired).expect("apply");
+    let after = vip_address_bits(&desired);
+    assert_ne!(before, after, "the change moves some bits");
+    assert_eq!(
+        filter_bits(&f.dp),
+        after,
+        "narrowed to the addresses now served"
+    );
+    let (v, _) = f.run(&client_tcp(Ipv4Addr::new(192, 0, 2, 60), 1000, 80, SYN));
+    assert_eq!(v, XDP_TX, "the new address is served");
+    f.expect_pass_unchanged(&client_tcp(VIP_NONEIGH, 1000, 80, SYN), "a removed address");
+}
+
 fn settings_flags(dp: &Dataplane) -> u32 {
     let settings: aya::maps::Array<&MapData, u32> =
         aya::maps::Array::try_from(dp.map(map_names::SETTINGS).expect("settings")).expect("typed");
