@@ -72,6 +72,13 @@ pub const SETTINGS_NEXTHOP_EPOCH: u32 = 1;
 pub const SETTINGS_FLOW_SEED_LO: u32 = 2;
 /// Index of the settings array holding the high half of that seed.
 pub const SETTINGS_FLOW_SEED_HI: u32 = 3;
+/// Index of the settings array saying what `ServiceStats::packets` and `bytes` hold, for
+/// the next agent: `SERVICE_COUNTS_RETIRED` (this build), or 0 (agents before it, whose
+/// program counted every packet of a service there).
+pub const SETTINGS_SERVICE_COUNTS: u32 = 4;
+/// `SETTINGS[SETTINGS_SERVICE_COUNTS]`: a service's packets and bytes are its live
+/// backends' counters plus, in `ServiceStats`, those of the backends it no longer has.
+pub const SERVICE_COUNTS_RETIRED: u32 = 1;
 
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
@@ -686,9 +693,12 @@ pub fn flow_place(home: &FlowBucket, over: &FlowBucket, tag: u64, now: u32) -> (
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
-    /// Packets received for the service.
+    /// Packets of the backends the service no longer has: the agent adds a backend's
+    /// counters here when it removes it. The service's total is this plus its live
+    /// backends' `BackendStats::packets` (the program counts each packet once, for its
+    /// backend: a second counter per packet cost the forwarding paths 5–6 %).
     pub packets: u64,
-    /// Bytes of those packets (L3 length).
+    /// Bytes of those packets (L3 length), kept the same way.
     pub bytes: u64,
     /// Flows that took a fresh Maglev choice.
     pub new_flows: u64,

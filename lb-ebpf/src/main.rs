@@ -927,8 +927,9 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     send(ctx, l2, pkt, &choice)
 }
 
-/// Counts a packet of a flow (or fragment) for its service and backend and sends it to
-/// the chosen backend; a packet too big for the way there becomes a "too big" outcome.
+/// Counts a packet of a flow (or fragment) for its backend (and a new flow for its
+/// service) and sends it to the chosen backend; a packet too big for the way there
+/// becomes a "too big" outcome.
 #[inline(always)]
 fn send(
     ctx: &XdpContext,
@@ -936,11 +937,9 @@ fn send(
     pkt: &Pkt,
     choice: &conntrack::Choice,
 ) -> Result<Outcome, DropReason> {
-    stats::service(
-        choice.service,
-        pkt.tot_len as u64,
-        choice.new_flow && !pkt.fragment,
-    );
+    if choice.new_flow && !pkt.fragment {
+        stats::new_flow(choice.service);
+    }
     stats::backend(choice.id, pkt.tot_len as u64);
 
     match forward(ctx, l2, pkt, choice) {
@@ -1144,7 +1143,6 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
     let vip = vip_lookup(index, &pkt.dst, key.dport, key.proto, pkt.family)
         .ok_or(DropReason::IcmpUnmatched)?;
     let choice = conntrack::owner(&key, &vip).ok_or(DropReason::NoBackend)?;
-    stats::service(choice.service, pkt.tot_len as u64, false);
     stats::backend(choice.id, pkt.tot_len as u64);
     match forward(ctx, l2, pkt, &choice) {
         Ok(done) => Ok(done),

@@ -50,7 +50,8 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(1, 0);
 #[map(name = "L3LB_FLOWS")]
 pub static FLOWS: Array<FlowBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// Service id → counters, per CPU; written by this program (size: load time).
+/// Service id → counters, per CPU: new flows counted by this program, packets and bytes of
+/// removed backends added by the agent (see `ServiceStats`) (size: load time).
 #[map(name = "L3LB_SVC_STATS")]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(1, 0);
 

@@ -48,17 +48,12 @@ pub fn event(event: Event) {
     }
 }
 
-/// Counts a packet for a service (and a new flow when `new_flow`).
+/// Counts a new flow of a service. Its packets and bytes are its backends' (see
+/// `lb_common::ServiceStats`).
 #[inline(always)]
-pub fn service(id: u32, bytes: u64, new_flow: bool) {
-    if let Some(s) = SERVICE_STATS.get_ptr_mut(id) {
-        unsafe {
-            (*s).packets += 1;
-            (*s).bytes += bytes;
-            if new_flow {
-                (*s).new_flows += 1;
-            }
-        }
+pub fn new_flow(service: u32) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(service) {
+        unsafe { (*s).new_flows += 1 };
     }
 }
 

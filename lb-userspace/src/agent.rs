@@ -396,7 +396,9 @@ impl Agent {
                 plan.get(lb_common::map_names::SERVICE_STATS),
                 handover::Carry::Fresh
             );
-            dataplane.adopt(previous, stats_carried);
+            dataplane
+                .adopt(previous, stats_carried)
+                .context("taking over the earlier agent's counters")?;
             info!(
                 reused = ?plan.maps.iter().filter(|(_, c)| matches!(c, handover::Carry::Reuse(_))).map(|(n, _)| *n).collect::<Vec<_>>(),
                 "taking over the state of the earlier agent"

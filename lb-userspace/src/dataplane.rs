@@ -938,6 +938,14 @@ impl Dataplane {
                     0,
                 )
                 .map_err(map_err("writing the hash seed to the settings"))?;
+            // For the next agent, which reads the service counters with it.
+            settings
+                .set(
+                    lb_common::SETTINGS_SERVICE_COUNTS,
+                    lb_common::SERVICE_COUNTS_RETIRED,
+                    0,
+                )
+                .map_err(map_err("writing the service counters' format"))?;
             Ok(dp)
         })
     }
@@ -1277,9 +1285,114 @@ impl Dataplane {
     /// backend whose (service, address) were known before get the same id again, so the
     /// connection table (which stores ids) keeps pointing at the right backends.
     /// `stats_carried` says whether the counters behind those ids came along.
-    pub fn adopt(&mut self, previous: PreviousIds, stats_carried: bool) {
+    ///
+    /// Counters an agent before `SERVICE_COUNTS_RETIRED` left (its program counted every
+    /// packet of a service in `ServiceStats` as well as for its backend) are converted:
+    /// each service keeps, as its removed backends' share, its total less what its
+    /// backends still hold, so its total reads the same afterwards.
+    pub fn adopt(
+        &mut self,
+        previous: PreviousIds,
+        stats_carried: bool,
+    ) -> Result<(), DataplaneError> {
+        if stats_carried && previous.service_counts != lb_common::SERVICE_COUNTS_RETIRED {
+            let mut of_service: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+            for &service in previous.vips.values() {
+                of_service.entry(service).or_default();
+            }
+            for (&(service, _), &backend) in &previous.backends {
+                of_service.entry(service).or_default().push(backend);
+            }
+            for (service, backends) in of_service {
+                self.keep_removed_share(service, &backends)?;
+            }
+        }
         self.previous = Some(previous);
         self.carried_stats = stats_carried;
+        Ok(())
+    }
+
+    /// Rewrites service `service`'s packet and byte counters (counted for every packet,
+    /// by an earlier build) as its removed backends' share: the total less what
+    /// `backends` hold, on the first CPU's copy; new flows stay as they are.
+    fn keep_removed_share(&mut self, service: u32, backends: &[u32]) -> Result<(), DataplaneError> {
+        let (mut live_packets, mut live_bytes) = (0u64, 0u64);
+        for &b in backends {
+            for v in self
+                .per_cpu::<BackendStats>(map_names::BACKEND_STATS, b)?
+                .iter()
+            {
+                live_packets = live_packets.saturating_add(v.packets);
+                live_bytes = live_bytes.saturating_add(v.bytes);
+            }
+        }
+        let mut values: Vec<ServiceStats> = self
+            .per_cpu::<ServiceStats>(map_names::SERVICE_STATS, service)?
+            .iter()
+            .copied()
+            .collect();
+        let total_packets: u64 = values.iter().map(|v| v.packets).sum();
+        let total_bytes: u64 = values.iter().map(|v| v.bytes).sum();
+        for (i, v) in values.iter_mut().enumerate() {
+            (v.packets, v.bytes) = if i == 0 {
+                (
+                    total_packets.saturating_sub(live_packets),
+                    total_bytes.saturating_sub(live_bytes),
+                )
+            } else {
+                (0, 0)
+            };
+        }
+        self.set_per_cpu(map_names::SERVICE_STATS, service, values)
+    }
+
+    /// Adds backend `backend`'s packet and byte counters to the removed backends' share
+    /// of service `service` (see `ServiceStats`), CPU by CPU, and zeroes them.
+    fn fold_backend_counts(&mut self, backend: u32, service: u32) -> Result<(), DataplaneError> {
+        let gone = self.per_cpu::<BackendStats>(map_names::BACKEND_STATS, backend)?;
+        let mut values: Vec<ServiceStats> = self
+            .per_cpu::<ServiceStats>(map_names::SERVICE_STATS, service)?
+            .iter()
+            .copied()
+            .collect();
+        for (v, b) in values.iter_mut().zip(gone.iter()) {
+            v.packets = v.packets.saturating_add(b.packets);
+            v.bytes = v.bytes.saturating_add(b.bytes);
+        }
+        self.set_per_cpu(map_names::SERVICE_STATS, service, values)?;
+        self.zero_per_cpu::<BackendStats>(map_names::BACKEND_STATS, backend)
+    }
+
+    /// Every CPU's copy of entry `index` of the per-CPU array `name`.
+    fn per_cpu<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        index: u32,
+    ) -> Result<PerCpuValues<V>, DataplaneError> {
+        let map: PerCpuArray<&mut MapData, V> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        map.get(&index, 0)
+            .map_err(map_err(format!("reading {name}[{index}]")))
+    }
+
+    /// Writes every CPU's copy of entry `index` of the per-CPU array `name`.
+    fn set_per_cpu<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        index: u32,
+        values: Vec<V>,
+    ) -> Result<(), DataplaneError> {
+        let values = PerCpuValues::try_from(values).map_err(|e| DataplaneError::Map {
+            what: format!("{name}[{index}] values"),
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "alloc",
+                io_error: e,
+            }),
+        })?;
+        let mut map: PerCpuArray<&mut MapData, V> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        map.set(index, values, 0)
+            .map_err(map_err(format!("writing {name}[{index}]")))
     }
 
     /// The id of a new service or backend: the one an earlier agent gave it (`reserved`;
@@ -1322,9 +1435,9 @@ impl Dataplane {
 
     /// Reserves the previous ids of `desired`'s services and backends (first apply after
     /// `adopt` only).
-    fn reserve_previous_ids(&mut self, desired: &Desired) {
+    fn reserve_previous_ids(&mut self, desired: &Desired) -> Result<(), DataplaneError> {
         let Some(prev) = self.previous.take() else {
-            return;
+            return Ok(());
         };
         for svc in &desired.services {
             if self.services.contains_key(&svc.name) {
@@ -1353,6 +1466,19 @@ impl Dataplane {
                 }
             }
         }
+        // The earlier agent's backends that this config drops leave their packets in
+        // their service's total, as a removal by apply does (services that go take
+        // their counters with them).
+        if self.carried_stats {
+            let kept_services: BTreeSet<u32> = self.reserved_services.values().copied().collect();
+            let kept_backends: BTreeSet<u32> = self.reserved_backends.values().copied().collect();
+            for (&(service, _), &id) in &prev.backends {
+                if kept_services.contains(&service) && !kept_backends.contains(&id) {
+                    self.fold_backend_counts(id, service)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// One half of the VIP index holding every entry of the VIP map as it now stands
@@ -1597,7 +1723,7 @@ impl Dataplane {
         let ring_size = self.opts.ring_size;
 
         // 2. Services: tables into idle slots, then VIP entries switched over.
-        self.reserve_previous_ids(desired);
+        self.reserve_previous_ids(desired)?;
         let mut wanted_names = std::collections::BTreeSet::new();
         // A VIP entry can move between services in one apply (Kubernetes reassigns an
         // ingress IP): the service that gives it up must not delete the entry the other one
@@ -1975,6 +2101,8 @@ impl Dataplane {
                 self.array::<Backend>(map_names::BACKENDS)?
                     .set(s.id, Backend::default(), 0)
                     .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
+                // Its packets stay in its service's total (see `ServiceStats`).
+                self.fold_backend_counts(s.id, s.entry.service)?;
                 self.array::<BackendMeta>(map_names::BACKEND_META)?
                     .set(s.id, BackendMeta::default(), 0)
                     .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;

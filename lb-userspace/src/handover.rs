@@ -289,16 +289,20 @@ pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverEr
 /// `None` when there is no such pin or it cannot be read (the epoch then restarts at 0,
 /// and carried entries look older than they are until they are seen again).
 pub fn previous_epoch(maps_dir: &Path) -> Option<u32> {
+    previous_setting(maps_dir, lb_common::SETTINGS_NEXTHOP_EPOCH)
+}
+
+/// Entry `index` of the settings array pinned in `maps_dir` by an earlier agent, if there
+/// is one of this layout that holds it.
+fn previous_setting(maps_dir: &Path, index: u32) -> Option<u32> {
     let path = maps_dir.join(map_names::SETTINGS);
     let shape = pinned_shape(&path).ok()?;
-    if shape.value_size as usize != size_of::<u32>()
-        || shape.max_entries <= lb_common::SETTINGS_NEXTHOP_EPOCH
-    {
+    if shape.value_size as usize != size_of::<u32>() || shape.max_entries <= index {
         return None;
     }
     let data = MapData::from_pin(&path).ok()?;
     let settings: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(data)).ok()?;
-    settings.get(&lb_common::SETTINGS_NEXTHOP_EPOCH, 0).ok()
+    settings.get(&index, 0).ok()
 }
 
 /// The connection-table hash seed (`SETTINGS[SETTINGS_FLOW_SEED_LO/HI]`) of the agent
@@ -329,13 +333,20 @@ pub struct PreviousIds {
     pub vips: StdHashMap<VipKey, u32>,
     /// (service id, backend address) → backend id.
     pub backends: StdHashMap<(u32, IpAddr), u32>,
+    /// What its service counters hold (`SETTINGS[SETTINGS_SERVICE_COUNTS]`: 0 before
+    /// `SERVICE_COUNTS_RETIRED`, or when it cannot be read).
+    pub service_counts: u32,
 }
 
 impl PreviousIds {
     /// Reads the ids from the VIP and backend maps pinned in `maps_dir` (empty when there
     /// are none, or when their layout is not this build's: then nothing is adopted).
     pub fn read(maps_dir: &Path) -> Result<Self, HandoverError> {
-        let mut out = Self::default();
+        let mut out = Self {
+            service_counts: previous_setting(maps_dir, lb_common::SETTINGS_SERVICE_COUNTS)
+                .unwrap_or(0),
+            ..Self::default()
+        };
         let vips_path = maps_dir.join(map_names::VIPS);
         let backends_path = maps_dir.join(map_names::BACKENDS);
         if !vips_path.exists() || !backends_path.exists() {

@@ -295,9 +295,9 @@ pub struct VipStatus {
 pub struct ServiceCounters {
     /// Service id.
     pub service: u32,
-    /// Packets received.
+    /// Packets received and sent on to its backends (removed ones included).
     pub packets: u64,
-    /// Bytes received.
+    /// Bytes of those packets.
     pub bytes: u64,
     /// Flows that took a fresh Maglev choice.
     pub new_flows: u64,
@@ -574,6 +574,14 @@ pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
     }
     // Grouped by service, then address: the order the tables print.
     backends.sort_by_key(|b| (b.service, b.address));
+    // A service's packets are its live backends' plus those its removed backends left
+    // (the program counts each packet once, for its backend: see `ServiceStats`).
+    for svc in &mut services {
+        for b in backends.iter().filter(|b| b.service == svc.service) {
+            svc.packets = svc.packets.saturating_add(b.packets);
+            svc.bytes = svc.bytes.saturating_add(b.bytes);
+        }
+    }
 
     let drops = per_cpu_sum(&pins, map_names::DROPS, lb_common::DROP_REASON_COUNT)?;
     let actions = per_cpu_sum(&pins, map_names::ACTIONS, lb_common::ACTION_COUNT)?;

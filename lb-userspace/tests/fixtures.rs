@@ -501,6 +501,124 @@ impl Drop for PinDir {
     }
 }
 
+/// (packets, bytes, new flows) of service `name` as `l3lb status` reads them from `pins`.
+fn service_counts(pins: &PinDir, name: &str) -> (u64, u64, u64) {
+    let status = l3lb::status::read(&pins.dir).expect("status");
+    let s = status
+        .services
+        .iter()
+        .find(|s| s.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no service {name}"));
+    (s.packets, s.bytes, s.new_flows)
+}
+
+/// The program counts a packet once, for its backend; a service's total is its backends'
+/// counters, and a backend the agent removes leaves its packets in its service's total.
+#[test]
+fn a_services_packets_are_its_backends_removed_ones_included() {
+    let pins = PinDir::new("svc-counts");
+    let mut desired = standard_desired();
+    let mut f = Fixture::new(false, &desired);
+    f.dp.pin(&pins.dir).expect("pin");
+    let frame_len = client_tcp(VIP, 1, 443, SYN).len() as u64 - 14;
+    for port in 0..30u16 {
+        let (v, _) = f.run(&client_tcp(VIP, 33000 + port, 443, SYN));
+        assert_eq!(v, XDP_TX);
+        f.run(&client_tcp(VIP, 33000 + port, 443, ACK));
+    }
+    assert_eq!(service_counts(&pins, "multi"), (60, 60 * frame_len, 30));
+    let status = l3lb::status::read(&pins.dir).expect("status");
+    let on_b2: u64 = status
+        .backends
+        .iter()
+        .filter(|b| b.service_name.as_deref() == Some("multi") && b.address == IpAddr::V4(B2))
+        .map(|b| b.packets)
+        .sum();
+    assert!(on_b2 > 0, "B2 got some of the flows");
+    desired.services[5]
+        .backends
+        .retain(|b| b.address != IpAddr::V4(B2));
+    f.dp.apply(&desired).expect("remove B2");
+    assert_eq!(
+        service_counts(&pins, "multi"),
+        (60, 60 * frame_len, 30),
+        "B2's packets stay in the total"
+    );
+    let status = l3lb::status::read(&pins.dir).expect("status");
+    let listed: u64 = status
+        .backends
+        .iter()
+        .filter(|b| b.service_name.as_deref() == Some("multi"))
+        .map(|b| b.packets)
+        .sum();
+    assert_eq!(listed, 60 - on_b2, "the backends left hold the rest");
+    // Packets after the removal add to the same total.
+    f.run(&client_tcp(VIP, 33100, 443, SYN));
+    assert_eq!(service_counts(&pins, "multi").0, 61);
+}
+
+/// An agent of an earlier build left service counters its program wrote for every
+/// packet: the next agent converts them, and each service's total reads the same.
+#[test]
+fn service_counters_of_an_earlier_build_are_converted_on_takeover() {
+    let pins = PinDir::new("svc-convert");
+    let options = opts(false);
+    let mut f = Fixture::new(false, &standard_desired());
+    for port in 0..10u16 {
+        f.run(&client_tcp(VIP, 34000 + port, 443, SYN));
+    }
+    f.dp.pin(&pins.dir).expect("pin");
+    let (packets, bytes, new_flows) = service_counts(&pins, "multi");
+    assert_eq!((packets, new_flows), (10, 10));
+    // As the earlier build left them: every packet counted for the service too, 7 of
+    // them for a backend removed since, and no format in the settings.
+    let id = f.dp.service_id("multi").expect("multi");
+    {
+        let mut stats: aya::maps::PerCpuArray<MapData, lb_common::ServiceStats> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(
+                MapData::from_pin(pins.maps.join(map_names::SERVICE_STATS)).expect("pin"),
+            ))
+            .expect("typed");
+        let mut values: Vec<lb_common::ServiceStats> =
+            stats.get(&id, 0).expect("read").iter().copied().collect();
+        values[0].packets += packets + 7;
+        values[0].bytes += bytes + 7 * 100;
+        stats
+            .set(
+                id,
+                aya::maps::PerCpuValues::try_from(values).expect("values"),
+                0,
+            )
+            .expect("write");
+        let mut settings: aya::maps::Array<MapData, u32> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(
+                MapData::from_pin(pins.maps.join(map_names::SETTINGS)).expect("pin"),
+            ))
+            .expect("typed");
+        settings
+            .set(lb_common::SETTINGS_SERVICE_COUNTS, 0, 0)
+            .expect("write");
+    }
+    assert_eq!(
+        service_counts(&pins, "multi").0,
+        2 * packets + 7,
+        "read as this build reads them, the old counters count twice"
+    );
+    let plan = l3lb::handover::plan(&pins.maps, &options).expect("plan");
+    let previous = l3lb::handover::PreviousIds::read(&pins.maps).expect("ids");
+    assert_eq!(previous.service_counts, 0);
+    let mut next = Dataplane::load_carrying(&options, &plan).expect("load");
+    next.adopt(previous, true).expect("adopt");
+    next.apply(&standard_desired()).expect("apply");
+    next.pin(&pins.dir).expect("pin");
+    assert_eq!(
+        service_counts(&pins, "multi"),
+        (packets + 7, bytes + 700, new_flows),
+        "the total as the earlier build counted it"
+    );
+    drop(f);
+}
+
 /// Loads the program with `plan`'s maps carried over, in a fresh namespace, and applies
 /// the standard services.
 fn carrying(options: &LoadOptions, plan: &l3lb::handover::CarryPlan) -> Fixture {
