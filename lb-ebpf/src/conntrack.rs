@@ -20,9 +20,8 @@ static RING_SIZE: u32 = 0;
 pub struct Choice {
     /// Backend id.
     pub id: u32,
-    /// The backend's IPv4 address (its first address word, memory order); IPv6
-    /// transmission reads the whole entry again.
-    pub addr_v4: u32,
+    /// The backend's entry (its address is read from it when the packet is sent).
+    pub entry: &'static Backend,
     /// The backend's `BACKEND_F_*` bits.
     pub flags: u8,
     /// The service the backend belongs to.
@@ -37,15 +36,13 @@ pub struct Choice {
 impl Choice {
     /// The choice of backend `id` with entry `b`.
     ///
-    /// Only the fields used later are read, the address as one word: copying the whole
-    /// entry made LLVM load and spill it byte by byte.
+    /// The entry is kept by reference (copying it made LLVM load and spill it byte by
+    /// byte), so sending reads its address without a second lookup.
     #[inline(always)]
-    fn of(id: u32, b: &Backend, new_flow: bool, epoch: u32) -> Self {
-        // SAFETY: a Backend is 4-aligned and starts with its address bytes.
-        let addr_v4 = unsafe { *(b as *const Backend as *const u32) };
+    fn of(id: u32, b: &'static Backend, new_flow: bool, epoch: u32) -> Self {
         Choice {
             id,
-            addr_v4,
+            entry: b,
             flags: b.flags,
             service: b.service,
             new_flow,

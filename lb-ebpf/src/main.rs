@@ -35,8 +35,8 @@ use lb_common::{
 use crate::{
     encap::Blocked,
     maps::{
-        BACKENDS, DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, PATHS, SCRATCH, SETTINGS, SRC_V4,
-        SRC_V6, VIP_INDEX,
+        DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, PATHS, SCRATCH, SETTINGS, SRC_V4, SRC_V6,
+        VIP_INDEX,
     },
     parse::{eth, ipv4, ipv6, l4, ptr_at},
 };
@@ -1030,7 +1030,9 @@ fn forward(
     if pkt.family != FAMILY_V4 {
         return Ok((tx6(ctx, l2.l3_off, pkt, choice, l2_mode)?, action).into());
     }
-    let baddr = choice.addr_v4.to_ne_bytes();
+    // SAFETY: a Backend is 4-aligned and starts with its address bytes (IPv4: the first
+    // four), read as one word.
+    let baddr = unsafe { *(choice.entry as *const lb_common::Backend as *const u32) }.to_ne_bytes();
     let src = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
     if l2_mode {
         Ok((
@@ -1066,9 +1068,7 @@ fn tx6(
     l2: bool,
 ) -> Result<u32, Blocked> {
     let backend = choice.id;
-    let b = BACKENDS
-        .get(backend)
-        .ok_or(Blocked::Drop(DropReason::NoBackend))?;
+    let b = choice.entry;
     // SAFETY: a Backend starts with its 16 address bytes; one load per word (the entry
     // is only 4-aligned).
     let addr: encap::Addr6 = unsafe {
