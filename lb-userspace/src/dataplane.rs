@@ -1511,6 +1511,7 @@ impl Dataplane {
         Array::try_from(self.map_mut(name)?).map_err(map_err(name))
     }
 
+    /// Zeroes every CPU's copy of entry `index` of the per-CPU array `name`.
     fn zero_per_cpu<V: aya::Pod + Default>(
         &mut self,
         name: &'static str,
@@ -1523,18 +1524,7 @@ impl Dataplane {
                 io_error: e,
             }),
         })?;
-        let mut map: PerCpuArray<&mut MapData, V> =
-            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        let zeros =
-            PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|e| DataplaneError::Map {
-                what: format!("{name} zero values"),
-                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                    call: "alloc",
-                    io_error: e,
-                }),
-            })?;
-        map.set(index, zeros, 0)
-            .map_err(map_err(format!("resetting {name}[{index}]")))
+        self.set_per_cpu(name, index, vec![V::default(); cpus])
     }
 
     /// Makes the maps express `desired`, writing only what differs from the last apply.

@@ -356,20 +356,7 @@ fn known_flows_follow_every_config_change_from_their_next_packet() {
     f.dp.apply(&desired).expect("move the port");
     f.expect_pass_unchanged(&ack, "the old port");
     // A service in MAC-rewrite mode keeps it on the entry-only path.
-    let query = eth(
-        NODE_MAC,
-        CLIENT_MAC,
-        &[],
-        0x0800,
-        &ipv4(
-            CLIENT,
-            VIP_L2,
-            PROTO_UDP,
-            &[],
-            &udp(5353, 53, b"query"),
-            false,
-        ),
-    );
+    let query = client_udp(VIP_L2, 5353, 53, b"query");
     for _ in 0..3 {
         let (v, out) = f.run(&query);
         assert_eq!(v, XDP_TX);

@@ -425,6 +425,24 @@ pub fn client_tcp(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     )
 }
 
+/// A UDP datagram (without DF) from the client to `dst`, in a frame.
+pub fn client_udp(dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(
+            CLIENT,
+            dst,
+            PROTO_UDP,
+            &[],
+            &udp(sport, dport, payload),
+            false,
+        ),
+    )
+}
+
 /// What the balancer must emit for an IPIP-forwarded packet (outer identification 0,
 /// as written for inner packets with DF).
 pub fn expected_ipip(inner: &[u8], backend: Ipv4Addr, backend_mac: [u8; 6]) -> Vec<u8> {
