@@ -20,12 +20,9 @@ static RING_SIZE: u32 = 0;
 pub struct Choice {
     /// Backend id.
     pub id: u32,
-    /// The backend's entry (its address is read from it when the packet is sent).
+    /// The backend's entry: its address, `BACKEND_F_*` flags and service are read from
+    /// it where the packet is counted and sent.
     pub entry: &'static Backend,
-    /// The backend's `BACKEND_F_*` bits.
-    pub flags: u8,
-    /// The service the backend belongs to.
-    pub service: u32,
     /// True when Maglev chose (a new flow, or one the table had lost).
     pub new_flow: bool,
     /// The next-hop epoch read for this packet (see `epoch`), handed on to the next-hop
@@ -43,8 +40,6 @@ impl Choice {
         Choice {
             id,
             entry: b,
-            flags: b.flags,
-            service: b.service,
             new_flow,
             epoch,
         }

@@ -938,7 +938,7 @@ fn send(
     choice: &conntrack::Choice,
 ) -> Result<Outcome, DropReason> {
     if choice.new_flow && !pkt.fragment {
-        stats::new_flow(choice.service);
+        stats::new_flow(choice.entry.service);
     }
     stats::backend(choice.id, pkt.tot_len as u64);
 
@@ -950,7 +950,7 @@ fn send(
         // too, since the balancer cannot fragment; Linux honours it for such traffic.
         Err(Blocked::TooBig(mtu)) => {
             let v4 = pkt.family == FAMILY_V4;
-            let overhead = if choice.flags & BACKEND_F_L2 != 0 {
+            let overhead = if choice.entry.flags & BACKEND_F_L2 != 0 {
                 0
             } else if v4 {
                 encap::IPIP_OVERHEAD
@@ -1022,10 +1022,10 @@ fn forward(
     pkt: &Pkt,
     choice: &conntrack::Choice,
 ) -> Result<Outcome, Blocked> {
-    if choice.flags & BACKEND_F_LOCAL != 0 {
+    if choice.entry.flags & BACKEND_F_LOCAL != 0 {
         return Ok((xdp_action::XDP_PASS, Action::Local).into());
     }
-    let l2_mode = choice.flags & BACKEND_F_L2 != 0;
+    let l2_mode = choice.entry.flags & BACKEND_F_L2 != 0;
     let action = if l2_mode { Action::L2 } else { Action::Encap };
     if pkt.family != FAMILY_V4 {
         return Ok((tx6(ctx, l2.l3_off, pkt, choice, l2_mode)?, action).into());
