@@ -1533,11 +1533,15 @@ impl Dataplane {
     /// is refused before anything is written; an update that fails midway anyway is
     /// undone by applying the previous state again, and the error says so.
     ///
-    /// Whatever was written, the epoch advances afterwards: connection-table entries the
-    /// data plane checked against the maps before the change are checked again (see
+    /// Unless `desired` is what the last apply wrote (then nothing changes), the epoch
+    /// advances afterwards, whatever was written: connection-table entries the data plane
+    /// checked against the maps before the change are checked again (see
     /// `lb_common::FlowWay::seen`).
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplySummary, DataplaneError> {
         self.check_capacity(desired)?;
+        if self.last_applied.as_ref() == Some(desired) {
+            return self.apply_written(desired);
+        }
         let applied = self.apply_written(desired);
         if let Err(e) = self.advance_epoch() {
             // The maps hold what `applied` says; until an advance succeeds (the agent's

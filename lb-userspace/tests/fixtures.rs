@@ -330,6 +330,15 @@ fn connection_entries_carry_their_creation_time_written_on_insert_only() {
 fn known_flows_follow_every_config_change_from_their_next_packet() {
     let mut desired = standard_desired();
     let mut f = Fixture::new(false, &desired);
+    // Re-applying what is there (the agent does on address and neighbour events)
+    // changes nothing, and the epoch stays.
+    let epoch = f.dp.epoch();
+    f.dp.apply(&desired).expect("same again");
+    assert_eq!(
+        f.dp.epoch(),
+        epoch,
+        "an apply that changes nothing keeps the epoch"
+    );
     let syn = client_tcp(VIP, 32000, 80, SYN);
     let ack = client_tcp(VIP, 32000, 80, ACK);
     f.run(&syn);
