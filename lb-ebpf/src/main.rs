@@ -359,13 +359,7 @@ static VIP_INDEX_SIZE: u32 = 0;
 /// full search (`vip_index_search`) — a BPF-to-BPF call and return, dear under the SRSO
 /// mitigation — is saved.
 #[inline(always)]
-fn vip_lookup(
-    index: VipIndex,
-    addr: &[u8; 16],
-    port: u16,
-    proto: u8,
-    family: u8,
-) -> Option<VipInfo> {
+fn vip_lookup(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> Option<VipInfo> {
     let w = VipKey {
         addr: *addr,
         port,
@@ -373,11 +367,12 @@ fn vip_lookup(
         family,
     }
     .words();
+    // Read per lookup, after the packet's epoch (see `balance`), never carried in.
     let VipIndex {
         size,
         settings,
         base,
-    } = index;
+    } = vip_index();
     if size == 0 {
         return None;
     }
@@ -745,7 +740,7 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
     // such a packet to another address still passes untouched).
     if ip.next != PROTO_TCP
         && ip.next != PROTO_UDP
-        && vip_lookup(vip_index(), &ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none()
+        && vip_lookup(&ip.dst, 0, PROTO_ICMPV6, FAMILY_V6).is_none()
     {
         return Ok(PASS.into());
     }
@@ -828,7 +823,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         // fragments it goes, hashed on addresses and protocol, to a backend of the
         // address's marker (its first service), which holds the VIP, reassembles it and
         // answers.
-        let Some(marker) = vip_lookup(vip_index(), &pkt.dst, 0, pkt.proto, pkt.family) else {
+        let Some(marker) = vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
         (marker, false, None, flow_key(pkt, 0, 0))
@@ -836,14 +831,11 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         let Some(by_ref) = frag_key() else {
             return Ok(PASS.into());
         };
-        let index = vip_index();
         let vip = match unsafe { FRAGS.get(by_ref) } {
             Some(v) => *v,
-            None => match vip_lookup(index, &pkt.dst, 0, pkt.proto, pkt.family) {
+            None => match vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family) {
                 Some(v) => v,
-                None if vip_lookup(index, &pkt.dst, 0, icmp_proto(pkt.family), pkt.family)
-                    .is_some() =>
-                {
+                None if vip_lookup(&pkt.dst, 0, icmp_proto(pkt.family), pkt.family).is_some() => {
                     return Err(DropReason::FragmentUnknown);
                 }
                 None => return Ok(PASS.into()),
@@ -858,7 +850,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
             return not_a_vip_or(pkt, DropReason::Truncated);
         }
         let dport = unsafe { (*ports)[1] };
-        let Some(vip) = vip_lookup(vip_index(), &pkt.dst, dport, pkt.proto, pkt.family) else {
+        let Some(vip) = vip_lookup(&pkt.dst, dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
         (vip, false, None, flow_key(pkt, 0, 0))
@@ -878,11 +870,10 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         {
             return send(ctx, l2, pkt, &choice);
         }
-        // The index is read after the epoch (see `now`): had the agent switched halves
-        // in between and then advanced the epoch, a lookup in the old half would mark
-        // the entry checked in the new epoch.
-        let Some(vip) = vip_lookup(vip_index(), &pkt.dst, ports.dport, pkt.proto, pkt.family)
-        else {
+        // The lookup reads the index after the epoch (see `now`): had the agent switched
+        // halves in between and then advanced the epoch, a lookup in the old half would
+        // mark the entry checked in the new epoch.
+        let Some(vip) = vip_lookup(&pkt.dst, ports.dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
         (vip, ports.syn, place, key)
@@ -975,7 +966,7 @@ fn send(
 /// (IPv6 TCP and UDP come here without one: see `ipv6_packet`).
 #[inline(always)]
 fn not_a_vip_or(pkt: &Pkt, reason: DropReason) -> Result<Outcome, DropReason> {
-    if vip_lookup(vip_index(), &pkt.dst, 0, icmp_proto(pkt.family), pkt.family).is_none() {
+    if vip_lookup(&pkt.dst, 0, icmp_proto(pkt.family), pkt.family).is_none() {
         Ok(PASS.into())
     } else {
         Err(reason)
@@ -1094,8 +1085,7 @@ fn frag_needed_v4_sub(ctx: XdpContext, l3_off: usize, vlans: usize, hdr_len: u64
 #[inline(always)]
 fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropReason> {
     // The agent marks every VIP address with an ICMP entry; anything else is not ours.
-    let index = vip_index();
-    if vip_lookup(index, &pkt.dst, 0, pkt.proto, pkt.family).is_none() {
+    if vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family).is_none() {
         return Ok(PASS.into());
     }
     let hdr: *const [u8; 2] = ptr_at(ctx, pkt.l4_off)?;
@@ -1140,8 +1130,8 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
         }
         icmp::quoted_flow_v6(ctx, pkt.l4_off, end, &pkt.dst)?
     };
-    let vip = vip_lookup(index, &pkt.dst, key.dport, key.proto, pkt.family)
-        .ok_or(DropReason::IcmpUnmatched)?;
+    let vip =
+        vip_lookup(&pkt.dst, key.dport, key.proto, pkt.family).ok_or(DropReason::IcmpUnmatched)?;
     let choice = conntrack::owner(&key, &vip).ok_or(DropReason::NoBackend)?;
     stats::backend(choice.id, pkt.tot_len as u64);
     match forward(ctx, l2, pkt, &choice) {
