@@ -576,10 +576,16 @@ pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
     backends.sort_by_key(|b| (b.service, b.address));
     // A service's packets are its live backends' plus those its removed backends left
     // (the program counts each packet once, for its backend: see `ServiceStats`).
+    let mut live: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+    for b in &backends {
+        let (p, by) = live.entry(b.service).or_default();
+        *p = p.saturating_add(b.packets);
+        *by = by.saturating_add(b.bytes);
+    }
     for svc in &mut services {
-        for b in backends.iter().filter(|b| b.service == svc.service) {
-            svc.packets = svc.packets.saturating_add(b.packets);
-            svc.bytes = svc.bytes.saturating_add(b.bytes);
+        if let Some((p, by)) = live.get(&svc.service) {
+            svc.packets = svc.packets.saturating_add(*p);
+            svc.bytes = svc.bytes.saturating_add(*by);
         }
     }
 
