@@ -58,6 +58,12 @@ pub const VIP_INDEX_LOCAL: u8 = 0x10;
 /// `VipKey::family` bit of a VIP index key naming an allowed decap source (a host-exact
 /// allow entry), OR'd with `FAMILY_V4`/`FAMILY_V6`.
 pub const VIP_INDEX_DECAP: u8 = 0x20;
+/// `VipKey::family` bits of a VIP index key naming an allowed IPIP tunnel, OR'd with
+/// `FAMILY_V4`: the address holds one of this node's IPv4 addresses (the outer
+/// destination) in its first four bytes and a host-exact allowed source in the next four.
+/// One search then answers what the decap role asks of nearly every tunnel packet, where
+/// the `VIP_INDEX_LOCAL` and `VIP_INDEX_DECAP` keys take two.
+pub const VIP_INDEX_PAIR: u8 = VIP_INDEX_LOCAL | VIP_INDEX_DECAP;
 
 /// Index of the settings array holding `SETTINGS_F_*` bits.
 pub const SETTINGS_FLAGS: u32 = 0;

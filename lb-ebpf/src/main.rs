@@ -29,7 +29,7 @@ use lb_common::{
     Action, BACKEND_F_L2, BACKEND_F_LOCAL, DropReason, FAMILY_V4, FAMILY_V6, FlowKey, FragKey,
     PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP,
     SERVICE_F_SOURCE_RANGES, SETTINGS_F_DECAP_INDEX, SETTINGS_F_DECAP_PREFIXES, SrcRangeV4,
-    SrcRangeV6, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VipInfo, VipKey, VipSlot,
+    SrcRangeV6, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VIP_INDEX_PAIR, VipInfo, VipKey, VipSlot,
 };
 
 use crate::{
@@ -546,8 +546,9 @@ const DECAP_DENIED: u64 = 2;
 /// is not one of this node's addresses (the packet is not ours to open), else
 /// `DECAP_ALLOWED` or `DECAP_DENIED` by the allow list.
 ///
-/// Two searches of the VIP index, which holds this node's addresses and the host-exact
-/// allowed sources under their own family bits; the LPM trie is consulted only for a
+/// Searches of the VIP index, which holds this node's addresses and the host-exact
+/// allowed sources under their own family bits (and, for IPv4, the pairs of them: one
+/// search for a listed tunnel, else two); the LPM trie is consulted only for a
 /// source the index lacks and only when some allow entry is a wider prefix. Without the
 /// index flag (the agent found no room) the maps answer, as they hold the same entries.
 /// Inlined into the decap paths (one call site each, stack to spare): a call to a
@@ -586,6 +587,16 @@ fn decap_check(src_lo: u64, src_hi: u64, dst_lo: u64, dst_hi: u64, family: u8) -
             }
             .words()[4]
         };
+        // IPv4 tunnels between listed hosts are indexed as (destination, source) pairs
+        // too, which settles the common case in one search. The agent leaves them out
+        // when there are too many or no room: a miss proves nothing, the two searches
+        // below decide.
+        if family == FAMILY_V4 {
+            let pair = [dst[0], src[0], 0, 0, tail(VIP_INDEX_PAIR)];
+            if vip_index_probe(&pair, base, size) != NOT_FOUND {
+                return DECAP_ALLOWED;
+            }
+        }
         let local = [dst[0], dst[1], dst[2], dst[3], tail(VIP_INDEX_LOCAL)];
         if vip_index_probe(&local, base, size) == NOT_FOUND {
             return DECAP_NOT_LOCAL;

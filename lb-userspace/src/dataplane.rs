@@ -708,6 +708,48 @@ pub fn decap_index_keys(desired: &Desired) -> (Vec<VipKey>, bool) {
     (keys, prefixes)
 }
 
+/// Most IPv4 tunnel pair keys ([`decap_pair_keys`]) the agent puts in the VIP index:
+/// beyond that the pairs (this node's addresses × the allowed hosts) would crowd the
+/// index for a saving of one search per tunnel packet.
+pub const DECAP_PAIRS_MAX: usize = 256;
+
+/// The VIP index keys (`VIP_INDEX_PAIR`) of every IPv4 tunnel the decap role opens from a
+/// host-exact source: one per (node address, allowed host), sorted; none when there are
+/// more than [`DECAP_PAIRS_MAX`] (the program then makes its two searches, which answer
+/// the same).
+pub fn decap_pair_keys(desired: &Desired) -> Vec<VipKey> {
+    let mut locals = desired.local_v4.clone();
+    locals.sort();
+    locals.dedup();
+    let mut hosts: Vec<Ipv4Addr> = desired
+        .decap_v4
+        .iter()
+        .filter(|(_, len)| *len == 32)
+        .map(|(a, _)| *a)
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    if locals.len().saturating_mul(hosts.len()) > DECAP_PAIRS_MAX {
+        return Vec::new();
+    }
+    locals
+        .iter()
+        .flat_map(|dst| {
+            hosts.iter().map(move |src| {
+                let mut addr = [0u8; 16];
+                addr[..4].copy_from_slice(&dst.octets());
+                addr[4..8].copy_from_slice(&src.octets());
+                VipKey {
+                    addr,
+                    port: 0,
+                    proto: PROTO_IPIP,
+                    family: FAMILY_V4 | lb_common::VIP_INDEX_PAIR,
+                }
+            })
+        })
+        .collect()
+}
+
 /// Inverse of [`addr_bytes`].
 pub fn addr_from_bytes(bytes: [u8; 16], family: u8) -> IpAddr {
     if family == FAMILY_V4 {
@@ -2012,7 +2054,15 @@ impl Dataplane {
         if decap_prefixes {
             flags |= lb_common::SETTINGS_F_DECAP_PREFIXES;
         }
-        let image = match self.vip_index_entries_image(&decap_keys) {
+        // The tunnel pairs are a shortcut (one search instead of two): when they do not
+        // fit, the index goes without them before it goes without the decap keys.
+        let pairs = decap_pair_keys(desired);
+        let with_pairs: Vec<VipKey> = decap_keys.iter().chain(&pairs).copied().collect();
+        let mut image = self.vip_index_entries_image(&with_pairs);
+        if !pairs.is_empty() && matches!(image, Err(DataplaneError::Full { .. })) {
+            image = self.vip_index_entries_image(&decap_keys);
+        }
+        let image = match image {
             Ok(image) => {
                 flags |= lb_common::SETTINGS_F_DECAP_INDEX;
                 image
@@ -2508,5 +2558,59 @@ mod vip_index_tests {
             ..Default::default()
         };
         assert!(!decap_index_keys(&hosts_only).1, "no prefix");
+    }
+
+    #[test]
+    fn decap_pairs_are_the_node_addresses_times_the_listed_hosts() {
+        let pair = |dst: [u8; 4], src: [u8; 4]| {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&dst);
+            addr[4..8].copy_from_slice(&src);
+            VipKey {
+                addr,
+                port: 0,
+                proto: PROTO_IPIP,
+                family: FAMILY_V4 | lb_common::VIP_INDEX_PAIR,
+            }
+        };
+        let desired = Desired {
+            decap_v4: vec![
+                (Ipv4Addr::new(10, 0, 0, 2), 32),
+                (Ipv4Addr::new(10, 9, 0, 0), 16),
+                (Ipv4Addr::new(10, 0, 0, 3), 32),
+                (Ipv4Addr::new(10, 0, 0, 2), 32),
+            ],
+            local_v4: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(192, 0, 2, 1)],
+            decap_v6: vec![("fd00::2".parse().expect("addr"), 128)],
+            local_v6: vec!["fd00::1".parse().expect("addr")],
+            ..Default::default()
+        };
+        assert_eq!(
+            decap_pair_keys(&desired),
+            vec![
+                pair([10, 0, 0, 1], [10, 0, 0, 2]),
+                pair([10, 0, 0, 1], [10, 0, 0, 3]),
+                pair([192, 0, 2, 1], [10, 0, 0, 2]),
+                pair([192, 0, 2, 1], [10, 0, 0, 3]),
+            ],
+            "hosts only, each pair once, IPv4 only"
+        );
+        // Pair keys are neither VIPs nor decap singles: the address filter leaves them
+        // out, and they meet no single key of the same addresses.
+        let keys = decap_pair_keys(&desired);
+        assert!(build_vip_filter(keys.iter(), 64).iter().all(|w| *w == 0));
+        let at_cap = Desired {
+            decap_v4: (0..=255u8)
+                .map(|i| (Ipv4Addr::new(10, 7, 0, i), 32))
+                .collect(),
+            local_v4: vec![Ipv4Addr::new(10, 0, 0, 1)],
+            ..Default::default()
+        };
+        assert_eq!(decap_pair_keys(&at_cap).len(), DECAP_PAIRS_MAX);
+        let over = Desired {
+            local_v4: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 9)],
+            ..at_cap
+        };
+        assert!(decap_pair_keys(&over).is_empty(), "too many: none");
     }
 }

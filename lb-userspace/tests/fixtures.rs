@@ -1332,6 +1332,121 @@ fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
 }
 
 #[test]
+fn a_listed_ipv4_tunnel_is_settled_by_its_pair_key() {
+    use lb_common::{
+        FAMILY_V4, SETTINGS_F_VIP_INDEX_B, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VIP_INDEX_PAIR,
+        VipSlot,
+    };
+    let inner = ipv4(
+        CLIENT,
+        VIP,
+        PROTO_TCP,
+        &[],
+        &tcp(40000, 80, ACK, b"data"),
+        true,
+    );
+    let tunnel = |src: Ipv4Addr, dst: Ipv4Addr| {
+        eth(
+            NODE_MAC,
+            B1_MAC,
+            &[],
+            0x0800,
+            &ipv4(src, dst, 4, &[], &inner, true),
+        )
+    };
+    let opened = eth(NODE_MAC, B1_MAC, &[], 0x0800, &inner);
+    let mut desired = standard_desired();
+    desired.decap_v4 = vec![(BALANCER, 32), (Ipv4Addr::new(10, 9, 0, 0), 16)];
+    let pins = PinDir::new("decap-pairs");
+    let mut f = Fixture::new(true, &desired);
+    f.dp.pin(&pins.dir).expect("pin");
+    let mut index: aya::maps::Array<MapData, VipSlot> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(
+            MapData::from_pin(pins.maps.join(map_names::VIP_INDEX)).expect("pin"),
+        ))
+        .expect("typed");
+    let half = index.len() / 2;
+    let base = if settings_flags(&f.dp) & SETTINGS_F_VIP_INDEX_B != 0 {
+        half
+    } else {
+        0
+    };
+    let mut pair = [0u8; 16];
+    pair[..4].copy_from_slice(&NODE.octets());
+    pair[4..8].copy_from_slice(&BALANCER.octets());
+    let mut pairs = 0;
+    // Every IPv4 single key of the decap role is made unrecognisable (the slot stays
+    // taken, so no search ends early at it): what still opens a tunnel is the pair.
+    for i in base..base + half {
+        let mut slot = index.get(&i, 0).expect("slot");
+        if slot.key.family == FAMILY_V4 | VIP_INDEX_PAIR {
+            assert_eq!(
+                slot.key.addr, pair,
+                "the one pair: this node, the listed host"
+            );
+            pairs += 1;
+        } else if slot.key.family == FAMILY_V4 | VIP_INDEX_LOCAL
+            || slot.key.family == FAMILY_V4 | VIP_INDEX_DECAP
+        {
+            slot.key.proto = 0xff;
+            index.set(i, slot, 0).expect("write slot");
+        }
+    }
+    assert_eq!(pairs, 1, "prefix entries make no pairs");
+    let (verdict, out) = f.run(&tunnel(BALANCER, NODE));
+    assert_eq!(
+        (verdict, out),
+        (XDP_PASS, opened.clone()),
+        "by the pair alone"
+    );
+    // Other tunnels need the single keys, which no longer answer: to this node is now
+    // "not local" (left to the stack), and no source is listed any more.
+    f.expect_pass_unchanged(
+        &tunnel(Ipv4Addr::new(10, 9, 1, 1), NODE),
+        "the prefix's tunnel, without the node's own key",
+    );
+
+    // More pairs than the index has room for (max_services 16: 64 entries a half): the
+    // index goes without them and the two searches answer.
+    desired.decap_v4 = (1..=40u8)
+        .map(|i| (Ipv4Addr::new(10, 7, 0, i), 32))
+        .chain([(BALANCER, 32)])
+        .collect();
+    desired.local_v4.push(Ipv4Addr::new(10, 1, 0, 9));
+    f.dp.apply(&desired).expect("apply");
+    assert_ne!(
+        settings_flags(&f.dp) & lb_common::SETTINGS_F_DECAP_INDEX,
+        0,
+        "the single keys fit"
+    );
+    let base = if settings_flags(&f.dp) & SETTINGS_F_VIP_INDEX_B != 0 {
+        half
+    } else {
+        0
+    };
+    let left = (base..base + half)
+        .filter(|i| index.get(i, 0).expect("slot").key.family == FAMILY_V4 | VIP_INDEX_PAIR)
+        .count();
+    assert_eq!(left, 0, "no pairs when they do not fit");
+    let (verdict, out) = f.run(&tunnel(BALANCER, NODE));
+    assert_eq!(
+        (verdict, out),
+        (XDP_PASS, opened.clone()),
+        "by two searches"
+    );
+    let (verdict, out) = f.run(&tunnel(
+        Ipv4Addr::new(10, 7, 0, 33),
+        Ipv4Addr::new(10, 1, 0, 9),
+    ));
+    assert_eq!((verdict, out), (XDP_PASS, opened), "to the second address");
+    f.expect_drop(
+        &tunnel(Ipv4Addr::new(198, 51, 100, 1), NODE),
+        DropReason::DecapNotAllowed,
+        "unlisted source",
+    );
+}
+
+#[test]
 fn icmp_echo_to_a_vip_is_answered_by_the_balancer() {
     let f = Fixture::new(false, &standard_desired());
     let mut echo = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
