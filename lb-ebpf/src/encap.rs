@@ -229,10 +229,10 @@ pub fn decap_v6(
     if v >> 4 != 6 || plen as usize + 80 != outer_tot_len as usize {
         return Err(DropReason::DecapMalformed);
     }
+    saved.move_to(ctx, 40)?;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, 40) } != 0 {
         return Err(DropReason::AdjustFailed);
     }
-    saved.restore(ctx, false)?;
     Ok(())
 }
 
@@ -270,7 +270,20 @@ impl SavedL2 {
     /// frame returns to its sender.
     #[inline(always)]
     pub fn restore(&self, ctx: &XdpContext, reply: bool) -> Result<(), DropReason> {
-        let eth: *mut [u16; 7] = ptr_at(ctx, 0)?;
+        self.write_at(ctx, 0, reply)
+    }
+
+    /// Writes the header `off` bytes into the frame, where the frame will start once its
+    /// head has moved by `off`: then nothing is kept across that helper call nor checked
+    /// after it. The header was read whole in `save`, so the copy may overlap it.
+    #[inline(always)]
+    pub fn move_to(&self, ctx: &XdpContext, off: usize) -> Result<(), DropReason> {
+        self.write_at(ctx, off, false)
+    }
+
+    #[inline(always)]
+    fn write_at(&self, ctx: &XdpContext, off: usize, reply: bool) -> Result<(), DropReason> {
+        let eth: *mut [u16; 7] = ptr_at(ctx, off)?;
         let e = self.eth;
         unsafe {
             *eth = if reply {
@@ -281,11 +294,11 @@ impl SavedL2 {
         }
         let t = self.tags;
         if self.vlans >= 1 {
-            let p: *mut [u16; 2] = ptr_at(ctx, EthHdr::LEN)?;
+            let p: *mut [u16; 2] = ptr_at(ctx, off + EthHdr::LEN)?;
             unsafe { *p = [t[0], t[1]] };
         }
         if self.vlans >= 2 {
-            let p: *mut [u16; 2] = ptr_at(ctx, EthHdr::LEN + 4)?;
+            let p: *mut [u16; 2] = ptr_at(ctx, off + EthHdr::LEN + 4)?;
             unsafe { *p = [t[2], t[3]] };
         }
         Ok(())
@@ -509,9 +522,9 @@ pub fn decap(
         return Err(DropReason::DecapMalformed);
     }
 
+    saved.move_to(ctx, outer_hdr_len)?;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_hdr_len as i32) } != 0 {
         return Err(DropReason::AdjustFailed);
     }
-    saved.restore(ctx, false)?;
     Ok(())
 }
