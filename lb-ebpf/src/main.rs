@@ -235,7 +235,7 @@ fn may_be_for_a_vip_v4(ctx: &XdpContext, l3_off: usize) -> bool {
         return true;
     };
     // SAFETY: four bytes `ptr_at` checked.
-    vip_address_maybe(unsafe { parse::load32(p.cast()) }, 0, 0, 0, FAMILY_V4)
+    vip_address_maybe(unsafe { parse::load32(p.cast()) }, 0, 0, 0)
 }
 
 /// `may_be_for_a_vip_v4` for IPv6.
@@ -247,13 +247,7 @@ fn may_be_for_a_vip_v6(ctx: &XdpContext, l3_off: usize) -> bool {
     let p = p as *const u8;
     // SAFETY: two 8-byte reads within the bounds `ptr_at` checked.
     let (lo, hi) = unsafe { (parse::load64(p), parse::load64(p.add(8))) };
-    vip_address_maybe(
-        lo as u32,
-        (lo >> 32) as u32,
-        hi as u32,
-        (hi >> 32) as u32,
-        FAMILY_V6,
-    )
+    vip_address_maybe(lo as u32, (lo >> 32) as u32, hi as u32, (hi >> 32) as u32)
 }
 
 /// What the pipeline decided: a verdict, or that the packet is too big for the route to
@@ -450,7 +444,7 @@ fn vip_index() -> VipIndex {
     }
 }
 
-/// Whether the address `a0..a3` (its words in memory order; of `family`) may be in the
+/// Whether the address `a0..a3` (its words in memory order) may be in the
 /// VIP index: false when its bit in the address filter (in the settings array from
 /// `SETTINGS_FILTER`) is clear — then no VIP or marker has this address — and when the
 /// index does not exist yet.
@@ -459,12 +453,12 @@ fn vip_index() -> VipIndex {
 /// the index holding it becomes active, and clears a removed one's after): the test
 /// reads no settings flags, so a packet whose flow is known reads none at all.
 #[inline(always)]
-fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32, family: u8) -> bool {
+fn vip_address_maybe(a0: u32, a1: u32, a2: u32, a3: u32) -> bool {
     let size = unsafe { core::ptr::read_volatile(&VIP_INDEX_SIZE) };
     if size == 0 {
         return false;
     }
-    let bit = lb_common::vip_filter_bit(&[a0, a1, a2, a3], family, size);
+    let bit = lb_common::vip_filter_bit(&[a0, a1, a2, a3], size);
     match SETTINGS.get(lb_common::SETTINGS_FILTER + (bit >> 5)) {
         Some(w) => *w & (1 << (bit & 31)) != 0,
         None => true,

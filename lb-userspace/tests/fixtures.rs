@@ -1093,7 +1093,6 @@ fn decap_role_strips_ipip_from_allowed_sources_only() {
     f.expect_drop(&frame, DropReason::DecapMalformed, "inner header cut");
 }
 
-/// The settings flags the agent last wrote (`SETTINGS_F_*`).
 /// The address filter's set bits as the data plane reads them.
 fn filter_bits(dp: &Dataplane) -> std::collections::BTreeSet<u32> {
     let settings: aya::maps::Array<&MapData, u32> =
@@ -1117,18 +1116,18 @@ fn vip_address_bits(desired: &Desired) -> std::collections::BTreeSet<u32> {
         .iter()
         .flat_map(|s| s.vips.iter())
         .map(|(addr, _, _)| {
-            let (bytes, family) = match addr {
+            let bytes = match addr {
                 IpAddr::V4(a) => {
                     let mut b = [0u8; 16];
                     b[..4].copy_from_slice(&a.octets());
-                    (b, lb_common::FAMILY_V4)
+                    b
                 }
-                IpAddr::V6(a) => (a.octets(), lb_common::FAMILY_V6),
+                IpAddr::V6(a) => a.octets(),
             };
             let w: [u32; 4] = std::array::from_fn(|i| {
                 u32::from_ne_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"))
             });
-            lb_common::vip_filter_bit(&w, family, slots)
+            lb_common::vip_filter_bit(&w, slots)
         })
         .collect()
 }
