@@ -159,8 +159,8 @@ pub fn l2_forward_v6(
 /// Bytes IPv6-in-IPv6 encapsulation adds (the outer IPv6 header).
 pub const IP6IP6_OVERHEAD: u16 = 40;
 
-/// Encapsulates the IPv6 packet at `l3_off` (of `tot_len` bytes) in an outer IPv6 header
-/// toward `backend` (next header 41).
+/// Encapsulates the IPv6 packet at `l3_off` (of `tot_len` bytes, traffic class `tc`, as
+/// parsed) in an outer IPv6 header toward `backend` (next header 41).
 #[inline(always)]
 pub fn ip6ip6_forward(
     ctx: &XdpContext,
@@ -169,6 +169,7 @@ pub fn ip6ip6_forward(
     backend: &Addr6,
     l3_off: usize,
     tot_len: u16,
+    tc: u8,
 ) -> Result<u32, Blocked> {
     let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V6) };
     let outer_len = tot_len
@@ -177,26 +178,31 @@ pub fn ip6ip6_forward(
     let hop = cached_hop(id, epoch, *backend, outer_len, || {
         next_hop_v6(ctx, &src, backend, outer_len)
     })?;
-    // The traffic class is carried over to the outer header.
-    let inner: *const [u8; 2] = ptr_at(ctx, l3_off)?;
-    let (b0, b1) = unsafe { ((*inner)[0], (*inner)[1]) };
     let delta = (EthHdr::LEN + 40) as i32 - l3_off as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
         return Err(Blocked::Drop(DropReason::AdjustFailed));
     }
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    let outer: *mut [u8; 40] = ptr_at(ctx, EthHdr::LEN)?;
-    // Version and traffic class, a zero flow label, payload length, next header and hop
-    // limit: the header's first eight bytes as one word in memory order.
-    let first = u16::from_ne_bytes([0x60 | (b0 & 0x0f), b1 & 0xf0]) as u64
+    // Ethernet and outer header, checked at once.
+    let head: *mut [u16; 27] = ptr_at(ctx, 0)?;
+    // Version and traffic class (carried over), a zero flow label, payload length, next
+    // header and hop limit: the header's first eight bytes as one word in memory order.
+    let first = u16::from_ne_bytes([0x60 | (tc >> 4), tc << 4]) as u64
         | (tot_len.to_be() as u64) << 32
         | (u16::from_ne_bytes([lb_common::PROTO_IPV6, 64]) as u64) << 48;
-    write_macs(ctx, &hop)?;
-    let o = outer as *mut u8;
-    // SAFETY: 40 bytes `ptr_at` checked; stored in 64-bit words (2-aligned after the
-    // 14-byte Ethernet header, see `parse::store64`), not byte by byte.
+    let o = unsafe { (head as *mut u8).add(EthHdr::LEN) };
+    // SAFETY: 54 bytes `ptr_at` checked; the outer header stored in 64-bit words
+    // (2-aligned after the 14-byte Ethernet header, see `parse::store64`), not byte by
+    // byte.
     unsafe {
-        (*eth).ether_type = crate::parse::eth::ETH_P_IPV6;
+        *(head as *mut [u16; 7]) = [
+            hop.macs[0],
+            hop.macs[1],
+            hop.macs[2],
+            hop.macs[3],
+            hop.macs[4],
+            hop.macs[5],
+            crate::parse::eth::ETH_P_IPV6,
+        ];
         crate::parse::store64(o, first);
         crate::parse::store64(o.add(8), src[0]);
         crate::parse::store64(o.add(16), src[1]);

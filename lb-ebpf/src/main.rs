@@ -336,8 +336,8 @@ struct Pkt {
     fragment: bool,
     later_fragment: bool,
     frag_id: u32,
-    /// IPv4: the header's TOS and DF bit (see `ipv4::Ipv4`), for the outer header; 0
-    /// for IPv6.
+    /// The header's TOS (IPv4) or traffic class (IPv6), and (IPv4) its DF bit (see
+    /// `ipv4::Ipv4`), for the outer header; `df` is 0 for IPv6.
     tos: u8,
     df: u8,
 }
@@ -767,7 +767,7 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         fragment: up.fragment,
         later_fragment: up.later_fragment,
         frag_id: up.id,
-        tos: 0,
+        tos: ip.tc,
         df: 0,
     };
     balance(ctx, l2, &pkt)
@@ -1074,7 +1074,15 @@ fn tx6(
     if l2 {
         encap::l2_forward_v6(ctx, backend, choice.epoch, &addr, &pkt.src, pkt.tot_len)
     } else {
-        encap::ip6ip6_forward(ctx, backend, choice.epoch, &addr, l3_off, pkt.tot_len)
+        encap::ip6ip6_forward(
+            ctx,
+            backend,
+            choice.epoch,
+            &addr,
+            l3_off,
+            pkt.tot_len,
+            pkt.tos,
+        )
     }
 }
 

@@ -1790,6 +1790,20 @@ fn ipv6_tcp_is_encapsulated_ip6ip6_and_udp_rewritten_in_l2() {
     let (v, out) = f.run(&v6_frame(&ip));
     assert_eq!(v, XDP_TX);
     assert_eq!(out, expected_ip6ip6(&ip, B1_6, B1_MAC));
+    // The traffic class (here DSCP EF, ECN CE) is carried to the outer header, the flow
+    // label is not; the packet's next segment takes the known-flow path.
+    let mut ip = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, ACK, b"more"));
+    ip[0] = 0x6b;
+    ip[1] = 0xb5;
+    ip[2] = 0x12;
+    let (v, out) = f.run(&v6_frame(&ip));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        &out[14..16],
+        &[0x6b, 0xb0],
+        "traffic class 0xbb, flow label 0"
+    );
+    assert_eq!(out, expected_ip6ip6(&ip, B1_6, B1_MAC));
     let ip = ipv6(CLIENT6, VIP6_L2, PROTO_UDP, &udp(5353, 53, b"query"));
     let (v, out) = f.run(&v6_frame(&ip));
     assert_eq!(v, XDP_TX);

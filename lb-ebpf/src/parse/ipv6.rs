@@ -26,6 +26,8 @@ pub struct Ipv6 {
     pub next: u8,
     /// Total length: fixed header + payload.
     pub tot_len: u16,
+    /// Traffic class (DSCP and ECN), which an outer header copies.
+    pub tc: u8,
 }
 
 /// Parses and validates the fixed IPv6 header at `off`.
@@ -63,6 +65,7 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv6, DropReason> {
         dst,
         next: h[6],
         tot_len: (payload + HDR_LEN) as u16,
+        tc: h[0] << 4 | h[1] >> 4,
     })
 }
 
