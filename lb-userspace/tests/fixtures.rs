@@ -1166,29 +1166,40 @@ fn settings_flags(dp: &Dataplane) -> u32 {
     settings.get(&lb_common::SETTINGS_FLAGS, 0).expect("flags")
 }
 
-#[test]
-fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
-    use lb_common::{SETTINGS_F_DECAP_INDEX, SETTINGS_F_DECAP_PREFIXES};
-    let inner = ipv4(
+/// A client's TCP segment to the VIP, as a balancer tunnels it to this node.
+fn ipip_inner() -> Vec<u8> {
+    ipv4(
         CLIENT,
         VIP,
         PROTO_TCP,
         &[],
         &tcp(40000, 80, ACK, b"data"),
         true,
-    );
-    let tunnel = |src: Ipv4Addr, dst: Ipv4Addr| {
-        eth(
-            NODE_MAC,
-            B1_MAC,
-            &[],
-            0x0800,
-            &ipv4(src, dst, 4, &[], &inner, true),
-        )
-    };
-    let opened = eth(NODE_MAC, B1_MAC, &[], 0x0800, &inner);
+    )
+}
+
+/// `ipip_inner` in IPIP from `src` to `dst`, as the decap role receives it.
+fn ipip_tunnel(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    eth(
+        NODE_MAC,
+        B1_MAC,
+        &[],
+        0x0800,
+        &ipv4(src, dst, 4, &[], &ipip_inner(), true),
+    )
+}
+
+/// The frame `ipip_tunnel` leaves as once opened.
+fn ipip_opened() -> Vec<u8> {
+    eth(NODE_MAC, B1_MAC, &[], 0x0800, &ipip_inner())
+}
+
+#[test]
+fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
+    use lb_common::{SETTINGS_F_DECAP_INDEX, SETTINGS_F_DECAP_PREFIXES};
+    let opened = ipip_opened();
     let expect_opened = |f: &Fixture, src: Ipv4Addr, dst: Ipv4Addr, what: &str| {
-        let (verdict, out) = f.run(&tunnel(src, dst));
+        let (verdict, out) = f.run(&ipip_tunnel(src, dst));
         assert_eq!((verdict, out), (XDP_PASS, opened.clone()), "{what}");
     };
     let stranger = Ipv4Addr::new(198, 51, 100, 1);
@@ -1208,17 +1219,17 @@ fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
     expect_opened(&f, VIP, NODE, "a source that is also a VIP");
     expect_opened(&f, BALANCER, VIP, "to a local address that is also a VIP");
     f.expect_drop(
-        &tunnel(stranger, NODE),
+        &ipip_tunnel(stranger, NODE),
         DropReason::DecapNotAllowed,
         "unlisted source",
     );
     f.expect_drop(
-        &tunnel(Ipv4Addr::new(10, 1, 0, 3), NODE),
+        &ipip_tunnel(Ipv4Addr::new(10, 1, 0, 3), NODE),
         DropReason::DecapNotAllowed,
         "a neighbour of the listed host",
     );
     f.expect_drop(
-        &tunnel(CLIENT, VIP),
+        &ipip_tunnel(CLIENT, VIP),
         DropReason::DecapNotAllowed,
         "unlisted source to the local VIP",
     );
@@ -1230,11 +1241,11 @@ fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
         expected_ipip(&client_tcp(VIP, 40000, 80, SYN)[14..], B1, B1_MAC)
     );
     f.expect_pass_unchanged(
-        &tunnel(BALANCER, VIP_L2),
+        &ipip_tunnel(BALANCER, VIP_L2),
         "IPIP to a VIP that is not this node's address",
     );
     f.expect_drop(
-        &tunnel(VIP_L2, NODE),
+        &ipip_tunnel(VIP_L2, NODE),
         DropReason::DecapNotAllowed,
         "a VIP that is not on the allow list as a source",
     );
@@ -1248,7 +1259,7 @@ fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
     expect_opened(&f, BALANCER, NODE, "the /32 entry");
     expect_opened(&f, Ipv4Addr::new(10, 9, 200, 7), NODE, "inside the /16");
     f.expect_drop(
-        &tunnel(stranger, NODE),
+        &ipip_tunnel(stranger, NODE),
         DropReason::DecapNotAllowed,
         "unlisted source with a prefix configured",
     );
@@ -1285,7 +1296,7 @@ fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
     f.dp.apply(&desired).expect("apply");
     assert_eq!(settings_flags(&f.dp) & SETTINGS_F_DECAP_PREFIXES, 0);
     f.expect_drop(
-        &tunnel(Ipv4Addr::new(10, 9, 200, 7), NODE),
+        &ipip_tunnel(Ipv4Addr::new(10, 9, 200, 7), NODE),
         DropReason::DecapNotAllowed,
         "the removed prefix",
     );
@@ -1310,11 +1321,14 @@ fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
         "listed, through the maps",
     );
     f.expect_drop(
-        &tunnel(stranger, NODE),
+        &ipip_tunnel(stranger, NODE),
         DropReason::DecapNotAllowed,
         "unlisted, through the maps",
     );
-    f.expect_pass_unchanged(&tunnel(BALANCER, B3), "to another host, through the maps");
+    f.expect_pass_unchanged(
+        &ipip_tunnel(BALANCER, B3),
+        "to another host, through the maps",
+    );
     let (verdict, _) = f.run(&client_tcp(VIP, 40001, 80, SYN));
     assert_eq!(verdict, XDP_TX, "VIPs unaffected");
 
@@ -1324,7 +1338,7 @@ fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
     assert_ne!(settings_flags(&f.dp) & SETTINGS_F_DECAP_INDEX, 0);
     expect_opened(&f, BALANCER, NODE, "through the index again");
     f.expect_drop(
-        &tunnel(Ipv4Addr::new(10, 7, 0, 150), NODE),
+        &ipip_tunnel(Ipv4Addr::new(10, 7, 0, 150), NODE),
         DropReason::DecapNotAllowed,
         "no longer listed",
     );
@@ -1336,24 +1350,7 @@ fn a_listed_ipv4_tunnel_is_settled_by_its_pair_key() {
         FAMILY_V4, SETTINGS_F_VIP_INDEX_B, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VIP_INDEX_PAIR,
         VipSlot,
     };
-    let inner = ipv4(
-        CLIENT,
-        VIP,
-        PROTO_TCP,
-        &[],
-        &tcp(40000, 80, ACK, b"data"),
-        true,
-    );
-    let tunnel = |src: Ipv4Addr, dst: Ipv4Addr| {
-        eth(
-            NODE_MAC,
-            B1_MAC,
-            &[],
-            0x0800,
-            &ipv4(src, dst, 4, &[], &inner, true),
-        )
-    };
-    let opened = eth(NODE_MAC, B1_MAC, &[], 0x0800, &inner);
+    let opened = ipip_opened();
     let mut desired = standard_desired();
     desired.decap_v4 = vec![(BALANCER, 32), (Ipv4Addr::new(10, 9, 0, 0), 16)];
     let pins = PinDir::new("decap-pairs");
@@ -1392,7 +1389,7 @@ fn a_listed_ipv4_tunnel_is_settled_by_its_pair_key() {
         }
     }
     assert_eq!(pairs, 1, "prefix entries make no pairs");
-    let (verdict, out) = f.run(&tunnel(BALANCER, NODE));
+    let (verdict, out) = f.run(&ipip_tunnel(BALANCER, NODE));
     assert_eq!(
         (verdict, out),
         (XDP_PASS, opened.clone()),
@@ -1401,7 +1398,7 @@ fn a_listed_ipv4_tunnel_is_settled_by_its_pair_key() {
     // Other tunnels need the single keys, which no longer answer: to this node is now
     // "not local" (left to the stack), and no source is listed any more.
     f.expect_pass_unchanged(
-        &tunnel(Ipv4Addr::new(10, 9, 1, 1), NODE),
+        &ipip_tunnel(Ipv4Addr::new(10, 9, 1, 1), NODE),
         "the prefix's tunnel, without the node's own key",
     );
 
@@ -1427,19 +1424,19 @@ fn a_listed_ipv4_tunnel_is_settled_by_its_pair_key() {
         .filter(|i| index.get(i, 0).expect("slot").key.family == FAMILY_V4 | VIP_INDEX_PAIR)
         .count();
     assert_eq!(left, 0, "no pairs when they do not fit");
-    let (verdict, out) = f.run(&tunnel(BALANCER, NODE));
+    let (verdict, out) = f.run(&ipip_tunnel(BALANCER, NODE));
     assert_eq!(
         (verdict, out),
         (XDP_PASS, opened.clone()),
         "by two searches"
     );
-    let (verdict, out) = f.run(&tunnel(
+    let (verdict, out) = f.run(&ipip_tunnel(
         Ipv4Addr::new(10, 7, 0, 33),
         Ipv4Addr::new(10, 1, 0, 9),
     ));
     assert_eq!((verdict, out), (XDP_PASS, opened), "to the second address");
     f.expect_drop(
-        &tunnel(Ipv4Addr::new(198, 51, 100, 1), NODE),
+        &ipip_tunnel(Ipv4Addr::new(198, 51, 100, 1), NODE),
         DropReason::DecapNotAllowed,
         "unlisted source",
     );
