@@ -38,13 +38,7 @@ fn non_vip_traffic_passes_untouched() {
         &client_tcp(VIP, 1000, 8080, SYN),
         "TCP to a VIP on an unbalanced port",
     );
-    let udp_to_tcp_vip = eth(
-        NODE_MAC,
-        CLIENT_MAC,
-        &[],
-        0x0800,
-        &ipv4(CLIENT, VIP, PROTO_UDP, &[], &udp(1, 80, b"x"), false),
-    );
+    let udp_to_tcp_vip = client_udp(VIP, 1, 80, b"x");
     f.expect_pass_unchanged(&udp_to_tcp_vip, "UDP to a TCP-only VIP");
     let arp = eth([0xff; 6], CLIENT_MAC, &[], 0x0806, &[0u8; 28]);
     f.expect_pass_unchanged(&arp, "ARP");
@@ -155,20 +149,7 @@ fn unresolved_neighbours_are_counted_and_oversize_packets_answered() {
         "backend without neighbour entry",
     );
 
-    let big = eth(
-        NODE_MAC,
-        CLIENT_MAC,
-        &[],
-        0x0800,
-        &ipv4(
-            CLIENT,
-            VIP,
-            PROTO_TCP,
-            &[],
-            &tcp(2, 80, SYN, &[0u8; 1460]),
-            true,
-        ),
-    );
+    let big = client_v4(VIP, PROTO_TCP, &tcp(2, 80, SYN, &[0u8; 1460]), true);
     let (verdict, out) = f.run(&big);
     assert_eq!(
         verdict, XDP_TX,
@@ -1362,11 +1343,15 @@ fn a_listed_ipv4_tunnel_is_settled_by_its_pair_key() {
         ))
         .expect("typed");
     let half = index.len() / 2;
-    let base = if settings_flags(&f.dp) & SETTINGS_F_VIP_INDEX_B != 0 {
-        half
-    } else {
-        0
+    // Where the active half of the index starts.
+    let active = |dp: &Dataplane| {
+        if settings_flags(dp) & SETTINGS_F_VIP_INDEX_B != 0 {
+            half
+        } else {
+            0
+        }
     };
+    let base = active(&f.dp);
     let mut pair = [0u8; 16];
     pair[..4].copy_from_slice(&NODE.octets());
     pair[4..8].copy_from_slice(&BALANCER.octets());
@@ -1415,11 +1400,7 @@ fn a_listed_ipv4_tunnel_is_settled_by_its_pair_key() {
         0,
         "the single keys fit"
     );
-    let base = if settings_flags(&f.dp) & SETTINGS_F_VIP_INDEX_B != 0 {
-        half
-    } else {
-        0
-    };
+    let base = active(&f.dp);
     let left = (base..base + half)
         .filter(|i| index.get(i, 0).expect("slot").key.family == FAMILY_V4 | VIP_INDEX_PAIR)
         .count();
@@ -1554,20 +1535,7 @@ fn packets_too_big_for_ipip_get_fragmentation_needed_also_without_df() {
         );
     }
     // The largest packet that fits once encapsulated goes through.
-    let fits = eth(
-        NODE_MAC,
-        CLIENT_MAC,
-        &[],
-        0x0800,
-        &ipv4(
-            CLIENT,
-            VIP,
-            PROTO_TCP,
-            &[],
-            &tcp(6, 80, ACK, &[7u8; 1440]),
-            true,
-        ),
-    );
+    let fits = client_v4(VIP, PROTO_TCP, &tcp(6, 80, ACK, &[7u8; 1440]), true);
     let (verdict, out) = f.run(&fits);
     assert_eq!(verdict, XDP_TX);
     assert_eq!(out, expected_ipip(&fits[14..], B1, B1_MAC));

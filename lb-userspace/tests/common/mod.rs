@@ -407,40 +407,26 @@ pub const SYN: u8 = 0x02;
 /// TCP ACK flag.
 pub const ACK: u8 = 0x10;
 
-/// A TCP segment from the client to `dst`, in a frame.
-pub fn client_tcp(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+/// An IPv4 packet from the client to `dst` carrying `l4` (protocol `proto`; DF set when
+/// `df`), in a frame.
+pub fn client_v4(dst: Ipv4Addr, proto: u8, l4: &[u8], df: bool) -> Vec<u8> {
     eth(
         NODE_MAC,
         CLIENT_MAC,
         &[],
         0x0800,
-        &ipv4(
-            CLIENT,
-            dst,
-            PROTO_TCP,
-            &[],
-            &tcp(sport, dport, flags, b"hello"),
-            true,
-        ),
+        &ipv4(CLIENT, dst, proto, &[], l4, df),
     )
+}
+
+/// A TCP segment from the client to `dst`, in a frame.
+pub fn client_tcp(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    client_v4(dst, PROTO_TCP, &tcp(sport, dport, flags, b"hello"), true)
 }
 
 /// A UDP datagram (without DF) from the client to `dst`, in a frame.
 pub fn client_udp(dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    eth(
-        NODE_MAC,
-        CLIENT_MAC,
-        &[],
-        0x0800,
-        &ipv4(
-            CLIENT,
-            dst,
-            PROTO_UDP,
-            &[],
-            &udp(sport, dport, payload),
-            false,
-        ),
-    )
+    client_v4(dst, PROTO_UDP, &udp(sport, dport, payload), false)
 }
 
 /// What the balancer must emit for an IPIP-forwarded packet (outer identification 0,
