@@ -86,6 +86,7 @@ fn run() -> Result<()> {
     let mut profile = None;
     let mut json = None;
     let mut compare_with = None;
+    let mut this_object = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -101,9 +102,16 @@ fn run() -> Result<()> {
                     args.next().context("--compare needs an object file")?,
                 ))
             }
+            // With --compare: this object takes the place of this build's, so two builds
+            // of lb-ebpf are compared without building the bench around either.
+            "--with" => {
+                this_object = Some(PathBuf::from(
+                    args.next().context("--with needs an object file")?,
+                ))
+            }
             "--json" => json = Some(PathBuf::from(args.next().context("--json needs a path")?)),
             other => bail!(
-                "unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--throughput-only] [--profile PATH_NAME] [--compare OBJECT] [--json PATH]"
+                "unknown argument {other}; usage: bench [--quick] [--per-packet-only] [--throughput-only] [--profile PATH_NAME] [--compare OBJECT [--with OBJECT]] [--json PATH]"
             ),
         }
     }
@@ -149,7 +157,11 @@ fn run() -> Result<()> {
 
     if let Some(path) = &compare_with {
         let other = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        return compare(&settings, ifindex, &other);
+        let this = match &this_object {
+            Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            None => l3lb::dataplane::OBJECT.to_vec(),
+        };
+        return compare(&settings, ifindex, &this, &other);
     }
     if throughput_only {
         let throughput = throughput(&settings.throughput)?;
@@ -594,14 +606,17 @@ const COMPARE_LOADS: usize = 3;
 /// build of lb-ebpf (an object file), in A/B pairs within one run (see `paired`), so that
 /// a data-plane change is judged by a ratio the machine's drift cannot skew. Prints
 /// this/other per path: the median over loads and rounds, and each load pair's median.
-fn compare(s: &Settings, ifindex: u32, other: &[u8]) -> Result<()> {
+fn compare(s: &Settings, ifindex: u32, this_object: &[u8], other: &[u8]) -> Result<()> {
     let mut this = Vec::new();
     let mut that = Vec::new();
     for i in 0..COMPARE_LOADS {
         // This build first in even pairs, the other object first in odd ones.
         for first in [i % 2 == 0, i % 2 != 0] {
             if first {
-                this.push((load(false, s.flows)?, load(true, 16)?));
+                this.push((
+                    load_object(this_object, false, s.flows)?,
+                    load_object(this_object, true, 16)?,
+                ));
             } else {
                 that.push((
                     load_object(other, false, s.flows).context("the object to compare with")?,
