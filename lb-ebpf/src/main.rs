@@ -38,7 +38,7 @@ use crate::{
         DECAP_V4, DECAP_V6, FRAGS, LOCAL_V4, LOCAL_V6, PATHS, SCRATCH, SETTINGS, SRC_V4, SRC_V6,
         VIP_INDEX,
     },
-    parse::{eth, ipv4, ipv6, l4, ptr_at},
+    parse::{eth, ipv4, ipv6, l4, ptr_at, quick},
 };
 
 /// Non-zero when the decap role is on; set by the agent at load time.
@@ -159,8 +159,12 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         }
         // The IPv4 path runs inline: on a host with return-thunk mitigations (SRSO) a call
         // into a subprogram and its return cost ~7 % of the established path (`bench
-        // --compare`).
-        let o = ipv4_packet(ctx, &l2)?;
+        // --compare`). A packet of a flow checked in this epoch is sent from the quick
+        // parse; everything else takes the general way.
+        let o = match quick::ipv4(ctx, l2.l3_off).and_then(|q| known_flow(ctx, &l2, q, FAMILY_V4)) {
+            Some(r) => r?,
+            None => ipv4_packet(ctx, &l2)?,
+        };
         if o.too_big {
             // The client is told the size that fits, in a subprogram of its own, which
             // keeps the rarely used reply code and its frame out of the path's.
@@ -200,7 +204,11 @@ fn try_v6(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
     if l2.ether_type != eth::ETH_P_IPV6 {
         return Ok(PASS);
     }
-    let o = ipv6_packet(ctx, &l2)?;
+    // As in `try_l3lb`: a known flow's packet from the quick parse, else the general way.
+    let o = match quick::ipv6(ctx, l2.l3_off).and_then(|q| known_flow(ctx, &l2, q, FAMILY_V6)) {
+        Some(r) => r?,
+        None => ipv6_packet(ctx, &l2)?,
+    };
     if o.too_big {
         let scratch = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ProgramMissing)?;
         // SAFETY: this CPU's scratch entry; the reply program reads it in this same run.
@@ -771,6 +779,46 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         df: 0,
     };
     balance(ctx, l2, &pkt)
+}
+
+/// Sends the quickly parsed packet `q` of family `family` (see `parse::quick`) if its flow's
+/// entry was checked in this epoch, as `balance` would; `None` leaves the packet to the
+/// general way (a flow not in the table, or not checked in this epoch).
+#[inline(always)]
+fn known_flow(
+    ctx: &XdpContext,
+    l2: &eth::L2,
+    q: quick::Quick,
+    family: u8,
+) -> Option<Result<Outcome, DropReason>> {
+    let key = FlowKey {
+        src: q.src,
+        dst: q.dst,
+        sport: q.sport,
+        dport: q.dport,
+        proto: q.proto,
+        family,
+        _pad: [0; 2],
+    };
+    let now = conntrack::epoch();
+    let choice = conntrack::current(conntrack::place_of(&key), family, now)?;
+    let v4 = family == FAMILY_V4;
+    let hdr_len = if v4 { 20 } else { ipv6::HDR_LEN };
+    let pkt = Pkt {
+        family,
+        src: q.src,
+        dst: q.dst,
+        proto: q.proto,
+        l4_off: l2.l3_off + hdr_len,
+        tot_len: q.tot_len,
+        hdr_len,
+        fragment: false,
+        later_fragment: false,
+        frag_id: 0,
+        tos: q.tos,
+        df: q.df,
+    };
+    Some(send(ctx, l2, &pkt, &choice))
 }
 
 /// The connection-table key of `pkt` with these ports.

@@ -605,6 +605,180 @@ fn header_cases(m: &mut Matrix) {
     );
 }
 
+/// Packets of flows the connection table knows and has checked in this epoch, which meet
+/// the program's quick parse (`parse::quick`) first: damaged ones must come to exactly
+/// what the general parse decides, and well-formed ones of a shape the quick parse leaves
+/// alone (IPv4 options, an IPv6 extension header, a fragment, link padding) are still
+/// forwarded to the flow's backend. Each flow is opened and its entry checked first (its
+/// first two packets take the general way; from the third on the quick one).
+fn known_flow_cases(m: &mut Matrix) {
+    // IPv4 TCP to "web" (B1, IPIP).
+    let seg = |flags: u8| tcp(40100, 80, flags, b"data");
+    let syn = ipv4(CLIENT, VIP, PROTO_TCP, &[], &seg(SYN), true);
+    let ack = ipv4(CLIENT, VIP, PROTO_TCP, &[], &seg(ACK), true);
+    m.forwards(
+        "known IPv4 TCP flow: its SYN",
+        v4_frame(&[], &syn),
+        Action::Encap,
+        expected_ipip(&syn, B1, B1_MAC),
+    );
+    for i in 1..=3 {
+        m.forwards(
+            format!("known IPv4 TCP flow: segment {i}"),
+            v4_frame(&[], &ack),
+            Action::Encap,
+            expected_ipip(&ack, B1, B1_MAC),
+        );
+    }
+    let what = "known IPv4 TCP flow";
+    let frame = v4_frame(&[], &ack);
+    frame_cuts(m, what, &frame, 14, 20);
+    packet_cuts(m, what, &frame, 14, 20..40, |_| DropReason::Truncated);
+    let edit = |f: &dyn Fn(&mut Vec<u8>)| edited_v4(&ack, f);
+    for doff in [0u8, 4, 7, 15] {
+        m.drops(
+            format!("{what}: TCP data offset {doff} in a 24-byte segment"),
+            edit(&|ip| ip[32] = doff << 4),
+            DropReason::BadL4Header,
+        );
+    }
+    for (v_ihl, why) in [(0x44u8, "IHL 4"), (0x55, "version 5")] {
+        m.drops(
+            format!("{what}: {why}"),
+            edit(&|ip| ip[0] = v_ihl),
+            DropReason::BadIpHeader,
+        );
+    }
+    m.drops(
+        format!("{what}: total length one beyond the frame"),
+        edit(&|ip| ip[2..4].copy_from_slice(&(ack.len() as u16 + 1).to_be_bytes())),
+        DropReason::BadIpHeader,
+    );
+    // A later fragment carries no ports: no flow's, and (yet) no record of its first
+    // fragment.
+    let later = edit(&|ip| ip[6..8].copy_from_slice(&[0x40, 1]));
+    m.drops(
+        format!("{what}: a later fragment (offset 8)"),
+        later.clone(),
+        DropReason::FragmentUnknown,
+    );
+    let first_fragment = {
+        let mut ip = ack.clone();
+        ip[6] |= 0x20;
+        refresh_v4_checksum(&mut ip);
+        ip
+    };
+    let with_options = ipv4(CLIENT, VIP, PROTO_TCP, &[1, 1, 1, 0], &seg(ACK), true);
+    for (why, ip) in [
+        ("a first fragment (more fragments)", first_fragment),
+        ("4 bytes of IP options", with_options),
+    ] {
+        m.forwards(
+            format!("{what}: {why}"),
+            v4_frame(&[], &ip),
+            Action::Encap,
+            expected_ipip(&ip, B1, B1_MAC),
+        );
+    }
+    // Now the first fragment's record (which only the general way writes) takes it.
+    m.forwards(
+        format!("{what}: that later fragment again, after the first"),
+        later.clone(),
+        Action::Encap,
+        expected_ipip(&later[14..], B1, B1_MAC),
+    );
+    let mut padded = frame.clone();
+    padded.extend_from_slice(&[0xee; 6]);
+    let mut out = expected_ipip(&ack, B1, B1_MAC);
+    out.extend_from_slice(&[0xee; 6]);
+    m.forwards(
+        format!("{what}: 6 bytes of link padding"),
+        padded,
+        Action::Encap,
+        out,
+    );
+
+    // IPv4 UDP to "dns" (B2, MAC rewrite).
+    let dgram = ipv4(
+        CLIENT,
+        VIP_L2,
+        PROTO_UDP,
+        &[],
+        &udp(5400, 53, b"query"),
+        false,
+    );
+    for i in 1..=3 {
+        m.forwards(
+            format!("known IPv4 UDP flow: datagram {i}"),
+            v4_frame(&[], &dgram),
+            Action::L2,
+            eth(B2_MAC, NODE_MAC, &[], ETHERTYPE_IPV4, &dgram),
+        );
+    }
+    let what = "known IPv4 UDP flow";
+    packet_cuts(m, what, &v4_frame(&[], &dgram), 14, 20..28, |_| {
+        DropReason::Truncated
+    });
+    for len in [7u16, 14] {
+        let mut ip = dgram.clone();
+        ip[24..26].copy_from_slice(&len.to_be_bytes());
+        m.drops(
+            format!("{what}: UDP length {len} in a 13-byte datagram"),
+            v4_frame(&[], &ip),
+            DropReason::BadL4Header,
+        );
+    }
+
+    // IPv6 TCP to "web6" (B1_6, IPv6-in-IPv6).
+    let seg = |flags: u8| tcp(40100, 80, flags, b"data");
+    let syn = ipv6(CLIENT6, VIP6, PROTO_TCP, &seg(SYN));
+    let ack = ipv6(CLIENT6, VIP6, PROTO_TCP, &seg(ACK));
+    m.forwards(
+        "known IPv6 TCP flow: its SYN",
+        v6_frame(&syn),
+        Action::Encap,
+        expected_ip6ip6(&syn, B1_6, B1_MAC),
+    );
+    for i in 1..=3 {
+        m.forwards(
+            format!("known IPv6 TCP flow: segment {i}"),
+            v6_frame(&ack),
+            Action::Encap,
+            expected_ip6ip6(&ack, B1_6, B1_MAC),
+        );
+    }
+    let what = "known IPv6 TCP flow";
+    let frame = v6_frame(&ack);
+    frame_cuts(m, what, &frame, 14, 40);
+    packet_cuts(m, what, &frame, 14, 40..60, |_| DropReason::Truncated);
+    for doff in [0u8, 4, 7, 15] {
+        let mut ip = ack.clone();
+        ip[52] = doff << 4;
+        m.drops(
+            format!("{what}: TCP data offset {doff} in a 24-byte segment"),
+            v6_frame(&ip),
+            DropReason::BadL4Header,
+        );
+    }
+    let mut v4 = ack.clone();
+    v4[0] = 0x40;
+    m.drops(
+        format!("{what}: IP version 4"),
+        v6_frame(&v4),
+        DropReason::BadIpHeader,
+    );
+    // A destination-options header before the segment: the general walk's to open.
+    let mut opts = vec![PROTO_TCP, 0, 1, 4, 0, 0, 0, 0];
+    opts.extend_from_slice(&seg(ACK));
+    let with_ext = ipv6(CLIENT6, VIP6, 60, &opts);
+    m.forwards(
+        format!("{what}: a destination-options header"),
+        v6_frame(&with_ext),
+        Action::Encap,
+        expected_ip6ip6(&with_ext, B1_6, B1_MAC),
+    );
+}
+
 /// IPv6: lengths, versions, extension-header chains and upper layers the walk does not know.
 fn ipv6_cases(m: &mut Matrix) {
     let good = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, SYN, b"hello"));
@@ -1055,6 +1229,7 @@ fn matrix() -> Matrix {
     let mut m = Matrix::default();
     truncation_cases(&mut m);
     header_cases(&mut m);
+    known_flow_cases(&mut m);
     ipv6_cases(&mut m);
     link_cases(&mut m);
     decap_cases(&mut m);

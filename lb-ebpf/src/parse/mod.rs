@@ -4,6 +4,7 @@ pub mod eth;
 pub mod ipv4;
 pub mod ipv6;
 pub mod l4;
+pub mod quick;
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::DropReason;
