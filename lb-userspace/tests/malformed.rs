@@ -687,6 +687,21 @@ fn known_flow_cases(m: &mut Matrix) {
         Action::Encap,
         expected_ipip(&later[14..], B1, B1_MAC),
     );
+    // Too big for the tunnel: the client hears the size that fits.
+    let big = ipv4(
+        CLIENT,
+        VIP,
+        PROTO_TCP,
+        &[],
+        &tcp(40100, 80, ACK, &[7; 1460]),
+        true,
+    );
+    m.forwards(
+        format!("{what}: a 1500-byte segment, 1520 once encapsulated"),
+        v4_frame(&[], &big),
+        Action::TooBig,
+        expected_frag_needed(&big, 1480),
+    );
     let mut padded = frame.clone();
     padded.extend_from_slice(&[0xee; 6]);
     let mut out = expected_ipip(&ack, B1, B1_MAC);
@@ -766,6 +781,18 @@ fn known_flow_cases(m: &mut Matrix) {
         format!("{what}: IP version 4"),
         v6_frame(&v4),
         DropReason::BadIpHeader,
+    );
+    let big = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40100, 80, ACK, &[5; 1440]));
+    let mut msg = vec![2, 0, 0, 0];
+    msg.extend_from_slice(&1460u32.to_be_bytes());
+    msg.extend_from_slice(&big[..128]);
+    let mut reply = ipv6(VIP6, CLIENT6, 58, &icmp6(VIP6, CLIENT6, &msg));
+    reply[7] = 64;
+    m.forwards(
+        format!("{what}: a 1500-byte packet, 1540 once encapsulated"),
+        v6_frame(&big),
+        Action::TooBig,
+        eth(CLIENT_MAC, NODE_MAC, &[], ETHERTYPE_IPV6, &reply),
     );
     // A destination-options header before the segment: the general walk's to open.
     let mut opts = vec![PROTO_TCP, 0, 1, 4, 0, 0, 0, 0];
