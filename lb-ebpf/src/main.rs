@@ -664,13 +664,18 @@ fn ipv4_decap(
     l3_off: usize,
     vlans: usize,
 ) -> Option<Result<(u32, Action), DropReason>> {
-    let ip = match ipv4::parse(ctx, l3_off) {
-        Ok(ip) => ip,
-        Err(reason) => return Some(Err(reason)),
+    // The common shape from the quick parse (`bench --compare`: decap 0.965), any other
+    // from the general one.
+    let (src, dst, hdr_len, tot_len, fragment) = match quick::ipv4_tunnel(ctx, l3_off) {
+        Some((src, dst, tot_len)) => (src, dst, network_types::ip::Ipv4Hdr::LEN, tot_len, false),
+        None => match ipv4::parse(ctx, l3_off) {
+            Ok(ip) => (ip.src, ip.dst, ip.hdr_len, ip.tot_len, ip.fragment),
+            Err(reason) => return Some(Err(reason)),
+        },
     };
     // Only packets addressed to this node are ours to open; IPIP passing through (or for
     // another host) is left to the balancer path, which passes it to the stack.
-    let check = decap_check(ip.src as u64, 0, ip.dst as u64, 0, FAMILY_V4);
+    let check = decap_check(src as u64, 0, dst as u64, 0, FAMILY_V4);
     if check == DECAP_NOT_LOCAL {
         return None;
     }
@@ -680,11 +685,11 @@ fn ipv4_decap(
     // A fragment cannot be opened here; the stack reassembles it. Only fragments from
     // allowed sources get that far, so a kernel tunnel device cannot be used to get round
     // the allow list.
-    if ip.fragment {
+    if fragment {
         return Some(Ok(PASS));
     }
     Some(
-        encap::decap(ctx, l3_off, vlans, ip.hdr_len, ip.tot_len)
+        encap::decap(ctx, l3_off, vlans, hdr_len, tot_len)
             .map(|()| (xdp_action::XDP_PASS, Action::Decap)),
     )
 }

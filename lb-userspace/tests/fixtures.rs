@@ -1072,6 +1072,45 @@ fn decap_role_strips_ipip_from_allowed_sources_only() {
         &ipv4(BALANCER, NODE, 4, &[], &inner[..10], true),
     );
     f.expect_drop(&frame, DropReason::DecapMalformed, "inner header cut");
+
+    // Outer headers of other shapes than the quick parse's (no options, no fragment,
+    // length within the frame) go to the general parse, which decides as ever.
+    let fix_checksum = |ip: &mut Vec<u8>| {
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let c = csum(&ip[..20]);
+        ip[10..12].copy_from_slice(&c);
+    };
+    for (what, frags) in [("first fragment", [0x20, 0]), ("later fragment", [0, 1])] {
+        let mut outer = ipv4(BALANCER, NODE, 4, &[], &inner, false);
+        outer[6..8].copy_from_slice(&frags);
+        fix_checksum(&mut outer);
+        f.expect_pass_unchanged(
+            &eth(NODE_MAC, B1_MAC, &[], 0x0800, &outer),
+            &format!("an allowed source's IPIP {what}: the stack reassembles it"),
+        );
+    }
+    let (verdict, out) = f.run(&eth(
+        NODE_MAC,
+        B1_MAC,
+        &[],
+        0x0800,
+        &ipv4(BALANCER, NODE, 4, &[1, 1, 1, 0], &inner, true),
+    ));
+    assert_eq!(verdict, XDP_PASS, "outer header with options");
+    assert_eq!(
+        out,
+        eth(NODE_MAC, B1_MAC, &[], 0x0800, &inner),
+        "opened past the options"
+    );
+    let mut long = ipv4(BALANCER, NODE, 4, &[], &inner, true);
+    let too_long = long.len() as u16 + 1;
+    long[2..4].copy_from_slice(&too_long.to_be_bytes());
+    fix_checksum(&mut long);
+    f.expect_drop(
+        &eth(NODE_MAC, B1_MAC, &[], 0x0800, &long),
+        DropReason::BadIpHeader,
+        "outer total length beyond the frame",
+    );
 }
 
 /// The address filter's set bits as the data plane reads them.
