@@ -36,7 +36,7 @@ pub struct Quick {
     pub df: u8,
 }
 
-/// Bytes of the general IPv4 header the quick parse accepts (no options).
+/// Bytes of an IPv4 header without options, the only kind the quick parse accepts.
 const IPV4_LEN: u16 = 20;
 /// Bytes of the fixed IPv6 header.
 const IPV6_LEN: u16 = 40;
@@ -182,7 +182,7 @@ pub fn ipv6(ctx: &XdpContext, l3_off: usize) -> Option<Quick> {
         sport: ports as u16,
         dport: (ports >> 16) as u16,
         proto,
-        // At most 65 535 + 40: such a packet is beyond any frame and failed above.
+        // Does not wrap: payload and header fit the frame (checked above).
         tot_len: payload.wrapping_add(IPV6_LEN),
         tos: v_tc << 4 | tc_flow >> 4,
         df: 0,
