@@ -4,7 +4,7 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, FLOW_F_CONFIRMED, FLOW_WAYS, FlowBucket, FlowKey, FlowRecord, FlowState, FlowWay,
     SERVICE_F_AFFINITY_CLIENT_IP, SETTINGS_NEXTHOP_EPOCH, VipInfo, flow_hash, flow_home, flow_mix,
-    flow_overflow, flow_place, flow_record_index, flow_tag,
+    flow_overflow, flow_place, flow_record_index, flow_tag, maglev_slot,
 };
 
 use crate::{
@@ -255,7 +255,7 @@ pub fn from_table(key: &FlowKey, vip: &VipInfo, now: u32) -> Option<Choice> {
     } else {
         flow_hash(key)
     };
-    let slot = vip.ring.wrapping_mul(size) + hash % size;
+    let slot = vip.ring.wrapping_mul(size) + maglev_slot(hash, size);
     let id = *RINGS.get(slot)?;
     let backend = BACKENDS.get(id)?;
     if backend.family != key.family || backend.service != vip.service {

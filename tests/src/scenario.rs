@@ -266,7 +266,7 @@ pub fn maglev_backend(
     let input: Vec<(IpAddr, u32)> = configured.iter().map(|(_, a, w)| (*a, *w)).collect();
     let table = l3lb::maglev::build(&input, TABLE_SIZE).expect("maglev");
     let hash = lb_common::flow_hash(&vip_flow_key(client, sport));
-    backend_name(configured[table[(hash % TABLE_SIZE) as usize] as usize].0)
+    backend_name(configured[table[lb_common::maglev_slot(hash, TABLE_SIZE) as usize] as usize].0)
 }
 
 impl Scenario {

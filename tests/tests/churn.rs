@@ -32,7 +32,7 @@ use l3lb_tests::{
     client::{self, parse_reply},
     scenario::{Mode, Scenario, ScenarioSpec, TCP_PORT, VIP, vip_flow_key},
 };
-use lb_common::flow_hash;
+use lb_common::{flow_hash, maglev_slot};
 
 const T: Duration = Duration::from_secs(2);
 
@@ -414,7 +414,7 @@ fn backends_churning_at_1000_changes_per_second_keep_connections_and_placement()
     // while it was being opened, exactly where that version's Maglev table puts it.
     let attempts = std::mem::take(&mut *attempts.lock().unwrap_or_else(PoisonError::into_inner));
     let hashes: Vec<usize> = STREAM_PORTS
-        .map(|p| (flow_hash(&vip_flow_key(client_ip, p)) % TABLE_SIZE) as usize)
+        .map(|p| maglev_slot(flow_hash(&vip_flow_key(client_ip, p)), TABLE_SIZE) as usize)
         .collect();
     let hash_of = |sport: u16| hashes[usize::from(sport - STREAM_PORTS.start)];
     // Versions possibly in force during [start, end]: written by its end, and not yet

@@ -25,7 +25,7 @@ use l3lb_tests::{
         backend_name, restart_agent,
     },
 };
-use lb_common::{FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, flow_hash};
+use lb_common::{FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, flow_hash, maglev_slot};
 
 const T: Duration = Duration::from_secs(2);
 
@@ -82,7 +82,7 @@ fn predicted_backend(
         key.sport = 0;
         key.dport = 0;
     }
-    let pos = table[(flow_hash(&key) % TABLE_SIZE) as usize] as usize;
+    let pos = table[maglev_slot(flow_hash(&key), TABLE_SIZE) as usize] as usize;
     backend_name(configured[pos].0)
 }
 
