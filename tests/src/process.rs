@@ -80,7 +80,18 @@ where
     let log_err = log.try_clone()?;
     // Its own process group: a Ctrl-C at the terminal reaches the test or demo, which then
     // stops its children in order, instead of killing the agents under its feet.
-    let child = Command::new("ip")
+    let mut command = Command::new("ip");
+    // SIGHUP back to its default: a run started under `nohup` ignores it, children
+    // inherit that, and a shell cannot trap a signal ignored on entry (the lab's
+    // processes and tests signal their children with it).
+    // SAFETY: only sigaction(2), which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let child = command
         .process_group(0)
         .args(["netns", "exec", ns.name()])
         .arg(cmd.as_ref())
