@@ -913,9 +913,16 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
     );
     for (p, rounds) in paths.iter().zip(path_rounds) {
         let ns = median(rounds.clone());
+        // Each round's own ratio (path and floor interleaved within it): their spread
+        // shows how near the line a verdict is on this machine at this time.
+        let round_ratios: Vec<f64> = rounds
+            .iter()
+            .zip(&floor_rounds)
+            .map(|(p, f)| p / f)
+            .collect();
         out.insert(
             p.name.into(),
-            json!({ "median_ns": ns, "rounds": rounds, "ratio_to_floor": ns / floor_ns, "target_ratio": p.target_ratio }),
+            json!({ "median_ns": ns, "rounds": rounds, "ratio_to_floor": ns / floor_ns, "round_ratios": round_ratios, "target_ratio": p.target_ratio }),
         );
     }
     out.insert(
@@ -1640,7 +1647,7 @@ fn print_per_packet(r: &Value) {
         pp["rounds"]
     );
     println!(
-        "  {:<24} {:>9} {:>9} {:>8}  ",
+        "  {:<24} {:>9} {:>9} {:>8}        EACH ROUND",
         "PATH", "NS/PKT", "x FLOOR", "TARGET"
     );
     println!(
@@ -1658,13 +1665,23 @@ fn print_per_packet(r: &Value) {
         let p = &pp[name];
         let ratio = p["ratio_to_floor"].as_f64().unwrap_or(f64::NAN);
         let target = p["target_ratio"].as_f64().unwrap_or(0.0);
+        let rounds: Vec<f64> = p["round_ratios"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_f64)
+            .collect();
+        let lo = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         println!(
-            "  {:<24} {:>9.1} {:>9.2} {:>7.1}x  {}",
+            "  {:<24} {:>9.1} {:>9.2} {:>7.1}x  {:<4}  {:>5.2}–{:<5.2}",
             name,
             p["median_ns"].as_f64().unwrap_or(f64::NAN),
             ratio,
             target,
-            verdict(ratio <= target)
+            verdict(ratio <= target),
+            lo,
+            hi
         );
     }
     println!(
