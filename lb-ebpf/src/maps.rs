@@ -24,8 +24,9 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(1, 0);
 #[map(name = "L3LB_VIP_INDEX")]
 pub static VIP_INDEX: Array<VipSlot> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// (ring slot × RING_SIZE + hash % RING_SIZE) → backend id; written by the agent, one slot
-/// at a time while no VIP points at it, then switched to (size: load time).
+/// (ring slot × RING_SIZE + `maglev_slot(hash, RING_SIZE)`) → backend id; written by the
+/// agent, one slot at a time while no VIP points at it, then switched to (size: load
+/// time).
 ///
 /// Memory-mappable, so the agent writes a whole table with a copy instead of one system
 /// call per entry.
