@@ -815,17 +815,6 @@ fn known_flow(
     q: quick::Quick,
     family: u8,
 ) -> Option<Result<Outcome, DropReason>> {
-    let key = FlowKey {
-        src: q.src,
-        dst: q.dst,
-        sport: q.sport,
-        dport: q.dport,
-        proto: q.proto,
-        family,
-        _pad: [0; 2],
-    };
-    let now = conntrack::epoch();
-    let choice = conntrack::current(conntrack::place_of(&key), family, now)?;
     let hdr_len = if family == FAMILY_V4 {
         network_types::ip::Ipv4Hdr::LEN
     } else {
@@ -845,6 +834,9 @@ fn known_flow(
         tos: q.tos,
         df: q.df,
     };
+    let now = conntrack::epoch();
+    let key = flow_key(&pkt, q.sport, q.dport);
+    let choice = conntrack::current(conntrack::place_of(&key), family, now)?;
     Some(send(ctx, l2, &pkt, &choice))
 }
 
