@@ -58,12 +58,26 @@ pub const VIP_INDEX_LOCAL: u8 = 0x10;
 /// `VipKey::family` bit of a VIP index key naming an allowed decap source (a host-exact
 /// allow entry), OR'd with `FAMILY_V4`/`FAMILY_V6`.
 pub const VIP_INDEX_DECAP: u8 = 0x20;
-/// `VipKey::family` bits of a VIP index key naming an allowed IPIP tunnel, OR'd with
-/// `FAMILY_V4`: the address holds one of this node's IPv4 addresses (the outer
-/// destination) in its first four bytes and a host-exact allowed source in the next four.
-/// One search then answers what the decap role asks of nearly every tunnel packet, where
-/// the `VIP_INDEX_LOCAL` and `VIP_INDEX_DECAP` keys take two.
-pub const VIP_INDEX_PAIR: u8 = VIP_INDEX_LOCAL | VIP_INDEX_DECAP;
+
+/// Buckets of the decap role's tunnel pair table (`map_names::DECAP_PAIRS`), a power of
+/// two; each holds two pair words (`decap_pair_word`).
+pub const DECAP_PAIR_BUCKETS: u32 = 2048;
+
+/// The word naming the IPv4 tunnel from `src` to `dst` (each address's four bytes read as
+/// one word in memory order, as the program loads them) in the tunnel pair table; never
+/// 0 for a pair the agent lists, since 0 marks a free place.
+#[inline(always)]
+pub fn decap_pair_word(src: u32, dst: u32) -> u64 {
+    src as u64 | (dst as u64) << 32
+}
+
+/// The bucket of the tunnel pair table that holds pair word `w`: the top bits of one
+/// product, which every bit of both addresses reaches. Unkeyed: whoever chooses sources
+/// can only crowd a bucket, which sends the crowded-out pairs to the slower searches.
+#[inline(always)]
+pub fn decap_pair_bucket(w: u64) -> u32 {
+    (w.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - DECAP_PAIR_BUCKETS.trailing_zeros())) as u32
+}
 
 /// Index of the settings array holding `SETTINGS_F_*` bits.
 pub const SETTINGS_FLAGS: u32 = 0;
@@ -110,6 +124,10 @@ pub mod map_names {
     /// Two halves of `VipSlot`s: the same entries as `VIPS` in an open-addressing table
     /// the XDP program searches itself (no hash-map helper call per packet).
     pub const VIP_INDEX: &str = "L3LB_VIP_INDEX";
+    /// Bucket → two IPv4 tunnel pair words (`decap_pair_word`, 0 when free): the tunnels
+    /// the decap role opens from a host-exact allowed source to one of this node's
+    /// addresses, which one lookup settles (written by the agent, read by the program).
+    pub const DECAP_PAIRS: &str = "L3LB_DECAP_PAIRS";
     /// Ring slot × table size → backend id: the Maglev lookup tables of all services.
     pub const RINGS: &str = "L3LB_RINGS";
     /// Backend id → `Backend`: where a backend lives and how to reach it.

@@ -24,6 +24,13 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(1, 0);
 #[map(name = "L3LB_VIP_INDEX")]
 pub static VIP_INDEX: Array<VipSlot> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
+/// Bucket → two words naming IPv4 tunnels the decap role opens (`lb_common::
+/// decap_pair_word`, 0 when free): written by the agent through a memory mapping, whole
+/// words at a time, so a packet never meets half of one pair and half of another.
+#[map(name = "L3LB_DECAP_PAIRS")]
+pub static DECAP_PAIRS: Array<[u64; 2]> =
+    Array::with_max_entries(lb_common::DECAP_PAIR_BUCKETS, BPF_F_MMAPABLE);
+
 /// (ring slot × RING_SIZE + `maglev_slot(hash, RING_SIZE)`) → backend id; written by the
 /// agent, one slot at a time while no VIP points at it, then switched to (size: load
 /// time).

@@ -594,6 +594,9 @@ pub struct Dataplane {
     vip_index: MmapArray,
     /// The settings array, for writing the VIP address filter.
     settings_map: MmapArray,
+    /// The decap role's tunnel pair table, and what it holds (`decap_pair_table`).
+    decap_pairs: MmapArray,
+    decap_pair_image: Vec<[u64; 2]>,
     vip_index_b: bool,
     /// A digest of what the active half holds, so an apply that changes no VIP entry
     /// writes nothing (the table itself is not kept: megabytes at 10 000 services).
@@ -708,16 +711,18 @@ pub fn decap_index_keys(desired: &Desired) -> (Vec<VipKey>, bool) {
     (keys, prefixes)
 }
 
-/// Most IPv4 tunnel pair keys ([`decap_pair_keys`]) the agent puts in the VIP index:
-/// beyond that the pairs (this node's addresses × the allowed hosts) would crowd the
-/// index for a saving of one search per tunnel packet.
-pub const DECAP_PAIRS_MAX: usize = 256;
+/// Most IPv4 tunnels (this node's addresses × the host-exact allowed sources) the agent
+/// places in the tunnel pair table: beyond that it places none (the program's two index
+/// searches answer them all the same).
+pub const DECAP_PAIRS_MAX: usize = 2048;
 
-/// The VIP index keys (`VIP_INDEX_PAIR`) of every IPv4 tunnel the decap role opens from a
-/// host-exact source: one per (node address, allowed host), sorted; none when there are
-/// more than [`DECAP_PAIRS_MAX`] (the program then makes its two searches, which answer
-/// the same).
-pub fn decap_pair_keys(desired: &Desired) -> Vec<VipKey> {
+/// The tunnel pair table's contents for `desired` (`DECAP_PAIR_BUCKETS` buckets of two
+/// words, 0 where free): one `decap_pair_word` per (node address, allowed host) in the
+/// bucket `decap_pair_bucket` names, in address order; a pair whose bucket is full is left
+/// out (the searches decide for it), and there are none when there are more than
+/// [`DECAP_PAIRS_MAX`]. The same `desired` always gives the same table.
+pub fn decap_pair_table(desired: &Desired) -> Vec<[u64; 2]> {
+    let mut table = vec![[0u64; 2]; lb_common::DECAP_PAIR_BUCKETS as usize];
     let mut locals = desired.local_v4.clone();
     locals.sort();
     locals.dedup();
@@ -730,24 +735,21 @@ pub fn decap_pair_keys(desired: &Desired) -> Vec<VipKey> {
     hosts.sort();
     hosts.dedup();
     if locals.len().saturating_mul(hosts.len()) > DECAP_PAIRS_MAX {
-        return Vec::new();
+        return table;
     }
-    locals
-        .iter()
-        .flat_map(|dst| {
-            hosts.iter().map(move |src| {
-                let mut addr = [0u8; 16];
-                addr[..4].copy_from_slice(&dst.octets());
-                addr[4..8].copy_from_slice(&src.octets());
-                VipKey {
-                    addr,
-                    port: 0,
-                    proto: PROTO_IPIP,
-                    family: FAMILY_V4 | lb_common::VIP_INDEX_PAIR,
-                }
-            })
-        })
-        .collect()
+    for dst in &locals {
+        for src in &hosts {
+            let w = lb_common::decap_pair_word(
+                u32::from_ne_bytes(src.octets()),
+                u32::from_ne_bytes(dst.octets()),
+            );
+            let bucket = &mut table[lb_common::decap_pair_bucket(w) as usize];
+            if let Some(free) = bucket.iter_mut().find(|p| **p == 0) {
+                *free = w;
+            }
+        }
+    }
+    table
 }
 
 /// Inverse of [`addr_bytes`].
@@ -933,11 +935,21 @@ impl Dataplane {
             size_of::<u32>(),
             "the settings array",
         )?;
+        let decap_pairs = MmapArray::new(
+            ebpf.map(map_names::DECAP_PAIRS).ok_or_else(|| {
+                DataplaneError::Missing(format!("map {}", map_names::DECAP_PAIRS))
+            })?,
+            lb_common::DECAP_PAIR_BUCKETS as usize,
+            size_of::<[u64; 2]>(),
+            "the tunnel pair table",
+        )?;
         Ok(Self {
             ebpf,
             rings,
             vip_index,
             settings_map: settings,
+            decap_pairs,
+            decap_pair_image: vec![[0; 2]; lb_common::DECAP_PAIR_BUCKETS as usize],
             vip_index_b: false,
             vip_index_digest: None,
             vip_filter: vec![
@@ -2054,15 +2066,7 @@ impl Dataplane {
         if decap_prefixes {
             flags |= lb_common::SETTINGS_F_DECAP_PREFIXES;
         }
-        // The tunnel pairs are a shortcut (one search instead of two): when they do not
-        // fit, the index goes without them before it goes without the decap keys.
-        let pairs = decap_pair_keys(desired);
-        let with_pairs: Vec<VipKey> = decap_keys.iter().chain(&pairs).copied().collect();
-        let mut image = self.vip_index_entries_image(&with_pairs);
-        if !pairs.is_empty() && matches!(image, Err(DataplaneError::Full { .. })) {
-            image = self.vip_index_entries_image(&decap_keys);
-        }
-        let image = match image {
+        let image = match self.vip_index_entries_image(&decap_keys) {
             Ok(image) => {
                 flags |= lb_common::SETTINGS_F_DECAP_INDEX;
                 image
@@ -2083,6 +2087,22 @@ impl Dataplane {
             }
             Err(e) => return Err(e),
         };
+        // The tunnel pair table (a shortcut past the decap checks) holds only tunnels the
+        // checks allow as they stand: a pair that goes leaves it now, before the index
+        // and the maps change; one that comes is written after them (below).
+        let pair_table = decap_pair_table(desired);
+        if pair_table != self.decap_pair_image {
+            let kept: Vec<[u64; 2]> = self
+                .decap_pair_image
+                .iter()
+                .zip(&pair_table)
+                .map(|(old, new)| [0, 1].map(|i| if old[i] == new[i] { old[i] } else { 0 }))
+                .collect();
+            if kept != self.decap_pair_image {
+                self.decap_pairs.write(0, &kept)?;
+                self.decap_pair_image = kept;
+            }
+        }
         // The VIP index: the entries above, written into the idle half, which then
         // becomes the active one together with the flags (one store).
         let digest = slots_digest(&image);
@@ -2197,6 +2217,10 @@ impl Dataplane {
                 &octets(&desired.local_v6),
             )?;
             self.local_v6 = desired.local_v6.clone();
+        }
+        if pair_table != self.decap_pair_image {
+            self.decap_pairs.write(0, &pair_table)?;
+            self.decap_pair_image = pair_table;
         }
         // Ids kept for services or backends that this apply did not bring back.
         for (_, id) in self.reserved_services.drain() {
@@ -2608,16 +2632,18 @@ mod vip_index_tests {
 
     #[test]
     fn decap_pairs_are_the_node_addresses_times_the_listed_hosts() {
-        let pair = |dst: [u8; 4], src: [u8; 4]| {
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&dst);
-            addr[4..8].copy_from_slice(&src);
-            VipKey {
-                addr,
-                port: 0,
-                proto: PROTO_IPIP,
-                family: FAMILY_V4 | lb_common::VIP_INDEX_PAIR,
-            }
+        let word = |dst: [u8; 4], src: [u8; 4]| {
+            lb_common::decap_pair_word(u32::from_ne_bytes(src), u32::from_ne_bytes(dst))
+        };
+        let listed = |table: &[[u64; 2]]| -> Vec<u64> {
+            let mut w: Vec<u64> = table
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|w| *w != 0)
+                .collect();
+            w.sort();
+            w
         };
         let desired = Desired {
             decap_v4: vec![
@@ -2631,31 +2657,52 @@ mod vip_index_tests {
             local_v6: vec!["fd00::1".parse().expect("addr")],
             ..Default::default()
         };
+        let table = decap_pair_table(&desired);
+        assert_eq!(table.len(), lb_common::DECAP_PAIR_BUCKETS as usize);
+        let mut want = vec![
+            word([10, 0, 0, 1], [10, 0, 0, 2]),
+            word([10, 0, 0, 1], [10, 0, 0, 3]),
+            word([192, 0, 2, 1], [10, 0, 0, 2]),
+            word([192, 0, 2, 1], [10, 0, 0, 3]),
+        ];
+        want.sort();
         assert_eq!(
-            decap_pair_keys(&desired),
-            vec![
-                pair([10, 0, 0, 1], [10, 0, 0, 2]),
-                pair([10, 0, 0, 1], [10, 0, 0, 3]),
-                pair([192, 0, 2, 1], [10, 0, 0, 2]),
-                pair([192, 0, 2, 1], [10, 0, 0, 3]),
-            ],
+            listed(&table),
+            want,
             "hosts only, each pair once, IPv4 only"
         );
-        // Pair keys name no address of their own: the address filter leaves them out.
-        let keys = decap_pair_keys(&desired);
-        assert!(build_vip_filter(keys.iter(), 64).iter().all(|w| *w == 0));
+        // Each where the program looks for it.
+        for w in want {
+            assert!(table[lb_common::decap_pair_bucket(w) as usize].contains(&w));
+        }
+        assert_eq!(
+            decap_pair_table(&desired),
+            table,
+            "the same table every time"
+        );
+
+        // At the cap (2 addresses × 1024 hosts, one pair per bucket on average) most
+        // pairs are placed: a bucket has two places, and the hash spreads consecutive
+        // hosts and addresses.
         let at_cap = Desired {
-            decap_v4: (0..=255u8)
-                .map(|i| (Ipv4Addr::new(10, 7, 0, i), 32))
+            decap_v4: (0..1024u32)
+                .map(|i| (Ipv4Addr::from(0x0a07_0000 + i), 32))
                 .collect(),
-            local_v4: vec![Ipv4Addr::new(10, 0, 0, 1)],
+            local_v4: (1..=2).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect(),
             ..Default::default()
         };
-        assert_eq!(decap_pair_keys(&at_cap).len(), DECAP_PAIRS_MAX);
+        let placed = listed(&decap_pair_table(&at_cap)).len();
+        assert!(
+            placed > DECAP_PAIRS_MAX * 4 / 5 && placed <= DECAP_PAIRS_MAX,
+            "{placed} of {DECAP_PAIRS_MAX} placed"
+        );
         let over = Desired {
-            local_v4: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 9)],
+            local_v4: (1..=3).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect(),
             ..at_cap
         };
-        assert!(decap_pair_keys(&over).is_empty(), "too many: none");
+        assert!(
+            listed(&decap_pair_table(&over)).is_empty(),
+            "too many: none"
+        );
     }
 }

@@ -1364,91 +1364,107 @@ fn decap_checks_use_the_vip_index_for_hosts_and_the_trie_for_prefixes() {
     );
 }
 
+/// The words the tunnel pair table holds, sorted.
+fn pair_words(dp: &Dataplane) -> Vec<u64> {
+    let table: aya::maps::Array<&MapData, [u64; 2]> =
+        aya::maps::Array::try_from(dp.map(map_names::DECAP_PAIRS).expect("pair table"))
+            .expect("typed");
+    let mut words: Vec<u64> = (0..table.len())
+        .flat_map(|i| table.get(&i, 0).expect("bucket"))
+        .filter(|w| *w != 0)
+        .collect();
+    words.sort();
+    words
+}
+
+/// The pair table's word for the IPv4 tunnel from `src` to `dst`.
+fn pair_word(src: Ipv4Addr, dst: Ipv4Addr) -> u64 {
+    lb_common::decap_pair_word(
+        u32::from_ne_bytes(src.octets()),
+        u32::from_ne_bytes(dst.octets()),
+    )
+}
+
 #[test]
-fn a_listed_ipv4_tunnel_is_settled_by_its_pair_key() {
-    use lb_common::{
-        FAMILY_V4, SETTINGS_F_VIP_INDEX_B, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VIP_INDEX_PAIR,
-        VipSlot,
-    };
+fn a_listed_ipv4_tunnel_is_settled_by_the_pair_table() {
+    use lb_common::{FAMILY_V4, SETTINGS_F_VIP_INDEX_B, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VipSlot};
     let opened = ipip_opened();
     let mut desired = standard_desired();
     desired.decap_v4 = vec![(BALANCER, 32), (Ipv4Addr::new(10, 9, 0, 0), 16)];
     let pins = PinDir::new("decap-pairs");
     let mut f = Fixture::new(true, &desired);
     f.dp.pin(&pins.dir).expect("pin");
+    assert_eq!(
+        pair_words(&f.dp),
+        vec![pair_word(BALANCER, NODE)],
+        "the one pair: the listed host to this node (prefix entries make none)"
+    );
     let mut index: aya::maps::Array<MapData, VipSlot> =
         aya::maps::Array::try_from(aya::maps::Map::Array(
             MapData::from_pin(pins.maps.join(map_names::VIP_INDEX)).expect("pin"),
         ))
         .expect("typed");
     let half = index.len() / 2;
-    // Where the active half of the index starts.
-    let active = |dp: &Dataplane| {
-        if settings_flags(dp) & SETTINGS_F_VIP_INDEX_B != 0 {
-            half
-        } else {
-            0
-        }
+    let base = if settings_flags(&f.dp) & SETTINGS_F_VIP_INDEX_B != 0 {
+        half
+    } else {
+        0
     };
-    let base = active(&f.dp);
-    let mut pair = [0u8; 16];
-    pair[..4].copy_from_slice(&NODE.octets());
-    pair[4..8].copy_from_slice(&BALANCER.octets());
-    let mut pairs = 0;
-    // Every IPv4 single key of the decap role is made unrecognisable (the slot stays
-    // taken, so no search ends early at it): what still opens a tunnel is the pair.
+    // Every IPv4 key of the decap role in the index is made unrecognisable (the slot
+    // stays taken, so no search ends early at it): what still opens a tunnel is the pair
+    // table.
     for i in base..base + half {
         let mut slot = index.get(&i, 0).expect("slot");
-        if slot.key.family == FAMILY_V4 | VIP_INDEX_PAIR {
-            assert_eq!(
-                slot.key.addr, pair,
-                "the one pair: this node, the listed host"
-            );
-            pairs += 1;
-        } else if slot.key.family == FAMILY_V4 | VIP_INDEX_LOCAL
+        if slot.key.family == FAMILY_V4 | VIP_INDEX_LOCAL
             || slot.key.family == FAMILY_V4 | VIP_INDEX_DECAP
         {
             slot.key.proto = 0xff;
             index.set(i, slot, 0).expect("write slot");
         }
     }
-    assert_eq!(pairs, 1, "prefix entries make no pairs");
     let (verdict, out) = f.run(&ipip_tunnel(BALANCER, NODE));
     assert_eq!(
         (verdict, out),
         (XDP_PASS, opened.clone()),
         "by the pair alone"
     );
-    // Other tunnels need the single keys, which no longer answer: to this node is now
-    // "not local" (left to the stack), and no source is listed any more.
+    // Other tunnels need the index, which no longer answers: to this node is now "not
+    // local" (left to the stack).
     f.expect_pass_unchanged(
         &ipip_tunnel(Ipv4Addr::new(10, 9, 1, 1), NODE),
         "the prefix's tunnel, without the node's own key",
     );
 
-    // More pairs than the index has room for (max_services 16: 64 entries a half): the
-    // index goes without them and the two searches answer.
-    desired.decap_v4 = (1..=40u8)
-        .map(|i| (Ipv4Addr::new(10, 7, 0, i), 32))
+    // A host taken off the list leaves the table (and the index is written afresh):
+    // its tunnel is refused, the new host's opened.
+    let newcomer = Ipv4Addr::new(10, 7, 0, 1);
+    desired.decap_v4 = vec![(newcomer, 32)];
+    f.dp.apply(&desired).expect("apply");
+    assert_eq!(pair_words(&f.dp), vec![pair_word(newcomer, NODE)]);
+    f.expect_drop(
+        &ipip_tunnel(BALANCER, NODE),
+        DropReason::DecapNotAllowed,
+        "no longer listed",
+    );
+    let (verdict, out) = f.run(&ipip_tunnel(newcomer, NODE));
+    assert_eq!((verdict, out), (XDP_PASS, opened.clone()), "newly listed");
+
+    // More pairs than the table takes (3 addresses × 700 hosts): it is left empty, and
+    // the searches (here the maps: the index has no room either) answer.
+    desired.decap_v4 = (0..700u32)
+        .map(|i| (Ipv4Addr::from(0x0a07_0000 + i), 32))
         .chain([(BALANCER, 32)])
         .collect();
-    desired.local_v4.push(Ipv4Addr::new(10, 1, 0, 9));
+    desired
+        .local_v4
+        .extend([Ipv4Addr::new(10, 1, 0, 9), Ipv4Addr::new(10, 1, 0, 10)]);
     f.dp.apply(&desired).expect("apply");
-    assert_ne!(
-        settings_flags(&f.dp) & lb_common::SETTINGS_F_DECAP_INDEX,
-        0,
-        "the single keys fit"
-    );
-    let base = active(&f.dp);
-    let left = (base..base + half)
-        .filter(|i| index.get(i, 0).expect("slot").key.family == FAMILY_V4 | VIP_INDEX_PAIR)
-        .count();
-    assert_eq!(left, 0, "no pairs when they do not fit");
+    assert!(pair_words(&f.dp).is_empty(), "no pairs over the cap");
     let (verdict, out) = f.run(&ipip_tunnel(BALANCER, NODE));
     assert_eq!(
         (verdict, out),
         (XDP_PASS, opened.clone()),
-        "by two searches"
+        "by the searches"
     );
     let (verdict, out) = f.run(&ipip_tunnel(
         Ipv4Addr::new(10, 7, 0, 33),
