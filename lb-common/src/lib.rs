@@ -64,8 +64,8 @@ pub const VIP_INDEX_DECAP: u8 = 0x20;
 pub const DECAP_PAIR_BUCKETS: u32 = 2048;
 
 /// The word naming the IPv4 tunnel from `src` to `dst` (each address's four bytes read as
-/// one word in memory order, as the program loads them) in the tunnel pair table; never
-/// 0 for a pair the agent lists, since 0 marks a free place.
+/// one word in memory order, as the program loads them) in the tunnel pair table. 0 marks
+/// a free place, so the one pair whose word is 0 (0.0.0.0 to 0.0.0.0) is never looked up.
 #[inline(always)]
 pub fn decap_pair_word(src: u32, dst: u32) -> u64 {
     src as u64 | (dst as u64) << 32
