@@ -716,6 +716,15 @@ pub fn decap_index_keys(desired: &Desired) -> (Vec<VipKey>, bool) {
 /// searches answer them all the same).
 pub const DECAP_PAIRS_MAX: usize = 2048;
 
+/// The tunnel pair table's word (`lb_common::decap_pair_word`) of the IPv4 tunnel from
+/// `src` to `dst`: each address's bytes as the program loads them from the outer header.
+pub fn tunnel_pair_word(src: Ipv4Addr, dst: Ipv4Addr) -> u64 {
+    lb_common::decap_pair_word(
+        u32::from_ne_bytes(src.octets()),
+        u32::from_ne_bytes(dst.octets()),
+    )
+}
+
 /// The tunnel pair table's contents for `desired` (`DECAP_PAIR_BUCKETS` buckets of two
 /// words, 0 where free): one `decap_pair_word` per (node address, allowed host) in the
 /// bucket `decap_pair_bucket` names, in address order; a pair whose bucket is full is left
@@ -739,10 +748,7 @@ pub fn decap_pair_table(desired: &Desired) -> Vec<[u64; 2]> {
     }
     for dst in &locals {
         for src in &hosts {
-            let w = lb_common::decap_pair_word(
-                u32::from_ne_bytes(src.octets()),
-                u32::from_ne_bytes(dst.octets()),
-            );
+            let w = tunnel_pair_word(*src, *dst);
             let bucket = &mut table[lb_common::decap_pair_bucket(w) as usize];
             if let Some(free) = bucket.iter_mut().find(|p| **p == 0) {
                 *free = w;
@@ -2632,9 +2638,8 @@ mod vip_index_tests {
 
     #[test]
     fn decap_pairs_are_the_node_addresses_times_the_listed_hosts() {
-        let word = |dst: [u8; 4], src: [u8; 4]| {
-            lb_common::decap_pair_word(u32::from_ne_bytes(src), u32::from_ne_bytes(dst))
-        };
+        let word =
+            |dst: [u8; 4], src: [u8; 4]| tunnel_pair_word(Ipv4Addr::from(src), Ipv4Addr::from(dst));
         let listed = |table: &[[u64; 2]]| -> Vec<u64> {
             let mut w: Vec<u64> = table
                 .iter()

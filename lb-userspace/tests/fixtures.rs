@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::MapData;
 use common::*;
-use l3lb::dataplane::{Dataplane, Desired, LoadOptions};
+use l3lb::dataplane::{Dataplane, Desired, LoadOptions, tunnel_pair_word};
 use lb_common::{DropReason, PROTO_TCP, PROTO_UDP, map_names};
 
 #[test]
@@ -1377,14 +1377,6 @@ fn pair_words(dp: &Dataplane) -> Vec<u64> {
     words
 }
 
-/// The pair table's word for the IPv4 tunnel from `src` to `dst`.
-fn pair_word(src: Ipv4Addr, dst: Ipv4Addr) -> u64 {
-    lb_common::decap_pair_word(
-        u32::from_ne_bytes(src.octets()),
-        u32::from_ne_bytes(dst.octets()),
-    )
-}
-
 #[test]
 fn a_listed_ipv4_tunnel_is_settled_by_the_pair_table() {
     use lb_common::{FAMILY_V4, SETTINGS_F_VIP_INDEX_B, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VipSlot};
@@ -1396,7 +1388,7 @@ fn a_listed_ipv4_tunnel_is_settled_by_the_pair_table() {
     f.dp.pin(&pins.dir).expect("pin");
     assert_eq!(
         pair_words(&f.dp),
-        vec![pair_word(BALANCER, NODE)],
+        vec![tunnel_pair_word(BALANCER, NODE)],
         "the one pair: the listed host to this node (prefix entries make none)"
     );
     let mut index: aya::maps::Array<MapData, VipSlot> =
@@ -1440,7 +1432,7 @@ fn a_listed_ipv4_tunnel_is_settled_by_the_pair_table() {
     let newcomer = Ipv4Addr::new(10, 7, 0, 1);
     desired.decap_v4 = vec![(newcomer, 32)];
     f.dp.apply(&desired).expect("apply");
-    assert_eq!(pair_words(&f.dp), vec![pair_word(newcomer, NODE)]);
+    assert_eq!(pair_words(&f.dp), vec![tunnel_pair_word(newcomer, NODE)]);
     f.expect_drop(
         &ipip_tunnel(BALANCER, NODE),
         DropReason::DecapNotAllowed,
