@@ -602,6 +602,9 @@ fn load_floor() -> Result<aya::Ebpf> {
 /// so each side is loaded several times, in alternating order, and the loads are paired.
 const COMPARE_LOADS: usize = 3;
 
+/// Loads of the program every per-packet path is timed on (see `per_packet`).
+const PER_PACKET_LOADS: usize = 3;
+
 /// `--compare OBJECT`: each per-packet path of this build against the same path of another
 /// build of lb-ebpf (an object file), in A/B pairs within one run (see `paired`), so that
 /// a data-plane change is judged by a ratio the machine's drift cannot skew. Prints
@@ -770,33 +773,51 @@ fn per_packet_paths() -> Vec<Path> {
 }
 
 fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
-    let dp = load(false, s.flows)?;
-    let decap = load(true, 16)?;
+    // Each load of the program lands its JIT image (at a random offset, a hardening of
+    // the kernel's) and its maps somewhere else: two loads of one object differ by up to
+    // ±5 % on a path here (`bench --compare O --with O`). Every path is timed on several
+    // loads and the median load is the figure, so one placement does not decide it.
+    let loads: Vec<(Dataplane, Dataplane)> = (0..PER_PACKET_LOADS)
+        .map(|_| Ok((load(false, s.flows)?, load(true, 16)?)))
+        .collect::<Result<_>>()?;
+    let (dp, decap) = &loads[0];
     let floor_obj = load_floor()?;
     let floor: &Xdp = floor_obj
         .program(lb_common::FLOOR_PROGRAM_NAME)
         .context("floor program")?
         .try_into()?;
-    let prog = dp.program()?;
+    let floor_frame = eth(
+        0x0800,
+        &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, ACK)),
+    );
     // The shipped program, whose log statements are off (AYA_LOG_LEVEL = 0), against the
     // same program with them compiled out: two loads set up alike and timed only against
-    // each other (the first load above, which every path runs on, measured 1-3 % slower
-    // than a second load of itself).
+    // each other.
     let logs_off = load(false, s.flows)?;
     let logs_off_prog = logs_off.program()?;
     let no_log = load_object(l3lb_tests::OBJECT_WITHOUT_LOG, false, s.flows)
         .context("the object without log statements")?;
     let no_log_prog = no_log.program()?;
 
-    let live = prepare(&dp, &[&logs_off, &no_log], s.flows, ifindex)?;
+    let others: Vec<&Dataplane> = loads[1..]
+        .iter()
+        .map(|(d, _)| d)
+        .chain([&logs_off, &no_log])
+        .collect();
+    let live = prepare(dp, &others, s.flows, ifindex)?;
     let paths = per_packet_paths();
-    for p in &paths {
-        let which = if p.name == "decap" {
-            decap.program()?
-        } else {
-            prog
-        };
-        check_path(which, ifindex, p, "in the timed load")?;
+    // variants[0] is the floor; then each load's paths, load by load.
+    let mut variants: Vec<(&Xdp, &[u8])> = vec![(floor, &floor_frame)];
+    for (dp, decap) in &loads {
+        for p in &paths {
+            let which = if p.name == "decap" {
+                decap.program()?
+            } else {
+                dp.program()?
+            };
+            check_path(which, ifindex, p, "in a timed load")?;
+            variants.push((which, &p.frame));
+        }
     }
     if let Some(name) = &s.profile {
         let p = paths
@@ -806,7 +827,7 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         let which = if p.name == "decap" {
             decap.program()?
         } else {
-            prog
+            dp.program()?
         };
         println!("profiling {name} for 5 s");
         std::io::Write::flush(&mut std::io::stdout())?;
@@ -818,22 +839,9 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         }
         println!("profiled {name}: {calls} calls");
     }
-    let floor_frame = eth(
-        0x0800,
-        &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, ACK)),
-    );
-
     let mut floor_rounds = Vec::new();
-    let mut path_rounds: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-    let mut variants: Vec<(&Xdp, &[u8])> = vec![(floor, &floor_frame)];
-    for p in &paths {
-        let which = if p.name == "decap" {
-            decap.program()?
-        } else {
-            prog
-        };
-        variants.push((which, &p.frame));
-    }
+    // path_rounds[load][path]: one mean per round.
+    let mut path_rounds: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); paths.len()]; loads.len()];
     // The paths that run the most log sites (a new flow notes its backend; every packet
     // passes the entry point's two), again without the statements compiled in.
     let log_paths: Vec<usize> = LOG_COMPARED
@@ -859,7 +867,7 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         let means = interleaved(&variants, ifindex, s.calls)?;
         floor_rounds.push(means[0]);
         for (i, m) in means[1..].iter().enumerate() {
-            path_rounds[i].push(*m);
+            path_rounds[i / paths.len()][i % paths.len()].push(*m);
         }
     }
     // Shipped against compiled out, in rounds of their own: a few per cent is the question,
@@ -911,18 +919,22 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         "verifier_instructions".into(),
         json!({ "logs_off": logs_off.verified_instructions()?, "compiled_out": no_log.verified_instructions()? }),
     );
-    for (p, rounds) in paths.iter().zip(path_rounds) {
-        let ns = median(rounds.clone());
-        // Each round's own ratio (path and floor interleaved within it): their spread
-        // shows how near the line a verdict is on this machine at this time.
-        let round_ratios: Vec<f64> = rounds
+    for (j, p) in paths.iter().enumerate() {
+        // Each load's median over the rounds, then the median load.
+        let load_ns: Vec<f64> = path_rounds.iter().map(|l| median(l[j].clone())).collect();
+        let ns = median(load_ns.clone());
+        // Each round's own ratio (path and floor interleaved within it, the median load):
+        // their spread shows how near the line a verdict is on this machine at this time.
+        let round_ratios: Vec<f64> = floor_rounds
             .iter()
-            .zip(&floor_rounds)
-            .map(|(p, f)| p / f)
+            .enumerate()
+            .map(|(r, f)| median(path_rounds.iter().map(|l| l[j][r]).collect()) / f)
             .collect();
+        let load_ratios: Vec<f64> = load_ns.iter().map(|n| n / floor_ns).collect();
+        let rounds: Vec<&Vec<f64>> = path_rounds.iter().map(|l| &l[j]).collect();
         out.insert(
             p.name.into(),
-            json!({ "median_ns": ns, "rounds": rounds, "ratio_to_floor": ns / floor_ns, "round_ratios": round_ratios, "target_ratio": p.target_ratio }),
+            json!({ "median_ns": ns, "rounds": rounds, "ratio_to_floor": ns / floor_ns, "round_ratios": round_ratios, "load_ratios": load_ratios, "target_ratio": p.target_ratio }),
         );
     }
     out.insert(
@@ -1647,7 +1659,7 @@ fn print_per_packet(r: &Value) {
         pp["rounds"]
     );
     println!(
-        "  {:<24} {:>9} {:>9} {:>8}        EACH ROUND",
+        "  {:<24} {:>9} {:>9} {:>8}        EACH ROUND   EACH LOAD",
         "PATH", "NS/PKT", "x FLOOR", "TARGET"
     );
     println!(
@@ -1673,15 +1685,23 @@ fn print_per_packet(r: &Value) {
             .collect();
         let lo = rounds.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let loads: Vec<String> = p["load_ratios"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_f64)
+            .map(|r| format!("{r:.2}"))
+            .collect();
         println!(
-            "  {:<24} {:>9.1} {:>9.2} {:>7.1}x  {:<4}  {:>5.2}–{:<5.2}",
+            "  {:<24} {:>9.1} {:>9.2} {:>7.1}x  {:<4}  {:>5.2}–{:<5.2}  {}",
             name,
             p["median_ns"].as_f64().unwrap_or(f64::NAN),
             ratio,
             target,
             verdict(ratio <= target),
             lo,
-            hi
+            hi,
+            loads.join(" ")
         );
     }
     println!(
