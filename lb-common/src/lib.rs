@@ -62,6 +62,8 @@ pub const VIP_INDEX_DECAP: u8 = 0x20;
 /// Buckets of the decap role's tunnel pair table (`map_names::DECAP_PAIRS`), a power of
 /// two; each holds two pair words (`decap_pair_word`).
 pub const DECAP_PAIR_BUCKETS: u32 = 2048;
+// `decap_pair_bucket` shifts by 64 − log2 of it: a power of two above 1.
+const _: () = assert!(DECAP_PAIR_BUCKETS.is_power_of_two() && DECAP_PAIR_BUCKETS > 1);
 
 /// The word naming the IPv4 tunnel from `src` to `dst` (each address's four bytes read as
 /// one word in memory order, as the program loads them) in the tunnel pair table. 0 marks

@@ -107,6 +107,18 @@ pub enum DataplaneError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A memory-mapped map is not the shape this agent writes (an object of another build).
+    #[error(
+        "{what} holds {found}, where this agent writes {expected}: the XDP object is not this build's"
+    )]
+    Shape {
+        /// The map.
+        what: &'static str,
+        /// Its entries and value size.
+        found: String,
+        /// What the agent writes.
+        expected: String,
+    },
     /// An apply failed midway; `restored` tells what became of the previous state.
     #[error("{cause}; {restored}")]
     Aborted {
@@ -424,6 +436,23 @@ impl MmapArray {
         let Map::Array(data) = map else {
             return Err(DataplaneError::Missing(what.into()));
         };
+        // Another build's object may lay a map out otherwise (`bench --compare` loads
+        // them): its words would be read as something else than they were written as.
+        let info = data.info().map_err(|e| DataplaneError::Map {
+            what: format!("reading the description of {what}"),
+            source: e,
+        })?;
+        if info.value_size() as usize != value_size || (info.max_entries() as usize) < entries {
+            return Err(DataplaneError::Shape {
+                what,
+                found: format!(
+                    "{} entries of {} bytes",
+                    info.max_entries(),
+                    info.value_size()
+                ),
+                expected: format!("{entries} entries of {value_size} bytes"),
+            });
+        }
         let fd = data
             .fd()
             .as_fd()
@@ -448,6 +477,35 @@ impl MmapArray {
 
     /// Writes `values` at entries `start..`.
     fn write<T: Copy>(&mut self, start: usize, values: &[T]) -> Result<(), DataplaneError> {
+        // SAFETY (the store): `write_with` hands over a place of `size_of::<T>()` bytes,
+        // 8-aligned; volatile because the data plane reads the same memory concurrently.
+        self.write_with(start, values, |p, v| unsafe {
+            std::ptr::write_volatile(p.cast::<T>(), *v)
+        })
+    }
+
+    /// Writes the tunnel pair table's buckets `values` at entries `start..`, a word at a
+    /// time: each word is one aligned 8-byte store, so the program never reads half of a
+    /// pair (a source with no destination would name another tunnel).
+    fn write_words(&mut self, start: usize, values: &[[u64; 2]]) -> Result<(), DataplaneError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        self.write_with(start, values, |p, v| {
+            for (i, w) in v.iter().enumerate() {
+                // SAFETY: an 8-aligned word of the entry `write_with` hands over, which
+                // this process reads or writes nowhere else.
+                unsafe { AtomicU64::from_ptr(p.cast::<u64>().add(i)).store(*w, Ordering::Relaxed) };
+            }
+        })
+    }
+
+    /// Maps entries `start..start + values.len()` (those that exist) and hands each
+    /// entry's place and value to `store`.
+    fn write_with<T>(
+        &mut self,
+        start: usize,
+        values: &[T],
+        store: impl Fn(*mut u8, &T),
+    ) -> Result<(), DataplaneError> {
         use std::os::fd::AsRawFd as _;
         debug_assert!(size_of::<T>() <= self.stride);
         let end = (start + values.len()).min(self.entries);
@@ -480,9 +538,8 @@ impl MmapArray {
         for (i, v) in values[..end - start].iter().enumerate() {
             let off = (start + i) * self.stride - first;
             // SAFETY: off + size_of::<T>() ≤ len by construction, and array elements are
-            // 8-aligned; volatile because the data plane reads the same memory
-            // concurrently.
-            unsafe { std::ptr::write_volatile(base.cast::<u8>().add(off).cast::<T>(), *v) };
+            // 8-aligned.
+            store(unsafe { base.cast::<u8>().add(off) }, v);
         }
         // What switches traffic to this data (a VIP entry, the index flag) must not be
         // seen before it.
@@ -723,6 +780,17 @@ pub fn tunnel_pair_word(src: Ipv4Addr, dst: Ipv4Addr) -> u64 {
         u32::from_ne_bytes(src.octets()),
         u32::from_ne_bytes(dst.octets()),
     )
+}
+
+/// What of the tunnel pair table `old` may stay while an apply moves it to `new`: each
+/// word both hold in the same place; every other place empty. Written before the apply
+/// changes anything the decap checks read, so a tunnel that goes is refused from then
+/// on, and a tunnel that comes is not opened before the checks would allow it.
+fn decap_pairs_kept(old: &[[u64; 2]], new: &[[u64; 2]]) -> Vec<[u64; 2]> {
+    old.iter()
+        .zip(new)
+        .map(|(o, n)| [0, 1].map(|i| if o[i] == n[i] { o[i] } else { 0 }))
+        .collect()
 }
 
 /// The tunnel pair table's contents for `desired` (`DECAP_PAIR_BUCKETS` buckets of two
@@ -2098,14 +2166,9 @@ impl Dataplane {
         // and the maps change; one that comes is written after them (below).
         let pair_table = decap_pair_table(desired);
         if pair_table != self.decap_pair_image {
-            let kept: Vec<[u64; 2]> = self
-                .decap_pair_image
-                .iter()
-                .zip(&pair_table)
-                .map(|(old, new)| [0, 1].map(|i| if old[i] == new[i] { old[i] } else { 0 }))
-                .collect();
+            let kept = decap_pairs_kept(&self.decap_pair_image, &pair_table);
             if kept != self.decap_pair_image {
-                self.decap_pairs.write(0, &kept)?;
+                self.decap_pairs.write_words(0, &kept)?;
                 self.decap_pair_image = kept;
             }
         }
@@ -2225,7 +2288,7 @@ impl Dataplane {
             self.local_v6 = desired.local_v6.clone();
         }
         if pair_table != self.decap_pair_image {
-            self.decap_pairs.write(0, &pair_table)?;
+            self.decap_pairs.write_words(0, &pair_table)?;
             self.decap_pair_image = pair_table;
         }
         // Ids kept for services or backends that this apply did not bring back.
@@ -2634,6 +2697,107 @@ mod vip_index_tests {
             ..Default::default()
         };
         assert!(!decap_index_keys(&hosts_only).1, "no prefix");
+    }
+
+    // The XDP object is built for little-endian BPF (bpfel) only.
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn a_tunnels_pair_word_is_its_outer_header_bytes_in_memory_order() {
+        // The outer header holds the source at bytes 12..16 and the destination at
+        // 16..20; the program loads those eight bytes as one little-endian word.
+        let src = Ipv4Addr::new(10, 0, 0, 1);
+        let dst = Ipv4Addr::new(192, 168, 1, 2);
+        let header_bytes = [10, 0, 0, 1, 192, 168, 1, 2];
+        assert_eq!(
+            tunnel_pair_word(src, dst),
+            u64::from_le_bytes(header_bytes),
+            "source in the low half, destination in the high half"
+        );
+        assert_ne!(tunnel_pair_word(src, dst), tunnel_pair_word(dst, src));
+        assert_eq!(
+            tunnel_pair_word(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED),
+            0,
+            "the one word a free place also holds: the program never matches 0"
+        );
+    }
+
+    /// A new memory-mappable BPF array map (root only), as another build's object
+    /// could have made it.
+    fn mappable_array(value_size: u32, max_entries: u32) -> Map {
+        use std::os::fd::FromRawFd as _;
+        // The first fields of the kernel's `union bpf_attr` for BPF_MAP_CREATE; the
+        // kernel reads the rest as zero.
+        #[repr(C)]
+        struct CreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        const BPF_MAP_CREATE: libc::c_long = 0;
+        const BPF_MAP_TYPE_ARRAY: u32 = 2;
+        const BPF_F_MMAPABLE: u32 = 1 << 10;
+        let attr = CreateAttr {
+            map_type: BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size,
+            max_entries,
+            map_flags: BPF_F_MMAPABLE,
+        };
+        // SAFETY: a bpf(2) call with an attribute of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_CREATE,
+                &attr as *const CreateAttr,
+                size_of::<CreateAttr>(),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "creating a BPF map (needs root): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the descriptor bpf(2) just returned, owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        Map::Array(MapData::from_fd(fd).expect("the new map"))
+    }
+
+    #[test]
+    fn a_mapped_array_of_another_shape_is_refused() {
+        let pairs = lb_common::DECAP_PAIR_BUCKETS as usize;
+        // Single words where this agent writes pairs: each pair would be read as two
+        // tunnels.
+        let narrow = mappable_array(8, lb_common::DECAP_PAIR_BUCKETS * 2);
+        let e = MmapArray::new(&narrow, pairs, 16, "the tunnel pair table")
+            .err()
+            .expect("refused");
+        assert!(matches!(e, DataplaneError::Shape { .. }), "{e}");
+        assert!(e.to_string().contains("4096 entries of 8 bytes"), "{e}");
+        let short = mappable_array(16, lb_common::DECAP_PAIR_BUCKETS / 2);
+        assert!(matches!(
+            MmapArray::new(&short, pairs, 16, "the tunnel pair table"),
+            Err(DataplaneError::Shape { .. })
+        ));
+        let right = mappable_array(16, lb_common::DECAP_PAIR_BUCKETS);
+        let mut table =
+            MmapArray::new(&right, pairs, 16, "the tunnel pair table").expect("this shape");
+        table.write_words(0, &[[1, 2], [3, 4]]).expect("written");
+    }
+
+    #[test]
+    fn an_apply_keeps_only_the_pair_words_it_does_not_move() {
+        let old = vec![[5, 6], [7, 0], [0, 0], [9, 10]];
+        let new = vec![[5, 0], [0, 7], [8, 0], [9, 11]];
+        assert_eq!(
+            decap_pairs_kept(&old, &new),
+            vec![[5, 0], [0, 0], [0, 0], [9, 0]],
+            "a word stays only where both tables hold it: one going (6, 10) leaves now, \
+             one coming (8, 11) waits for the end of the apply, one moving (7) is off the \
+             table meanwhile"
+        );
+        assert_eq!(decap_pairs_kept(&old, &old), old, "nothing changes");
     }
 
     #[test]

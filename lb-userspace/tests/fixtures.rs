@@ -1382,14 +1382,30 @@ fn a_listed_ipv4_tunnel_is_settled_by_the_pair_table() {
     use lb_common::{FAMILY_V4, SETTINGS_F_VIP_INDEX_B, VIP_INDEX_DECAP, VIP_INDEX_LOCAL, VipSlot};
     let opened = ipip_opened();
     let mut desired = standard_desired();
-    desired.decap_v4 = vec![(BALANCER, 32), (Ipv4Addr::new(10, 9, 0, 0), 16)];
+    // A second host whose pair shares the balancer's bucket: one of the two takes the
+    // bucket's second place, which the program must look at too.
+    let bucket = |src| lb_common::decap_pair_bucket(tunnel_pair_word(src, NODE));
+    let neighbour = (0..1u32 << 16)
+        .map(|i| Ipv4Addr::from(0x0a08_0000 + i))
+        .find(|a| bucket(*a) == bucket(BALANCER))
+        .expect("a host whose pair shares the balancer's bucket");
+    desired.decap_v4 = vec![
+        (BALANCER, 32),
+        (neighbour, 32),
+        (Ipv4Addr::new(10, 9, 0, 0), 16),
+    ];
     let pins = PinDir::new("decap-pairs");
     let mut f = Fixture::new(true, &desired);
     f.dp.pin(&pins.dir).expect("pin");
+    let mut both = vec![
+        tunnel_pair_word(BALANCER, NODE),
+        tunnel_pair_word(neighbour, NODE),
+    ];
+    both.sort();
     assert_eq!(
         pair_words(&f.dp),
-        vec![tunnel_pair_word(BALANCER, NODE)],
-        "the one pair: the listed host to this node (prefix entries make none)"
+        both,
+        "the listed hosts to this node (prefix entries make none)"
     );
     let mut index: aya::maps::Array<MapData, VipSlot> =
         aya::maps::Array::try_from(aya::maps::Map::Array(
@@ -1414,11 +1430,19 @@ fn a_listed_ipv4_tunnel_is_settled_by_the_pair_table() {
             index.set(i, slot, 0).expect("write slot");
         }
     }
-    let (verdict, out) = f.run(&ipip_tunnel(BALANCER, NODE));
-    assert_eq!(
-        (verdict, out),
-        (XDP_PASS, opened.clone()),
-        "by the pair alone"
+    for host in [BALANCER, neighbour] {
+        let (verdict, out) = f.run(&ipip_tunnel(host, NODE));
+        assert_eq!(
+            (verdict, out),
+            (XDP_PASS, opened.clone()),
+            "by the pair alone, from {host}"
+        );
+    }
+    // A free place holds 0, which is also the word of a tunnel from 0.0.0.0 to 0.0.0.0:
+    // such a packet must not match it.
+    f.expect_pass_unchanged(
+        &ipip_tunnel(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED),
+        "a tunnel between unspecified addresses, whose word is a free place's",
     );
     // Other tunnels need the index, which no longer answers: to this node is now "not
     // local" (left to the stack).
