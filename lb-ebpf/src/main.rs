@@ -640,14 +640,6 @@ fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
     unsafe { core::mem::transmute(w) }
 }
 
-/// An address as `decap_check`'s two argument words.
-#[inline(always)]
-fn addr_args(a: &[u8; 16]) -> (u64, u64) {
-    // SAFETY: as in `words_to_bytes`, the other way round.
-    let w: [u64; 2] = unsafe { core::mem::transmute(*a) };
-    (w[0], w[1])
-}
-
 fn icmp_proto(family: u8) -> u8 {
     if family == FAMILY_V4 {
         PROTO_ICMP
@@ -682,8 +674,9 @@ fn is_ipip(ctx: &XdpContext, l3_off: usize) -> bool {
 }
 
 /// The decap role for an IPIP packet: `None` unless it is addressed to one of this node's
-/// addresses (then the IPv4 path takes it), else what to do with it (opened, left to the
-/// stack as a fragment, or dropped from an unlisted source).
+/// addresses (then the IPv4 path takes it, malformed or not), else what to do with it
+/// (opened, left to the stack as a fragment, or dropped: from an unlisted source, or
+/// malformed).
 #[inline(always)]
 fn ipv4_decap(
     ctx: &XdpContext,
@@ -691,16 +684,38 @@ fn ipv4_decap(
     vlans: usize,
 ) -> Option<Result<(u32, Action), DropReason>> {
     // The common shape from the quick parse (`bench --compare`: decap 0.961), any other
-    // from the general one.
-    let (src, dst, hdr_len, tot_len, fragment) = match quick::ipv4_tunnel(ctx, l3_off) {
-        Some((src, dst, tot_len)) => (src, dst, network_types::ip::Ipv4Hdr::LEN, tot_len, false),
+    // from the general one; a malformed header's addresses are read as they lie (its
+    // first 20 bytes are in the frame: see `is_ipip`), to tell whose it is.
+    let (src, dst, hdr_len, tot_len, fragment, malformed) = match quick::ipv4_tunnel(ctx, l3_off) {
+        Some((src, dst, tot_len)) => (
+            src,
+            dst,
+            network_types::ip::Ipv4Hdr::LEN,
+            tot_len,
+            false,
+            None,
+        ),
         None => match ipv4::parse(ctx, l3_off) {
-            Ok(ip) => (ip.src, ip.dst, ip.hdr_len, ip.tot_len, ip.fragment),
-            Err(reason) => return Some(Err(reason)),
+            Ok(ip) => (ip.src, ip.dst, ip.hdr_len, ip.tot_len, ip.fragment, None),
+            Err(reason) => {
+                let Ok(p) = ptr_at::<[u8; 8]>(ctx, l3_off + 12) else {
+                    return None;
+                };
+                // SAFETY: the eight address bytes `ptr_at` checked.
+                let (src, dst) = unsafe {
+                    (
+                        parse::load32(p.cast()),
+                        parse::load32(p.cast::<u8>().add(4)),
+                    )
+                };
+                (src, dst, 0, 0, false, Some(reason))
+            }
         },
     };
     // Only packets addressed to this node are ours to open; IPIP passing through (or for
-    // another host) is left to the balancer path, which passes it to the stack.
+    // another host), malformed or not, is left to the balancer path, which passes it to
+    // the stack unless it is addressed to a VIP. (A listed pair's destination is one of
+    // the node's: a malformed packet found there is the node's to drop, below.)
     let check = if decap_pair_listed(src, dst) {
         DECAP_ALLOWED
     } else {
@@ -708,6 +723,9 @@ fn ipv4_decap(
     };
     if check == DECAP_NOT_LOCAL {
         return None;
+    }
+    if let Some(reason) = malformed {
+        return Some(Err(reason));
     }
     if check != DECAP_ALLOWED {
         return Some(Err(DropReason::DecapNotAllowed));
@@ -737,21 +755,37 @@ fn ipv6_decap(
     l3_off: usize,
     vlans: usize,
 ) -> Option<Result<(u32, Action), DropReason>> {
-    let ip = match ipv6::parse(ctx, l3_off) {
-        Ok(ip) => ip,
-        Err(reason) => return Some(Err(reason)),
+    // As for IPv4, a malformed header's addresses are read as they lie; a frame that ends
+    // before them is left to the IPv6 path.
+    let (tot_len, malformed) = match ipv6::parse(ctx, l3_off) {
+        Ok(ip) => (ip.tot_len, None),
+        Err(reason) => (0, Some(reason)),
     };
-    let (src_lo, src_hi) = addr_args(&ip.src);
-    let (dst_lo, dst_hi) = addr_args(&ip.dst);
+    let Ok(a) = ptr_at::<[u64; 4]>(ctx, l3_off + 8) else {
+        return None;
+    };
+    let a = a as *const u8;
+    // SAFETY: the 32 address bytes `ptr_at` checked.
+    let (src_lo, src_hi, dst_lo, dst_hi) = unsafe {
+        (
+            parse::load64(a),
+            parse::load64(a.add(8)),
+            parse::load64(a.add(16)),
+            parse::load64(a.add(24)),
+        )
+    };
     let check = decap_check(src_lo, src_hi, dst_lo, dst_hi, FAMILY_V6);
     if check == DECAP_NOT_LOCAL {
         return None;
+    }
+    if let Some(reason) = malformed {
+        return Some(Err(reason));
     }
     if check != DECAP_ALLOWED {
         return Some(Err(DropReason::DecapNotAllowed));
     }
     Some(
-        encap::decap_v6(ctx, l3_off, vlans, ip.tot_len)
+        encap::decap_v6(ctx, l3_off, vlans, tot_len)
             .map(|()| (xdp_action::XDP_PASS, Action::Decap)),
     )
 }

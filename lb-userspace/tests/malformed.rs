@@ -654,12 +654,25 @@ fn known_flow_cases(m: &mut Matrix) {
         edit(&|ip| ip[2..4].copy_from_slice(&(ack.len() as u16 + 1).to_be_bytes())),
         DropReason::BadIpHeader,
     );
+    // Below the header: the quick parse's own length arithmetic must not wrap.
+    for tot in [0u16, 19] {
+        m.drops(
+            format!("{what}: total length {tot}, below the header"),
+            edit(&|ip| ip[2..4].copy_from_slice(&tot.to_be_bytes())),
+            DropReason::BadIpHeader,
+        );
+    }
     // A later fragment carries no ports: no flow's, and (yet) no record of its first
     // fragment.
     let later = edit(&|ip| ip[6..8].copy_from_slice(&[0x40, 1]));
     m.drops(
         format!("{what}: a later fragment (offset 8)"),
         later.clone(),
+        DropReason::FragmentUnknown,
+    );
+    m.drops(
+        format!("{what}: a later fragment (offset 2048, its high bits in byte 6)"),
+        edit(&|ip| ip[6..8].copy_from_slice(&[0x41, 0])),
         DropReason::FragmentUnknown,
     );
     let first_fragment = {
@@ -702,6 +715,14 @@ fn known_flow_cases(m: &mut Matrix) {
         Action::TooBig,
         expected_frag_needed(&big, 1480),
     );
+    for tags in [&[5u16][..], &[5, 6]] {
+        m.forwards(
+            format!("{what}: a segment with {} VLAN tag(s)", tags.len()),
+            v4_frame(tags, &ack),
+            Action::Encap,
+            expected_ipip(&ack, B1, B1_MAC),
+        );
+    }
     let mut padded = frame.clone();
     padded.extend_from_slice(&[0xee; 6]);
     let mut out = expected_ipip(&ack, B1, B1_MAC);
@@ -740,6 +761,30 @@ fn known_flow_cases(m: &mut Matrix) {
         m.drops(
             format!("{what}: UDP length {len} in a 13-byte datagram"),
             v4_frame(&[], &ip),
+            DropReason::BadL4Header,
+        );
+    }
+
+    // IPv6 UDP to "dns6" (B2_6, MAC rewrite).
+    let dgram = ipv6(CLIENT6, VIP6_L2, PROTO_UDP, &udp(5400, 53, b"query"));
+    for i in 1..=3 {
+        m.forwards(
+            format!("known IPv6 UDP flow: datagram {i}"),
+            v6_frame(&dgram),
+            Action::L2,
+            eth(B2_MAC, NODE_MAC, &[], ETHERTYPE_IPV6, &dgram),
+        );
+    }
+    let what = "known IPv6 UDP flow";
+    packet_cuts(m, what, &v6_frame(&dgram), 14, 40..48, |_| {
+        DropReason::Truncated
+    });
+    for len in [7u16, 14] {
+        let mut ip = dgram.clone();
+        ip[44..46].copy_from_slice(&len.to_be_bytes());
+        m.drops(
+            format!("{what}: UDP length {len} in a 13-byte datagram"),
+            v6_frame(&ip),
             DropReason::BadL4Header,
         );
     }
@@ -1034,6 +1079,37 @@ fn decap_cases(m: &mut Matrix) {
         "IPIP to another host from a source off the allow list (not ours)",
         ipip(stranger, B3, &inner),
     );
+    // A malformed outer header is the node's to drop only when the tunnel is addressed
+    // to it (the truncation cases above); passing through, it is the stack's to judge.
+    let to_other = ipv4(BALANCER, B3, 4, &[], &inner, true);
+    for (why, f) in [
+        (
+            "outer IHL 4",
+            &(|ip: &mut Vec<u8>| ip[0] = 0x44) as &dyn Fn(&mut Vec<u8>),
+        ),
+        ("outer total length beyond the frame", &|ip: &mut Vec<
+            u8,
+        >| {
+            let n = ip.len() as u16 + 1;
+            ip[2..4].copy_from_slice(&n.to_be_bytes());
+        }),
+    ] {
+        let mut ip = to_other.clone();
+        f(&mut ip);
+        refresh_v4_checksum(&mut ip);
+        m.passes(
+            format!("IPIP to another host with a malformed header ({why}): not ours"),
+            eth(NODE_MAC, B1_MAC, &[], ETHERTYPE_IPV4, &ip),
+        );
+        let mut ip = ipv4(BALANCER, NODE, 4, &[], &inner, true);
+        f(&mut ip);
+        refresh_v4_checksum(&mut ip);
+        m.drops(
+            format!("IPIP to this node with a malformed header ({why})"),
+            eth(NODE_MAC, B1_MAC, &[], ETHERTYPE_IPV4, &ip),
+            DropReason::BadIpHeader,
+        );
+    }
     let mut bad_inner = inner.clone();
     bad_inner[0] = 0x35;
     m.drops(
@@ -1073,6 +1149,19 @@ fn decap_cases(m: &mut Matrix) {
         "IPv6-in-IPv6 to this node from a source off the allow list",
         ip6ip6(B3_6, &inner6),
         DropReason::DecapNotAllowed,
+    );
+    let mut long = ipv6(BALANCER6, B3_6, 41, &inner6);
+    let n = inner6.len() as u16 + 1;
+    long[4..6].copy_from_slice(&n.to_be_bytes());
+    m.passes(
+        "IPv6-in-IPv6 to another host with a payload length beyond the frame: not ours",
+        eth(NODE_MAC, B1_MAC, &[], ETHERTYPE_IPV6, &long),
+    );
+    long[24..40].copy_from_slice(&NODE6.octets());
+    m.drops(
+        "IPv6-in-IPv6 to this node with a payload length beyond the frame",
+        eth(NODE_MAC, B1_MAC, &[], ETHERTYPE_IPV6, &long),
+        DropReason::BadIpHeader,
     );
 }
 
