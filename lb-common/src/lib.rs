@@ -883,6 +883,12 @@ counted_enum! {
         /// The program for the packet's path was missing from `L3LB_PATHS` (an agent that
         /// did not finish loading): never expected.
         ProgramMissing = 14 => "program_missing",
+        /// A packet the balancer would answer itself (an echo request to a VIP, or one too
+        /// big for its backend's tunnel) from a source no reply may go to (RFC 1122
+        /// 3.2.2, RFC 4443 2.4): unspecified, loopback, multicast, broadcast or reserved
+        /// (IPv4 0/8, 127/8, 224/3; IPv6 ::, ::1, ff00::/8), or in a frame sent to a
+        /// link-layer group address.
+        BadSource = 15 => "bad_source",
     }
     count DROP_REASON_COUNT
 }

@@ -17,10 +17,46 @@ pub const ECHO_REQUEST: u8 = 8;
 /// ICMP type: destination unreachable (code 4: fragmentation needed).
 pub const DEST_UNREACH: u8 = 3;
 
+/// Whether the balancer may answer the packet at `l3_off` (family `family`) itself: its
+/// frame was sent to one station (not a link-layer group address, whose bit would
+/// become the reply's source MAC) and its source is an address a reply may go to. A
+/// reply to a broadcast, multicast or unspecified source would reach many hosts or
+/// none (RFC 1122 3.2.2, RFC 4443 2.4); `Err(BadSource)` otherwise.
+#[inline(always)]
+pub fn may_answer(ctx: &XdpContext, l3_off: usize, family: u8) -> Result<(), DropReason> {
+    // The whole destination MAC is checked (a one-byte check LLVM turns into a form
+    // whose range the verifier does not learn), its first byte read.
+    let eth: *const [u8; 6] = ptr_at(ctx, 0)?;
+    // SAFETY: the bytes `ptr_at` checked.
+    let group = unsafe { (*eth)[0] } & 1 != 0;
+    let bad = if family == FAMILY_V4 {
+        let ip: *const [u8; 16] = ptr_at(ctx, l3_off)?;
+        // SAFETY: the header bytes `ptr_at` checked; the source is bytes 12..16.
+        let first = unsafe { (*ip)[12] };
+        first == 0 || first == 127 || first >= 224
+    } else {
+        let ip: *const [u8; 24] = ptr_at(ctx, l3_off)?;
+        // SAFETY: the header bytes `ptr_at` checked; the source is bytes 8..24.
+        let (hi, lo) = unsafe {
+            (
+                crate::parse::load64((ip as *const u8).add(8)),
+                crate::parse::load64((ip as *const u8).add(16)),
+            )
+        };
+        // In memory order: the first byte is `hi`'s lowest, the last `lo`'s highest.
+        hi as u8 == 0xff || hi == 0 && (lo == 0 || lo == 1u64.to_be())
+    };
+    if group || bad {
+        return Err(DropReason::BadSource);
+    }
+    Ok(())
+}
+
 /// Answers an ICMP echo request in place: addresses and MACs swapped, type 0, checksums
 /// adjusted incrementally; the frame goes back out where it came from.
 #[inline(always)]
 pub fn echo_reply_v4(ctx: &XdpContext, l3_off: usize, l4_off: usize) -> Result<u32, DropReason> {
+    may_answer(ctx, l3_off, FAMILY_V4)?;
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     let ip: *mut [u8; 20] = ptr_at(ctx, l3_off)?;
     let icmp: *mut [u8; 4] = ptr_at(ctx, l4_off)?;
@@ -103,6 +139,7 @@ pub fn frag_needed_v4(
     hdr_len: usize,
     mtu: u16,
 ) -> Result<u32, DropReason> {
+    may_answer(ctx, l3_off, FAMILY_V4)?;
     // Save what the new frame needs from the old one before resizing it.
     let saved = SavedL2::save(ctx, vlans)?;
     let ip: *const [u8; 20] = ptr_at(ctx, l3_off)?;
@@ -172,6 +209,7 @@ pub const PACKET_TOO_BIG_V6: u8 = 2;
 /// Answers an ICMPv6 echo request in place (type 129, addresses and MACs swapped).
 #[inline(always)]
 pub fn echo_reply_v6(ctx: &XdpContext, l3_off: usize, l4_off: usize) -> Result<u32, DropReason> {
+    may_answer(ctx, l3_off, lb_common::FAMILY_V6)?;
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     let ip: *mut [u8; 40] = ptr_at(ctx, l3_off)?;
     let icmp: *mut [u8; 4] = ptr_at(ctx, l4_off)?;
@@ -246,6 +284,7 @@ pub fn packet_too_big_v6(
     tot_len: u16,
     mtu: u16,
 ) -> Result<u32, DropReason> {
+    may_answer(ctx, l3_off, lb_common::FAMILY_V6)?;
     let saved = SavedL2::save(ctx, vlans)?;
     let ip: *const [u8; 40] = ptr_at(ctx, l3_off)?;
     let orig = unsafe { *ip };

@@ -1057,6 +1057,11 @@ fn send(
         // does, so its next packets fit (TCP lowers its MSS). Sent for IPv4 without DF
         // too, since the balancer cannot fragment; Linux honours it for such traffic.
         Err(Blocked::TooBig(mtu)) => {
+            // Never an error about a fragment other than the first (RFC 1122 3.2.2, RFC
+            // 4443 2.4): such a packet is dropped unanswered.
+            if pkt.later_fragment {
+                return Err(DropReason::MtuExceeded);
+            }
             let v4 = pkt.family == FAMILY_V4;
             let overhead = if choice.entry.flags & BACKEND_F_L2 != 0 {
                 0
@@ -1066,10 +1071,10 @@ fn send(
                 encap::IP6IP6_OVERHEAD
             };
             let mtu = mtu.saturating_sub(overhead);
-            // The program's reply code answers (see `Outcome`); IPv6 never announces less
-            // than its minimum MTU.
+            // The program's reply code answers (see `Outcome`); neither family announces
+            // less than its minimum MTU.
             Ok(if v4 {
-                Outcome::too_big(mtu, pkt.hdr_len as u8)
+                Outcome::too_big(mtu.max(68), pkt.hdr_len as u8)
             } else {
                 Outcome::too_big(mtu.max(1280), 0)
             })

@@ -1298,6 +1298,102 @@ fn source_is_vip_cases(m: &mut Matrix) {
     );
 }
 
+/// Packets the balancer would answer itself (an echo request, one too big for its
+/// backend's tunnel) from sources no reply may go to, or in frames to a link-layer group
+/// address, and later fragments too big for the tunnel: dropped unanswered.
+fn reply_source_cases(m: &mut Matrix) {
+    let bad_v4 = [
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::BROADCAST,
+        Ipv4Addr::new(224, 0, 0, 1),
+        Ipv4Addr::new(127, 0, 0, 1),
+        Ipv4Addr::new(240, 0, 0, 1),
+        Ipv4Addr::new(0, 1, 2, 3),
+    ];
+    for src in bad_v4 {
+        let echo = ipv4(
+            src,
+            VIP,
+            PROTO_ICMP,
+            &[],
+            &icmp4(&[8, 0, 0, 0, 0, 1, 0, 1]),
+            false,
+        );
+        m.drops(
+            format!("ICMP echo to a VIP from {src}"),
+            v4_frame(&[], &echo),
+            DropReason::BadSource,
+        );
+        let big = ipv4(
+            src,
+            VIP,
+            PROTO_TCP,
+            &[],
+            &tcp(40200, 80, SYN, &[7; 1460]),
+            true,
+        );
+        m.drops(
+            format!("a 1500-byte SYN to an ipip VIP from {src}, too big to forward"),
+            v4_frame(&[], &big),
+            DropReason::BadSource,
+        );
+    }
+    let bad_v6: [Ipv6Addr; 3] = [
+        Ipv6Addr::UNSPECIFIED,
+        Ipv6Addr::LOCALHOST,
+        "ff02::1".parse().expect("addr"),
+    ];
+    for src in bad_v6 {
+        let echo = ipv6(
+            src,
+            VIP6,
+            PROTO_ICMPV6,
+            &icmp6(src, VIP6, &[128, 0, 0, 0, 0, 1, 0, 1]),
+        );
+        m.drops(
+            format!("ICMPv6 echo to a VIP from {src}"),
+            v6_frame(&echo),
+            DropReason::BadSource,
+        );
+        let big = ipv6(src, VIP6, PROTO_TCP, &tcp(40200, 80, SYN, &[5; 1440]));
+        m.drops(
+            format!("a 1500-byte IPv6 SYN to an ipip VIP from {src}, too big to forward"),
+            v6_frame(&big),
+            DropReason::BadSource,
+        );
+    }
+    // A good source in a frame sent to every station (or a multicast group): the reply's
+    // source MAC would be the group address.
+    let echo = ipv4(
+        CLIENT,
+        VIP,
+        PROTO_ICMP,
+        &[],
+        &icmp4(&[8, 0, 0, 0, 0, 1, 0, 1]),
+        false,
+    );
+    for (what, mac) in [
+        ("broadcast", [0xff; 6]),
+        ("multicast", [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01]),
+    ] {
+        m.drops(
+            format!("ICMP echo to a VIP in a {what} frame"),
+            eth(mac, CLIENT_MAC, &[], ETHERTYPE_IPV4, &echo),
+            DropReason::BadSource,
+        );
+    }
+    // A later fragment too big for the tunnel (to the all-ports VIP, which takes it
+    // without its first fragment): no "fragmentation needed" about it.
+    let mut later = ipv4(CLIENT, VIP_ALL, PROTO_TCP, &[], &[9; 1480], false);
+    later[6..8].copy_from_slice(&[0x00, 0xb9]);
+    refresh_v4_checksum(&mut later);
+    m.drops(
+        "a 1500-byte later fragment to an ipip VIP, too big to forward",
+        v4_frame(&[], &later),
+        DropReason::MtuExceeded,
+    );
+}
+
 /// The largest frames: the program is loaded without `xdp.frags`, so it only ever sees a
 /// frame's linear part. `BPF_PROG_TEST_RUN` puts at most 3520 bytes there (a 4 KiB page
 /// less headroom and tail room) and the rest in fragments; drivers refuse to attach a
@@ -1351,6 +1447,7 @@ fn matrix() -> Matrix {
     decap_cases(&mut m);
     icmp_cases(&mut m);
     source_is_vip_cases(&mut m);
+    reply_source_cases(&mut m);
     size_cases(&mut m);
     m
 }
