@@ -461,6 +461,40 @@ fn edited_v4(ip: &[u8], f: &dyn Fn(&mut Vec<u8>)) -> Vec<u8> {
     v4_frame(&[], &ip)
 }
 
+/// A TCP segment of 1500 bytes (IPv4, DF) from `src` to "web": too big for its tunnel.
+fn big_segment_v4(src: Ipv4Addr, sport: u16, flags: u8) -> Vec<u8> {
+    ipv4(
+        src,
+        VIP,
+        PROTO_TCP,
+        &[],
+        &tcp(sport, 80, flags, &[7; 1460]),
+        true,
+    )
+}
+
+/// An ICMP echo request from `src` to `dst`.
+fn echo_v4(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    ipv4(
+        src,
+        dst,
+        PROTO_ICMP,
+        &[],
+        &icmp4(&[8, 0, 0, 0, 0, 1, 0, 1]),
+        false,
+    )
+}
+
+/// An ICMPv6 echo request from `src` to `dst`.
+fn echo_v6(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    ipv6(
+        src,
+        dst,
+        PROTO_ICMPV6,
+        &icmp6(src, dst, &[128, 0, 0, 0, 0, 1, 0, 1]),
+    )
+}
+
 /// IPv4 and TCP/UDP header fields out of range.
 fn header_cases(m: &mut Matrix) {
     let good = syn_v4(VIP);
@@ -605,6 +639,39 @@ fn header_cases(m: &mut Matrix) {
     );
 }
 
+/// A known UDP flow to an `l2` VIP whose backend is B2 (IP header `l3_len` bytes, framed
+/// by `frame`): three datagrams (the third meets the quick parse), then cuts and bad UDP
+/// lengths of the next one.
+fn known_udp_flow(
+    m: &mut Matrix,
+    what: &str,
+    dgram: &[u8],
+    l3_len: usize,
+    frame: fn(&[u8]) -> Vec<u8>,
+    ethertype: u16,
+) {
+    for i in 1..=3 {
+        m.forwards(
+            format!("{what}: datagram {i}"),
+            frame(dgram),
+            Action::L2,
+            eth(B2_MAC, NODE_MAC, &[], ethertype, dgram),
+        );
+    }
+    packet_cuts(m, what, &frame(dgram), 14, l3_len..l3_len + 8, |_| {
+        DropReason::Truncated
+    });
+    for len in [7u16, 14] {
+        let mut ip = dgram.to_vec();
+        ip[l3_len + 4..l3_len + 6].copy_from_slice(&len.to_be_bytes());
+        m.drops(
+            format!("{what}: UDP length {len} in a 13-byte datagram"),
+            frame(&ip),
+            DropReason::BadL4Header,
+        );
+    }
+}
+
 /// Packets of flows the connection table knows and has checked in this epoch, which meet
 /// the program's quick parse (`parse::quick`) first: damaged ones must come to exactly
 /// what the general parse decides, and well-formed ones of a shape the quick parse leaves
@@ -701,14 +768,7 @@ fn known_flow_cases(m: &mut Matrix) {
         expected_ipip(&later[14..], B1, B1_MAC),
     );
     // Too big for the tunnel: the client hears the size that fits.
-    let big = ipv4(
-        CLIENT,
-        VIP,
-        PROTO_TCP,
-        &[],
-        &tcp(40100, 80, ACK, &[7; 1460]),
-        true,
-    );
+    let big = big_segment_v4(CLIENT, 40100, ACK);
     m.forwards(
         format!("{what}: a 1500-byte segment, 1520 once encapsulated"),
         v4_frame(&[], &big),
@@ -743,51 +803,25 @@ fn known_flow_cases(m: &mut Matrix) {
         &udp(5400, 53, b"query"),
         false,
     );
-    for i in 1..=3 {
-        m.forwards(
-            format!("known IPv4 UDP flow: datagram {i}"),
-            v4_frame(&[], &dgram),
-            Action::L2,
-            eth(B2_MAC, NODE_MAC, &[], ETHERTYPE_IPV4, &dgram),
-        );
-    }
-    let what = "known IPv4 UDP flow";
-    packet_cuts(m, what, &v4_frame(&[], &dgram), 14, 20..28, |_| {
-        DropReason::Truncated
-    });
-    for len in [7u16, 14] {
-        let mut ip = dgram.clone();
-        ip[24..26].copy_from_slice(&len.to_be_bytes());
-        m.drops(
-            format!("{what}: UDP length {len} in a 13-byte datagram"),
-            v4_frame(&[], &ip),
-            DropReason::BadL4Header,
-        );
-    }
+    known_udp_flow(
+        m,
+        "known IPv4 UDP flow",
+        &dgram,
+        20,
+        |ip| v4_frame(&[], ip),
+        ETHERTYPE_IPV4,
+    );
 
     // IPv6 UDP to "dns6" (B2_6, MAC rewrite).
     let dgram = ipv6(CLIENT6, VIP6_L2, PROTO_UDP, &udp(5400, 53, b"query"));
-    for i in 1..=3 {
-        m.forwards(
-            format!("known IPv6 UDP flow: datagram {i}"),
-            v6_frame(&dgram),
-            Action::L2,
-            eth(B2_MAC, NODE_MAC, &[], ETHERTYPE_IPV6, &dgram),
-        );
-    }
-    let what = "known IPv6 UDP flow";
-    packet_cuts(m, what, &v6_frame(&dgram), 14, 40..48, |_| {
-        DropReason::Truncated
-    });
-    for len in [7u16, 14] {
-        let mut ip = dgram.clone();
-        ip[44..46].copy_from_slice(&len.to_be_bytes());
-        m.drops(
-            format!("{what}: UDP length {len} in a 13-byte datagram"),
-            v6_frame(&ip),
-            DropReason::BadL4Header,
-        );
-    }
+    known_udp_flow(
+        m,
+        "known IPv6 UDP flow",
+        &dgram,
+        40,
+        v6_frame,
+        ETHERTYPE_IPV6,
+    );
 
     // IPv6 TCP to "web6" (B1_6, IPv6-in-IPv6).
     let seg = |flags: u8| tcp(40100, 80, flags, b"data");
@@ -1250,14 +1284,7 @@ fn source_is_vip_cases(m: &mut Matrix) {
         v4_frame(&[], &udp4),
         DropReason::SourceIsVip,
     );
-    let echo = ipv4(
-        VIP,
-        VIP,
-        PROTO_ICMP,
-        &[],
-        &icmp4(&[8, 0, 0, 0, 0, 1, 0, 1]),
-        false,
-    );
+    let echo = echo_v4(VIP, VIP);
     m.drops(
         "ICMP echo from the VIP to itself (would reflect)",
         v4_frame(&[], &echo),
@@ -1285,12 +1312,7 @@ fn source_is_vip_cases(m: &mut Matrix) {
         v6_frame(&tcp6),
         DropReason::SourceIsVip,
     );
-    let echo6 = ipv6(
-        VIP6,
-        VIP6,
-        PROTO_ICMPV6,
-        &icmp6(VIP6, VIP6, &[128, 0, 0, 0, 0, 1, 0, 1]),
-    );
+    let echo6 = echo_v6(VIP6, VIP6);
     m.drops(
         "ICMPv6 echo from the VIP to itself (would reflect)",
         v6_frame(&echo6),
@@ -1311,27 +1333,13 @@ fn reply_source_cases(m: &mut Matrix) {
         Ipv4Addr::new(0, 1, 2, 3),
     ];
     for src in bad_v4 {
-        let echo = ipv4(
-            src,
-            VIP,
-            PROTO_ICMP,
-            &[],
-            &icmp4(&[8, 0, 0, 0, 0, 1, 0, 1]),
-            false,
-        );
+        let echo = echo_v4(src, VIP);
         m.drops(
             format!("ICMP echo to a VIP from {src}"),
             v4_frame(&[], &echo),
             DropReason::BadSource,
         );
-        let big = ipv4(
-            src,
-            VIP,
-            PROTO_TCP,
-            &[],
-            &tcp(40200, 80, SYN, &[7; 1460]),
-            true,
-        );
+        let big = big_segment_v4(src, 40200, SYN);
         m.drops(
             format!("a 1500-byte SYN to an ipip VIP from {src}, too big to forward"),
             v4_frame(&[], &big),
@@ -1344,12 +1352,7 @@ fn reply_source_cases(m: &mut Matrix) {
         "ff02::1".parse().expect("addr"),
     ];
     for src in bad_v6 {
-        let echo = ipv6(
-            src,
-            VIP6,
-            PROTO_ICMPV6,
-            &icmp6(src, VIP6, &[128, 0, 0, 0, 0, 1, 0, 1]),
-        );
+        let echo = echo_v6(src, VIP6);
         m.drops(
             format!("ICMPv6 echo to a VIP from {src}"),
             v6_frame(&echo),
@@ -1364,14 +1367,7 @@ fn reply_source_cases(m: &mut Matrix) {
     }
     // A good source in a frame sent to every station (or a multicast group): the reply's
     // source MAC would be the group address.
-    let echo = ipv4(
-        CLIENT,
-        VIP,
-        PROTO_ICMP,
-        &[],
-        &icmp4(&[8, 0, 0, 0, 0, 1, 0, 1]),
-        false,
-    );
+    let echo = echo_v4(CLIENT, VIP);
     for (what, mac) in [
         ("broadcast", [0xff; 6]),
         ("multicast", [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01]),
