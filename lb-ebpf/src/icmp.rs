@@ -101,11 +101,18 @@ pub fn quoted_flow_v4(
     let h = unsafe { *inner };
     let ihl = ((h[0] & 0x0f) as usize) * 4;
     let proto = h[9];
+    // A quoted packet that was a later fragment (no ports), or whose length leaves no
+    // room for a TCP or UDP header, names no flow: what lies where ports would be is
+    // payload, and Maglev would pick a backend for made-up ports.
+    let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
     if h[0] >> 4 != 4
         || ihl < 20
         || inner_off + ihl + 4 > end
         || (proto != PROTO_TCP && proto != PROTO_UDP)
         || h[12..16] != vip
+        || frag_off != 0
+        || tot_len < ihl + 8
     {
         return Err(DropReason::IcmpUnmatched);
     }
@@ -247,10 +254,12 @@ pub fn quoted_flow_v6(
     let inner: *const [u8; 40] = ptr_at(ctx, inner_off).map_err(|_| DropReason::IcmpUnmatched)?;
     let h = unsafe { &*inner };
     let proto = h[6];
+    // As for IPv4: a payload too short for a TCP or UDP header names no flow.
     if h[0] >> 4 != 6
         || inner_off + 40 + 4 > end
         || (proto != PROTO_TCP && proto != PROTO_UDP)
         || h[8..24] != vip[..]
+        || u16::from_be_bytes([h[4], h[5]]) < 8
     {
         return Err(DropReason::IcmpUnmatched);
     }

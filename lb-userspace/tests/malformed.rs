@@ -1237,6 +1237,18 @@ fn icmp_cases(m: &mut Matrix) {
             quote_edit(&|q| q[12..16].copy_from_slice(&[192, 0, 2, 99])),
         ),
         ("quoted protocol SCTP", quote_edit(&|q| q[9] = 132)),
+        (
+            "quoted later fragment (offset 8): no ports",
+            quote_edit(&|q| q[6..8].copy_from_slice(&[0x40, 1])),
+        ),
+        (
+            "quoted later fragment (offset 2048, in byte 6): no ports",
+            quote_edit(&|q| q[6..8].copy_from_slice(&[0x41, 0])),
+        ),
+        (
+            "quoted total length 27, no room for a TCP or UDP header",
+            quote_edit(&|q| q[2..4].copy_from_slice(&27u16.to_be_bytes())),
+        ),
         ("nothing quoted", v4_frame(&[], &icmp4_error(&[]))),
     ] {
         m.drops(
@@ -1265,6 +1277,13 @@ fn icmp_cases(m: &mut Matrix) {
     q[6] = 132;
     m.drops(
         "ICMPv6 error to a VIP, quoted next header SCTP",
+        v6_frame(&icmp6_error(&q)),
+        DropReason::IcmpUnmatched,
+    );
+    let mut q = reply6.clone();
+    q[4..6].copy_from_slice(&7u16.to_be_bytes());
+    m.drops(
+        "ICMPv6 error to a VIP, quoted payload length 7: no room for a TCP or UDP header",
         v6_frame(&icmp6_error(&q)),
         DropReason::IcmpUnmatched,
     );
