@@ -755,25 +755,23 @@ fn ipv6_decap(
     l3_off: usize,
     vlans: usize,
 ) -> Option<Result<(u32, Action), DropReason>> {
-    // As for IPv4, a malformed header's addresses are read as they lie; a frame that ends
-    // before them is left to the IPv6 path.
-    let (tot_len, malformed) = match ipv6::parse(ctx, l3_off) {
-        Ok(ip) => (ip.tot_len, None),
-        Err(reason) => (0, Some(reason)),
+    // As for IPv4, a malformed header's addresses are read as they lie (a frame that ends
+    // before them is left to the IPv6 path); a parsed header's come from the parse.
+    let (src, dst, tot_len, malformed) = match ipv6::parse(ctx, l3_off) {
+        Ok(ip) => (ip.src, ip.dst, ip.tot_len, None),
+        Err(reason) => {
+            let Ok(a) = ptr_at::<[[u8; 16]; 2]>(ctx, l3_off + 8) else {
+                return None;
+            };
+            // SAFETY: the 32 address bytes `ptr_at` checked.
+            let [src, dst] = unsafe { *a };
+            (src, dst, 0, Some(reason))
+        }
     };
-    let Ok(a) = ptr_at::<[u64; 4]>(ctx, l3_off + 8) else {
-        return None;
-    };
-    let a = a as *const u8;
-    // SAFETY: the 32 address bytes `ptr_at` checked.
-    let (src_lo, src_hi, dst_lo, dst_hi) = unsafe {
-        (
-            parse::load64(a),
-            parse::load64(a.add(8)),
-            parse::load64(a.add(16)),
-            parse::load64(a.add(24)),
-        )
-    };
+    // SAFETY (both): [u8; 16] and [u64; 2] have the same size and every bit pattern is
+    // valid.
+    let [src_lo, src_hi]: [u64; 2] = unsafe { core::mem::transmute(src) };
+    let [dst_lo, dst_hi]: [u64; 2] = unsafe { core::mem::transmute(dst) };
     let check = decap_check(src_lo, src_hi, dst_lo, dst_hi, FAMILY_V6);
     if check == DECAP_NOT_LOCAL {
         return None;
