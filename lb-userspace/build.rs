@@ -8,6 +8,16 @@ fn main() -> anyhow::Result<()> {
         .no_deps()
         .exec()
         .context("cargo metadata")?;
+    // aya-build reruns this script when lb-ebpf's sources change; the program also
+    // compiles lb-common (hashes, map layouts), whose changes must rebuild it too, or the
+    // embedded object silently keeps the old code.
+    let common = packages
+        .iter()
+        .find(|p| p.name.as_str() == "lb-common")
+        .ok_or_else(|| anyhow!("package lb-common not found in the workspace"))?;
+    if let Some(dir) = common.manifest_path.parent() {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     let ebpf = packages
         .into_iter()
         .find(|p| p.name.as_str() == "lb-ebpf")
