@@ -101,6 +101,13 @@ pub const SETTINGS_SERVICE_COUNTS: u32 = 4;
 /// `SETTINGS[SETTINGS_SERVICE_COUNTS]`: a service's packets and bytes are its live
 /// backends' counters plus, in `ServiceStats`, those of the backends it no longer has.
 pub const SERVICE_COUNTS_RETIRED: u32 = 1;
+/// Index of the settings array saying how the connection table's tags were made, for the
+/// next agent: `FLOW_TAGS_SWAPPED` (this build), or 0 (agents before it, whose tags took
+/// the address words as the bucket hash does): a table of other tags is placed anew.
+pub const SETTINGS_FLOW_TAGS: u32 = 5;
+/// `SETTINGS[SETTINGS_FLOW_TAGS]`: tags made by `flow_tag` with the address words' halves
+/// swapped.
+pub const FLOW_TAGS_SWAPPED: u32 = 1;
 
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
@@ -618,16 +625,24 @@ pub fn flow_mix(w: &[u64; 5], seed: u64) -> u64 {
 /// The tag that identifies `key`'s entry within its buckets (`FlowWay::tag`), for a table
 /// hashed with `seed`: bit 63 set, bit 0 clear (the way keeps `FLOW_F_CONFIRMED` there).
 ///
-/// Its products use other multipliers than `flow_mix`, so two keys that share a bucket
-/// still differ in 62 tag bits of their own: a new flow is taken for another with odds
-/// of about 2^-59 per lookup (eight candidate ways), and aiming a key at another flow's
-/// tag and bucket takes about 2^64 attempts whatever the seed.
+/// Its products use other multipliers than `flow_mix`, and take the address words with
+/// their halves swapped, so two keys that share a bucket still differ in 62 tag bits of
+/// their own: a new flow is taken for another with odds of about 2^-59 per lookup (eight
+/// candidate ways). The swap is what makes that hold for every pair of keys: a product
+/// by an odd constant changes only at and above the lowest bit its word changed in, so
+/// with the words taken alike by both hashes, IPv6 addresses that differ only in the high
+/// bits of their 8th and 16th bytes (one /56, say `…:10::1` and `…:90::81`) often made
+/// up for each other in both at once — the same bucket and the same tag whatever the
+/// seed (about eight such twins per address), and with the same ports one flow took the
+/// other's entry (`FLOW_TAGS_SWAPPED` marks tables tagged this way). With the halves
+/// swapped, a change low in the tag's words is high in the bucket's, and a key that
+/// shares another's bucket and tag takes about 2^64 attempts to find.
 #[inline(always)]
 pub fn flow_tag(w: &[u64; 5], seed: u64) -> u64 {
-    let t = w[0].wrapping_mul(0xd6e8_feb8_6659_fd93)
-        ^ w[1].wrapping_mul(0xa076_1d64_78bd_642f)
-        ^ w[2].wrapping_mul(0xe703_7ed1_a0b4_28db)
-        ^ w[3].wrapping_mul(0x8ebc_6af0_9c88_c6e3)
+    let t = w[0].rotate_left(32).wrapping_mul(0xd6e8_feb8_6659_fd93)
+        ^ w[1].rotate_left(32).wrapping_mul(0xa076_1d64_78bd_642f)
+        ^ w[2].rotate_left(32).wrapping_mul(0xe703_7ed1_a0b4_28db)
+        ^ w[3].rotate_left(32).wrapping_mul(0x8ebc_6af0_9c88_c6e3)
         ^ w[4].wrapping_mul(0x5899_65cc_7537_4cc3)
         ^ seed.rotate_left(32);
     let t = (t ^ (t >> 31)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -1214,6 +1229,49 @@ mod tests {
             .map(|k| flow_tag(&k.words64(), 5))
             .collect();
         assert_eq!(tags.len(), same_home.len());
+    }
+
+    #[test]
+    fn ipv6_addresses_that_differ_in_high_bits_only_never_share_bucket_and_tag() {
+        // Keys whose address words differ only in their top bytes (an address's 8th and
+        // 16th bytes) often share a bucket; such twins must still get different tags. With
+        // the tag's words taken as the bucket's, about eight twins per address shared both.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let z = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let mut same_bucket = 0;
+        for _ in 0..24 {
+            let v: [u64; 5] = core::array::from_fn(|_| next());
+            let seed = next();
+            for first in [0, 2] {
+                for d0 in 0..=255u64 {
+                    for d1 in 0..=255u64 {
+                        if d0 == 0 && d1 == 0 {
+                            continue;
+                        }
+                        let mut w = v;
+                        w[first] ^= d0 << 56;
+                        w[first + 1] ^= d1 << 56;
+                        if flow_mix(&w, seed) == flow_mix(&v, seed) {
+                            same_bucket += 1;
+                            assert_ne!(
+                                flow_tag(&w, seed),
+                                flow_tag(&v, seed),
+                                "words {w:x?} and {v:x?} share bucket and tag"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            same_bucket > 1000,
+            "only {same_bucket} twins shared a bucket"
+        );
     }
 
     #[test]

@@ -386,6 +386,12 @@ impl Agent {
                         entries = n,
                         "converted the previous release's connection table (an LRU hash, or buckets of whole entries) into this build's table; its flows keep their backends"
                     );
+                } else if matches!(plan.get(name), handover::Carry::Retag(_)) {
+                    info!(
+                        map = name,
+                        entries = n,
+                        "placed the earlier build's connection table anew with this build's tags; its flows keep their backends"
+                    );
                 } else {
                     info!(map = name, entries = n, "migrated to the new size");
                 }

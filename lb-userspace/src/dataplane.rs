@@ -1074,6 +1074,14 @@ impl Dataplane {
                     0,
                 )
                 .map_err(map_err("writing the service counters' format"))?;
+            // For the next agent, which reuses the table only if it tags flows alike.
+            settings
+                .set(
+                    lb_common::SETTINGS_FLOW_TAGS,
+                    lb_common::FLOW_TAGS_SWAPPED,
+                    0,
+                )
+                .map_err(map_err("writing the connection table's tag format"))?;
             Ok(dp)
         })
     }
@@ -1277,7 +1285,7 @@ impl Dataplane {
         let mut done = Vec::new();
         for (name, carry) in &plan.maps {
             let path = match carry {
-                Carry::Migrate(path) | Carry::Convert(path) => path,
+                Carry::Migrate(path) | Carry::Convert(path) | Carry::Retag(path) => path,
                 Carry::Fresh | Carry::Reuse(_) => continue,
             };
             let old =

@@ -105,6 +105,10 @@ pub enum Carry {
     /// A connection table of an earlier layout (the LRU hash `LEGACY_FLOWS`, or buckets
     /// of whole entries, `Shape::is_wide_flows`): a new table, filled with its entries.
     Convert(PathBuf),
+    /// A connection table of this layout whose tags an earlier build's `flow_tag` made
+    /// (`SETTINGS_FLOW_TAGS`), which this build's lookups would not find: a new table,
+    /// filled with its entries.
+    Retag(PathBuf),
 }
 
 /// The shape of the previous release's connection table: an LRU hash of `FlowKey` (40 B)
@@ -261,7 +265,14 @@ pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverEr
             let found = pinned_shape(&path)?;
             let want = expected[name];
             if found == want {
-                Carry::Reuse(path)
+                if name == map_names::FLOWS
+                    && previous_setting(maps_dir, lb_common::SETTINGS_FLOW_TAGS)
+                        != Some(lb_common::FLOW_TAGS_SWAPPED)
+                {
+                    Carry::Retag(path)
+                } else {
+                    Carry::Reuse(path)
+                }
             } else if found.map_type == want.map_type
                 && found.key_size == want.key_size
                 && found.value_size == want.value_size

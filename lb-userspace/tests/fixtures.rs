@@ -789,6 +789,12 @@ fn a_resized_connection_table_is_migrated_entry_by_entry() {
         .expect("flows map")
         .pin(&path)
         .expect("pin");
+    // (An agent pins its settings beside the table: the next one reads the table's hash
+    // seed and tag format there.)
+    f.dp.map(map_names::SETTINGS)
+        .expect("settings")
+        .pin(pins.maps.join(map_names::SETTINGS))
+        .expect("pin settings");
     let plan = l3lb::handover::plan(&pins.maps, &options).expect("plan");
     assert_eq!(
         plan.get(map_names::FLOWS),
@@ -803,10 +809,6 @@ fn a_resized_connection_table_is_migrated_entry_by_entry() {
         .expect("table")
         .insert_all(entries.clone(), 500)
         .expect("refill");
-    f.dp.map(map_names::SETTINGS)
-        .expect("settings")
-        .pin(pins.maps.join(map_names::SETTINGS))
-        .expect("pin settings");
     let next = carrying(&options, &plan);
     assert_eq!(flow_seed(&next), flow_seed(&f));
     let table = next.dp.flow_table().expect("table");
@@ -901,6 +903,91 @@ fn a_table_of_whole_entries_from_an_earlier_build_is_converted() {
 }
 
 /// The connection table's hash seed as the agent left it in the settings array.
+#[test]
+fn a_table_tagged_by_an_earlier_build_is_placed_anew_with_this_builds_tags() {
+    use lb_common::FlowEntry;
+
+    let pins = PinDir::new("retag");
+    let path = pins.maps.join(map_names::FLOWS);
+    let options = opts(false);
+    // An earlier agent's table and settings, of this layout and size...
+    let f = carrying(&options, &l3lb::handover::CarryPlan::default());
+    let service = f.dp.service_id("multi").expect("multi");
+    let flows = pinned_flows();
+    let entries: Vec<FlowEntry> = flows
+        .iter()
+        .map(|(port, b)| FlowEntry {
+            key: client_key(*port, 443),
+            state: lb_common::FlowState {
+                backend: f.dp.backend_id("multi", IpAddr::V4(*b)).expect("backend"),
+                service,
+                created_ns: u64::from(*port),
+            },
+            seen: 0,
+            flags: lb_common::FLOW_F_CONFIRMED,
+        })
+        .collect();
+    let table = f.dp.flow_table().expect("table");
+    table.insert_all(entries.clone(), 0).expect("fill");
+    for name in [map_names::FLOWS, map_names::SETTINGS] {
+        f.dp.map(name)
+            .expect("map")
+            .pin(pins.maps.join(name))
+            .expect("pin");
+    }
+    // ...whose tags an earlier `flow_tag` made: other bits than this build's, and a tag
+    // format of 0 in the settings (builds before the format was recorded left it so).
+    let mut raw: aya::maps::Array<MapData, lb_common::FlowBucket> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(MapData::from_pin(&path).expect("open the table")),
+    )
+    .expect("typed");
+    let mut older = 0;
+    for i in 0..table.buckets() {
+        let mut b = raw.get(&i, 0).expect("bucket");
+        for w in b.ways.iter_mut().filter(|w| !w.is_free()) {
+            w.tag ^= 0x5555_5555_5555_5554;
+            older += 1;
+        }
+        raw.set(i, b, 0).expect("write bucket");
+    }
+    assert_eq!(older, entries.len());
+    let mut settings: aya::maps::Array<MapData, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(
+            MapData::from_pin(pins.maps.join(map_names::SETTINGS)).expect("open the settings"),
+        ))
+        .expect("typed");
+    assert_eq!(
+        settings
+            .get(&lb_common::SETTINGS_FLOW_TAGS, 0)
+            .expect("format"),
+        lb_common::FLOW_TAGS_SWAPPED,
+        "this build records its tag format"
+    );
+    settings
+        .set(lb_common::SETTINGS_FLOW_TAGS, 0, 0)
+        .expect("an earlier build's format");
+    // The next agent does not reuse it (its lookups would miss every entry, and Maglev
+    // would move the flows it disagrees with) but places every entry anew.
+    let plan = l3lb::handover::plan(&pins.maps, &options).expect("plan");
+    assert_eq!(
+        plan.get(map_names::FLOWS),
+        &l3lb::handover::Carry::Retag(path.clone())
+    );
+    let mut next = carrying(&options, &plan);
+    let migrated = next.dp.migrate(&plan).expect("migrate");
+    assert_eq!(migrated, vec![(map_names::FLOWS, flows.len())]);
+    let placed = next.dp.flow_table().expect("table");
+    for e in &entries {
+        assert_eq!(
+            placed.get(&e.key).expect("lookup").map(|x| x.state),
+            Some(e.state),
+            "placed anew with this build's tag"
+        );
+    }
+    assert_forwarded(&next, &flows, "after the retag");
+    assert_table_decided(&next, &flows);
+}
+
 fn flow_seed(f: &Fixture) -> u64 {
     let settings: aya::maps::Array<&MapData, u32> =
         aya::maps::Array::try_from(f.dp.map(map_names::SETTINGS).expect("settings"))
