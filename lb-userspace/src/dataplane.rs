@@ -654,6 +654,10 @@ pub struct Dataplane {
     /// The decap role's tunnel pair table, and what it holds (`decap_pair_table`).
     decap_pairs: MmapArray,
     decap_pair_image: Vec<[u64; 2]>,
+    /// Source-range entries written to the tries (service id, range), whether or not a
+    /// service still lists them: the sweep after each index switch removes the rest, so
+    /// a removed service's ranges never pass to the next service given its id.
+    src_written: BTreeSet<(u32, ipnet::IpNet)>,
     vip_index_b: bool,
     /// A digest of what the active half holds, so an apply that changes no VIP entry
     /// writes nothing (the table itself is not kept: megabytes at 10 000 services).
@@ -1024,6 +1028,7 @@ impl Dataplane {
             settings_map: settings,
             decap_pairs,
             decap_pair_image: vec![[0; 2]; lb_common::DECAP_PAIR_BUCKETS as usize],
+            src_written: BTreeSet::new(),
             vip_index_b: false,
             vip_index_digest: None,
             vip_filter: vec![
@@ -2050,14 +2055,8 @@ impl Dataplane {
                     }
                 }
             }
-            // Ranges no longer listed go once the VIP entries no longer need them.
-            let old_ranges: Vec<ipnet::IpNet> = state
-                .source_ranges
-                .iter()
-                .filter(|r| !svc.source_ranges.contains(r))
-                .copied()
-                .collect();
-            self.write_ranges(state.id, &old_ranges, false)?;
+            // Ranges no longer listed go after the index switch (see `sweep_ranges`): until
+            // then packets still find this service through the old half of the index.
             if state.source_ranges != svc.source_ranges {
                 changed = true;
             }
@@ -2223,6 +2222,7 @@ impl Dataplane {
         if let Some(filter) = narrowed {
             self.write_vip_filter(filter)?;
         }
+        self.sweep_ranges()?;
 
         // 4. Backend entries no service names any more: cleared once no VIP (in the index
         //    the data plane reads) uses a table that points at them.
@@ -2393,6 +2393,24 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Removes every source-range entry no service lists as it stands (a range dropped
+    /// from a service's list, every range of a removed service): run once the index the
+    /// data plane reads no longer names them, so an allowed client is never refused
+    /// while an apply runs, and a service given a freed id starts without ranges.
+    fn sweep_ranges(&mut self) -> Result<(), DataplaneError> {
+        let wanted: BTreeSet<(u32, ipnet::IpNet)> = self
+            .services
+            .values()
+            .flat_map(|s| s.source_ranges.iter().map(move |r| (s.id, *r)))
+            .collect();
+        let stale: Vec<(u32, ipnet::IpNet)> =
+            self.src_written.difference(&wanted).copied().collect();
+        for (id, range) in stale {
+            self.write_ranges(id, &[range], false)?;
+        }
+        Ok(())
+    }
+
     /// Adds (`insert`) or removes the source-range entries of service `id`.
     fn write_ranges(
         &mut self,
@@ -2422,8 +2440,19 @@ impl Dataplane {
                 )),
             }
         }
+        // Recorded before the write, so that entries of a write that fails part way are
+        // swept too.
+        if insert {
+            self.src_written.extend(ranges.iter().map(|r| (id, *r)));
+        }
         self.edit_trie(map_names::SRC_V4, &v4, insert)?;
-        self.edit_trie(map_names::SRC_V6, &v6, insert)
+        self.edit_trie(map_names::SRC_V6, &v6, insert)?;
+        if !insert {
+            for r in ranges {
+                self.src_written.remove(&(id, *r));
+            }
+        }
+        Ok(())
     }
 
     /// Adds (`insert`) or removes `(data, prefix length)` entries of the LPM trie `name`.
@@ -2443,7 +2472,15 @@ impl Dataplane {
             let res = if insert {
                 trie.insert(&key, 1, 0)
             } else {
-                trie.remove(&key)
+                // Removing what is not there (an insert that failed) leaves what is wanted.
+                match trie.remove(&key) {
+                    Err(aya::maps::MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                    {
+                        Ok(())
+                    }
+                    r => r,
+                }
             };
             res.map_err(map_err(format!("{name}: {k:?}/{len}")))?;
         }

@@ -1742,6 +1742,45 @@ fn source_ranges_admit_listed_clients_only() {
     assert_eq!(v, XDP_TX);
 }
 
+/// The services (by id) with source-range entries in the IPv4 trie, and each entry's
+/// prefix length (the service id's 32 bits included).
+fn src_v4_entries(f: &Fixture) -> Vec<(u32, u32)> {
+    let trie: aya::maps::LpmTrie<&MapData, lb_common::SrcRangeV4, u32> =
+        aya::maps::LpmTrie::try_from(f.dp.map(map_names::SRC_V4).expect("trie")).expect("typed");
+    let mut out: Vec<(u32, u32)> = trie
+        .keys()
+        .map(|k| {
+            let k = k.expect("key");
+            (u32::from_be_bytes(k.data().service), k.prefix_len())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_services_source_ranges_leave_the_trie_with_the_list_or_the_service() {
+    let mut desired = standard_desired();
+    desired.services[0].source_ranges = vec![
+        "203.0.113.0/28".parse().expect("net"),
+        "198.51.100.7/32".parse().expect("net"),
+    ];
+    let mut f = Fixture::new(false, &desired);
+    let name = desired.services[0].name.clone();
+    let id = f.dp.service_id(&name).expect("id");
+    assert_eq!(src_v4_entries(&f), vec![(id, 32 + 28), (id, 32 + 32)]);
+    // A range dropped from the list leaves the trie.
+    desired.services[0].source_ranges.truncate(1);
+    f.dp.apply(&desired).expect("narrow");
+    assert_eq!(src_v4_entries(&f), vec![(id, 32 + 28)]);
+    // A removed service's ranges leave with it: the next service given its id (ids are
+    // reused once the fresh ones run out) must not inherit them.
+    desired.services.remove(0);
+    f.dp.apply(&desired).expect("remove");
+    assert_eq!(f.dp.service_id(&name), None);
+    assert_eq!(src_v4_entries(&f), vec![]);
+}
+
 #[test]
 fn client_ip_affinity_sends_all_ports_of_a_client_to_one_backend() {
     let mut desired = standard_desired();
