@@ -1574,9 +1574,15 @@ impl Dataplane {
         Ok(id)
     }
 
-    /// Reserves the previous ids of `desired`'s services and backends (first apply after
-    /// `adopt` only).
+    /// Reserves the previous ids of `desired`'s services and backends (first apply with
+    /// services after `adopt` only).
     fn reserve_previous_ids(&mut self, desired: &Desired) -> Result<(), DataplaneError> {
+        // An apply without services (a Kubernetes agent's first, before the API server has
+        // been listed) leaves them to the first that has some: taken here, they would be
+        // lost, and that apply would number services and backends afresh.
+        if desired.services.is_empty() {
+            return Ok(());
+        }
         let Some(prev) = self.previous.take() else {
             return Ok(());
         };

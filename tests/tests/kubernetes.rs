@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -19,6 +19,7 @@ use l3lb_tests::{
     l3lb_bin,
     scenario::status_of_pins,
 };
+use lb_common::map_names;
 use serde_json::{Value, json};
 
 /// Maglev table size the agent is started with (prime; small keeps `status` quick).
@@ -229,6 +230,30 @@ fn http_get(ns: &Netns, path: &str) -> Result<(u16, String)> {
     })?
 }
 
+/// Starts `l3lb run --kubernetes` in the balancer's namespace with these settings and
+/// kubeconfig, and waits until it watches the API.
+fn spawn_agent(lab: &Lab, settings: &Path, kubeconfig: &Path, log: &str) -> Result<ChildGuard> {
+    let mut agent = lab.spawn_in(
+        &lab.balancers[0].ns,
+        l3lb_bin()?,
+        [
+            "run",
+            "--kubernetes",
+            "--config",
+            &settings.to_string_lossy(),
+            "--node-name",
+            BALANCER.0,
+            "--kubeconfig",
+            &kubeconfig.to_string_lossy(),
+            "--log-level",
+            "info,l3lb=debug",
+        ],
+        log,
+    )?;
+    agent.wait_for_log("watching the Kubernetes API", Duration::from_secs(30))?;
+    Ok(agent)
+}
+
 impl KubeLab {
     fn start(nodes: &[(&str, &str, &str)]) -> Result<KubeLab> {
         KubeLab::start_with_debounce(nodes, 100)
@@ -263,30 +288,29 @@ impl KubeLab {
                 pin_path.display()
             ),
         )?;
-        let mut agent = lab.spawn_in(
-            ns,
-            l3lb_bin()?,
-            [
-                "run",
-                "--kubernetes",
-                "--config",
-                &settings.to_string_lossy(),
-                "--node-name",
-                BALANCER.0,
-                "--kubeconfig",
-                &kubeconfig.to_string_lossy(),
-                "--log-level",
-                "info,l3lb=debug",
-            ],
-            "balancer-0.log",
-        )?;
-        agent.wait_for_log("watching the Kubernetes API", Duration::from_secs(30))?;
+        let agent = spawn_agent(&lab, &settings, &kubeconfig, "balancer-0.log")?;
         Ok(KubeLab {
             agent,
             api,
             pin_path,
             lab,
         })
+    }
+
+    /// Stops the agent (which leaves the data plane on its pins) and starts it again with
+    /// the same settings, logging to `log`.
+    fn restart(&mut self, log: &str) -> Result<()> {
+        let status = self.agent.stop()?;
+        if !status.success() {
+            bail!("the agent exited with {status}:\n{}", self.agent.log());
+        }
+        self.agent = spawn_agent(
+            &self.lab,
+            &self.lab.path("balancer-0.yaml"),
+            &self.lab.path("kubeconfig"),
+            log,
+        )?;
+        Ok(())
     }
 
     fn ns(&self) -> &Netns {
@@ -743,6 +767,81 @@ fn list_requests(api: &ApiServer, path: &str) -> usize {
             p == path && !q.contains("watch=true")
         })
         .count()
+}
+
+#[test]
+fn a_restarted_agent_keeps_the_ids_and_counters_of_services_and_backends() -> Result<()> {
+    let mut k = KubeLab::start(&[BALANCER, NODE_A, NODE_B])?;
+    k.api.apply(service("r", &["10.77.100.50"], json!({})))?;
+    // Node B's endpoints come first, so B gets the first backend id; a fresh agent
+    // would number the nodes in address order instead (A first).
+    k.api.apply(slice("r-1", "r", "IPv4", &[ready(NODE_B.0)]))?;
+    k.vips_are(
+        "on B",
+        &[(
+            "10.77.100.50:80/tcp",
+            vip("none", &[], expected(&[(NODE_B.1, 1)])),
+        )],
+    );
+    k.api.apply(slice(
+        "r-1",
+        "r",
+        "IPv4",
+        &[ready(NODE_A.0), ready(NODE_B.0)],
+    ))?;
+    let both = [(
+        "10.77.100.50:80/tcp",
+        vip("none", &[], expected(&[(NODE_A.1, 1), (NODE_B.1, 1)])),
+    )];
+    let ids = |s: &Status| -> BTreeMap<String, (u32, u32)> {
+        s.backends
+            .iter()
+            .map(|b| (b.address.to_string(), (b.service, b.id)))
+            .collect()
+    };
+    let before = ids(&k.vips_are("on A and B", &both));
+    assert!(
+        before[NODE_B.1].1 < before[NODE_A.1].1,
+        "B was numbered first: {before:?}"
+    );
+    // Counters the restarted agent must carry on from (a per-CPU entry written through
+    // the pin stands in for forwarded packets).
+    let b_id = before[NODE_B.1].1;
+    let counters = k.pin_path.join("v1/maps").join(map_names::BACKEND_STATS);
+    let mut stats: aya::maps::PerCpuArray<aya::maps::MapData, lb_common::BackendStats> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(
+            aya::maps::MapData::from_pin(&counters)?,
+        ))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let one = lb_common::BackendStats {
+        packets: 7,
+        bytes: 700,
+    };
+    stats.set(b_id, aya::maps::PerCpuValues::try_from(vec![one; cpus])?, 0)?;
+    drop(stats);
+
+    k.restart("balancer-0-restarted.log")?;
+    // The pins are the earlier agent's until the new one has the cluster's state.
+    k.agent.wait_for_log(
+        "the Kubernetes state is complete: the program now runs on the interface",
+        CONVERGE,
+    )?;
+    let s = k.vips_are("after the restart", &both);
+    // Connection-table entries name backends by id: a renumbered node would get the
+    // other node's established flows.
+    assert_eq!(ids(&s), before, "ids changed across the restart");
+    let b = s
+        .backends
+        .iter()
+        .find(|b| b.id == b_id)
+        .context("B's entry")?;
+    assert_eq!(
+        b.packets,
+        7 * cpus as u64,
+        "B's counters carried on:\n{}",
+        k.agent.log()
+    );
+    Ok(())
 }
 
 #[test]
