@@ -587,13 +587,18 @@ impl Agent {
             );
         }
         let local = sys::local_address_set()?;
-        let mut tracker = std::mem::take(&mut self.health);
+        // The new config's checks keep the states of those that did not change; the
+        // tracker is taken only with the config, so after a rejected apply the running
+        // config's checks keep deciding (its probes go on, and a later re-apply would
+        // otherwise put a failing backend back).
+        let mut tracker = self.health.clone();
         tracker.follow(&new);
         let desired = desired_for(&new, &self.source, &local, &tracker.down());
-        let applied = self.dataplane.apply(&desired);
-        // Keep the health states of checks that did not change, whatever the outcome.
+        let summary = self
+            .dataplane
+            .apply(&desired)
+            .context("applying the new config")?;
         self.health = tracker;
-        let summary = applied.context("applying the new config")?;
         sys::prime_neighbours(remote_backends(&desired));
         self.generation += 1;
         info!(generation = self.generation, %summary, "applied config");

@@ -85,7 +85,7 @@ struct State {
 }
 
 /// Health of every checked backend, fed with check outcomes.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Tracker {
     states: HashMap<Key, State>,
 }

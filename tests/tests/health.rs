@@ -9,7 +9,7 @@ use std::{
 use l3lb_tests::{
     TcpPersistent, TcpServer,
     client::{self, Bulk},
-    scenario::{Mode, Scenario, TCP_PORT, backend_name, balancer_config_for},
+    scenario::{Mode, Scenario, TCP_PORT, backend_name, balancer_config_for, restart_agent},
 };
 
 const T: Duration = Duration::from_secs(2);
@@ -209,5 +209,65 @@ fn a_backend_failing_its_health_check_gets_no_new_connections_until_it_recovers(
     assert!(
         counts.get(&failing).copied().unwrap_or(0) > 50,
         "{failing} is back: {counts:?}"
+    );
+}
+
+#[test]
+fn a_reload_rejected_when_applied_leaves_the_health_verdicts_as_they_were() {
+    let mut s = Scenario::start(Mode::Ipip, 3).expect("scenario");
+    servers_on_all_addresses(&mut s);
+    // `web` and `dns` fill two service slots: a reload that renames `web` needs a third
+    // for as long as the old and the new entry coexist, so it passes `l3lb check` and is
+    // rejected only when applied.
+    let checked = config(&s, |t| {
+        t.replacen(
+            "    backends:\n",
+            "    health_check: {type: tcp, interval: 200ms, timeout: 150ms, rise: 2, fall: 2}\n    backends:\n",
+            1,
+        ) + "max_services: 2\n"
+    });
+    assert!(checked.contains("  - name: web\n"), "{checked}");
+    let path = s.config_path().to_owned();
+    std::fs::write(&path, &checked).expect("config");
+    let (lab, ns) = (&s.lab, &s.lab.balancers[0].ns);
+    restart_agent(lab, ns, &mut s.balancer, &path, "balancer-0-checked.log")
+        .expect("restart with two slots");
+    let started = std::time::Instant::now();
+
+    let failing = s.tcp.remove(1);
+    drop(failing);
+    s.balancer
+        .wait_for_log("backend health changed; applied", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", s.balancer.log()));
+    let backend_1 = |s: &Scenario| {
+        let shown = s.status().expect("status");
+        shown
+            .backends
+            .iter()
+            .find(|b| {
+                b.address == IpAddr::V4(s.lab.backends[1].ipv4)
+                    && b.service_name.as_deref() == Some("web")
+            })
+            .map(|b| (b.health.clone(), b.weight))
+            .expect("backend 1 of web in status")
+    };
+    assert_eq!(backend_1(&s), ("down".to_string(), Some(0)));
+
+    let renamed = checked.replacen("  - name: web\n", "  - name: web2\n", 1);
+    s.write_raw_config_and_reload(&renamed).expect("SIGHUP");
+    s.balancer
+        .wait_for_log("config reload rejected", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", s.balancer.log()));
+    // The agent re-applies its running config every 30 s from its start (node addresses
+    // may have changed), logging only what changed: with the verdicts of the rejected
+    // config, that re-apply put backend 1 back ("node addresses changed; applied").
+    std::thread::sleep(
+        (started + Duration::from_secs(33)).saturating_duration_since(std::time::Instant::now()),
+    );
+    assert_eq!(
+        backend_1(&s),
+        ("down".to_string(), Some(0)),
+        "still failing, still out:\n{}",
+        s.balancer.log()
     );
 }
