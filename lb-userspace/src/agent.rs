@@ -183,6 +183,23 @@ fn encap_sources(config: &Config, kubernetes: bool) -> anyhow::Result<EncapSourc
     Ok(EncapSources { v4, v6 })
 }
 
+/// Turns on the forwarding `bpf_fib_lookup` needs on `config`'s interface: IPv4 where
+/// the node balances anything, IPv6 where a service has an IPv6 VIP (Kubernetes mode
+/// turns IPv6 on when such a Service arrives).
+fn enable_forwarding(config: &Config, kubernetes: bool) -> anyhow::Result<()> {
+    if !config.services.is_empty() || kubernetes {
+        if sys::enable_ipv4_forwarding(&config.interface)? {
+            info!(interface = %config.interface, "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)");
+        }
+        if config.services.iter().any(|s| s.vip.is_ipv6()) {
+            for change in sys::enable_ipv6_forwarding(&config.interface)? {
+                info!(interface = %config.interface, "{change} (bpf_fib_lookup needs IPv6 forwarding; router advertisements stay accepted)");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Load-time options of a config (changing any of them needs a restart).
 pub fn load_options(cfg: &Config, encap: EncapSources) -> LoadOptions {
     LoadOptions {
@@ -417,16 +434,7 @@ impl Agent {
             .context("writing the initial state")?;
         info!(generation = 1, %summary, "applied config");
 
-        if !config.services.is_empty() || kubernetes {
-            if sys::enable_ipv4_forwarding(&config.interface)? {
-                info!(interface = %config.interface, "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)");
-            }
-            if config.services.iter().any(|s| s.vip.is_ipv6()) {
-                for change in sys::enable_ipv6_forwarding(&config.interface)? {
-                    info!(interface = %config.interface, "{change} (bpf_fib_lookup needs IPv6 forwarding; router advertisements stay accepted)");
-                }
-            }
-        }
+        enable_forwarding(&config, kubernetes)?;
         sys::prime_neighbours(remote_backends(&desired));
 
         // In Kubernetes mode the services arrive only once the API server has been listed;
@@ -586,6 +594,25 @@ impl Agent {
                 "interface, pin_path, maglev_table_size, max_services, max_backends, conntrack_size and decap on/off take effect only on restart; keeping the running config"
             );
         }
+        // The outer sources are fixed when the program loads: one the interface lacked
+        // then cannot be had now.
+        let ipip = |v6: bool| {
+            new.services
+                .iter()
+                .any(|s| s.forwarding == Forwarding::Ipip && s.vip.is_ipv6() == v6)
+        };
+        if ipip(false) && current.encap_src_v4.is_unspecified() {
+            bail!(
+                "interface {} had no IPv4 address when the agent started, so IPIP headers would have no source: restart the agent to add IPv4 ipip services; keeping the running config",
+                new.interface
+            );
+        }
+        if ipip(true) && current.encap_src_v6.is_unspecified() {
+            bail!(
+                "interface {} had no global IPv6 address when the agent started, so IPv6-in-IPv6 headers would have no source: restart the agent to add IPv6 ipip services; keeping the running config",
+                new.interface
+            );
+        }
         let local = sys::local_address_set()?;
         // The new config's checks keep the states of those that did not change; the
         // tracker is taken only with the config, so after a rejected apply the running
@@ -599,6 +626,11 @@ impl Agent {
             .apply(&desired)
             .context("applying the new config")?;
         self.health = tracker;
+        // The first services, or the first IPv6 VIP, may come with this reload: the
+        // config is applied either way, so a failure here is said, not a rejection.
+        if let Err(e) = enable_forwarding(&new, false) {
+            error!("the new config is applied, but forwarding could not be turned on: {e:#}");
+        }
         sys::prime_neighbours(remote_backends(&desired));
         self.generation += 1;
         info!(generation = self.generation, %summary, "applied config");

@@ -313,6 +313,104 @@ fn ipv6_keeps_flowing_while_no_agent_runs_and_across_a_restart() {
         .expect("echo on the second connection after the restart");
 }
 
+/// A reload that brings the first services and the first IPv6 VIP turns forwarding on
+/// (`bpf_fib_lookup` needs it), as a start with them does.
+#[test]
+fn a_reload_that_adds_the_first_ipv6_service_turns_forwarding_on() {
+    let mut s = Scenario::start_spec(spec(Mode::Ipip, 2)).expect("scenario");
+    let full = std::fs::read_to_string(s.config_path()).expect("config");
+    // An agent started without services...
+    let bare = full[..full.find("services:\n").expect("services")].to_string();
+    let config = s.config_path().to_path_buf();
+    std::fs::write(&config, &bare).expect("bare config");
+    let (lab, balancer) = (&s.lab, &mut s.balancer);
+    restart_agent(
+        lab,
+        &lab.balancers[0].ns,
+        balancer,
+        &config,
+        "balancer-0-bare.log",
+    )
+    .expect("an agent without services");
+    // ...on a node where nothing turned forwarding on.
+    let ns = &s.lab.balancers[0].ns;
+    let sysctls = [
+        "net/ipv4/conf/eth0/forwarding",
+        "net/ipv6/conf/eth0/forwarding",
+    ];
+    ns.sysctl(&[
+        ("net.ipv4.conf.eth0.forwarding", "0"),
+        ("net.ipv6.conf.eth0.forwarding", "0"),
+    ])
+    .expect("forwarding off");
+    let read = |ns: &l3lb_tests::Netns| -> Vec<String> {
+        ns.enter(|| {
+            sysctls
+                .iter()
+                .map(|p| {
+                    std::fs::read_to_string(format!("/proc/sys/{p}"))
+                        .expect("sysctl")
+                        .trim()
+                        .to_string()
+                })
+                .collect()
+        })
+        .expect("in the balancer's namespace")
+    };
+    assert_eq!(read(ns), ["0", "0"]);
+    s.write_raw_config_and_reload(&full).expect("SIGHUP");
+    s.balancer
+        .wait_for_log_count("applied config", 2, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", s.balancer.log()));
+    assert_eq!(
+        read(&s.lab.balancers[0].ns),
+        ["1", "1"],
+        "{}",
+        s.balancer.log()
+    );
+    let mut conn = client::tcp_connect_persistent(&s.lab.client.ns, vip(), TCP_PORT, None, T)
+        .expect("TCP connection through the IPv6 VIP");
+    conn.echo(b"served\n", T).expect("echo");
+}
+
+/// The outer source of IPv6-in-IPv6 is fixed when the program loads: an agent started
+/// where the interface had no global IPv6 address refuses a reload that adds IPv6 `ipip`
+/// services (their packets would leave with source `::`), and says why.
+#[test]
+fn a_reload_adding_ipv6_ipip_services_without_an_ipv6_source_is_rejected() {
+    let mut s = Scenario::start_spec(spec(Mode::Ipip, 2)).expect("scenario");
+    let full = std::fs::read_to_string(s.config_path()).expect("config");
+    let bare = full[..full.find("services:\n").expect("services")].to_string();
+    let config = s.config_path().to_path_buf();
+    std::fs::write(&config, &bare).expect("bare config");
+    s.lab.balancers[0]
+        .ns
+        .run(["ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global"])
+        .expect("no global IPv6 address");
+    let (lab, balancer) = (&s.lab, &mut s.balancer);
+    restart_agent(
+        lab,
+        &lab.balancers[0].ns,
+        balancer,
+        &config,
+        "balancer-0-no-ipv6.log",
+    )
+    .expect("an agent without services");
+    s.write_raw_config_and_reload(&full).expect("SIGHUP");
+    s.balancer
+        .wait_for_log("config reload rejected", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", s.balancer.log()));
+    let log = s.balancer.log();
+    assert!(
+        log.contains("had no global IPv6 address when the agent started"),
+        "{log}"
+    );
+    assert!(
+        s.status().expect("status").services.is_empty(),
+        "nothing applied"
+    );
+}
+
 fn connections_follow_maglev(mode: Mode) {
     let s = Scenario::start_spec(spec(mode, 3)).expect("scenario");
     let client = s.lab.client.ipv6;
