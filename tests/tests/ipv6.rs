@@ -385,7 +385,9 @@ fn a_reload_adding_ipv6_ipip_services_without_an_ipv6_source_is_rejected() {
     std::fs::write(&config, &bare).expect("bare config");
     s.lab.balancers[0]
         .ns
-        .run(["ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global"])
+        .run([
+            "ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global",
+        ])
         .expect("no global IPv6 address");
     let (lab, balancer) = (&s.lab, &mut s.balancer);
     restart_agent(

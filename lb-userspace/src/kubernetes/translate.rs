@@ -3,7 +3,8 @@
 //!
 //! The mapping (README, "Kubernetes"): a handled Service's ingress IPs × its TCP/UDP ports
 //! are VIPs; its backends are the *nodes* with ready endpoints, weighted by their count of
-//! ready endpoints, at the node's `InternalIP` of the VIP's family. A Service with ingress
+//! ready endpoints (of serving terminating ones while none is ready anywhere), at the
+//! node's `InternalIP` of the VIP's family. A Service with ingress
 //! IPs of both families becomes two data-plane services (`<ns>/<name>/v4` and `/v6`)
 //! because a data-plane service's VIPs and backends share a family.
 
@@ -418,19 +419,32 @@ pub fn translate(
             if entries.is_empty() {
                 continue;
             }
-            let mut backends = Vec::new();
-            for (node, counts) in endpoints_per_node(&slices, v6) {
-                let Some(address) = node_addrs.get(&node).and_then(|a| a.get(v6)) else {
+            let reachable: Vec<(IpAddr, NodeEndpoints, bool)> = endpoints_per_node(&slices, v6)
+                .into_iter()
+                .filter_map(|(node, counts)| {
                     // An endpoint on a node not (yet) in the cache, or one without an
-                    // InternalIP of this family: it cannot be reached.
-                    continue;
-                };
-                backends.push(DesiredBackend {
+                    // InternalIP of this family, cannot be reached.
+                    let address = node_addrs.get(&node).and_then(|a| a.get(v6))?;
+                    Some((address, counts, node == settings.node_name))
+                })
+                .collect();
+            // With no ready endpoint left anywhere, the serving terminating ones take new
+            // connections, as the nodes' proxies fall back to them (kube-proxy since 1.28,
+            // KEP-1669): otherwise the Service would drop everything for the pods' grace
+            // period (a one-replica rollout, the last node drained).
+            let any_ready = reachable.iter().any(|(_, c, _)| c.ready > 0);
+            let mut backends: Vec<DesiredBackend> = reachable
+                .into_iter()
+                .map(|(address, counts, local)| DesiredBackend {
                     address,
-                    weight: counts.ready,
-                    local: node == settings.node_name,
-                });
-            }
+                    weight: if any_ready {
+                        counts.ready
+                    } else {
+                        counts.serving_terminating
+                    },
+                    local,
+                })
+                .collect();
             // Two nodes reporting one address (a misconfiguration) would make Maglev refuse
             // the table; they are one destination, so their endpoints add up.
             backends.sort_by_key(|b| b.address);
@@ -718,7 +732,7 @@ mod tests {
     }
 
     #[test]
-    fn terminating_but_serving_nodes_keep_flows_with_weight_zero() {
+    fn terminating_but_serving_nodes_keep_flows_and_take_new_ones_only_when_none_is_ready() {
         let svc = web(json!({}), &["192.0.2.10"]);
         let eps = web_slice(
             "web-abc",
@@ -730,12 +744,33 @@ mod tests {
                 ("node-c", false, false, true),
             ],
         );
-        let t = run(&[svc], &[eps]);
+        let t = run(std::slice::from_ref(&svc), &[eps]);
         assert_eq!(
             backends(&t.desired.services[0]),
             [
                 ("10.0.0.11".to_string(), 1, false),
                 ("10.0.0.12".to_string(), 0, true)
+            ]
+        );
+        // Once no endpoint is ready anywhere (a one-replica rollout, the last node
+        // drained), the serving terminating ones take new connections, as the nodes'
+        // proxies fall back to them; an endpoint neither ready nor serving never does.
+        let eps = web_slice(
+            "web-abc",
+            "IPv4",
+            &[
+                ("node-a", false, true, true),
+                ("node-b", false, true, true),
+                ("node-b", false, true, true),
+                ("node-c", false, false, true),
+            ],
+        );
+        let t = run(&[svc], &[eps]);
+        assert_eq!(
+            backends(&t.desired.services[0]),
+            [
+                ("10.0.0.11".to_string(), 1, false),
+                ("10.0.0.12".to_string(), 2, true)
             ]
         );
     }
