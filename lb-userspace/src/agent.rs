@@ -1,7 +1,7 @@
 //! The standalone agent: config → desired state → maps, and the signal-driven run loop.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
@@ -313,6 +313,9 @@ pub struct Agent {
     /// The verdict last written to the metadata map per checked backend.
     health_shown: std::collections::HashMap<health::Key, bool>,
     ipv6_forwarding: bool,
+    /// Kubernetes data-plane services the maps had no room for at the last apply (see
+    /// `apply_admitting`).
+    left_out: BTreeSet<String>,
     /// The program is not on the interface yet (Kubernetes mode, taking over from an
     /// earlier agent): the first complete Kubernetes apply puts it there.
     attach_deferred: bool,
@@ -470,6 +473,7 @@ impl Agent {
             health_tx,
             health_shown: std::collections::HashMap::new(),
             ipv6_forwarding,
+            left_out: BTreeSet::new(),
             attach_deferred: defer,
             health_rx: Some(health_rx),
             xdp_logs,
@@ -505,10 +509,9 @@ impl Agent {
             self.ipv6_forwarding = true;
         }
         let source = Source::Kubernetes(desired);
-        let full = desired_for(&self.config, &source, &local, &self.health.down());
+        let mut full = desired_for(&self.config, &source, &local, &self.health.down());
         let summary = self
-            .dataplane
-            .apply(&full)
+            .apply_admitting(&mut full)
             .context("applying the Kubernetes state")?;
         if summary != ApplySummary::default() {
             // Backends the apply re-created show `unknown` until their next probe.
@@ -675,13 +678,75 @@ impl Agent {
         self.reapply("node addresses changed");
     }
 
+    /// Applies `desired`. In Kubernetes mode a state the maps have no room for is not
+    /// refused whole, which would freeze every Service because of one: the newest Services
+    /// (`desired.services` lists the oldest first) are left out, one at a time, until the
+    /// rest fit, and each is named in the log once. A config's state is all or nothing.
+    fn apply_admitting(
+        &mut self,
+        desired: &mut Desired,
+    ) -> Result<ApplySummary, crate::dataplane::DataplaneError> {
+        if !matches!(self.source, Source::Kubernetes(_)) {
+            return self.dataplane.apply(desired);
+        }
+        let whole = desired.clone();
+        let (mut applied, mut left_out) = self.apply_fitting(desired);
+        // That apply may have freed ids (a Service deleted) that an apply holds until it
+        // is done: those left out may fit now.
+        if applied.is_ok() && !left_out.is_empty() {
+            let mut again = whole;
+            if let (Ok(summary), out) = self.apply_fitting(&mut again) {
+                *desired = again;
+                left_out = out;
+                if summary != ApplySummary::default() {
+                    applied = Ok(summary);
+                }
+            }
+        }
+        if applied.is_ok() {
+            for name in left_out.difference(&self.left_out) {
+                warn!(service = %name, "the maps have no room for this Service (the newest of those that do not fit): not balanced; raise max_services or max_backends");
+            }
+            for name in self.left_out.difference(&left_out) {
+                info!(service = %name, "the maps have room for this Service again: balanced");
+            }
+            self.left_out = left_out;
+        }
+        applied
+    }
+
+    /// Applies `desired`, leaving out its last services while the maps have no room for
+    /// them; returns the outcome and the names left out.
+    fn apply_fitting(
+        &mut self,
+        desired: &mut Desired,
+    ) -> (
+        Result<ApplySummary, crate::dataplane::DataplaneError>,
+        BTreeSet<String>,
+    ) {
+        let mut left_out = BTreeSet::new();
+        loop {
+            match self.dataplane.apply(desired) {
+                Err(crate::dataplane::DataplaneError::Full { .. })
+                    if !desired.services.is_empty() =>
+                {
+                    if let Some(s) = desired.services.pop() {
+                        left_out.insert(s.name);
+                    }
+                }
+                r => return (r, left_out),
+            }
+        }
+    }
+
     /// Applies the running config with the current addresses and health; `why` names
     /// what may have changed, for the log.
     fn reapply(&mut self, why: &str) {
         match sys::local_address_set() {
             Ok(local) => {
-                let desired = desired_for(&self.config, &self.source, &local, &self.health.down());
-                match self.dataplane.apply(&desired) {
+                let mut desired =
+                    desired_for(&self.config, &self.source, &local, &self.health.down());
+                match self.apply_admitting(&mut desired) {
                     Ok(summary) if summary != ApplySummary::default() => {
                         self.generation += 1;
                         info!(generation = self.generation, %summary, "{why}; applied")

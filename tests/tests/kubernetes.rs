@@ -269,6 +269,16 @@ impl KubeLab {
         debounce_ms: u64,
         node_health_check: &str,
     ) -> Result<KubeLab> {
+        KubeLab::start_with_settings(nodes, debounce_ms, node_health_check, "")
+    }
+
+    /// Like `start_with`, with `extra` lines added to the settings file.
+    fn start_with_settings(
+        nodes: &[(&str, &str, &str)],
+        debounce_ms: u64,
+        node_health_check: &str,
+        extra: &str,
+    ) -> Result<KubeLab> {
         let lab = Lab::new(LabSpec {
             backends: 2,
             balancers: 1,
@@ -283,7 +293,7 @@ impl KubeLab {
         let settings = lab.write_file(
             "balancer-0.yaml",
             &format!(
-                "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE}\n\
+                "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE}\n{extra}\
                  kubernetes:\n  debounce_ms: {debounce_ms}\n  node_health_check: {node_health_check}\n",
                 pin_path.display()
             ),
@@ -841,6 +851,63 @@ fn a_restarted_agent_keeps_the_ids_and_counters_of_services_and_backends() -> Re
         "B's counters carried on:\n{}",
         k.agent.log()
     );
+    Ok(())
+}
+
+#[test]
+fn services_beyond_the_maps_are_left_out_newest_first_and_the_rest_stay_current() -> Result<()> {
+    let mut k = KubeLab::start_with_settings(
+        &[BALANCER, NODE_A, NODE_B],
+        100,
+        NO_NODE_PROBES,
+        "max_services: 2\n",
+    )?;
+    let on_a = vip("none", &[], expected(&[(NODE_A.1, 1)]));
+    let on_b = vip("none", &[], expected(&[(NODE_B.1, 1)]));
+    for (name, ip) in [("a", "10.77.100.60"), ("b", "10.77.100.61")] {
+        k.api.apply(service(name, &[ip], json!({})))?;
+        k.api.apply(slice(
+            &format!("{name}-1"),
+            name,
+            "IPv4",
+            &[ready(NODE_A.0)],
+        ))?;
+    }
+    let two = [
+        ("10.77.100.60:80/tcp", on_a.clone()),
+        ("10.77.100.61:80/tcp", on_a.clone()),
+    ];
+    k.vips_are("two services, two slots", &two);
+    // A third Service has no slot: it is left out (and said so), not the whole state.
+    k.api.apply(service("c", &["10.77.100.62"], json!({})))?;
+    k.api.apply(slice("c-1", "c", "IPv4", &[ready(NODE_B.0)]))?;
+    k.agent
+        .wait_for_log("the maps have no room for this Service", CONVERGE)?;
+    assert!(
+        k.agent.log().contains("service=shop/c/v4"),
+        "{}",
+        k.agent.log()
+    );
+    // The Services that fit still follow the cluster.
+    k.api.apply(slice("a-1", "a", "IPv4", &[ready(NODE_B.0)]))?;
+    k.vips_are(
+        "a moved to B; c left out",
+        &[
+            ("10.77.100.60:80/tcp", on_b.clone()),
+            ("10.77.100.61:80/tcp", on_a.clone()),
+        ],
+    );
+    // Room again: c is balanced.
+    k.api.delete(Kind::Service, "shop", "b")?;
+    k.vips_are(
+        "b deleted, c in",
+        &[
+            ("10.77.100.60:80/tcp", on_b.clone()),
+            ("10.77.100.62:80/tcp", on_b),
+        ],
+    );
+    k.agent
+        .wait_for_log("the maps have room for this Service again", CONVERGE)?;
     Ok(())
 }
 

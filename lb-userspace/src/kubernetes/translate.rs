@@ -80,7 +80,8 @@ pub struct Warning {
 /// The result of a translation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Translation {
-    /// The maps' desired state.
+    /// The maps' desired state; its services list the oldest Service first (the agent
+    /// leaves out the newest where the maps cannot hold them all).
     pub desired: Desired,
     /// Warnings about handled Services (policy `Cluster`, skipped ports or addresses, …).
     pub warnings: Vec<Warning>,
@@ -481,7 +482,8 @@ pub fn translate(
             });
         }
     }
-    out_services.sort_by(|a, b| a.name.cmp(&b.name));
+    // `out_services` lists the oldest Service first (`handled`'s order): where the maps
+    // cannot hold them all, the agent leaves out the newest (`Agent::apply_admitting`).
 
     // Decapsulate from every balancer node's address: the balancers are cluster nodes, so
     // the allow list follows the Node objects instead of a hand-kept list.
@@ -904,6 +906,19 @@ mod tests {
         assert_eq!(names, ["shop/web/v4"]);
         assert_eq!(t.warnings[0].reason, "VIPConflict");
         assert_eq!(t.warnings[0].service, "shop/web2");
+    }
+
+    #[test]
+    fn services_are_listed_oldest_first() {
+        let older = web(json!({}), &["192.0.2.10"]);
+        let mut newer = web(json!({}), &["192.0.2.11"]);
+        newer.metadata.name = Some("a-newer".to_string());
+        newer.metadata.uid = Some("uid-a-newer".to_string());
+        newer.metadata.creation_timestamp =
+            Some(serde_json::from_value(json!("2026-11-25T11:00:00Z")).expect("time"));
+        let t = run(&[newer, older], &[]);
+        let names: Vec<&str> = t.desired.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["shop/web/v4", "shop/a-newer/v4"]);
     }
 
     /// (key, probe address, how) of each check.
