@@ -495,8 +495,13 @@ impl Agent {
         // The tracker keeps the verdict of every probe that did not change, so a node
         // failing its probe stays out through unrelated API changes; the probes of
         // unchanged targets keep running in their rhythm.
+        let before: Vec<health::Key> = self.health.keys().cloned().collect();
         self.health.follow_targets(&checks);
         self.probes.follow(&checks, &self.health_tx);
+        let unchecked: Vec<health::Key> = before
+            .into_iter()
+            .filter(|k| self.health.state(k).is_none())
+            .collect();
         let local = sys::local_address_set()?;
         let wants_v6 = desired
             .services
@@ -518,6 +523,7 @@ impl Agent {
             self.health_shown.clear();
         }
         self.source = source;
+        self.forget_verdicts(unchecked);
         sys::prime_neighbours(remote_backends(&full));
         if self.attach_deferred {
             let mode = attach_and_pin(&mut self.dataplane, &self.config, &self.pin_dir)?;
@@ -592,9 +598,10 @@ impl Agent {
         if &opts != self.dataplane.options()
             || new.interface != self.config.interface
             || new.pin_path != self.config.pin_path
+            || new.metrics_address != self.config.metrics_address
         {
             bail!(
-                "interface, pin_path, maglev_table_size, max_services, max_backends, conntrack_size and decap on/off take effect only on restart; keeping the running config"
+                "interface, pin_path, metrics_address, maglev_table_size, max_services, max_backends, conntrack_size and decap on/off take effect only on restart; keeping the running config"
             );
         }
         // The outer sources are fixed when the program loads: one the interface lacked
@@ -628,7 +635,14 @@ impl Agent {
             .dataplane
             .apply(&desired)
             .context("applying the new config")?;
+        let unchecked: Vec<health::Key> = self
+            .health
+            .keys()
+            .filter(|k| tracker.state(k).is_none())
+            .cloned()
+            .collect();
         self.health = tracker;
+        self.forget_verdicts(unchecked);
         // The first services, or the first IPv6 VIP, may come with this reload: the
         // config is applied either way, so a failure here is said, not a rejection.
         if let Err(e) = enable_forwarding(&new, false) {
@@ -676,6 +690,24 @@ impl Agent {
     /// (entries age out of the kernel's table).
     pub fn resync(&mut self) {
         self.reapply("node addresses changed");
+    }
+
+    /// Shows the backends of `keys`, no longer checked, as `unknown` again (status and
+    /// the health metric), not with their last check's verdict; backends gone with the
+    /// apply are skipped.
+    fn forget_verdicts(&mut self, keys: Vec<health::Key>) {
+        for key in keys {
+            self.health_shown.remove(&key);
+            match self
+                .dataplane
+                .set_backend_health(&key.0, key.1, Health::Unknown)
+            {
+                Ok(()) | Err(crate::dataplane::DataplaneError::UnknownBackend { .. }) => {}
+                Err(e) => {
+                    warn!(service = %key.0, backend = %key.1, "recording that the backend is no longer checked: {e}")
+                }
+            }
+        }
     }
 
     /// Applies `desired`. In Kubernetes mode a state the maps have no room for is not
@@ -749,10 +781,14 @@ impl Agent {
                 match self.apply_admitting(&mut desired) {
                     Ok(summary) if summary != ApplySummary::default() => {
                         self.generation += 1;
-                        info!(generation = self.generation, %summary, "{why}; applied")
+                        info!(generation = self.generation, %summary, "{why}; applied");
+                        self.note_apply(true);
                     }
                     Ok(_) => {}
-                    Err(e) => error!("re-applying ({why}): {e:#}"),
+                    Err(e) => {
+                        error!("re-applying ({why}): {e:#}");
+                        self.note_apply(false);
+                    }
                 }
                 sys::prime_neighbours(remote_backends(&desired));
             }

@@ -164,6 +164,11 @@ impl Tracker {
             .collect()
     }
 
+    /// The checked backends.
+    pub fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.states.keys()
+    }
+
     /// Whether `key` is checked, and then whether it is up.
     pub fn state(&self, key: &Key) -> Option<bool> {
         self.states.get(key).map(|s| s.up)

@@ -271,3 +271,44 @@ fn a_reload_rejected_when_applied_leaves_the_health_verdicts_as_they_were() {
         s.balancer.log()
     );
 }
+
+#[test]
+fn a_backend_whose_check_is_removed_shows_unknown_not_its_last_verdict() {
+    let mut s = Scenario::start(Mode::Ipip, 3).expect("scenario");
+    servers_on_all_addresses(&mut s);
+    let mut applies = 1;
+    let plain = config(&s, |t| t);
+    let checked = config(&s, |t| {
+        t.replacen(
+            "    backends:\n",
+            "    health_check: {type: tcp, interval: 200ms, timeout: 150ms, rise: 2, fall: 2}\n    backends:\n",
+            1,
+        )
+    });
+    reload(&mut s, &checked, &mut applies);
+    drop(s.tcp.remove(1));
+    s.balancer
+        .wait_for_log("backend health changed; applied", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", s.balancer.log()));
+    let backend_1 = |s: &Scenario| {
+        s.status()
+            .expect("status")
+            .backends
+            .iter()
+            .find(|b| {
+                b.address == IpAddr::V4(s.lab.backends[1].ipv4)
+                    && b.service_name.as_deref() == Some("web")
+            })
+            .map(|b| (b.health.clone(), b.weight))
+            .expect("backend 1 of web in status")
+    };
+    assert_eq!(backend_1(&s), ("down".to_string(), Some(0)));
+    // The check goes: the backend is balanced again, and nothing checks it any more.
+    reload(&mut s, &plain, &mut applies);
+    assert_eq!(
+        backend_1(&s),
+        ("unknown".to_string(), Some(1)),
+        "{}",
+        s.balancer.log()
+    );
+}

@@ -8,8 +8,8 @@ use std::{
 };
 
 use l3lb_tests::{
-    Netns, client,
-    scenario::{Mode, Scenario, TCP_PORT, UDP_PORT},
+    Netns, TcpServer, client,
+    scenario::{Mode, Scenario, TCP_PORT, UDP_PORT, backend_name, balancer_config_for},
 };
 
 const T: Duration = Duration::from_secs(2);
@@ -125,4 +125,58 @@ fn metrics_count_what_the_client_sent() {
         .enter(|| TcpStream::connect_timeout(&(addr, 9477).into(), T).is_ok())
         .expect("namespace");
     assert!(!reachable, "metrics bound to loopback by default");
+}
+
+#[test]
+fn the_generation_follows_every_apply_and_a_new_metrics_address_waits_for_a_restart() {
+    let mut s = Scenario::start(Mode::Ipip, 3).expect("scenario");
+    // Backends 0 and 2 answer the health check's port; backend 1 does not.
+    let _checked_servers: Vec<TcpServer> = [0, 2]
+        .iter()
+        .map(|&i| {
+            TcpServer::start(
+                &s.lab.backends[i].ns,
+                &backend_name(i),
+                std::net::SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8081),
+            )
+            .expect("server")
+        })
+        .collect();
+    let checked = balancer_config_for(&s.lab, s.spec(), &[Some(1); 3])
+        .expect("config")
+        .replacen(
+            "    backends:\n",
+            "    health_check: {type: tcp, port: 8081, interval: 200ms, timeout: 150ms, rise: 2, fall: 2}\n    backends:\n",
+            1,
+        );
+    s.write_raw_config_and_reload(&checked).expect("reload");
+    // Generation 2 is the reload; 3 the re-apply that takes the failing backend out.
+    s.balancer
+        .wait_for_log(
+            "backend health changed; applied generation=3",
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", s.balancer.log()));
+    let (_, text) = get(&s.lab.balancers[0].ns, "/metrics");
+    assert_eq!(value(&text, "l3lb_config_generation"), 3.0, "{text}");
+
+    let moved = checked.replacen(
+        "interface: eth0\n",
+        "interface: eth0\nmetrics_address: 127.0.0.1:9478\n",
+        1,
+    );
+    assert_ne!(moved, checked);
+    s.write_raw_config_and_reload(&moved).expect("reload");
+    s.balancer
+        .wait_for_log("config reload rejected", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", s.balancer.log()));
+    assert!(
+        s.balancer.log().contains("metrics_address"),
+        "the reason names the setting:\n{}",
+        s.balancer.log()
+    );
+    let (status, text) = get(&s.lab.balancers[0].ns, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "still served where it was");
+    assert_eq!(value(&text, "l3lb_config_generation"), 3.0);
+    assert_eq!(value(&text, "l3lb_config_last_apply_success"), 0.0);
 }
