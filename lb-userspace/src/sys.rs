@@ -123,6 +123,17 @@ fn is_bpffs(path: &Path) -> bool {
 /// Makes sure `pin_path` is a directory on a bpffs, mounting one at /sys/fs/bpf if that is
 /// where the path lives and nothing is mounted there yet.
 pub fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
+    // Where the nearest existing directory is on a bpffs, the pins go there: that is how
+    // a container gets only its own directory of the node's bpffs, with no bpffs at
+    // /sys/fs/bpf to check (and no right to mount one).
+    if pin_path
+        .ancestors()
+        .find(|a| a.is_dir())
+        .is_some_and(is_bpffs)
+    {
+        return std::fs::create_dir_all(pin_path)
+            .with_context(|| format!("creating pin directory {}", pin_path.display()));
+    }
     let sys_bpf = Path::new("/sys/fs/bpf");
     if pin_path.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
         std::fs::create_dir_all(sys_bpf).context("creating /sys/fs/bpf")?;

@@ -340,7 +340,9 @@ fn the_agent_runs_in_the_node_network_with_the_node_bpffs() {
         "bpffs is the only host path: {host_paths:?}"
     );
     let (bpffs, host_path) = host_paths[0];
-    assert_eq!(host_path.path, "/sys/fs/bpf");
+    // The pin directory alone, not the node's whole bpffs (other programs' pins).
+    assert_eq!(host_path.path, "/sys/fs/bpf/l3lb");
+    assert_eq!(host_path.type_.as_deref(), Some("DirectoryOrCreate"));
     let mount = m
         .agent()
         .volume_mounts
@@ -348,16 +350,17 @@ fn the_agent_runs_in_the_node_network_with_the_node_bpffs() {
         .flatten()
         .find(|vm| vm.name == bpffs)
         .expect("bpffs is mounted");
-    assert_eq!(mount.mount_path, "/sys/fs/bpf");
+    assert_eq!(mount.mount_path, host_path.path, "at the same path");
     assert_ne!(mount.read_only, Some(true), "pins are written there");
     // Bidirectional would need a privileged container; the agent never mounts anything.
     assert_eq!(mount.mount_propagation.as_deref(), Some("HostToContainer"));
 
     let (_, text) = m.settings();
     let settings = l3lb::config::Config::parse(text).expect("settings");
-    assert!(
-        settings.pin_path.starts_with(&mount.mount_path),
-        "pin_path {} lies on the bpffs mount {}",
+    assert_eq!(
+        settings.pin_path,
+        std::path::Path::new(&mount.mount_path),
+        "pin_path {} is the bpffs mount {}",
         settings.pin_path.display(),
         mount.mount_path
     );

@@ -5,8 +5,9 @@
 //! `deploy/manifests/daemonset.yaml`: as the manifest's user, with the manifest's
 //! capabilities as its bounding, permitted and effective sets (no ambient or inheritable
 //! ones), `no_new_privs` for `allowPrivilegeEscalation: false`, a read-only root file
-//! system and a read-only `/proc/sys`, and a bpffs at `/sys/fs/bpf` (0700, as on a host)
-//! holding the pins at the ConfigMap's `pin_path`. Its settings are the ConfigMap's with
+//! system and a read-only `/proc/sys`, and the DaemonSet's bpffs volume: a directory of a
+//! bpffs (0700 at its root, as on a host) mounted at the ConfigMap's `pin_path`, with
+//! nothing else of that bpffs in view. Its settings are the ConfigMap's with
 //! the lab's interface and one service, so the balancer path is loaded, not just decap.
 
 use std::{path::PathBuf, time::Duration};
@@ -28,6 +29,9 @@ struct Privileges {
     capabilities: Vec<String>,
     uid: i64,
     no_new_privs: bool,
+    /// The bpffs volume: the node's directory and where the container sees it.
+    bpffs_host_path: String,
+    bpffs_mount_path: String,
 }
 
 fn daemonset_privileges() -> Privileges {
@@ -39,10 +43,24 @@ fn daemonset_privileges() -> Privileges {
         .expect("securityContext");
     let caps = sc.capabilities.expect("capabilities");
     assert_eq!(caps.drop, Some(vec!["ALL".to_string()]), "drops ALL first");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.host_path.is_some())
+        .expect("the bpffs hostPath volume");
+    let mount = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume.name)
+        .expect("the bpffs volume mounted");
     Privileges {
         capabilities: caps.add.unwrap_or_default(),
         uid: sc.run_as_user.expect("runAsUser is explicit"),
         no_new_privs: sc.allow_privilege_escalation == Some(false),
+        bpffs_host_path: volume.host_path.as_ref().expect("hostPath").path.clone(),
+        bpffs_mount_path: mount.mount_path.clone(),
     }
 }
 
@@ -84,15 +102,25 @@ fn container_command(p: &Privileges, caps: &[String], bin: &str, config: &str) -
     } else {
         ""
     };
+    // The node's bpffs (0700 at its root, as /sys/fs/bpf on a host) is mounted aside, at
+    // /mnt of this private mount namespace; the container's /sys/fs/bpf holds only the
+    // volume, as the runtime would give it.
+    let node_dir = p
+        .bpffs_host_path
+        .strip_prefix("/sys/fs/bpf")
+        .expect("the volume is a directory of the node's bpffs");
     format!(
         "set -e; \
-         mount -t bpf bpf /sys/fs/bpf; chmod 0700 /sys/fs/bpf; \
+         mount -t bpf bpf /mnt; chmod 0700 /mnt; mkdir -p /mnt{node_dir}; \
+         mount -t tmpfs -o mode=0755 none /sys/fs/bpf; mkdir -p {mount_path}; \
+         mount --bind /mnt{node_dir} {mount_path}; \
          mount --bind /proc/sys /proc/sys; mount -o remount,bind,ro /proc/sys; \
          mount -o remount,bind,ro /; \
          exec setpriv --reuid={uid} --regid={uid} --clear-groups \
            --inh-caps=-all --bounding-set=-all{bounding}{nnp} \
            {bin} run --config {config}",
-        uid = p.uid
+        uid = p.uid,
+        mount_path = p.bpffs_mount_path,
     )
 }
 
