@@ -212,6 +212,20 @@ fn a_backend_failing_its_health_check_gets_no_new_connections_until_it_recovers(
     );
 }
 
+/// (health, weight) of backend 1 of `web`, as the balancer's status shows them.
+fn web_backend_1(s: &Scenario) -> (String, Option<u32>) {
+    s.status()
+        .expect("status")
+        .backends
+        .iter()
+        .find(|b| {
+            b.address == IpAddr::V4(s.lab.backends[1].ipv4)
+                && b.service_name.as_deref() == Some("web")
+        })
+        .map(|b| (b.health.clone(), b.weight))
+        .expect("backend 1 of web in status")
+}
+
 #[test]
 fn a_reload_rejected_when_applied_leaves_the_health_verdicts_as_they_were() {
     let mut s = Scenario::start(Mode::Ipip, 3).expect("scenario");
@@ -239,19 +253,7 @@ fn a_reload_rejected_when_applied_leaves_the_health_verdicts_as_they_were() {
     s.balancer
         .wait_for_log("backend health changed; applied", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", s.balancer.log()));
-    let backend_1 = |s: &Scenario| {
-        let shown = s.status().expect("status");
-        shown
-            .backends
-            .iter()
-            .find(|b| {
-                b.address == IpAddr::V4(s.lab.backends[1].ipv4)
-                    && b.service_name.as_deref() == Some("web")
-            })
-            .map(|b| (b.health.clone(), b.weight))
-            .expect("backend 1 of web in status")
-    };
-    assert_eq!(backend_1(&s), ("down".to_string(), Some(0)));
+    assert_eq!(web_backend_1(&s), ("down".to_string(), Some(0)));
 
     let renamed = checked.replacen("  - name: web\n", "  - name: web2\n", 1);
     s.write_raw_config_and_reload(&renamed).expect("SIGHUP");
@@ -265,7 +267,7 @@ fn a_reload_rejected_when_applied_leaves_the_health_verdicts_as_they_were() {
         (started + Duration::from_secs(33)).saturating_duration_since(std::time::Instant::now()),
     );
     assert_eq!(
-        backend_1(&s),
+        web_backend_1(&s),
         ("down".to_string(), Some(0)),
         "still failing, still out:\n{}",
         s.balancer.log()
@@ -290,23 +292,11 @@ fn a_backend_whose_check_is_removed_shows_unknown_not_its_last_verdict() {
     s.balancer
         .wait_for_log("backend health changed; applied", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", s.balancer.log()));
-    let backend_1 = |s: &Scenario| {
-        s.status()
-            .expect("status")
-            .backends
-            .iter()
-            .find(|b| {
-                b.address == IpAddr::V4(s.lab.backends[1].ipv4)
-                    && b.service_name.as_deref() == Some("web")
-            })
-            .map(|b| (b.health.clone(), b.weight))
-            .expect("backend 1 of web in status")
-    };
-    assert_eq!(backend_1(&s), ("down".to_string(), Some(0)));
+    assert_eq!(web_backend_1(&s), ("down".to_string(), Some(0)));
     // The check goes: the backend is balanced again, and nothing checks it any more.
     reload(&mut s, &plain, &mut applies);
     assert_eq!(
-        backend_1(&s),
+        web_backend_1(&s),
         ("unknown".to_string(), Some(1)),
         "{}",
         s.balancer.log()

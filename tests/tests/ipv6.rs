@@ -313,25 +313,33 @@ fn ipv6_keeps_flowing_while_no_agent_runs_and_across_a_restart() {
         .expect("echo on the second connection after the restart");
 }
 
-/// A reload that brings the first services and the first IPv6 VIP turns forwarding on
-/// (`bpf_fib_lookup` needs it), as a start with them does.
-#[test]
-fn a_reload_that_adds_the_first_ipv6_service_turns_forwarding_on() {
-    let mut s = Scenario::start_spec(spec(Mode::Ipip, 2)).expect("scenario");
+/// Restarts the balancer's agent with its config cut before `services:`, after `before`
+/// (which may change the node); returns the whole config, for a reload.
+fn restart_without_services(s: &mut Scenario, before: impl FnOnce(&Scenario)) -> String {
     let full = std::fs::read_to_string(s.config_path()).expect("config");
-    // An agent started without services...
     let bare = full[..full.find("services:\n").expect("services")].to_string();
     let config = s.config_path().to_path_buf();
     std::fs::write(&config, &bare).expect("bare config");
+    before(s);
     let (lab, balancer) = (&s.lab, &mut s.balancer);
     restart_agent(
         lab,
         &lab.balancers[0].ns,
         balancer,
         &config,
-        "balancer-0-bare.log",
+        "balancer-0-without-services.log",
     )
     .expect("an agent without services");
+    full
+}
+
+/// A reload that brings the first services and the first IPv6 VIP turns forwarding on
+/// (`bpf_fib_lookup` needs it), as a start with them does.
+#[test]
+fn a_reload_that_adds_the_first_ipv6_service_turns_forwarding_on() {
+    let mut s = Scenario::start_spec(spec(Mode::Ipip, 2)).expect("scenario");
+    // An agent started without services...
+    let full = restart_without_services(&mut s, |_| {});
     // ...on a node where nothing turned forwarding on.
     let ns = &s.lab.balancers[0].ns;
     let sysctls = [
@@ -379,25 +387,14 @@ fn a_reload_that_adds_the_first_ipv6_service_turns_forwarding_on() {
 #[test]
 fn a_reload_adding_ipv6_ipip_services_without_an_ipv6_source_is_rejected() {
     let mut s = Scenario::start_spec(spec(Mode::Ipip, 2)).expect("scenario");
-    let full = std::fs::read_to_string(s.config_path()).expect("config");
-    let bare = full[..full.find("services:\n").expect("services")].to_string();
-    let config = s.config_path().to_path_buf();
-    std::fs::write(&config, &bare).expect("bare config");
-    s.lab.balancers[0]
-        .ns
-        .run([
-            "ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global",
-        ])
-        .expect("no global IPv6 address");
-    let (lab, balancer) = (&s.lab, &mut s.balancer);
-    restart_agent(
-        lab,
-        &lab.balancers[0].ns,
-        balancer,
-        &config,
-        "balancer-0-no-ipv6.log",
-    )
-    .expect("an agent without services");
+    let full = restart_without_services(&mut s, |s| {
+        s.lab.balancers[0]
+            .ns
+            .run([
+                "ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global",
+            ])
+            .expect("no global IPv6 address");
+    });
     s.write_raw_config_and_reload(&full).expect("SIGHUP");
     s.balancer
         .wait_for_log("config reload rejected", Duration::from_secs(10))
