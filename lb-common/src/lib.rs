@@ -102,12 +102,13 @@ pub const SETTINGS_SERVICE_COUNTS: u32 = 4;
 /// backends' counters plus, in `ServiceStats`, those of the backends it no longer has.
 pub const SERVICE_COUNTS_RETIRED: u32 = 1;
 /// Index of the settings array saying how the connection table's tags were made, for the
-/// next agent: `FLOW_TAGS_SWAPPED` (this build), or 0 (agents before it, whose tags took
+/// next agent: `FLOW_TAGS_FOLDED` (this build), or 0 (agents before it, whose tags took
 /// the address words as the bucket hash does): a table of other tags is placed anew.
 pub const SETTINGS_FLOW_TAGS: u32 = 5;
-/// `SETTINGS[SETTINGS_FLOW_TAGS]`: tags made by `flow_tag` with the address words' halves
-/// swapped.
-pub const FLOW_TAGS_SWAPPED: u32 = 1;
+/// `SETTINGS[SETTINGS_FLOW_TAGS]`: tags made by `flow_tag` with each address word's halves
+/// folded together. (1 marked the swapped halves of 2b8da60, a build never released,
+/// whose tables are placed anew like those of 0.)
+pub const FLOW_TAGS_FOLDED: u32 = 2;
 
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
@@ -625,24 +626,27 @@ pub fn flow_mix(w: &[u64; 5], seed: u64) -> u64 {
 /// The tag that identifies `key`'s entry within its buckets (`FlowWay::tag`), for a table
 /// hashed with `seed`: bit 63 set, bit 0 clear (the way keeps `FLOW_F_CONFIRMED` there).
 ///
-/// Its products use other multipliers than `flow_mix`, and take the address words with
-/// their halves swapped, so two keys that share a bucket still differ in 62 tag bits of
-/// their own: a new flow is taken for another with odds of about 2^-59 per lookup (eight
-/// candidate ways). The swap is what makes that hold for every pair of keys: a product
-/// by an odd constant changes only at and above the lowest bit its word changed in, so
-/// with the words taken alike by both hashes, IPv6 addresses that differ only in the high
-/// bits of their 8th and 16th bytes (one /56, say `…:10::1` and `…:90::81`) often made
-/// up for each other in both at once — the same bucket and the same tag whatever the
-/// seed (about eight such twins per address), and with the same ports one flow took the
-/// other's entry (`FLOW_TAGS_SWAPPED` marks tables tagged this way). With the halves
-/// swapped, a change low in the tag's words is high in the bucket's, and a key that
-/// shares another's bucket and tag takes about 2^64 attempts to find.
+/// Its products use other multipliers than `flow_mix`, and take each address word with
+/// its two halves folded into both (`w ^ w.rotate_left(32)`), so two keys that share a
+/// bucket still differ in 62 tag bits of their own: a new flow is taken for another with
+/// odds of about 2^-59 per lookup (eight candidate ways). The fold is what makes that
+/// hold for structured keys. A product by an odd constant changes only at and above the
+/// lowest bit its word changed in: with the words taken as `flow_mix` takes them, IPv6
+/// addresses that differ only in the high bits of their 8th and 16th bytes (one /56, say
+/// `…:10::1` and `…:90::81`) often made up for each other in both hashes at once, the
+/// same bucket and tag whatever the seed (about eight such twins per address); with the
+/// halves only swapped (2b8da60, never released), an IPv4 address's product reached only
+/// the tag's high half, and every client had a twin in its own /24 for each other VIP
+/// of the /24 or protocol. Folded, a change in either half reaches the whole product,
+/// and an IPv4 word becomes a 32-bit value times another odd constant, as before
+/// (`FLOW_TAGS_FOLDED` marks tables tagged this way).
 #[inline(always)]
 pub fn flow_tag(w: &[u64; 5], seed: u64) -> u64 {
-    let t = w[0].rotate_left(32).wrapping_mul(0xd6e8_feb8_6659_fd93)
-        ^ w[1].rotate_left(32).wrapping_mul(0xa076_1d64_78bd_642f)
-        ^ w[2].rotate_left(32).wrapping_mul(0xe703_7ed1_a0b4_28db)
-        ^ w[3].rotate_left(32).wrapping_mul(0x8ebc_6af0_9c88_c6e3)
+    let f = |x: u64| x ^ x.rotate_left(32);
+    let t = f(w[0]).wrapping_mul(0xd6e8_feb8_6659_fd93)
+        ^ f(w[1]).wrapping_mul(0xa076_1d64_78bd_642f)
+        ^ f(w[2]).wrapping_mul(0xe703_7ed1_a0b4_28db)
+        ^ f(w[3]).wrapping_mul(0x8ebc_6af0_9c88_c6e3)
         ^ w[4].wrapping_mul(0x5899_65cc_7537_4cc3)
         ^ seed.rotate_left(32);
     let t = (t ^ (t >> 31)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -1272,6 +1276,28 @@ mod tests {
             same_bucket > 1000,
             "only {same_bucket} twins shared a bucket"
         );
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_slash_24_to_the_vips_of_a_slash_24_all_get_their_own_tag() {
+        // A tag function in which an IPv4 address reached only half the tag gave every
+        // client a twin in its own /24 for each other VIP of the /24 and each protocol.
+        for (base, seed) in [(7u8, 1u64), (200, 0x5eed_5eed_5eed_5eed)] {
+            let mut tags = std::collections::HashSet::new();
+            for proto in [PROTO_TCP, PROTO_UDP] {
+                for client in 0..=255u8 {
+                    for vip in 0..=255u8 {
+                        let mut k = key(client, 40000 + u16::from(base));
+                        k.proto = proto;
+                        k.dst[3] = vip;
+                        assert!(
+                            tags.insert(flow_tag(&k.words64(), seed)),
+                            "{k:?} shares a tag"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

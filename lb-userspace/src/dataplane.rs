@@ -1083,7 +1083,7 @@ impl Dataplane {
             settings
                 .set(
                     lb_common::SETTINGS_FLOW_TAGS,
-                    lb_common::FLOW_TAGS_SWAPPED,
+                    lb_common::FLOW_TAGS_FOLDED,
                     0,
                 )
                 .map_err(map_err("writing the connection table's tag format"))?;

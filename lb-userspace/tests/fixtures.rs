@@ -960,7 +960,7 @@ fn a_table_tagged_by_an_earlier_build_is_placed_anew_with_this_builds_tags() {
         settings
             .get(&lb_common::SETTINGS_FLOW_TAGS, 0)
             .expect("format"),
-        lb_common::FLOW_TAGS_SWAPPED,
+        lb_common::FLOW_TAGS_FOLDED,
         "this build records its tag format"
     );
     settings
