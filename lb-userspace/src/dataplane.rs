@@ -1325,9 +1325,7 @@ impl Dataplane {
     /// unconfirmed and then the least recently seen give way, as in the data plane.
     fn replace_flows(&mut self, old: &FlowTable) -> Result<usize, DataplaneError> {
         let entries = old.entries()?;
-        let new = self.flow_table()?;
-        let placed = new.insert_all(entries, self.nexthop_epoch)?;
-        Ok(placed.written - placed.evicted)
+        Ok(self.flow_table()?.place_all(entries, self.nexthop_epoch)?)
     }
 
     /// Places the entries of the previous release's connection table (an LRU hash of
@@ -1349,8 +1347,7 @@ impl Dataplane {
                 flags: lb_common::FLOW_F_CONFIRMED,
             })
             .collect();
-        let placed = self.flow_table()?.insert_all(entries, now)?;
-        Ok(placed.written - placed.evicted)
+        Ok(self.flow_table()?.place_all(entries, now)?)
     }
 
     /// Places the entries of a connection table of the builds before tagged ways (buckets
@@ -1358,8 +1355,7 @@ impl Dataplane {
     /// returns the entries that found a place.
     fn convert_wide_flows(&mut self, old: &MapData, path: &Path) -> Result<usize, DataplaneError> {
         let entries = crate::flowtable::wide_table_entries(old, &path.display().to_string())?;
-        let placed = self.flow_table()?.insert_all(entries, self.nexthop_epoch)?;
-        Ok(placed.written - placed.evicted)
+        Ok(self.flow_table()?.place_all(entries, self.nexthop_epoch)?)
     }
 
     /// The program's connection table (`L3LB_FLOWS`), for reading and placing entries.

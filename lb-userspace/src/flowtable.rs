@@ -494,6 +494,47 @@ impl FlowTable {
         }
         Ok(placed)
     }
+
+    /// Places the entries of another table (a migration or conversion) so that what the
+    /// data plane would keep is kept: one entry per key (the confirmed, then the most
+    /// recently seen, of two: a table can hold a key twice after a downgrade and an
+    /// upgrade), written least valuable first, so that where more entries share a
+    /// bucket than it has ways, those that give way are the unconfirmed and then the
+    /// least recently seen, whatever order the other table's walk met them in. Returns
+    /// the entries kept.
+    pub fn place_all(&self, entries: Vec<FlowEntry>, now: u32) -> Result<usize, FlowTableError> {
+        // Higher is kept first: confirmed, then seen more recently (ages are epoch
+        // distances from `now`, so the counter may wrap).
+        let value = |e: &FlowEntry| {
+            (
+                e.flags & FLOW_F_CONFIRMED != 0,
+                std::cmp::Reverse(now.wrapping_sub(e.seen)),
+            )
+        };
+        let mut best: std::collections::HashMap<FlowKey, FlowEntry> =
+            std::collections::HashMap::with_capacity(entries.len());
+        for e in entries {
+            match best.entry(e.key) {
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    if value(&e) > value(o.get()) {
+                        o.insert(e);
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(e);
+                }
+            }
+        }
+        let mut unique: Vec<FlowEntry> = best.into_values().collect();
+        // Ties broken by key, so a migration places alike however the walk went.
+        unique.sort_by(|a, b| {
+            value(a)
+                .cmp(&value(b))
+                .then_with(|| a.key.words64().cmp(&b.key.words64()))
+        });
+        let placed = self.insert_all(unique, now)?;
+        Ok(placed.written - placed.evicted)
+    }
 }
 
 /// Writes `entry` (tagged `tag`) into the way `flow_place` picks of its home and overflow
@@ -665,6 +706,50 @@ mod tests {
             .collect();
         assert_eq!(keys.len(), n);
         keys
+    }
+
+    #[test]
+    fn a_migration_keeps_what_the_data_plane_would_whatever_the_walk_order() {
+        let Some((_map, t)) = table(256) else {
+            return;
+        };
+        // A lone SYN whose home and overflow buckets are both filled by confirmed flows,
+        // met last by the other table's walk: written in that order, it evicted one.
+        let lone = key(0, 1);
+        let (home, over) = flow_buckets_of(&lone, 256, 0);
+        assert_ne!(home, over, "pick another key if this ever fails");
+        let mut entries: Vec<FlowEntry> = homed_at(over, 4, &[lone])
+            .into_iter()
+            .chain(homed_at(home, 4, &[lone]))
+            .enumerate()
+            .map(|(i, k)| entry(k, i as u32, 90 + i as u32, FLOW_F_CONFIRMED))
+            .collect();
+        entries.push(entry(lone, 8, 100, 0));
+        // The same key twice (a downgrade wrote a second entry): the more recently seen
+        // is kept, and counted once.
+        let twice = key(77, 7);
+        entries.push(entry(twice, 20, 100, FLOW_F_CONFIRMED));
+        entries.push(entry(twice, 21, 40, FLOW_F_CONFIRMED));
+        let kept = t.place_all(entries.clone(), 100).expect("place");
+        for e in &entries[..8] {
+            assert_eq!(
+                t.get(&e.key).expect("get").map(|x| x.state.backend),
+                Some(e.state.backend),
+                "a confirmed entry stays"
+            );
+        }
+        // Written first, the lone SYN took a way while there was room; the confirmed
+        // flow that then found its home bucket full went to its own overflow bucket.
+        assert!(t.get(&lone).expect("get").is_some());
+        assert_eq!(
+            t.get(&twice).expect("get").map(|x| x.state.backend),
+            Some(20)
+        );
+        assert_eq!(
+            kept, 10,
+            "nothing displaced, the twice-met key counted once"
+        );
+        assert_eq!(t.count().expect("count"), 10);
     }
 
     #[test]
