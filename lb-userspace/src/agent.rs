@@ -313,6 +313,9 @@ pub struct Agent {
     /// The verdict last written to the metadata map per checked backend.
     health_shown: std::collections::HashMap<health::Key, bool>,
     ipv6_forwarding: bool,
+    /// What the start copied from the earlier agent's tables, to copy again right before
+    /// a deferred attach (see `attach_deferred`).
+    deferred_migration: Option<handover::CarryPlan>,
     /// Kubernetes data-plane services the maps had no room for at the last apply (see
     /// `apply_admitting`).
     left_out: BTreeSet<String>,
@@ -444,6 +447,9 @@ impl Agent {
         // until then an earlier agent's program keeps forwarding with its complete maps
         // (also through an API outage) instead of being switched to empty ones.
         let defer = kubernetes && handover::link_pin(&pin_dir, &config.interface).exists();
+        // The earlier program goes on recording flows until the switch: what was copied
+        // from its tables is copied again then.
+        let deferred_migration = (defer && plan.carries_anything()).then(|| plan.clone());
         let mode_name = if defer {
             "deferred until the Kubernetes state is complete"
         } else {
@@ -475,6 +481,7 @@ impl Agent {
             ipv6_forwarding,
             left_out: BTreeSet::new(),
             attach_deferred: defer,
+            deferred_migration,
             health_rx: Some(health_rx),
             xdp_logs,
             generation: 1,
@@ -526,6 +533,19 @@ impl Agent {
         self.forget_verdicts(unchecked);
         sys::prime_neighbours(remote_backends(&full));
         if self.attach_deferred {
+            if let Some(plan) = self.deferred_migration.take() {
+                for (name, n) in self
+                    .dataplane
+                    .migrate_again(&plan)
+                    .context("copying the earlier agent's tables again")?
+                {
+                    info!(
+                        map = name,
+                        entries = n,
+                        "copied again from the earlier program, which forwarded until now"
+                    );
+                }
+            }
             let mode = attach_and_pin(&mut self.dataplane, &self.config, &self.pin_dir)?;
             self.attach_deferred = false;
             info!(

@@ -1319,6 +1319,26 @@ impl Dataplane {
         Ok(done)
     }
 
+    /// Copies the earlier agent's connection and fragment tables into this program's
+    /// again where `plan` migrates them (entries of a key already copied are replaced):
+    /// for an agent that attaches later than it loads (the Kubernetes agent waits for
+    /// the API server's state), while the earlier program kept forwarding and recording
+    /// flows in its own tables.
+    pub fn migrate_again(
+        &mut self,
+        plan: &CarryPlan,
+    ) -> Result<Vec<(&'static str, usize)>, DataplaneError> {
+        let tables = CarryPlan {
+            maps: plan
+                .maps
+                .iter()
+                .filter(|(n, _)| *n == map_names::FLOWS || *n == map_names::FRAGS)
+                .cloned()
+                .collect(),
+        };
+        self.migrate(&tables)
+    }
+
     /// Places every live entry of `old` (a connection table of another size) into this
     /// program's table as the data plane would, keeping its epoch and flags; returns the
     /// entries written. Where more of them share a new bucket than it has ways, the

@@ -911,6 +911,84 @@ fn services_beyond_the_maps_are_left_out_newest_first_and_the_rest_stay_current(
     Ok(())
 }
 
+/// A restarted agent that must copy the connection table (another size here) does so
+/// when it loads, but attaches only once the API server has been listed: the flows the
+/// earlier program records meanwhile (here while the API server is away) are copied too.
+#[test]
+fn flows_recorded_while_a_restarted_agent_waits_for_the_api_are_carried() -> Result<()> {
+    let mut k = KubeLab::start_with_settings(
+        &[BALANCER, NODE_A, NODE_B],
+        100,
+        NO_NODE_PROBES,
+        "conntrack_size: 2048\n",
+    )?;
+    k.api.apply(service("m", &["10.77.100.70"], json!({})))?;
+    k.api.apply(slice(
+        "m-1",
+        "m",
+        "IPv4",
+        &[ready(NODE_A.0), ready(NODE_B.0)],
+    ))?;
+    let s = k.vips_are(
+        "served",
+        &[(
+            "10.77.100.70:80/tcp",
+            vip("none", &[], expected(&[(NODE_A.1, 1), (NODE_B.1, 1)])),
+        )],
+    );
+    let b = s.backends.first().context("a backend")?.clone();
+
+    let settings = k.lab.path("balancer-0.yaml");
+    let text = std::fs::read_to_string(&settings)?;
+    std::fs::write(
+        &settings,
+        text.replace("conntrack_size: 2048\n", "conntrack_size: 4096\n"),
+    )?;
+    k.api.down()?;
+    k.restart("balancer-0-resized.log")?;
+    k.agent.wait_for_log("migrated to the new size", CONVERGE)?;
+    // The earlier program, still attached, records a new flow in its table.
+    let flows = k.pin_path.join("v1/maps").join(map_names::FLOWS);
+    let mut key = lb_common::FlowKey {
+        sport: 41000u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: lb_common::PROTO_TCP,
+        family: lb_common::FAMILY_V4,
+        ..Default::default()
+    };
+    key.src[..4].copy_from_slice(&[203, 0, 113, 9]);
+    key.dst[..4].copy_from_slice(&[10, 77, 100, 70]);
+    let entry = lb_common::FlowEntry {
+        key,
+        state: lb_common::FlowState {
+            backend: b.id,
+            service: b.service,
+            created_ns: 1,
+        },
+        seen: 0,
+        flags: lb_common::FLOW_F_CONFIRMED,
+    };
+    let earlier = l3lb::flowtable::FlowTable::from_pin(&flows)?;
+    assert_eq!(earlier.capacity(), 2048, "still the earlier table");
+    earlier.insert(&entry, 0)?;
+
+    let ns = k.lab.balancers[0].ns.name().to_string();
+    k.api.up(&k.lab.balancers[0].ns)?;
+    k.agent.wait_for_log(
+        "the Kubernetes state is complete: the program now runs on the interface",
+        Duration::from_secs(60),
+    )?;
+    let carried = l3lb::flowtable::FlowTable::from_pin(&flows)?;
+    assert_eq!(carried.capacity(), 4096, "the new table, in {ns}");
+    assert_eq!(
+        carried.get(&key)?.map(|e| e.state),
+        Some(entry.state),
+        "the flow recorded during the wait was carried:\n{}",
+        k.agent.log()
+    );
+    Ok(())
+}
+
 #[test]
 fn an_unreachable_api_server_keeps_forwarding_and_turns_not_ready() -> Result<()> {
     let mut k = KubeLab::start(&[BALANCER, NODE_A, NODE_B])?;
