@@ -1033,9 +1033,9 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     send(ctx, l2, pkt, &choice)
 }
 
-/// Counts a packet of a flow (or fragment) for its backend (and a new flow for its
-/// service) and sends it to the chosen backend; a packet too big for the way there
-/// becomes a "too big" outcome.
+/// Sends a packet of a flow (or fragment) to the chosen backend, counting it for the
+/// backend once it is on its way (and a new flow for its service); a packet too big for
+/// the way there becomes a "too big" outcome.
 #[inline(always)]
 fn send(
     ctx: &XdpContext,
@@ -1046,10 +1046,14 @@ fn send(
     if choice.new_flow && !pkt.fragment {
         stats::new_flow(choice.entry.service);
     }
-    stats::backend(choice.id, pkt.tot_len as u64);
-
     match forward(ctx, l2, pkt, choice) {
-        Ok(done) => Ok(done),
+        // Only a packet on its way counts for the backend: one dropped (no route, no
+        // neighbour) or answered "too big" is counted by its reason, not as traffic of a
+        // backend that may be unreachable.
+        Ok(done) => {
+            stats::backend(choice.id, pkt.tot_len as u64);
+            Ok(done)
+        }
         Err(Blocked::Drop(r)) => Err(r),
         // A packet that would not fit once encapsulated: tell the client the size that
         // does, so its next packets fit (TCP lowers its MSS). Sent for IPv4 without DF
@@ -1261,9 +1265,11 @@ fn icmp_packet(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, Dro
     let vip =
         vip_lookup(&pkt.dst, key.dport, key.proto, pkt.family).ok_or(DropReason::IcmpUnmatched)?;
     let choice = conntrack::owner(&key, &vip).ok_or(DropReason::NoBackend)?;
-    stats::backend(choice.id, pkt.tot_len as u64);
     match forward(ctx, l2, pkt, &choice) {
-        Ok(done) => Ok(done),
+        Ok(done) => {
+            stats::backend(choice.id, pkt.tot_len as u64);
+            Ok(done)
+        }
         Err(Blocked::Drop(r)) => Err(r),
         Err(Blocked::TooBig(_)) => Err(DropReason::MtuExceeded),
     }

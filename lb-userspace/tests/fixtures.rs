@@ -143,6 +143,22 @@ fn all_ports_vip_and_local_backend() {
 #[test]
 fn unresolved_neighbours_are_counted_and_oversize_packets_answered() {
     let f = Fixture::new(false, &standard_desired());
+    // Packets and bytes counted for backends, summed over backends and CPUs.
+    let sent = |f: &Fixture| -> (u64, u64) {
+        let map: aya::maps::PerCpuArray<&MapData, lb_common::BackendStats> =
+            aya::maps::PerCpuArray::try_from(f.dp.map(map_names::BACKEND_STATS).expect("map"))
+                .expect("typed");
+        (0..map.len())
+            .flat_map(|i| {
+                map.get(&i, 0)
+                    .expect("get")
+                    .iter()
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
+            .fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes))
+    };
+    let before = sent(&f);
     f.expect_drop(
         &client_tcp(VIP_NONEIGH, 1, 80, SYN),
         DropReason::NoNeighbour,
@@ -156,6 +172,13 @@ fn unresolved_neighbours_are_counted_and_oversize_packets_answered() {
         "a packet too big for IPIP is answered, not dropped"
     );
     assert_eq!(out, expected_frag_needed(&big[14..], 1480));
+    // Neither reached its backend: no backend counts them (the drop and the answer are
+    // counted by their reasons).
+    assert_eq!(sent(&f), before);
+    let ok = client_tcp(VIP, 3, 80, SYN);
+    let (verdict, _) = f.run(&ok);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(sent(&f), (before.0 + 1, before.1 + (ok.len() - 14) as u64));
 }
 
 #[test]
