@@ -47,8 +47,8 @@ pub struct GenerateOptions {
     pub size: usize,
     /// Frames to send in all (`None`: until `duration`).
     pub count: Option<u64>,
-    /// How long to send.
-    pub duration: Duration,
+    /// How long to send at most (`None`: until `count` frames are sent).
+    pub duration: Option<Duration>,
     /// Frames per second to aim at (`None`: as fast as possible).
     pub rate: Option<u64>,
 }
@@ -182,7 +182,7 @@ pub fn generate(o: &GenerateOptions) -> anyhow::Result<GenerateReport> {
     let mut sent_at_print = 0u64;
     loop {
         let elapsed = started.elapsed();
-        if elapsed >= o.duration || o.count.is_some_and(|c| sent >= c) {
+        if o.duration.is_some_and(|d| elapsed >= d) || o.count.is_some_and(|c| sent >= c) {
             break;
         }
         let mut n = chunk;

@@ -141,16 +141,27 @@ enum BenchCommand {
         /// Frame size in bytes, Ethernet header included (60 to 1514).
         #[arg(long, default_value_t = 60)]
         size: usize,
-        /// Frames to send (default: until --duration).
-        #[arg(long)]
+        /// Frames to send (default: as many as --duration allows).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
-        /// Seconds to send for.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
+        /// Seconds to send for (default: 10, or until --count frames are sent).
+        #[arg(long, value_parser = parse_seconds)]
+        duration: Option<f64>,
         /// Frames per second to aim at (default: as fast as possible).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         rate: Option<u64>,
     },
+}
+
+/// A `--duration`: seconds, positive and finite (at most a year).
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s}: {e}"))?;
+    if !(v > 0.0 && v <= 366.0 * 86_400.0) {
+        return Err(format!(
+            "{s}: not a number of seconds above 0 and within a year"
+        ));
+    }
+    Ok(v)
 }
 
 fn main() -> ExitCode {
@@ -317,7 +328,12 @@ fn run(command: Command) -> anyhow::Result<()> {
                 flows,
                 size,
                 count,
-                duration: std::time::Duration::from_secs_f64(duration.max(0.0)),
+                // A count alone sends until it is done; without either, ten seconds.
+                duration: match (duration, count) {
+                    (Some(d), _) => Some(std::time::Duration::from_secs_f64(d)),
+                    (None, Some(_)) => None,
+                    (None, None) => Some(std::time::Duration::from_secs(10)),
+                },
                 rate,
             };
             let r = l3lb::generate::generate(&opts)?;

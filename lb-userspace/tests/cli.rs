@@ -137,3 +137,32 @@ fn kubernetes_mode_refuses_static_services() {
     assert!(!ok);
     assert!(stderr.contains("remove `services`"), "{stderr}");
 }
+
+#[test]
+fn bench_generate_refuses_a_rate_or_duration_it_cannot_keep() {
+    let base = [
+        "bench",
+        "generate",
+        "--interface",
+        "lo",
+        "--dst-mac",
+        "02:00:00:00:00:01",
+        "--vip",
+        "192.0.2.10",
+    ];
+    for (extra, needle) in [
+        (["--rate", "0"], "--rate"),
+        (["--count", "0"], "--count"),
+        (["--duration", "inf"], "--duration"),
+        (["--duration", "0"], "--duration"),
+        (["--duration=-3", "--flows=1024"], "--duration"),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+        let (ok, _, stderr) = l3lb(&args);
+        assert!(!ok, "{extra:?} accepted");
+        assert!(
+            stderr.contains(needle) && !stderr.contains("panicked"),
+            "{extra:?}: {stderr}"
+        );
+    }
+}
