@@ -6,7 +6,8 @@
 //! [`Labels`].
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::Path,
     sync::{Arc, Mutex, PoisonError},
 };
@@ -99,23 +100,24 @@ pub fn render(status: &Status, labels: &Labels) -> Result<String, std::fmt::Erro
         "Flows that took a fresh backend choice (TCP SYN, or a flow not in the connection table)",
         None,
     );
-    // One series per (service, VIP address); a service's ports share its counters.
-    let mut seen = std::collections::BTreeSet::new();
+    // One series per service, labelled with its VIP addresses (comma-separated): the
+    // program counts a service's packets once, whichever of its addresses and ports
+    // they came to, so a series per address would repeat the service's total on each
+    // (and a sum over addresses would count it twice).
+    let mut addresses: BTreeMap<u32, BTreeSet<IpAddr>> = BTreeMap::new();
     for v in status
         .vips
         .iter()
         .filter(|v| v.protocol == "tcp" || v.protocol == "udp")
     {
-        if !seen.insert((v.service, v.address)) {
-            continue;
-        }
-        let Some(c) = status.services.iter().find(|s| s.service == v.service) else {
+        addresses.entry(v.service).or_default().insert(v.address);
+    }
+    for (service, addrs) in &addresses {
+        let Some(c) = status.services.iter().find(|s| s.service == *service) else {
             continue;
         };
-        let l = label(&[
-            ("service", service_name(v.service)),
-            ("vip", v.address.to_string()),
-        ]);
+        let vips: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
+        let l = label(&[("service", service_name(*service)), ("vip", vips.join(","))]);
         vip_packets.get_or_create(&l).inc_by(c.packets);
         vip_bytes.get_or_create(&l).inc_by(c.bytes);
         vip_new.get_or_create(&l).inc_by(c.new_flows);
@@ -345,6 +347,21 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
         // Two ports of one VIP are one series.
+        assert_eq!(text.matches("l3lb_vip_packets_total{").count(), 1, "{text}");
+
+        // Two addresses of one service (a Kubernetes Service's ingress IPs): still one
+        // series, whose value is the service's total once.
+        let mut two = status.clone();
+        let mut other = two.vips[0].clone();
+        other.address = "192.0.2.11".parse().expect("addr");
+        two.vips.push(other);
+        let text = render(&two, &labels).expect("render");
+        assert!(
+            text.contains(
+                "l3lb_vip_packets_total{service=\"web\",vip=\"192.0.2.10,192.0.2.11\"} 10"
+            ),
+            "{text}"
+        );
         assert_eq!(text.matches("l3lb_vip_packets_total{").count(), 1, "{text}");
     }
 }
