@@ -186,6 +186,8 @@ pub fn read(pin_dir: &Path, filter: &VipFilter, limit: usize) -> Result<FlowList
     let pins = Pins::new(pin_dir);
     let table = pins.flow_table()?;
     let capacity = table.capacity();
+    // Ages are as of the start of the walk, which takes a while on a large table.
+    let now = monotonic_ns();
     let mut scanned = 0u64;
     let mut entries = Vec::new();
     table.for_each(|key, state| {
@@ -198,7 +200,6 @@ pub fn read(pin_dir: &Path, filter: &VipFilter, limit: usize) -> Result<FlowList
 
     let mut names = ServiceNames::open(&pins)?;
     let backends: Array<MapData, Backend> = pins.open(map_names::BACKENDS)?;
-    let now = monotonic_ns();
     let mut flows = Vec::with_capacity(newest.len());
     for (k, st) in newest {
         let backend = if st.backend < backends.len() {
