@@ -67,3 +67,14 @@ pub fn backend(id: u32, bytes: u64) {
         }
     }
 }
+
+/// Takes back a packet counted for a backend (`backend`) that did not go to it.
+#[inline(always)]
+pub fn backend_taken_back(id: u32, bytes: u64) {
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(id) {
+        unsafe {
+            (*s).packets = (*s).packets.wrapping_sub(1);
+            (*s).bytes = (*s).bytes.wrapping_sub(bytes);
+        }
+    }
+}
