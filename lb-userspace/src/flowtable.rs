@@ -404,6 +404,39 @@ impl FlowTable {
         Ok(())
     }
 
+    /// Whether the first `sample` live entries (bucket order) carry the tags this table's
+    /// seed and this build's `flow_tag` give their keys: false when a table is searched
+    /// with another seed or tag format than it was written with (an agent that stopped
+    /// between pinning its settings and its table), whose lookups would all miss.
+    pub fn tags_agree(&self, sample: usize) -> Result<bool, FlowTableError> {
+        let mut seen = 0usize;
+        let mut first = 0u32;
+        while first < self.buckets && seen < sample {
+            let count = WALK_BUCKETS.min(self.buckets - first);
+            let v = self.view(first, count, false)?;
+            for bucket in first..first + count {
+                for way in 0..FLOW_WAYS {
+                    // SAFETY: see `Mapping::value`; any bit pattern is a valid FlowWay /
+                    // FlowRecord.
+                    let w = unsafe { std::ptr::read_volatile(v.way(bucket, way)) };
+                    if w.is_free() {
+                        continue;
+                    }
+                    let r = unsafe { std::ptr::read_volatile(v.record(bucket, way)) };
+                    if !w.holds(self.tag_of(&r.key)) {
+                        return Ok(false);
+                    }
+                    seen += 1;
+                    if seen >= sample {
+                        return Ok(true);
+                    }
+                }
+            }
+            first += count;
+        }
+        Ok(true)
+    }
+
     /// Every live entry.
     pub fn entries(&self) -> Result<Vec<FlowEntry>, FlowTableError> {
         let mut out = Vec::new();

@@ -266,8 +266,9 @@ pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverEr
             let want = expected[name];
             if found == want {
                 if name == map_names::FLOWS
-                    && previous_setting(maps_dir, lb_common::SETTINGS_FLOW_TAGS)
+                    && (previous_setting(maps_dir, lb_common::SETTINGS_FLOW_TAGS)
                         != Some(lb_common::FLOW_TAGS_FOLDED)
+                        || !tags_agree(&path))
                 {
                     Carry::Retag(path)
                 } else {
@@ -293,6 +294,15 @@ pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverEr
         plan.maps.push((name, carry));
     }
     Ok(plan)
+}
+
+/// Whether the connection table pinned at `path` carries, on a sample of its entries,
+/// the tags its settings' seed gives (see `FlowTable::tags_agree`); an unreadable table
+/// counts as disagreeing, so it is placed anew rather than reused blind.
+fn tags_agree(path: &Path) -> bool {
+    crate::flowtable::FlowTable::from_pin(path)
+        .and_then(|t| t.tags_agree(64))
+        .unwrap_or(false)
 }
 
 /// The epoch (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`) of the agent whose maps are pinned in

@@ -926,14 +926,20 @@ fn a_table_of_whole_entries_from_an_earlier_build_is_converted() {
 }
 
 /// The connection table's hash seed as the agent left it in the settings array.
-#[test]
-fn a_table_tagged_by_an_earlier_build_is_placed_anew_with_this_builds_tags() {
+/// Pins a table of this layout and size with flows and its agent's settings, lets
+/// `damage` change them as an agent that stopped in some state would have left them
+/// (the table's pin, the settings, the table's buckets), and checks that the next agent
+/// places every entry anew (its lookups would miss them all, and Maglev would move the
+/// flows it disagrees with) and forwards the flows where their entries say.
+fn placed_anew_after(
+    name: &str,
+    damage: impl FnOnce(&std::path::Path, &mut aya::maps::Array<MapData, u32>, u32),
+) {
     use lb_common::FlowEntry;
 
-    let pins = PinDir::new("retag");
+    let pins = PinDir::new(name);
     let path = pins.maps.join(map_names::FLOWS);
     let options = opts(false);
-    // An earlier agent's table and settings, of this layout and size...
     let f = carrying(&options, &l3lb::handover::CarryPlan::default());
     let service = f.dp.service_id("multi").expect("multi");
     let flows = pinned_flows();
@@ -958,22 +964,6 @@ fn a_table_tagged_by_an_earlier_build_is_placed_anew_with_this_builds_tags() {
             .pin(pins.maps.join(name))
             .expect("pin");
     }
-    // ...whose tags an earlier `flow_tag` made: other bits than this build's, and a tag
-    // format of 0 in the settings (builds before the format was recorded left it so).
-    let mut raw: aya::maps::Array<MapData, lb_common::FlowBucket> = aya::maps::Array::try_from(
-        aya::maps::Map::Array(MapData::from_pin(&path).expect("open the table")),
-    )
-    .expect("typed");
-    let mut older = 0;
-    for i in 0..table.buckets() {
-        let mut b = raw.get(&i, 0).expect("bucket");
-        for w in b.ways.iter_mut().filter(|w| !w.is_free()) {
-            w.tag ^= 0x5555_5555_5555_5554;
-            older += 1;
-        }
-        raw.set(i, b, 0).expect("write bucket");
-    }
-    assert_eq!(older, entries.len());
     let mut settings: aya::maps::Array<MapData, u32> =
         aya::maps::Array::try_from(aya::maps::Map::Array(
             MapData::from_pin(pins.maps.join(map_names::SETTINGS)).expect("open the settings"),
@@ -986,11 +976,14 @@ fn a_table_tagged_by_an_earlier_build_is_placed_anew_with_this_builds_tags() {
         lb_common::FLOW_TAGS_FOLDED,
         "this build records its tag format"
     );
-    settings
-        .set(lb_common::SETTINGS_FLOW_TAGS, 0, 0)
-        .expect("an earlier build's format");
-    // The next agent does not reuse it (its lookups would miss every entry, and Maglev
-    // would move the flows it disagrees with) but places every entry anew.
+    assert_eq!(
+        l3lb::handover::plan(&pins.maps, &options)
+            .expect("plan")
+            .get(map_names::FLOWS),
+        &l3lb::handover::Carry::Reuse(path.clone()),
+        "undamaged: reused"
+    );
+    damage(&path, &mut settings, table.buckets());
     let plan = l3lb::handover::plan(&pins.maps, &options).expect("plan");
     assert_eq!(
         plan.get(map_names::FLOWS),
@@ -1009,6 +1002,46 @@ fn a_table_tagged_by_an_earlier_build_is_placed_anew_with_this_builds_tags() {
     }
     assert_forwarded(&next, &flows, "after the retag");
     assert_table_decided(&next, &flows);
+}
+
+#[test]
+fn a_table_tagged_by_an_earlier_build_is_placed_anew_with_this_builds_tags() {
+    // Tags an earlier `flow_tag` made (other bits than this build's), and a tag format
+    // of 0 in the settings (builds before the format was recorded left it so).
+    placed_anew_after("retag", |path, settings, buckets| {
+        let mut raw: aya::maps::Array<MapData, lb_common::FlowBucket> = aya::maps::Array::try_from(
+            aya::maps::Map::Array(MapData::from_pin(path).expect("open the table")),
+        )
+        .expect("typed");
+        let mut older = 0;
+        for i in 0..buckets {
+            let mut b = raw.get(&i, 0).expect("bucket");
+            for w in b.ways.iter_mut().filter(|w| !w.is_free()) {
+                w.tag ^= 0x5555_5555_5555_5554;
+                older += 1;
+            }
+            raw.set(i, b, 0).expect("write bucket");
+        }
+        assert_eq!(older, pinned_flows().len());
+        settings
+            .set(lb_common::SETTINGS_FLOW_TAGS, 0, 0)
+            .expect("an earlier build's format");
+    });
+}
+
+#[test]
+fn a_table_whose_settings_name_another_seed_is_placed_anew() {
+    // An agent that stopped after pinning its settings (a new table's seed) but before
+    // pinning that table left the earlier table beside another seed: the tag format is
+    // this build's, but a sample of the entries shows the tags do not agree.
+    placed_anew_after("reseed", |_, settings, _| {
+        let lo = settings
+            .get(&lb_common::SETTINGS_FLOW_SEED_LO, 0)
+            .expect("seed");
+        settings
+            .set(lb_common::SETTINGS_FLOW_SEED_LO, lo ^ 0x0123_4567, 0)
+            .expect("another seed");
+    });
 }
 
 fn flow_seed(f: &Fixture) -> u64 {
