@@ -8,7 +8,9 @@
 //! `l3lb status`, it reads only pins and works without an agent.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    cmp::Reverse,
+    collections::{BinaryHeap, HashSet},
+    hash::{Hash as _, Hasher as _},
     net::{IpAddr, SocketAddr},
     path::Path,
     str::FromStr,
@@ -147,21 +149,92 @@ pub fn newest(
     filter: &VipFilter,
     limit: usize,
 ) -> (u64, Vec<(FlowKey, FlowState)>) {
-    let matching: StdHashMap<FlowKey, FlowState> = entries
-        .into_iter()
-        .filter(|(k, _)| filter.matches(k))
-        .collect();
-    let matched = matching.len() as u64;
-    let mut all: Vec<(FlowKey, FlowState)> = matching.into_iter().collect();
-    // Ties (entries written within one clock tick) fall back to the client port, so the
-    // order is stable from one run to the next.
-    all.sort_by(|(ka, a), (kb, b)| {
-        b.created_ns
-            .cmp(&a.created_ns)
-            .then_with(|| (ka.src, ka.sport).cmp(&(kb.src, kb.sport)))
-    });
-    all.truncate(limit);
-    (matched, all)
+    let mut n = Newest::new(limit);
+    for (k, st) in entries {
+        if filter.matches(&k) {
+            n.offer(k, st);
+        }
+    }
+    n.finish()
+}
+
+/// An entry ranked newer first; ties (entries written within one clock tick) by the
+/// client, so the order is stable from one run to the next.
+struct Ranked(u64, Reverse<([u8; 16], u16)>, FlowKey, FlowState);
+
+impl Ranked {
+    fn rank(&self) -> (u64, Reverse<([u8; 16], u16)>) {
+        (self.0, self.1)
+    }
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.rank() == other.rank()
+    }
+}
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.rank().cmp(&other.rank())
+    }
+}
+
+/// The newest `limit` of the entries offered, and how many distinct keys were offered,
+/// in memory that follows `limit`, not the table: keys are remembered by a 64-bit hash
+/// each (16 bytes a key; keeping every matching entry took 234 MB for a million).
+struct Newest {
+    limit: usize,
+    seen: HashSet<u64>,
+    /// The oldest kept entry on top, to give way to a newer one.
+    kept: BinaryHeap<Reverse<Ranked>>,
+}
+
+impl Newest {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            seen: HashSet::new(),
+            kept: BinaryHeap::with_capacity(limit.saturating_add(1).min(1 << 16)),
+        }
+    }
+
+    fn offer(&mut self, k: FlowKey, st: FlowState) {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        k.hash(&mut h);
+        if !self.seen.insert(h.finish()) {
+            return;
+        }
+        self.kept.push(Reverse(Ranked(
+            st.created_ns,
+            Reverse((k.src, k.sport)),
+            k,
+            st,
+        )));
+        if self.kept.len() > self.limit {
+            self.kept.pop();
+        }
+    }
+
+    /// (distinct keys offered, the newest `limit`, newest first).
+    fn finish(self) -> (u64, Vec<(FlowKey, FlowState)>) {
+        // Sorted ascending by `Reverse`: the newest first.
+        let out = self
+            .kept
+            .into_sorted_vec()
+            .into_iter()
+            .map(|Reverse(Ranked(_, _, k, st))| (k, st))
+            .collect();
+        (self.seen.len() as u64, out)
+    }
 }
 
 /// Now on CLOCK_MONOTONIC, in nanoseconds: the clock of the entries' creation stamps,
@@ -189,14 +262,14 @@ pub fn read(pin_dir: &Path, filter: &VipFilter, limit: usize) -> Result<FlowList
     // Ages are as of the start of the walk, which takes a while on a large table.
     let now = monotonic_ns();
     let mut scanned = 0u64;
-    let mut entries = Vec::new();
+    let mut kept = Newest::new(limit);
     table.for_each(|key, state| {
         scanned += 1;
         if filter.matches(key) {
-            entries.push((*key, *state));
+            kept.offer(*key, *state);
         }
     })?;
-    let (matched, newest) = newest(entries, filter, limit);
+    let (matched, newest) = kept.finish();
 
     let mut names = ServiceNames::open(&pins)?;
     let backends: Array<MapData, Backend> = pins.open(map_names::BACKENDS)?;
@@ -403,6 +476,22 @@ mod tests {
         let (_, all) = newest(entries, &filter, 100);
         let ports: Vec<u16> = all.iter().map(|(k, _)| u16::from_be(k.sport)).collect();
         assert_eq!(ports, [1002, 1004, 1001]);
+    }
+
+    #[test]
+    fn the_newest_are_kept_in_memory_that_follows_the_limit() {
+        let mut n = Newest::new(3);
+        // 10 000 flows in a scrambled order of creation, one of them met twice.
+        for i in 0..10_000u64 {
+            let t = (i * 7_919) % 10_000;
+            n.offer(key(VIP, 80, (i % 60_000) as u16 + 1, PROTO_TCP), state(t));
+            assert!(n.kept.len() <= 3, "more kept than the limit");
+        }
+        n.offer(key(VIP, 80, 1, PROTO_TCP), state(0));
+        let (matched, top) = n.finish();
+        assert_eq!(matched, 10_000);
+        let stamps: Vec<u64> = top.iter().map(|(_, st)| st.created_ns).collect();
+        assert_eq!(stamps, [9_999, 9_998, 9_997]);
     }
 
     #[test]
