@@ -102,13 +102,14 @@ pub const SETTINGS_SERVICE_COUNTS: u32 = 4;
 /// backends' counters plus, in `ServiceStats`, those of the backends it no longer has.
 pub const SERVICE_COUNTS_RETIRED: u32 = 1;
 /// Index of the settings array saying how the connection table's tags were made, for the
-/// next agent: `FLOW_TAGS_FOLDED` (this build), or 0 (agents before it, whose tags took
-/// the address words as the bucket hash does): a table of other tags is placed anew.
+/// next agent: `FLOW_TAGS_BOUND` (this build), or another value (agents before it): a
+/// table of other tags is placed anew.
 pub const SETTINGS_FLOW_TAGS: u32 = 5;
-/// `SETTINGS[SETTINGS_FLOW_TAGS]`: tags made by `flow_tag` with each address word's halves
-/// folded together. (1 marked the swapped halves of 2b8da60, a build never released,
-/// whose tables are placed anew like those of 0.)
-pub const FLOW_TAGS_FOLDED: u32 = 2;
+/// `SETTINGS[SETTINGS_FLOW_TAGS]`: ways store `FlowWay::bind` of the key's `flow_tag` (each
+/// address word's halves folded together) and their backend. Earlier values: 0, tags that
+/// took the address words as the bucket hash does; 1, the swapped halves of 2b8da60 (never
+/// released); 2, folded tags stored as they are.
+pub const FLOW_TAGS_BOUND: u32 = 3;
 
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
@@ -474,7 +475,8 @@ pub const FLOW_TAG_LIVE: u64 = 1 << 63;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowWay {
-    /// `flow_tag` of the key, with `FLOW_F_CONFIRMED` in bit 0; 0 when the way is free.
+    /// `flow_tag` of the key bound to `backend` (`FlowWay::bind`), with
+    /// `FLOW_F_CONFIRMED` in bit 0; 0 when the way is free.
     pub tag: u64,
     /// Backend id.
     pub backend: u32,
@@ -485,10 +487,26 @@ pub struct FlowWay {
 }
 
 impl FlowWay {
-    /// Whether this way holds the flow tagged `tag` (confirmed or not).
+    /// The tag a way stores for the flow tagged `tag` sent to `backend`: the two bound
+    /// together, so that only a matching pair of tag and backend reads as the flow.
+    ///
+    /// Ways are shared by every CPU without locks: two CPUs writing one way at once (two
+    /// new flows of one bucket), or a CPU confirming an entry while another replaces it,
+    /// can leave one flow's tag beside the other's backend, and a reader between a
+    /// writer's stores can take them so too. Bound, such a pair is nobody's tag (it differs
+    /// from the flow's by the two backends' difference), so the flow misses and is placed
+    /// again instead of going to another flow's backend, possibly of another service.
+    #[inline(always)]
+    pub fn bind(tag: u64, backend: u32) -> u64 {
+        // Backend ids stay far below 2^62: bit 0 (the flag) and bit 63 (live) are kept.
+        tag ^ (backend as u64) << 1
+    }
+
+    /// Whether this way holds the flow tagged `tag` (confirmed or not), with the backend
+    /// it was written with.
     #[inline(always)]
     pub fn holds(&self, tag: u64) -> bool {
-        self.tag & !(FLOW_F_CONFIRMED as u64) == tag
+        Self::bind(self.tag, self.backend) & !(FLOW_F_CONFIRMED as u64) == tag
     }
 
     /// Whether the way is free.
@@ -639,7 +657,7 @@ pub fn flow_mix(w: &[u64; 5], seed: u64) -> u64 {
 /// the tag's high half, and every client had a twin in its own /24 for each other VIP
 /// of the /24 or protocol. Folded, a change in either half reaches the whole product,
 /// and an IPv4 word becomes a 32-bit value times another odd constant, as before
-/// (`FLOW_TAGS_FOLDED` marks tables tagged this way).
+/// (`FLOW_TAGS_BOUND` marks tables tagged this way, stored bound to their backend).
 #[inline(always)]
 pub fn flow_tag(w: &[u64; 5], seed: u64) -> u64 {
     let f = |x: u64| x ^ x.rotate_left(32);
@@ -1161,7 +1179,7 @@ mod tests {
         let mut b = FlowBucket::default();
         let fill = |b: &mut FlowBucket, i: usize, tag: u64, seen: u32, flags: u32| {
             b.ways[i] = FlowWay {
-                tag: tag | u64::from(flags),
+                tag: FlowWay::bind(tag, 1) | u64::from(flags),
                 backend: 1,
                 seen,
             };
@@ -1200,6 +1218,30 @@ mod tests {
             2,
             "the pre-wrap entry is the oldest"
         );
+    }
+
+    #[test]
+    fn a_tag_beside_another_flows_backend_reads_as_no_flow() {
+        let x = flow_tag(&key(1, 1).words64(), 7);
+        let y = flow_tag(&key(1, 2).words64(), 7);
+        let way = |tag: u64, written_for: u32, beside: u32| FlowWay {
+            tag: FlowWay::bind(tag, written_for) | u64::from(FLOW_F_CONFIRMED),
+            backend: beside,
+            seen: 0,
+        };
+        let whole = way(x, 3, 3);
+        assert!(whole.holds(x) && whole.confirmed() && !whole.is_free());
+        assert_eq!(
+            whole.tag & FLOW_TAG_LIVE,
+            FLOW_TAG_LIVE,
+            "bound tags stay live"
+        );
+        // Halves of two writes (two CPUs writing the way at once, or a confirmation
+        // written back over a replaced entry): neither flow's.
+        for (tag, written_for, beside) in [(x, 3, 4), (y, 4, 3), (x, 0, 1 << 20)] {
+            let torn = way(tag, written_for, beside);
+            assert!(!torn.holds(x) && !torn.holds(y) && !torn.is_free());
+        }
     }
 
     #[test]

@@ -103,18 +103,56 @@ impl Place {
     }
 }
 
-/// The way of `bucket` holding the flow tagged `tag`, and whether the bucket has a free
-/// way.
+/// A way found holding a flow, with what was read of it: its stored tag, backend and
+/// epoch, read once each and in this order (see `Found::unchanged`).
+#[derive(Clone, Copy)]
+struct Found {
+    way: *mut FlowWay,
+    tag: u64,
+    backend: u32,
+    seen: u32,
+}
+
+impl Found {
+    /// Whether the way still stores the tag read first: a writer on another CPU clears
+    /// the tag before it writes the other fields, so then the backend and epoch read
+    /// are the found flow's, not halves of two flows'.
+    #[inline(always)]
+    fn unchanged(&self) -> bool {
+        // SAFETY: a way in a map value.
+        unsafe { core::ptr::read_volatile(&raw const (*self.way).tag) == self.tag }
+    }
+}
+
+/// The way of `bucket` holding the flow tagged `tag` (bound to the backend beside it,
+/// see `FlowWay::bind`), and whether the bucket has a free way.
+///
+/// Volatile reads keep each field read once and in order, so that the checks below are
+/// made on the values used.
 #[inline(always)]
-fn search(bucket: *mut FlowBucket, tag: u64) -> (Option<*mut FlowWay>, bool) {
+fn search(bucket: *mut FlowBucket, tag: u64) -> (Option<Found>, bool) {
     let mut free = false;
     let mut i = 0;
     while i < FLOW_WAYS {
         // SAFETY: a map value of this program's; the way index is below FLOW_WAYS.
         let w = unsafe { &raw mut (*bucket).ways[i] };
-        let t = unsafe { (*w).tag };
-        if t & !(FLOW_F_CONFIRMED as u64) == tag {
-            return (Some(w), free);
+        let (t, b) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*w).tag),
+                core::ptr::read_volatile(&raw const (*w).backend),
+            )
+        };
+        if FlowWay::bind(t, b) & !(FLOW_F_CONFIRMED as u64) == tag {
+            let seen = unsafe { core::ptr::read_volatile(&raw const (*w).seen) };
+            return (
+                Some(Found {
+                    way: w,
+                    tag: t,
+                    backend: b,
+                    seen,
+                }),
+                free,
+            );
         }
         free |= t == 0;
         i += 1;
@@ -126,7 +164,7 @@ fn search(bucket: *mut FlowBucket, tag: u64) -> (Option<*mut FlowWay>, bool) {
 /// when the home bucket is full (ways are never freed, so a flow that overflowed left a
 /// full home bucket behind).
 #[inline(always)]
-fn find(p: Place) -> Option<*mut FlowWay> {
+fn find(p: Place) -> Option<Found> {
     let (found, free) = search(p.home, p.tag);
     if found.is_some() || free {
         return found;
@@ -145,19 +183,17 @@ fn find(p: Place) -> Option<*mut FlowWay> {
 /// same, so a slot the agent cleared is never used.
 #[inline(always)]
 pub fn current(place: Option<Place>, family: u8, now: u32) -> Option<Choice> {
-    let w = find(place?)?;
-    // SAFETY: the way found above, in a map value.
-    let (tag, id, seen) = unsafe { ((*w).tag, (*w).backend, (*w).seen) };
+    let f = find(place?)?;
     // An entry not yet confirmed (its SYN wrote it) is left to `remembered`, which
     // confirms it: this path stays free of stores.
-    if seen != now || tag & FLOW_F_CONFIRMED as u64 == 0 {
+    if f.seen != now || f.tag & FLOW_F_CONFIRMED as u64 == 0 || !f.unchanged() {
         return None;
     }
-    let b = BACKENDS.get(id)?;
+    let b = BACKENDS.get(f.backend)?;
     if b.family != family {
         return None;
     }
-    Some(Choice::of(id, b, false, now))
+    Some(Choice::of(f.backend, b, false, now))
 }
 
 /// The backend the connection table remembers for `key`, if it still serves this service;
@@ -171,9 +207,11 @@ fn remembered(
     touch: bool,
     now: u32,
 ) -> Option<Choice> {
-    let w = find(place?)?;
-    // SAFETY: the way found above, in a map value.
-    let id = unsafe { (*w).backend };
+    let f = find(place?)?;
+    if !f.unchanged() {
+        return None;
+    }
+    let (w, id) = (f.way, f.backend);
     // The backend's own service decides whether the entry still applies: it is read
     // anyway, and the entry's service (in its cold record) is not.
     let b = BACKENDS.get(id)?;
@@ -183,13 +221,15 @@ fn remembered(
     if touch {
         // Stores only when something changed: once per flow for the flag, once per epoch
         // (half a second) for the age, so the established path stays read-mostly.
+        // Both from what was read and checked: should another CPU have replaced the way
+        // meanwhile, the tag written back is bound to this flow's backend, not to the
+        // one now beside it, and reads as no flow (see `FlowWay::bind`).
         unsafe {
-            if (*w).seen != now {
+            if f.seen != now {
                 (*w).seen = now;
             }
-            let t = (*w).tag;
-            if t & FLOW_F_CONFIRMED as u64 == 0 {
-                (*w).tag = t | FLOW_F_CONFIRMED as u64;
+            if f.tag & FLOW_F_CONFIRMED as u64 == 0 {
+                (*w).tag = f.tag | FLOW_F_CONFIRMED as u64;
             }
         }
     }
@@ -229,9 +269,13 @@ fn record(key: &FlowKey, place: Option<Place>, state: FlowState, now: u32) {
         (*rec).key = *key;
         (*rec).service = state.service;
         (*rec).created_ns = state.created_ns;
-        (*w).backend = state.backend;
-        (*w).seen = now;
-        core::ptr::write_volatile(&raw mut (*w).tag, p.tag);
+        // Volatile like the tag's stores, so that they stay between them: plain stores
+        // may be moved across volatile ones (LLVM merged them into one store placed
+        // before the tag was cleared, and a reader on another CPU then found the old
+        // flow's tag beside the new flow's backend).
+        core::ptr::write_volatile(&raw mut (*w).backend, state.backend);
+        core::ptr::write_volatile(&raw mut (*w).seen, now);
+        core::ptr::write_volatile(&raw mut (*w).tag, FlowWay::bind(p.tag, state.backend));
     }
 }
 

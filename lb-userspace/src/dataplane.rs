@@ -1081,11 +1081,7 @@ impl Dataplane {
                 .map_err(map_err("writing the service counters' format"))?;
             // For the next agent, which reuses the table only if it tags flows alike.
             settings
-                .set(
-                    lb_common::SETTINGS_FLOW_TAGS,
-                    lb_common::FLOW_TAGS_FOLDED,
-                    0,
-                )
+                .set(lb_common::SETTINGS_FLOW_TAGS, lb_common::FLOW_TAGS_BOUND, 0)
                 .map_err(map_err("writing the connection table's tag format"))?;
             Ok(dp)
         })

@@ -196,7 +196,10 @@ impl View {
             std::ptr::write_volatile(&raw mut (*w).seen, entry.seen);
             fence(Ordering::SeqCst);
             let confirmed = u64::from(entry.flags & FLOW_F_CONFIRMED);
-            std::ptr::write_volatile(&raw mut (*w).tag, tag | confirmed);
+            std::ptr::write_volatile(
+                &raw mut (*w).tag,
+                FlowWay::bind(tag, entry.state.backend) | confirmed,
+            );
         }
     }
 }

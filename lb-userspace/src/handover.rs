@@ -267,7 +267,7 @@ pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverEr
             if found == want {
                 if name == map_names::FLOWS
                     && (previous_setting(maps_dir, lb_common::SETTINGS_FLOW_TAGS)
-                        != Some(lb_common::FLOW_TAGS_FOLDED)
+                        != Some(lb_common::FLOW_TAGS_BOUND)
                         || !tags_agree(&path))
                 {
                     Carry::Retag(path)
