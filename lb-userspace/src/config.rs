@@ -556,6 +556,9 @@ impl Config {
                 ),
             ));
         }
+        for (j, range) in self.decap.allow.iter().enumerate() {
+            network_only(range, &format!("decap.allow[{j}]"))?;
+        }
         let total_ranges: usize = self.services.iter().map(|s| s.source_ranges.len()).sum();
         if total_ranges > MAX_SOURCE_RANGES {
             return Err(error(
@@ -714,9 +717,17 @@ impl Service {
             ));
         }
         for (j, range) in self.source_ranges.iter().enumerate() {
+            let at = format!("services[{i}].source_ranges[{j}]");
+            network_only(range, &at)?;
+            if let Some(k) = self.source_ranges[..j].iter().position(|r| r == range) {
+                return Err(error(
+                    at,
+                    format!("{range} is listed twice (also source_ranges[{k}])"),
+                ));
+            }
             if range.addr().is_ipv4() != self.vip.is_ipv4() {
                 return Err(error(
-                    format!("services[{i}].source_ranges[{j}]"),
+                    at,
                     format!(
                         "{} source range {range} for {} VIP {}",
                         family(range.addr()),
@@ -780,6 +791,27 @@ impl Service {
         }
         Ok(())
     }
+}
+
+/// Rejects a network written with host bits (`10.1.2.3/8`): it stands for `10.0.0.0/8`,
+/// and whether that or the one address (`/32`) was meant cannot be told; allowing a whole
+/// network by a typo is not a guess to make silently.
+fn network_only(range: &IpNet, at: &str) -> Result<(), ConfigError> {
+    if range.trunc() == *range {
+        return Ok(());
+    }
+    let host = match range {
+        IpNet::V4(_) => 32,
+        IpNet::V6(_) => 128,
+    };
+    Err(error(
+        at,
+        format!(
+            "{range} has host bits set: write {} for the network, or {}/{host} for the one address",
+            range.trunc(),
+            range.addr()
+        ),
+    ))
 }
 
 fn family(address: IpAddr) -> &'static str {
@@ -1288,6 +1320,30 @@ services:
              \x20 - name: rest-udp\n    vip: 192.0.2.10\n    protocol: udp\n",
         ))
         .expect("no overlap");
+    }
+
+    #[test]
+    fn networks_with_host_bits_or_listed_twice_are_refused() {
+        assert_eq!(
+            fails(&with_services(
+                "  - name: web\n    vip: 192.0.2.10\n    source_ranges: [10.1.2.3/8]\n"
+            )),
+            "services[0].source_ranges[0]: 10.1.2.3/8 has host bits set: write 10.0.0.0/8 \
+             for the network, or 10.1.2.3/32 for the one address"
+        );
+        assert_eq!(
+            fails(&with_services(
+                "  - name: web\n    vip: 2001:db8::10\n    \
+                 source_ranges: ['2001:db8:1::/48', '2001:db8:1::/48']\n    \
+                 backends: [{address: '2001:db8::1'}]\n"
+            )),
+            "services[0].source_ranges[1]: 2001:db8:1::/48 is listed twice (also source_ranges[0])"
+        );
+        assert_eq!(
+            fails("interface: eth0\ndecap:\n  allow: [10.0.0.0/24, '2001:db8::1/64']\n"),
+            "decap.allow[1]: 2001:db8::1/64 has host bits set: write 2001:db8::/64 for the \
+             network, or 2001:db8::1/128 for the one address"
+        );
     }
 
     #[test]

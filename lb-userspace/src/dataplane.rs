@@ -296,6 +296,17 @@ struct ServiceState {
     source_ranges: Vec<ipnet::IpNet>,
 }
 
+/// Source ranges as the trie keys them: network addresses (host bits cleared), each once.
+/// Two spellings of one range (`10.1.2.3/8`, `10.0.0.0/8`) are one trie entry, so the
+/// bookkeeping of what was written must see them as one, or dropping either spelling
+/// removes the entry the other still needs.
+fn canonical_ranges(ranges: &[ipnet::IpNet]) -> Vec<ipnet::IpNet> {
+    let mut out: Vec<ipnet::IpNet> = ranges.iter().map(ipnet::IpNet::trunc).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 #[derive(Debug, Clone)]
 struct BackendState {
     id: u32,
@@ -1833,7 +1844,7 @@ impl Dataplane {
         }
         for svc in &desired.services {
             let known = self.services.get(&svc.name).map(|s| &s.source_ranges);
-            svc.source_ranges
+            canonical_ranges(&svc.source_ranges)
                 .iter()
                 .filter(|r| known.is_none_or(|k| !k.contains(r)))
                 .for_each(&mut count);
@@ -2012,9 +2023,10 @@ impl Dataplane {
             if !svc.source_ranges.is_empty() {
                 flags |= SERVICE_F_SOURCE_RANGES;
             }
-            // New ranges go in before the VIP entries may start checking them.
-            let new_ranges: Vec<ipnet::IpNet> = svc
-                .source_ranges
+            // New ranges go in before the VIP entries may start checking them. Kept as the
+            // trie keys them (see `canonical_ranges`).
+            let ranges = canonical_ranges(&svc.source_ranges);
+            let new_ranges: Vec<ipnet::IpNet> = ranges
                 .iter()
                 .filter(|r| !state.source_ranges.contains(r))
                 .copied()
@@ -2075,10 +2087,10 @@ impl Dataplane {
             }
             // Ranges no longer listed go after the index switch (see `sweep_ranges`): until
             // then packets still find this service through the old half of the index.
-            if state.source_ranges != svc.source_ranges {
+            if state.source_ranges != ranges {
                 changed = true;
             }
-            state.source_ranges = svc.source_ranges.clone();
+            state.source_ranges = ranges;
             state.info = info;
             state.vips = vips;
             if is_new {

@@ -1981,6 +1981,41 @@ fn a_services_source_ranges_leave_the_trie_with_the_list_or_the_service() {
 }
 
 #[test]
+fn two_spellings_of_one_source_range_are_one_entry_across_reloads() {
+    // `10.1.2.3/8` and `10.0.0.0/8` are one trie entry: dropping either spelling while the
+    // other stays listed must keep it (the entry was once swept, refusing every client).
+    let net = |s: &str| -> ipnet::IpNet { s.parse().expect("net") };
+    let mut desired = standard_desired();
+    desired.services[0].source_ranges = vec![net("10.1.2.3/8"), net("10.9.9.9/8")];
+    let mut f = Fixture::new(false, &desired);
+    let id = f.dp.service_id(&desired.services[0].name).expect("id");
+    assert_eq!(src_v4_entries(&f), vec![(id, 32 + 8)]);
+    desired.services[0].source_ranges = vec![net("10.0.0.0/8")];
+    f.dp.apply(&desired).expect("respelled");
+    assert_eq!(src_v4_entries(&f), vec![(id, 32 + 8)], "the entry stays");
+    let client = eth(
+        NODE_MAC,
+        CLIENT_MAC,
+        &[],
+        0x0800,
+        &ipv4(
+            Ipv4Addr::new(10, 5, 5, 5),
+            VIP,
+            PROTO_TCP,
+            &[],
+            &tcp(40000, 80, SYN, b""),
+            true,
+        ),
+    );
+    let (verdict, _) = f.run(&client);
+    assert_eq!(verdict, XDP_TX, "a client in 10.0.0.0/8 is still admitted");
+    assert_eq!(f.drops(DropReason::SourceNotAllowed), 0);
+    desired.services[0].source_ranges = vec![];
+    f.dp.apply(&desired).expect("no ranges");
+    assert_eq!(src_v4_entries(&f), vec![]);
+}
+
+#[test]
 fn client_ip_affinity_sends_all_ports_of_a_client_to_one_backend() {
     let mut desired = standard_desired();
     desired.services[5].mode.affinity_client_ip = true;
