@@ -34,15 +34,57 @@ pub fn pin_dir(pin_path: &Path) -> PathBuf {
     pin_path.join(PIN_VERSION)
 }
 
+/// Takes the backends of `service` that fail their health checks (`down`) out of new
+/// connections (weight 0: established ones stay), unless every backend that would take
+/// them fails: then the service *fails open*, its weights unchanged. Every check failing at
+/// once is likelier a wrong check (a port, a path, a firewall between balancer and
+/// backends) than every backend dead, and dropping all new connections is the worse
+/// answer to either. Returns whether the service fails open.
+pub fn apply_health(service: &mut DesiredService, down: &HashSet<health::Key>) -> bool {
+    if down.is_empty() {
+        return false;
+    }
+    let name = service.name.clone();
+    let mut key = (name, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let mut is_down = |b: &DesiredBackend| {
+        key.1 = b.address;
+        down.contains(&key)
+    };
+    let mut serving = service.backends.iter().filter(|b| b.weight > 0).peekable();
+    if serving.peek().is_some() && serving.all(&mut is_down) {
+        return true;
+    }
+    for b in &mut service.backends {
+        if is_down(b) {
+            b.weight = 0;
+        }
+    }
+    false
+}
+
+/// The services of `desired` (made with `down`) that fail open (see `apply_health`): a
+/// backend failing its check still has weight.
+pub fn failing_open(desired: &Desired, down: &HashSet<health::Key>) -> BTreeSet<String> {
+    desired
+        .services
+        .iter()
+        .filter(|s| {
+            s.backends
+                .iter()
+                .any(|b| b.weight > 0 && down.contains(&(s.name.clone(), b.address)))
+        })
+        .map(|s| s.name.clone())
+        .collect()
+}
+
 /// Translates a config into the maps' desired state; `local` holds this node's addresses,
-/// `down` the backends failing their health checks (they get weight 0: established
-/// connections stay, new ones go elsewhere).
+/// `down` the backends failing their health checks (see `apply_health`).
 pub fn desired_from_config(
     cfg: &Config,
     local: &HashSet<IpAddr>,
     down: &HashSet<health::Key>,
 ) -> Desired {
-    let services = cfg
+    let mut services: Vec<DesiredService> = cfg
         .services
         .iter()
         .map(|s| {
@@ -65,17 +107,16 @@ pub fn desired_from_config(
                     .iter()
                     .map(|b| DesiredBackend {
                         address: b.address,
-                        weight: if down.contains(&(s.name.clone(), b.address)) {
-                            0
-                        } else {
-                            b.effective_weight()
-                        },
+                        weight: b.effective_weight(),
                         local: local.contains(&b.address),
                     })
                     .collect(),
             }
         })
         .collect();
+    for s in &mut services {
+        apply_health(s, down);
+    }
     let mut decap_v4 = Vec::new();
     let mut decap_v6 = Vec::new();
     for n in &cfg.decap.allow {
@@ -121,11 +162,7 @@ fn desired_for(
             // Nodes failing their probe keep their established flows and get no new ones,
             // like standalone backends failing their checks.
             for s in &mut desired.services {
-                for b in &mut s.backends {
-                    if down.contains(&(s.name.clone(), b.address)) {
-                        b.weight = 0;
-                    }
-                }
+                apply_health(s, down);
             }
             desired.decap_v4.extend(from_config.decap_v4);
             desired.decap_v4.sort();
@@ -319,6 +356,8 @@ pub struct Agent {
     /// Kubernetes data-plane services the maps had no room for at the last apply (see
     /// `apply_admitting`).
     left_out: BTreeSet<String>,
+    /// Services failing open at the last apply (see `apply_health`), to log changes once.
+    failing_open: BTreeSet<String>,
     /// The program is not on the interface yet (Kubernetes mode, taking over from an
     /// earlier agent): the first complete Kubernetes apply puts it there.
     attach_deferred: bool,
@@ -480,6 +519,7 @@ impl Agent {
             health_shown: std::collections::HashMap::new(),
             ipv6_forwarding,
             left_out: BTreeSet::new(),
+            failing_open: BTreeSet::new(),
             attach_deferred: defer,
             deferred_migration,
             health_rx: Some(health_rx),
@@ -521,10 +561,12 @@ impl Agent {
             self.ipv6_forwarding = true;
         }
         let source = Source::Kubernetes(desired);
-        let mut full = desired_for(&self.config, &source, &local, &self.health.down());
+        let down = self.health.down();
+        let mut full = desired_for(&self.config, &source, &local, &down);
         let summary = self
             .apply_admitting(&mut full)
             .context("applying the Kubernetes state")?;
+        self.note_failing_open(&full, &down);
         if summary != ApplySummary::default() {
             // Backends the apply re-created show `unknown` until their next probe.
             self.health_shown.clear();
@@ -650,11 +692,13 @@ impl Agent {
         // otherwise put a failing backend back).
         let mut tracker = self.health.clone();
         tracker.follow(&new);
-        let desired = desired_for(&new, &self.source, &local, &tracker.down());
+        let down = tracker.down();
+        let desired = desired_for(&new, &self.source, &local, &down);
         let summary = self
             .dataplane
             .apply(&desired)
             .context("applying the new config")?;
+        self.note_failing_open(&desired, &down);
         let unchecked: Vec<health::Key> = self
             .health
             .keys()
@@ -791,14 +835,31 @@ impl Agent {
         }
     }
 
+    /// Logs the services that start or stop failing open with `desired` (made with
+    /// `down`), once each time.
+    fn note_failing_open(&mut self, desired: &Desired, down: &HashSet<health::Key>) {
+        let now = failing_open(desired, down);
+        for name in now.difference(&self.failing_open) {
+            warn!(service = %name, "every backend of the service fails its health check; failing open: all of them take new connections by their weights (check the health check itself: port, path, firewall)");
+        }
+        for name in self.failing_open.difference(&now) {
+            info!(service = %name, "the service no longer fails open: backends failing their health check take no new connections");
+        }
+        self.failing_open = now;
+    }
+
     /// Applies the running config with the current addresses and health; `why` names
     /// what may have changed, for the log.
     fn reapply(&mut self, why: &str) {
         match sys::local_address_set() {
             Ok(local) => {
-                let mut desired =
-                    desired_for(&self.config, &self.source, &local, &self.health.down());
-                match self.apply_admitting(&mut desired) {
+                let down = self.health.down();
+                let mut desired = desired_for(&self.config, &self.source, &local, &down);
+                let applied = self.apply_admitting(&mut desired);
+                if applied.is_ok() {
+                    self.note_failing_open(&desired, &down);
+                }
+                match applied {
                     Ok(summary) if summary != ApplySummary::default() => {
                         self.generation += 1;
                         info!(generation = self.generation, %summary, "{why}; applied");
@@ -930,4 +991,58 @@ pub async fn run_agent(
     }
     agent.exit();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            "interface: eth0\nservices:\n\
+             \x20 - name: web\n    vip: 192.0.2.10\n    ports: [80]\n\
+             \x20   health_check: {type: tcp}\n    backends:\n\
+             \x20     - address: 10.0.0.1\n      - address: 10.0.0.2\n\
+             \x20     - {address: 10.0.0.3, weight: 0}\n\
+             \x20 - name: dns\n    vip: 192.0.2.11\n    ports: [53]\n    protocol: udp\n\
+             \x20   backends:\n      - address: 10.0.0.1\n",
+        )
+        .expect("config")
+    }
+
+    fn weights(d: &Desired, service: &str) -> Vec<u32> {
+        d.services
+            .iter()
+            .find(|s| s.name == service)
+            .expect("service")
+            .backends
+            .iter()
+            .map(|b| b.weight)
+            .collect()
+    }
+
+    fn key(service: &str, last: u8) -> health::Key {
+        (service.into(), IpAddr::V4(Ipv4Addr::new(10, 0, 0, last)))
+    }
+
+    #[test]
+    fn a_service_whose_every_serving_backend_fails_its_check_fails_open() {
+        let cfg = config();
+        let local = HashSet::new();
+        let one: HashSet<health::Key> = [key("web", 1)].into();
+        let d = desired_from_config(&cfg, &local, &one);
+        assert_eq!(
+            weights(&d, "web"),
+            [0, 1, 0],
+            "one down: out of new connections"
+        );
+        assert!(failing_open(&d, &one).is_empty());
+        // Both backends that take traffic fail (the drained one does not count): the
+        // service keeps its weights instead of dropping every new connection.
+        let both: HashSet<health::Key> = [key("web", 1), key("web", 2), key("web", 3)].into();
+        let d = desired_from_config(&cfg, &local, &both);
+        assert_eq!(weights(&d, "web"), [1, 1, 0], "all down: failing open");
+        assert_eq!(weights(&d, "dns"), [1], "another service is not touched");
+        assert_eq!(failing_open(&d, &both), BTreeSet::from(["web".to_string()]));
+    }
 }
