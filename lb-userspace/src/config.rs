@@ -690,6 +690,15 @@ impl Service {
                     "required for an all-ports VIP (there is no service port to default to)",
                 ));
             }
+            // The probes are TCP (tcp, http): a UDP service's own port cannot answer them.
+            None if self.protocol == Protocol::Udp => {
+                return Err(error(
+                    at("port"),
+                    "required for a UDP service: the checks connect over TCP, so they need \
+                     a TCP port the backends serve (the service's own UDP port would refuse \
+                     every probe)",
+                ));
+            }
             _ => {}
         }
         validate_timing(&at, h.interval, h.timeout, h.rise, h.fall)?;
@@ -1453,6 +1462,11 @@ services:
                 "{type: udp}",
                 "    ports: [80]\n",
                 "services[0].health_check.type: unknown variant",
+            ),
+            (
+                "{type: tcp}",
+                "    ports: [53]\n    protocol: udp\n",
+                "services[0].health_check.port: required for a UDP service",
             ),
             (
                 "{type: tcp, interval: 2}",

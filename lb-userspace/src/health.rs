@@ -1,10 +1,10 @@
 //! Active health checks: each backend of a service with a `health_check` (standalone
 //! mode), or each target node of an `externalTrafficPolicy: Local` Service (Kubernetes
-//! mode, its `healthCheckNodePort`), is probed from the balancer at its address and port,
-//! the path real traffic takes. `fall` consecutive failures take it out of
-//! new-connection selection (weight 0: its established connections stay and drain);
-//! `rise` consecutive successes bring it back. A backend counts as up until checks say
-//! otherwise, so a starting or restarting balancer forwards at once.
+//! mode, its `healthCheckNodePort`), is probed from the balancer at its own address and
+//! the check's port (not through the tunnel to the VIP). `fall` consecutive failures take
+//! it out of new-connection selection (weight 0: its established connections stay and
+//! drain); `rise` consecutive successes bring it back. A backend counts as up until checks
+//! say otherwise, so a starting or restarting balancer forwards at once.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -35,6 +35,30 @@ pub struct Target {
     pub addr: SocketAddr,
 }
 
+impl Target {
+    /// What this target's probes look at (see [`Probed`]).
+    pub fn probed(&self) -> Probed {
+        Probed {
+            addr: self.addr,
+            kind: self.check.kind,
+            path: self.check.path.clone(),
+        }
+    }
+}
+
+/// What a probe looks at: where it connects and what it asks. A verdict is about this:
+/// a check retimed (interval, timeout, rise, fall) keeps it, one that probes elsewhere or
+/// otherwise starts afresh, and an outcome counts only for the probe it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Probed {
+    /// Address and port the probe connects to.
+    pub addr: SocketAddr,
+    /// `tcp` or `http`.
+    pub kind: CheckKind,
+    /// The path an `http` probe asks for.
+    pub path: String,
+}
+
 /// The probe targets of a standalone config: every backend of a service with a check.
 pub fn targets(config: &Config) -> Vec<Target> {
     let mut out = Vec::new();
@@ -58,6 +82,9 @@ pub fn targets(config: &Config) -> Vec<Target> {
 pub struct Outcome {
     /// The backend checked.
     pub key: Key,
+    /// What the probe looked at: an outcome that arrives after the backend's check was
+    /// changed to probe something else (queued while a reload ran) does not count.
+    pub probed: Probed,
     /// `Err` with the reason when the check failed.
     pub result: Result<(), String>,
 }
@@ -77,8 +104,9 @@ pub struct Transition {
 
 #[derive(Debug, Clone)]
 struct State {
+    /// The check as configured now (its `rise` and `fall` decide).
     check: HealthCheck,
-    addr: SocketAddr,
+    probed: Probed,
     up: bool,
     successes: u32,
     failures: u32,
@@ -97,33 +125,36 @@ impl Tracker {
         self.follow_targets(&targets(config));
     }
 
-    /// Follows a list of targets (see [`Tracker::follow`]). A target whose check or
-    /// address changed starts afresh; one that is unchanged keeps its streaks and verdict,
-    /// so re-applying after an unrelated change never turns a failing backend healthy.
+    /// Follows a list of targets (see [`Tracker::follow`]). A target that probes something
+    /// else than before (address, port, kind, path) starts afresh; one that probes the same
+    /// keeps its streaks and verdict, whether or not its timing changed, so neither
+    /// re-applying after an unrelated change nor retuning a check turns a failing backend
+    /// healthy.
     pub fn follow_targets(&mut self, targets: &[Target]) {
-        let wanted: HashMap<Key, (&HealthCheck, SocketAddr)> = targets
+        let wanted: HashMap<Key, (&HealthCheck, Probed)> = targets
             .iter()
-            .map(|t| (t.key.clone(), (&t.check, t.addr)))
+            .map(|t| (t.key.clone(), (&t.check, t.probed())))
             .collect();
-        self.states.retain(|k, s| {
-            wanted
-                .get(k)
-                .is_some_and(|(c, addr)| **c == s.check && *addr == s.addr)
-        });
-        for (k, (check, addr)) in wanted {
-            self.states.entry(k).or_insert(State {
+        self.states
+            .retain(|k, s| wanted.get(k).is_some_and(|(_, p)| *p == s.probed));
+        for (k, (check, probed)) in wanted {
+            let state = self.states.entry(k).or_insert(State {
                 check: check.clone(),
-                addr,
+                probed,
                 up: true,
                 successes: 0,
                 failures: 0,
             });
+            state.check = check.clone();
         }
     }
 
     /// Records one outcome; returns the transition it caused, if any.
     pub fn record(&mut self, outcome: Outcome) -> Option<Transition> {
         let state = self.states.get_mut(&outcome.key)?;
+        if outcome.probed != state.probed {
+            return None;
+        }
         match outcome.result {
             Ok(()) => {
                 state.failures = 0;
@@ -227,6 +258,7 @@ async fn run_probe(target: Target, offset: Duration, tx: mpsc::Sender<Outcome>) 
         let result = probe(&target.check, target.addr).await;
         let outcome = Outcome {
             key: target.key.clone(),
+            probed: target.probed(),
             result,
         };
         if tx.send(outcome).await.is_err() {
@@ -311,8 +343,19 @@ mod tests {
     }
 
     fn outcome(ok: bool) -> Outcome {
+        outcome_of(80, ok)
+    }
+
+    /// An outcome of a tcp probe of web's backend 10.0.0.1 at `port`.
+    fn outcome_of(port: u16, ok: bool) -> Outcome {
+        let addr: IpAddr = "10.0.0.1".parse().expect("addr");
         Outcome {
-            key: ("web".into(), "10.0.0.1".parse().expect("addr")),
+            key: ("web".into(), addr),
+            probed: Probed {
+                addr: SocketAddr::new(addr, port),
+                kind: CheckKind::Tcp,
+                path: "/".into(),
+            },
             result: if ok { Ok(()) } else { Err("refused".into()) },
         }
     }
@@ -368,6 +411,39 @@ mod tests {
         assert_eq!(t.record(outcome(false)), None, "no longer tracked");
     }
 
+    /// web's config with a tcp check of `check_fields` (after `type: tcp`).
+    fn checked(check_fields: &str) -> Config {
+        Config::parse(&format!(
+            "interface: eth0\nservices:\n  - name: web\n    vip: 192.0.2.1\n    ports: [80]\n    \
+             health_check: {{type: tcp{check_fields}}}\n    backends:\n      - address: 10.0.0.1\n",
+        ))
+        .expect("config")
+    }
+
+    #[test]
+    fn a_retimed_check_keeps_its_verdict_and_a_replaced_ones_outcomes_do_not_count() {
+        let mut t = tracker();
+        let key = ("web".to_string(), "10.0.0.1".parse().expect("addr"));
+        for _ in 0..3 {
+            t.record(outcome(false));
+        }
+        assert_eq!(t.state(&key), Some(false));
+        // Only the timing changes: still down, and the new `rise` decides.
+        t.follow(&checked(", interval: 1s, timeout: 500ms, rise: 1, fall: 5"));
+        assert_eq!(t.state(&key), Some(false), "retimed: still down");
+        assert!(t.record(outcome(true)).is_some_and(|tr| tr.up), "rise 1");
+        // The check moves to port 81: afresh, and a result of the port-80 probe (queued
+        // while the reload ran) does not count against it.
+        t.follow(&checked(", port: 81, fall: 1"));
+        assert_eq!(
+            t.record(outcome_of(80, false)),
+            None,
+            "the old probe's result"
+        );
+        assert_eq!(t.state(&key), Some(true));
+        assert!(t.record(outcome_of(81, false)).is_some_and(|tr| !tr.up));
+    }
+
     #[test]
     fn following_unchanged_targets_keeps_a_failing_backend_down() {
         let node = |port: u16| Target {
@@ -380,6 +456,7 @@ mod tests {
         };
         let outcome = |ok: bool| Outcome {
             key: node(32000).key,
+            probed: node(32000).probed(),
             result: if ok { Ok(()) } else { Err("503".into()) },
         };
         let mut t = Tracker::default();
