@@ -586,6 +586,30 @@ impl Config {
             service.validate_backends(i, size)?;
             service.validate_health_check(i)?;
         }
+        // Every port of every service and every VIP address must fit the VIP index the
+        // program is sized for (`max_services`), or the config is refused when applied.
+        let entries = self.services.iter().flat_map(|s| {
+            let proto = s.protocol.number();
+            let ports = if s.ports.is_empty() {
+                vec![0]
+            } else {
+                s.ports.clone()
+            };
+            ports.into_iter().map(move |p| (s.vip, p, proto))
+        });
+        if let Err(e) = crate::dataplane::vip_index_fits(entries, self.max_services) {
+            let ports: usize = self.services.iter().map(|s| s.ports.len().max(1)).sum();
+            let addresses = self.services.iter().map(|s| s.vip).collect::<HashSet<_>>();
+            return Err(error(
+                "services",
+                format!(
+                    "{ports} VIP entries (ports) on {} VIP addresses do not fit max_services \
+                     ({}): {e}",
+                    addresses.len(),
+                    self.max_services
+                ),
+            ));
+        }
         let n = &self.kubernetes.node_health_check;
         validate_timing(
             &|field| format!("kubernetes.node_health_check.{field}"),
@@ -1329,6 +1353,38 @@ services:
              \x20 - name: rest-udp\n    vip: 192.0.2.10\n    protocol: udp\n",
         ))
         .expect("no overlap");
+    }
+
+    #[test]
+    fn services_whose_ports_overflow_the_vip_index_are_refused_by_the_check() {
+        // 20 services of 8 ports each: 160 entries and 20 markers, where max_services 16
+        // sizes the index for 128.
+        let services = |n: usize| -> String {
+            (0..n)
+                .map(|i| {
+                    format!(
+                        "  - name: s{i}\n    vip: 10.1.{i}.1\n    \
+                         ports: [80, 81, 82, 83, 84, 85, 86, 87]\n    \
+                         backends: [{{address: 10.2.0.1}}]\n"
+                    )
+                })
+                .collect()
+        };
+        let text = |n: usize| {
+            format!(
+                "interface: eth0\nmax_services: 16\nservices:\n{}",
+                services(n)
+            )
+        };
+        let err = fails(&text(16));
+        assert!(
+            err.starts_with(
+                "services: 128 VIP entries (ports) on 16 VIP addresses do not fit max_services (16): \
+                 VIP index slot table is full"
+            ),
+            "{err}"
+        );
+        Config::parse(&text(8)).expect("64 entries and 8 markers fit");
     }
 
     #[test]

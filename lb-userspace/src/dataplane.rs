@@ -573,6 +573,38 @@ fn slots_digest(slots: &[VipSlot]) -> u64 {
     h.finish()
 }
 
+/// Whether the VIP entries of `vips` ((address, port, protocol) of every service, port 0
+/// for all ports) and their addresses' markers fit the VIP index of a program loaded for
+/// `max_services`; the error says why not. The config check asks it too, so that a config
+/// `l3lb check` accepts does not fail when it is applied.
+pub fn vip_index_fits(
+    vips: impl IntoIterator<Item = (IpAddr, u16, u8)>,
+    max_services: u32,
+) -> Result<(), DataplaneError> {
+    let mut wanted: BTreeSet<VipKey> = BTreeSet::new();
+    for (addr, port, proto) in vips {
+        let (addr, family) = addr_bytes(addr);
+        wanted.insert(VipKey {
+            addr,
+            port: port.to_be(),
+            proto,
+            family,
+        });
+        wanted.insert(VipKey {
+            addr,
+            port: 0,
+            proto: icmp_proto(family),
+            family,
+        });
+    }
+    let info = VipInfo::default();
+    build_vip_index(
+        wanted.iter().map(|k| (k, &info)),
+        lb_common::vip_index_slots(max_services),
+    )
+    .map(drop)
+}
+
 /// Places VIP entries into one half of the VIP index (`slots` slots, a power of two) by
 /// linear probing from `vip_index_hash`, as the data plane searches it.
 ///
@@ -585,7 +617,9 @@ pub fn build_vip_index<'a>(
     let full = || DataplaneError::Full {
         what: "VIP index slot",
         max: slots / 2,
-        knob: "raise max_services in the config (the index holds up to 8 VIP entries per service)",
+        knob: "raise max_services in the config (the VIP index has room for 8 entries per \
+               service it is sized for: one per port of each service, one per VIP address; \
+               addresses that crowd one part of it fill it sooner)",
     };
     let mut table = vec![VipSlot::default(); slots as usize];
     let mask = slots.wrapping_sub(1);
@@ -1810,28 +1844,9 @@ impl Dataplane {
         }
         // The VIP index holds the entries of `desired` alone (the data plane switches to
         // them at once): they must all be placeable.
-        let mut wanted: std::collections::BTreeSet<VipKey> = std::collections::BTreeSet::new();
-        for svc in &desired.services {
-            for &(addr, port, proto) in &svc.vips {
-                let (addr, family) = addr_bytes(addr);
-                wanted.insert(VipKey {
-                    addr,
-                    port: port.to_be(),
-                    proto,
-                    family,
-                });
-                wanted.insert(VipKey {
-                    addr,
-                    port: 0,
-                    proto: icmp_proto(family),
-                    family,
-                });
-            }
-        }
-        let info = VipInfo::default();
-        build_vip_index(
-            wanted.iter().map(|k| (k, &info)),
-            lb_common::vip_index_slots(self.opts.max_services),
+        vip_index_fits(
+            desired.services.iter().flat_map(|s| s.vips.iter().copied()),
+            self.opts.max_services,
         )?;
         // Source-range tries, per family: entries now plus those this apply adds.
         let (mut v4, mut v6) = (0usize, 0usize);
