@@ -666,6 +666,13 @@ impl Agent {
                 "interface, pin_path, metrics_address, maglev_table_size, max_services, max_backends, conntrack_size and decap on/off take effect only on restart; keeping the running config"
             );
         }
+        // The program stays attached across restarts (pinned link): the mode is chosen
+        // only when it is attached anew.
+        if new.xdp_mode != self.config.xdp_mode {
+            bail!(
+                "xdp_mode takes effect only when the program is attached anew (`l3lb down`, then `l3lb run`); keeping the running config"
+            );
+        }
         // The outer sources are fixed when the program loads: one the interface lacked
         // then cannot be had now.
         let ipip = |v6: bool| {

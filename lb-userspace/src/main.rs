@@ -230,6 +230,11 @@ fn kubernetes_config(
             )
         })?
     };
+    // A file of comments alone (the chart's settings with everything commented out) is
+    // as empty as a blank one.
+    if value.is_null() {
+        value = serde_yaml_ng::Value::Mapping(Default::default());
+    }
     if let (Some(iface), serde_yaml_ng::Value::Mapping(m)) = (interface, &mut value) {
         m.insert("interface".into(), iface.into());
     }

@@ -124,6 +124,32 @@ fn kubernetes_settings_errors_name_the_field() {
 }
 
 #[test]
+fn kubernetes_settings_of_comments_alone_are_empty_settings() {
+    let path = write(
+        "kube-comments.yaml",
+        "# interface: eth0\n# kubernetes:\n#   debounce_ms: 500\n",
+    );
+    let (ok, stderr) = l3lb_without_node_name(&[
+        "run",
+        "--kubernetes",
+        "--node-name",
+        "n1",
+        "--interface",
+        "l3lbnone0",
+        "--kubeconfig",
+        "/nonexistent/kubeconfig",
+        "--config",
+        path.to_str().expect("utf-8"),
+    ]);
+    // Past the settings: the next step (the API client) is what fails here.
+    assert!(!ok);
+    assert!(
+        !stderr.contains("empty") && stderr.contains("kubeconfig"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn kubernetes_mode_refuses_static_services() {
     let path = write("kube-services.yaml", GOOD);
     let (ok, stderr) = l3lb_without_node_name(&[

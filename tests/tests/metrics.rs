@@ -128,7 +128,7 @@ fn metrics_count_what_the_client_sent() {
 }
 
 #[test]
-fn the_generation_follows_every_apply_and_a_new_metrics_address_waits_for_a_restart() {
+fn the_generation_follows_every_apply_and_a_new_metrics_address_or_xdp_mode_is_refused() {
     let mut s = Scenario::start(Mode::Ipip, 3).expect("scenario");
     // Backends 0 and 2 answer the health check's port; backend 1 does not.
     let _checked_servers: Vec<TcpServer> = [0, 2]
@@ -179,4 +179,17 @@ fn the_generation_follows_every_apply_and_a_new_metrics_address_waits_for_a_rest
     assert_eq!(status, "HTTP/1.1 200 OK", "still served where it was");
     assert_eq!(value(&text, "l3lb_config_generation"), 3.0);
     assert_eq!(value(&text, "l3lb_config_last_apply_success"), 0.0);
+
+    // So is another XDP mode: the attached program keeps its own until `l3lb down`.
+    let generic = checked.replacen("xdp_mode: native\n", "xdp_mode: generic\n", 1);
+    assert_ne!(generic, checked);
+    s.write_raw_config_and_reload(&generic).expect("reload");
+    s.balancer
+        .wait_for_log(
+            "xdp_mode takes effect only when the program is attached anew",
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", s.balancer.log()));
+    let (_, text) = get(&s.lab.balancers[0].ns, "/metrics");
+    assert_eq!(value(&text, "l3lb_config_generation"), 3.0, "not applied");
 }
