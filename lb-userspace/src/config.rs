@@ -492,7 +492,24 @@ impl Config {
             return Err(error(
                 "interface",
                 format!(
-                    "interface name {:?} is longer than {MAX_INTERFACE_NAME} characters",
+                    "interface name {:?} is longer than {MAX_INTERFACE_NAME} bytes",
+                    self.interface
+                ),
+            ));
+        }
+        // The kernel's own rule for device names (dev_valid_name).
+        if self.interface == "."
+            || self.interface == ".."
+            || self
+                .interface
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        {
+            return Err(error(
+                "interface",
+                format!(
+                    "{:?} is not a valid interface name (no '/', ':', spaces or control \
+                     characters, not . or ..)",
                     self.interface
                 ),
             ));
@@ -579,6 +596,12 @@ impl Config {
                 return Err(error(
                     at("name"),
                     format!("duplicate service name {:?}", service.name),
+                ));
+            }
+            if let Some(why) = not_unicast(service.vip) {
+                return Err(error(
+                    at("vip"),
+                    format!("{} is {why}: a VIP is one unicast address", service.vip),
                 ));
             }
             service.validate_ports(i, &mut claims)?;
@@ -794,6 +817,21 @@ impl Service {
             if !seen.insert(address) {
                 return Err(error(at("address"), format!("duplicate backend {address}")));
             }
+            if let Some(why) = not_unicast(address) {
+                return Err(error(
+                    at("address"),
+                    format!("{address} is {why}: a backend is one unicast address"),
+                ));
+            }
+            if address == self.vip {
+                return Err(error(
+                    at("address"),
+                    format!(
+                        "{address} is the VIP itself: its packets would come back here; name \
+                         the backend's own address"
+                    ),
+                ));
+            }
             if backend.weight > MAX_WEIGHT {
                 return Err(error(
                     at("weight"),
@@ -845,6 +883,16 @@ fn network_only(range: &IpNet, at: &str) -> Result<(), ConfigError> {
             range.addr()
         ),
     ))
+}
+
+/// Why `address` cannot be one host's address (unspecified, broadcast or multicast), if so.
+fn not_unicast(address: IpAddr) -> Option<&'static str> {
+    match address {
+        a if a.is_unspecified() => Some("the unspecified address"),
+        a if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
+        _ => None,
+    }
 }
 
 fn family(address: IpAddr) -> &'static str {
@@ -1235,7 +1283,7 @@ services:
         assert_eq!(fails("interface: ''\n"), "interface: must not be empty");
         assert_eq!(
             fails("interface: a-very-long-ifname\n"),
-            r#"interface: interface name "a-very-long-ifname" is longer than 15 characters"#
+            r#"interface: interface name "a-very-long-ifname" is longer than 15 bytes"#
         );
         assert!(Config::parse("interface: exactly15chars_\n").is_ok());
     }
@@ -1385,6 +1433,55 @@ services:
             "{err}"
         );
         Config::parse(&text(8)).expect("64 entries and 8 markers fit");
+    }
+
+    #[test]
+    fn addresses_that_are_no_one_hosts_and_bad_interface_names_are_refused() {
+        for (vip, backend, message) in [
+            (
+                "0.0.0.0",
+                "10.0.0.1",
+                "services[0].vip: 0.0.0.0 is the unspecified address",
+            ),
+            (
+                "239.1.1.1",
+                "10.0.0.1",
+                "services[0].vip: 239.1.1.1 is a multicast address",
+            ),
+            (
+                "192.0.2.10",
+                "255.255.255.255",
+                "services[0].backends[0].address: 255.255.255.255 is the broadcast address",
+            ),
+            (
+                "2001:db8::10",
+                "'::'",
+                "services[0].backends[0].address: :: is the unspecified address",
+            ),
+            (
+                "192.0.2.10",
+                "192.0.2.10",
+                "services[0].backends[0].address: 192.0.2.10 is the VIP itself",
+            ),
+        ] {
+            let err = fails(&with_services(&format!(
+                "  - name: web\n    vip: {vip}\n    backends: [{{address: {backend}}}]\n"
+            )));
+            assert!(err.starts_with(message), "{vip} {backend}: {err}");
+        }
+        for name in ["eth 0", "a/b", "..", "eth0:1"] {
+            let err = fails(&format!("interface: '{name}'\n"));
+            assert!(
+                err.starts_with(&format!(
+                    "interface: {name:?} is not a valid interface name"
+                )),
+                "{err}"
+            );
+        }
+        assert!(
+            fails("interface: éééééééé\n").ends_with("is longer than 15 bytes"),
+            "16 bytes in 8 characters"
+        );
     }
 
     #[test]
