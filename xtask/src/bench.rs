@@ -12,7 +12,8 @@ pub struct Args {
     /// A short run (under two minutes) that exercises every measurement; CI runs this.
     #[arg(long)]
     pub quick: bool,
-    /// Where to write every figure as JSON (default: target/bench/bench.json).
+    /// Where to write every figure as JSON (default: target/bench/bench.json, or
+    /// bench-quick.json with --quick).
     #[arg(long)]
     pub json: Option<OsString>,
 }
@@ -56,11 +57,16 @@ pub fn run(workspace: &Workspace, args: &Args) -> Result<()> {
     if args.quick {
         bench.arg("--quick");
     }
+    // A quick run (CI's) writes beside a full run's figures, never over them.
     let json = args.json.clone().unwrap_or_else(|| {
         workspace
             .target_dir()
             .join("bench")
-            .join("bench.json")
+            .join(if args.quick {
+                "bench-quick.json"
+            } else {
+                "bench.json"
+            })
             .into()
     });
     bench.arg("--json").arg(json);

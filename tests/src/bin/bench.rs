@@ -261,10 +261,33 @@ fn machine() -> Value {
         })
         .unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    // Online CPUs, not this process's affinity (the bench pins itself to one).
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    // What was measured, for tracking figures over time: the commit (and whether the
+    // tree had changes) and when.
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "HEAD"]);
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
+    let unix_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     json!({
         "cpu": model,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpus": cpus,
         "kernel": kernel.trim(),
+        "commit": commit,
+        "tree_changed": dirty,
+        "unix_time": unix_time,
     })
 }
 
@@ -435,14 +458,69 @@ fn udp(sport: u16, dport: u16) -> Vec<u8> {
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
+/// What a timed variant sends, call after call.
+enum Frames {
+    /// One frame again and again.
+    Same(Vec<u8>),
+    /// An IPv4 TCP frame whose source address and port come from a counter: each call a
+    /// flow no call sent before. The new-flow path then inserts as for real new flows — in
+    /// whatever bucket the hash names, cache-cold or not, into a free way or over a victim
+    /// — where one SYN sent again would find its own entry in a cache-hot bucket.
+    New {
+        base: Vec<u8>,
+        next: std::cell::Cell<u32>,
+    },
+    /// The established frames (ACK) of the first `n` flows `fill_connection_table` wrote,
+    /// in turn: the table's size then decides how far its buckets are from the CPU.
+    Filled {
+        n: usize,
+        next: std::cell::Cell<usize>,
+    },
+}
+
+impl Frames {
+    /// New flows from `base` (see `Frames::New`).
+    fn new_flows(base: Vec<u8>) -> Self {
+        Frames::New {
+            base,
+            next: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The frame of the next call.
+    fn next(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Frames::Same(f) => std::borrow::Cow::Borrowed(f),
+            Frames::New { base, next } => {
+                let c = next.get();
+                next.set(c.wrapping_add(1));
+                let mut f = base.clone();
+                // Clients 172.16.0.0/12, 50 000 ports each: apart from the filled flows.
+                let src = u32::from(Ipv4Addr::new(172, 16, 0, 0)) + (c / 50_000) % (1 << 20);
+                f[26..30].copy_from_slice(&src.to_be_bytes());
+                f[34..36].copy_from_slice(&(1024 + (c % 50_000) as u16).to_be_bytes());
+                f[24..26].copy_from_slice(&[0, 0]);
+                let c = csum(&f[14..34]);
+                f[24..26].copy_from_slice(&c);
+                std::borrow::Cow::Owned(f)
+            }
+            Frames::Filled { n, next } => {
+                let i = next.get();
+                next.set((i + 1) % n);
+                std::borrow::Cow::Owned(filled_flow_frame(i, ACK))
+            }
+        }
+    }
+}
+
 // ---- per-packet cost ----
 
 /// Mean ns/packet over `calls` single runs, first 1 % dropped.
-fn mean_ns(prog: &Xdp, ifindex: u32, frame: &[u8], calls: usize) -> Result<f64> {
+fn mean_ns(prog: &Xdp, ifindex: u32, frames: &Frames, calls: usize) -> Result<f64> {
     let skip = calls / 100;
     let mut total = 0u128;
     for i in 0..calls {
-        let r = run_xdp(prog, ifindex, frame)?;
+        let r = run_xdp(prog, ifindex, &frames.next())?;
         if i >= skip {
             total += r.duration.as_nanos();
         }
@@ -457,15 +535,15 @@ const CHUNK: usize = 500;
 
 /// One round: mean ns/packet of each (program, frame) over `calls` single runs, the
 /// variants interleaved in chunks of `CHUNK` calls; each variant's first 1 % dropped.
-fn interleaved(variants: &[(&Xdp, &[u8])], ifindex: u32, calls: usize) -> Result<Vec<f64>> {
+fn interleaved(variants: &[(&Xdp, &Frames)], ifindex: u32, calls: usize) -> Result<Vec<f64>> {
     let skip = calls / 100;
     let mut total = vec![0u128; variants.len()];
     let mut done = 0;
     while done < calls {
         let n = CHUNK.min(calls - done);
-        for (v, (prog, frame)) in variants.iter().enumerate() {
+        for (v, (prog, frames)) in variants.iter().enumerate() {
             for i in done..done + n {
-                let r = run_xdp(prog, ifindex, frame)?;
+                let r = run_xdp(prog, ifindex, &frames.next())?;
                 if i >= skip {
                     total[v] += r.duration.as_nanos();
                 }
@@ -483,7 +561,7 @@ fn interleaved(variants: &[(&Xdp, &[u8])], ifindex: u32, calls: usize) -> Result
 /// single runs, in chunks of `CHUNK` calls, A first in even chunks and B first in odd ones
 /// so that neither gains from its place (caches, branch predictors warmed by the other);
 /// each variant's first 1 % dropped.
-fn paired(pairs: &[[(&Xdp, &[u8]); 2]], ifindex: u32, calls: usize) -> Result<Vec<[f64; 2]>> {
+fn paired(pairs: &[[(&Xdp, &Frames); 2]], ifindex: u32, calls: usize) -> Result<Vec<[f64; 2]>> {
     let skip = calls / 100;
     let mut total = vec![[0u128; 2]; pairs.len()];
     let mut done = 0;
@@ -493,9 +571,9 @@ fn paired(pairs: &[[(&Xdp, &[u8]); 2]], ifindex: u32, calls: usize) -> Result<Ve
         let order = if chunk % 2 == 0 { [0, 1] } else { [1, 0] };
         for (p, pair) in pairs.iter().enumerate() {
             for v in order {
-                let (prog, frame) = pair[v];
+                let (prog, frames) = pair[v];
                 for i in done..done + n {
-                    let r = run_xdp(prog, ifindex, frame)?;
+                    let r = run_xdp(prog, ifindex, &frames.next())?;
                     if i >= skip {
                         total[p][v] += r.duration.as_nanos();
                     }
@@ -524,9 +602,31 @@ const LOG_TARGET_RATIO: f64 = 1.05;
 
 struct Path {
     name: &'static str,
-    frame: Vec<u8>,
+    frames: Frames,
+    /// The verdict, and the counted action, of the path.
     expect: u32,
-    target_ratio: f64,
+    action: lb_common::Action,
+    /// Whether a packet of the path chooses a backend afresh (a service counts a new flow).
+    new_flow: bool,
+    /// The issue's target (× floor); none for a path shown for information.
+    target_ratio: Option<f64>,
+}
+
+/// Client address, client port and service index of the `i`th flow
+/// `fill_connection_table` writes.
+fn filled_flow(i: usize) -> (Ipv4Addr, u16, usize) {
+    let svc = (i % (SERVICES / 2)) * 2;
+    let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i as u32);
+    (client, 1024 + (i % 50000) as u16, svc)
+}
+
+/// A frame of the `i`th flow `fill_connection_table` writes, with TCP `flags`.
+fn filled_flow_frame(i: usize, flags: u8) -> Vec<u8> {
+    let (client, sport, svc) = filled_flow(i);
+    eth(
+        0x0800,
+        &ipv4(client, vip(svc), PROTO_TCP, &tcp(sport, 80, flags)),
+    )
 }
 
 /// Fills the connection table of `dp` with `n` flows from many clients spread over the
@@ -558,10 +658,9 @@ fn fill_connection_table(dp: &Dataplane, n: usize) -> Result<u64> {
     let created_ns = l3lb::flows::monotonic_ns();
     let entries = (0..n).map(|i| {
         let (service, backends) = &ids[i % (SERVICES / 2)];
-        let svc = (i % (SERVICES / 2)) * 2;
-        let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i as u32);
+        let (client, sport, svc) = filled_flow(i);
         let mut key = FlowKey {
-            sport: (1024 + (i % 50000) as u16).to_be(),
+            sport: sport.to_be(),
             dport: 80u16.to_be(),
             proto: PROTO_TCP,
             family: FAMILY_V4,
@@ -632,17 +731,17 @@ fn compare(s: &Settings, ifindex: u32, this_object: &[u8], other: &[u8]) -> Resu
         prepare(a, &[b], s.flows, ifindex)?;
     }
     let paths = per_packet_paths();
-    let mut pairs: Vec<[(&Xdp, &[u8]); 2]> = Vec::new();
+    let mut pairs: Vec<[(&Xdp, &Frames); 2]> = Vec::new();
     for ((a, a_decap), (b, b_decap)) in this.iter().zip(&that) {
         for p in &paths {
             let (a, b) = if p.name == "decap" {
-                (a_decap.program()?, b_decap.program()?)
+                (a_decap, b_decap)
             } else {
-                (a.program()?, b.program()?)
+                (a, b)
             };
-            check_path(a, ifindex, p, "in this build")?;
-            check_path(b, ifindex, p, "in the other object")?;
-            pairs.push([(a, &p.frame), (b, &p.frame)]);
+            check_path(a, a.program()?, ifindex, p, "in this build")?;
+            check_path(b, b.program()?, ifindex, p, "in the other object")?;
+            pairs.push([(a.program()?, &p.frames), (b.program()?, &p.frames)]);
         }
     }
     // ratios[load][path]: one per round.
@@ -668,16 +767,44 @@ fn compare(s: &Settings, ifindex: u32, this_object: &[u8], other: &[u8]) -> Resu
     Ok(())
 }
 
-/// Runs `p`'s frame once through `prog` and fails unless it gets the path's verdict:
-/// otherwise the bench would time another path than the one it names.
-fn check_path(prog: &Xdp, ifindex: u32, p: &Path, context: &str) -> Result<()> {
-    let r = run_xdp(prog, ifindex, &p.frame)?;
-    if r.verdict != p.expect {
+/// Runs `p`'s next frame once through `prog` (of `dp`) and fails unless it takes the
+/// path: its verdict, its action counted, and a new flow counted exactly when the path
+/// chooses a backend afresh. Otherwise the bench would time another path than the one
+/// it names (a decap that passed the frame undecapsulated, an established flow missing
+/// its entry).
+fn check_path(dp: &Dataplane, prog: &Xdp, ifindex: u32, p: &Path, context: &str) -> Result<()> {
+    let counts = || -> Result<(Vec<u64>, u64)> {
+        let actions: Vec<u32> = lb_common::Action::ALL.iter().map(|&a| a as u32).collect();
+        let actions = per_cpu_sums(dp.map(lb_common::map_names::ACTIONS), &actions)?;
+        let map: aya::maps::PerCpuArray<&aya::maps::MapData, lb_common::ServiceStats> =
+            aya::maps::PerCpuArray::try_from(
+                dp.map(lb_common::map_names::SERVICE_STATS)
+                    .context("service counters")?,
+            )?;
+        let mut new_flows = 0;
+        for i in 0..map.len() {
+            new_flows += map.get(&i, 0)?.iter().map(|s| s.new_flows).sum::<u64>();
+        }
+        Ok((actions, new_flows))
+    };
+    let (actions, new_flows) = counts()?;
+    let r = run_xdp(prog, ifindex, &p.frames.next())?;
+    let (actions_after, new_flows_after) = counts()?;
+    let done: Vec<String> = lb_common::Action::ALL
+        .iter()
+        .zip(actions_after.iter().zip(&actions))
+        .filter(|(_, (a, b))| a > b)
+        .map(|(a, _)| a.label().to_string())
+        .collect();
+    let fresh = new_flows_after > new_flows;
+    if r.verdict != p.expect || done != [p.action.label()] || fresh != p.new_flow {
         bail!(
-            "path {} returned verdict {} instead of {} {context}: the bench would measure the wrong path",
+            "path {} {context}: verdict {} (wanted {}), counted as {done:?} (wanted {}), new flow {fresh} (wanted {}): the bench would measure the wrong path",
             p.name,
             r.verdict,
-            p.expect
+            p.expect,
+            p.action.label(),
+            p.new_flow
         );
     }
     Ok(())
@@ -698,10 +825,13 @@ fn prepare(main: &Dataplane, others: &[&Dataplane], flows: usize, ifindex: u32) 
         0x0800,
         &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, SYN)),
     );
+    // The UDP path's flow too: its first datagram chooses, the timed ones find it.
+    let udp_first = eth(0x0800, &ipv4(CLIENT, vip(1), PROTO_UDP, &udp(5353, 53)));
     for dp in std::iter::once(&main).chain(others) {
         let p = dp.program()?;
         run_xdp(p, ifindex, &v6_syn)?;
         run_xdp(p, ifindex, &syn)?;
+        run_xdp(p, ifindex, &udp_first)?;
     }
     Ok(live)
 }
@@ -718,10 +848,11 @@ fn per_packet_paths() -> Vec<Path> {
     inner[6] = 0x40;
     let decap_frame = eth(0x0800, &ipv4(BALANCER, NODE, 4, &inner));
 
+    use lb_common::Action;
     vec![
         Path {
             name: "non_vip_pass",
-            frame: eth(
+            frames: Frames::Same(eth(
                 0x0800,
                 &ipv4(
                     CLIENT,
@@ -729,45 +860,76 @@ fn per_packet_paths() -> Vec<Path> {
                     PROTO_TCP,
                     &tcp(1, 80, ACK),
                 ),
-            ),
+            )),
             expect: XDP_PASS,
-            target_ratio: 1.5,
+            action: Action::Pass,
+            new_flow: false,
+            target_ratio: Some(1.5),
         },
+        // The issue's method: one SYN again and again. Each call chooses afresh and
+        // writes the entry (hash, Maglev, insert), into a bucket the calls keep warm,
+        // over the SYN's own way. The reference figure of the target was measured so.
         Path {
             name: "tcp_new_flow_syn",
-            frame: eth(
+            frames: Frames::Same(eth(
                 0x0800,
                 &ipv4(CLIENT, vip(2), PROTO_TCP, &tcp(40001, 80, SYN)),
-            ),
+            )),
             expect: XDP_TX,
-            target_ratio: 4.0,
+            action: Action::Encap,
+            new_flow: true,
+            target_ratio: Some(4.0),
+        },
+        // For information: a flow never seen each call, as a flood of new clients arrives:
+        // its bucket, record and Maglev slot wherever they are, cache-cold or not.
+        Path {
+            name: "tcp_new_flows_cold",
+            frames: Frames::new_flows(eth(
+                0x0800,
+                &ipv4(CLIENT, vip(2), PROTO_TCP, &tcp(40001, 80, SYN)),
+            )),
+            expect: XDP_TX,
+            action: Action::Encap,
+            new_flow: true,
+            target_ratio: None,
         },
         Path {
             name: "tcp_established",
-            frame: est,
+            frames: Frames::Same(est),
             expect: XDP_TX,
-            target_ratio: 2.0,
+            action: Action::Encap,
+            new_flow: false,
+            target_ratio: Some(2.0),
         },
         Path {
             name: "udp",
-            frame: eth(0x0800, &ipv4(CLIENT, vip(1), PROTO_UDP, &udp(5353, 53))),
+            frames: Frames::Same(eth(
+                0x0800,
+                &ipv4(CLIENT, vip(1), PROTO_UDP, &udp(5353, 53)),
+            )),
             expect: XDP_TX,
-            target_ratio: 2.2,
+            action: Action::Encap,
+            new_flow: false,
+            target_ratio: Some(2.2),
         },
         Path {
             name: "ipv6_tcp_established",
-            frame: eth(
+            frames: Frames::Same(eth(
                 0x86dd,
                 &ipv6(CLIENT6, vip6(), PROTO_TCP, &tcp(40000, 80, ACK)),
-            ),
+            )),
             expect: XDP_TX,
-            target_ratio: 2.3,
+            action: Action::Encap,
+            new_flow: false,
+            target_ratio: Some(2.3),
         },
         Path {
             name: "decap",
-            frame: decap_frame,
+            frames: Frames::Same(decap_frame),
             expect: XDP_PASS,
-            target_ratio: 1.6,
+            action: Action::Decap,
+            new_flow: false,
+            target_ratio: Some(1.6),
         },
     ]
 }
@@ -807,16 +969,14 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
     let live = prepare(dp, &others, s.flows, ifindex)?;
     let paths = per_packet_paths();
     // variants[0] is the floor; then each load's paths, load by load.
-    let mut variants: Vec<(&Xdp, &[u8])> = vec![(floor, &floor_frame)];
+    let floor_frames = Frames::Same(floor_frame);
+    let mut variants: Vec<(&Xdp, &Frames)> = vec![(floor, &floor_frames)];
     for (dp, decap) in &loads {
         for p in &paths {
-            let which = if p.name == "decap" {
-                decap.program()?
-            } else {
-                dp.program()?
-            };
-            check_path(which, ifindex, p, "in a timed load")?;
-            variants.push((which, &p.frame));
+            let owner = if p.name == "decap" { decap } else { dp };
+            let which = owner.program()?;
+            check_path(owner, which, ifindex, p, "in a timed load")?;
+            variants.push((which, &p.frames));
         }
     }
     if let Some(name) = &s.profile {
@@ -834,7 +994,7 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         let until = Instant::now() + std::time::Duration::from_secs(5);
         let mut calls = 0u64;
         while Instant::now() < until {
-            mean_ns(which, ifindex, &p.frame, 10_000)?;
+            mean_ns(which, ifindex, &p.frames, 10_000)?;
             calls += 10_000;
         }
         println!("profiled {name}: {calls} calls");
@@ -853,13 +1013,13 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
                 .with_context(|| format!("no per-packet path named {name}"))
         })
         .collect::<Result<_>>()?;
-    let mut pairs: Vec<[(&Xdp, &[u8]); 2]> = Vec::new();
+    let mut pairs: Vec<[(&Xdp, &Frames); 2]> = Vec::new();
     for &i in &log_paths {
         let p = &paths[i];
-        for which in [logs_off_prog, no_log_prog] {
-            check_path(which, ifindex, p, "in the log comparison")?;
+        for (owner, which) in [(&logs_off, logs_off_prog), (&no_log, no_log_prog)] {
+            check_path(owner, which, ifindex, p, "in the log comparison")?;
         }
-        pairs.push([(logs_off_prog, &p.frame), (no_log_prog, &p.frame)]);
+        pairs.push([(logs_off_prog, &p.frames), (no_log_prog, &p.frames)]);
     }
     for _ in 0..s.rounds {
         // Interleaved in short chunks so drift on a noisy machine affects floor and paths
@@ -1407,10 +1567,13 @@ fn check_sample(v: Variant, s: &Sample, frames: u32) -> Result<()> {
             wrong.join(", ")
         );
     }
+    // Frames lost on the way (a veth ring overflowing on a busy host) are not forwarded
+    // and so not counted: the figure stays what reached the sink. Said, not fatal: the
+    // bench never fails on a number (`delivered_fraction` in the JSON keeps it).
     let delivered = s.delivered(v);
     if delivered * 100 < u64::from(frames) * 99 {
-        bail!(
-            "{name}: only {delivered} of {frames} frames reached the sink; something in the veth path drops them"
+        eprintln!(
+            "warning: {name}: only {delivered} of {frames} frames reached the sink; the veth path dropped the rest"
         );
     }
     Ok(())
@@ -1529,7 +1692,9 @@ fn control_plane(s: &Settings) -> Result<Value> {
             "backends": n,
             "moved_on_remove": frac(&base, &removed),
             "moved_on_add": frac(&base, &added),
-            "ideal": 1.0 / n as f64,
+            // Removing one of n moves its 1/n; adding an (n+1)th gives it 1/(n+1).
+            "ideal_remove": 1.0 / n as f64,
+            "ideal_add": 1.0 / (n + 1) as f64,
         }));
     }
 
@@ -1669,6 +1834,7 @@ fn print_per_packet(r: &Value) {
     for name in [
         "non_vip_pass",
         "tcp_new_flow_syn",
+        "tcp_new_flows_cold",
         "tcp_established",
         "udp",
         "ipv6_tcp_established",
@@ -1676,7 +1842,7 @@ fn print_per_packet(r: &Value) {
     ] {
         let p = &pp[name];
         let ratio = p["ratio_to_floor"].as_f64().unwrap_or(f64::NAN);
-        let target = p["target_ratio"].as_f64().unwrap_or(0.0);
+        let target = p["target_ratio"].as_f64();
         let rounds: Vec<f64> = p["round_ratios"]
             .as_array()
             .into_iter()
@@ -1692,13 +1858,17 @@ fn print_per_packet(r: &Value) {
             .filter_map(Value::as_f64)
             .map(|r| format!("{r:.2}"))
             .collect();
+        let (target, judged) = match target {
+            Some(t) => (format!("{t:.1}x"), verdict(ratio <= t)),
+            None => ("-".to_string(), "info"),
+        };
         println!(
-            "  {:<24} {:>9.1} {:>9.2} {:>7.1}x  {:<4}  {:>5.2}–{:<5.2}  {}",
+            "  {:<24} {:>9.1} {:>9.2} {:>8}  {:<4}  {:>5.2}–{:<5.2}  {}",
             name,
             p["median_ns"].as_f64().unwrap_or(f64::NAN),
             ratio,
             target,
-            verdict(ratio <= target),
+            judged,
             lo,
             hi,
             loads.join(" ")
@@ -1756,16 +1926,18 @@ fn print_rest(r: &Value) {
     }
     println!("\nFLOWS MOVED BY ONE BACKEND CHANGE (table 65537)");
     for m in cp["maglev_moves"].as_array().into_iter().flatten() {
-        let ideal = m["ideal"].as_f64().unwrap_or(0.0);
+        let ideal_rm = m["ideal_remove"].as_f64().unwrap_or(0.0);
+        let ideal_add = m["ideal_add"].as_f64().unwrap_or(0.0);
         let rm = m["moved_on_remove"].as_f64().unwrap_or(1.0);
         let add = m["moved_on_add"].as_f64().unwrap_or(1.0);
         println!(
-            "  {:>4} backends: remove {:.2} %, add {:.2} %  (ideal {:.2} %, target ≤ 1.5x) {}",
+            "  {:>4} backends: remove {:.2} % (ideal 1/N {:.2} %), add {:.2} % (ideal 1/(N+1) {:.2} %); own target ≤ 1.5x ideal {}",
             m["backends"],
             rm * 100.0,
+            ideal_rm * 100.0,
             add * 100.0,
-            ideal * 100.0,
-            verdict(rm <= 1.5 * ideal && add <= 1.5 * ideal)
+            ideal_add * 100.0,
+            verdict(rm <= 1.5 * ideal_rm && add <= 1.5 * ideal_add)
         );
     }
     println!("\nAPPLY FROM CONFIG");
@@ -1788,7 +1960,11 @@ fn print_rest(r: &Value) {
     );
     let sc = &r["scaling"];
     for (key, what) in [
-        ("conntrack", "CONNECTION-TABLE ENTRIES"),
+        ("conntrack", "CONNECTION-TABLE ENTRIES (one flow's packets)"),
+        (
+            "conntrack_all_flows",
+            "CONNECTION-TABLE ENTRIES (every flow in turn; for information)",
+        ),
         ("services", "SERVICES"),
     ] {
         let series = &sc[key];
@@ -1805,11 +1981,13 @@ fn print_rest(r: &Value) {
             );
         }
         let growth = series["growth"].as_f64().unwrap_or(f64::NAN);
-        let target = series["target_growth"].as_f64().unwrap_or(0.0);
-        println!(
-            "  growth smallest -> largest: {growth:.2}x  (target <= {target}x) {}",
-            verdict(growth <= target)
-        );
+        match series["target_growth"].as_f64() {
+            Some(target) => println!(
+                "  growth smallest -> largest: {growth:.2}x  (target <= {target}x) {}",
+                verdict(growth <= target)
+            ),
+            None => println!("  growth smallest -> largest: {growth:.2}x  (no target)"),
+        }
     }
 }
 
@@ -1920,35 +2098,66 @@ fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
         0x0800,
         &ipv4(CLIENT, vip(0), PROTO_TCP, &tcp(40000, 80, SYN)),
     );
-    let calls = s.calls / 2;
-    let measure = |prog: &Xdp| -> Result<(f64, f64)> {
+    let calls = s.calls;
+    let floor_frames = Frames::Same(est.clone());
+    let measure = |prog: &Xdp, frames: &Frames| -> Result<(f64, f64, Vec<f64>)> {
         let mut ratios = Vec::new();
         let mut ns = Vec::new();
         for _ in 0..s.rounds {
-            let means = interleaved(&[(floor, &est), (prog, &est)], ifindex, calls)?;
+            let means = interleaved(&[(floor, &floor_frames), (prog, frames)], ifindex, calls)?;
             let (f, p) = (means[0], means[1]);
             ns.push(p);
             ratios.push(p / f);
         }
-        Ok((median(ns), median(ratios)))
+        Ok((median(ns), median(ratios.clone()), ratios))
     };
 
-    // Connection-table entries: the realistic configuration, filled by SYNs.
+    // Connection-table entries: the realistic configuration, its table holding n flows,
+    // and the packets those n flows' own, in turn: with a larger table they meet their
+    // buckets further from the CPU, as a balancer's packets do.
     let sizes: &[usize] = if s.quick {
         &[1_000, 10_000, 100_000]
     } else {
         &[1_000, 100_000, 1_000_000]
     };
     let mut ct_points = Vec::new();
+    let mut ct_all_points = Vec::new();
     for &n in sizes {
         let dp = load(false, n)?;
         let prog = dp.program()?;
         let live = fill_connection_table(&dp, n)?;
-        if run_xdp(prog, ifindex, &syn)?.verdict != 3 {
-            bail!("scaling: the measured flow is not forwarded");
+        // Each flow's first packet confirms its entry (the SYN's state, as filled); the
+        // timed ones then take the established path, checked on a few of them.
+        for i in 0..n {
+            run_xdp(prog, ifindex, &filled_flow_frame(i, ACK))?;
         }
-        let (ns, ratio) = measure(prog)?;
-        ct_points.push(json!({ "n": n, "live": live, "median_ns": ns, "ratio_to_floor": ratio }));
+        let frames = Frames::Filled {
+            n,
+            next: std::cell::Cell::new(0),
+        };
+        let probe = Path {
+            name: "tcp_established",
+            frames: Frames::Same(filled_flow_frame(n / 2, ACK)),
+            expect: 3,
+            action: lb_common::Action::Encap,
+            new_flow: false,
+            target_ratio: None,
+        };
+        check_path(
+            &dp,
+            prog,
+            ifindex,
+            &probe,
+            "in the connection-table scaling",
+        )?;
+        // The issue's method: one established flow's packet again and again (its bucket
+        // stays in the caches: what grows with the table is the lookup's own work).
+        let one = Frames::Same(filled_flow_frame(0, ACK));
+        let (ns, ratio, rounds) = measure(prog, &one)?;
+        ct_points.push(json!({ "n": n, "live": live, "median_ns": ns, "ratio_to_floor": ratio, "round_ratios": rounds }));
+        // For information: every flow in turn, as a balancer's packets come.
+        let (ns, ratio, rounds) = measure(prog, &frames)?;
+        ct_all_points.push(json!({ "n": n, "live": live, "flows_in_turn": n, "median_ns": ns, "ratio_to_floor": ratio, "round_ratios": rounds }));
     }
 
     // Services: n services of 4 backends each (Maglev tables of 1021 entries).
@@ -1967,8 +2176,10 @@ fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
         if run_xdp(prog, ifindex, &syn)?.verdict != 3 {
             bail!("scaling: the measured flow is not forwarded");
         }
-        let (ns, ratio) = measure(prog)?;
-        svc_points.push(json!({ "n": n, "median_ns": ns, "ratio_to_floor": ratio }));
+        let (ns, ratio, rounds) = measure(prog, &Frames::Same(est.clone()))?;
+        svc_points.push(
+            json!({ "n": n, "median_ns": ns, "ratio_to_floor": ratio, "round_ratios": rounds }),
+        );
     }
 
     let growth = |pts: &[Value]| -> f64 {
@@ -1984,12 +2195,28 @@ fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
     };
     let dir = s.json.parent().map(PathBuf::from).unwrap_or_default();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ct_svg = dir.join("scaling_conntrack.svg");
-    let svc_svg = dir.join("scaling_services.svg");
+    // Named after the JSON file (bench.json: scaling_conntrack.svg; bench-quick.json:
+    // bench-quick_scaling_conntrack.svg), so a quick run does not replace a full run's.
+    let prefix = match s.json.file_stem().and_then(|n| n.to_str()) {
+        Some("bench") | None => String::new(),
+        Some(stem) => format!("{stem}_"),
+    };
+    let ct_svg = dir.join(format!("{prefix}scaling_conntrack.svg"));
+    let svc_svg = dir.join(format!("{prefix}scaling_services.svg"));
+    let ct_all_svg = dir.join(format!("{prefix}scaling_conntrack_all_flows.svg"));
+    std::fs::write(
+        &ct_all_svg,
+        svg_plot(
+            "Established TCP, every flow in turn: cost by connection-table entries (× floor)",
+            "entries",
+            &ct_all_points,
+        ),
+    )
+    .with_context(|| format!("writing {}", ct_all_svg.display()))?;
     std::fs::write(
         &ct_svg,
         svg_plot(
-            "Established TCP: ns/packet by connection-table entries",
+            "Established TCP: cost by connection-table entries (× floor)",
             "entries",
             &ct_points,
         ),
@@ -1998,7 +2225,7 @@ fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
     std::fs::write(
         &svc_svg,
         svg_plot(
-            "Established TCP: ns/packet by number of services",
+            "Established TCP: cost by number of services (× floor)",
             "services",
             &svc_points,
         ),
@@ -2006,11 +2233,13 @@ fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
     .with_context(|| format!("writing {}", svc_svg.display()))?;
     Ok(json!({
         "conntrack": { "points": ct_points, "growth": growth(&ct_points), "target_growth": 1.3, "svg": ct_svg },
+        "conntrack_all_flows": { "points": ct_all_points, "growth": growth(&ct_all_points), "svg": ct_all_svg },
         "services": { "points": svc_points, "growth": growth(&svc_points), "target_growth": 1.3, "svg": svc_svg },
     }))
 }
 
-/// A small line plot (log-scale x) of `median_ns` over `n`, as standalone SVG.
+/// A small line plot (log-scale x) of `ratio_to_floor` (what the growth is judged on)
+/// over `n`, as standalone SVG.
 fn svg_plot(title: &str, x_label: &str, points: &[Value]) -> String {
     let (w, h, left, right, top, bottom) = (640.0, 360.0, 70.0, 50.0, 40.0, 50.0);
     let xs: Vec<f64> = points
@@ -2019,7 +2248,7 @@ fn svg_plot(title: &str, x_label: &str, points: &[Value]) -> String {
         .collect();
     let ys: Vec<f64> = points
         .iter()
-        .map(|p| p["median_ns"].as_f64().unwrap_or(0.0))
+        .map(|p| p["ratio_to_floor"].as_f64().unwrap_or(0.0))
         .collect();
     let (x0, x1) = (
         xs.iter().cloned().fold(f64::INFINITY, f64::min),
@@ -2061,7 +2290,7 @@ fn svg_plot(title: &str, x_label: &str, points: &[Value]) -> String {
     }
     let _ = write!(
         out,
-        r#"<text x="18" y="{}" transform="rotate(-90 18 {})" text-anchor="middle">ns/packet</text>"#,
+        r#"<text x="18" y="{}" transform="rotate(-90 18 {})" text-anchor="middle">ns/packet ÷ floor</text>"#,
         h / 2.0,
         h / 2.0
     );
