@@ -363,6 +363,9 @@ struct Pkt {
     fragment: bool,
     later_fragment: bool,
     frag_id: u32,
+    /// The protocol fragments are keyed on, the same in every fragment of a datagram:
+    /// the IP protocol (IPv4), the fragment header's next header (IPv6).
+    frag_proto: u8,
     /// The header's TOS (IPv4) or traffic class (IPv6), and (IPv4) its DF bit (see
     /// `ipv4::Ipv4`), for the outer header; `df` is 0 for IPv6.
     tos: u8,
@@ -804,6 +807,7 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         fragment: ip.fragment,
         later_fragment: ip.later_fragment,
         frag_id: ip.id as u32,
+        frag_proto: proto,
         tos: ip.tos,
         df: ip.df,
     };
@@ -842,6 +846,7 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         fragment: up.fragment,
         later_fragment: up.later_fragment,
         frag_id: up.id,
+        frag_proto: if up.fragment { up.frag_next } else { up.proto },
         tos: ip.tc,
         df: 0,
     };
@@ -874,6 +879,7 @@ fn known_flow(
         fragment: false,
         later_fragment: false,
         frag_id: 0,
+        frag_proto: q.proto,
         tos: q.tos,
         df: q.df,
     };
@@ -904,7 +910,12 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
     if icmp && !pkt.fragment {
         return icmp_packet(ctx, l2, pkt);
     }
-    if !icmp && pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
+    // An IPv6 later fragment whose fragment header names destination options or AH
+    // carries no word of its upper layer: its first fragment's record decides.
+    let upper_unknown = pkt.later_fragment
+        && pkt.family == FAMILY_V6
+        && (pkt.proto == ipv6::NH_DEST_OPTS || pkt.proto == ipv6::NH_AUTH);
+    if !icmp && !upper_unknown && pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
         return Ok(PASS.into());
     }
     // The fragment key lives in per-CPU scratch space, not on the stack (see `Scratch`);
@@ -917,7 +928,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
             src: pkt.src,
             dst: pkt.dst,
             id: pkt.frag_id,
-            proto: pkt.proto,
+            proto: pkt.frag_proto,
             family: pkt.family,
             _pad: [0; 2],
         };

@@ -428,149 +428,6 @@ fn lone_syns_beyond_the_table_evict_each_other_not_confirmed_flows() {
 }
 
 #[test]
-fn a_way_replaced_on_another_cpu_never_sends_a_known_flow_to_the_new_flows_backend() {
-    // A known flow to VIP:80 (service "x", backend B1) and, on another thread (another
-    // CPU), new flows to VIP_ALL (service "y", backend B3) whose only place is the way the
-    // known flow keeps being found in. A reader that took the known flow's tag, then the
-    // backend the writer had just put there, sends the packet to B3.
-    //
-    // Both services rewrite MACs only (l2), so a frame sent through the program with
-    // `repeat` stays the same IP packet pass after pass: each call runs the program that
-    // many times at kernel speed, which is what makes the two CPUs meet in one way.
-    let mut options = opts(false);
-    options.conntrack_size = 1024;
-    let f = Fixture::with_options(
-        &options,
-        &Desired {
-            services: vec![
-                service("x", VIP, 80, PROTO_TCP, true, &[B1]),
-                service("y", VIP_ALL, 0, PROTO_TCP, true, &[B3]),
-            ],
-            local_v4: vec![NODE],
-            ..Desired::default()
-        },
-    );
-    let table = f.dp.flow_table().expect("connection table");
-    let key_to = |vip: Ipv4Addr, sport: u16, dport: u16| {
-        let mut k = client_key(sport, dport);
-        k.dst[..4].copy_from_slice(&vip.octets());
-        k
-    };
-    let established = |vip: Ipv4Addr, sport: u16, dport: u16| {
-        f.run(&client_tcp(vip, sport, dport, SYN));
-        f.run(&client_tcp(vip, sport, dport, ACK));
-    };
-    // Fills `bucket` with confirmed flows to VIP_ALL:9090 at home there.
-    let mut filler = 1024u16;
-    let mut fill = |bucket: u32| {
-        let mut n = 0;
-        while n < 4 {
-            filler += 1;
-            if table.buckets_of(&key_to(VIP_ALL, filler, 9090)).0 == bucket {
-                established(VIP_ALL, filler, 9090);
-                n += 1;
-            }
-        }
-    };
-    let (home, over) = table.buckets_of(&key_to(VIP, 30000, 80));
-    let others: Vec<u16> = (1024..u16::MAX)
-        .filter(|&p| {
-            let (h, o) = table.buckets_of(&key_to(VIP_ALL, p, 8080));
-            h == home && o != home && o != over
-        })
-        .take(5)
-        .collect();
-    assert_eq!(others.len(), 5);
-    // The known flow first (way 0 of its home bucket), confirmed; three confirmed flows
-    // beside it, and both overflow buckets involved full of confirmed flows: the new
-    // flow's victim is way 0 (all are as old; ties go to the first way), and the known
-    // flow, written again after it lost its way, takes it back.
-    established(VIP, 30000, 80);
-    for &p in &others[..3] {
-        established(VIP_ALL, p, 8080);
-    }
-    fill(over);
-    let writer_port = others[4];
-    fill(table.buckets_of(&key_to(VIP_ALL, writer_port, 8080)).1);
-
-    let prog = f.dp.program().expect("program");
-    let run_repeated = |frame: &[u8], repeat: u32| {
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&f.ifindex.to_ne_bytes());
-        let mut o = aya::programs::TestRunOptions::new();
-        o.data_in = Some(frame);
-        o.ctx_in = Some(&ctx);
-        o.repeat = repeat;
-        let r = aya::programs::TestRun::test_run(prog, o).expect("test run");
-        assert_eq!(r.return_value, XDP_TX);
-    };
-    let packets = |service: &str, backend: Ipv4Addr| -> u64 {
-        let id =
-            f.dp.backend_id(service, IpAddr::V4(backend))
-                .expect("backend id");
-        let map: aya::maps::PerCpuArray<&MapData, lb_common::BackendStats> =
-            aya::maps::PerCpuArray::try_from(
-                f.dp.map(map_names::BACKEND_STATS).expect("backend stats"),
-            )
-            .expect("typed");
-        map.get(&id, 0)
-            .expect("get")
-            .iter()
-            .map(|s| s.packets)
-            .sum()
-    };
-    let before = packets("x", B1);
-    let (calls, repeat) = (100u32, 20_000u32);
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let written = std::thread::scope(|s| {
-        // The thread is in this test's namespace (threads inherit it).
-        let writer = s.spawn(|| {
-            let syn = client_tcp(VIP_ALL, writer_port, 8080, SYN);
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                run_repeated(&syn, repeat);
-                n += u64::from(repeat);
-            }
-            n
-        });
-        let known = client_tcp(VIP, 30000, 80, ACK);
-        for _ in 0..calls {
-            run_repeated(&known, repeat);
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        writer.join().expect("writer")
-    });
-    let sent = u64::from(calls) * u64::from(repeat);
-    let to_b1 = packets("x", B1) - before;
-    // The known flow lost its way and was placed again over and over: the two CPUs met.
-    let replaced: u64 = {
-        let id = f.dp.service_id("x").expect("service id");
-        let map: aya::maps::PerCpuArray<&MapData, lb_common::ServiceStats> =
-            aya::maps::PerCpuArray::try_from(
-                f.dp.map(map_names::SERVICE_STATS).expect("service stats"),
-            )
-            .expect("typed");
-        map.get(&id, 0)
-            .expect("get")
-            .iter()
-            .map(|s| s.new_flows)
-            .sum()
-    };
-    assert!(
-        written > 0 && replaced > 1000,
-        "the writer ran ({written} packets) and took the known flow's way ({replaced} times)"
-    );
-    assert_eq!(
-        to_b1,
-        sent,
-        "{} of {sent} packets of the known flow went to another flow's backend ({written} \
-         new-flow packets beside them)",
-        sent - to_b1
-    );
-}
-
-#[test]
 fn a_flow_whose_home_bucket_is_full_is_kept_in_its_overflow_bucket() {
     let f = smallest_table();
     let table = f.dp.flow_table().expect("connection table");
@@ -1978,6 +1835,33 @@ fn a_services_source_ranges_leave_the_trie_with_the_list_or_the_service() {
     f.dp.apply(&desired).expect("remove");
     assert_eq!(f.dp.service_id(&name), None);
     assert_eq!(src_v4_entries(&f), vec![]);
+}
+
+#[test]
+fn ipv6_later_fragments_follow_their_first_when_options_sit_in_the_fragmentable_part() {
+    let f = Fixture::new(false, &standard_desired());
+    // A UDP datagram to dns6 (l2): Fragment (next 60) | Destination Options (next UDP) |
+    // UDP …, the options in the fragmentable part as RFC 8200 puts them. The later
+    // fragment's data is no header: its walk ends at the fragment header, and both
+    // fragments are keyed on that header's next header.
+    let mut fragmentable = vec![PROTO_UDP, 0, 1, 4, 0, 0, 0, 0];
+    fragmentable.extend_from_slice(&udp(5353, 53, &[0x41u8; 64]));
+    let frag = |offset_units: u16, more: bool, part: &[u8]| {
+        let mut fh = vec![60, 0];
+        fh.extend_from_slice(&((offset_units << 3) | u16::from(more)).to_be_bytes());
+        fh.extend_from_slice(&0xabcd_0002u32.to_be_bytes());
+        fh.extend_from_slice(part);
+        ipv6(CLIENT6, VIP6_L2, 44, &fh)
+    };
+    let first = frag(0, true, &fragmentable[..32]);
+    let later = frag(4, false, &fragmentable[32..]);
+    let (v, out) = f.run(&v6_frame(&first));
+    assert_eq!(v, XDP_TX, "first fragment forwarded");
+    assert_eq!(out, eth(B2_MAC, NODE_MAC, &[], 0x86dd, &first));
+    let (v, out) = f.run(&v6_frame(&later));
+    assert_eq!(v, XDP_TX, "later fragment forwarded like its first");
+    assert_eq!(out, eth(B2_MAC, NODE_MAC, &[], 0x86dd, &later));
+    assert_eq!(f.drops(DropReason::Truncated), 0);
 }
 
 #[test]

@@ -13,8 +13,10 @@ pub const MAX_EXT_HEADERS: usize = 6;
 const NH_HOP_BY_HOP: u8 = 0;
 const NH_ROUTING: u8 = 43;
 const NH_FRAGMENT: u8 = 44;
-const NH_AUTH: u8 = 51;
-const NH_DEST_OPTS: u8 = 60;
+/// Authentication header.
+pub const NH_AUTH: u8 = 51;
+/// Destination options.
+pub const NH_DEST_OPTS: u8 = 60;
 
 /// The fixed IPv6 header's fields the balancer uses.
 pub struct Ipv6 {
@@ -81,6 +83,10 @@ pub struct Upper {
     pub later_fragment: bool,
     /// Fragment identification.
     pub id: u32,
+    /// The fragment header's next header: the same in every fragment of a datagram (a
+    /// later fragment's walk ends there, its data being no headers), so fragments are
+    /// keyed on it.
+    pub frag_next: u8,
 }
 
 /// Walks the extension headers after the fixed header at `l3_off`.
@@ -94,6 +100,7 @@ pub fn walk(ctx: &XdpContext, l3_off: usize, first: u8) -> Result<Upper, DropRea
         fragment: false,
         later_fragment: false,
         id: 0,
+        frag_next: 0,
     };
     for _ in 0..MAX_EXT_HEADERS {
         match up.proto {
@@ -113,10 +120,16 @@ pub fn walk(ctx: &XdpContext, l3_off: usize, first: u8) -> Result<Upper, DropRea
                 let f: *const [u8; 8] = ptr_at(ctx, up.off)?;
                 let f = unsafe { *f };
                 up.proto = f[0];
+                up.frag_next = f[0];
                 up.fragment = true;
                 up.later_fragment = u16::from_be_bytes([f[2], f[3]]) >> 3 != 0;
                 up.id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
                 up.off += 8;
+                // What follows a later fragment's header is data, not headers (RFC 8200
+                // puts destination options and AH in the fragmentable part).
+                if up.later_fragment {
+                    return Ok(up);
+                }
             }
             _ => return Ok(up),
         }
