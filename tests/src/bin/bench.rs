@@ -1703,10 +1703,33 @@ fn control_plane(s: &Settings) -> Result<Value> {
     // for the quick run too.
     for n in [1000usize, 10_000] {
         let mut dp = Dataplane::load(&small_table_options(n, 1024))?;
-        let desired = small_services(n, |i, b| Ipv4Addr::from(0x0a01_0000 + (i * 4 + b) as u32));
+        // A config's text, as `l3lb run` reads it: parsed and checked, translated, applied.
+        let mut text = format!(
+            "interface: fx0\nmaglev_table_size: 1021\nmax_services: {n}\nmax_backends: {}\nconntrack_size: 1024\nservices:\n",
+            n * 4
+        );
+        for i in 0..n {
+            let b = |k: usize| Ipv4Addr::from(0x0a01_0000 + (i * 4 + k) as u32);
+            let _ = writeln!(
+                text,
+                "  - name: s{i}\n    vip: {}\n    ports: [80]\n    backends: [{{address: {}}}, {{address: {}}}, {{address: {}}}, {{address: {}}}]",
+                vip(i),
+                b(0),
+                b(1),
+                b(2),
+                b(3)
+            );
+        }
         let t = Instant::now();
+        let config = l3lb::config::Config::parse(&text).context("parsing the bench's config")?;
+        let parsed = t.elapsed().as_secs_f64();
+        let desired = l3lb::agent::desired_from_config(
+            &config,
+            &std::collections::HashSet::from([IpAddr::V4(NODE)]),
+            &std::collections::HashSet::new(),
+        );
         dp.apply(&desired)?;
-        applies.push(json!({ "services": n, "backends_per_service": 4, "table_size": 1021, "seconds": t.elapsed().as_secs_f64() }));
+        applies.push(json!({ "services": n, "backends_per_service": 4, "table_size": 1021, "seconds": t.elapsed().as_secs_f64(), "parse_seconds": parsed }));
     }
 
     let rss = agent_rss(10_000)?;
@@ -1940,20 +1963,25 @@ fn print_rest(r: &Value) {
             verdict(rm <= 1.5 * ideal_rm && add <= 1.5 * ideal_add)
         );
     }
-    println!("\nAPPLY FROM CONFIG");
+    println!(
+        "\nAPPLY FROM CONFIG  (text parsed and checked, translated, written; 4 backends a service, Maglev tables of 1021)"
+    );
     for a in cp["apply"].as_array().into_iter().flatten() {
         let secs = a["seconds"].as_f64().unwrap_or(f64::NAN);
+        let parse = a["parse_seconds"].as_f64().unwrap_or(f64::NAN);
+        let ok = a["services"].as_u64() != Some(10_000) || secs <= 2.0;
         println!(
-            "  {:>6} services: {:.2} s  (target for 10 000: ≤ 2 s) {}",
+            "  {:>6} services: {:.2} s, of which parsing {:.2} s  (target for 10 000: ≤ 2 s) {}",
             a["services"],
             secs,
-            verdict(secs <= 2.0)
+            parse,
+            verdict(ok)
         );
     }
     let rss = &cp["agent_rss"];
     let mib = rss["rss_mib"].as_f64().unwrap_or(f64::NAN);
     println!(
-        "\nAGENT MEMORY\n  {} services: {:.1} MiB resident  (target with 10 000: ≤ 64 MiB) {}",
+        "\nAGENT MEMORY  (l3lb run with a config of them, 2 backends a service, Maglev tables of 1021; read once ready)\n  {} services: {:.1} MiB resident  (target with 10 000: ≤ 64 MiB) {}",
         rss["services"],
         mib,
         verdict(mib <= 64.0)
