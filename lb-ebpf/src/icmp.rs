@@ -242,6 +242,9 @@ pub fn echo_reply_v6(ctx: &XdpContext, l3_off: usize, l4_off: usize) -> Result<u
     Ok(xdp_action::XDP_TX)
 }
 
+/// IPv6 next header of a fragment header.
+const NH_FRAGMENT: u8 = 44;
+
 /// The client-side flow an ICMPv6 error quotes (see `quoted_flow_v4`).
 #[inline(always)]
 pub fn quoted_flow_v6(
@@ -253,18 +256,30 @@ pub fn quoted_flow_v6(
     let inner_off = l4_off + 8;
     let inner: *const [u8; 40] = ptr_at(ctx, inner_off).map_err(|_| DropReason::IcmpUnmatched)?;
     let h = unsafe { &*inner };
-    let proto = h[6];
+    // A backend's reply too large for the path is fragmented by the backend, and the error
+    // quotes its first fragment: behind the fragment header, the ports (as IPv4 takes a
+    // quoted first fragment). A later fragment's quote holds none.
+    let (proto, l4) = if h[6] == NH_FRAGMENT {
+        let f: *const [u8; 8] =
+            ptr_at(ctx, inner_off + 40).map_err(|_| DropReason::IcmpUnmatched)?;
+        let f = unsafe { *f };
+        if u16::from_be_bytes([f[2], f[3]]) >> 3 != 0 {
+            return Err(DropReason::IcmpUnmatched);
+        }
+        (f[0], inner_off + 48)
+    } else {
+        (h[6], inner_off + 40)
+    };
     // As for IPv4: a payload too short for a TCP or UDP header names no flow.
     if h[0] >> 4 != 6
-        || inner_off + 40 + 4 > end
+        || l4 + 4 > end
         || (proto != PROTO_TCP && proto != PROTO_UDP)
         || h[8..24] != vip[..]
         || u16::from_be_bytes([h[4], h[5]]) < 8
     {
         return Err(DropReason::IcmpUnmatched);
     }
-    let ports: *const [u16; 2] =
-        ptr_at(ctx, inner_off + 40).map_err(|_| DropReason::IcmpUnmatched)?;
+    let ports: *const [u16; 2] = ptr_at(ctx, l4).map_err(|_| DropReason::IcmpUnmatched)?;
     let ports = unsafe { *ports };
     let mut key = FlowKey {
         src: [0; 16],

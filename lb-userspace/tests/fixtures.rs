@@ -1865,6 +1865,37 @@ fn ipv6_later_fragments_follow_their_first_when_options_sit_in_the_fragmentable_
 }
 
 #[test]
+fn an_ipv6_packet_too_big_about_a_backends_fragmented_reply_reaches_the_backend() {
+    let f = Fixture::new(false, &standard_desired());
+    let router = Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 1);
+    // The backend's 3000-byte UDP reply from dns6 (VIP6_L2:53, one backend, B2) to the
+    // client, fragmented by the backend; a router on the way answers its first fragment
+    // with "packet too big": the balancer must pass it to the backend, whose path MTU it
+    // is, as it does for IPv4's quoted first fragments.
+    let quote = |offset_units: u16| {
+        let mut fh = vec![PROTO_UDP, 0];
+        fh.extend_from_slice(&((offset_units << 3) | 1).to_be_bytes());
+        fh.extend_from_slice(&0x0000_4242u32.to_be_bytes());
+        fh.extend_from_slice(&udp(53, 5353, &[7u8; 120]));
+        fh[8 + 4..8 + 6].copy_from_slice(&3000u16.to_be_bytes());
+        let quoted = ipv6(VIP6_L2, CLIENT6, 44, &fh);
+        let mut msg = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00];
+        msg.extend_from_slice(&quoted);
+        ipv6(router, VIP6_L2, 58, &icmp6(router, VIP6_L2, &msg))
+    };
+    let err = quote(0);
+    let (v, out) = f.run(&v6_frame(&err));
+    assert_eq!(v, XDP_TX, "the error reaches the backend");
+    assert_eq!(out, eth(B2_MAC, NODE_MAC, &[], 0x86dd, &err));
+    // A later fragment's quote carries no ports: it names no flow.
+    f.expect_drop(
+        &v6_frame(&quote(20)),
+        DropReason::IcmpUnmatched,
+        "a quoted later fragment",
+    );
+}
+
+#[test]
 fn two_spellings_of_one_source_range_are_one_entry_across_reloads() {
     // `10.1.2.3/8` and `10.0.0.0/8` are one trie entry: dropping either spelling while the
     // other stays listed must keep it (the entry was once swept, refusing every client).
