@@ -4,9 +4,9 @@
 //! The generator runs under `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES`: the
 //! kernel hands it frames from a page pool it recycles without resetting their bytes, so
 //! whatever the far side wrote (an IPIP header, say) is still there when a page comes
-//! round again. The generator therefore writes the whole Ethernet + IPv4 + UDP header
-//! into every frame, varying the flow per frame, and returns `XDP_TX` (out of the veth
-//! given as the run's ingress interface).
+//! round again. The generator therefore writes the whole Ethernet + IPv4 + UDP (or TCP)
+//! header into every frame, varying the flow per frame, and returns `XDP_TX` (out of the
+//! interface given as the run's ingress interface).
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::XdpContext,
 };
-use lb_common::{DropReason, PROTO_IPIP};
+use lb_common::{DropReason, PROTO_IPIP, PROTO_TCP};
 use network_types::eth::EthHdr;
 
 use crate::{
@@ -22,10 +22,12 @@ use crate::{
     parse::{eth::ETH_P_IP, ptr_at},
 };
 
-/// Bytes of the header template: Ethernet (14) + IPv4 without options (20) + UDP (8).
-pub const HEADER_LEN: usize = 42;
+/// Bytes of the header template: Ethernet (14) + IPv4 without options (20) + TCP without
+/// options (20); a UDP template holds its 8-byte header and 12 bytes of payload.
+pub const HEADER_LEN: usize = 54;
 const IP_OFF: usize = EthHdr::LEN;
-const UDP_OFF: usize = IP_OFF + 20;
+/// Where the L4 header starts (its source port first, for UDP and TCP alike).
+const L4_OFF: usize = IP_OFF + 20;
 
 /// The header every generated frame starts with (IPv4 checksum ignored: it is computed
 /// per frame); set by the bench at load time.
@@ -91,18 +93,38 @@ fn generate(ctx: &XdpContext) -> Result<(), DropReason> {
     .wrapping_add(flow >> 8)
     .to_be_bytes();
     h[IP_OFF + 12..IP_OFF + 16].copy_from_slice(&src);
-    let sport = u16::from_be_bytes([h[UDP_OFF], h[UDP_OFF + 1]])
+    let sport = u16::from_be_bytes([h[L4_OFF], h[L4_OFF + 1]])
         .wrapping_add((flow & 0xff) as u16)
         .to_be_bytes();
-    h[UDP_OFF..UDP_OFF + 2].copy_from_slice(&sport);
+    h[L4_OFF..L4_OFF + 2].copy_from_slice(&sport);
 
     let mut ip = [0u8; 20];
-    ip.copy_from_slice(&h[IP_OFF..UDP_OFF]);
+    ip.copy_from_slice(&h[IP_OFF..L4_OFF]);
     ip[10] = 0;
     ip[11] = 0;
     let c = csum::ipv4_header(&ip);
     h[IP_OFF + 10] = c[0];
     h[IP_OFF + 11] = c[1];
+    // A TCP template is a segment without payload (the IP length covers the header
+    // alone; the rest of the frame is padding), so its checksum covers what is written
+    // here: the pseudo-header and the 20-byte header, its checksum field zero in the
+    // template. UDP goes without one (0 is allowed over IPv4).
+    if h[IP_OFF + 9] == PROTO_TCP {
+        let mut sum: u32 = u32::from(PROTO_TCP) + 20;
+        let mut i = IP_OFF + 12;
+        while i < IP_OFF + 20 {
+            sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
+            i += 2;
+        }
+        let mut i = L4_OFF;
+        while i < L4_OFF + 20 {
+            sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
+            i += 2;
+        }
+        let c = csum::fold(sum);
+        h[L4_OFF + 16] = c[0];
+        h[L4_OFF + 17] = c[1];
+    }
     unsafe { *frame = h };
     Ok(())
 }

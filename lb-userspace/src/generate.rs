@@ -5,8 +5,8 @@
 //! `BPF_F_TEST_XDP_LIVE_FRAMES`) over a pool of frames and transmits each one it returns
 //! `XDP_TX` for out of the chosen interface, so the NIC's driver must support XDP transmit
 //! (veth, mlx5, ice, i40e, virtio-net with XDP, …). The program writes the whole
-//! Ethernet + IPv4 + UDP header into every frame, stepping through `flows` distinct
-//! (source address, source port) pairs.
+//! Ethernet + IPv4 + UDP (or TCP) header into every frame, stepping through `flows`
+//! distinct (source address, source port) pairs.
 
 use std::{
     net::Ipv4Addr,
@@ -21,8 +21,13 @@ use aya::{
 
 use crate::{dataplane::OBJECT, sys};
 
-/// Header bytes the generator rewrites in every frame: Ethernet + IPv4 + UDP.
-pub const HEADER_LEN: usize = 42;
+/// Header bytes the generator rewrites in every frame: Ethernet + IPv4 + TCP (a UDP
+/// header and 12 bytes of its payload).
+pub const HEADER_LEN: usize = 54;
+
+/// Frame size of TCP: segments without payload (an established flow's ACKs), whose
+/// checksum the generator can compute from the header alone.
+pub const TCP_FRAME: usize = 60;
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -39,6 +44,9 @@ pub struct GenerateOptions {
     pub vip: Ipv4Addr,
     /// Destination port.
     pub port: u16,
+    /// `PROTO_UDP` (datagrams of `size`) or `PROTO_TCP` (ACK segments without payload,
+    /// `TCP_FRAME` bytes).
+    pub protocol: u8,
     /// First source port; later flows count up from it.
     pub src_port: u16,
     /// Distinct flows (a power of two, 1 ..= 2^24).
@@ -88,16 +96,25 @@ pub fn template(o: &GenerateOptions, src_mac: [u8; 6]) -> Vec<u8> {
     f.extend_from_slice(&o.dst_mac);
     f.extend_from_slice(&src_mac);
     f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let ip_len = (o.size - 14) as u16;
+    let tcp = o.protocol == lb_common::PROTO_TCP;
+    let ip_len = if tcp { 40 } else { (o.size - 14) as u16 };
     f.extend_from_slice(&[0x45, 0]);
     f.extend_from_slice(&ip_len.to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0x40, 0, 64, lb_common::PROTO_UDP, 0, 0]);
+    f.extend_from_slice(&[0, 0, 0x40, 0, 64, o.protocol, 0, 0]);
     f.extend_from_slice(&o.src.octets());
     f.extend_from_slice(&o.vip.octets());
     f.extend_from_slice(&o.src_port.to_be_bytes());
     f.extend_from_slice(&o.port.to_be_bytes());
-    f.extend_from_slice(&(ip_len - 20).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
+    if tcp {
+        // Sequence and acknowledgement 1, data offset 5, ACK, window 65535, checksum 0
+        // (the generator fills it in per frame), no urgent pointer.
+        f.extend_from_slice(&1u32.to_be_bytes());
+        f.extend_from_slice(&1u32.to_be_bytes());
+        f.extend_from_slice(&[0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        f.extend_from_slice(&(ip_len - 20).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+    }
     f.resize(o.size, 0);
     f
 }
@@ -144,6 +161,15 @@ pub fn generate(o: &GenerateOptions) -> anyhow::Result<GenerateReport> {
             "--size must be 60 to 1514 bytes (Ethernet header included), not {}",
             o.size
         );
+    }
+    match o.protocol {
+        lb_common::PROTO_UDP => {}
+        lb_common::PROTO_TCP if o.size == TCP_FRAME => {}
+        lb_common::PROTO_TCP => bail!(
+            "--protocol tcp sends {TCP_FRAME}-byte ACK segments without payload (their checksum is computed per frame from the header alone); leave out --size or give {TCP_FRAME}, not {}",
+            o.size
+        ),
+        p => bail!("--protocol must be udp or tcp, not IP protocol {p}"),
     }
     sys::require_interface(&o.interface)?;
     let c_name = std::ffi::CString::new(o.interface.as_str()).context("interface name")?;

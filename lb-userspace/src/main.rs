@@ -126,8 +126,9 @@ enum BenchCommand {
         /// Destination port.
         #[arg(long, default_value_t = 53)]
         port: u16,
-        /// Protocol (the generator sends UDP).
-        #[arg(long, default_value = "udp", value_parser = ["udp"])]
+        /// Protocol: udp (datagrams of --size), or tcp (60-byte ACK segments of
+        /// established-looking flows, without payload).
+        #[arg(long, default_value = "udp", value_parser = ["udp", "tcp"])]
         protocol: String,
         /// First source address; flows count up from it.
         #[arg(long, default_value = "198.18.0.1")]
@@ -310,7 +311,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             src_mac,
             vip,
             port,
-            protocol: _,
+            protocol,
             src,
             src_port,
             flows,
@@ -329,6 +330,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 src,
                 vip,
                 port,
+                protocol: if protocol == "tcp" {
+                    lb_common::PROTO_TCP
+                } else {
+                    lb_common::PROTO_UDP
+                },
                 src_port,
                 flows,
                 size,
@@ -343,8 +349,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             let r = l3lb::generate::generate(&opts)?;
             println!(
-                "sent {} frames of {} bytes in {:.2} s: {:.0} pps ({} flows)",
+                "sent {} {} frames of {} bytes in {:.2} s: {:.0} pps ({} flows)",
                 r.frames,
+                protocol.to_uppercase(),
                 opts.size,
                 r.seconds,
                 r.pps(),

@@ -78,7 +78,7 @@ fn generate_sends_the_requested_frames_to_the_peer() {
             "200000",
         ])
         .expect("generate");
-    assert!(out.contains("sent 200000 frames of 128 bytes"), "{out}");
+    assert!(out.contains("sent 200000 UDP frames of 128 bytes"), "{out}");
     // Every frame the generator sent went into the veth: the frames the peer's ring
     // took, plus those it refused when full (which happens when the host stalls the
     // receiving softirq: a veth has no backpressure for XDP transmit).

@@ -1266,9 +1266,9 @@ fn throughput(t: &Throughput) -> Result<Value> {
     build_topology(&gen_ns, &bal_ns)?;
 
     // The generator and the sink: one object instance, so they share L3LB_BENCH.
-    let header: [u8; 42] = tp_frame()[..42]
+    let header: [u8; 54] = tp_frame()[..54]
         .try_into()
-        .context("the frame holds a 42-byte header")?;
+        .context("the frame holds a 54-byte header")?;
     let mut bench_obj = EbpfLoader::new()
         .override_global(BENCH_HEADER, &header, true)
         .override_global(BENCH_FLOW_MASK, &(TP_FLOWS - 1), true)
