@@ -717,18 +717,18 @@ fn compare(s: &Settings, ifindex: u32, this_object: &[u8], other: &[u8]) -> Resu
             if first {
                 this.push((
                     load_object(this_object, false, s.flows)?,
-                    load_object(this_object, true, 16)?,
+                    load_object(this_object, true, s.flows)?,
                 ));
             } else {
                 that.push((
                     load_object(other, false, s.flows).context("the object to compare with")?,
-                    load_object(other, true, 16).context("the object to compare with")?,
+                    load_object(other, true, s.flows).context("the object to compare with")?,
                 ));
             }
         }
     }
-    for ((a, _), (b, _)) in this.iter().zip(&that) {
-        prepare(a, &[b], s.flows, ifindex)?;
+    for ((a, a_decap), (b, b_decap)) in this.iter().zip(&that) {
+        prepare(a, &[b, a_decap, b_decap], s.flows, ifindex)?;
     }
     let paths = per_packet_paths();
     let mut pairs: Vec<[(&Xdp, &Frames); 2]> = Vec::new();
@@ -940,7 +940,7 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
     // ±5 % on a path here (`bench --compare O --with O`). Every path is timed on several
     // loads and the median load is the figure, so one placement does not decide it.
     let loads: Vec<(Dataplane, Dataplane)> = (0..PER_PACKET_LOADS)
-        .map(|_| Ok((load(false, s.flows)?, load(true, 16)?)))
+        .map(|_| Ok((load(false, s.flows)?, load(true, s.flows)?)))
         .collect::<Result<_>>()?;
     let (dp, decap) = &loads[0];
     let floor_obj = load_floor()?;
@@ -961,9 +961,13 @@ fn per_packet(s: &Settings, ifindex: u32) -> Result<Value> {
         .context("the object without log statements")?;
     let no_log_prog = no_log.program()?;
 
+    // Every load the paths run on has the realistic configuration, the decap role's
+    // included (its path does not read the connection table, but the issue's
+    // configuration is for every path).
     let others: Vec<&Dataplane> = loads[1..]
         .iter()
         .map(|(d, _)| d)
+        .chain(loads.iter().map(|(_, d)| d))
         .chain([&logs_off, &no_log])
         .collect();
     let live = prepare(dp, &others, s.flows, ifindex)?;
