@@ -199,9 +199,10 @@ pub fn generate(o: &GenerateOptions) -> anyhow::Result<GenerateReport> {
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
     ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-    // Each call pays a fixed setup cost, so calls are large; with a rate, a tenth of a
-    // second's worth at a time.
-    let chunk: u64 = o.rate.map_or(1_000_000, |r| (r / 10).max(1));
+    // Each call pays a fixed setup cost, so calls are large: a tenth of a second's worth
+    // at a time, of the rate asked for or (without one) of the rate reached so far, so a
+    // duration is overrun by a tenth of a second at most.
+    let mut chunk: u64 = o.rate.map_or(100_000, |r| (r / 10).max(1));
     let started = Instant::now();
     let mut sent = 0u64;
     let mut last_print = started;
@@ -215,6 +216,7 @@ pub fn generate(o: &GenerateOptions) -> anyhow::Result<GenerateReport> {
         if let Some(c) = o.count {
             n = n.min(c - sent);
         }
+        let call = Instant::now();
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(&frame);
         opts.ctx_in = Some(&ctx);
@@ -223,6 +225,10 @@ pub fn generate(o: &GenerateOptions) -> anyhow::Result<GenerateReport> {
         prog.test_run(opts)
             .context("BPF_PROG_TEST_RUN with live frames")?;
         sent += n;
+        if o.rate.is_none() {
+            let pps = n as f64 / call.elapsed().as_secs_f64().max(1e-6);
+            chunk = ((pps / 10.0) as u64).clamp(10_000, 10_000_000);
+        }
         if let Some(rate) = o.rate {
             // Pace to the rate: wait until the frames sent so far are due.
             let due = Duration::from_secs_f64(sent as f64 / rate as f64);

@@ -1911,7 +1911,7 @@ fn print_per_packet(r: &Value) {
     );
     println!(
         "  {:<24} {:>9} {:>9} {:>8} {:>8}  ",
-        "PATH", "OFF NS", "OUT NS", "RATIO", "TARGET"
+        "PATH", "OFF NS", "OUT NS", "RATIO", "OWN TARGET"
     );
     for name in LOG_COMPARED {
         let p = &logs[name];
@@ -1943,8 +1943,14 @@ fn print_rest(r: &Value) {
     for b in cp["maglev_build"].as_array().into_iter().flatten() {
         let ms = b["ms"].as_f64().unwrap_or(f64::NAN);
         let target = b["target_ms"].as_f64().unwrap_or(0.0);
+        // The issue sets the 65 537 × 1000 target; the others are this project's own.
+        let whose = if target == 20.0 {
+            "target"
+        } else {
+            "own target"
+        };
         println!(
-            "  table {:>6}, {:>5} backends: {:>8.2} ms  (target ≤ {target} ms) {}",
+            "  table {:>6}, {:>5} backends: {:>8.2} ms  ({whose} ≤ {target} ms) {}",
             b["table_size"],
             b["backends"],
             ms,
