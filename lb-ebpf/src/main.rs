@@ -903,6 +903,18 @@ fn flow_key(pkt: &Pkt, sport: u16, dport: u16) -> FlowKey {
     }
 }
 
+/// The key of a packet balanced on its addresses alone (a fragment, an ICMP message): no
+/// ports, and for a fragment the protocol every fragment of its datagram names (see
+/// `Pkt::frag_proto`), so that all of them hash to one backend.
+#[inline(always)]
+fn addresses_key(pkt: &Pkt) -> FlowKey {
+    let mut key = flow_key(pkt, 0, 0);
+    if pkt.fragment {
+        key.proto = pkt.frag_proto;
+    }
+    key
+}
+
 /// VIP traffic of either family: classify, check, select, forward.
 #[inline(always)]
 fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropReason> {
@@ -952,7 +964,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         let Some(marker) = vip_lookup(&pkt.dst, 0, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        (marker, false, None, flow_key(pkt, 0, 0))
+        (marker, false, None, addresses_key(pkt))
     } else if pkt.later_fragment {
         let Some(by_ref) = frag_key() else {
             return Ok(PASS.into());
@@ -967,7 +979,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
                 None => return Ok(PASS.into()),
             },
         };
-        (vip, false, None, flow_key(pkt, 0, 0))
+        (vip, false, None, addresses_key(pkt))
     } else if pkt.fragment {
         let Ok(ports) = ptr_at::<[u16; 2]>(ctx, pkt.l4_off) else {
             return not_a_vip_or(pkt, DropReason::Truncated);
@@ -979,7 +991,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         let Some(vip) = vip_lookup(&pkt.dst, dport, pkt.proto, pkt.family) else {
             return Ok(PASS.into());
         };
-        (vip, false, None, flow_key(pkt, 0, 0))
+        (vip, false, None, addresses_key(pkt))
     } else {
         let ports = match l4::parse(ctx, pkt.l4_off, l3_end(l2, pkt), pkt.proto) {
             Ok(p) => p,

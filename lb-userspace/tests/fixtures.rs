@@ -1840,27 +1840,36 @@ fn a_services_source_ranges_leave_the_trie_with_the_list_or_the_service() {
 #[test]
 fn ipv6_later_fragments_follow_their_first_when_options_sit_in_the_fragmentable_part() {
     let f = Fixture::new(false, &standard_desired());
-    // A UDP datagram to dns6 (l2): Fragment (next 60) | Destination Options (next UDP) |
-    // UDP …, the options in the fragmentable part as RFC 8200 puts them. The later
-    // fragment's data is no header: its walk ends at the fragment header, and both
-    // fragments are keyed on that header's next header.
-    let mut fragmentable = vec![PROTO_UDP, 0, 1, 4, 0, 0, 0, 0];
-    fragmentable.extend_from_slice(&udp(5353, 53, &[0x41u8; 64]));
-    let frag = |offset_units: u16, more: bool, part: &[u8]| {
+    // Datagrams to multi6 (VIP6:443, three backends): Fragment (next 60) | Destination
+    // Options (next TCP) | TCP …, the options in the fragmentable part as RFC 8200 puts
+    // them. The later fragment's data is no header: its walk ends at the fragment header,
+    // and both fragments are keyed and hashed on that header's next header, so from every
+    // client both reach the same backend.
+    let mut fragmentable = vec![PROTO_TCP, 0, 1, 4, 0, 0, 0, 0];
+    fragmentable.extend_from_slice(&tcp(40000, 443, ACK, &[0x41u8; 64]));
+    let frag = |client: Ipv6Addr, offset_units: u16, more: bool, part: &[u8]| {
         let mut fh = vec![60, 0];
         fh.extend_from_slice(&((offset_units << 3) | u16::from(more)).to_be_bytes());
         fh.extend_from_slice(&0xabcd_0002u32.to_be_bytes());
         fh.extend_from_slice(part);
-        ipv6(CLIENT6, VIP6_L2, 44, &fh)
+        ipv6(client, VIP6, 44, &fh)
     };
-    let first = frag(0, true, &fragmentable[..32]);
-    let later = frag(4, false, &fragmentable[32..]);
-    let (v, out) = f.run(&v6_frame(&first));
-    assert_eq!(v, XDP_TX, "first fragment forwarded");
-    assert_eq!(out, eth(B2_MAC, NODE_MAC, &[], 0x86dd, &first));
-    let (v, out) = f.run(&v6_frame(&later));
-    assert_eq!(v, XDP_TX, "later fragment forwarded like its first");
-    assert_eq!(out, eth(B2_MAC, NODE_MAC, &[], 0x86dd, &later));
+    let outer_dst = |out: &[u8]| out[14 + 24..14 + 40].to_vec();
+    let mut backends = std::collections::HashSet::new();
+    for c in 1..=32u16 {
+        let client = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 1, c);
+        let (v, first) = f.run(&v6_frame(&frag(client, 0, true, &fragmentable[..32])));
+        assert_eq!(v, XDP_TX, "first fragment forwarded");
+        let (v, later) = f.run(&v6_frame(&frag(client, 4, false, &fragmentable[32..])));
+        assert_eq!(v, XDP_TX, "later fragment forwarded like its first");
+        assert_eq!(
+            outer_dst(&later),
+            outer_dst(&first),
+            "client {client}: one backend"
+        );
+        backends.insert(outer_dst(&first));
+    }
+    assert!(backends.len() > 1, "the clients spread over the backends");
     assert_eq!(f.drops(DropReason::Truncated), 0);
 }
 
