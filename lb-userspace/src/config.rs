@@ -737,15 +737,6 @@ impl Service {
                     "required for an all-ports VIP (there is no service port to default to)",
                 ));
             }
-            // The probes are TCP (tcp, http): a UDP service's own port cannot answer them.
-            None if self.protocol == Protocol::Udp => {
-                return Err(error(
-                    at("port"),
-                    "required for a UDP service: the checks connect over TCP, so they need \
-                     a TCP port the backends serve (the service's own UDP port would refuse \
-                     every probe)",
-                ));
-            }
             _ => {}
         }
         validate_timing(&at, h.interval, h.timeout, h.rise, h.fall)?;
@@ -1616,11 +1607,7 @@ services:
                 "    ports: [80]\n",
                 "services[0].health_check.type: unknown variant",
             ),
-            (
-                "{type: tcp}",
-                "    ports: [53]\n    protocol: udp\n",
-                "services[0].health_check.port: required for a UDP service",
-            ),
+
             (
                 "{type: tcp, interval: 2}",
                 "    ports: [80]\n",
