@@ -1607,7 +1607,6 @@ services:
                 "    ports: [80]\n",
                 "services[0].health_check.type: unknown variant",
             ),
-
             (
                 "{type: tcp, interval: 2}",
                 "    ports: [80]\n",

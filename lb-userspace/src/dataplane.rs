@@ -1345,7 +1345,9 @@ impl Dataplane {
                     }
                 }
                 (map_names::FLOWS, _) => {
-                    let old = FlowTable::from_map_data(&old, &path.display().to_string())?;
+                    // With the seed and, where its settings say it holds this build's
+                    // tags, checked reads (see `FlowTable::verified`).
+                    let old = FlowTable::from_pin(path)?;
                     self.replace_flows(&old)?
                 }
                 (map_names::FRAGS, _) => {
@@ -1425,7 +1427,9 @@ impl Dataplane {
             .ebpf
             .map(map_names::FLOWS)
             .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::FLOWS)))?;
-        Ok(FlowTable::from_map(map, map_names::FLOWS)?.with_seed(self.flow_seed))
+        Ok(FlowTable::from_map(map, map_names::FLOWS)?
+            .with_seed(self.flow_seed)
+            .verified())
     }
 
     /// The epoch the data plane reads from `SETTINGS[SETTINGS_NEXTHOP_EPOCH]`: the

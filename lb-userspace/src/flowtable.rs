@@ -100,6 +100,8 @@ pub struct FlowTable {
     /// The hash seed the table is placed with (`flow_buckets_of`, `flow_tag`); walks do
     /// not need it.
     seed: u64,
+    /// Whether walks check each way's tag against its record's key (see `verified`).
+    verify: bool,
     page: usize,
     what: String,
 }
@@ -135,6 +137,8 @@ struct View {
     ways: Mapping,
     records: Mapping,
     buckets: u32,
+    /// The seed to check ways' tags with (see `FlowTable::verified`), if they are.
+    verify: Option<u64>,
 }
 
 impl View {
@@ -162,6 +166,14 @@ impl View {
             return None;
         }
         let r = unsafe { std::ptr::read_volatile(self.record(bucket, way)) };
+        // A way whose tag is not its record key's bound to its backend is the torn
+        // remains of two concurrent writes (see `FlowWay::bind`): no flow, as the data
+        // plane reads it, and not to be listed or carried over as one.
+        if let Some(seed) = self.verify
+            && !w.holds(flow_tag(&r.key.words64(), seed))
+        {
+            return None;
+        }
         Some(FlowEntry {
             key: r.key,
             state: FlowState {
@@ -302,6 +314,7 @@ impl FlowTable {
             fd: own_fd(data, what)?,
             buckets,
             seed: 0,
+            verify: false,
             page: page_size(),
             what: what.to_string(),
         })
@@ -311,6 +324,16 @@ impl FlowTable {
     /// `FLOW_SEED`; 0 until set, which only walks and tables of seed 0 may use).
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    /// The same table, its walks (`for_each`, `entries`, `count`, placements) checking each
+    /// way's tag against its record's key with this table's seed, as lookups do: for a
+    /// table known to hold this build's tags (its own, or one whose settings say so), so
+    /// that the torn remains of concurrent writes are neither listed nor carried over.
+    /// A table of another tag format is walked unchecked (its tags would all disagree).
+    pub fn verified(mut self) -> Self {
+        self.verify = true;
         self
     }
 
@@ -345,11 +368,21 @@ impl FlowTable {
         })?;
         let table = Self::from_map_data(&data, &what)?;
         // The agent that pinned it keeps its hash seed in the settings array beside it.
-        let seed = path
-            .parent()
+        let dir = path.parent();
+        let seed = dir
             .and_then(crate::handover::previous_flow_seed)
             .unwrap_or(0);
-        Ok(table.with_seed(seed))
+        let table = table.with_seed(seed);
+        // Its agent's settings say whether it holds this build's tags, and a sample of its
+        // entries whether they were made with that seed (an agent stopped between pinning
+        // its settings and its table leaves them disagreeing: then every way would fail).
+        if dir.and_then(crate::handover::previous_flow_tags) == Some(lb_common::FLOW_TAGS_BOUND)
+            && table.tags_agree(64)?
+        {
+            Ok(table.verified())
+        } else {
+            Ok(table)
+        }
     }
 
     /// Buckets in the table.
@@ -385,6 +418,7 @@ impl FlowTable {
             ways,
             records,
             buckets: self.buckets,
+            verify: self.verify.then_some(self.seed),
         })
     }
 
@@ -410,8 +444,23 @@ impl FlowTable {
     /// Whether the first `sample` live entries (bucket order) carry the tags this table's
     /// seed and this build's `flow_tag` give their keys: false when a table is searched
     /// with another seed or tag format than it was written with (an agent that stopped
-    /// between pinning its settings and its table), whose lookups would all miss.
+    /// between pinning its settings and its table), whose lookups would all miss. Most
+    /// must agree, not all: a way torn by concurrent writes disagrees on its own, and one
+    /// such must not make a takeover re-place the whole table.
     pub fn tags_agree(&self, sample: usize) -> Result<bool, FlowTableError> {
+        let (mut agree, mut disagree) = (0usize, 0usize);
+        self.sample_tags(sample, |ok| {
+            if ok {
+                agree += 1;
+            } else {
+                disagree += 1;
+            }
+        })?;
+        Ok(agree >= disagree * 4)
+    }
+
+    /// Calls `f` with whether each of the first `sample` live ways holds its record's key.
+    fn sample_tags(&self, sample: usize, mut f: impl FnMut(bool)) -> Result<(), FlowTableError> {
         let mut seen = 0usize;
         let mut first = 0u32;
         while first < self.buckets && seen < sample {
@@ -426,18 +475,16 @@ impl FlowTable {
                         continue;
                     }
                     let r = unsafe { std::ptr::read_volatile(v.record(bucket, way)) };
-                    if !w.holds(self.tag_of(&r.key)) {
-                        return Ok(false);
-                    }
+                    f(w.holds(self.tag_of(&r.key)));
                     seen += 1;
                     if seen >= sample {
-                        return Ok(true);
+                        return Ok(());
                     }
                 }
             }
             first += count;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Every live entry.
@@ -447,7 +494,8 @@ impl FlowTable {
         Ok(out)
     }
 
-    /// Live entries now (reads the ways only).
+    /// Ways in use now (reads the ways only: a way torn by concurrent writes counts until
+    /// it is replaced, as it takes a place).
     pub fn count(&self) -> Result<u64, FlowTableError> {
         let mut n = 0u64;
         let mut first = 0u32;
@@ -685,6 +733,15 @@ mod tests {
 
     /// A standalone table of `buckets` buckets, as the loader creates `L3LB_FLOWS`.
     /// `None` without the privileges to create maps (then the test has nothing to check).
+    /// An unchecked accessor of `map` (seed 0).
+    fn table_of(map: &Array<MapData, FlowBucket>) -> ((), FlowTable) {
+        (
+            (),
+            FlowTable::from_map_data(aya::maps::IterableMap::map(map), "test table")
+                .expect("accessor"),
+        )
+    }
+
     fn table(buckets: u32) -> Option<(Array<MapData, FlowBucket>, FlowTable)> {
         let values = lb_common::flow_table_values(buckets);
         let map = match Array::<MapData, FlowBucket>::create(values, BPF_F_MMAPABLE) {
@@ -697,6 +754,54 @@ mod tests {
         let t = FlowTable::from_map_data(aya::maps::IterableMap::map(&map), "test table")
             .expect("accessor");
         Some((map, t))
+    }
+
+    #[test]
+    fn a_torn_way_is_no_flow_to_verified_walks_and_does_not_sink_the_tag_sample() {
+        let Some((mut map, t)) = table(256) else {
+            return;
+        };
+        let t = t.verified();
+        let good: Vec<FlowEntry> = (0..9)
+            .map(|i| entry(key(2, 2000 + i), 5, 3, FLOW_F_CONFIRMED))
+            .collect();
+        for e in &good {
+            t.insert(e, 3).expect("insert");
+        }
+        let a = entry(key(1, 1000), 7, 3, FLOW_F_CONFIRMED);
+        t.insert(&a, 3).expect("insert");
+        // Torn as two concurrent writers can leave it: the tag bound to backend 7, the
+        // backend field another flow's 9.
+        let home = t.buckets_of(&a.key).0;
+        let mut b = map.get(&home, 0).expect("bucket");
+        let way = b
+            .ways
+            .iter()
+            .position(|w| w.holds(t.tag_of(&a.key)))
+            .expect("way");
+        b.ways[way].backend = 9;
+        map.set(home, b, 0).expect("set");
+        assert_eq!(
+            t.get(&a.key).expect("get"),
+            None,
+            "as the data plane reads it"
+        );
+        let listed = t.entries().expect("entries");
+        assert_eq!(
+            listed.len(),
+            9,
+            "listed and carried over: the nine whole ones"
+        );
+        assert!(listed.iter().all(|e| e.key != a.key));
+        assert_eq!(
+            t.count().expect("count"),
+            10,
+            "ways in use: the torn one until replaced"
+        );
+        assert!(t.tags_agree(64).expect("sample"), "one torn way among ten");
+        // Unchecked (a table of another tag format), every way is walked.
+        let (_, unchecked) = table_of(&map);
+        assert_eq!(unchecked.entries().expect("entries").len(), 10);
     }
 
     #[test]

@@ -313,6 +313,12 @@ pub fn previous_epoch(maps_dir: &Path) -> Option<u32> {
     previous_setting(maps_dir, lb_common::SETTINGS_NEXTHOP_EPOCH)
 }
 
+/// The connection-table tag format (`SETTINGS[SETTINGS_FLOW_TAGS]`) the agent whose maps
+/// are pinned in `maps_dir` recorded, if any.
+pub fn previous_flow_tags(maps_dir: &Path) -> Option<u32> {
+    previous_setting(maps_dir, lb_common::SETTINGS_FLOW_TAGS)
+}
+
 /// Entry `index` of the settings array pinned in `maps_dir` by an earlier agent, if there
 /// is one of this layout that holds it.
 fn previous_setting(maps_dir: &Path, index: u32) -> Option<u32> {
