@@ -1693,13 +1693,21 @@ impl Dataplane {
     /// (the services' VIPs and the address markers), followed by `decap` keys.
     fn vip_index_entries_image(&self, decap: &[VipKey]) -> Result<Vec<VipSlot>, DataplaneError> {
         let none = VipInfo::default();
-        let entries = self
+        // In key order, as `vip_index_fits` places them: linear probing with a bounded
+        // distance fits or not depending on the order, and what the check (and `l3lb
+        // check`) found placeable must be placed the same way here.
+        let mut entries: Vec<(&VipKey, &VipInfo)> = self
             .services
             .values()
             .flat_map(|s| s.vips.iter().map(move |k| (k, &s.info)))
             .chain(self.markers.iter())
-            .chain(decap.iter().map(|k| (k, &none)));
-        build_vip_index(entries, lb_common::vip_index_slots(self.opts.max_services))
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(b.0));
+        entries.dedup_by(|a, b| a.0 == b.0);
+        build_vip_index(
+            entries.into_iter().chain(decap.iter().map(|k| (k, &none))),
+            lb_common::vip_index_slots(self.opts.max_services),
+        )
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut Map, DataplaneError> {
@@ -1876,25 +1884,38 @@ impl Dataplane {
                 knob: "list fewer source ranges in total",
             });
         }
+        // New entries go in before old ones leave (see `sync_trie`, `sync_set`): both are
+        // held at once.
+        fn held<T: PartialEq>(old: &[T], new: &[T]) -> usize {
+            new.len() + old.iter().filter(|o| !new.contains(o)).count()
+        }
         for (what, n, max) in [
             (
                 "IPv4 decap allow list",
-                desired.decap_v4.len(),
+                held(&self.decap_v4, &desired.decap_v4),
                 DECAP_ENTRIES,
             ),
             (
                 "IPv6 decap allow list",
-                desired.decap_v6.len(),
+                held(&self.decap_v6, &desired.decap_v6),
                 DECAP_ENTRIES,
             ),
-            ("local IPv4 address", desired.local_v4.len(), LOCAL_ENTRIES),
-            ("local IPv6 address", desired.local_v6.len(), LOCAL_ENTRIES),
+            (
+                "local IPv4 address",
+                held(&self.local_v4, &desired.local_v4),
+                LOCAL_ENTRIES,
+            ),
+            (
+                "local IPv6 address",
+                held(&self.local_v6, &desired.local_v6),
+                LOCAL_ENTRIES,
+            ),
         ] {
             if n > max {
                 return Err(DataplaneError::Full {
                     what,
                     max: max as u32,
-                    knob: "list fewer networks in decap.allow (or give the node fewer addresses)",
+                    knob: "list fewer networks in decap.allow (or give the node fewer addresses); while an apply replaces a list, its old and new entries are held together",
                 });
             }
         }
@@ -2138,7 +2159,12 @@ impl Dataplane {
                 self.array::<ServiceMeta>(map_names::SERVICE_META)?
                     .set(state.id, ServiceMeta::default(), 0)
                     .map_err(map_err(format!("name of removed service {name}")))?;
-                self.service_ids.give(state.id);
+                // The id goes back to the pool only once the apply has switched the index
+                // (the unclaimed reserved ids, at its end): until then the live index may
+                // still name it, and an apply that fails and is rolled back re-creates the
+                // service with this same id instead of handing it to another service, whose
+                // Maglev table would then fill the ring the live index gives this one.
+                self.reserved_services.insert(name.clone(), state.id);
                 sum.services_removed += 1;
             }
         }
@@ -2296,7 +2322,9 @@ impl Dataplane {
                 self.array::<BackendMeta>(map_names::BACKEND_META)?
                     .set(s.id, BackendMeta::default(), 0)
                     .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
-                self.backend_ids.give(s.id);
+                // Back to the pool at the end of a successful apply; a rollback re-creates
+                // the backend with its id (its flows' entries still name it).
+                self.reserved_backends.insert(key.clone(), s.id);
                 sum.backends_removed += 1;
             }
         }

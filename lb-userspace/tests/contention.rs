@@ -150,7 +150,7 @@ fn a_way_replaced_on_another_cpu_never_sends_a_known_flow_to_the_new_flows_backe
     }
     let replaced = replaced_known(&f);
     assert!(
-        written > 0 && replaced > 1000,
+        written > 0 && replaced > 200,
         "the writer ran ({written} packets) and took the known flow's way ({replaced} times)"
     );
     assert_eq!(

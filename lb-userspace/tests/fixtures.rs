@@ -1904,6 +1904,95 @@ fn an_ipv6_packet_too_big_about_a_backends_fragmented_reply_reaches_the_backend(
     );
 }
 
+/// An IPIP packet from `src` to `dst` carrying a client's TCP segment to VIP:80.
+fn ipip_from(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let inner = ipv4(
+        CLIENT,
+        VIP,
+        PROTO_TCP,
+        &[],
+        &tcp(40000, 80, ACK, b"data"),
+        true,
+    );
+    eth(
+        NODE_MAC,
+        B1_MAC,
+        &[],
+        0x0800,
+        &ipv4(src, dst, 4, &[], &inner, true),
+    )
+}
+
+#[test]
+fn replacing_a_large_decap_allow_list_is_refused_before_anything_is_written() {
+    // Each list fits the 1024-entry trie, both together (new entries go in before the old
+    // leave) do not: once, the apply failed midway and its rollback left entries of the
+    // rejected list in the trie, decapsulating sources no config allowed.
+    let old: Vec<(Ipv4Addr, u8)> = (0..1000u32)
+        .map(|i| (Ipv4Addr::from(0x0a07_0000 + i), 32))
+        .collect();
+    let new: Vec<(Ipv4Addr, u8)> = (0..1000u32)
+        .map(|i| (Ipv4Addr::from(0x0a06_0000 + i), 32))
+        .collect();
+    let mut running = standard_desired();
+    running.decap_v4 = old;
+    let mut f = Fixture::new(true, &running);
+    let newcomer = Ipv4Addr::from(0x0a06_0000);
+    f.expect_drop(
+        &ipip_from(newcomer, NODE),
+        DropReason::DecapNotAllowed,
+        "not listed",
+    );
+    let b2 = f.dp.backend_id("multi", IpAddr::V4(B2));
+    let mut next = running.clone();
+    next.decap_v4 = new;
+    next.services[5] = service("multi", VIP, 443, PROTO_TCP, false, &[B1, B3]);
+    let err = f.dp.apply(&next).expect_err("refused").to_string();
+    assert!(
+        err.contains("IPv4 decap allow list table is full"),
+        "refused by the capacity check: {err}"
+    );
+    f.expect_drop(
+        &ipip_from(newcomer, NODE),
+        DropReason::DecapNotAllowed,
+        "still not listed",
+    );
+    assert_eq!(
+        f.dp.backend_id("multi", IpAddr::V4(B2)),
+        b2,
+        "the running state untouched"
+    );
+}
+
+#[test]
+fn a_config_the_check_accepts_applies_whatever_the_order_of_its_ports() {
+    // Linear probing with a bounded distance fits or not by the order of insertion: the
+    // check and the apply must place the VIP index's entries in the same order. These
+    // ports (24 on one VIP, max_services 1: 32 slots) once passed `l3lb check` and failed
+    // to apply, as listed; sorted they applied.
+    let ports = [
+        6939u16, 26077, 65398, 49381, 31734, 45247, 33301, 34811, 36209, 57514, 12813, 8989, 43183,
+        44947, 34788, 21595, 18956, 18134, 10634, 827, 37697, 43548, 32228, 40161,
+    ];
+    let text = format!(
+        "interface: eth0\nmax_services: 1\nservices:\n  - name: web\n    vip: 192.0.2.10\n    \
+         ports: {ports:?}\n    backends:\n      - address: 10.1.0.11\n"
+    );
+    let cfg = l3lb::config::Config::parse(&text).expect("`l3lb check` accepts it");
+    let desired = l3lb::agent::desired_from_config(
+        &cfg,
+        &std::collections::HashSet::new(),
+        &std::collections::HashSet::new(),
+    );
+    let _ = enter_namespace();
+    let mut dp = Dataplane::load(&LoadOptions {
+        max_services: 1,
+        ..opts(false)
+    })
+    .expect("load");
+    dp.apply(&desired).expect("what the check accepts applies");
+}
+
 #[test]
 fn two_spellings_of_one_source_range_are_one_entry_across_reloads() {
     // `10.1.2.3/8` and `10.0.0.0/8` are one trie entry: dropping either spelling while the
