@@ -12,20 +12,6 @@ use common::*;
 use l3lb::dataplane::Desired;
 use lb_common::{PROTO_TCP, map_names};
 
-/// The key of the client flow from `sport` to `VIP:dport`.
-fn client_key(sport: u16, dport: u16) -> lb_common::FlowKey {
-    let mut key = lb_common::FlowKey {
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto: PROTO_TCP,
-        family: lb_common::FAMILY_V4,
-        ..Default::default()
-    };
-    key.src[..4].copy_from_slice(&CLIENT.octets());
-    key.dst[..4].copy_from_slice(&VIP.octets());
-    key
-}
-
 #[test]
 fn a_way_replaced_on_another_cpu_never_sends_a_known_flow_to_the_new_flows_backend() {
     // A known flow to VIP:80 (service "x", backend B1) and, on another thread (another

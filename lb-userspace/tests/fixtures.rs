@@ -245,20 +245,6 @@ fn connection_table_keeps_flows_on_their_backend() {
     }
 }
 
-/// The key of the client flow from `sport` to `VIP:dport`.
-fn client_key(sport: u16, dport: u16) -> lb_common::FlowKey {
-    let mut key = lb_common::FlowKey {
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto: PROTO_TCP,
-        family: lb_common::FAMILY_V4,
-        ..Default::default()
-    };
-    key.src[..4].copy_from_slice(&CLIENT.octets());
-    key.dst[..4].copy_from_slice(&VIP.octets());
-    key
-}
-
 /// The connection-table entry of the client flow from `sport` to `VIP:dport`.
 fn flow_entry(f: &Fixture, sport: u16, dport: u16) -> Option<lb_common::FlowEntry> {
     f.dp.flow_table()

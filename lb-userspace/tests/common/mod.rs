@@ -1,4 +1,4 @@
-//! Shared by the data-plane test crates (`fixtures.rs`, `malformed.rs`): a fresh network
+//! Shared by the data-plane test crates (`fixtures.rs`, `malformed.rs`, `contention.rs`): a fresh network
 //! namespace per test thread, the real XDP object loaded with maps written by the agent's
 //! own map writer, and frame builders that do not share code with the data plane.
 //!
@@ -94,6 +94,20 @@ pub fn enter_namespace() -> u32 {
         ],
     })
     .expect("test namespace")
+}
+
+/// The connection-table key of the client's TCP flow from `sport` to `VIP:dport`.
+pub fn client_key(sport: u16, dport: u16) -> lb_common::FlowKey {
+    let mut key = lb_common::FlowKey {
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: lb_common::PROTO_TCP,
+        family: lb_common::FAMILY_V4,
+        ..Default::default()
+    };
+    key.src[..4].copy_from_slice(&CLIENT.octets());
+    key.dst[..4].copy_from_slice(&VIP.octets());
+    key
 }
 
 /// An IPv4 backend of weight 1 (local when it is the node).
