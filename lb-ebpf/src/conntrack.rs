@@ -269,10 +269,9 @@ fn record(key: &FlowKey, place: Option<Place>, state: FlowState, now: u32) {
         (*rec).key = *key;
         (*rec).service = state.service;
         (*rec).created_ns = state.created_ns;
-        // Volatile like the tag's stores, so that they stay between them: plain stores
-        // may be moved across volatile ones (LLVM merged them into one store placed
-        // before the tag was cleared, and a reader on another CPU then found the old
-        // flow's tag beside the new flow's backend).
+        // Volatile like the tag's stores, so that they stay between them: the compiler
+        // may move plain stores across volatile ones, and a reader on another CPU would
+        // then find the old flow's tag beside the new flow's backend.
         core::ptr::write_volatile(&raw mut (*w).backend, state.backend);
         core::ptr::write_volatile(&raw mut (*w).seen, now);
         core::ptr::write_volatile(&raw mut (*w).tag, FlowWay::bind(p.tag, state.backend));
