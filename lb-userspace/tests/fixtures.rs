@@ -1144,14 +1144,7 @@ fn decap_role_strips_ipip_from_allowed_sources_only() {
     let mut desired = standard_desired();
     desired.decap_v4 = vec![(Ipv4Addr::new(10, 1, 0, 0), 24)];
     let f = Fixture::new(true, &desired);
-    let inner = ipv4(
-        CLIENT,
-        VIP,
-        PROTO_TCP,
-        &[],
-        &tcp(40000, 80, ACK, b"data"),
-        true,
-    );
+    let inner = client_ack_v4();
     let outer_from = |src: Ipv4Addr, vlans: &[u16]| {
         eth(
             NODE_MAC,
@@ -1317,14 +1310,7 @@ fn settings_flags(dp: &Dataplane) -> u32 {
 
 /// A client's TCP segment to the VIP, as a balancer tunnels it to this node.
 fn ipip_inner() -> Vec<u8> {
-    ipv4(
-        CLIENT,
-        VIP,
-        PROTO_TCP,
-        &[],
-        &tcp(40000, 80, ACK, b"data"),
-        true,
-    )
+    client_ack_v4()
 }
 
 /// `ipip_inner` in IPIP from `src` to `dst`, as the decap role receives it.
@@ -1892,14 +1878,7 @@ fn an_ipv6_packet_too_big_about_a_backends_fragmented_reply_reaches_the_backend(
 
 /// An IPIP packet from `src` to `dst` carrying a client's TCP segment to VIP:80.
 fn ipip_from(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
-    let inner = ipv4(
-        CLIENT,
-        VIP,
-        PROTO_TCP,
-        &[],
-        &tcp(40000, 80, ACK, b"data"),
-        true,
-    );
+    let inner = client_ack_v4();
     eth(
         NODE_MAC,
         B1_MAC,

@@ -384,14 +384,7 @@ fn truncation_cases(m: &mut Matrix) {
     // IPIP and IPv6-in-IPv6 to this node from an allowed source: a cut in the outer header
     // is `truncated`; a cut anywhere in the inner packet leaves an inner header that is
     // missing or disagrees with the outer length (`decap_malformed`).
-    let inner4 = ipv4(
-        CLIENT,
-        VIP,
-        PROTO_TCP,
-        &[],
-        &tcp(40000, 80, ACK, b"data"),
-        true,
-    );
+    let inner4 = client_ack_v4();
     let ipip = eth(
         NODE_MAC,
         B1_MAC,
@@ -1040,14 +1033,7 @@ fn link_cases(m: &mut Matrix) {
 
 /// The decap role: malformed inner headers and sources off the allow list.
 fn decap_cases(m: &mut Matrix) {
-    let inner = ipv4(
-        CLIENT,
-        VIP,
-        PROTO_TCP,
-        &[],
-        &tcp(40000, 80, ACK, b"data"),
-        true,
-    );
+    let inner = client_ack_v4();
     let ipip = |src: Ipv4Addr, dst: Ipv4Addr, inner: &[u8]| {
         eth(
             NODE_MAC,

@@ -96,6 +96,19 @@ pub fn enter_namespace() -> u32 {
     .expect("test namespace")
 }
 
+/// The client's IPv4 TCP segment (ACK, 4 bytes of data, DF) from port 40000 to VIP:80:
+/// the inner packet of the tunnel tests.
+pub fn client_ack_v4() -> Vec<u8> {
+    ipv4(
+        CLIENT,
+        VIP,
+        lb_common::PROTO_TCP,
+        &[],
+        &tcp(40000, 80, ACK, b"data"),
+        true,
+    )
+}
+
 /// The connection-table key of the client's TCP flow from `sport` to `VIP:dport`.
 pub fn client_key(sport: u16, dport: u16) -> lb_common::FlowKey {
     let mut key = lb_common::FlowKey {
