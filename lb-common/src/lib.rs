@@ -86,7 +86,8 @@ pub const SETTINGS_FLAGS: u32 = 0;
 /// Index of the settings array holding the epoch: the agent advances it every half second
 /// and after every change it writes to the maps. Next hops learnt in an older epoch are
 /// looked up again, and a connection-table entry is trusted without its VIP lookup only
-/// in the epoch it was last checked in (see `FlowWay::seen`).
+/// in the epoch it was last checked in (see `FlowWay::seen`). The program reads its copy,
+/// the global `globals::EPOCH`; this entry keeps it for the next agent.
 pub const SETTINGS_NEXTHOP_EPOCH: u32 = 1;
 /// Index of the settings array holding the low half of the connection table's hash seed
 /// (`flow_buckets_of`): the program has it as a load-time global, the array keeps it for
@@ -149,8 +150,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "L3LB_SVC_STATS";
     /// Backend id → `BackendStats`, per CPU.
     pub const BACKEND_STATS: &str = "L3LB_BE_STATS";
-    /// `SETTINGS_FLAGS` → `SETTINGS_F_*` bits, `SETTINGS_NEXTHOP_EPOCH` → epoch; kept
-    /// current by the agent.
+    /// `SETTINGS_FLAGS` → `SETTINGS_F_*` bits, `SETTINGS_NEXTHOP_EPOCH` → epoch (the
+    /// program reads the global `globals::EPOCH`); kept current by the agent.
     pub const SETTINGS: &str = "L3LB_SETTINGS";
     /// Backend id → the next hop last learnt from the FIB, per CPU (a short-lived cache).
     pub const NEXTHOPS: &str = "L3LB_NEXTHOPS";
@@ -207,6 +208,12 @@ pub mod globals {
     pub const FLOW_BUCKETS: &str = "FLOW_BUCKETS";
     /// `u64`: the connection table's hash seed (`flow_buckets_of`), random per table.
     pub const FLOW_SEED: &str = "FLOW_SEED";
+    /// `u32`: the agent's epoch (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]` keeps it for the next
+    /// agent). The program's only writable global: alone in the object's `.bss` map
+    /// (`BSS_MAP`), which the agent writes whole.
+    pub const EPOCH: &str = "EPOCH";
+    /// Name of the map that holds the program's writable globals (`EPOCH`).
+    pub const BSS_MAP: &str = ".bss";
     /// `u8`: aya-log's level of the program's debug statements (0: off, removed by the
     /// verifier; 4 debug; 5 trace). Absent from an object built without the `log` feature.
     pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
@@ -444,7 +451,7 @@ pub struct FlowEntry {
     pub key: FlowKey,
     /// Where it goes.
     pub state: FlowState,
-    /// `SETTINGS[SETTINGS_NEXTHOP_EPOCH]` when a packet last found (or wrote) the entry:
+    /// The epoch (`globals::EPOCH`) when a packet last found (or wrote) the entry:
     /// the agent advances it every half second (and after each change it writes), so this
     /// is the entry's age for eviction, kept without a clock read or a store per packet.
     pub seen: u32,

@@ -164,7 +164,8 @@ pub struct CachedHop {
 pub static NEXTHOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(1, 0);
 
 /// Index 0 → `SETTINGS_F_*` bits, index 1 → the epoch, 2 and 3 → the connection table's
-/// hash seed (kept for the next agent; this program has it as `FLOW_SEED`), from
+/// hash seed (the two kept for the next agent; this program has them as the globals
+/// `EPOCH` and `FLOW_SEED`), from
 /// `SETTINGS_FILTER` on → the VIP address filter (`vip_filter_bit`); written by the agent
 /// (size: load time, `settings_len`). Memory-mappable, so the agent writes the filter
 /// with a copy.

@@ -1432,8 +1432,8 @@ impl Dataplane {
             .verified())
     }
 
-    /// The epoch the data plane reads from `SETTINGS[SETTINGS_NEXTHOP_EPOCH]`: the
-    /// connection table's clock (entries record the epoch they were last seen in).
+    /// The epoch the data plane reads (its global `EPOCH`): the connection table's clock
+    /// (entries record the epoch they were last seen in).
     pub fn epoch(&self) -> u32 {
         self.nexthop_epoch
     }
@@ -1442,9 +1442,23 @@ impl Dataplane {
     /// ages of the connection-table entries it left keep their meaning.
     pub fn resume_epoch(&mut self, epoch: u32) -> Result<(), DataplaneError> {
         self.nexthop_epoch = epoch;
+        self.write_epoch(epoch)
+    }
+
+    /// Writes `epoch` where the program reads it (its global `EPOCH`, the whole of its
+    /// `.bss` map) and where the next agent finds it (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`).
+    fn write_epoch(&mut self, epoch: u32) -> Result<(), DataplaneError> {
         self.array::<u32>(map_names::SETTINGS)?
             .set(lb_common::SETTINGS_NEXTHOP_EPOCH, epoch, 0)
-            .map_err(map_err("next-hop epoch"))
+            .map_err(map_err("epoch (settings)"))?;
+        // An object without writable globals is an earlier build (`bench --compare`
+        // loads them), whose program reads the settings entry.
+        if self.ebpf.map(globals::BSS_MAP).is_none() {
+            return Ok(());
+        }
+        self.array::<u32>(globals::BSS_MAP)?
+            .set(0, epoch, 0)
+            .map_err(map_err("epoch (the program's global)"))
     }
 
     fn copy_hash<K: aya::Pod, V: aya::Pod>(
@@ -2581,15 +2595,12 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Advances the epoch (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`): the clock of the
-    /// connection table's ages and of the next-hop cache, and the span in which an
-    /// entry the data plane checked against its VIP is trusted without the lookup.
+    /// Advances the epoch (see `write_epoch`): the clock of the connection table's ages
+    /// and of the next-hop cache, and the span in which an entry the data plane checked
+    /// against its VIP is trusted without the lookup.
     fn advance_epoch(&mut self) -> Result<(), DataplaneError> {
         self.nexthop_epoch = self.nexthop_epoch.wrapping_add(1);
-        let epoch = self.nexthop_epoch;
-        self.array::<u32>(map_names::SETTINGS)?
-            .set(lb_common::SETTINGS_NEXTHOP_EPOCH, epoch, 0)
-            .map_err(map_err("next-hop epoch"))
+        self.write_epoch(self.nexthop_epoch)
     }
 
     /// Packets dropped for `reason` so far, summed over CPUs.
