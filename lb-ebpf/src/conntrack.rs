@@ -25,8 +25,8 @@ pub struct Choice {
     pub entry: &'static Backend,
     /// True when Maglev chose (a new flow, or one the table had lost).
     pub new_flow: bool,
-    /// The next-hop epoch read for this packet (see `epoch`), handed on to the next-hop
-    /// cache so one packet reads the settings entry once.
+    /// The epoch read for this packet (see `epoch`), handed on to the next-hop cache so
+    /// one packet reads it once.
     pub epoch: u32,
 }
 

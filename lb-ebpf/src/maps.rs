@@ -152,7 +152,7 @@ pub struct CachedHop {
     pub max_len: u16,
     /// Explicit padding.
     pub _pad: [u8; 2],
-    /// The next-hop epoch (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`) the entry was learnt in.
+    /// The epoch (the global `EPOCH`) the entry was learnt in.
     pub epoch: u32,
     /// Packets sent with this entry since it was learnt.
     pub uses: u32,

@@ -938,7 +938,17 @@ impl Dataplane {
     /// Like [`Dataplane::load`], with the state maps that `plan` reuses taken from an
     /// earlier agent's pins (the others are created empty; see [`Dataplane::migrate`]).
     pub fn load_carrying(opts: &LoadOptions, plan: &CarryPlan) -> Result<Self, DataplaneError> {
-        Self::load_object(OBJECT, opts, plan)
+        let dp = Self::load_object(OBJECT, opts, plan)?;
+        // This build's program reads the epoch from its global (see `write_epoch`): were
+        // the global missing, it would never see the epoch advance.
+        if dp.ebpf.map(globals::BSS_MAP).is_none() {
+            return Err(DataplaneError::Missing(format!(
+                "map {} (the program's global {})",
+                globals::BSS_MAP,
+                globals::EPOCH
+            )));
+        }
+        Ok(dp)
     }
 
     /// Like [`Dataplane::load_carrying`], from another build of lb-ebpf (the benchmark's
@@ -1104,6 +1114,15 @@ impl Dataplane {
             flow_seed,
         })
         .and_then(|mut dp| {
+            // The program's writable globals must be EPOCH alone, which the agent writes
+            // whole (see `write_epoch`): another global there would be overwritten.
+            if let Some(bss) = dp.ebpf.map_mut(globals::BSS_MAP) {
+                Array::<_, u32>::try_from(bss).map_err(map_err(format!(
+                    "the program's writable globals ({}): {} (a u32) alone",
+                    globals::BSS_MAP,
+                    globals::EPOCH
+                )))?;
+            }
             // For the next agent, which takes the table over with it.
             let mut settings = dp.array::<u32>(map_names::SETTINGS)?;
             settings
@@ -1292,7 +1311,9 @@ impl Dataplane {
             source: aya::pin::PinError::SyscallError(aya::sys::SyscallError { call, io_error: e }),
         };
         std::fs::create_dir_all(&maps_dir).map_err(|e| pin_io(&maps_dir, "mkdir", e))?;
-        // Internal maps (.rodata, .bss) hold load-time globals; bpffs refuses dot names.
+        // Internal maps (.rodata, .bss) hold the program's globals, which the next agent
+        // does not take over (its own program has its own; the epoch goes on from the
+        // settings entry); bpffs refuses dot names.
         // The benchmark's maps live in the same object but are no part of the agent's state;
         // nor are the log ring buffer and notes (each program has its own; see `program_log`).
         for (name, map) in self.ebpf.maps().filter(|(n, _)| {
