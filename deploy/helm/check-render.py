@@ -16,6 +16,7 @@ Checks:
   2. With other values (another release name, namespace and class, takeUnclassed, an
      IPv6 metrics address, extra settings, a memory limit, no priority class) the objects
      say what the values say.
+  3. The probes of an agent listening on 0.0.0.0 or [::] go to the family's loopback.
 
 Usage (Python >= 3.12, which helm-sdkpy requires):
   python3.12 -m venv /tmp/helm-venv && /tmp/helm-venv/bin/pip install helm-sdkpy pyyaml
@@ -280,6 +281,9 @@ def main() -> int:
         (agent["image"], "registry.example/l3lb:0.1.0-test"),
         (agent["readinessProbe"]["httpGet"]["port"], 9500),
         (agent["livenessProbe"]["httpGet"]["port"], 9500),
+        # An agent on [::1] answers there, not on 127.0.0.1.
+        (agent["readinessProbe"]["httpGet"]["host"], "::1"),
+        (agent["livenessProbe"]["httpGet"]["host"], "::1"),
         (agent["ports"][0]["containerPort"], 9500),
         # Helm merges maps with the defaults: the requests stay (null would remove them).
         (agent["resources"], {"limits": {"memory": "1Gi"}, "requests": {"cpu": "50m", "memory": "128Mi"}}),
@@ -289,7 +293,7 @@ def main() -> int:
             {
                 "interface": "bond0",
                 "xdp_mode": "native",
-                "pin_path": "/sys/fs/bpf/l3lb",
+                "pin_path": "/run/l3lb/bpf",
                 "metrics_address": "[::1]:9500",
                 "conntrack_size": 1048576,
                 "decap": {"allow": ["10.0.0.0/24"]},
@@ -306,6 +310,15 @@ def main() -> int:
         if got != want:
             failures.append(f"other values: got {json.dumps(got)}, want {json.dumps(want)}")
     print(f"other values: rendered {sorted(other)}, {len(expect)} expectations")
+
+    # An unspecified metrics address is probed on its family's loopback address.
+    for address, host in [("0.0.0.0:9477", "127.0.0.1"), ("[::]:9478", "::1")]:
+        agent = by_kind(render({"metricsAddress": address}))["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
+        for probe in ["readinessProbe", "livenessProbe"]:
+            got = agent[probe]["httpGet"]["host"]
+            if got != host:
+                failures.append(f"metricsAddress {address}: {probe} host {got}, want {host}")
+    print("unspecified metrics addresses: probed on loopback")
 
     for f in failures:
         print("FAIL", f)

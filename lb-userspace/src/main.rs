@@ -66,8 +66,8 @@ enum Command {
     /// Detach the XDP program and remove the pins (and with them the connection table);
     /// stop the agent first.
     Down {
-        /// The agent's pin_path.
-        #[arg(long, default_value = "/sys/fs/bpf/l3lb")]
+        /// The agent's pin_path (the DaemonSet sets L3LB_PIN_PATH to its mount).
+        #[arg(long, env = "L3LB_PIN_PATH", default_value = "/sys/fs/bpf/l3lb")]
         pin_path: PathBuf,
     },
     /// Benchmark tools.
@@ -78,8 +78,8 @@ enum Command {
     /// Reads only the pinned maps, so it works whether or not the agent runs. The
     /// connection-table count is taken now, by walking the table.
     Status {
-        /// The agent's pin_path.
-        #[arg(long, default_value = "/sys/fs/bpf/l3lb")]
+        /// The agent's pin_path (the DaemonSet sets L3LB_PIN_PATH to its mount).
+        #[arg(long, env = "L3LB_PIN_PATH", default_value = "/sys/fs/bpf/l3lb")]
         pin_path: PathBuf,
         /// Print JSON instead of tables.
         #[arg(long)]
@@ -97,8 +97,8 @@ enum Command {
         /// The most entries to print.
         #[arg(long, default_value_t = l3lb::flows::DEFAULT_LIMIT)]
         limit: usize,
-        /// The agent's pin_path.
-        #[arg(long, default_value = "/sys/fs/bpf/l3lb")]
+        /// The agent's pin_path (the DaemonSet sets L3LB_PIN_PATH to its mount).
+        #[arg(long, env = "L3LB_PIN_PATH", default_value = "/sys/fs/bpf/l3lb")]
         pin_path: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]

@@ -192,3 +192,39 @@ fn bench_generate_refuses_a_rate_or_duration_it_cannot_keep() {
         );
     }
 }
+
+/// In the DaemonSet's pod the pins are mounted at /run/l3lb/bpf and the pod's
+/// L3LB_PIN_PATH says so: `status`, `flows` and `down` take it when --pin-path is not
+/// given, and --pin-path still wins.
+#[test]
+fn the_pin_path_comes_from_l3lb_pin_path_unless_given() {
+    let env_dir = "/nonexistent/l3lb-from-env";
+    for args in [
+        &["status"][..],
+        &["flows", "--vip", "192.0.2.1"][..],
+        &["down"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_l3lb"))
+            .args(args)
+            .env("L3LB_PIN_PATH", env_dir)
+            .output()
+            .expect("run l3lb");
+        // `status` and `flows` fail naming the path; `down` has nothing to remove there.
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(said.contains(env_dir), "{args:?} used the variable: {said}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_l3lb"))
+        .args(["status", "--pin-path", "/nonexistent/l3lb-from-flag"])
+        .env("L3LB_PIN_PATH", env_dir)
+        .output()
+        .expect("run l3lb");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/l3lb-from-flag") && !err.contains(env_dir),
+        "the flag wins: {err}"
+    );
+}

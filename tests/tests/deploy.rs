@@ -350,8 +350,28 @@ fn the_agent_runs_in_the_node_network_with_the_node_bpffs() {
         .flatten()
         .find(|vm| vm.name == bpffs)
         .expect("bpffs is mounted");
-    assert_eq!(mount.mount_path, host_path.path, "at the same path");
+    // Not below /sys: the container's /sys is a fresh sysfs, where the runtime cannot
+    // create the mount point (and the default AppArmor profile denies writes under
+    // /sys/fs/*).
+    assert!(
+        !mount.mount_path.starts_with("/sys/") && mount.mount_path.starts_with('/'),
+        "bpffs mounted outside /sys: {}",
+        mount.mount_path
+    );
     assert_ne!(mount.read_only, Some(true), "pins are written there");
+    // `kubectl exec … -- l3lb status` finds the pins without --pin-path.
+    let pin_env = m
+        .agent()
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "L3LB_PIN_PATH")
+        .and_then(|e| e.value.as_deref());
+    assert_eq!(
+        pin_env,
+        Some(mount.mount_path.as_str()),
+        "L3LB_PIN_PATH names the mount"
+    );
     // Bidirectional would need a privileged container; the agent never mounts anything.
     assert_eq!(mount.mount_propagation.as_deref(), Some("HostToContainer"));
 
@@ -582,10 +602,9 @@ fn the_helm_chart_defaults_match_the_manifests() {
         values["xdpMode"],
         serde_json::to_value(settings.xdp_mode).expect("xdp_mode")
     );
-    assert_eq!(
-        values["pinPath"],
-        settings.pin_path.to_string_lossy().as_ref()
-    );
+    // The node's directory; the pod mounts it where the settings' pin_path says.
+    assert_eq!(values["pinPath"], "/sys/fs/bpf/l3lb");
+    assert_eq!(settings.pin_path, std::path::Path::new("/run/l3lb/bpf"));
     assert_eq!(
         values["metricsAddress"],
         settings.metrics_address.to_string()

@@ -6,8 +6,8 @@
 //! capabilities as its bounding, permitted and effective sets (no ambient or inheritable
 //! ones), `no_new_privs` for `allowPrivilegeEscalation: false`, a read-only root file
 //! system and a read-only `/proc/sys`, and the DaemonSet's bpffs volume: a directory of a
-//! bpffs (0700 at its root, as on a host) mounted at the ConfigMap's `pin_path`, with
-//! nothing else of that bpffs in view. Its settings are the ConfigMap's with
+//! bpffs (0700 at its root, as on a host) mounted at the ConfigMap's `pin_path` (in the
+//! container's own /run), with nothing else of that bpffs in view. Its settings are the ConfigMap's with
 //! the lab's interface and one service, so the balancer path is loaded, not just decap.
 
 use std::{path::PathBuf, time::Duration};
@@ -74,8 +74,8 @@ fn settings(interface: &str) -> String {
         .expect("l3lb.yaml");
     let cfg = l3lb::config::Config::parse(&text).expect("the ConfigMap's settings");
     assert!(
-        cfg.pin_path.starts_with("/sys/fs/bpf"),
-        "pins on the mounted bpffs"
+        cfg.pin_path.starts_with("/run/"),
+        "pins on the volume mounted in the container's /run"
     );
     let mut value: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(&text).expect("settings");
     value.insert("interface".into(), interface.into());
@@ -103,16 +103,23 @@ fn container_command(p: &Privileges, caps: &[String], bin: &str, config: &str) -
         ""
     };
     // The node's bpffs (0700 at its root, as /sys/fs/bpf on a host) is mounted aside, at
-    // /mnt of this private mount namespace; the container's /sys/fs/bpf holds only the
-    // volume, as the runtime would give it.
+    // /mnt of this private mount namespace; the container's /sys/fs/bpf is no bpffs (an
+    // empty directory of its own sysfs: an empty tmpfs here), and its /run, its own,
+    // holds the volume, as the runtime would give it.
     let node_dir = p
         .bpffs_host_path
         .strip_prefix("/sys/fs/bpf")
         .expect("the volume is a directory of the node's bpffs");
+    assert!(
+        p.bpffs_mount_path.starts_with("/run/"),
+        "the volume is mounted in the container's /run: {}",
+        p.bpffs_mount_path
+    );
     format!(
         "set -e; \
          mount -t bpf bpf /mnt; chmod 0700 /mnt; mkdir -p /mnt{node_dir}; \
-         mount -t tmpfs -o mode=0755 none /sys/fs/bpf; mkdir -p {mount_path}; \
+         mount -t tmpfs -o mode=0755 none /sys/fs/bpf; \
+         mount -t tmpfs -o mode=0755 none /run; mkdir -p {mount_path}; \
          mount --bind /mnt{node_dir} {mount_path}; \
          mount --bind /proc/sys /proc/sys; mount -o remount,bind,ro /proc/sys; \
          mount -o remount,bind,ro /; \

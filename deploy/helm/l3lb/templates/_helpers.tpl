@@ -14,11 +14,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- splitList ":" .Values.metricsAddress | last | int -}}
 {{- end -}}
 
+{{/* The address the probes reach metricsAddress at: its own, or for an unspecified
+     address (0.0.0.0, [::]) the loopback address of its family. */}}
+{{- define "l3lb.probeHost" -}}
+{{- $host := regexReplaceAll ":[0-9]+$" .Values.metricsAddress "" | trimPrefix "[" | trimSuffix "]" -}}
+{{- if eq $host "0.0.0.0" -}}127.0.0.1
+{{- else if eq $host "::" -}}::1
+{{- else -}}{{ $host }}
+{{- end -}}
+{{- end -}}
+
 {{/* The agent's settings file (--config). Values are quoted: "[::1]:9477" is not plain YAML. */}}
 {{- define "l3lb.settings" -}}
 interface: {{ .Values.interface | quote }}
 xdp_mode: {{ .Values.xdpMode | quote }}
-pin_path: {{ .Values.pinPath | quote }}
+pin_path: /run/l3lb/bpf
 metrics_address: {{ .Values.metricsAddress | quote }}
 {{- with .Values.extraSettings }}
 {{ toYaml . }}
