@@ -270,6 +270,22 @@ fn remote_backends(desired: &Desired) -> Vec<IpAddr> {
     v
 }
 
+/// Logs what a migration carried of the earlier agent's map `name` (`what` it did), and
+/// warns when some of it found no place: those flows are balanced afresh by their next
+/// packet (a connection that then meets another backend is reset), those counters lost.
+fn note_carried(name: &str, carried: crate::flowtable::Carried, what: &str) {
+    info!(map = name, entries = carried.kept, "{what}");
+    if carried.lost() > 0 {
+        warn!(
+            map = name,
+            offered = carried.offered,
+            kept = carried.kept,
+            "{} entries of the earlier agent's map found no place in this one (a smaller or fuller table: raise conntrack_size, max_services or max_backends to carry them all)",
+            carried.lost()
+        );
+    }
+}
+
 /// Puts the program on the configured interface (switching an earlier agent's pinned link
 /// to it, or attaching afresh) and pins everything; returns the mode for the log.
 fn attach_and_pin(
@@ -438,25 +454,20 @@ impl Agent {
                     .resume_epoch(epoch)
                     .context("continuing the earlier agent's epoch")?;
             }
-            for (name, n) in dataplane
+            for (name, carried) in dataplane
                 .migrate(&plan)
                 .context("migrating the earlier agent's state")?
             {
-                if matches!(plan.get(name), handover::Carry::Convert(_)) {
-                    info!(
-                        map = name,
-                        entries = n,
-                        "converted the previous release's connection table (an LRU hash, or buckets of whole entries) into this build's table; its flows keep their backends"
-                    );
-                } else if matches!(plan.get(name), handover::Carry::Retag(_)) {
-                    info!(
-                        map = name,
-                        entries = n,
-                        "placed the earlier build's connection table anew with this build's tags; its flows keep their backends"
-                    );
-                } else {
-                    info!(map = name, entries = n, "migrated to the new size");
-                }
+                let what = match plan.get(name) {
+                    handover::Carry::Convert(_) => {
+                        "converted the previous release's connection table (an LRU hash, or buckets of whole entries) into this build's table; the flows kept keep their backends"
+                    }
+                    handover::Carry::Retag(_) => {
+                        "placed the earlier build's connection table anew with this build's tags; the flows kept keep their backends"
+                    }
+                    _ => "migrated to the new size",
+                };
+                note_carried(name, carried, what);
             }
             let previous = handover::PreviousIds::read(&maps_dir)
                 .context("reading the earlier agent's ids")?;
@@ -576,15 +587,15 @@ impl Agent {
         sys::prime_neighbours(remote_backends(&full));
         if self.attach_deferred {
             if let Some(plan) = self.deferred_migration.take() {
-                for (name, n) in self
+                for (name, carried) in self
                     .dataplane
                     .migrate_again(&plan)
                     .context("copying the earlier agent's tables again")?
                 {
-                    info!(
-                        map = name,
-                        entries = n,
-                        "copied again from the earlier program, which forwarded until now"
+                    note_carried(
+                        name,
+                        carried,
+                        "copied again from the earlier program, which forwarded until now",
                     );
                 }
             }

@@ -28,7 +28,7 @@ use lb_common::{
 use thiserror::Error;
 
 use crate::{
-    flowtable::{FlowTable, FlowTableError},
+    flowtable::{Carried, FlowTable, FlowTableError},
     handover::{self, Carry, CarryPlan, PreviousIds},
     maglev,
     program_log::{XdpLogError, XdpLogLevel, XdpLogReader},
@@ -1348,7 +1348,7 @@ impl Dataplane {
     pub fn migrate(
         &mut self,
         plan: &CarryPlan,
-    ) -> Result<Vec<(&'static str, usize)>, DataplaneError> {
+    ) -> Result<Vec<(&'static str, Carried)>, DataplaneError> {
         let mut done = Vec::new();
         for (name, carry) in &plan.maps {
             let path = match carry {
@@ -1391,7 +1391,7 @@ impl Dataplane {
     pub fn migrate_again(
         &mut self,
         plan: &CarryPlan,
-    ) -> Result<Vec<(&'static str, usize)>, DataplaneError> {
+    ) -> Result<Vec<(&'static str, Carried)>, DataplaneError> {
         let tables = CarryPlan {
             maps: plan
                 .maps
@@ -1405,17 +1405,17 @@ impl Dataplane {
 
     /// Places every live entry of `old` (a connection table of another size) into this
     /// program's table as the data plane would, keeping its epoch and flags; returns the
-    /// entries written. Where more of them share a new bucket than it has ways, the
-    /// unconfirmed and then the least recently seen give way, as in the data plane.
-    fn replace_flows(&mut self, old: &FlowTable) -> Result<usize, DataplaneError> {
+    /// flows offered and kept. Where more of them share a new bucket than it has ways,
+    /// the unconfirmed and then the least recently seen give way, as in the data plane.
+    fn replace_flows(&mut self, old: &FlowTable) -> Result<Carried, DataplaneError> {
         let entries = old.entries()?;
         Ok(self.flow_table()?.place_all(entries, self.nexthop_epoch)?)
     }
 
     /// Places the entries of the previous release's connection table (an LRU hash of
     /// `FlowKey` → `FlowState`) into this program's table, as confirmed flows seen now
-    /// (that table kept no age); returns the entries that found a place.
-    fn convert_lru_flows(&mut self, old: MapData) -> Result<usize, DataplaneError> {
+    /// (that table kept no age); returns the flows offered and kept.
+    fn convert_lru_flows(&mut self, old: MapData) -> Result<Carried, DataplaneError> {
         let what = "the previous release's connection table";
         let old: HashMap<MapData, lb_common::FlowKey, lb_common::FlowState> =
             HashMap::try_from(Map::LruHashMap(old)).map_err(map_err(what))?;
@@ -1436,8 +1436,12 @@ impl Dataplane {
 
     /// Places the entries of a connection table of the builds before tagged ways (buckets
     /// of whole entries) into this program's table, keeping their epoch and flags;
-    /// returns the entries that found a place.
-    fn convert_wide_flows(&mut self, old: &MapData, path: &Path) -> Result<usize, DataplaneError> {
+    /// returns the flows offered and kept.
+    fn convert_wide_flows(
+        &mut self,
+        old: &MapData,
+        path: &Path,
+    ) -> Result<Carried, DataplaneError> {
         let entries = crate::flowtable::wide_table_entries(old, &path.display().to_string())?;
         Ok(self.flow_table()?.place_all(entries, self.nexthop_epoch)?)
     }
@@ -1486,36 +1490,41 @@ impl Dataplane {
         &mut self,
         name: &'static str,
         old: Map,
-    ) -> Result<usize, DataplaneError> {
+    ) -> Result<Carried, DataplaneError> {
         let old: HashMap<MapData, K, V> = HashMap::try_from(old).map_err(map_err(name))?;
         let mut new: HashMap<&mut MapData, K, V> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        let mut n = 0;
-        // Entries that vanish meanwhile (evicted by the running program) are skipped.
+        let mut carried = Carried::default();
+        // Entries that vanish meanwhile (evicted by the running program) are skipped; one
+        // that cannot be written is counted as offered and not kept.
         for (k, v) in old.iter().flatten() {
-            if new.insert(k, v, 0).is_err() {
-                break;
+            carried.offered += 1;
+            if new.insert(k, v, 0).is_ok() {
+                carried.kept += 1;
             }
-            n += 1;
         }
-        Ok(n)
+        Ok(carried)
     }
 
     fn copy_per_cpu<V: aya::Pod>(
         &mut self,
         name: &'static str,
         old: MapData,
-    ) -> Result<usize, DataplaneError> {
+    ) -> Result<Carried, DataplaneError> {
         let old: PerCpuArray<MapData, V> =
             PerCpuArray::try_from(Map::PerCpuArray(old)).map_err(map_err(name))?;
         let mut new: PerCpuArray<&mut MapData, V> =
             PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        // Counters of ids the new map has no room for are offered and not kept.
         let n = old.len().min(new.len());
         for i in 0..n {
             let v = old.get(&i, 0).map_err(map_err(format!("{name}[{i}]")))?;
             new.set(i, v, 0).map_err(map_err(format!("{name}[{i}]")))?;
         }
-        Ok(n as usize)
+        Ok(Carried {
+            offered: old.len() as usize,
+            kept: n as usize,
+        })
     }
 
     /// Offers the ids an earlier agent used to the next apply: a service whose VIPs and a

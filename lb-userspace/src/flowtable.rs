@@ -92,6 +92,23 @@ pub struct Placed {
     pub evicted: usize,
 }
 
+/// What carrying an earlier agent's map over kept of it (see `FlowTable::place_all`,
+/// `Dataplane::migrate`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// Entries read from the earlier map (for a connection table: distinct flows).
+    pub offered: usize,
+    /// Of those, entries the new map holds.
+    pub kept: usize,
+}
+
+impl Carried {
+    /// Entries that found no place.
+    pub fn lost(&self) -> usize {
+        self.offered.saturating_sub(self.kept)
+    }
+}
+
 /// Access to one connection table (the map itself; the accessor holds a descriptor).
 #[derive(Debug)]
 pub struct FlowTable {
@@ -585,8 +602,8 @@ impl FlowTable {
     /// upgrade), written least valuable first, so that where more entries share a
     /// bucket than it has ways, those that give way are the unconfirmed and then the
     /// least recently seen, whatever order the other table's walk met them in. Returns
-    /// the entries kept.
-    pub fn place_all(&self, entries: Vec<FlowEntry>, now: u32) -> Result<usize, FlowTableError> {
+    /// the distinct flows offered and those kept.
+    pub fn place_all(&self, entries: Vec<FlowEntry>, now: u32) -> Result<Carried, FlowTableError> {
         // Higher is kept first: confirmed, then seen more recently (ages are epoch
         // distances from `now`, so the counter may wrap).
         let value = |e: &FlowEntry| {
@@ -610,6 +627,7 @@ impl FlowTable {
             }
         }
         let mut unique: Vec<FlowEntry> = best.into_values().collect();
+        let offered = unique.len();
         // Ties broken by key, so a migration places alike however the walk went.
         unique.sort_by(|a, b| {
             value(a)
@@ -617,7 +635,10 @@ impl FlowTable {
                 .then_with(|| a.key.words64().cmp(&b.key.words64()))
         });
         let placed = self.insert_all(unique, now)?;
-        Ok(placed.written - placed.evicted)
+        Ok(Carried {
+            offered,
+            kept: placed.written - placed.evicted,
+        })
     }
 }
 
@@ -887,10 +908,35 @@ mod tests {
             Some(20)
         );
         assert_eq!(
-            kept, 10,
+            kept,
+            Carried {
+                offered: 10,
+                kept: 10
+            },
             "nothing displaced, the twice-met key counted once"
         );
         assert_eq!(t.count().expect("count"), 10);
+    }
+
+    /// A table too small for what it is given keeps what fits and says how many flows
+    /// found no place (the agent warns with that number; a conversion used to report
+    /// every flow kept).
+    #[test]
+    fn placing_more_flows_than_fit_reports_those_lost() {
+        let Some((_map, t)) = table(64) else {
+            return;
+        };
+        let ways = 64 * lb_common::FLOW_WAYS;
+        let entries: Vec<FlowEntry> = (0..(2 * ways) as u32)
+            .map(|i| entry(key(i, 1000 + (i % 7) as u16), i, 50, FLOW_F_CONFIRMED))
+            .collect();
+        let carried = t.place_all(entries, 50).expect("place");
+        let held = t.count().expect("count") as usize;
+        assert_eq!(carried.offered, 2 * ways);
+        assert_eq!(carried.kept, held, "kept is what the table holds");
+        assert!(held <= ways, "{held} entries in {ways} ways");
+        assert_eq!(carried.lost(), 2 * ways - held);
+        assert!(carried.lost() >= ways);
     }
 
     #[test]

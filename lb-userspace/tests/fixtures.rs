@@ -712,7 +712,11 @@ fn an_upgrade_converts_the_previous_releases_lru_connection_table() {
         flows.len() as u64
     );
     let migrated = f.dp.migrate(&plan).expect("migrate");
-    assert_eq!(migrated, vec![(map_names::FLOWS, flows.len())]);
+    let all = l3lb::flowtable::Carried {
+        offered: flows.len(),
+        kept: flows.len(),
+    };
+    assert_eq!(migrated, vec![(map_names::FLOWS, all)]);
     for (port, _) in &flows {
         let e = flow_entry(&f, *port, 443).expect("converted entry");
         assert_eq!(
@@ -779,7 +783,11 @@ fn a_resized_connection_table_is_migrated_entry_by_entry() {
         .collect();
     small_table.insert_all(entries.clone(), 500).expect("fill");
     let migrated = f.dp.migrate(&plan).expect("migrate");
-    assert_eq!(migrated, vec![(map_names::FLOWS, flows.len())]);
+    let all = l3lb::flowtable::Carried {
+        offered: flows.len(),
+        kept: flows.len(),
+    };
+    assert_eq!(migrated, vec![(map_names::FLOWS, all)]);
     let table = f.dp.flow_table().expect("table");
     assert_eq!(table.buckets(), 1024);
     for e in &entries {
@@ -898,7 +906,11 @@ fn a_table_of_whole_entries_from_an_earlier_build_is_converted() {
         flows.len() as u64
     );
     let migrated = f.dp.migrate(&plan).expect("migrate");
-    assert_eq!(migrated, vec![(map_names::FLOWS, flows.len())]);
+    let all = l3lb::flowtable::Carried {
+        offered: flows.len(),
+        kept: flows.len(),
+    };
+    assert_eq!(migrated, vec![(map_names::FLOWS, all)]);
     let table = f.dp.flow_table().expect("table");
     for e in &entries {
         assert_eq!(
@@ -977,7 +989,11 @@ fn placed_anew_after(
     );
     let mut next = carrying(&options, &plan);
     let migrated = next.dp.migrate(&plan).expect("migrate");
-    assert_eq!(migrated, vec![(map_names::FLOWS, flows.len())]);
+    let all = l3lb::flowtable::Carried {
+        offered: flows.len(),
+        kept: flows.len(),
+    };
+    assert_eq!(migrated, vec![(map_names::FLOWS, all)]);
     let placed = next.dp.flow_table().expect("table");
     for e in &entries {
         assert_eq!(
