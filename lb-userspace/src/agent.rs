@@ -449,7 +449,8 @@ impl Agent {
         if plan.carries_anything() {
             // The connection table's entries record the epoch they were last seen in:
             // the clock goes on where the earlier agent left it.
-            if let Some(epoch) = handover::previous_epoch(&maps_dir) {
+            let previous_epoch = handover::previous_epoch(&maps_dir);
+            if let Some(epoch) = previous_epoch {
                 dataplane
                     .resume_epoch(epoch)
                     .context("continuing the earlier agent's epoch")?;
@@ -468,6 +469,20 @@ impl Agent {
                     _ => "migrated to the new size",
                 };
                 note_carried(name, carried, what);
+            }
+            if previous_epoch.is_none()
+                && !matches!(
+                    plan.get(lb_common::map_names::FLOWS),
+                    handover::Carry::Fresh
+                )
+            {
+                let epoch = dataplane
+                    .resume_epoch_past_table()
+                    .context("continuing the epoch past the carried connection table")?;
+                warn!(
+                    epoch,
+                    "the earlier agent's epoch could not be read (its settings pin is missing or of another layout): the clock goes on past every carried connection-table entry's"
+                );
             }
             let previous = handover::PreviousIds::read(&maps_dir)
                 .context("reading the earlier agent's ids")?;

@@ -1470,6 +1470,22 @@ impl Dataplane {
         self.write_epoch(epoch)
     }
 
+    /// Continues the epoch past every connection-table entry's last-seen epoch, for a
+    /// table carried over from an agent whose own epoch could not be read: restarted at
+    /// 0, the clock would make carried entries look older than they are, and, once it
+    /// reached their epoch, trusted again without their VIP lookup (see
+    /// `conntrack::current` in lb-ebpf), however the maps changed meanwhile. Returns the
+    /// epoch it continues from.
+    pub fn resume_epoch_past_table(&mut self) -> Result<u32, DataplaneError> {
+        let latest = self.flow_table()?.entries()?.iter().map(|e| e.seen).max();
+        let epoch = match latest {
+            Some(seen) => seen.saturating_add(1).max(self.nexthop_epoch),
+            None => self.nexthop_epoch,
+        };
+        self.resume_epoch(epoch)?;
+        Ok(epoch)
+    }
+
     /// Writes `epoch` where the program reads it (its global `EPOCH`, the whole of its
     /// `.bss` map) and where the next agent finds it (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`).
     fn write_epoch(&mut self, epoch: u32) -> Result<(), DataplaneError> {

@@ -923,6 +923,49 @@ fn a_table_of_whole_entries_from_an_earlier_build_is_converted() {
     assert_table_decided(&f, &flows);
 }
 
+/// A connection table carried from an agent whose epoch could not be read: the clock
+/// goes on past every entry's last-seen epoch (restarted at 0, it would make them look
+/// old and, on reaching their epoch, trust them unchecked), in the agent and in the
+/// program, whose next packet of a flow marks the entry seen in the new epoch.
+#[test]
+fn the_epoch_goes_on_past_a_carried_table_whose_agent_epoch_is_unknown() {
+    use lb_common::FlowEntry;
+
+    let options = opts(false);
+    let mut f = carrying(&options, &l3lb::handover::CarryPlan::default());
+    let service = f.dp.service_id("multi").expect("multi");
+    let flows = pinned_flows();
+    let entries: Vec<FlowEntry> = flows
+        .iter()
+        .enumerate()
+        .map(|(i, (port, b))| FlowEntry {
+            key: client_key(*port, 443),
+            state: lb_common::FlowState {
+                backend: f.dp.backend_id("multi", IpAddr::V4(*b)).expect("backend"),
+                service,
+                created_ns: u64::from(*port),
+            },
+            seen: 480 + i as u32,
+            flags: lb_common::FLOW_F_CONFIRMED,
+        })
+        .collect();
+    f.dp.flow_table()
+        .expect("table")
+        .insert_all(entries, 500)
+        .expect("fill");
+    let latest = 480 + flows.len() as u32 - 1;
+    assert_eq!(f.dp.resume_epoch_past_table().expect("resume"), latest + 1);
+    assert_eq!(f.dp.epoch(), latest + 1);
+    assert_forwarded(&f, &flows, "after the resume");
+    for (port, _) in &flows {
+        assert_eq!(
+            flow_entry(&f, *port, 443).expect("entry").seen,
+            latest + 1,
+            "port {port}: seen in the program's epoch"
+        );
+    }
+}
+
 /// The connection table's hash seed as the agent left it in the settings array.
 /// Pins a table of this layout and size with flows and its agent's settings, lets
 /// `damage` change them as an agent that stopped in some state would have left them
