@@ -265,7 +265,17 @@ pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverEr
             let found = pinned_shape(&path)?;
             let want = expected[name];
             if found == want {
-                if name == map_names::FLOWS
+                if name == map_names::SERVICE_STATS
+                    && previous_setting(maps_dir, lb_common::SETTINGS_SERVICE_COUNTS)
+                        != Some(lb_common::SERVICE_COUNTS_RETIRED)
+                {
+                    // Counters of the format before: converted (see `Dataplane::adopt`)
+                    // in a copy, so the pinned map stays as it was until this agent's
+                    // pins replace it. Converted in place, an agent that failed before
+                    // pinning would leave them converted under the old format's marker,
+                    // and the next would convert them again.
+                    Carry::Migrate(path)
+                } else if name == map_names::FLOWS
                     && (previous_setting(maps_dir, lb_common::SETTINGS_FLOW_TAGS)
                         != Some(lb_common::FLOW_TAGS_BOUND)
                         || !tags_agree(&path))

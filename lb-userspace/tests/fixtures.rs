@@ -591,9 +591,31 @@ fn service_counters_of_an_earlier_build_are_converted_on_takeover() {
         "read as this build reads them, the old counters count twice"
     );
     let plan = l3lb::handover::plan(&pins.maps, &options).expect("plan");
+    assert!(
+        matches!(
+            plan.get(map_names::SERVICE_STATS),
+            l3lb::handover::Carry::Migrate(_)
+        ),
+        "the old format's counters are converted in a copy"
+    );
+    // An agent that converts them and fails before pinning leaves the pinned counters
+    // as they were, so the next converts them from the same state.
+    {
+        let previous = l3lb::handover::PreviousIds::read(&pins.maps).expect("ids");
+        let mut failed = Dataplane::load_carrying(&options, &plan).expect("load");
+        failed.migrate(&plan).expect("migrate");
+        failed.adopt(previous, true).expect("adopt");
+    }
+    assert_eq!(
+        service_counts(&pins, "multi").0,
+        2 * packets + 7,
+        "untouched by the agent that failed"
+    );
+    let plan = l3lb::handover::plan(&pins.maps, &options).expect("plan");
     let previous = l3lb::handover::PreviousIds::read(&pins.maps).expect("ids");
     assert_eq!(previous.service_counts, 0);
     let mut next = Dataplane::load_carrying(&options, &plan).expect("load");
+    next.migrate(&plan).expect("migrate");
     next.adopt(previous, true).expect("adopt");
     next.apply(&standard_desired()).expect("apply");
     next.pin(&pins.dir).expect("pin");
