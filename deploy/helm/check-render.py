@@ -17,6 +17,7 @@ Checks:
      IPv6 metrics address, extra settings, a memory limit, no priority class) the objects
      say what the values say.
   3. The probes of an agent listening on 0.0.0.0 or [::] go to the family's loopback.
+  4. extraSettings naming a field the chart writes itself fails the render, naming it.
 
 Usage (Python >= 3.12, which helm-sdkpy requires):
   python3.12 -m venv /tmp/helm-venv && /tmp/helm-venv/bin/pip install helm-sdkpy pyyaml
@@ -319,6 +320,20 @@ def main() -> int:
             if got != host:
                 failures.append(f"metricsAddress {address}: {probe} host {got}, want {host}")
     print("unspecified metrics addresses: probed on loopback")
+
+    # Settings the chart writes itself are refused in extraSettings, naming the field.
+    for extra, field in [
+        ({"pin_path": "/sys/fs/bpf/other"}, "extraSettings.pin_path"),
+        ({"interface": "eth1"}, "extraSettings.interface"),
+        ({"kubernetes": {"load_balancer_class": "x"}}, "extraSettings.kubernetes.load_balancer_class"),
+    ]:
+        try:
+            render({"extraSettings": extra})
+            failures.append(f"extraSettings {extra}: rendered, want a failure naming {field}")
+        except SystemExit as e:
+            if field not in str(e):
+                failures.append(f"extraSettings {extra}: failed without naming {field}: {e}")
+    print("extraSettings: the chart's own fields refused")
 
     for f in failures:
         print("FAIL", f)
