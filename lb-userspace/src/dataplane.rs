@@ -174,6 +174,14 @@ const DECAP_ENTRIES: usize = 1024;
 /// Entries of each local-address map (as in lb-ebpf/src/maps.rs).
 const LOCAL_ENTRIES: usize = 256;
 
+/// Whether every byte of `v` is zero (a counter that never counted).
+fn all_zero<V: aya::Pod>(v: &V) -> bool {
+    // SAFETY: a Pod value read from a map: plain bytes, all of them initialised.
+    unsafe { std::slice::from_raw_parts((v as *const V).cast::<u8>(), size_of::<V>()) }
+        .iter()
+        .all(|b| *b == 0)
+}
+
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
     let what = what.into();
     move |source| DataplaneError::Map { what, source }
@@ -1531,14 +1539,22 @@ impl Dataplane {
             PerCpuArray::try_from(Map::PerCpuArray(old)).map_err(map_err(name))?;
         let mut new: PerCpuArray<&mut MapData, V> =
             PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        // Counters of ids the new map has no room for are offered and not kept.
         let n = old.len().min(new.len());
         for i in 0..n {
             let v = old.get(&i, 0).map_err(map_err(format!("{name}[{i}]")))?;
             new.set(i, v, 0).map_err(map_err(format!("{name}[{i}]")))?;
         }
+        // Counters of ids the new map has no room for are offered and not kept, those
+        // that counted anything (a smaller map's unused ids lose nothing).
+        let mut beyond = 0;
+        for i in n..old.len() {
+            let v = old.get(&i, 0).map_err(map_err(format!("{name}[{i}]")))?;
+            if v.iter().any(|c| !all_zero(c)) {
+                beyond += 1;
+            }
+        }
         Ok(Carried {
-            offered: old.len() as usize,
+            offered: n as usize + beyond,
             kept: n as usize,
         })
     }

@@ -498,6 +498,71 @@ fn service_counts(pins: &PinDir, name: &str) -> (u64, u64, u64) {
     (s.packets, s.bytes, s.new_flows)
 }
 
+/// Counters migrated into a map with room for fewer ids: the ids kept are copied, and
+/// only ids beyond the new size that counted something are reported lost (a smaller
+/// map's unused ids lose nothing, so a smaller `max_backends` alone warns of nothing).
+#[test]
+fn counters_migrated_into_fewer_ids_report_only_those_that_counted() {
+    let pins = PinDir::new("fewer-ids");
+    let desired = standard_desired();
+    let mut f = Fixture::new(false, &desired);
+    f.dp.pin(&pins.dir).expect("pin");
+    for port in 0..4u16 {
+        let (v, _) = f.run(&client_tcp(VIP, 34000 + port, 443, SYN));
+        assert_eq!(v, XDP_TX);
+    }
+    let mut smaller = opts(false);
+    smaller.max_backends = 32;
+    let plan = l3lb::handover::plan(&pins.maps, &smaller).expect("plan");
+    assert!(matches!(
+        plan.get(map_names::BACKEND_STATS),
+        l3lb::handover::Carry::Migrate(_)
+    ));
+    let only = |plan: &l3lb::handover::CarryPlan| l3lb::handover::CarryPlan {
+        maps: plan
+            .maps
+            .iter()
+            .filter(|(n, _)| *n == map_names::BACKEND_STATS)
+            .cloned()
+            .collect(),
+    };
+    let mut next = Dataplane::load_carrying(&smaller, &plan).expect("load");
+    let carried = next.migrate(&only(&plan)).expect("migrate");
+    assert_eq!(
+        carried,
+        vec![(
+            map_names::BACKEND_STATS,
+            l3lb::flowtable::Carried {
+                offered: 32,
+                kept: 32
+            }
+        )],
+        "the standard backends' ids are below 32: nothing lost"
+    );
+    // A count at id 40, beyond the smaller map, is reported lost.
+    {
+        let mut stats: aya::maps::PerCpuArray<MapData, lb_common::BackendStats> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(
+                MapData::from_pin(pins.maps.join(map_names::BACKEND_STATS)).expect("pin"),
+            ))
+            .expect("typed");
+        let mut values: Vec<lb_common::BackendStats> =
+            stats.get(&40, 0).expect("read").iter().copied().collect();
+        values[0].packets = 5;
+        stats
+            .set(
+                40,
+                aya::maps::PerCpuValues::try_from(values).expect("values"),
+                0,
+            )
+            .expect("write");
+    }
+    let mut again = Dataplane::load_carrying(&smaller, &plan).expect("load");
+    let carried = again.migrate(&only(&plan)).expect("migrate");
+    assert_eq!(carried[0].1.lost(), 1, "{carried:?}");
+    drop(f);
+}
+
 /// The program counts a packet once, for its backend; a service's total is its backends'
 /// counters, and a backend the agent removes leaves its packets in its service's total.
 #[test]
