@@ -18,6 +18,7 @@ Checks:
      say what the values say.
   3. The probes of an agent listening on 0.0.0.0 or [::] go to the family's loopback.
   4. extraSettings naming a field the chart writes itself fails the render, naming it.
+  5. image.digest replaces the tag; imagePullSecrets reach the pod.
 
 Usage (Python >= 3.12, which helm-sdkpy requires):
   python3.12 -m venv /tmp/helm-venv && /tmp/helm-venv/bin/pip install helm-sdkpy pyyaml
@@ -334,6 +335,19 @@ def main() -> int:
             if field not in str(e):
                 failures.append(f"extraSettings {extra}: failed without naming {field}: {e}")
     print("extraSettings: the chart's own fields refused")
+
+    # A private registry: pull secrets and an image pinned by digest.
+    digest = "sha256:" + "ab" * 32
+    pod = by_kind(
+        render({"image": {"repository": "registry.example/l3lb", "digest": digest}, "imagePullSecrets": [{"name": "regcred"}]})
+    )["DaemonSet"]["spec"]["template"]["spec"]
+    for got, want in [
+        (pod["containers"][0]["image"], f"registry.example/l3lb@{digest}"),
+        (pod.get("imagePullSecrets"), [{"name": "regcred"}]),
+    ]:
+        if got != want:
+            failures.append(f"private registry: got {json.dumps(got)}, want {json.dumps(want)}")
+    print("private registry: digest and pull secrets")
 
     for f in failures:
         print("FAIL", f)
