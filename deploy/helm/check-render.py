@@ -334,7 +334,13 @@ def main() -> int:
         except SystemExit as e:
             if field not in str(e):
                 failures.append(f"extraSettings {extra}: failed without naming {field}: {e}")
-    print("extraSettings: the chart's own fields refused")
+    # Legitimate extraSettings still render: none at all (null), or kubernetes settings.
+    for extra in [None, {"kubernetes": {"node_health_check": {"interval": "10s"}}}, {"kubernetes": None}]:
+        try:
+            render({"extraSettings": extra})
+        except SystemExit as e:
+            failures.append(f"extraSettings {extra}: {e}")
+    print("extraSettings: the chart's own fields refused, others rendered")
 
     # A private registry: pull secrets and an image pinned by digest.
     digest = "sha256:" + "ab" * 32

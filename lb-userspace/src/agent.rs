@@ -274,13 +274,19 @@ fn remote_backends(desired: &Desired) -> Vec<IpAddr> {
 /// warns when some of it found no place: those flows are balanced afresh by their next
 /// packet (a connection that then meets another backend is reset), those counters lost.
 fn note_carried(name: &str, carried: crate::flowtable::Carried, what: &str) {
+    use lb_common::map_names;
     info!(map = name, entries = carried.kept, "{what}");
     if carried.lost() > 0 {
+        let knob = match name {
+            map_names::FLOWS => "raise conntrack_size to carry them all",
+            map_names::SERVICE_STATS => "max_services is smaller than the ids they counted for",
+            _ => "max_backends is smaller than the ids they counted for",
+        };
         warn!(
             map = name,
             offered = carried.offered,
             kept = carried.kept,
-            "{} entries of the earlier agent's map found no place in this one (a smaller or fuller table: raise conntrack_size, max_services or max_backends to carry them all)",
+            "{} entries of the earlier agent's map found no place in this one ({knob})",
             carried.lost()
         );
     }
@@ -450,6 +456,7 @@ impl Agent {
             // The connection table's entries record the epoch they were last seen in:
             // the clock goes on where the earlier agent left it.
             let previous_epoch = handover::previous_epoch(&maps_dir);
+            let previous_service_counts = handover::previous_service_counts(&maps_dir);
             if let Some(epoch) = previous_epoch {
                 dataplane
                     .resume_epoch(epoch)
@@ -465,6 +472,13 @@ impl Agent {
                     }
                     handover::Carry::Retag(_) => {
                         "placed the earlier build's connection table anew with this build's tags; the flows kept keep their backends"
+                    }
+                    handover::Carry::Migrate(_)
+                        if name == lb_common::map_names::SERVICE_STATS
+                            && previous_service_counts
+                                != Some(lb_common::SERVICE_COUNTS_RETIRED) =>
+                    {
+                        "copied the earlier build's service counters and converted the copy (packets are counted for backends only)"
                     }
                     _ => "migrated to the new size",
                 };
@@ -778,7 +792,7 @@ impl Agent {
     /// Lets the data plane's next-hop cache follow route and neighbour changes.
     pub fn expire_next_hops(&mut self) {
         if let Err(e) = self.dataplane.expire_next_hops() {
-            warn!("advancing the next-hop epoch: {e}");
+            warn!("advancing the epoch: {e}");
         }
     }
 

@@ -174,6 +174,22 @@ const DECAP_ENTRIES: usize = 1024;
 /// Entries of each local-address map (as in lb-ebpf/src/maps.rs).
 const LOCAL_ENTRIES: usize = 256;
 
+/// The latest of the epochs `seen` (the clock wraps): the one followed by the widest gap
+/// on the circle of u32 values, the stretch the clock has not been through.
+fn latest_epoch(mut seen: Vec<u32>) -> Option<u32> {
+    seen.sort_unstable();
+    seen.dedup();
+    let last = *seen.last()?;
+    // From the last value round to the first, then between neighbours.
+    let mut best = (seen[0].wrapping_sub(last), last);
+    for w in seen.windows(2) {
+        if w[1] - w[0] > best.0 {
+            best = (w[1] - w[0], w[0]);
+        }
+    }
+    Some(best.1)
+}
+
 /// Whether every byte of `v` is zero (a counter that never counted).
 fn all_zero<V: aya::Pod>(v: &V) -> bool {
     // SAFETY: a Pod value read from a map: plain bytes, all of them initialised.
@@ -1350,9 +1366,9 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Fills the state maps that `plan` migrates (same layout, other size; or the
-    /// previous release's connection table) from the earlier agent's pinned maps; returns
-    /// (map, entries copied) for each.
+    /// Fills the state maps that `plan` migrates (same layout, other size; service
+    /// counters of an earlier format; or the previous release's connection table) from
+    /// the earlier agent's pinned maps; returns for each map what was offered and kept.
     pub fn migrate(
         &mut self,
         plan: &CarryPlan,
@@ -1485,11 +1501,13 @@ impl Dataplane {
     /// `conntrack::current` in lb-ebpf), however the maps changed meanwhile. Returns the
     /// epoch it continues from.
     pub fn resume_epoch_past_table(&mut self) -> Result<u32, DataplaneError> {
-        let latest = self.flow_table()?.entries()?.iter().map(|e| e.seen).max();
-        let epoch = match latest {
-            Some(seen) => seen.saturating_add(1).max(self.nexthop_epoch),
-            None => self.nexthop_epoch,
-        };
+        let seen = self
+            .flow_table()?
+            .entries()?
+            .iter()
+            .map(|e| e.seen)
+            .collect();
+        let epoch = latest_epoch(seen).map_or(self.nexthop_epoch, |e| e.wrapping_add(1));
         self.resume_epoch(epoch)?;
         Ok(epoch)
     }
@@ -3067,6 +3085,27 @@ mod vip_index_tests {
         assert!(
             listed(&decap_pair_table(&over)).is_empty(),
             "too many: none"
+        );
+    }
+}
+
+#[cfg(test)]
+mod epoch_tests {
+    use super::latest_epoch;
+
+    /// The latest epoch carried entries were seen in, with the clock's wrap: the one
+    /// before the stretch of values it has not been through.
+    #[test]
+    fn the_latest_epoch_is_found_across_the_wrap() {
+        assert_eq!(latest_epoch(vec![]), None);
+        assert_eq!(latest_epoch(vec![7]), Some(7));
+        assert_eq!(latest_epoch(vec![480, 484, 481, 484]), Some(484));
+        assert_eq!(latest_epoch(vec![u32::MAX - 1, 0, 1]), Some(1));
+        assert_eq!(latest_epoch(vec![u32::MAX]), Some(u32::MAX));
+        // Past u32::MAX the clock goes on at 0, as the agent's wrapping advance does.
+        assert_eq!(
+            latest_epoch(vec![u32::MAX - 3, u32::MAX]).map(|e| e.wrapping_add(1)),
+            Some(0)
         );
     }
 }

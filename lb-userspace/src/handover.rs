@@ -7,7 +7,8 @@
 //! never serves from half-written state. The state maps are taken over from their pins
 //! when their layout matches; a map whose size or flags changed is migrated entry by
 //! entry (connection-table entries are placed anew, since a flow's bucket depends on the
-//! table's size); the previous release's connection table (an LRU hash) is converted into
+//! table's size), and so are service counters of an earlier format, converted in the
+//! copy; the previous release's connection table (an LRU hash) is converted into
 //! the set-associative one; a map whose key or value layout changed otherwise is refused
 //! with a message, never silently reset.
 
@@ -100,7 +101,9 @@ pub enum Carry {
     Fresh,
     /// Same layout: the new program uses the pinned map itself.
     Reuse(PathBuf),
-    /// Same key and value, other size or flags: a new map, filled from the pinned one.
+    /// Same key and value, other size or flags (or service counters of the format before
+    /// `SERVICE_COUNTS_RETIRED`, converted in the copy): a new map, filled from the
+    /// pinned one.
     Migrate(PathBuf),
     /// A connection table of an earlier layout (the LRU hash `LEGACY_FLOWS`, or buckets
     /// of whole entries, `Shape::is_wide_flows`): a new table, filled with its entries.
@@ -266,8 +269,7 @@ pub fn plan(maps_dir: &Path, opts: &LoadOptions) -> Result<CarryPlan, HandoverEr
             let want = expected[name];
             if found == want {
                 if name == map_names::SERVICE_STATS
-                    && previous_setting(maps_dir, lb_common::SETTINGS_SERVICE_COUNTS)
-                        != Some(lb_common::SERVICE_COUNTS_RETIRED)
+                    && previous_service_counts(maps_dir) != Some(lb_common::SERVICE_COUNTS_RETIRED)
                 {
                     // Counters of the format before: converted (see `Dataplane::adopt`)
                     // in a copy, so the pinned map stays as it was until this agent's
@@ -317,10 +319,17 @@ fn tags_agree(path: &Path) -> bool {
 
 /// The epoch (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`) of the agent whose maps are pinned in
 /// `maps_dir`: the clock of its connection-table entries, which a new agent continues.
-/// `None` when there is no such pin or it cannot be read (the epoch then restarts at 0,
-/// and carried entries look older than they are until they are seen again).
+/// `None` when there is no such pin or it cannot be read (the agent then continues past
+/// the latest epoch its carried connection table was seen in, see
+/// `Dataplane::resume_epoch_past_table`).
 pub fn previous_epoch(maps_dir: &Path) -> Option<u32> {
     previous_setting(maps_dir, lb_common::SETTINGS_NEXTHOP_EPOCH)
+}
+
+/// What the service counters of the agent whose maps are pinned in `maps_dir` hold
+/// (`SETTINGS[SETTINGS_SERVICE_COUNTS]`), if it recorded it.
+pub fn previous_service_counts(maps_dir: &Path) -> Option<u32> {
+    previous_setting(maps_dir, lb_common::SETTINGS_SERVICE_COUNTS)
 }
 
 /// The connection-table tag format (`SETTINGS[SETTINGS_FLOW_TAGS]`) the agent whose maps

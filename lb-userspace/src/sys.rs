@@ -157,7 +157,7 @@ pub fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating pin directory {}", pin_path.display()))?;
     if !is_bpffs(pin_path) {
         bail!(
-            "pin_path {} is not on a bpf filesystem; mount one (mount -t bpf bpf {}) or use a path under /sys/fs/bpf",
+            "pin_path {} is not on a bpf filesystem; mount one (mount -t bpf bpf {}), use a path under /sys/fs/bpf, or in a container mount a directory of the node's bpffs there (as the DaemonSet does)",
             pin_path.display(),
             pin_path.display()
         );

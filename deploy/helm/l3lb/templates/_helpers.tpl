@@ -26,12 +26,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* The agent's settings file (--config). Values are quoted: "[::1]:9477" is not plain YAML. */}}
 {{- define "l3lb.settings" -}}
+{{- $extra := .Values.extraSettings | default dict }}
 {{- range $key := list "interface" "xdp_mode" "pin_path" "metrics_address" }}
-{{- if hasKey $.Values.extraSettings $key }}
+{{- if hasKey $extra $key }}
 {{- fail (printf "extraSettings.%s: the chart sets it (values interface, xdpMode, pinPath, metricsAddress; the pod mounts pinPath at /run/l3lb/bpf)" $key) }}
 {{- end }}
 {{- end }}
-{{- if hasKey ($.Values.extraSettings.kubernetes | default dict) "load_balancer_class" }}
+{{- if hasKey ($extra.kubernetes | default dict) "load_balancer_class" }}
 {{- fail "extraSettings.kubernetes.load_balancer_class: the chart passes the value class as --class, which wins" }}
 {{- end }}
 interface: {{ .Values.interface | quote }}
