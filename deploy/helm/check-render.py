@@ -19,6 +19,7 @@ Checks:
   3. The probes of an agent listening on 0.0.0.0 or [::] go to the family's loopback.
   4. extraSettings naming a field the chart writes itself fails the render, naming it.
   5. image.digest replaces the tag; imagePullSecrets reach the pod.
+  6. metricsOnNodeIP passes status.hostIP as L3LB_METRICS_HOST and probes the pod IP.
 
 Usage (Python >= 3.12, which helm-sdkpy requires):
   python3.12 -m venv /tmp/helm-venv && /tmp/helm-venv/bin/pip install helm-sdkpy pyyaml
@@ -354,6 +355,17 @@ def main() -> int:
         if got != want:
             failures.append(f"private registry: got {json.dumps(got)}, want {json.dumps(want)}")
     print("private registry: digest and pull secrets")
+
+    # Metrics on the node's address: the host from the downward API, probes at the pod IP.
+    agent = by_kind(render({"metricsOnNodeIP": True}))["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in agent["env"]}
+    want_env = {"name": "L3LB_METRICS_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}
+    if env.get("L3LB_METRICS_HOST") != want_env:
+        failures.append(f"metricsOnNodeIP: env {json.dumps(agent['env'])}")
+    for probe in ["readinessProbe", "livenessProbe"]:
+        if "host" in agent[probe]["httpGet"]:
+            failures.append(f"metricsOnNodeIP: {probe} names a host: {agent[probe]['httpGet']}")
+    print("metrics on the node's address: host from status.hostIP, probes at the pod IP")
 
     for f in failures:
         print("FAIL", f)

@@ -56,6 +56,11 @@ enum Command {
         /// Also handle LoadBalancer Services without a class.
         #[arg(long, requires = "kubernetes")]
         take_unclassed: bool,
+        /// Serve /metrics, /healthz and /readyz on this address of the node, at the port
+        /// of the settings' metrics_address (with --kubernetes; the chart's
+        /// metricsOnNodeIP sets it from the downward API: status.hostIP).
+        #[arg(long, env = "L3LB_METRICS_HOST", requires = "kubernetes")]
+        metrics_host: Option<std::net::IpAddr>,
     },
     /// Validate a config; exits non-zero with the first error and its field path.
     Check {
@@ -269,6 +274,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             interface,
             load_balancer_class,
             take_unclassed,
+            metrics_host,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -283,6 +289,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 cfg.kubernetes.load_balancer_class = class;
             }
             cfg.kubernetes.take_unclassed |= take_unclassed;
+            if let Some(ip) = metrics_host {
+                cfg.metrics_address.set_ip(ip);
+            }
             let node_name = node_name.filter(|n| !n.is_empty()).context(
                 "--kubernetes needs this node's name: --node-name, or NODE_NAME from the downward API (spec.nodeName)",
             )?;

@@ -407,6 +407,61 @@ fn decap_is(want: &[&str]) -> impl Fn(&Status) -> Result<(), String> {
     }
 }
 
+/// `--metrics-host` (the chart's metricsOnNodeIP, from status.hostIP) puts /metrics,
+/// /healthz and /readyz on that address of the node, at the settings' port, and on no
+/// other: loopback no longer answers.
+#[test]
+fn metrics_are_served_on_the_node_address_given() -> Result<()> {
+    let lab = Lab::new(LabSpec {
+        backends: 1,
+        balancers: 1,
+    })?;
+    let ns = &lab.balancers[0].ns;
+    let api = ApiServer::start_in(ns)?;
+    api.apply(node(BALANCER))?;
+    let pin_path = lab.pin_path("balancer-0");
+    let kubeconfig = lab.write_file("kubeconfig", &api.kubeconfig())?;
+    let settings = lab.write_file(
+        "balancer-0.yaml",
+        &format!(
+            "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {TABLE}\n\
+             metrics_address: 127.0.0.1:9479\nkubernetes:\n  node_health_check: {NO_NODE_PROBES}\n",
+            pin_path.display()
+        ),
+    )?;
+    let node_ip = lab.balancers[0].ipv4;
+    let mut agent = lab.spawn_in(
+        ns,
+        l3lb_bin()?,
+        [
+            "run",
+            "--kubernetes",
+            "--config",
+            &settings.to_string_lossy(),
+            "--node-name",
+            BALANCER.0,
+            "--kubeconfig",
+            &kubeconfig.to_string_lossy(),
+            "--metrics-host",
+            &node_ip.to_string(),
+        ],
+        "balancer-0.log",
+    )?;
+    agent.wait_for_log("watching the Kubernetes API", Duration::from_secs(30))?;
+    let answers = |ip: IpAddr| {
+        ns.enter(move || {
+            TcpStream::connect_timeout(&SocketAddr::new(ip, 9479), Duration::from_secs(2)).is_ok()
+        })
+    };
+    assert!(
+        answers(IpAddr::V4(node_ip))?,
+        "served on the node's address; log:\n{}",
+        agent.log()
+    );
+    assert!(!answers("127.0.0.1".parse()?)?, "not on loopback");
+    Ok(())
+}
+
 #[test]
 fn services_follow_create_scale_update_and_delete() -> Result<()> {
     let mut k = KubeLab::start(&[BALANCER, NODE_A, NODE_B])?;
