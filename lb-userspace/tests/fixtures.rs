@@ -701,6 +701,28 @@ fn carrying(options: &LoadOptions, plan: &l3lb::handover::CarryPlan) -> Fixture 
     Fixture { dp, ifindex }
 }
 
+/// The connection-table entry of client port `port`'s flow to `multi` (VIP:443), on its
+/// backend at `b`, created at `created_ns`, seen in epoch `seen`, with `flags`.
+fn multi_entry(
+    f: &Fixture,
+    port: u16,
+    b: Ipv4Addr,
+    created_ns: u64,
+    seen: u32,
+    flags: u32,
+) -> lb_common::FlowEntry {
+    lb_common::FlowEntry {
+        key: client_key(port, 443),
+        state: lb_common::FlowState {
+            backend: f.dp.backend_id("multi", IpAddr::V4(b)).expect("backend"),
+            service: f.dp.service_id("multi").expect("multi"),
+            created_ns,
+        },
+        seen,
+        flags,
+    }
+}
+
 /// Flows from ports 32000.. to `multi` (VIP:443) and the backends their entries name,
 /// whatever Maglev would pick (`assert_table_decided` checks that it picks otherwise for
 /// some of them).
@@ -957,24 +979,24 @@ fn a_table_of_whole_entries_from_an_earlier_build_is_converted() {
     );
     let mut f = carrying(&options, &plan);
     f.dp.resume_epoch(300).expect("epoch");
-    let service = f.dp.service_id("multi").expect("multi");
     let flows = pinned_flows();
     let entries: Vec<FlowEntry> = flows
         .iter()
         .enumerate()
-        .map(|(i, (port, b))| FlowEntry {
-            key: client_key(*port, 443),
-            state: lb_common::FlowState {
-                backend: f.dp.backend_id("multi", IpAddr::V4(*b)).expect("backend"),
-                service,
-                created_ns: 5000 + u64::from(*port),
-            },
-            seen: 290 + i as u32,
-            flags: if i % 2 == 0 {
+        .map(|(i, (port, b))| {
+            let flags = if i % 2 == 0 {
                 lb_common::FLOW_F_CONFIRMED
             } else {
                 0
-            },
+            };
+            multi_entry(
+                &f,
+                *port,
+                *b,
+                5000 + u64::from(*port),
+                290 + i as u32,
+                flags,
+            )
         })
         .collect();
     for (i, e) in entries.iter().enumerate() {
@@ -1020,20 +1042,20 @@ fn the_epoch_goes_on_past_a_carried_table_whose_agent_epoch_is_unknown() {
 
     let options = opts(false);
     let mut f = carrying(&options, &l3lb::handover::CarryPlan::default());
-    let service = f.dp.service_id("multi").expect("multi");
     let flows = pinned_flows();
     let entries: Vec<FlowEntry> = flows
         .iter()
         .enumerate()
-        .map(|(i, (port, b))| FlowEntry {
-            key: client_key(*port, 443),
-            state: lb_common::FlowState {
-                backend: f.dp.backend_id("multi", IpAddr::V4(*b)).expect("backend"),
-                service,
-                created_ns: u64::from(*port),
-            },
-            seen: 480 + i as u32,
-            flags: lb_common::FLOW_F_CONFIRMED,
+        .map(|(i, (port, b))| {
+            let seen = 480 + i as u32;
+            multi_entry(
+                &f,
+                *port,
+                *b,
+                u64::from(*port),
+                seen,
+                lb_common::FLOW_F_CONFIRMED,
+            )
         })
         .collect();
     f.dp.flow_table()
@@ -1069,19 +1091,18 @@ fn placed_anew_after(
     let path = pins.maps.join(map_names::FLOWS);
     let options = opts(false);
     let f = carrying(&options, &l3lb::handover::CarryPlan::default());
-    let service = f.dp.service_id("multi").expect("multi");
     let flows = pinned_flows();
     let entries: Vec<FlowEntry> = flows
         .iter()
-        .map(|(port, b)| FlowEntry {
-            key: client_key(*port, 443),
-            state: lb_common::FlowState {
-                backend: f.dp.backend_id("multi", IpAddr::V4(*b)).expect("backend"),
-                service,
-                created_ns: u64::from(*port),
-            },
-            seen: 0,
-            flags: lb_common::FLOW_F_CONFIRMED,
+        .map(|(port, b)| {
+            multi_entry(
+                &f,
+                *port,
+                *b,
+                u64::from(*port),
+                0,
+                lb_common::FLOW_F_CONFIRMED,
+            )
         })
         .collect();
     let table = f.dp.flow_table().expect("table");

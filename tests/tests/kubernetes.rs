@@ -233,23 +233,32 @@ fn http_get(ns: &Netns, path: &str) -> Result<(u16, String)> {
 /// Starts `l3lb run --kubernetes` in the balancer's namespace with these settings and
 /// kubeconfig, and waits until it watches the API.
 fn spawn_agent(lab: &Lab, settings: &Path, kubeconfig: &Path, log: &str) -> Result<ChildGuard> {
-    let mut agent = lab.spawn_in(
-        &lab.balancers[0].ns,
-        l3lb_bin()?,
-        [
-            "run",
-            "--kubernetes",
-            "--config",
-            &settings.to_string_lossy(),
-            "--node-name",
-            BALANCER.0,
-            "--kubeconfig",
-            &kubeconfig.to_string_lossy(),
-            "--log-level",
-            "info,l3lb=debug",
-        ],
-        log,
-    )?;
+    spawn_agent_with(lab, settings, kubeconfig, log, &[])
+}
+
+/// `spawn_agent` with `extra` arguments.
+fn spawn_agent_with(
+    lab: &Lab,
+    settings: &Path,
+    kubeconfig: &Path,
+    log: &str,
+    extra: &[&str],
+) -> Result<ChildGuard> {
+    let (settings, kubeconfig) = (settings.to_string_lossy(), kubeconfig.to_string_lossy());
+    let mut args = vec![
+        "run",
+        "--kubernetes",
+        "--config",
+        &settings,
+        "--node-name",
+        BALANCER.0,
+        "--kubeconfig",
+        &kubeconfig,
+        "--log-level",
+        "info,l3lb=debug",
+    ];
+    args.extend_from_slice(extra);
+    let mut agent = lab.spawn_in(&lab.balancers[0].ns, l3lb_bin()?, args, log)?;
     agent.wait_for_log("watching the Kubernetes API", Duration::from_secs(30))?;
     Ok(agent)
 }
@@ -430,24 +439,13 @@ fn metrics_are_served_on_the_node_address_given() -> Result<()> {
         ),
     )?;
     let node_ip = lab.balancers[0].ipv4;
-    let mut agent = lab.spawn_in(
-        ns,
-        l3lb_bin()?,
-        [
-            "run",
-            "--kubernetes",
-            "--config",
-            &settings.to_string_lossy(),
-            "--node-name",
-            BALANCER.0,
-            "--kubeconfig",
-            &kubeconfig.to_string_lossy(),
-            "--metrics-host",
-            &node_ip.to_string(),
-        ],
+    let agent = spawn_agent_with(
+        &lab,
+        &settings,
+        &kubeconfig,
         "balancer-0.log",
+        &["--metrics-host", &node_ip.to_string()],
     )?;
-    agent.wait_for_log("watching the Kubernetes API", Duration::from_secs(30))?;
     let answers = |ip: IpAddr| {
         ns.enter(move || {
             TcpStream::connect_timeout(&SocketAddr::new(ip, 9479), Duration::from_secs(2)).is_ok()
