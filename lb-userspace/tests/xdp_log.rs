@@ -195,14 +195,7 @@ fn nothing_is_written_when_off() {
 fn icmp_errors_and_at_trace_decapsulations_are_logged() {
     let mut desired = standard_desired();
     desired.decap_v4 = vec![(BALANCER, 32)];
-    let inner = ipv4(
-        CLIENT,
-        VIP,
-        lb_common::PROTO_TCP,
-        &[],
-        &tcp(40000, 80, ACK, b"data"),
-        true,
-    );
+    let inner = client_ack_v4();
     let ipip = eth(
         NODE_MAC,
         B1_MAC,
