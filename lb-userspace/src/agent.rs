@@ -280,7 +280,8 @@ fn note_carried(name: &str, carried: crate::flowtable::Carried, what: &str) {
         let knob = match name {
             map_names::FLOWS => "raise conntrack_size to carry them all",
             map_names::SERVICE_STATS => "max_services is smaller than the ids they counted for",
-            _ => "max_backends is smaller than the ids they counted for",
+            map_names::BACKEND_STATS => "max_backends is smaller than the ids they counted for",
+            _ => "this build's map holds fewer entries",
         };
         warn!(
             map = name,
