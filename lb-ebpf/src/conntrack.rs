@@ -31,6 +31,16 @@ pub struct Choice {
 }
 
 impl Choice {
+    /// The next-hop cache entry this choice's packet is sent by.
+    #[inline(always)]
+    pub fn slot(&self) -> crate::encap::Slot {
+        crate::encap::Slot {
+            id: self.id,
+            epoch: self.epoch,
+            kind: crate::encap::BackendKind::of(self.entry),
+        }
+    }
+
     /// The choice of backend `id` with entry `b`.
     ///
     /// The entry is kept by reference (copying it made LLVM load and spill it byte by
@@ -181,28 +191,42 @@ fn find(p: Place) -> Option<Found> {
     search(p.overflow()?.0, p.tag).0
 }
 
-/// The backend of a flow (whose table place `place_of` gave) whose entry is confirmed and
-/// was checked against its VIP in epoch `now`, the epoch this packet read: such an entry
-/// decides alone, and the packet needs no VIP lookup.
+/// The backend id of a flow (whose table place `place_of` gave) whose entry is confirmed
+/// and was checked against its VIP in epoch `now`, the epoch this packet read: such an
+/// entry decides alone, and the packet needs no VIP lookup.
 ///
 /// The program marks an entry seen only after the flow's VIP lookup agreed with it
 /// (`remembered`, `record`), and the agent advances the epoch after every change it
 /// writes (VIPs, services, source ranges, backends): an entry seen in the current epoch
-/// was checked against the maps as they stand. The backend's family is checked all the
-/// same, so a slot the agent cleared is never used.
+/// was checked against the maps as they stand. The backend's entry is the caller's to
+/// read (`current`), or what the next-hop cache learnt of it in this epoch
+/// (`encap::learnt`).
 #[inline(always)]
-pub fn current(place: Option<Place>, family: u8, now: u32) -> Option<Choice> {
+pub fn current_id(place: Option<Place>, now: u32) -> Option<u32> {
     let f = find(place?)?;
     // An entry not yet confirmed (its SYN wrote it) is left to `remembered`, which
     // confirms it: this path stays free of stores.
     if f.seen != now || f.tag & FLOW_F_CONFIRMED as u64 == 0 || !f.unchanged() {
         return None;
     }
-    let b = BACKENDS.get(f.backend)?;
+    Some(f.backend)
+}
+
+/// The choice of backend `id` for a flow `current_id` found, read from its entry: the
+/// family is checked, so a slot the agent cleared is never used.
+#[inline(always)]
+pub fn current_choice(id: u32, family: u8, now: u32) -> Option<Choice> {
+    let b = BACKENDS.get(id)?;
     if b.family != family {
         return None;
     }
-    Some(Choice::of(f.backend, b, false, now))
+    Some(Choice::of(id, b, false, now))
+}
+
+/// `current_id`, then `current_choice`.
+#[inline(always)]
+pub fn current(place: Option<Place>, family: u8, now: u32) -> Option<Choice> {
+    current_choice(current_id(place, now)?, family, now)
 }
 
 /// The backend the connection table remembers for `key`, if it still serves this service;

@@ -885,7 +885,15 @@ fn known_flow(
     };
     let now = conntrack::epoch();
     let key = flow_key(&pkt, q.sport, q.dport);
-    let choice = conntrack::current(conntrack::place_of(&key), family, now)?;
+    let id = conntrack::current_id(conntrack::place_of(&key), now)?;
+    // What the next-hop cache learnt of a tunnelled backend in this epoch sends the
+    // packet without the backend's entry; a backend it has not learnt (or not in this
+    // epoch), or one reached otherwise, is read and sent the general way, which teaches
+    // the cache.
+    if let Some(learnt) = encap::learnt(id, now, family, pkt.tot_len) {
+        return Some(send_learnt(ctx, l2, &pkt, id, &learnt));
+    }
+    let choice = conntrack::current_choice(id, family, now)?;
     Some(send(ctx, l2, &pkt, &choice))
 }
 
@@ -1110,6 +1118,33 @@ fn send(
     }
 }
 
+/// Sends a known flow's packet to backend `id` as the next-hop cache learnt it
+/// (`encap::learnt`), counting it for the backend as `send` does.
+#[inline(always)]
+fn send_learnt(
+    ctx: &XdpContext,
+    l2: &eth::L2,
+    pkt: &Pkt,
+    id: u32,
+    learnt: &encap::Learnt,
+) -> Result<Outcome, DropReason> {
+    stats::backend(id, pkt.tot_len as u64);
+    match encap::send_learnt(
+        ctx,
+        learnt,
+        pkt.family,
+        l2.l3_off,
+        pkt.tot_len,
+        (pkt.tos, pkt.df),
+    ) {
+        Ok(done) => Ok(done.into()),
+        Err(r) => {
+            stats::backend_taken_back(id, pkt.tot_len as u64);
+            Err(r)
+        }
+    }
+}
+
 /// A bad L4 header is ours to drop only when it is addressed to a VIP (the address has
 /// its ICMP marker): anything else goes to the stack untouched, as all traffic that is
 /// not a VIP's does. Asked only on this error path, so good packets pay no extra lookup
@@ -1168,6 +1203,7 @@ fn forward(
     }
     let l2_mode = choice.entry.flags & BACKEND_F_L2 != 0;
     let action = if l2_mode { Action::L2 } else { Action::Encap };
+    let slot = choice.slot();
     if pkt.family != FAMILY_V4 {
         return Ok((tx6(ctx, l2.l3_off, pkt, choice, l2_mode)?, action).into());
     }
@@ -1177,28 +1213,20 @@ fn forward(
     let src = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
     if l2_mode {
         Ok((
-            encap::l2_forward(ctx, choice.id, choice.epoch, baddr, src, pkt.tot_len)?,
+            encap::l2_forward(ctx, slot, baddr, src, pkt.tot_len)?,
             Action::L2,
         )
             .into())
     } else {
         Ok((
-            encap::ipip_forward(
-                ctx,
-                choice.id,
-                choice.epoch,
-                baddr,
-                l2.l3_off,
-                pkt.tot_len,
-                (pkt.tos, pkt.df),
-            )?,
+            encap::ipip_forward(ctx, slot, baddr, l2.l3_off, pkt.tot_len, (pkt.tos, pkt.df))?,
             Action::Encap,
         )
             .into())
     }
 }
 
-/// Transmits the IPv6 packet `pkt` at `l3_off` to backend `backend` (MAC rewrite when
+/// Transmits the IPv6 packet `pkt` at `l3_off` to the chosen backend (MAC rewrite when
 /// `l2`, else IPv6-in-IPv6).
 #[inline(always)]
 fn tx6(
@@ -1208,8 +1236,8 @@ fn tx6(
     choice: &conntrack::Choice,
     l2: bool,
 ) -> Result<u32, Blocked> {
-    let backend = choice.id;
     let b = choice.entry;
+    let slot = choice.slot();
     // SAFETY: a Backend starts with its 16 address bytes; one load per word (the entry
     // is only 4-aligned).
     let addr: encap::Addr6 = unsafe {
@@ -1217,17 +1245,9 @@ fn tx6(
         [parse::load64(p), parse::load64(p.add(8))]
     };
     if l2 {
-        encap::l2_forward_v6(ctx, backend, choice.epoch, &addr, &pkt.src, pkt.tot_len)
+        encap::l2_forward_v6(ctx, slot, &addr, &pkt.src, pkt.tot_len)
     } else {
-        encap::ip6ip6_forward(
-            ctx,
-            backend,
-            choice.epoch,
-            &addr,
-            l3_off,
-            pkt.tot_len,
-            pkt.tos,
-        )
+        encap::ip6ip6_forward(ctx, slot, &addr, l3_off, pkt.tot_len, pkt.tos)
     }
 }
 

@@ -150,16 +150,19 @@ pub struct CachedHop {
     pub ifindex: u32,
     /// Largest L3 length the route was seen to accept.
     pub max_len: u16,
-    /// Explicit padding.
-    pub _pad: [u8; 2],
+    /// The backend's family as its `BACKENDS` entry had it when the entry was learnt.
+    pub family: u8,
+    /// The backend's `BACKEND_F_*` flags likewise (how its packets leave).
+    pub flags: u8,
     /// The epoch (the global `EPOCH`) the entry was learnt in.
     pub epoch: u32,
     /// Packets sent with this entry since it was learnt.
     pub uses: u32,
 }
 
-/// Backend id → `CachedHop`, per CPU: spares forwarded packets a FIB lookup each
-/// (size: load time); written by this program.
+/// Backend id → `CachedHop`, per CPU: spares forwarded packets a FIB lookup each, and a
+/// known flow's packets the read of their backend's entry (see `encap::learnt`) (size:
+/// load time); written by this program.
 #[map(name = "L3LB_NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(1, 0);
 

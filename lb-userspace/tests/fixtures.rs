@@ -318,6 +318,8 @@ fn connection_entries_carry_their_creation_time_written_on_insert_only() {
 /// change applies to established flows from their next packet on.
 #[test]
 fn known_flows_follow_every_config_change_from_their_next_packet() {
+    // On one CPU, so known flows' packets meet what the next-hop cache learnt.
+    pin_this_thread_to_cpu0();
     let mut desired = standard_desired();
     let mut f = Fixture::new(false, &desired);
     // Re-applying what is there (the agent does on address and neighbour events)
@@ -2326,6 +2328,9 @@ fn fragments_hash_on_addresses_and_protocol_only() {
 
 #[test]
 fn ipv6_tcp_is_encapsulated_ip6ip6_and_udp_rewritten_in_l2() {
+    // On one CPU, so the segments after the first two are sent from the next-hop cache's
+    // learnt backend (see `known_flows_are_sent_from_the_learnt_backend_until_the_epoch_advances`).
+    pin_this_thread_to_cpu0();
     let f = Fixture::new(false, &standard_desired());
     let ip = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, SYN, b"hello"));
     let (v, out) = f.run(&v6_frame(&ip));
@@ -2588,6 +2593,60 @@ fn next_hops_are_reused_until_the_agent_expires_them() {
     f.dp.expire_next_hops().expect("advance the epoch");
     let (_, out) = f.run(&frame);
     assert_eq!(&out[0..6], &new_mac, "after it, the FIB is asked again");
+}
+
+/// A known flow's packets to a tunnelled backend are sent from what the next-hop cache
+/// learnt of the backend in this epoch, without reading its entry; after the epoch's
+/// advance (every change the agent writes, and every half second) the entry is read
+/// again. Shown by an entry rewritten behind the agent's back, which moves the flow only
+/// once the epoch advances.
+#[test]
+fn known_flows_are_sent_from_the_learnt_backend_until_the_epoch_advances() {
+    // The cache is per CPU (see `next_hops_are_reused_until_the_agent_expires_them`).
+    pin_this_thread_to_cpu0();
+    let pins = PinDir::new("learnt");
+    let mut f = Fixture::new(false, &standard_desired());
+    f.dp.pin(&pins.dir).expect("pin");
+    let syn = client_tcp(VIP, 41000, 80, SYN);
+    let ack = client_tcp(VIP, 41000, 80, ACK);
+    f.run(&syn);
+    // The first ACK confirms the entry and teaches the cache; the next is a known flow's.
+    for _ in 0..2 {
+        assert_eq!(f.run(&ack).0, XDP_TX);
+    }
+    let id = flow_entry(&f, 41000, 80).expect("entry").state.backend;
+    let mut backends: aya::maps::Array<MapData, lb_common::Backend> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(MapData::from_pin(pins.maps.join(map_names::BACKENDS)).expect("pin")),
+    )
+    .expect("typed");
+    let mut entry = backends.get(&id, 0).expect("backend entry");
+    let (was, was_mac, other, other_mac) = if entry.addr[..4] == B1.octets() {
+        (B1, B1_MAC, B2, B2_MAC)
+    } else {
+        (B2, B2_MAC, B1, B1_MAC)
+    };
+    let (v, out) = f.run(&ack);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out, expected_ipip(&ack[14..], was, was_mac));
+    entry.addr[..4].copy_from_slice(&other.octets());
+    backends.set(id, entry, 0).expect("rewrite the entry");
+    let (v, out) = f.run(&ack);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        out,
+        expected_ipip(&ack[14..], was, was_mac),
+        "within the epoch, the backend as the cache learnt it"
+    );
+    f.dp.expire_next_hops().expect("advance the epoch");
+    for _ in 0..2 {
+        let (v, out) = f.run(&ack);
+        assert_eq!(v, XDP_TX);
+        assert_eq!(
+            out,
+            expected_ipip(&ack[14..], other, other_mac),
+            "after the advance, the backend as its entry says"
+        );
+    }
 }
 
 /// Keeps the calling test thread on CPU 0 (`BPF_PROG_TEST_RUN` runs the program on the
