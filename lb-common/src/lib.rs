@@ -84,9 +84,10 @@ pub fn decap_pair_bucket(w: u64) -> u32 {
 /// Index of the settings array holding `SETTINGS_F_*` bits.
 pub const SETTINGS_FLAGS: u32 = 0;
 /// Index of the settings array holding the epoch: the agent advances it every half second
-/// and after every change it writes to the maps. Next hops learnt in an older epoch are
-/// looked up again, and a connection-table entry is trusted without its VIP lookup only
-/// in the epoch it was last checked in (see `FlowWay::seen`). The program reads its copy,
+/// and after every change it writes to the maps. Next hops (and the backend entries
+/// learnt with them) from an older epoch are looked up again, and a connection-table
+/// entry is trusted without its VIP lookup only in the epoch it was last checked in (see
+/// `FlowWay::seen`). The program reads its copy,
 /// the global `globals::EPOCH`; this entry keeps it for the next agent.
 pub const SETTINGS_NEXTHOP_EPOCH: u32 = 1;
 /// Index of the settings array holding the low half of the connection table's hash seed

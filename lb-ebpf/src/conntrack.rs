@@ -213,7 +213,9 @@ pub fn current_id(place: Option<Place>, now: u32) -> Option<u32> {
 }
 
 /// The choice of backend `id` for a flow `current_id` found, read from its entry: the
-/// family is checked, so a slot the agent cleared is never used.
+/// family is checked, so a slot the agent cleared is never used from here (a known
+/// flow's packet that `encap::learnt` sends is bound by the epoch instead: the agent
+/// advances it right after clearing entries).
 #[inline(always)]
 pub fn current_choice(id: u32, family: u8, now: u32) -> Option<Choice> {
     let b = BACKENDS.get(id)?;

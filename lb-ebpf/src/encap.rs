@@ -442,12 +442,13 @@ pub fn learnt(id: u32, epoch: u32, family: u8, tot_len: u16) -> Option<Learnt> {
     } else {
         IP6IP6_OVERHEAD
     };
-    // An L3 length fits its frame, so adding a header's length does not wrap.
+    // Compared wide: a frame in generic mode may carry nearly 64 KiB, and a length that
+    // wrapped past it would pass (the general way answers such a packet "too big").
     if e.epoch != epoch
         || e.uses >= NEXTHOP_MAX_USES
         || e.family != family
         || e.flags & (BACKEND_F_L2 | BACKEND_F_LOCAL) != 0
-        || tot_len.wrapping_add(overhead) > e.max_len
+        || tot_len as u32 + overhead as u32 > e.max_len as u32
     {
         return None;
     }
@@ -479,6 +480,7 @@ pub fn send_learnt(
             &l.hop,
             dst,
             l3_off,
+            // Does not wrap: `learnt` found it within the route's largest length.
             tot_len.wrapping_add(IPIP_OVERHEAD),
             (tos, df),
         )?

@@ -750,6 +750,9 @@ pub struct Dataplane {
     carried_stats: bool,
     /// The last state applied in full: what a failed apply restores.
     last_applied: Option<Desired>,
+    /// A failed apply could not restore `last_applied` either: the maps hold neither
+    /// state, and applying `last_applied` again writes (so it advances the epoch).
+    unsettled: bool,
     services: BTreeMap<String, ServiceState>,
     backends: StdHashMap<(String, IpAddr), BackendState>,
     service_ids: IdPool,
@@ -1124,6 +1127,7 @@ impl Dataplane {
             reserved_backends: StdHashMap::new(),
             carried_stats: false,
             last_applied: None,
+            unsettled: false,
             services: BTreeMap::new(),
             backends: StdHashMap::new(),
             service_ids: IdPool::new(opts.max_services),
@@ -1845,18 +1849,20 @@ impl Dataplane {
     ///
     /// Unless `desired` is what the last apply wrote (then nothing changes), the epoch
     /// advances afterwards, whatever was written: connection-table entries the data plane
-    /// checked against the maps before the change are checked again (see
-    /// `lb_common::FlowWay::seen`).
+    /// checked against the maps before the change are checked again, and what its
+    /// next-hop cache learnt of backends is learnt again (see `lb_common::FlowWay::seen`).
+    /// Removing backends advances it once more, right after their entries are cleared.
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplySummary, DataplaneError> {
         self.check_capacity(desired)?;
-        if self.last_applied.as_ref() == Some(desired) {
+        if !self.unsettled && self.last_applied.as_ref() == Some(desired) {
             return self.apply_written(desired);
         }
         let applied = self.apply_written(desired);
         if let Err(e) = self.advance_epoch() {
             // The maps hold what `applied` says; until an advance succeeds (the agent's
             // next tick tries again) entries checked before the change may still skip
-            // their VIP lookup.
+            // their VIP lookup, and known flows still go to tunnelled backends as the
+            // next-hop cache learnt them (at most 65 536 packets per backend and CPU).
             tracing::warn!(error = %e, "could not advance the epoch after writing the maps");
         }
         applied
@@ -1867,13 +1873,17 @@ impl Dataplane {
         match self.apply_inner(desired) {
             Ok(sum) => {
                 self.last_applied = Some(desired.clone());
+                self.unsettled = false;
                 Ok(sum)
             }
             Err(cause) => {
                 let restored = match self.last_applied.clone() {
                     Some(previous) => match self.apply_inner(&previous) {
                         Ok(_) => Restored::Yes,
-                        Err(e) => Restored::Failed(e.to_string()),
+                        Err(e) => {
+                            self.unsettled = true;
+                            Restored::Failed(e.to_string())
+                        }
                     },
                     None => Restored::NothingBefore,
                 };
@@ -2406,21 +2416,32 @@ impl Dataplane {
             .filter(|k| !wanted.contains(*k))
             .cloned()
             .collect();
+        let mut cleared = Vec::new();
         for key in unused {
             if let Some(s) = self.backends.remove(&key) {
                 self.array::<Backend>(map_names::BACKENDS)?
                     .set(s.id, Backend::default(), 0)
                     .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
-                // Its packets stay in its service's total (see `ServiceStats`).
-                self.fold_backend_counts(s.id, s.entry.service)?;
-                self.array::<BackendMeta>(map_names::BACKEND_META)?
-                    .set(s.id, BackendMeta::default(), 0)
-                    .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
-                // Back to the pool at the end of a successful apply; a rollback re-creates
-                // the backend with its id (its flows' entries still name it).
-                self.reserved_backends.insert(key.clone(), s.id);
-                sum.backends_removed += 1;
+                cleared.push((key, s));
             }
+        }
+        if !cleared.is_empty() {
+            // Known flows' packets are sent by what the data plane's next-hop cache learnt
+            // of their backend in the current epoch (see `lb_common::FlowWay::seen`): a new
+            // epoch now, so that from here on none goes to a cleared backend and none is
+            // counted for it after its counts are folded below.
+            self.advance_epoch()?;
+        }
+        for (key, s) in cleared {
+            // Its packets stay in its service's total (see `ServiceStats`).
+            self.fold_backend_counts(s.id, s.entry.service)?;
+            self.array::<BackendMeta>(map_names::BACKEND_META)?
+                .set(s.id, BackendMeta::default(), 0)
+                .map_err(map_err(format!("clearing backend {} of {}", key.1, key.0)))?;
+            // Back to the pool at the end of a successful apply; a rollback re-creates
+            // the backend with its id (its flows' entries still name it).
+            self.reserved_backends.insert(key.clone(), s.id);
+            sum.backends_removed += 1;
         }
 
         // 6. Decap allow lists and this node's addresses (the decap destinations).
@@ -2658,8 +2679,8 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Makes the data plane look every backend's next hop up again (advances the
-    /// epoch); the agent calls it every half second.
+    /// Makes the data plane look every backend's next hop up again and learn its entry
+    /// anew (advances the epoch); the agent calls it every half second.
     pub fn expire_next_hops(&mut self) -> Result<(), DataplaneError> {
         self.advance_epoch()
     }
@@ -2677,7 +2698,8 @@ impl Dataplane {
 
     /// Advances the epoch (see `write_epoch`): the clock of the connection table's ages
     /// and of the next-hop cache, and the span in which an entry the data plane checked
-    /// against its VIP is trusted without the lookup.
+    /// against its VIP is trusted without the lookup, and a backend as the cache learnt
+    /// it is trusted without reading its entry.
     fn advance_epoch(&mut self) -> Result<(), DataplaneError> {
         self.nexthop_epoch = self.nexthop_epoch.wrapping_add(1);
         self.write_epoch(self.nexthop_epoch)

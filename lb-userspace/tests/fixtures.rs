@@ -2649,6 +2649,37 @@ fn known_flows_are_sent_from_the_learnt_backend_until_the_epoch_advances() {
     }
 }
 
+/// Removing a backend starts a new epoch as soon as its entry is cleared, before its
+/// counters are folded into its service's and before the rest of the apply (and once
+/// more at the end, as every apply that changes something): from the clear on, no
+/// packet that reads the epoch is sent by what the next-hop cache learnt of it.
+#[test]
+fn removing_a_backend_starts_a_new_epoch_as_soon_as_its_entry_is_cleared() {
+    let mut desired = standard_desired();
+    let mut f = Fixture::new(false, &desired);
+    let multi = desired
+        .services
+        .iter()
+        .position(|s| s.name == "multi")
+        .expect("the multi service");
+    let before = f.dp.epoch();
+    desired.services[multi].backends[0].weight += 1;
+    f.dp.apply(&desired).expect("reweight");
+    assert_eq!(
+        f.dp.epoch(),
+        before.wrapping_add(1),
+        "a change that removes nothing: one advance, at the end"
+    );
+    let before = f.dp.epoch();
+    desired.services[multi].backends.pop();
+    f.dp.apply(&desired).expect("remove a backend");
+    assert_eq!(
+        f.dp.epoch(),
+        before.wrapping_add(2),
+        "a removal: one advance right after the clear, one at the end"
+    );
+}
+
 /// Keeps the calling test thread on CPU 0 (`BPF_PROG_TEST_RUN` runs the program on the
 /// caller's CPU), so per-CPU state written by one run is seen by the next.
 fn pin_this_thread_to_cpu0() {
