@@ -21,6 +21,12 @@ use crate::{csum, parse::ptr_at};
 #[unsafe(no_mangle)]
 static ENCAP_SRC_V4: u32 = 0;
 
+/// `ENCAP_SRC_V4`'s four bytes in memory order, read as one word.
+#[inline(always)]
+fn encap_src_v4() -> [u8; 4] {
+    unsafe { core::ptr::read_volatile(&ENCAP_SRC_V4) }.to_ne_bytes()
+}
+
 /// Source address of outer IPv6 headers; set by the agent at load time (16 bytes, held
 /// as two 64-bit words so the header is built from word loads).
 #[unsafe(no_mangle)]
@@ -478,6 +484,7 @@ pub fn send_learnt(
         encap_v4(
             ctx,
             &l.hop,
+            encap_src_v4(),
             dst,
             l3_off,
             // Does not wrap: `learnt` found it within the route's largest length.
@@ -562,31 +569,37 @@ pub fn ipip_forward(
     tot_len: u16,
     (tos, df): (u8, u8),
 ) -> Result<u32, Blocked> {
-    // The address's four bytes in memory order, read as one word.
-    let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V4) }.to_ne_bytes();
+    let src = encap_src_v4();
     let outer_len = tot_len
         .checked_add(Ipv4Hdr::LEN as u16)
         .ok_or(Blocked::TooBig(0))?;
     let hop = cached_hop(slot, v4_key(backend), outer_len, || {
         next_hop(ctx, src, backend, outer_len)
     })?;
-    Ok(encap_v4(ctx, &hop, backend, l3_off, outer_len, (tos, df))?)
+    Ok(encap_v4(
+        ctx,
+        &hop,
+        src,
+        backend,
+        l3_off,
+        outer_len,
+        (tos, df),
+    )?)
 }
 
-/// Puts an outer IPv4 header toward `backend` (next hop `hop`; the outer packet
+/// Puts an outer IPv4 header from `src` toward `backend` (next hop `hop`; the outer packet
 /// `outer_len` bytes) in front of the IPv4 packet at `l3_off`, copying the inner header's
 /// `(tos, df)`, and sends the frame.
 #[inline(always)]
 fn encap_v4(
     ctx: &XdpContext,
     hop: &NextHop,
+    src: [u8; 4],
     backend: [u8; 4],
     l3_off: usize,
     outer_len: u16,
     (tos, df): (u8, u8),
 ) -> Result<u32, DropReason> {
-    // The address's four bytes in memory order, read as one word.
-    let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V4) }.to_ne_bytes();
     // Grow the head so that exactly Ethernet + outer IPv4 precede the inner header.
     let delta = (EthHdr::LEN + Ipv4Hdr::LEN) as i32 - l3_off as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {

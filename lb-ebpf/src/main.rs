@@ -1203,10 +1203,10 @@ fn forward(
     }
     let l2_mode = choice.entry.flags & BACKEND_F_L2 != 0;
     let action = if l2_mode { Action::L2 } else { Action::Encap };
-    let slot = choice.slot();
     if pkt.family != FAMILY_V4 {
         return Ok((tx6(ctx, l2.l3_off, pkt, choice, l2_mode)?, action).into());
     }
+    let slot = choice.slot();
     // SAFETY: a Backend is 4-aligned and starts with its address bytes (IPv4: the first
     // four), read as one word.
     let baddr = unsafe { *(choice.entry as *const lb_common::Backend as *const u32) }.to_ne_bytes();
