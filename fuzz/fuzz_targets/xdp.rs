@@ -444,6 +444,10 @@ fn parse(f: &[u8]) -> Result<Parsed, String> {
         l3 += 4;
     }
     let (v6, src, dst, l3_len, mut proto, mut l4, mut fragment, mut later);
+    // A fragment's reassembly facts: where its data starts, the bytes of the datagram
+    // before its fragmentable part (IPv4: the shortest header; IPv6: the extension
+    // headers before the fragment header), its offset in bytes, more to follow.
+    let mut reassembly = (0, 0, 0, false);
     match ethertype {
         ETHERTYPE_IPV4 => {
             let ip = f.get(l3..l3 + 20).ok_or("IPv4 header cut")?;
@@ -463,6 +467,7 @@ fn parse(f: &[u8]) -> Result<Parsed, String> {
             let frags = be16(ip, 6);
             fragment = frags & 0x3fff != 0;
             later = frags & 0x1fff != 0;
+            reassembly = (l4, 20, (frags & 0x1fff) * 8, frags & 0x2000 != 0);
         }
         ETHERTYPE_IPV6 => {
             let ip = f.get(l3..l3 + 40).ok_or("IPv6 header cut")?;
@@ -500,7 +505,9 @@ fn parse(f: &[u8]) -> Result<Parsed, String> {
                 }
                 if proto == 44 {
                     fragment = true;
-                    later = be16(f, l4 + 2) >> 3 != 0;
+                    let offset = be16(f, l4 + 2);
+                    later = offset >> 3 != 0;
+                    reassembly = (l4 + 8, l4 - l3 - 40, offset >> 3 << 3, offset & 1 != 0);
                 }
                 proto = f[l4];
                 l4 += len;
@@ -509,6 +516,15 @@ fn parse(f: &[u8]) -> Result<Parsed, String> {
         _ => return Err("not IP".into()),
     }
     let end = l3 + l3_len;
+    if fragment {
+        // RFC 791, RFC 8200 4.5: data, in multiples of 8 bytes unless the last, inside the
+        // largest datagram.
+        let (data_at, before, offset, more) = reassembly;
+        let data = end.saturating_sub(data_at);
+        if data == 0 || more && data & 7 != 0 || before + offset + data > 65535 {
+            return Err("fragment length or offset".into());
+        }
+    }
     let need = |n: usize| -> Result<(), String> {
         if l4 + n > end {
             Err(format!("protocol {proto} header cut"))

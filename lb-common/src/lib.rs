@@ -934,6 +934,10 @@ counted_enum! {
         /// (IPv4 0/8, 127/8, 224/3; IPv6 ::, ::1, ff00::/8), or in a frame sent to a
         /// link-layer group address.
         BadSource = 15 => "bad_source",
+        /// A fragment to a VIP that no datagram can be reassembled from (RFC 791, RFC
+        /// 8200 4.5): no data, data not a multiple of eight bytes with more fragments to
+        /// follow, or data ending past the largest datagram.
+        BadFragment = 16 => "bad_fragment",
     }
     count DROP_REASON_COUNT
 }

@@ -361,6 +361,9 @@ struct Pkt {
     /// IPv4 header length (for quoting); 40 for IPv6.
     hdr_len: usize,
     fragment: bool,
+    /// A fragment no datagram can be reassembled from (see `ipv4::Ipv4::bad_fragment`,
+    /// `ipv6::Upper::bad_fragment`): dropped if it is for a VIP.
+    bad_fragment: bool,
     later_fragment: bool,
     frag_id: u32,
     /// The protocol fragments are keyed on, the same in every fragment of a datagram:
@@ -805,6 +808,7 @@ fn ipv4_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         tot_len: ip.tot_len,
         hdr_len: ip.hdr_len,
         fragment: ip.fragment,
+        bad_fragment: ip.bad_fragment,
         later_fragment: ip.later_fragment,
         frag_id: ip.id as u32,
         frag_proto: proto,
@@ -844,6 +848,7 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
         tot_len: ip.tot_len,
         hdr_len: ipv6::HDR_LEN,
         fragment: up.fragment,
+        bad_fragment: up.bad_fragment(l2.l3_off, ip.tot_len),
         later_fragment: up.later_fragment,
         frag_id: up.id,
         frag_proto: if up.fragment { up.frag_next } else { up.proto },
@@ -877,6 +882,7 @@ fn known_flow(
         tot_len: q.tot_len,
         hdr_len,
         fragment: false,
+        bad_fragment: false,
         later_fragment: false,
         frag_id: 0,
         frag_proto: q.proto,
@@ -1038,6 +1044,11 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
             &(*scratch).flow
         }
     };
+    // Forwarded, such a fragment would only be dropped by the backend's reassembly
+    // (where an oversized one was once a crash: the "ping of death").
+    if pkt.bad_fragment {
+        return Err(DropReason::BadFragment);
+    }
     if pkt.src == pkt.dst {
         return Err(DropReason::SourceIsVip);
     }

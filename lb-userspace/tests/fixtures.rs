@@ -2302,7 +2302,7 @@ fn fragments_hash_on_addresses_and_protocol_only() {
                 VIP,
                 PROTO_TCP,
                 &[],
-                &tcp(sport, 443, ACK, &[0u8; 8]),
+                &tcp(sport, 443, ACK, &[0u8; 12]),
                 false,
             );
             ip[6..8].copy_from_slice(&0x2000u16.to_be_bytes());

@@ -1303,7 +1303,15 @@ fn source_is_vip_cases(m: &mut Matrix) {
         v4_frame(&[], &err),
         DropReason::SourceIsVip,
     );
-    let mut frag = udp4.clone();
+    // Eight bytes of data after the UDP header: a well-formed first fragment.
+    let mut frag = ipv4(
+        VIP_L2,
+        VIP_L2,
+        PROTO_UDP,
+        &[],
+        &udp(53, 53, b"question"),
+        false,
+    );
     frag[6] = 0x20;
     refresh_v4_checksum(&mut frag);
     m.drops(
@@ -1438,8 +1446,163 @@ fn size_cases(m: &mut Matrix) {
 const LINEAR_MAX: usize = 3520;
 
 /// The whole table.
+/// An IPv4 fragment from the client to "web" (one backend, B1, IPIP) carrying `data`,
+/// its flags-and-offset field `frag` (MF is 0x2000, the offset in 8-byte units) with DF
+/// set too, so that the outer header's identification is fixed (0) where it is forwarded.
+fn fragment_v4(data: &[u8], frag: u16) -> Vec<u8> {
+    let mut ip = ipv4(CLIENT, VIP, PROTO_TCP, &[], data, true);
+    ip[4..6].copy_from_slice(&0x5eedu16.to_be_bytes());
+    ip[6..8].copy_from_slice(&(0x4000 | frag).to_be_bytes());
+    refresh_v4_checksum(&mut ip);
+    ip
+}
+
+/// An IPv6 fragment from the client to VIP6's "web" (one backend, B1_6) carrying `data`,
+/// after the extension headers `before` (whose first byte this fills in); `frag` is the
+/// fragment header's offset-and-flags field (M is 1, the offset in bytes).
+fn fragment_v6(before: &[u8], data: &[u8], frag: u16) -> Vec<u8> {
+    let mut payload = before.to_vec();
+    let first = if before.is_empty() {
+        44
+    } else {
+        payload[0] = 44;
+        0
+    };
+    payload.extend_from_slice(&[PROTO_TCP, 0]);
+    payload.extend_from_slice(&frag.to_be_bytes());
+    payload.extend_from_slice(&0x5eed_u32.to_be_bytes());
+    payload.extend_from_slice(data);
+    ipv6(CLIENT6, VIP6, first, &payload)
+}
+
+/// Fragments to a VIP that no datagram can be reassembled from (RFC 791, RFC 8200 4.5):
+/// no data, data not a multiple of 8 bytes with more to follow, data ending past the
+/// largest datagram. Dropped as `bad_fragment`; the boundary cases beside them (a last
+/// fragment of any length, one ending at exactly 65 535 bytes) are forwarded. Rows run in
+/// order: each family's first fragment records the datagram for its later fragments.
+fn fragment_length_cases(m: &mut Matrix) {
+    let seg = |data: &[u8]| tcp(40200, 80, ACK, data);
+    let first = fragment_v4(&seg(b"data"), 0x2000);
+    m.forwards(
+        "IPv4 first fragment, 24 bytes of data",
+        v4_frame(&[], &first),
+        Action::Encap,
+        expected_ipip(&first, B1, B1_MAC),
+    );
+    let bad_v4: [(&str, Vec<u8>); 5] = [
+        (
+            "IPv4 first fragment, 21 bytes of data (not a multiple of 8), more to follow",
+            fragment_v4(&seg(b"d"), 0x2000),
+        ),
+        (
+            "IPv4 later fragment, 7 bytes of data, more to follow",
+            fragment_v4(&[7; 7], 0x2003),
+        ),
+        (
+            "IPv4 later fragment without data, more to follow",
+            fragment_v4(&[], 0x2003),
+        ),
+        ("IPv4 last fragment without data", fragment_v4(&[], 0x0003)),
+        (
+            "IPv4 last fragment at offset 65 504 with 12 bytes (the datagram past 65 535)",
+            fragment_v4(&[12; 12], 8188),
+        ),
+    ];
+    for (what, ip) in bad_v4 {
+        m.drops(what, v4_frame(&[], &ip), DropReason::BadFragment);
+    }
+    for (what, ip) in [
+        (
+            "IPv4 last fragment, 7 bytes of data",
+            fragment_v4(&[7; 7], 0x0003),
+        ),
+        (
+            "IPv4 last fragment at offset 65 504 with 11 bytes (the datagram 65 535)",
+            fragment_v4(&[11; 11], 8188),
+        ),
+    ] {
+        m.forwards(
+            what,
+            v4_frame(&[], &ip),
+            Action::Encap,
+            expected_ipip(&ip, B1, B1_MAC),
+        );
+    }
+    let mut other = fragment_v4(&[7; 7], 0x2003);
+    other[16..20].copy_from_slice(&[198, 51, 100, 9]);
+    refresh_v4_checksum(&mut other);
+    m.passes(
+        "IPv4 later fragment, 7 bytes of data, more to follow, to a non-VIP address",
+        v4_frame(&[], &other),
+    );
+
+    let first6 = fragment_v6(&[], &seg(b"data"), 1);
+    m.forwards(
+        "IPv6 first fragment, 24 bytes of data",
+        v6_frame(&first6),
+        Action::Encap,
+        expected_ip6ip6(&first6, B1_6, B1_MAC),
+    );
+    // Hop-by-hop options (PadN): 8 bytes of the unfragmentable part.
+    let hop = [0u8, 0, 1, 4, 0, 0, 0, 0];
+    let bad_v6: [(&str, Vec<u8>); 6] = [
+        (
+            "IPv6 first fragment, 21 bytes of data (not a multiple of 8), M set",
+            fragment_v6(&[], &seg(b"d"), 1),
+        ),
+        (
+            "IPv6 later fragment, 7 bytes of data, M set",
+            fragment_v6(&[], &[7; 7], 24 | 1),
+        ),
+        (
+            "IPv6 later fragment without data, M set",
+            fragment_v6(&[], &[], 24 | 1),
+        ),
+        ("IPv6 last fragment without data", fragment_v6(&[], &[], 24)),
+        (
+            "IPv6 last fragment at offset 65 520 with 16 bytes (the payload past 65 535)",
+            fragment_v6(&[], &[16; 16], 65520),
+        ),
+        (
+            "IPv6 last fragment at offset 65 520 with 8 bytes after 8 of hop-by-hop options (the payload past 65 535)",
+            fragment_v6(&hop, &[8; 8], 65520),
+        ),
+    ];
+    for (what, ip) in bad_v6 {
+        m.drops(what, v6_frame(&ip), DropReason::BadFragment);
+    }
+    for (what, ip) in [
+        (
+            "IPv6 last fragment, 7 bytes of data",
+            fragment_v6(&[], &[7; 7], 24),
+        ),
+        (
+            "IPv6 last fragment at offset 65 520 with 15 bytes (the payload 65 535)",
+            fragment_v6(&[], &[15; 15], 65520),
+        ),
+        (
+            "IPv6 last fragment at offset 65 520 with 7 bytes after 8 of hop-by-hop options (the payload 65 535)",
+            fragment_v6(&hop, &[7; 7], 65520),
+        ),
+    ] {
+        m.forwards(
+            what,
+            v6_frame(&ip),
+            Action::Encap,
+            expected_ip6ip6(&ip, B1_6, B1_MAC),
+        );
+    }
+    let mut other6 = fragment_v6(&[], &[7; 7], 24 | 1);
+    other6[24..40].copy_from_slice(&OTHER6.octets());
+    m.passes(
+        "IPv6 later fragment, 7 bytes of data, M set, to a non-VIP address",
+        v6_frame(&other6),
+    );
+}
+
 fn matrix() -> Matrix {
     let mut m = Matrix::default();
+    fragment_length_cases(&mut m);
     truncation_cases(&mut m);
     header_cases(&mut m);
     known_flow_cases(&mut m);

@@ -18,6 +18,10 @@ pub struct Ipv4 {
     pub fragment: bool,
     /// Fragment offset non-zero: a later fragment, which carries no L4 header.
     pub later_fragment: bool,
+    /// A fragment no datagram can be reassembled from: no data, data not a multiple of
+    /// eight bytes with more fragments to follow (RFC 791), or data ending past the
+    /// largest datagram (65 535 bytes with the shortest header: a "ping of death").
+    pub bad_fragment: bool,
     /// Identification field (ties fragments of one datagram together).
     pub id: u16,
     /// Type of service (DSCP and ECN), which an outer header copies.
@@ -56,12 +60,19 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
         return Err(DropReason::BadIpHeader);
     }
     let frags = u16::from_be(unsafe { super::load16(base.add(6)) });
+    let fragment = frags & 0x3fff != 0;
+    let data = tot_len as usize - hdr_len;
+    let more = frags & 0x2000 != 0;
+    let end = (frags & 0x1fff) as usize * 8 + data;
+    let bad_fragment = fragment
+        && (data == 0 || (more && data & 7 != 0) || end + Ipv4Hdr::LEN > u16::MAX as usize);
     // SAFETY (the loads below): as above.
     Ok(Ipv4 {
         hdr,
         hdr_len,
         tot_len,
-        fragment: frags & 0x3fff != 0,
+        fragment,
+        bad_fragment,
         later_fragment: frags & 0x1fff != 0,
         id: u16::from_be(unsafe { super::load16(base.add(4)) }),
         tos: unsafe { (*hdr).tos },

@@ -83,10 +83,37 @@ pub struct Upper {
     pub later_fragment: bool,
     /// Fragment identification.
     pub id: u32,
+    /// Where the fragment header's data (the fragmentable part) starts.
+    pub frag_data: usize,
+    /// The fragment's offset in its datagram's fragmentable part, in bytes.
+    pub frag_offset: usize,
+    /// The fragment header's M flag: more fragments follow.
+    pub more: bool,
     /// The fragment header's next header: the same in every fragment of a datagram (a
     /// later fragment's walk ends there, its data being no headers), so fragments are
     /// keyed on it.
     pub frag_next: u8,
+}
+
+impl Upper {
+    /// Whether the packet (of `tot_len` bytes from `l3_off`, its headers up to `self.off`
+    /// inside them) is a fragment no datagram can be reassembled from (RFC 8200 4.5): no
+    /// data, data not a multiple of eight bytes with more fragments to follow, or a
+    /// reassembled payload past 65 535 bytes.
+    #[inline(always)]
+    pub fn bad_fragment(&self, l3_off: usize, tot_len: u16) -> bool {
+        if !self.fragment {
+            return false;
+        }
+        let end = l3_off + tot_len as usize;
+        // The walk put the fragment header's data at or before `off`, and the caller
+        // checked `off` against the packet's end.
+        let data = end.saturating_sub(self.frag_data);
+        let unfragmentable = self.frag_data.saturating_sub(l3_off + HDR_LEN + 8);
+        data == 0
+            || (self.more && data & 7 != 0)
+            || unfragmentable + self.frag_offset + data > u16::MAX as usize
+    }
 }
 
 /// Walks the extension headers after the fixed header at `l3_off`.
@@ -100,6 +127,9 @@ pub fn walk(ctx: &XdpContext, l3_off: usize, first: u8) -> Result<Upper, DropRea
         fragment: false,
         later_fragment: false,
         id: 0,
+        frag_data: 0,
+        frag_offset: 0,
+        more: false,
         frag_next: 0,
     };
     for _ in 0..MAX_EXT_HEADERS {
@@ -122,9 +152,13 @@ pub fn walk(ctx: &XdpContext, l3_off: usize, first: u8) -> Result<Upper, DropRea
                 up.proto = f[0];
                 up.frag_next = f[0];
                 up.fragment = true;
-                up.later_fragment = u16::from_be_bytes([f[2], f[3]]) >> 3 != 0;
+                let offset = u16::from_be_bytes([f[2], f[3]]);
+                up.later_fragment = offset >> 3 != 0;
+                up.frag_offset = (offset >> 3) as usize * 8;
+                up.more = offset & 1 != 0;
                 up.id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
                 up.off += 8;
+                up.frag_data = up.off;
                 // What follows a later fragment's header is data, not headers (RFC 8200
                 // puts destination options and AH in the fragmentable part).
                 if up.later_fragment {
