@@ -962,8 +962,57 @@ impl Agent {
     }
 }
 
+/// The agent's signals: SIGHUP reloads, SIGTERM and SIGINT stop it.
+///
+/// Taken before anything slow (loading the program, migrating a large connection table):
+/// as PID 1 — a container's first process — a process receives no signal it has no
+/// handler for, so a SIGTERM sent while it started would be lost and the pod would linger
+/// until its grace period ends in SIGKILL. `l3lb run` starts with the three blocked (see
+/// [`mask_signals`]), so one sent even before the handlers exist waits for them; a signal
+/// that arrives while the agent starts is answered once it has started (the maps
+/// complete, the program attached), as it would be later.
+pub struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (in the runtime), then unblocks the signals for this thread.
+    pub fn install() -> anyhow::Result<Self> {
+        let signals = Signals {
+            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        };
+        mask_signals(false);
+        Ok(signals)
+    }
+}
+
+/// Blocks (`true`) or unblocks SIGHUP, SIGTERM and SIGINT for the calling thread (threads
+/// started afterwards inherit it). Unblocking matters too: a parent that blocked them
+/// (the mask survives exec) would leave the agent unstoppable.
+pub fn mask_signals(block: bool) {
+    // SAFETY: manipulates a local signal set and this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let how = if block {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT; SIGHUP reloads the config.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let signals = Signals::install()?;
     let agent = Agent::start(config_path)?;
     // The standalone agent is ready once it runs: its state is the config's.
     let router = agent.router().route("/readyz", || {
@@ -971,7 +1020,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     });
     let bound = http::serve(agent.config.metrics_address, router).await?;
     info!(address = %bound, "serving /metrics, /healthz and /readyz");
-    run_agent(agent, futures::stream::pending(), |_| {}).await
+    run_agent(agent, signals, futures::stream::pending(), |_| {}).await
 }
 
 /// The run loop shared by both modes: signals, periodic upkeep, and `updates` (desired
@@ -979,6 +1028,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 /// each applied and its outcome reported to `applied`.
 pub async fn run_agent(
     mut agent: Agent,
+    signals: Signals,
     updates: impl futures::Stream<Item = KubernetesState> + Unpin,
     mut applied: impl FnMut(Result<(), String>),
 ) -> anyhow::Result<()> {
@@ -995,9 +1045,11 @@ pub async fn run_agent(
             }
         });
     }
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
     let mut refresh = tokio::time::interval(Duration::from_secs(30));
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let mut nexthops = tokio::time::interval(Duration::from_millis(500));

@@ -172,7 +172,9 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    unblock_signals();
+    // `l3lb run` keeps its signals blocked until its handlers exist (see
+    // `l3lb::agent::Signals`); every other command takes them as they come.
+    l3lb::agent::mask_signals(matches!(cli.command, Command::Run { .. }));
     // The data plane's per-packet logs must be asked for by name (see l3lb::program_log).
     let filter_of = |spec: &str| {
         tracing_subscriber::EnvFilter::try_new(l3lb::program_log::filter_directives(spec))
@@ -195,20 +197,6 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// The agent is driven by SIGHUP, SIGTERM and SIGINT; a parent that blocked them (the mask
-/// survives exec) would leave it unstoppable, so they are unblocked before anything else.
-fn unblock_signals() {
-    // SAFETY: manipulates a local signal set and this thread's mask, before any thread exists.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use l3lb_tests::{
-    Netns, TcpPersistent,
+    Lab, LabSpec, Netns, TcpPersistent,
     bulk::Pattern,
     client,
     scenario::{
@@ -354,5 +354,105 @@ fn an_upgrade_from_the_lru_connection_table_keeps_established_connections() {
         "{} entries converted; {moved} of {CONNS} connections stayed on their backend only \
          through them",
         live.len()
+    );
+}
+
+/// Host PIDs of the processes whose parent is `parent`.
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("PPid:"))
+                        .and_then(|v| v.trim().parse::<i32>().ok())
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// Whether process `pid` has a handler for `signal` (its `SigCgt` mask).
+fn catches(pid: i32, signal: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
+/// As PID 1 (a container's first process) a process receives only the signals it has a
+/// handler for. The agent takes its handlers before it loads anything, so a SIGTERM sent
+/// while it starts stops it once started, where it used to be lost (the pod then lingered
+/// until SIGKILL).
+#[test]
+fn a_sigterm_while_the_agent_starts_as_pid_1_stops_it() {
+    let lab = Lab::new(LabSpec {
+        backends: 1,
+        balancers: 1,
+    })
+    .expect("lab");
+    let cfg = format!(
+        "interface: eth0\nxdp_mode: native\npin_path: {}\n",
+        lab.pin_path("balancer-0").display()
+    );
+    let config = lab.write_file("balancer-0.yaml", &cfg).expect("config");
+    let bin = l3lb_tests::l3lb_bin().expect("l3lb binary");
+    // unshare's child is PID 1 of a new PID namespace; should the test fail, unshare's
+    // end (the guard's SIGTERM, then SIGKILL) takes the agent with it.
+    let mut outer = lab
+        .spawn_in(
+            &lab.balancers[0].ns,
+            "unshare",
+            [
+                std::ffi::OsStr::new("--pid"),
+                std::ffi::OsStr::new("--fork"),
+                std::ffi::OsStr::new("--kill-child"),
+                bin.as_os_str(),
+                std::ffi::OsStr::new("run"),
+                std::ffi::OsStr::new("--config"),
+                config.as_os_str(),
+            ],
+            "balancer-0.log",
+        )
+        .expect("spawning the agent as PID 1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let agent = loop {
+        if let Some(&pid) = children_of(outer.pid()).first() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "unshare started no agent");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    while !catches(agent, libc::SIGTERM) {
+        assert!(
+            !outer.log().contains("l3lb ready"),
+            "the agent was ready before it caught SIGTERM:\n{}",
+            outer.log()
+        );
+        assert!(Instant::now() < deadline, "the agent never caught SIGTERM");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        !outer.log().contains("l3lb ready"),
+        "SIGTERM is caught from before the program is loaded"
+    );
+    // SAFETY: a signal to a process of this test's.
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGTERM) }, 0, "kill");
+    let status = outer
+        .wait_exit(Duration::from_secs(60))
+        .expect("the agent stops on a SIGTERM sent while it started");
+    let log = outer.log();
+    assert!(status.success(), "clean exit: {status:?}\n{log}");
+    assert!(
+        log.contains("l3lb ready") && log.contains("exiting; the data plane keeps forwarding"),
+        "it finished starting, then exited as on any SIGTERM:\n{log}"
     );
 }

@@ -536,6 +536,7 @@ pub struct Options {
 
 /// Runs the Kubernetes agent until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let signals = agent::Signals::install()?;
     let k = &opts.config.kubernetes;
     let settings = Settings {
         class: k.load_balancer_class.clone(),
@@ -599,9 +600,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         }
     });
-    agent::run_agent(agent, Box::pin(updates), |r| readiness.record_apply(r))
-        .await
-        .context("running the agent")
+    agent::run_agent(agent, signals, Box::pin(updates), |r| {
+        readiness.record_apply(r)
+    })
+    .await
+    .context("running the agent")
 }
 
 #[cfg(test)]
