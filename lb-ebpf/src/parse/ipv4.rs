@@ -18,10 +18,6 @@ pub struct Ipv4 {
     pub fragment: bool,
     /// Fragment offset non-zero: a later fragment, which carries no L4 header.
     pub later_fragment: bool,
-    /// A fragment no datagram can be reassembled from: no data, data not a multiple of
-    /// eight bytes with more fragments to follow (RFC 791), or data ending past the
-    /// largest datagram (65 535 bytes with the shortest header: a "ping of death").
-    pub bad_fragment: bool,
     /// Identification field (ties fragments of one datagram together).
     pub id: u16,
     /// Type of service (DSCP and ECN), which an outer header copies.
@@ -60,19 +56,12 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
         return Err(DropReason::BadIpHeader);
     }
     let frags = u16::from_be(unsafe { super::load16(base.add(6)) });
-    let fragment = frags & 0x3fff != 0;
-    let data = tot_len as usize - hdr_len;
-    let more = frags & 0x2000 != 0;
-    let end = (frags & 0x1fff) as usize * 8 + data;
-    let bad_fragment = fragment
-        && (data == 0 || (more && data & 7 != 0) || end + Ipv4Hdr::LEN > u16::MAX as usize);
     // SAFETY (the loads below): as above.
     Ok(Ipv4 {
         hdr,
         hdr_len,
         tot_len,
-        fragment,
-        bad_fragment,
+        fragment: frags & 0x3fff != 0,
         later_fragment: frags & 0x1fff != 0,
         id: u16::from_be(unsafe { super::load16(base.add(4)) }),
         tos: unsafe { (*hdr).tos },
@@ -80,4 +69,22 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
         src: unsafe { super::load32(base.add(12)) },
         dst: unsafe { super::load32(base.add(16)) },
     })
+}
+
+/// Whether the fragment whose header (`hdr_len` bytes, the packet `tot_len`, both checked
+/// by `parse`) is at `off` is one no datagram can be reassembled from: no data, data not
+/// a multiple of eight bytes with more fragments to follow (RFC 791), or data ending past
+/// the largest datagram (65 535 bytes with the shortest header: a "ping of death").
+/// Read here rather than in `parse`, so that only fragments pay for it.
+#[inline(always)]
+pub fn bad_fragment(ctx: &XdpContext, off: usize, hdr_len: usize, tot_len: u16) -> bool {
+    let Ok(f) = ptr_at::<[u8; 2]>(ctx, off + 6) else {
+        return true;
+    };
+    // SAFETY: checked against the frame above.
+    let frags = u16::from_be_bytes(unsafe { *f });
+    let data = (tot_len as usize).saturating_sub(hdr_len);
+    let more = frags & 0x2000 != 0;
+    let end = (frags & 0x1fff) as usize * 8 + data;
+    data == 0 || (more && data & 7 != 0) || end + Ipv4Hdr::LEN > u16::MAX as usize
 }
