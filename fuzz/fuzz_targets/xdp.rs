@@ -504,6 +504,9 @@ fn parse(f: &[u8]) -> Result<Parsed, String> {
                     return Err("extension header past the payload".into());
                 }
                 if proto == 44 {
+                    if fragment {
+                        return Err("two fragment headers".into());
+                    }
                     fragment = true;
                     let offset = be16(f, l4 + 2);
                     later = offset >> 3 != 0;
@@ -511,6 +514,10 @@ fn parse(f: &[u8]) -> Result<Parsed, String> {
                 }
                 proto = f[l4];
                 l4 += len;
+                // A later fragment's data is no headers.
+                if later {
+                    break;
+                }
             }
         }
         _ => return Err("not IP".into()),

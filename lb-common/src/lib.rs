@@ -898,7 +898,8 @@ counted_enum! {
         /// announces.
         Truncated = 0 => "truncated",
         /// IP header invalid: version, IHL or total length (IPv4); version, payload
-        /// length or an extension-header chain beyond the walk's bound (IPv6, to a VIP).
+        /// length, an extension-header chain beyond the walk's bound or with two fragment
+        /// headers (IPv6, to a VIP).
         BadIpHeader = 1 => "bad_ip_header",
         /// TCP data offset below 5 or past the IP packet; UDP length below 8 or past it.
         BadL4Header = 2 => "bad_l4_header",
@@ -934,9 +935,10 @@ counted_enum! {
         /// (IPv4 0/8, 127/8, 224/3; IPv6 ::, ::1, ff00::/8), or in a frame sent to a
         /// link-layer group address.
         BadSource = 15 => "bad_source",
-        /// A fragment to a VIP that no datagram can be reassembled from (RFC 791, RFC
-        /// 8200 4.5): no data, data not a multiple of eight bytes with more fragments to
-        /// follow, or data ending past the largest datagram.
+        /// A fragment to a VIP that breaks the fragmentation rules (RFC 791, RFC 8200
+        /// 4.5): no data, data not a multiple of eight bytes with more fragments to follow
+        /// (IPv6 receivers must discard it; Linux trims such an IPv4 fragment), or data
+        /// ending past the largest datagram.
         BadFragment = 16 => "bad_fragment",
     }
     count DROP_REASON_COUNT

@@ -361,7 +361,7 @@ struct Pkt {
     /// IPv4 header length (for quoting); 40 for IPv6.
     hdr_len: usize,
     fragment: bool,
-    /// IPv6: a fragment no datagram can be reassembled from, as the walk found it (see
+    /// IPv6: a fragment that breaks the fragmentation rules, as the walk found it (see
     /// `ipv6::Upper::bad_fragment`); IPv4 reads it where it is checked (`bad_fragment`).
     bad_v6_fragment: bool,
     later_fragment: bool,
@@ -903,11 +903,11 @@ fn known_flow(
     Some(send(ctx, l2, &pkt, &choice))
 }
 
-/// Whether the fragment `pkt` is one no datagram can be reassembled from (RFC 791, RFC
+/// Whether the fragment `pkt` breaks the fragmentation rules (RFC 791, RFC
 /// 8200 4.5): IPv4 reads its header for it here, so that only fragments pay; IPv6 has it
 /// from the extension-header walk. Asked in the fragments' own branches of `balance`,
-/// once the packet is known to be for a VIP: forwarded, such a fragment would only be
-/// dropped by the backend's reassembly (where an oversized one was once a crash, the
+/// once the packet is known to be for a VIP: forwarded, such a fragment would be dropped
+/// or trimmed by the backend's reassembly (where an oversized one was once a crash, the
 /// "ping of death"). A check shared with the 5-tuple's branch cost new flows ~3 %
 /// (`bench --compare`).
 #[inline(always)]

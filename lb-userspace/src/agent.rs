@@ -978,7 +978,8 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Installs the handlers (in the runtime), then unblocks the signals for this thread.
+    /// Installs the handlers, then unblocks the signals for this thread. Must run inside a
+    /// Tokio runtime with I/O enabled (the handlers are its signal driver's).
     pub fn install() -> anyhow::Result<Self> {
         let signals = Signals {
             hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
@@ -994,7 +995,8 @@ impl Signals {
 /// started afterwards inherit it). Unblocking matters too: a parent that blocked them
 /// (the mask survives exec) would leave the agent unstoppable.
 pub fn mask_signals(block: bool) {
-    // SAFETY: manipulates a local signal set and this thread's mask.
+    // SAFETY: manipulates a local signal set and this thread's mask. pthread_sigmask fails
+    // only for an invalid `how`, which these two are not.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);

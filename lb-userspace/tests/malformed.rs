@@ -1475,7 +1475,7 @@ fn fragment_v6(before: &[u8], data: &[u8], frag: u16) -> Vec<u8> {
     ipv6(CLIENT6, VIP6, first, &payload)
 }
 
-/// Fragments to a VIP that no datagram can be reassembled from (RFC 791, RFC 8200 4.5):
+/// Fragments to a VIP that break the fragmentation rules (RFC 791, RFC 8200 4.5):
 /// no data, data not a multiple of 8 bytes with more to follow, data ending past the
 /// largest datagram. Dropped as `bad_fragment`; the boundary cases beside them (a last
 /// fragment of any length, one ending at exactly 65 535 bytes) are forwarded. Rows run in
@@ -1592,6 +1592,15 @@ fn fragment_length_cases(m: &mut Matrix) {
             expected_ip6ip6(&ip, B1_6, B1_MAC),
         );
     }
+    // A second fragment header: which one reassembly goes by is the receiver's guess.
+    let atomic = [PROTO_TCP, 0, 0, 0, 0, 0, 0, 9];
+    let mut twice = fragment_v6(&[], &[&atomic[..], &seg(b"data")[..]].concat(), 1);
+    twice[40] = 44;
+    m.drops(
+        "IPv6 with two fragment headers (a first fragment, then an atomic one)",
+        v6_frame(&twice),
+        DropReason::BadIpHeader,
+    );
     let mut other6 = fragment_v6(&[], &[7; 7], 24 | 1);
     other6[24..40].copy_from_slice(&OTHER6.octets());
     m.passes(

@@ -405,8 +405,9 @@ fn a_sigterm_while_the_agent_starts_as_pid_1_stops_it() {
     );
     let config = lab.write_file("balancer-0.yaml", &cfg).expect("config");
     let bin = l3lb_tests::l3lb_bin().expect("l3lb binary");
-    // unshare's child is PID 1 of a new PID namespace; should the test fail, unshare's
-    // end (the guard's SIGTERM, then SIGKILL) takes the agent with it.
+    // unshare's child is PID 1 of a new PID namespace. Should the test fail, the guard's
+    // SIGTERM to unshare (which blocks it while it waits) is followed by SIGKILL, and
+    // `--kill-child` takes the agent with it; the lab's teardown kills what is left.
     let mut outer = lab
         .spawn_in(
             &lab.balancers[0].ns,
@@ -424,8 +425,16 @@ fn a_sigterm_while_the_agent_starts_as_pid_1_stops_it() {
         )
         .expect("spawning the agent as PID 1");
     let deadline = Instant::now() + Duration::from_secs(20);
+    // The child once it runs l3lb (before its exec it is unshare, whose handlers say
+    // nothing about the agent's).
+    let is_agent = |pid: i32| {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .zip(std::fs::canonicalize(&bin).ok())
+            .is_some_and(|(exe, bin)| exe == bin)
+    };
     let agent = loop {
-        if let Some(&pid) = children_of(outer.pid()).first() {
+        if let Some(&pid) = children_of(outer.pid()).iter().find(|&&p| is_agent(p)) {
             break pid;
         }
         assert!(Instant::now() < deadline, "unshare started no agent");

@@ -72,9 +72,10 @@ pub fn parse(ctx: &XdpContext, off: usize) -> Result<Ipv4, DropReason> {
 }
 
 /// Whether the fragment whose header (`hdr_len` bytes, the packet `tot_len`, both checked
-/// by `parse`) is at `off` is one no datagram can be reassembled from: no data, data not
-/// a multiple of eight bytes with more fragments to follow (RFC 791), or data ending past
-/// the largest datagram (65 535 bytes with the shortest header: a "ping of death").
+/// by `parse`) is at `off` breaks the fragmentation rules: no data, data not a multiple
+/// of eight bytes with more fragments to follow (RFC 791 has senders cut at multiples of
+/// eight; Linux trims the excess), or data ending past the largest datagram (65 535 bytes
+/// with the shortest header: a "ping of death").
 /// Read here rather than in `parse`, so that only fragments pay for it.
 #[inline(always)]
 pub fn bad_fragment(ctx: &XdpContext, off: usize, hdr_len: usize, tot_len: u16) -> bool {

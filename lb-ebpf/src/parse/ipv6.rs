@@ -97,9 +97,9 @@ pub struct Upper {
 
 impl Upper {
     /// Whether the packet (of `tot_len` bytes from `l3_off`, its headers up to `self.off`
-    /// inside them) is a fragment no datagram can be reassembled from (RFC 8200 4.5): no
-    /// data, data not a multiple of eight bytes with more fragments to follow, or a
-    /// reassembled payload past 65 535 bytes.
+    /// inside them) is a fragment that RFC 8200 4.5 has receivers discard: data not a
+    /// multiple of eight bytes with more fragments to follow, or a reassembled payload
+    /// past 65 535 bytes; or one without data (Linux discards it).
     #[inline(always)]
     pub fn bad_fragment(&self, l3_off: usize, tot_len: u16) -> bool {
         if !self.fragment {
@@ -118,7 +118,8 @@ impl Upper {
 
 /// Walks the extension headers after the fixed header at `l3_off`.
 ///
-/// Returns `BadIpHeader` for a chain longer than `MAX_EXT_HEADERS`.
+/// Returns `BadIpHeader` for a chain longer than `MAX_EXT_HEADERS`, or with a second
+/// fragment header.
 #[inline(always)]
 pub fn walk(ctx: &XdpContext, l3_off: usize, first: u8) -> Result<Upper, DropReason> {
     let mut up = Upper {
@@ -147,6 +148,11 @@ pub fn walk(ctx: &XdpContext, l3_off: usize, first: u8) -> Result<Upper, DropRea
                 up.off += (len as usize + 2) * 4;
             }
             NH_FRAGMENT => {
+                // A second fragment header (RFC 8200 4.1: at most one) leaves which one
+                // reassembly goes by to the receiver: the packet is malformed.
+                if up.fragment {
+                    return Err(DropReason::BadIpHeader);
+                }
                 let f: *const [u8; 8] = ptr_at(ctx, up.off)?;
                 let f = unsafe { *f };
                 up.proto = f[0];
