@@ -32,6 +32,12 @@ fn encap_src_v4() -> [u8; 4] {
 #[unsafe(no_mangle)]
 static ENCAP_SRC_V6: Addr6 = [0; 2];
 
+/// `ENCAP_SRC_V6`, read once per packet and handed to whoever needs it.
+#[inline(always)]
+fn encap_src_v6() -> Addr6 {
+    unsafe { core::ptr::read_volatile(&ENCAP_SRC_V6) }
+}
+
 /// An IPv6 address as two 64-bit words in memory order (network byte order kept): two
 /// loads and stores each, where bytes would take sixteen.
 pub type Addr6 = [u64; 2];
@@ -208,28 +214,28 @@ pub fn ip6ip6_forward(
     tot_len: u16,
     tc: u8,
 ) -> Result<u32, Blocked> {
-    let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V6) };
+    let src = encap_src_v6();
     let outer_len = tot_len
         .checked_add(IP6IP6_OVERHEAD)
         .ok_or(Blocked::TooBig(0))?;
     let hop = cached_hop(slot, *backend, outer_len, || {
         next_hop_v6(ctx, &src, backend, outer_len)
     })?;
-    Ok(encap_v6(ctx, &hop, backend, l3_off, tot_len, tc)?)
+    Ok(encap_v6(ctx, &hop, &src, backend, l3_off, tot_len, tc)?)
 }
 
-/// Puts an outer IPv6 header toward `backend` (next hop `hop`) in front of the IPv6
-/// packet at `l3_off` (`tot_len` bytes, traffic class `tc`) and sends the frame.
+/// Puts an outer IPv6 header from `src` toward `backend` (next hop `hop`) in front of the
+/// IPv6 packet at `l3_off` (`tot_len` bytes, traffic class `tc`) and sends the frame.
 #[inline(always)]
 fn encap_v6(
     ctx: &XdpContext,
     hop: &NextHop,
+    src: &Addr6,
     backend: &Addr6,
     l3_off: usize,
     tot_len: u16,
     tc: u8,
 ) -> Result<u32, DropReason> {
-    let src = unsafe { core::ptr::read_volatile(&ENCAP_SRC_V6) };
     let delta = (EthHdr::LEN + 40) as i32 - l3_off as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
         return Err(DropReason::AdjustFailed);
@@ -492,7 +498,7 @@ pub fn send_learnt(
             (tos, df),
         )?
     } else {
-        encap_v6(ctx, &l.hop, &l.addr, l3_off, tot_len, tos)?
+        encap_v6(ctx, &l.hop, &encap_src_v6(), &l.addr, l3_off, tot_len, tos)?
     };
     Ok((verdict, Action::Encap))
 }
