@@ -86,9 +86,9 @@ pub const SETTINGS_FLAGS: u32 = 0;
 /// Index of the settings array holding the epoch: the agent advances it every half second
 /// and after every change it writes to the maps. Next hops (and the backend entries
 /// learnt with them) from an older epoch are looked up again, and a connection-table
-/// entry is trusted without its VIP lookup only in the epoch it was last checked in (see
-/// `FlowWay::seen`). The program reads its copy,
-/// the global `globals::EPOCH`; this entry keeps it for the next agent.
+/// entry is trusted without its VIP lookup only if it was last checked in an epoch since
+/// the agent's last change (`SETTINGS_CHANGED_EPOCH`, see `FlowWay::seen`). The program
+/// reads its copy, the global `globals::EPOCH`; this entry keeps it for the next agent.
 pub const SETTINGS_NEXTHOP_EPOCH: u32 = 1;
 /// Index of the settings array holding the low half of the connection table's hash seed
 /// (`flow_buckets_of`): the program has it as a load-time global, the array keeps it for
@@ -112,6 +112,12 @@ pub const SETTINGS_FLOW_TAGS: u32 = 5;
 /// took the address words as the bucket hash does; 1, the swapped halves of 2b8da60 (never
 /// released); 2, folded tags stored as they are.
 pub const FLOW_TAGS_BOUND: u32 = 3;
+/// Index of the settings array holding the epoch of the agent's last change to the maps
+/// (the first epoch after it; see `globals::EPOCH`): a connection-table entry checked
+/// against its VIP in that epoch or later, and confirmed, decides alone until the next
+/// change, however many half-second ticks pass (see `FlowWay::seen`). Written by the
+/// agent before the epoch it names.
+pub const SETTINGS_CHANGED_EPOCH: u32 = 6;
 
 /// Backend flag: the backend is this node; matching packets are passed to the local stack.
 pub const BACKEND_F_LOCAL: u8 = 1;
@@ -489,9 +495,21 @@ pub struct FlowWay {
     /// Backend id.
     pub backend: u32,
     /// Epoch the entry was last found or written in (see `FlowEntry::seen`). The program
-    /// writes it only after the flow's VIP lookup agreed with the entry, so within that
-    /// epoch (the agent advances it after every map change) the entry alone decides.
+    /// writes it only after the flow's VIP lookup agreed with the entry, or when it finds
+    /// the entry checked so since the agent's last change (`flow_still_checked`): until
+    /// the next change (the agent advances the epoch after each) the entry alone decides.
     pub seen: u32,
+}
+
+/// Whether an entry last checked against its VIP in epoch `seen` still decides alone in
+/// epoch `now`, the agent's last change to the maps having taken effect in epoch
+/// `changed` (`SETTINGS_CHANGED_EPOCH`): `changed <= seen <= now`, on the epoch's wrapping
+/// clock. A `changed` ahead of `now` (the agent has named the next epoch and not yet
+/// started it) trusts nothing.
+#[inline(always)]
+pub fn flow_still_checked(seen: u32, now: u32, changed: u32) -> bool {
+    let since_change = now.wrapping_sub(changed);
+    since_change < 1 << 31 && now.wrapping_sub(seen) <= since_change
 }
 
 impl FlowWay {
@@ -1055,6 +1073,36 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_is_still_checked_from_the_last_change_to_now_across_the_wrap() {
+        // (seen, now, changed)
+        for (seen, now, changed, want) in [
+            (10, 10, 10, true),
+            (10, 14, 10, true),
+            (12, 14, 10, true),
+            (9, 14, 10, false),
+            (14, 14, 14, true),
+            (13, 14, 14, false),
+            // The agent has named the next epoch as its change and not yet started it.
+            (14, 14, 15, false),
+            (13, 14, 15, false),
+            // Seen "after" now: a carried entry of another clock.
+            (15, 14, 10, false),
+            (u32::MAX, 1, u32::MAX - 1, true),
+            (u32::MAX - 2, 1, u32::MAX - 1, false),
+            (0, 1, u32::MAX, true),
+            // A change long ago still bounds entries.
+            (5, 1 << 31, 6, false),
+            (7, 1 << 31, 6, true),
+        ] {
+            assert_eq!(
+                flow_still_checked(seen, now, changed),
+                want,
+                "seen {seen}, now {now}, changed {changed}"
+            );
+        }
+    }
 
     fn key(src: u8, sport: u16) -> FlowKey {
         let mut k = FlowKey {

@@ -3,13 +3,13 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, FLOW_F_CONFIRMED, FLOW_WAYS, FlowBucket, FlowKey, FlowRecord, FlowState, FlowWay,
-    SERVICE_F_AFFINITY_CLIENT_IP, VipInfo, flow_hash, flow_home, flow_mix, flow_overflow,
-    flow_place, flow_record_index, flow_tag, maglev_slot,
+    SERVICE_F_AFFINITY_CLIENT_IP, SETTINGS_CHANGED_EPOCH, VipInfo, flow_hash, flow_home, flow_mix,
+    flow_overflow, flow_place, flow_record_index, flow_still_checked, flow_tag, maglev_slot,
 };
 
 use crate::{
     logs,
-    maps::{BACKENDS, FLOWS, RINGS, SCRATCH},
+    maps::{BACKENDS, FLOWS, RINGS, SCRATCH, SETTINGS},
 };
 
 /// Entries per Maglev table; set by the agent at load time.
@@ -192,24 +192,53 @@ fn find(p: Place) -> Option<Found> {
 }
 
 /// The backend id of a flow (whose table place `place_of` gave) whose entry is confirmed
-/// and was checked against its VIP in epoch `now`, the epoch this packet read: such an
-/// entry decides alone, and the packet needs no VIP lookup.
+/// and was checked against its VIP since the agent's last change, as of epoch `now`, the
+/// epoch this packet read: such an entry decides alone, and the packet needs no VIP
+/// lookup.
 ///
 /// The program marks an entry seen only after the flow's VIP lookup agreed with it
-/// (`remembered`, `record`), and the agent advances the epoch after every change it
-/// writes (VIPs, services, source ranges, backends): an entry seen in the current epoch
-/// was checked against the maps as they stand. The backend's entry is the caller's to
-/// read (`current`), or what the next-hop cache learnt of it in this epoch
-/// (`encap::learnt`).
+/// (`remembered`, `record`) or here, and the agent advances the epoch after every change
+/// it writes (VIPs, services, source ranges, backends), naming that epoch its last
+/// change's first (`SETTINGS_CHANGED_EPOCH`) before it starts it: an entry seen since
+/// was checked against the maps as they stand. Its half-second ticks change no map, so a
+/// flow whose packets are further apart than that keeps this path. The backend's entry
+/// is the caller's to read (`current`), or what the next-hop cache learnt of it in this
+/// epoch (`encap::learnt`).
 #[inline(always)]
 pub fn current_id(place: Option<Place>, now: u32) -> Option<u32> {
     let f = find(place?)?;
+    let fresh = f.seen == now;
     // An entry not yet confirmed (its SYN wrote it) is left to `remembered`, which
-    // confirms it: this path stays free of stores.
-    if f.seen != now || f.tag & FLOW_F_CONFIRMED as u64 == 0 || !f.unchanged() {
+    // confirms it.
+    if (!fresh && !checked_since_change(f.seen, now))
+        || f.tag & FLOW_F_CONFIRMED as u64 == 0
+        || !f.unchanged()
+    {
         return None;
     }
+    if !fresh {
+        // The entry's age for eviction: one store per flow and epoch, as `remembered`
+        // makes; the path is otherwise free of stores. Should another CPU have replaced
+        // the way since `unchanged`, its entry is marked seen now, as `remembered` may
+        // mark it: it was checked in an epoch since the last change unless its writer's
+        // run spanned that change and the epoch after it (a run of microseconds held up
+        // that long by its CPU).
+        unsafe { (*f.way).seen = now };
+    }
     Some(f.backend)
+}
+
+/// Whether an entry seen in epoch `seen` (not `now`) is still checked in `now`: no change
+/// of the agent's took effect after it (`lb_common::flow_still_checked`).
+#[inline(always)]
+fn checked_since_change(seen: u32, now: u32) -> bool {
+    // Read after the epoch (the caller's `now`), which the agent writes after this: an
+    // epoch read that the agent started is never paired with the change before it.
+    match SETTINGS.get_ptr(SETTINGS_CHANGED_EPOCH) {
+        // SAFETY: an aligned u32 in a map value, written whole by the agent.
+        Some(c) => flow_still_checked(seen, now, unsafe { core::ptr::read_volatile(c) }),
+        None => false,
+    }
 }
 
 /// The choice of backend `id` for a flow `current_id` found, read from its entry: the

@@ -765,6 +765,9 @@ pub struct Dataplane {
     /// The `SETTINGS_F_*` bits other than the index half last written (`None`: never).
     settings_flags: Option<u32>,
     nexthop_epoch: u32,
+    /// A change to the maps whose epoch could not be named (`SETTINGS_CHANGED_EPOCH`):
+    /// the next advance, even a tick's, names its own.
+    change_unnamed: bool,
     /// The connection table's hash seed (the program's `FLOW_SEED`).
     flow_seed: u64,
 }
@@ -1139,6 +1142,7 @@ impl Dataplane {
             markers: BTreeMap::new(),
             settings_flags: None,
             nexthop_epoch: 0,
+            change_unnamed: false,
             flow_seed,
         })
         .and_then(|mut dp| {
@@ -1495,7 +1499,9 @@ impl Dataplane {
     /// ages of the connection-table entries it left keep their meaning.
     pub fn resume_epoch(&mut self, epoch: u32) -> Result<(), DataplaneError> {
         self.nexthop_epoch = epoch;
-        self.write_epoch(epoch)
+        // As a change: entries seen before it are checked again (this program's maps are
+        // not the ones they were checked against).
+        self.write_epoch(epoch, true)
     }
 
     /// Continues the epoch past every connection-table entry's last-seen epoch, for a
@@ -1517,8 +1523,19 @@ impl Dataplane {
     }
 
     /// Writes `epoch` where the program reads it (its global `EPOCH`, the whole of its
-    /// `.bss` map) and where the next agent finds it (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`).
-    fn write_epoch(&mut self, epoch: u32) -> Result<(), DataplaneError> {
+    /// `.bss` map) and where the next agent finds it (`SETTINGS[SETTINGS_NEXTHOP_EPOCH]`);
+    /// first, for a `change` (or after one whose epoch could not be named), names it the
+    /// first epoch after the last change to the maps (`SETTINGS[SETTINGS_CHANGED_EPOCH]`):
+    /// the program, which reads the epoch before that entry, never pairs an epoch this
+    /// starts with the change before it.
+    fn write_epoch(&mut self, epoch: u32, change: bool) -> Result<(), DataplaneError> {
+        if change || self.change_unnamed {
+            self.change_unnamed = true;
+            self.array::<u32>(map_names::SETTINGS)?
+                .set(lb_common::SETTINGS_CHANGED_EPOCH, epoch, 0)
+                .map_err(map_err("the epoch of the last change (settings)"))?;
+            self.change_unnamed = false;
+        }
         self.array::<u32>(map_names::SETTINGS)?
             .set(lb_common::SETTINGS_NEXTHOP_EPOCH, epoch, 0)
             .map_err(map_err("epoch (settings)"))?;
@@ -2682,7 +2699,9 @@ impl Dataplane {
     /// Makes the data plane look every backend's next hop up again and learn its entry
     /// anew (advances the epoch); the agent calls it every half second.
     pub fn expire_next_hops(&mut self) -> Result<(), DataplaneError> {
-        self.advance_epoch()
+        // Not a change: entries checked since the last one stay trusted.
+        self.nexthop_epoch = self.nexthop_epoch.wrapping_add(1);
+        self.write_epoch(self.nexthop_epoch, false)
     }
 
     /// Writes the VIP address filter (`SETTINGS_FILTER` on) where it differs from what
@@ -2696,13 +2715,14 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Advances the epoch (see `write_epoch`): the clock of the connection table's ages
-    /// and of the next-hop cache, and the span in which an entry the data plane checked
-    /// against its VIP is trusted without the lookup, and a backend as the cache learnt
-    /// it is trusted without reading its entry.
+    /// Advances the epoch after a change to the maps (see `write_epoch`): the clock of
+    /// the connection table's ages and of the next-hop cache (a backend as the cache
+    /// learnt it is trusted without reading its entry within one epoch), and the start
+    /// of the span in which an entry the data plane checks against its VIP is trusted
+    /// without the lookup (until the next change).
     fn advance_epoch(&mut self) -> Result<(), DataplaneError> {
         self.nexthop_epoch = self.nexthop_epoch.wrapping_add(1);
-        self.write_epoch(self.nexthop_epoch)
+        self.write_epoch(self.nexthop_epoch, true)
     }
 
     /// Packets dropped for `reason` so far, summed over CPUs.

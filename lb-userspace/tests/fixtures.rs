@@ -366,6 +366,99 @@ fn known_flows_follow_every_config_change_from_their_next_packet() {
     }
 }
 
+/// An entry checked against its VIP is trusted without the lookup across the agent's
+/// half-second ticks, which change no map (a flow whose packets are further apart keeps
+/// the entry-only path), and is checked again after the next change: also when the
+/// program reads an epoch before the one the agent has named its change's. Whether a
+/// packet took the lookup is shown by the flow's backend entry rewritten behind the
+/// agent's back to name another service: the entry alone still sends the packet to it,
+/// a lookup refuses it (`no_backend`).
+#[test]
+fn checked_entries_stay_trusted_across_ticks_until_the_next_change() {
+    pin_this_thread_to_cpu0();
+    let pins = PinDir::new("ticks");
+    let mut desired = standard_desired();
+    let mut f = Fixture::new(false, &desired);
+    f.dp.pin(&pins.dir).expect("pin");
+    let syn = client_tcp(VIP, 42000, 80, SYN);
+    let ack = client_tcp(VIP, 42000, 80, ACK);
+    f.run(&syn);
+    f.run(&ack);
+    let entry = |f: &Fixture| flow_entry(f, 42000, 80).expect("entry");
+    assert_eq!(
+        entry(&f).flags & lb_common::FLOW_F_CONFIRMED,
+        lb_common::FLOW_F_CONFIRMED,
+        "the first ACK confirms the entry"
+    );
+    let id = entry(&f).state.backend;
+    let mut backends: aya::maps::Array<MapData, lb_common::Backend> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(MapData::from_pin(pins.maps.join(map_names::BACKENDS)).expect("pin")),
+    )
+    .expect("typed");
+    let mut settings: aya::maps::Array<MapData, u32> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(MapData::from_pin(pins.maps.join(map_names::SETTINGS)).expect("pin")),
+    )
+    .expect("typed");
+    let own = backends.get(&id, 0).expect("backend entry");
+    let stale = lb_common::Backend {
+        service: own.service + 100,
+        ..own
+    };
+    backends.set(id, stale, 0).expect("rewrite the entry");
+
+    // Ticks: every packet is sent by the entry alone, which marks it seen in each epoch.
+    for tick in 0..3 {
+        f.dp.expire_next_hops().expect("tick");
+        let (v, out) = f.run(&ack);
+        assert_eq!(v, XDP_TX, "tick {tick}: no VIP lookup refused the entry");
+        assert_eq!(out, expected_ipip(&ack[14..], B1, B1_MAC), "tick {tick}");
+        assert_eq!(
+            entry(&f).seen,
+            f.dp.epoch(),
+            "tick {tick}: seen in the new epoch"
+        );
+    }
+
+    // A change (a source range that admits everyone), then a tick: the entry was seen
+    // before the change, so its next packet is looked up.
+    backends.set(id, own, 0).expect("restore the entry");
+    desired.services[0].source_ranges = vec!["0.0.0.0/0".parse().expect("net")];
+    f.dp.apply(&desired).expect("change");
+    backends.set(id, stale, 0).expect("rewrite the entry");
+    f.dp.expire_next_hops().expect("tick");
+    f.expect_drop(
+        &ack,
+        DropReason::NoBackend,
+        "seen before the change: looked up",
+    );
+
+    // Looked up (and so seen) after the change, it is trusted again after a tick...
+    backends.set(id, own, 0).expect("restore the entry");
+    assert_eq!(f.run(&ack).0, XDP_TX, "looked up and sent");
+    backends.set(id, stale, 0).expect("rewrite the entry");
+    f.dp.expire_next_hops().expect("tick");
+    assert_eq!(
+        f.run(&ack).0,
+        XDP_TX,
+        "seen since the change: the entry alone"
+    );
+    // ...but not while the agent has named the next epoch its change's and not yet
+    // started it (a packet reads the epoch before that name).
+    f.dp.expire_next_hops().expect("tick");
+    settings
+        .set(
+            lb_common::SETTINGS_CHANGED_EPOCH,
+            f.dp.epoch().wrapping_add(1),
+            0,
+        )
+        .expect("name the next epoch");
+    f.expect_drop(
+        &ack,
+        DropReason::NoBackend,
+        "a change named for the next epoch: looked up",
+    );
+}
+
 /// The standard services with the smallest connection table: 256 buckets of 4.
 fn smallest_table() -> Fixture {
     let mut options = opts(false);
