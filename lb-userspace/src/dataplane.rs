@@ -772,6 +772,32 @@ pub struct Dataplane {
     flow_seed: u64,
 }
 
+/// The epoch's clock apart from its [`Dataplane`]: ticks it as the agent's half-second
+/// tick does (no change named), from another thread.
+pub struct EpochClock {
+    settings: Array<MapData, u32>,
+    global: Array<MapData, u32>,
+    epoch: u32,
+}
+
+impl EpochClock {
+    /// Advances the epoch by one tick, as `Dataplane::expire_next_hops` does.
+    pub fn tick(&mut self) -> Result<(), DataplaneError> {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.settings
+            .set(lb_common::SETTINGS_NEXTHOP_EPOCH, self.epoch, 0)
+            .map_err(map_err("epoch (settings)"))?;
+        self.global
+            .set(0, self.epoch, 0)
+            .map_err(map_err("epoch (the program's global)"))
+    }
+
+    /// The epoch it last wrote.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+}
+
 /// A random connection-table hash seed, from the kernel's generator.
 fn random_seed() -> Result<u64, DataplaneError> {
     let mut buf = [0u8; 8];
@@ -1547,6 +1573,31 @@ impl Dataplane {
         self.array::<u32>(globals::BSS_MAP)?
             .set(0, epoch, 0)
             .map_err(map_err("epoch (the program's global)"))
+    }
+
+    /// A second handle on the epoch's two places, for ticking the clock from another
+    /// thread while this one drives the program (the benchmark's throughput run, which
+    /// has no agent but should see the agent's ticks). Take the clock's epoch back with
+    /// [`Dataplane::adopt_epoch`] before this one ticks or changes anything again.
+    pub fn epoch_clock(&self) -> Result<EpochClock, DataplaneError> {
+        let open = |name: &'static str| -> Result<Array<MapData, u32>, DataplaneError> {
+            let id = match self.ebpf.map(name) {
+                Some(Map::Array(m)) => m.info().map_err(map_err(name))?.id(),
+                _ => return Err(DataplaneError::Missing(format!("array map {name}"))),
+            };
+            let data = MapData::from_id(id).map_err(map_err(name))?;
+            Array::try_from(Map::Array(data)).map_err(map_err(name))
+        };
+        Ok(EpochClock {
+            settings: open(map_names::SETTINGS)?,
+            global: open(globals::BSS_MAP)?,
+            epoch: self.nexthop_epoch,
+        })
+    }
+
+    /// Continues from the epoch `clock` reached (see [`Dataplane::epoch_clock`]).
+    pub fn adopt_epoch(&mut self, clock: &EpochClock) {
+        self.nexthop_epoch = clock.epoch;
     }
 
     fn copy_hash<K: aya::Pod, V: aya::Pod>(

@@ -459,6 +459,45 @@ fn checked_entries_stay_trusted_across_ticks_until_the_next_change() {
     );
 }
 
+/// The epoch's clock apart from the data plane (what the benchmark ticks from a thread of
+/// its own while it drives the program) advances the program's epoch as the agent's tick
+/// does, and the data plane continues from where it got.
+#[test]
+fn an_epoch_clock_ticks_the_program_from_another_thread() {
+    let mut f = Fixture::new(false, &standard_desired());
+    let syn = client_tcp(VIP, 43000, 80, SYN);
+    let ack = client_tcp(VIP, 43000, 80, ACK);
+    f.run(&syn);
+    f.run(&ack);
+    let start = f.dp.epoch();
+    let mut clock = f.dp.epoch_clock().expect("clock");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            clock.tick().expect("tick");
+            clock.tick().expect("tick");
+        })
+        .join()
+        .expect("ticker");
+    });
+    assert_eq!(clock.epoch(), start.wrapping_add(2));
+    assert_eq!(f.run(&ack).0, XDP_TX);
+    let seen = |f: &Fixture| flow_entry(f, 43000, 80).expect("entry").seen;
+    assert_eq!(
+        seen(&f),
+        clock.epoch(),
+        "seen in the epoch the clock started"
+    );
+    f.dp.adopt_epoch(&clock);
+    assert_eq!(f.dp.epoch(), clock.epoch());
+    f.dp.expire_next_hops().expect("tick");
+    assert_eq!(f.run(&ack).0, XDP_TX);
+    assert_eq!(
+        seen(&f),
+        start.wrapping_add(3),
+        "the agent's tick goes on from there"
+    );
+}
+
 /// The standard services with the smallest connection table: 256 buckets of 4.
 fn smallest_table() -> Fixture {
     let mut options = opts(false);

@@ -24,6 +24,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::{Command, ExitCode, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -1130,6 +1131,19 @@ const TP_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
 const TP_SPORT: u16 = 1024;
 /// Distinct 5-tuples the generator cycles through (a power of two).
 const TP_FLOWS: u32 = 65_536;
+/// The agent's tick: how often the throughput run advances l3lb's epoch.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Where the throughput run's ticker runs: off the generator's CPU where there is another.
+fn tick_cpu() -> usize {
+    // SAFETY: sysconf reads a system parameter.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if cpus > 1 {
+        (BENCH_CPU + 1) % cpus as usize
+    } else {
+        BENCH_CPU
+    }
+}
 const TP_BACKENDS: usize = 10;
 /// Frames the live-frame generator hands to the program per batch (the kernel's default).
 const TP_BATCH: u32 = 64;
@@ -1344,6 +1358,12 @@ fn throughput(t: &Throughput) -> Result<Value> {
     .context("applying the throughput service")?;
 
     let frame = tp_frame();
+    // The agent's half-second tick, which the deployed data plane always has: l3lb's runs
+    // see the epoch advance as in production (each flow's first packet of an epoch marks
+    // its entry seen; each backend's next hop is learnt again). Ticked from a thread off
+    // the generator's CPU, as an agent's few syscalls a tick would barely touch it.
+    let mut clock = dp.epoch_clock().context("the epoch's clock")?;
+    let mut ticks = 0u64;
     let mut run = |v: Variant, frames: u32| -> Result<Sample> {
         // The balancer end runs the variant's program (none for the peer) for this run.
         let floor_link = match v {
@@ -1378,24 +1398,50 @@ fn throughput(t: &Throughput) -> Result<Value> {
             Ok((per_cpu_sums(bench_obj.map(BENCH_MAP), &bench)?, a, d))
         };
         let before = counters(&dp)?;
-        let (seconds, loop_seconds) = gen_ns.enter(|| -> Result<(f64, f64)> {
-            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, …
-            let mut ctx = [0u8; 24];
-            ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-            ctx[12..16].copy_from_slice(&tg0.to_ne_bytes());
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(&frame);
-            opts.ctx_in = Some(&ctx);
-            opts.repeat = frames;
-            opts.attrs = TestRunAttrs::new().xdp_live_frames(TP_BATCH);
-            let started = Instant::now();
-            let r = gen_prog
-                .test_run(opts)
-                .context("BPF_PROG_TEST_RUN with live frames")?;
-            // The kernel reports its frame loop's time per frame (whole ns).
-            let looped = r.duration.as_secs_f64() * f64::from(frames);
-            Ok((started.elapsed().as_secs_f64(), looped))
-        })??;
+        let stop = AtomicBool::new(false);
+        let (seconds, loop_seconds) = std::thread::scope(|scope| -> Result<(f64, f64)> {
+            let clock = &mut clock;
+            let ticks = &mut ticks;
+            let stop = &stop;
+            let ticker = (v == Variant::L3lb).then(|| {
+                scope.spawn(move || -> Result<()> {
+                    pin_to_cpu(tick_cpu())?;
+                    loop {
+                        std::thread::park_timeout(TICK);
+                        if stop.load(Ordering::Acquire) {
+                            return Ok(());
+                        }
+                        clock.tick().context("ticking the epoch")?;
+                        *ticks += 1;
+                    }
+                })
+            });
+            let r = gen_ns.enter(|| -> Result<(f64, f64)> {
+                // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, …
+                let mut ctx = [0u8; 24];
+                ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+                ctx[12..16].copy_from_slice(&tg0.to_ne_bytes());
+                let mut opts = TestRunOptions::new();
+                opts.data_in = Some(&frame);
+                opts.ctx_in = Some(&ctx);
+                opts.repeat = frames;
+                opts.attrs = TestRunAttrs::new().xdp_live_frames(TP_BATCH);
+                let started = Instant::now();
+                let r = gen_prog
+                    .test_run(opts)
+                    .context("BPF_PROG_TEST_RUN with live frames")?;
+                // The kernel reports its frame loop's time per frame (whole ns).
+                let looped = r.duration.as_secs_f64() * f64::from(frames);
+                Ok((started.elapsed().as_secs_f64(), looped))
+            });
+            stop.store(true, Ordering::Release);
+            if let Some(t) = ticker {
+                t.thread().unpark();
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("the epoch's ticker panicked"))??;
+            }
+            r?
+        })?;
         // Let the last frames reach the sink (they are normally there already: the
         // whole path runs in softirq on the generator's CPU).
         let mut after = counters(&dp)?;
@@ -1416,6 +1462,7 @@ fn throughput(t: &Throughput) -> Result<Value> {
         }
         if v == Variant::L3lb {
             dp.detach().context("detaching l3lb")?;
+            dp.adopt_epoch(&clock);
         }
         let delta = |a: &[u64], b: &[u64]| -> Vec<u64> {
             a.iter().zip(b).map(|(x, y)| x.wrapping_sub(*y)).collect()
@@ -1476,6 +1523,8 @@ fn throughput(t: &Throughput) -> Result<Value> {
     out.insert("backends".into(), json!(TP_BACKENDS));
     out.insert("generator_cpu".into(), json!(BENCH_CPU));
     out.insert("sink_frames_per_cpu".into(), json!(sink_cpus));
+    out.insert("epoch_tick_ms".into(), json!(TICK.as_millis() as u64));
+    out.insert("epoch_ticks".into(), json!(ticks));
     let mut mpps = Vec::new();
     for (v, ss) in Variant::ALL.iter().zip(&samples) {
         let rounds: Vec<f64> = ss.iter().map(|s| s.mpps(*v)).collect();
@@ -2074,6 +2123,10 @@ fn print_throughput(tp: &Value) {
     println!(
         "  checked: l3lb encapsulated {} of {} generated frames, dropped {}; every frame at the sink had its variant's shape",
         l["l3lb_actions"]["encap"], l["generated"], l["l3lb_drops"]
+    );
+    println!(
+        "  (l3lb's epoch ticked every {} ms while it ran, as the agent does: {} ticks)",
+        tp["epoch_tick_ms"], tp["epoch_ticks"]
     );
 }
 
