@@ -65,8 +65,8 @@ static FLOW_BUCKETS: u32 = 0;
 static FLOW_SEED: u64 = 0;
 
 /// The agent's epoch (advanced every half second and after every change it writes):
-/// entries' age for eviction, the next-hop cache's freshness, and how long a checked
-/// entry decides alone (see `current`).
+/// entries' age for eviction, the next-hop cache's freshness, and, with the epoch of the
+/// last change, whether a checked entry decides alone (see `current_id`).
 #[inline(always)]
 pub fn epoch() -> u32 {
     // SAFETY: a plain aligned read of a global the agent writes whole (see `EPOCH`).
@@ -223,7 +223,7 @@ pub fn current_id(place: Option<Place>, now: u32) -> Option<u32> {
         // mark it: it was checked in an epoch since the last change unless its writer's
         // run spanned that change and the epoch after it (a run of microseconds held up
         // that long by its CPU).
-        unsafe { (*f.way).seen = now };
+        unsafe { core::ptr::write_volatile(&raw mut (*f.way).seen, now) };
     }
     Some(f.backend)
 }

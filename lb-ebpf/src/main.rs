@@ -160,8 +160,8 @@ fn try_l3lb(ctx: &XdpContext) -> Result<(u32, Action), DropReason> {
         }
         // The IPv4 path runs inline: on a host with return-thunk mitigations (SRSO) a call
         // into a subprogram and its return cost ~7 % of the established path (`bench
-        // --compare`). A packet of a flow checked in this epoch is sent from the quick
-        // parse; everything else takes the general way.
+        // --compare`). A packet of a flow checked since the agent's last change is sent
+        // from the quick parse; everything else takes the general way.
         let o = match quick::ipv4(ctx, l2.l3_off).and_then(|q| known_flow(ctx, &l2, q, FAMILY_V4)) {
             Some(r) => r?,
             None => ipv4_packet(ctx, &l2)?,
@@ -859,8 +859,9 @@ fn ipv6_packet(ctx: &XdpContext, l2: &eth::L2) -> Result<Outcome, DropReason> {
 }
 
 /// Sends the quickly parsed packet `q` of family `family` (see `parse::quick`) if its flow's
-/// entry was checked in this epoch, as `balance` would; `None` leaves the packet to the
-/// general way (a flow not in the table, or not checked in this epoch).
+/// entry was checked since the agent's last change (`conntrack::current_id`), as `balance`
+/// would; `None` leaves the packet to the general way (a flow not in the table, or not
+/// checked since).
 #[inline(always)]
 fn known_flow(
     ctx: &XdpContext,
@@ -1040,7 +1041,7 @@ fn balance(ctx: &XdpContext, l2: &eth::L2, pkt: &Pkt) -> Result<Outcome, DropRea
         // IPv4 key's zero words and leaves their products out of the hashes.
         let key = flow_key(pkt, ports.sport, ports.dport);
         let place = conntrack::place_of(&key);
-        // A flow whose entry was checked in this epoch goes on without its VIP lookup
+        // A flow whose entry was checked since the last change goes on without its VIP lookup
         // (the established path's largest saving); a SYN always chooses afresh below.
         if !ports.syn
             && let Some(choice) = conntrack::current(place, pkt.family, now)

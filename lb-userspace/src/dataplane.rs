@@ -781,9 +781,15 @@ pub struct EpochClock {
 }
 
 impl EpochClock {
-    /// Advances the epoch by one tick, as `Dataplane::expire_next_hops` does.
+    /// Advances the epoch by one tick, as `Dataplane::expire_next_hops` does, from the
+    /// one the program reads (so a tick never takes it back, should the data plane have
+    /// advanced it meanwhile).
     pub fn tick(&mut self) -> Result<(), DataplaneError> {
-        self.epoch = self.epoch.wrapping_add(1);
+        let now = self
+            .global
+            .get(&0, 0)
+            .map_err(map_err("epoch (the program's global)"))?;
+        self.epoch = now.wrapping_add(1);
         self.settings
             .set(lb_common::SETTINGS_NEXTHOP_EPOCH, self.epoch, 0)
             .map_err(map_err("epoch (settings)"))?;
@@ -1438,6 +1444,12 @@ impl Dataplane {
             };
             done.push((*name, n));
         }
+        if done.iter().any(|(name, _)| *name == map_names::FLOWS) {
+            // Placed entries keep the epoch they were seen in, or (converted from a table
+            // that kept none) take this one: a change, so that each is checked against
+            // this program's maps before it decides alone (see `write_epoch`).
+            self.advance_epoch()?;
+        }
         Ok(done)
     }
 
@@ -1525,8 +1537,9 @@ impl Dataplane {
     /// ages of the connection-table entries it left keep their meaning.
     pub fn resume_epoch(&mut self, epoch: u32) -> Result<(), DataplaneError> {
         self.nexthop_epoch = epoch;
-        // As a change: entries seen before it are checked again (this program's maps are
-        // not the ones they were checked against).
+        // As a change: entries seen before it are checked again. Those seen in it, by the
+        // earlier program, are trusted as they were (its VIPs are this program's once its
+        // first apply, which names a change of its own, is written before it attaches).
         self.write_epoch(epoch, true)
     }
 
@@ -1555,6 +1568,8 @@ impl Dataplane {
     /// the program, which reads the epoch before that entry, never pairs an epoch this
     /// starts with the change before it.
     fn write_epoch(&mut self, epoch: u32, change: bool) -> Result<(), DataplaneError> {
+        // The next epoch may have been named already (`name_change`); naming it again
+        // right before it starts costs a write and covers a naming that failed since.
         if change || self.change_unnamed {
             self.change_unnamed = true;
             self.array::<u32>(map_names::SETTINGS)?
@@ -1573,6 +1588,15 @@ impl Dataplane {
         self.array::<u32>(globals::BSS_MAP)?
             .set(0, epoch, 0)
             .map_err(map_err("epoch (the program's global)"))
+    }
+
+    /// Names the next epoch the first after a change about to be written (see
+    /// `write_epoch`); an error leaves the maps unwritten.
+    fn name_change(&mut self) -> Result<(), DataplaneError> {
+        let next = self.nexthop_epoch.wrapping_add(1);
+        self.array::<u32>(map_names::SETTINGS)?
+            .set(lb_common::SETTINGS_CHANGED_EPOCH, next, 0)
+            .map_err(map_err("naming the epoch of a change (settings)"))
     }
 
     /// A second handle on the epoch's two places, for ticking the clock from another
@@ -1925,6 +1949,11 @@ impl Dataplane {
         if !self.unsettled && self.last_applied.as_ref() == Some(desired) {
             return self.apply_written(desired);
         }
+        // Named before anything is written (and again with the advance): the program
+        // trusts no entry seen before the epoch it names, not even one seen while the
+        // maps are half written, and a CPU that reads the new epoch has long seen the name
+        // (the two are separate loads, which not every architecture keeps in order).
+        self.name_change()?;
         let applied = self.apply_written(desired);
         if let Err(e) = self.advance_epoch() {
             // The maps hold what `applied` says; until an advance succeeds (the agent's

@@ -313,9 +313,10 @@ fn connection_entries_carry_their_creation_time_written_on_insert_only() {
     );
 }
 
-/// A flow whose entry was checked against its VIP in this epoch is forwarded from the
-/// entry alone (no VIP lookup): every change the agent writes starts a new epoch, so the
-/// change applies to established flows from their next packet on.
+/// A flow whose entry was checked against its VIP since the agent's last change is
+/// forwarded from the entry alone (no VIP lookup): every change the agent writes starts a
+/// new epoch it names the change's, so the change applies to established flows from their
+/// next packet on.
 #[test]
 fn known_flows_follow_every_config_change_from_their_next_packet() {
     // On one CPU, so known flows' packets meet what the next-hop cache learnt.
@@ -973,6 +974,20 @@ fn an_upgrade_converts_the_previous_releases_lru_connection_table() {
             "converted entries count as established and seen now"
         );
     }
+    // Placing them is a change: each is checked against this program's VIPs before it
+    // decides alone.
+    let settings: aya::maps::Array<&MapData, u32> =
+        aya::maps::Array::try_from(f.dp.map(map_names::SETTINGS).expect("settings"))
+            .expect("typed");
+    let changed = settings
+        .get(&lb_common::SETTINGS_CHANGED_EPOCH, 0)
+        .expect("the change's epoch");
+    assert_eq!(
+        (f.dp.epoch(), changed),
+        (78, 78),
+        "a change named and started"
+    );
+    assert!(!lb_common::flow_still_checked(77, f.dp.epoch(), changed));
     assert_forwarded(&f, &flows, "after the upgrade");
     assert_table_decided(&f, &flows);
 }

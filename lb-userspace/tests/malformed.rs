@@ -665,8 +665,8 @@ fn known_udp_flow(
     }
 }
 
-/// Packets of flows the connection table knows and has checked in this epoch, which meet
-/// the program's quick parse (`parse::quick`) first: damaged ones must come to exactly
+/// Packets of flows the connection table knows and has checked since the last change,
+/// which meet the program's quick parse (`parse::quick`) first: damaged ones must come to exactly
 /// what the general parse decides, and well-formed ones of a shape the quick parse leaves
 /// alone (IPv4 options, an IPv6 extension header, a fragment, link padding) are still
 /// forwarded to the flow's backend. Each flow is opened and its entry checked first (its
