@@ -2217,14 +2217,18 @@ fn scaling(s: &Settings, ifindex: u32) -> Result<Value> {
     let mut ct_points = Vec::new();
     let mut ct_all_points = Vec::new();
     for &n in sizes {
-        let dp = load(false, n)?;
-        let prog = dp.program()?;
+        let mut dp = load(false, n)?;
         let live = fill_connection_table(&dp, n)?;
         // Each flow's first packet confirms its entry (the SYN's state, as filled); the
         // timed ones then take the established path, checked on a few of them.
         for i in 0..n {
-            run_xdp(prog, ifindex, &filled_flow_frame(i, ACK))?;
+            run_xdp(dp.program()?, ifindex, &filled_flow_frame(i, ACK))?;
         }
+        // Then a tick of the agent's clock, as a deployed balancer has every half second
+        // (the big tables' flows come round less often than that): each flow's first
+        // timed packet finds its entry seen in an earlier epoch.
+        dp.expire_next_hops()?;
+        let prog = dp.program()?;
         let frames = Frames::Filled {
             n,
             next: std::cell::Cell::new(0),
