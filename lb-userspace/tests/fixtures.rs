@@ -976,12 +976,7 @@ fn an_upgrade_converts_the_previous_releases_lru_connection_table() {
     }
     // Placing them is a change: each is checked against this program's VIPs before it
     // decides alone.
-    let settings: aya::maps::Array<&MapData, u32> =
-        aya::maps::Array::try_from(f.dp.map(map_names::SETTINGS).expect("settings"))
-            .expect("typed");
-    let changed = settings
-        .get(&lb_common::SETTINGS_CHANGED_EPOCH, 0)
-        .expect("the change's epoch");
+    let changed = setting(&f, lb_common::SETTINGS_CHANGED_EPOCH);
     assert_eq!(
         (f.dp.epoch(), changed),
         (78, 78),
@@ -1346,16 +1341,17 @@ fn a_table_whose_settings_name_another_seed_is_placed_anew() {
     });
 }
 
-fn flow_seed(f: &Fixture) -> u64 {
+/// Entry `index` of the program's settings array.
+fn setting(f: &Fixture, index: u32) -> u32 {
     let settings: aya::maps::Array<&MapData, u32> =
         aya::maps::Array::try_from(f.dp.map(map_names::SETTINGS).expect("settings"))
             .expect("typed");
-    let lo = settings
-        .get(&lb_common::SETTINGS_FLOW_SEED_LO, 0)
-        .expect("lo");
-    let hi = settings
-        .get(&lb_common::SETTINGS_FLOW_SEED_HI, 0)
-        .expect("hi");
+    settings.get(&index, 0).expect("settings entry")
+}
+
+fn flow_seed(f: &Fixture) -> u64 {
+    let lo = setting(f, lb_common::SETTINGS_FLOW_SEED_LO);
+    let hi = setting(f, lb_common::SETTINGS_FLOW_SEED_HI);
     u64::from(hi) << 32 | u64::from(lo)
 }
 
