@@ -1572,9 +1572,7 @@ impl Dataplane {
         // right before it starts costs a write and covers a naming that failed since.
         if change || self.change_unnamed {
             self.change_unnamed = true;
-            self.array::<u32>(map_names::SETTINGS)?
-                .set(lb_common::SETTINGS_CHANGED_EPOCH, epoch, 0)
-                .map_err(map_err("the epoch of the last change (settings)"))?;
+            self.name_change(epoch)?;
             self.change_unnamed = false;
         }
         self.array::<u32>(map_names::SETTINGS)?
@@ -1590,12 +1588,11 @@ impl Dataplane {
             .map_err(map_err("epoch (the program's global)"))
     }
 
-    /// Names the next epoch the first after a change about to be written (see
-    /// `write_epoch`); an error leaves the maps unwritten.
-    fn name_change(&mut self) -> Result<(), DataplaneError> {
-        let next = self.nexthop_epoch.wrapping_add(1);
+    /// Names `epoch` the first after the last change to the maps
+    /// (`SETTINGS[SETTINGS_CHANGED_EPOCH]`, see `write_epoch`).
+    fn name_change(&mut self, epoch: u32) -> Result<(), DataplaneError> {
         self.array::<u32>(map_names::SETTINGS)?
-            .set(lb_common::SETTINGS_CHANGED_EPOCH, next, 0)
+            .set(lb_common::SETTINGS_CHANGED_EPOCH, epoch, 0)
             .map_err(map_err("naming the epoch of a change (settings)"))
     }
 
@@ -1953,7 +1950,7 @@ impl Dataplane {
         // trusts no entry seen before the epoch it names, not even one seen while the
         // maps are half written, and a CPU that reads the new epoch has long seen the name
         // (the two are separate loads, which not every architecture keeps in order).
-        self.name_change()?;
+        self.name_change(self.nexthop_epoch.wrapping_add(1))?;
         let applied = self.apply_written(desired);
         if let Err(e) = self.advance_epoch() {
             // The maps hold what `applied` says; until an advance succeeds (the agent's
