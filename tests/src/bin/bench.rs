@@ -54,6 +54,20 @@ const BALANCER: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 /// The CPU the bench runs on (and with it the throughput generator's whole path).
 const BENCH_CPU: usize = 0;
 
+/// The agent's tick: how often the throughput run advances l3lb's epoch.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Where the throughput run's ticker runs: off the generator's CPU where there is another.
+fn tick_cpu() -> usize {
+    // SAFETY: sysconf reads a system parameter.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if cpus > 1 {
+        (BENCH_CPU + 1) % cpus as usize
+    } else {
+        BENCH_CPU
+    }
+}
+
 /// Services and backends of the realistic configuration.
 const SERVICES: usize = 100;
 const BACKENDS_PER_SERVICE: usize = 10;
@@ -1131,19 +1145,6 @@ const TP_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
 const TP_SPORT: u16 = 1024;
 /// Distinct 5-tuples the generator cycles through (a power of two).
 const TP_FLOWS: u32 = 65_536;
-/// The agent's tick: how often the throughput run advances l3lb's epoch.
-const TICK: Duration = Duration::from_millis(500);
-
-/// Where the throughput run's ticker runs: off the generator's CPU where there is another.
-fn tick_cpu() -> usize {
-    // SAFETY: sysconf reads a system parameter.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    if cpus > 1 {
-        (BENCH_CPU + 1) % cpus as usize
-    } else {
-        BENCH_CPU
-    }
-}
 const TP_BACKENDS: usize = 10;
 /// Frames the live-frame generator hands to the program per batch (the kernel's default).
 const TP_BATCH: u32 = 64;
