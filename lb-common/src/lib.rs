@@ -164,6 +164,9 @@ pub mod map_names {
     pub const NEXTHOPS: &str = "L3LB_NEXTHOPS";
     /// `DropReason` → packet count, per CPU.
     pub const DROPS: &str = "L3LB_DROPS";
+    /// Interface index → packets dropped toward it (`DropReason::EgressNoXdp`): the
+    /// devices XDP cannot transmit on, listed by the agent (at most `NO_XMIT_MAX`).
+    pub const NO_XMIT: &str = "L3LB_NO_XMIT";
     /// `Event` → count, per CPU.
     pub const EVENTS: &str = "L3LB_EVENTS";
     /// `Action` → packet count, per CPU.
@@ -438,6 +441,10 @@ pub struct FlowState {
     /// one tick by client address and port).
     pub created_ns: u64,
 }
+
+/// Most devices `map_names::NO_XMIT` lists: a node's host-side veths of its pods count
+/// too (without XDP or GRO on the pod's side they take no XDP frames).
+pub const NO_XMIT_MAX: u32 = 4096;
 
 /// Entries per bucket of the connection table.
 pub const FLOW_WAYS: usize = 4;
@@ -958,6 +965,11 @@ counted_enum! {
         /// (IPv6 receivers must discard it; Linux trims such an IPv4 fragment), or data
         /// ending past the largest datagram.
         BadFragment = 16 => "bad_fragment",
+        /// The route toward the backend leaves by a device XDP cannot transmit on now (no
+        /// `ndo-xmit` among its XDP features: a VLAN or bridge device, a veth whose peer
+        /// runs neither XDP nor GRO, a driver that sends XDP frames only with a program of
+        /// its own attached); the agent lists such devices in `L3LB_NO_XMIT`.
+        EgressNoXdp = 17 => "egress_no_xdp",
     }
     count DROP_REASON_COUNT
 }

@@ -128,6 +128,16 @@ fn fib(ctx: &XdpContext, p: &mut FibParams) -> Result<NextHop, Blocked> {
     };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
+            // A redirect to a device without XDP transmit fails after this program has
+            // returned, where nothing counts it; the agent lists such devices.
+            if p.ifindex != unsafe { (*ctx.ctx).ingress_ifindex }
+                && let Some(n) = crate::maps::NO_XMIT.get_ptr_mut(p.ifindex)
+            {
+                // SAFETY: a value of a map of this program's. CPUs bumping it at once
+                // may lose counts: it only tells the agent which device to name.
+                unsafe { *n = (*n).wrapping_add(1) };
+                return Err(Blocked::Drop(DropReason::EgressNoXdp));
+            }
             // SAFETY: the kernel's struct places both MACs 2-aligned (offsets 52 and 58
             // of a 4-aligned struct).
             let (d, s) = unsafe { (mac_words(&p.dmac), mac_words(&p.smac)) };

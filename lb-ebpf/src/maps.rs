@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     ACTION_COUNT, Backend, BackendMeta, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6,
-    EVENT_COUNT, FlowBucket, FlowKey, FragKey, ServiceMeta, ServiceStats, SrcRangeV4, SrcRangeV6,
-    VipInfo, VipKey, VipSlot,
+    EVENT_COUNT, FlowBucket, FlowKey, FragKey, NO_XMIT_MAX, ServiceMeta, ServiceStats, SrcRangeV4,
+    SrcRangeV6, VipInfo, VipKey, VipSlot,
 };
 
 /// `VipKey` → `VipInfo`; written by the agent (size: load time). The catalogue behind
@@ -78,6 +78,13 @@ pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_COUNT,
 /// `Action` → packets, per CPU; written by this program.
 #[map(name = "L3LB_ACTIONS")]
 pub static ACTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ACTION_COUNT, 0);
+
+/// Interface index → packets dropped toward it: the devices XDP cannot transmit on now,
+/// listed by the agent (from the kernel's XDP features, refreshed every second); this
+/// program counts here what it drops as `egress_no_xdp`, so the agent can name the
+/// device. A device not listed is tried.
+#[map(name = "L3LB_NO_XMIT")]
+pub static NO_XMIT: HashMap<u32, u64> = HashMap::with_max_entries(NO_XMIT_MAX, 0);
 
 /// IPv4 source prefix → 1: whose IPIP packets the decap role strips; written by the agent.
 #[map(name = "L3LB_DECAP_V4")]

@@ -394,6 +394,20 @@ pub struct Agent {
     generation: u64,
     /// What `/metrics` adds to the pinned counters (generation, last apply).
     labels: metrics::SharedLabels,
+    /// The devices XDP cannot transmit on, as last listed for the program.
+    egress: EgressWatch,
+}
+
+/// What the agent keeps of the devices XDP cannot transmit on between refreshes (see
+/// [`Agent::refresh_egress_devices`]).
+#[derive(Debug, Default)]
+struct EgressWatch {
+    /// Per device: its count of dropped packets when the log last named it, and when.
+    named: std::collections::BTreeMap<u32, (u64, std::time::Instant)>,
+    /// The log said that this kernel reports no XDP features.
+    no_features_said: bool,
+    /// Devices the program's list had no room for at the last refresh.
+    left_out: usize,
 }
 
 impl Agent {
@@ -572,6 +586,7 @@ impl Agent {
                 last_success_unix: unix_now(),
                 watches: Default::default(),
             })),
+            egress: EgressWatch::default(),
         })
     }
 
@@ -787,6 +802,78 @@ impl Agent {
             }
             Ok(_) => {}
             Err(e) => warn!("reading drop counters: {e}"),
+        }
+    }
+
+    /// Lists for the program the devices XDP cannot transmit on now (their XDP features
+    /// lack `ndo-xmit`; a veth gains it when its peer runs XDP or GRO), so that a packet
+    /// whose route to a backend leaves by one is dropped as `egress_no_xdp`, not
+    /// redirected there and lost uncounted; and names in the log each device packets were
+    /// dropped toward (again at most once a minute while it goes on). With the program in
+    /// generic mode nothing is listed: generic XDP sends redirected frames as packets,
+    /// which every device takes.
+    pub fn refresh_egress_devices(&mut self) {
+        const RENAME_AFTER: Duration = Duration::from_secs(60);
+        let native = match crate::sys::interface_index(&self.config.interface)
+            .and_then(crate::netdev::attach_mode)
+        {
+            Ok(mode) => mode == crate::netdev::AttachMode::Native,
+            Err(e) => {
+                tracing::debug!("reading how the program is attached: {e:#}");
+                false
+            }
+        };
+        let devices = if native {
+            match crate::netdev::without_xdp_transmit() {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    if !self.egress.no_features_said {
+                        self.egress.no_features_said = true;
+                        info!(
+                            "this kernel reports no XDP features (Linux 6.3 and later do): a packet whose route to a backend leaves by a device XDP cannot transmit on is lost without a counted reason"
+                        );
+                    }
+                    BTreeSet::new()
+                }
+                Err(e) => {
+                    warn!("listing the devices XDP cannot transmit on: {e:#}");
+                    return;
+                }
+            }
+        } else {
+            BTreeSet::new()
+        };
+        let (counts, left_out) = match self.dataplane.list_no_xmit(&devices) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("writing the devices XDP cannot transmit on: {e}");
+                return;
+            }
+        };
+        if left_out > 0 && self.egress.left_out == 0 {
+            warn!(
+                devices = devices.len(),
+                max = lb_common::NO_XMIT_MAX,
+                "more devices without XDP transmit than the program's list holds: packets routed out of those left out are lost uncounted"
+            );
+        }
+        self.egress.left_out = left_out;
+        self.egress.named.retain(|d, _| counts.contains_key(d));
+        let now = std::time::Instant::now();
+        for (&device, &count) in &counts {
+            let (last, at) = self.egress.named.get(&device).copied().unwrap_or((0, now));
+            let first = !self.egress.named.contains_key(&device);
+            if count > last && (first || now.duration_since(at) >= RENAME_AFTER) {
+                let name = crate::sys::interface_name(device)
+                    .unwrap_or_else(|| format!("interface {device}"));
+                warn!(
+                    device = %name,
+                    dropped = count,
+                    "packets to backends dropped (egress_no_xdp): their route leaves by {name}, where XDP cannot transmit (its XDP features lack ndo-xmit: a VLAN or bridge device, a veth whose peer runs neither XDP nor GRO, a driver that takes XDP frames only with a program of its own); route the backends through {} or let {name} take XDP frames",
+                    self.config.interface
+                );
+                self.egress.named.insert(device, (count, now));
+            }
         }
     }
 
@@ -1070,7 +1157,10 @@ pub async fn run_agent(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = refresh.tick() => agent.resync(),
-            _ = watch.tick() => agent.refresh_neighbours_if_missing(),
+            _ = watch.tick() => {
+                agent.refresh_neighbours_if_missing();
+                agent.refresh_egress_devices();
+            }
             _ = nexthops.tick() => agent.expire_next_hops(),
             Some(outcome) = health_rx.recv() => agent.health_outcome(outcome),
             Some(desired) = updates.next() => match agent.apply_kubernetes(desired) {

@@ -2816,6 +2816,60 @@ impl Dataplane {
         Ok(values.iter().sum())
     }
 
+    /// Lists `devices` (interface indexes) as the ones XDP cannot transmit on, which the
+    /// program then drops toward as `egress_no_xdp` instead of redirecting frames there
+    /// to be lost; devices listed before keep their counts. Returns each listed device's
+    /// count of packets dropped toward it, and how many devices found no room (the map
+    /// holds `NO_XMIT_MAX`; those are tried as before).
+    pub fn list_no_xmit(
+        &mut self,
+        devices: &BTreeSet<u32>,
+    ) -> Result<(BTreeMap<u32, u64>, usize), DataplaneError> {
+        let mut map: HashMap<&mut MapData, u32, u64> =
+            HashMap::try_from(self.map_mut(map_names::NO_XMIT)?)
+                .map_err(map_err(map_names::NO_XMIT))?;
+        let mut counts = map
+            .iter()
+            .collect::<Result<BTreeMap<u32, u64>, _>>()
+            .map_err(map_err("reading the devices without XDP transmit"))?;
+        let gone: Vec<u32> = counts
+            .keys()
+            .filter(|d| !devices.contains(d))
+            .copied()
+            .collect();
+        for d in gone {
+            match map.remove(&d) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(format!("unlisting device {d}"))(e)),
+            }
+            counts.remove(&d);
+        }
+        let mut left_out = 0;
+        for &new in devices {
+            if counts.contains_key(&new) {
+                continue;
+            }
+            // BPF_NOEXIST (1): a count the program started meanwhile is not reset.
+            match map.insert(new, 0, 1) {
+                Ok(()) => {
+                    counts.insert(new, 0);
+                }
+                Err(aya::maps::MapError::SyscallError(e))
+                    if matches!(
+                        e.io_error.raw_os_error(),
+                        Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)
+                    ) =>
+                {
+                    left_out += 1
+                }
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(map_err(format!("listing device {new}"))(e)),
+            }
+        }
+        Ok((counts, left_out))
+    }
+
     /// Read access to a map by name, for tests and status readers.
     pub fn map(&self, name: &str) -> Option<&Map> {
         self.ebpf.map(name)

@@ -13,6 +13,7 @@ pub mod http;
 pub mod kubernetes;
 pub mod maglev;
 pub mod metrics;
+pub mod netdev;
 pub mod program_log;
 pub mod status;
 pub mod sys;

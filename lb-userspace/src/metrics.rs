@@ -317,6 +317,7 @@ mod tests {
                 capacity: 1024,
             },
             decap_allow: vec![],
+            egress_no_xdp: Default::default(),
         };
         let labels = Labels {
             generation: 3,

@@ -437,6 +437,11 @@ pub struct Status {
     /// Sources whose encapsulated packets the decap role accepts (CIDRs).
     #[serde(default)]
     pub decap_allow: Vec<String>,
+    /// Devices XDP cannot transmit on that packets to backends were routed to, by name
+    /// (`#index` once gone), with how many the program dropped toward each
+    /// (`egress_no_xdp`).
+    #[serde(default)]
+    pub egress_no_xdp: BTreeMap<String, u64>,
 }
 
 /// The (key data, prefix length) entries of an LPM trie.
@@ -679,7 +684,25 @@ pub fn read(pin_dir: &Path) -> Result<Status, ReadError> {
         flows: entries,
         connection_table: ConnectionTable { entries, capacity },
         decap_allow: decap_allow(&pins)?,
+        egress_no_xdp: egress_no_xdp(&pins)?,
     })
+}
+
+/// The listed devices packets were dropped toward (`L3LB_NO_XMIT`, absent from an older
+/// agent's pins), by name in this namespace.
+fn egress_no_xdp(pins: &Pins) -> Result<BTreeMap<String, u64>, ReadError> {
+    let Some(map) = pins.open_optional::<HashMap<MapData, u32, u64>>(map_names::NO_XMIT)? else {
+        return Ok(BTreeMap::new());
+    };
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (index, count) = entry.map_err(read_err(map_names::NO_XMIT))?;
+        if count > 0 {
+            let name = crate::sys::interface_name(index).unwrap_or_else(|| format!("#{index}"));
+            out.insert(name, count);
+        }
+    }
+    Ok(out)
 }
 
 /// Alignment of a table column.
@@ -852,6 +875,17 @@ pub fn render(s: &Status) -> String {
         // Headerless: drop the blank header line.
         out.push_str(body.split_once('\n').map_or("", |(_, rest)| rest));
     }
+    if !s.egress_no_xdp.is_empty() {
+        out.push_str("DROPPED TOWARD DEVICES XDP CANNOT TRANSMIT ON (egress_no_xdp)\n");
+        let rows: Vec<Vec<String>> = s
+            .egress_no_xdp
+            .iter()
+            .map(|(k, v)| vec![k.clone(), v.to_string()])
+            .collect();
+        let mut body = String::new();
+        write_table(&mut body, &[("", Left), ("", Right)], &rows);
+        out.push_str(body.split_once('\n').map_or("", |(_, rest)| rest));
+    }
     out
 }
 
@@ -958,6 +992,7 @@ mod tests {
                 capacity: 1000,
             },
             decap_allow: vec![],
+            egress_no_xdp: [("eth0.100".to_string(), 9)].into(),
         }
     }
 
@@ -984,6 +1019,8 @@ EVENTS
   fragment  0
 DROPS
   no_backend  4
+DROPPED TOWARD DEVICES XDP CANNOT TRANSMIT ON (egress_no_xdp)
+  eth0.100  9
 ";
         assert_eq!(text, expected, "\n{text}");
     }

@@ -81,6 +81,34 @@ pub fn interface_names() -> Vec<String> {
     names
 }
 
+/// The index of interface `iface` in this network namespace.
+pub fn interface_index(iface: &str) -> anyhow::Result<u32> {
+    let name = std::ffi::CString::new(iface)
+        .with_context(|| format!("interface name {iface:?} holds a NUL byte"))?;
+    // SAFETY: a NUL-terminated name.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(std::io::Error::last_os_error())
+            .with_context(|| format!("looking up interface {iface}")),
+        i => Ok(i),
+    }
+}
+
+/// The name of the interface with index `index`, if there is one.
+pub fn interface_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as the call requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
 /// Fails with the list of available interfaces when `iface` does not exist.
 pub fn require_interface(iface: &str) -> anyhow::Result<()> {
     if interface_names().iter().any(|n| n == iface) {

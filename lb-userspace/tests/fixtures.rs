@@ -2941,3 +2941,69 @@ fn an_apply_that_would_not_fit_changes_nothing_and_says_why() {
     dp.apply(&reweighted).expect("fits");
     assert_ne!(map_snapshot(&dp), before);
 }
+
+#[test]
+fn a_next_hop_on_a_device_without_xdp_transmit_is_dropped_and_counted_for_it() {
+    let mut f = Fixture::new(false, &standard_desired());
+    // A bridge takes no XDP frames; B1 is routed over it from here on.
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    ip(&["link", "add", "fxbr", "type", "bridge"]);
+    ip(&["link", "set", "fxbr", "up"]);
+    let b1 = B1.to_string();
+    ip(&["route", "add", &format!("{b1}/32"), "dev", "fxbr"]);
+    ip(&[
+        "neigh",
+        "replace",
+        &b1,
+        "lladdr",
+        "02:00:00:00:00:11",
+        "dev",
+        "fxbr",
+        "nud",
+        "permanent",
+    ]);
+    let bridge = l3lb::sys::interface_index("fxbr").expect("bridge index");
+    const XDP_REDIRECT: u32 = 4;
+    // Unlisted, the frame goes to the bridge (where the kernel would lose it).
+    let (verdict, _) = f.run(&client_tcp(VIP, 40000, 80, SYN));
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(f.drops(DropReason::EgressNoXdp), 0);
+
+    // Listed (and the next-hop cache's epoch over, as the agent's tick ends it), it is
+    // dropped with its reason and counted for the device.
+    let (counts, left_out) =
+        f.dp.list_no_xmit(&[bridge, f.ifindex].into())
+            .expect("list");
+    assert_eq!(
+        (counts, left_out),
+        ([(bridge, 0), (f.ifindex, 0)].into(), 0)
+    );
+    f.dp.expire_next_hops().expect("tick");
+    f.expect_drop(
+        &client_tcp(VIP, 40001, 80, SYN),
+        DropReason::EgressNoXdp,
+        "next hop on a bridge",
+    );
+    f.expect_drop(
+        &client_tcp(VIP, 40000, 80, ACK),
+        DropReason::EgressNoXdp,
+        "a known flow's next hop on a bridge",
+    );
+    // The ingress device stays usable for XDP_TX, listed or not.
+    let (verdict, _) = f.run(&client_tcp(VIP_ALL, 40000, 22, SYN));
+    assert_eq!(verdict, XDP_TX, "a backend behind the ingress device");
+    // Listing again keeps the counts; unlisting drops them and sends again.
+    let (counts, _) = f.dp.list_no_xmit(&[bridge].into()).expect("relist");
+    assert_eq!(counts, [(bridge, 2)].into());
+    f.dp.list_no_xmit(&Default::default()).expect("unlist");
+    f.dp.expire_next_hops().expect("tick");
+    let (verdict, _) = f.run(&client_tcp(VIP, 40002, 80, SYN));
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(f.drops(DropReason::EgressNoXdp), 2);
+}

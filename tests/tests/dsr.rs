@@ -10,8 +10,8 @@ use std::{
 use l3lb_tests::{
     Capture, TcpServer, UdpServer,
     capture::IPPROTO_UDP,
-    client,
-    scenario::{Mode, Scenario, TCP_PORT, UDP_PORT, VIP, backend_name, maglev_backend},
+    client, l3lb_bin,
+    scenario::{Mode, Scenario, TCP_PORT, UDP_PORT, VIP, backend_name, maglev_backend, status_of},
 };
 
 const T: Duration = Duration::from_secs(2);
@@ -431,4 +431,153 @@ fn balancer_resolves_neighbours_again_after_they_are_flushed() {
         "the flush was noticed: {:?}",
         status.drops
     );
+}
+
+/// A route to a backend that leaves by another device than the balancer's own: while that
+/// device cannot take XDP frames (a veth whose peer runs no XDP), its packets are dropped
+/// and counted as `egress_no_xdp` and the agent names the device (they used to be
+/// redirected there and lost, counted as encapsulated); once it can (the peer runs XDP),
+/// they reach the backend over it.
+#[test]
+fn a_route_out_of_a_device_without_xdp_transmit_is_a_counted_drop_until_it_takes_frames() {
+    let mut s = Scenario::start(Mode::Ipip, 1).expect("scenario");
+    let bal = &s.lab.balancers[0];
+    let backend = s.lab.backend(0).expect("backend");
+    // A second link between the two, over which the balancer routes the backend's address.
+    bal.ns
+        .ip([
+            "link",
+            "add",
+            "side0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "side0",
+            "netns",
+            backend.ns.name(),
+        ])
+        .expect("veth");
+    bal.ns.ip(["link", "set", "side0", "up"]).expect("up");
+    backend.ns.ip(["link", "set", "side0", "up"]).expect("up");
+    // The backend takes the client's packets from the side link and answers by eth0.
+    backend
+        .ns
+        .sysctl(&[
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.side0.rp_filter", "0"),
+        ])
+        .expect("rp_filter");
+    let side_mac = backend.ns.mac("side0").expect("mac");
+    bal.ns
+        .ip_batch(&[
+            format!("route replace {}/32 dev side0", backend.ipv4),
+            format!(
+                "neigh replace {} lladdr {side_mac} dev side0 nud permanent",
+                backend.ipv4
+            ),
+        ])
+        .expect("route over the side link");
+    let short = Duration::from_millis(300);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut port = 45000;
+    let dropped = loop {
+        assert!(
+            client::udp_request(&s.lab.client.ns, vip(), UDP_PORT, Some(port), short).is_err(),
+            "answered over a device that takes no XDP frames"
+        );
+        port += 1;
+        let drops = s.status().expect("status").drops["egress_no_xdp"];
+        if drops >= 3 {
+            break drops;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no egress_no_xdp drops counted; balancer log:\n{}",
+            s.balancer.log()
+        );
+    };
+    s.balancer
+        .wait_for_log("where XDP cannot transmit", Duration::from_secs(5))
+        .expect("the agent names the device");
+    assert!(
+        s.balancer
+            .log()
+            .contains("their route leaves by side0, where XDP cannot transmit"),
+        "{}",
+        s.balancer.log()
+    );
+
+    // `l3lb status`, run in the balancer's namespace, names the device with its count.
+    let pins = s.lab.pin_path("balancer-0");
+    let bin = l3lb_bin().expect("l3lb");
+    let json = bal
+        .ns
+        .run([
+            bin.as_os_str(),
+            "status".as_ref(),
+            "--json".as_ref(),
+            "--pin-path".as_ref(),
+            pins.as_os_str(),
+        ])
+        .expect("status in the balancer's namespace");
+    let st: l3lb::status::Status = serde_json::from_str(&json).expect("status json");
+    assert!(
+        st.egress_no_xdp.get("side0").is_some_and(|&n| n > 0),
+        "status names side0: {:?}",
+        st.egress_no_xdp
+    );
+
+    // XDP on the backend's end (a decap agent there): the balancer's end can send to it,
+    // the agent unlists it within a second, and the packets get through.
+    let balancer_ip = bal.ipv4;
+    let pins = s.lab.pin_path("backend-0-side0");
+    let cfg = format!(
+        "interface: side0\nxdp_mode: native\npin_path: {}\nmetrics_address: 127.0.0.1:0\ndecap:\n  allow: [{balancer_ip}/32]\n",
+        pins.display()
+    );
+    let path = s
+        .lab
+        .write_file("backend-0-side0.yaml", &cfg)
+        .expect("config");
+    let mut side_agent = s
+        .lab
+        .spawn_in(
+            &backend.ns,
+            l3lb_bin().expect("l3lb"),
+            ["run", "--config", &path.to_string_lossy()],
+            "backend-0-side0.log",
+        )
+        .expect("spawn");
+    side_agent
+        .wait_for_log("l3lb ready", Duration::from_secs(20))
+        .expect("side agent ready");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while client::udp_request(&s.lab.client.ns, vip(), UDP_PORT, Some(port), short).is_err() {
+        port += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never answered once the device takes XDP frames; balancer log:\n{}",
+            s.balancer.log()
+        );
+    }
+    let before = s.status().expect("status").drops["egress_no_xdp"];
+    assert!(before >= dropped);
+    const N: u16 = 20;
+    for i in 0..N {
+        client::udp_request(&s.lab.client.ns, vip(), UDP_PORT, Some(46000 + i), T)
+            .expect("answered over the side link");
+    }
+    assert_eq!(
+        s.status().expect("status").drops["egress_no_xdp"],
+        before,
+        "no more drops once the device takes frames"
+    );
+    let side = status_of(&s.lab, "backend-0-side0").expect("side agent status");
+    assert!(
+        side.actions["decap"] >= u64::from(N),
+        "the requests came over the side link: {:?}",
+        side.actions
+    );
+    drop(side_agent);
 }
