@@ -167,6 +167,9 @@ pub mod map_names {
     /// Interface index → packets dropped toward it (`DropReason::EgressNoXdp`): the
     /// devices XDP cannot transmit on, listed by the agent (at most `NO_XMIT_MAX`).
     pub const NO_XMIT: &str = "L3LB_NO_XMIT";
+    /// Interface index of a VLAN device → `VlanDev`: sent through as tagged frames on its
+    /// parent, listed by the agent (at most `VLANS_MAX`).
+    pub const VLANS: &str = "L3LB_VLANS";
     /// `Event` → count, per CPU.
     pub const EVENTS: &str = "L3LB_EVENTS";
     /// `Action` → packet count, per CPU.
@@ -445,6 +448,31 @@ pub struct FlowState {
 /// Most devices `map_names::NO_XMIT` lists: a node's host-side veths of its pods count
 /// too (without XDP or GRO on the pod's side they take no XDP frames).
 pub const NO_XMIT_MAX: u32 = 4096;
+
+/// Most VLAN devices `map_names::VLANS` lists.
+pub const VLANS_MAX: u32 = 4096;
+
+/// A VLAN device as the program sends through it (XDP cannot transmit on a VLAN device
+/// itself): the device below it, where the frame leaves, and the tag the frame carries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VlanDev {
+    /// Interface index of the parent device.
+    pub parent: u32,
+    /// The tag as it lies in the frame after the MAC addresses: TPID (0x8100, or 0x88a8
+    /// for 802.1ad), then TCI (the VLAN id; priority 0), each in network byte order.
+    pub tag: [u16; 2],
+}
+
+impl VlanDev {
+    /// The device with VLAN id `vid` (below 4096) and TPID `tpid` on `parent`.
+    pub fn new(parent: u32, tpid: u16, vid: u16) -> Self {
+        VlanDev {
+            parent,
+            tag: [tpid.to_be(), (vid & 0x0fff).to_be()],
+        }
+    }
+}
 
 /// Entries per bucket of the connection table.
 pub const FLOW_WAYS: usize = 4;
@@ -966,9 +994,11 @@ counted_enum! {
         /// ending past the largest datagram.
         BadFragment = 16 => "bad_fragment",
         /// The route toward the backend leaves by a device XDP cannot transmit on now (no
-        /// `ndo-xmit` among its XDP features: a VLAN or bridge device, a veth whose peer
-        /// runs neither XDP nor GRO, a driver that sends XDP frames only with a program of
-        /// its own attached); the agent lists such devices in `L3LB_NO_XMIT`.
+        /// `ndo-xmit` among its XDP features: a bridge or tunnel device, a VLAN on a VLAN, a
+        /// veth whose peer runs neither XDP nor GRO, a driver that sends XDP frames only
+        /// with a program of its own attached; a VLAN device on a NIC is sent through
+        /// instead, see `map_names::VLANS`); the agent lists such devices in
+        /// `L3LB_NO_XMIT`.
         EgressNoXdp = 17 => "egress_no_xdp",
     }
     count DROP_REASON_COUNT
@@ -1080,6 +1110,7 @@ mod pod {
     unsafe impl aya::Pod for SrcRangeV6 {}
     unsafe impl aya::Pod for ServiceMeta {}
     unsafe impl aya::Pod for BackendMeta {}
+    unsafe impl aya::Pod for VlanDev {}
 }
 
 #[cfg(test)]

@@ -45,11 +45,61 @@ pub type Addr6 = [u64; 2];
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Where a frame goes next: MAC addresses and egress interface.
+/// Where a frame goes next: MAC addresses, egress interface and VLAN tag.
 pub struct NextHop {
     /// Destination then source MAC, as the Ethernet header's first six 16-bit words.
     macs: [u16; 6],
     ifindex: u32,
+    /// The 802.1Q tag the frame carries on `ifindex` (`VlanDev::tag`: TPID, TCI), when the
+    /// route leaves by a VLAN device on it; TPID 0: untagged.
+    vlan: [u16; 2],
+}
+
+/// Where a frame goes next, as a `NextHop` or a next-hop cache entry holds it: sending
+/// from the entry itself spares the known-flow path a copy of it on the stack, which the
+/// verifier bounds at 512 bytes for the program and the subprogram it calls together.
+pub trait Hop {
+    /// Destination then source MAC, as the Ethernet header's first six 16-bit words.
+    fn macs(&self) -> [u16; 6];
+    /// Egress interface.
+    fn ifindex(&self) -> u32;
+    /// The VLAN tag frames carry on the egress interface (TPID 0: untagged).
+    fn vlan(&self) -> [u16; 2];
+    /// Whether frames to this hop carry a VLAN tag.
+    #[inline(always)]
+    fn tagged(&self) -> bool {
+        self.vlan()[0] != 0
+    }
+}
+
+impl Hop for NextHop {
+    #[inline(always)]
+    fn macs(&self) -> [u16; 6] {
+        self.macs
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+    #[inline(always)]
+    fn vlan(&self) -> [u16; 2] {
+        self.vlan
+    }
+}
+
+impl Hop for crate::maps::CachedHop {
+    #[inline(always)]
+    fn macs(&self) -> [u16; 6] {
+        self.macs
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+    #[inline(always)]
+    fn vlan(&self) -> [u16; 2] {
+        self.vlan
+    }
 }
 
 /// What the next-hop cache keeps of a backend's entry beside its address: its family and
@@ -128,10 +178,17 @@ fn fib(ctx: &XdpContext, p: &mut FibParams) -> Result<NextHop, Blocked> {
     };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
+            // XDP cannot transmit on a VLAN device: the frame leaves by its parent,
+            // tagged as the device would tag it.
+            // SAFETY: a value of a map of this program's, copied out at once.
+            let (ifindex, vlan) = match unsafe { crate::maps::VLANS.get(p.ifindex) } {
+                Some(v) => (v.parent, v.tag),
+                None => (p.ifindex, [0, 0]),
+            };
             // A redirect to a device without XDP transmit fails after this program has
             // returned, where nothing counts it; the agent lists such devices.
-            if p.ifindex != unsafe { (*ctx.ctx).ingress_ifindex }
-                && let Some(n) = crate::maps::NO_XMIT.get_ptr_mut(p.ifindex)
+            if ifindex != unsafe { (*ctx.ctx).ingress_ifindex }
+                && let Some(n) = crate::maps::NO_XMIT.get_ptr_mut(ifindex)
             {
                 // SAFETY: a value of a map of this program's. CPUs bumping it at once
                 // may lose counts: it only tells the agent which device to name.
@@ -143,7 +200,8 @@ fn fib(ctx: &XdpContext, p: &mut FibParams) -> Result<NextHop, Blocked> {
             let (d, s) = unsafe { (mac_words(&p.dmac), mac_words(&p.smac)) };
             Ok(NextHop {
                 macs: [d[0], d[1], d[2], s[0], s[1], s[2]],
-                ifindex: p.ifindex,
+                ifindex,
+                vlan,
             })
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(Blocked::Drop(DropReason::NoNeighbour)),
@@ -193,7 +251,8 @@ pub fn next_hop_v6(
     fib(ctx, &mut p)
 }
 
-/// Rewrites the Ethernet addresses toward an IPv6 backend (`l2`).
+/// Rewrites the Ethernet addresses (and the VLAN tag, see `readdress`) of a frame with
+/// `vlans` tags toward an IPv6 backend (`l2`).
 #[inline(always)]
 pub fn l2_forward_v6(
     ctx: &XdpContext,
@@ -201,13 +260,14 @@ pub fn l2_forward_v6(
     backend: &Addr6,
     src: &[u8; 16],
     tot_len: u16,
+    vlans: usize,
 ) -> Result<u32, Blocked> {
     let hop = cached_hop(slot, *backend, tot_len, || {
         // SAFETY: [u8; 16] and [u64; 2] have the same size and every bit pattern is valid.
         let src: Addr6 = unsafe { core::mem::transmute(*src) };
         next_hop_v6(ctx, &src, backend, tot_len)
     })?;
-    Ok(readdress(ctx, &hop)?)
+    Ok(readdress(ctx, &hop, vlans)?)
 }
 
 /// Bytes IPv6-in-IPv6 encapsulation adds (the outer IPv6 header).
@@ -239,38 +299,63 @@ pub fn ip6ip6_forward(
 #[inline(always)]
 fn encap_v6(
     ctx: &XdpContext,
-    hop: &NextHop,
+    hop: &impl Hop,
     src: &Addr6,
     backend: &Addr6,
     l3_off: usize,
     tot_len: u16,
     tc: u8,
 ) -> Result<u32, DropReason> {
-    let delta = (EthHdr::LEN + 40) as i32 - l3_off as i32;
+    let tagged = hop.tagged();
+    let l2_len = if tagged { EthHdr::LEN + 4 } else { EthHdr::LEN };
+    let delta = (l2_len + 40) as i32 - l3_off as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
         return Err(DropReason::AdjustFailed);
     }
-    // Ethernet and outer header, checked at once.
-    let head: *mut [u16; 27] = ptr_at(ctx, 0)?;
     // Version and traffic class (carried over), a zero flow label, payload length, next
     // header and hop limit: the header's first eight bytes as one word in memory order.
     let first = u16::from_ne_bytes([0x60 | (tc >> 4), tc << 4]) as u64
         | (tot_len.to_be() as u64) << 32
         | (u16::from_ne_bytes([lb_common::PROTO_IPV6, 64]) as u64) << 48;
-    let o = unsafe { (head as *mut u8).add(EthHdr::LEN) };
-    // SAFETY: 54 bytes `ptr_at` checked; the outer header stored in 64-bit words
-    // (2-aligned after the 14-byte Ethernet header, see `parse::store64`), not byte by
-    // byte.
+    let m = hop.macs();
+    let v = hop.vlan();
+    let o = if tagged {
+        // Ethernet, tag and outer header, checked at once.
+        let head: *mut [u16; 29] = ptr_at(ctx, 0)?;
+        unsafe {
+            *(head as *mut [u16; 9]) = [
+                m[0],
+                m[1],
+                m[2],
+                m[3],
+                m[4],
+                m[5],
+                v[0],
+                v[1],
+                crate::parse::eth::ETH_P_IPV6,
+            ];
+            (head as *mut u8).add(EthHdr::LEN + 4)
+        }
+    } else {
+        // Ethernet and outer header, checked at once.
+        let head: *mut [u16; 27] = ptr_at(ctx, 0)?;
+        unsafe {
+            *(head as *mut [u16; 7]) = [
+                m[0],
+                m[1],
+                m[2],
+                m[3],
+                m[4],
+                m[5],
+                crate::parse::eth::ETH_P_IPV6,
+            ];
+            (head as *mut u8).add(EthHdr::LEN)
+        }
+    };
+    // SAFETY: the 40 bytes after `o` were checked with the link-layer header; the outer
+    // header stored in 64-bit words (2-aligned after the 14- or 18-byte link-layer
+    // header, see `parse::store64`), not byte by byte.
     unsafe {
-        *(head as *mut [u16; 7]) = [
-            hop.macs[0],
-            hop.macs[1],
-            hop.macs[2],
-            hop.macs[3],
-            hop.macs[4],
-            hop.macs[5],
-            crate::parse::eth::ETH_P_IPV6,
-        ];
         crate::parse::store64(o, first);
         crate::parse::store64(o.add(8), src[0]);
         crate::parse::store64(o.add(16), src[1]);
@@ -404,6 +489,7 @@ fn cached_hop(
             return Ok(NextHop {
                 macs: e.macs,
                 ifindex: e.ifindex,
+                vlan: e.vlan,
             });
         }
     }
@@ -416,7 +502,8 @@ fn cached_hop(
             && e.flags == slot.kind.flags
             && e.addr == addr
             && e.macs[..3] == hop.macs[..3]
-            && e.ifindex == hop.ifindex;
+            && e.ifindex == hop.ifindex
+            && e.vlan == hop.vlan;
         e.max_len = if same && e.max_len > len {
             e.max_len
         } else {
@@ -425,6 +512,7 @@ fn cached_hop(
         e.addr = addr;
         e.macs = hop.macs;
         e.ifindex = hop.ifindex;
+        e.vlan = hop.vlan;
         e.family = slot.kind.family;
         e.flags = slot.kind.flags;
         e.epoch = slot.epoch;
@@ -434,11 +522,10 @@ fn cached_hop(
 }
 
 /// What the next-hop cache learnt of a tunnelled backend, enough to send a packet to it
-/// without reading its `BACKENDS` entry (see `learnt`).
+/// without reading its `BACKENDS` entry (see `learnt`): this CPU's entry itself, which
+/// nothing else writes while this program runs on it.
 pub struct Learnt {
-    hop: NextHop,
-    /// The backend's address (IPv4: the first word's low four bytes).
-    addr: Addr6,
+    entry: &'static crate::maps::CachedHop,
 }
 
 /// The next hop and backend that this CPU's cache learnt for backend `id` in `epoch`, the
@@ -457,8 +544,9 @@ pub struct Learnt {
 #[inline(always)]
 pub fn learnt(id: u32, epoch: u32, family: u8, tot_len: u16) -> Option<Learnt> {
     let e = crate::maps::NEXTHOPS.get_ptr_mut(id)?;
-    // SAFETY: this CPU's entry of a map of this program's.
-    let e = unsafe { &mut *e };
+    // SAFETY: this CPU's entry of a map of this program's, which outlives the program's
+    // run.
+    let e: &'static mut crate::maps::CachedHop = unsafe { &mut *e };
     let overhead = if family == FAMILY_V4 {
         IPIP_OVERHEAD
     } else {
@@ -475,13 +563,7 @@ pub fn learnt(id: u32, epoch: u32, family: u8, tot_len: u16) -> Option<Learnt> {
         return None;
     }
     e.uses += 1;
-    Some(Learnt {
-        hop: NextHop {
-            macs: e.macs,
-            ifindex: e.ifindex,
-        },
-        addr: e.addr,
-    })
+    Some(Learnt { entry: e })
 }
 
 /// Sends the packet at `l3_off` (family `family`, L3 length `tot_len`, TOS or traffic
@@ -495,11 +577,12 @@ pub fn send_learnt(
     tot_len: u16,
     (tos, df): (u8, u8),
 ) -> Result<(u32, Action), DropReason> {
+    let e = l.entry;
     let verdict = if family == FAMILY_V4 {
-        let dst = (l.addr[0] as u32).to_ne_bytes();
+        let dst = (e.addr[0] as u32).to_ne_bytes();
         encap_v4(
             ctx,
-            &l.hop,
+            e,
             encap_src_v4(),
             dst,
             l3_off,
@@ -508,7 +591,7 @@ pub fn send_learnt(
             (tos, df),
         )?
     } else {
-        encap_v6(ctx, &l.hop, &encap_src_v6(), &l.addr, l3_off, tot_len, tos)?
+        encap_v6(ctx, e, &encap_src_v6(), &e.addr, l3_off, tot_len, tos)?
     };
     Ok((verdict, Action::Encap))
 }
@@ -520,25 +603,56 @@ fn v4_key(addr: [u8; 4]) -> [u64; 2] {
     [u32::from_ne_bytes(addr) as u64, 0]
 }
 
-/// Points the frame's Ethernet addresses at `hop` (VLAN tags and payload untouched) and
-/// sends it out: the whole of `l2` forwarding.
+/// Points the frame's Ethernet addresses at `hop` and sends it out: the whole of `l2`
+/// forwarding. The frame arrived with `vlans` VLAN tags: toward a VLAN device (`hop`
+/// tagged) its outermost tag becomes the device's, or the device's is pushed onto an
+/// untagged frame; otherwise the tags stay as they came.
 #[inline(always)]
-fn readdress(ctx: &XdpContext, hop: &NextHop) -> Result<u32, DropReason> {
+fn readdress(ctx: &XdpContext, hop: &NextHop, vlans: usize) -> Result<u32, DropReason> {
+    if hop.tagged() {
+        let tag = hop.vlan[0] as u32 | (hop.vlan[1] as u32) << 16;
+        if set_tag(XdpContext { ctx: ctx.ctx }, tag, (vlans == 0) as u32) != 0 {
+            return Err(DropReason::AdjustFailed);
+        }
+    }
     write_macs(ctx, hop)?;
     Ok(transmit(ctx, hop))
 }
 
-/// Sends the frame out: `XDP_TX` back through the ingress interface, else a redirect.
-#[inline(always)]
-fn transmit(ctx: &XdpContext, hop: &NextHop) -> u32 {
-    if hop.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
-        xdp_action::XDP_TX
-    } else {
-        unsafe { bpf_redirect(hop.ifindex, 0) as u32 }
+/// Writes VLAN tag `tag` (TPID and TCI as they lie in the frame, packed in memory order)
+/// behind the MAC addresses, first making room for it in front when `push` is 1 (the
+/// frame came untagged: the EtherType then lands right behind the tag); 0 when done.
+///
+/// A subprogram with a frame of its own: the helper call, inlined into the program's
+/// body, pushed that body's stack past what the verifier allows the program and a
+/// subprogram it calls together (512 bytes).
+#[inline(never)]
+fn set_tag(ctx: XdpContext, tag: u32, push: u32) -> u32 {
+    if push != 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, -4) } != 0 {
+        return 1;
+    }
+    match ptr_at::<[u16; 2]>(&ctx, 12) {
+        Ok(p) => {
+            unsafe { *p = [tag as u16, (tag >> 16) as u16] };
+            0
+        }
+        Err(_) => 1,
     }
 }
 
-/// Rewrites the Ethernet addresses for `l2` forwarding; VLAN tags stay as they are.
+/// Sends the frame out: `XDP_TX` back through the ingress interface, else a redirect.
+#[inline(always)]
+fn transmit(ctx: &XdpContext, hop: &impl Hop) -> u32 {
+    let ifindex = hop.ifindex();
+    if ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+        xdp_action::XDP_TX
+    } else {
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
+}
+
+/// Rewrites the Ethernet addresses (and the VLAN tag, see `readdress`) of a frame with
+/// `vlans` tags for `l2` forwarding.
 #[inline(always)]
 pub fn l2_forward(
     ctx: &XdpContext,
@@ -546,11 +660,12 @@ pub fn l2_forward(
     backend: [u8; 4],
     ip_src: [u8; 4],
     tot_len: u16,
+    vlans: usize,
 ) -> Result<u32, Blocked> {
     let hop = cached_hop(slot, v4_key(backend), tot_len, || {
         next_hop(ctx, ip_src, backend, tot_len)
     })?;
-    Ok(readdress(ctx, &hop)?)
+    Ok(readdress(ctx, &hop, vlans)?)
 }
 
 /// The next IPv4 identification for an outer header without DF: a per-CPU counter with
@@ -609,20 +724,21 @@ pub fn ipip_forward(
 #[inline(always)]
 fn encap_v4(
     ctx: &XdpContext,
-    hop: &NextHop,
+    hop: &impl Hop,
     src: [u8; 4],
     backend: [u8; 4],
     l3_off: usize,
     outer_len: u16,
     (tos, df): (u8, u8),
 ) -> Result<u32, DropReason> {
-    // Grow the head so that exactly Ethernet + outer IPv4 precede the inner header.
-    let delta = (EthHdr::LEN + Ipv4Hdr::LEN) as i32 - l3_off as i32;
+    // Grow the head so that exactly Ethernet (with the hop's tag) + outer IPv4 precede
+    // the inner header.
+    let tagged = hop.tagged();
+    let l2_len = if tagged { EthHdr::LEN + 4 } else { EthHdr::LEN };
+    let delta = (l2_len + Ipv4Hdr::LEN) as i32 - l3_off as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
         return Err(DropReason::AdjustFailed);
     }
-    // Ethernet and outer header as 17 16-bit words, checked at once.
-    let head: *mut [u16; 17] = ptr_at(ctx, 0)?;
     // Without DF the outer packet may be fragmented further on, and then its
     // identification must tell datagrams apart (RFC 6864).
     let id = if df == 0 { next_ip_id().to_be() } else { 0 };
@@ -646,27 +762,37 @@ fn encap_v4(
     ];
     let sum = h.iter().fold(0u32, |a, w| a + *w as u32);
     h[5] = csum::fold_ne(sum);
-    let m = hop.macs;
-    unsafe {
-        *head = [
-            m[0],
-            m[1],
-            m[2],
-            m[3],
-            m[4],
-            m[5],
-            crate::parse::eth::ETH_P_IP,
-            h[0],
-            h[1],
-            h[2],
-            h[3],
-            h[4],
-            h[5],
-            h[6],
-            h[7],
-            h[8],
-            h[9],
-        ];
+    let m = hop.macs();
+    // The EtherType and outer header, stored behind the addresses (and tag) in each
+    // shape: one array, so the program's stack holds it once.
+    let tail = [
+        crate::parse::eth::ETH_P_IP,
+        h[0],
+        h[1],
+        h[2],
+        h[3],
+        h[4],
+        h[5],
+        h[6],
+        h[7],
+        h[8],
+        h[9],
+    ];
+    if tagged {
+        let v = hop.vlan();
+        // Ethernet, tag and outer header as 19 16-bit words, checked at once.
+        let head: *mut [u16; 19] = ptr_at(ctx, 0)?;
+        unsafe {
+            *(head as *mut [u16; 8]) = [m[0], m[1], m[2], m[3], m[4], m[5], v[0], v[1]];
+            *((head as *mut u16).add(8) as *mut [u16; 11]) = tail;
+        }
+    } else {
+        // Ethernet and outer header as 17 16-bit words, checked at once.
+        let head: *mut [u16; 17] = ptr_at(ctx, 0)?;
+        unsafe {
+            *(head as *mut [u16; 6]) = m;
+            *((head as *mut u16).add(6) as *mut [u16; 11]) = tail;
+        }
     }
     Ok(transmit(ctx, hop))
 }

@@ -1236,7 +1236,7 @@ fn forward(
     let l2_mode = choice.entry.flags & BACKEND_F_L2 != 0;
     let action = if l2_mode { Action::L2 } else { Action::Encap };
     if pkt.family != FAMILY_V4 {
-        return Ok((tx6(ctx, l2.l3_off, pkt, choice, l2_mode)?, action).into());
+        return Ok((tx6(ctx, l2, pkt, choice, l2_mode)?, action).into());
     }
     let slot = choice.slot();
     // SAFETY: a Backend is 4-aligned and starts with its address bytes (IPv4: the first
@@ -1245,7 +1245,7 @@ fn forward(
     let src = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
     if l2_mode {
         Ok((
-            encap::l2_forward(ctx, slot, baddr, src, pkt.tot_len)?,
+            encap::l2_forward(ctx, slot, baddr, src, pkt.tot_len, l2.vlans)?,
             Action::L2,
         )
             .into())
@@ -1258,12 +1258,12 @@ fn forward(
     }
 }
 
-/// Transmits the IPv6 packet `pkt` at `l3_off` to the chosen backend (MAC rewrite when
-/// `l2`, else IPv6-in-IPv6).
+/// Transmits the IPv6 packet `pkt` behind link-layer header `link` to the chosen backend
+/// (MAC rewrite when `l2`, else IPv6-in-IPv6).
 #[inline(always)]
 fn tx6(
     ctx: &XdpContext,
-    l3_off: usize,
+    link: &eth::L2,
     pkt: &Pkt,
     choice: &conntrack::Choice,
     l2: bool,
@@ -1277,9 +1277,9 @@ fn tx6(
         [parse::load64(p), parse::load64(p.add(8))]
     };
     if l2 {
-        encap::l2_forward_v6(ctx, slot, &addr, &pkt.src, pkt.tot_len)
+        encap::l2_forward_v6(ctx, slot, &addr, &pkt.src, pkt.tot_len, link.vlans)
     } else {
-        encap::ip6ip6_forward(ctx, slot, &addr, l3_off, pkt.tot_len, pkt.tos)
+        encap::ip6ip6_forward(ctx, slot, &addr, link.l3_off, pkt.tot_len, pkt.tos)
     }
 }
 

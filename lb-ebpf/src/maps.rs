@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     ACTION_COUNT, Backend, BackendMeta, BackendStats, DROP_REASON_COUNT, DecapV4, DecapV6,
     EVENT_COUNT, FlowBucket, FlowKey, FragKey, NO_XMIT_MAX, ServiceMeta, ServiceStats, SrcRangeV4,
-    SrcRangeV6, VipInfo, VipKey, VipSlot,
+    SrcRangeV6, VLANS_MAX, VipInfo, VipKey, VipSlot, VlanDev,
 };
 
 /// `VipKey` → `VipInfo`; written by the agent (size: load time). The catalogue behind
@@ -86,6 +86,12 @@ pub static ACTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ACTION_COUN
 #[map(name = "L3LB_NO_XMIT")]
 pub static NO_XMIT: HashMap<u32, u64> = HashMap::with_max_entries(NO_XMIT_MAX, 0);
 
+/// Interface index of a VLAN device → its parent and tag: a route that leaves by it sends
+/// the frame tagged on the parent (XDP cannot transmit on the VLAN device); listed by the
+/// agent (refreshed every second).
+#[map(name = "L3LB_VLANS")]
+pub static VLANS: HashMap<u32, VlanDev> = HashMap::with_max_entries(VLANS_MAX, 0);
+
 /// IPv4 source prefix → 1: whose IPIP packets the decap role strips; written by the agent.
 #[map(name = "L3LB_DECAP_V4")]
 pub static DECAP_V4: LpmTrie<DecapV4, u32> = LpmTrie::with_max_entries(1024, 0);
@@ -155,6 +161,8 @@ pub struct CachedHop {
     pub macs: [u16; 6],
     /// Egress interface.
     pub ifindex: u32,
+    /// The VLAN tag frames carry on `ifindex` (see `encap::NextHop::vlan`).
+    pub vlan: [u16; 2],
     /// Largest L3 length the route was seen to accept.
     pub max_len: u16,
     /// The backend's family as its `BACKENDS` entry had it when the entry was learnt.

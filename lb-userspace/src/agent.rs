@@ -398,16 +398,31 @@ pub struct Agent {
     egress: EgressWatch,
 }
 
+/// The devices XDP cannot transmit on, and the VLAN devices by index (see
+/// [`Agent::refresh_egress_devices`]).
+type EgressLists = (
+    BTreeSet<u32>,
+    std::collections::BTreeMap<u32, lb_common::VlanDev>,
+);
+
 /// What the agent keeps of the devices XDP cannot transmit on between refreshes (see
 /// [`Agent::refresh_egress_devices`]).
 #[derive(Debug, Default)]
 struct EgressWatch {
-    /// Per device: its count of dropped packets when the log last named it, and when.
-    named: std::collections::BTreeMap<u32, (u64, std::time::Instant)>,
+    /// The program's `egress_no_xdp` count at the last look.
+    dropped: u64,
+    /// Per listed device: its count of packets dropped toward it at the last look.
+    counts: std::collections::BTreeMap<u32, u64>,
+    /// Per device: when the log last named it.
+    named: std::collections::BTreeMap<u32, std::time::Instant>,
     /// The log said that this kernel reports no XDP features.
     no_features_said: bool,
     /// Devices the program's list had no room for at the last refresh.
     left_out: usize,
+    /// VLAN devices the program's list had no room for at the last refresh.
+    vlans_left_out: usize,
+    /// The last refresh failed (and the log said so).
+    failing: bool,
 }
 
 impl Agent {
@@ -809,72 +824,135 @@ impl Agent {
     /// lack `ndo-xmit`; a veth gains it when its peer runs XDP or GRO), so that a packet
     /// whose route to a backend leaves by one is dropped as `egress_no_xdp`, not
     /// redirected there and lost uncounted; and names in the log each device packets were
-    /// dropped toward (again at most once a minute while it goes on). With the program in
-    /// generic mode nothing is listed: generic XDP sends redirected frames as packets,
-    /// which every device takes.
+    /// dropped toward (again at most once a minute while it goes on); and lists the VLAN
+    /// devices, through which the program sends tagged frames on the parent instead.
+    /// Only while this agent's program is attached in the driver: generic XDP sends
+    /// redirected frames as packets, which every device takes. A refresh that fails
+    /// leaves the lists as they were.
     pub fn refresh_egress_devices(&mut self) {
-        const RENAME_AFTER: Duration = Duration::from_secs(60);
-        let native = match crate::sys::interface_index(&self.config.interface)
-            .and_then(crate::netdev::attach_mode)
-        {
-            Ok(mode) => mode == crate::netdev::AttachMode::Native,
-            Err(e) => {
-                tracing::debug!("reading how the program is attached: {e:#}");
-                false
-            }
-        };
-        let devices = if native {
-            match crate::netdev::without_xdp_transmit() {
-                Ok(Some(d)) => d,
-                Ok(None) => {
-                    if !self.egress.no_features_said {
-                        self.egress.no_features_said = true;
-                        info!(
-                            "this kernel reports no XDP features (Linux 6.3 and later do): a packet whose route to a backend leaves by a device XDP cannot transmit on is lost without a counted reason"
+        match self.egress_devices() {
+            Ok((devices, vlans)) => match self
+                .dataplane
+                .list_vlans(&vlans)
+                .and_then(|v| Ok((v, self.dataplane.list_no_xmit(&devices)?)))
+            {
+                Ok((vlans_left_out, left_out)) => {
+                    if vlans_left_out > 0 && self.egress.vlans_left_out == 0 {
+                        warn!(
+                            vlans = vlans.len(),
+                            max = lb_common::VLANS_MAX,
+                            "more VLAN devices than the program's list holds: packets routed out of those left out are dropped as egress_no_xdp"
                         );
                     }
-                    BTreeSet::new()
+                    self.egress.vlans_left_out = vlans_left_out;
+                    if self.egress.failing {
+                        info!("the devices XDP cannot transmit on are listed again");
+                    }
+                    self.egress.failing = false;
+                    if left_out > 0 && self.egress.left_out == 0 {
+                        warn!(
+                            devices = devices.len(),
+                            max = lb_common::NO_XMIT_MAX,
+                            "more devices without XDP transmit than the program's list holds: packets routed out of those left out are lost uncounted"
+                        );
+                    }
+                    self.egress.left_out = left_out;
                 }
                 Err(e) => {
-                    warn!("listing the devices XDP cannot transmit on: {e:#}");
-                    return;
+                    self.egress_failed(format!("writing the devices XDP cannot transmit on: {e}"))
                 }
+            },
+            Err(e) => self.egress_failed(format!(
+                "listing the devices XDP cannot transmit on (the list stays as it was): {e:#}"
+            )),
+        }
+        self.name_egress_drops();
+    }
+
+    /// The devices to list: those without XDP transmit and the VLAN devices while this
+    /// agent's program is attached in the driver, none otherwise.
+    fn egress_devices(&mut self) -> anyhow::Result<EgressLists> {
+        let ifindex = crate::sys::interface_index(&self.config.interface)?;
+        let ours = self.dataplane.program_id()?;
+        if crate::netdev::driver_program(ifindex)? != Some(ours) {
+            return Ok(Default::default());
+        }
+        let vlans = crate::netdev::vlan_devices()?;
+        let devices = match crate::netdev::without_xdp_transmit()? {
+            Some(devices) => devices,
+            None => {
+                if !self.egress.no_features_said {
+                    self.egress.no_features_said = true;
+                    info!(
+                        "this kernel reports no XDP features (Linux 6.3 and later do): a packet whose route to a backend leaves by a device XDP cannot transmit on is lost without a counted reason"
+                    );
+                }
+                BTreeSet::new()
             }
-        } else {
-            BTreeSet::new()
         };
-        let (counts, left_out) = match self.dataplane.list_no_xmit(&devices) {
-            Ok(r) => r,
+        Ok((devices, vlans))
+    }
+
+    /// Says a failed refresh once, until one succeeds again.
+    fn egress_failed(&mut self, what: String) {
+        if self.egress.failing {
+            tracing::debug!("{what}");
+        } else {
+            warn!("{what}");
+        }
+        self.egress.failing = true;
+    }
+
+    /// Names in the log each device packets were dropped toward since the last look, at
+    /// most once a minute each; reads the devices' counts only when the program's
+    /// `egress_no_xdp` count moved.
+    fn name_egress_drops(&mut self) {
+        const RENAME_AFTER: Duration = Duration::from_secs(60);
+        let dropped = match self
+            .dataplane
+            .drop_count(lb_common::DropReason::EgressNoXdp)
+        {
+            Ok(n) => n,
             Err(e) => {
-                warn!("writing the devices XDP cannot transmit on: {e}");
+                tracing::debug!("reading the egress_no_xdp count: {e}");
                 return;
             }
         };
-        if left_out > 0 && self.egress.left_out == 0 {
-            warn!(
-                devices = devices.len(),
-                max = lb_common::NO_XMIT_MAX,
-                "more devices without XDP transmit than the program's list holds: packets routed out of those left out are lost uncounted"
-            );
+        if dropped == self.egress.dropped {
+            return;
         }
-        self.egress.left_out = left_out;
-        self.egress.named.retain(|d, _| counts.contains_key(d));
+        self.egress.dropped = dropped;
+        let counts = match self.dataplane.no_xmit_counts() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("reading the devices' egress_no_xdp counts: {e}");
+                return;
+            }
+        };
         let now = std::time::Instant::now();
         for (&device, &count) in &counts {
-            let (last, at) = self.egress.named.get(&device).copied().unwrap_or((0, now));
-            let first = !self.egress.named.contains_key(&device);
-            if count > last && (first || now.duration_since(at) >= RENAME_AFTER) {
+            let before = self.egress.counts.get(&device).copied().unwrap_or(0);
+            let due = self
+                .egress
+                .named
+                .get(&device)
+                .is_none_or(|at| now.duration_since(*at) >= RENAME_AFTER);
+            if count != before && count > 0 && due {
                 let name = crate::sys::interface_name(device)
                     .unwrap_or_else(|| format!("interface {device}"));
                 warn!(
                     device = %name,
                     dropped = count,
-                    "packets to backends dropped (egress_no_xdp): their route leaves by {name}, where XDP cannot transmit (its XDP features lack ndo-xmit: a VLAN or bridge device, a veth whose peer runs neither XDP nor GRO, a driver that takes XDP frames only with a program of its own); route the backends through {} or let {name} take XDP frames",
+                    "packets to backends dropped (egress_no_xdp): their route leaves by {name}, where XDP cannot transmit (its XDP features lack ndo-xmit: a bridge or tunnel device, a VLAN on a VLAN, a veth whose peer runs neither XDP nor GRO, a driver that takes XDP frames only with a program of its own); route the backends through {} or let {name} take XDP frames",
                     self.config.interface
                 );
-                self.egress.named.insert(device, (count, now));
+                self.egress.named.insert(device, now);
             }
         }
+        self.egress
+            .named
+            .retain(|d, at| counts.contains_key(d) || now.duration_since(*at) < RENAME_AFTER);
+        self.egress.counts = counts;
     }
 
     /// Lets the data plane's next-hop cache follow route and neighbour changes.
@@ -1044,7 +1122,12 @@ impl Agent {
 
     /// Exits and leaves the data plane running on its pins: the next agent (a restart or
     /// an upgrade) takes it over without a gap; `l3lb down` removes it.
-    pub fn exit(self) {
+    pub fn exit(mut self) {
+        // Nobody keeps the list current from here on: a device that gains XDP transmit
+        // would stay refused. Unlisted, they are tried as before this agent.
+        if let Err(e) = self.dataplane.list_no_xmit(&BTreeSet::new()) {
+            warn!("unlisting the devices XDP cannot transmit on: {e}");
+        }
         info!(pins = %self.pin_dir.display(), "exiting; the data plane keeps forwarding (`l3lb down` detaches it)");
     }
 }

@@ -770,6 +770,10 @@ pub struct Dataplane {
     change_unnamed: bool,
     /// The connection table's hash seed (the program's `FLOW_SEED`).
     flow_seed: u64,
+    /// The devices listed in `L3LB_NO_XMIT` (only this agent writes its keys).
+    no_xmit: BTreeSet<u32>,
+    /// The VLAN devices listed in `L3LB_VLANS`.
+    vlans: BTreeMap<u32, lb_common::VlanDev>,
 }
 
 /// The epoch's clock apart from its [`Dataplane`]: ticks it as the agent's half-second
@@ -1176,6 +1180,8 @@ impl Dataplane {
             nexthop_epoch: 0,
             change_unnamed: false,
             flow_seed,
+            no_xmit: BTreeSet::new(),
+            vlans: BTreeMap::new(),
         })
         .and_then(|mut dp| {
             // The program's writable globals must be EPOCH alone, which the agent writes
@@ -2818,56 +2824,128 @@ impl Dataplane {
 
     /// Lists `devices` (interface indexes) as the ones XDP cannot transmit on, which the
     /// program then drops toward as `egress_no_xdp` instead of redirecting frames there
-    /// to be lost; devices listed before keep their counts. Returns each listed device's
-    /// count of packets dropped toward it, and how many devices found no room (the map
-    /// holds `NO_XMIT_MAX`; those are tried as before).
-    pub fn list_no_xmit(
+    /// to be lost; devices listed before keep their counts. Returns how many devices
+    /// found no room (the map holds `NO_XMIT_MAX`; those are tried as before).
+    pub fn list_no_xmit(&mut self, devices: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
+        if *devices == self.no_xmit {
+            return Ok(0);
+        }
+        let before = std::mem::take(&mut self.no_xmit);
+        let mut listed = before.clone();
+        let result = (|| {
+            let mut map: HashMap<&mut MapData, u32, u64> =
+                HashMap::try_from(self.map_mut(map_names::NO_XMIT)?)
+                    .map_err(map_err(map_names::NO_XMIT))?;
+            let errno = |e: &aya::maps::MapError| match e {
+                aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error(),
+                _ => None,
+            };
+            for &gone in before.difference(devices) {
+                match map.remove(&gone) {
+                    Ok(()) => {}
+                    Err(e) if errno(&e) == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(map_err(format!("unlisting device {gone}"))(e)),
+                }
+                listed.remove(&gone);
+            }
+            let mut left_out = 0;
+            for &new in devices.difference(&before) {
+                // BPF_NOEXIST (1): a count the program started meanwhile is not reset.
+                match map.insert(new, 0, 1) {
+                    Ok(()) => {}
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                    Err(e)
+                        if matches!(errno(&e), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)) =>
+                    {
+                        left_out += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(map_err(format!("listing device {new}"))(e)),
+                }
+                listed.insert(new);
+            }
+            Ok(left_out)
+        })();
+        // What the map holds, whatever failed on the way.
+        self.no_xmit = listed;
+        result
+    }
+
+    /// Lists the VLAN devices `vlans` (index → parent and tag), through which the program
+    /// then sends tagged frames on the parent, where a redirect to the VLAN device itself
+    /// would be lost. Returns how many found no room (the map holds `VLANS_MAX`).
+    pub fn list_vlans(
         &mut self,
-        devices: &BTreeSet<u32>,
-    ) -> Result<(BTreeMap<u32, u64>, usize), DataplaneError> {
-        let mut map: HashMap<&mut MapData, u32, u64> =
-            HashMap::try_from(self.map_mut(map_names::NO_XMIT)?)
-                .map_err(map_err(map_names::NO_XMIT))?;
-        let mut counts = map
-            .iter()
+        vlans: &BTreeMap<u32, lb_common::VlanDev>,
+    ) -> Result<usize, DataplaneError> {
+        if *vlans == self.vlans {
+            return Ok(0);
+        }
+        let before = std::mem::take(&mut self.vlans);
+        let mut listed = before.clone();
+        let result = (|| {
+            let mut map: HashMap<&mut MapData, u32, lb_common::VlanDev> =
+                HashMap::try_from(self.map_mut(map_names::VLANS)?)
+                    .map_err(map_err(map_names::VLANS))?;
+            let errno = |e: &aya::maps::MapError| match e {
+                aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error(),
+                _ => None,
+            };
+            for gone in before.keys().filter(|k| !vlans.contains_key(k)) {
+                match map.remove(gone) {
+                    Ok(()) => {}
+                    Err(e) if errno(&e) == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(map_err(format!("unlisting VLAN device {gone}"))(e)),
+                }
+                listed.remove(gone);
+            }
+            let mut left_out = 0;
+            for (&index, dev) in vlans {
+                if before.get(&index) == Some(dev) {
+                    continue;
+                }
+                match map.insert(index, *dev, 0) {
+                    Ok(()) => {
+                        listed.insert(index, *dev);
+                    }
+                    Err(e)
+                        if matches!(errno(&e), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)) =>
+                    {
+                        left_out += 1
+                    }
+                    Err(e) => return Err(map_err(format!("listing VLAN device {index}"))(e)),
+                }
+            }
+            Ok(left_out)
+        })();
+        self.vlans = listed;
+        result
+    }
+
+    /// The listed devices without XDP transmit (`list_no_xmit`) with how many packets the
+    /// program dropped toward each.
+    pub fn no_xmit_counts(&self) -> Result<BTreeMap<u32, u64>, DataplaneError> {
+        let map: HashMap<&MapData, u32, u64> = HashMap::try_from(
+            self.ebpf
+                .map(map_names::NO_XMIT)
+                .ok_or_else(|| DataplaneError::Missing(format!("map {}", map_names::NO_XMIT)))?,
+        )
+        .map_err(map_err(map_names::NO_XMIT))?;
+        map.iter()
             .collect::<Result<BTreeMap<u32, u64>, _>>()
-            .map_err(map_err("reading the devices without XDP transmit"))?;
-        let gone: Vec<u32> = counts
-            .keys()
-            .filter(|d| !devices.contains(d))
-            .copied()
-            .collect();
-        for d in gone {
-            match map.remove(&d) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(format!("unlisting device {d}"))(e)),
-            }
-            counts.remove(&d);
-        }
-        let mut left_out = 0;
-        for &new in devices {
-            if counts.contains_key(&new) {
-                continue;
-            }
-            // BPF_NOEXIST (1): a count the program started meanwhile is not reset.
-            match map.insert(new, 0, 1) {
-                Ok(()) => {
-                    counts.insert(new, 0);
-                }
-                Err(aya::maps::MapError::SyscallError(e))
-                    if matches!(
-                        e.io_error.raw_os_error(),
-                        Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)
-                    ) =>
-                {
-                    left_out += 1
-                }
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(map_err(format!("listing device {new}"))(e)),
-            }
-        }
-        Ok((counts, left_out))
+            .map_err(map_err("reading the devices without XDP transmit"))
+    }
+
+    /// The kernel's id of the program this data plane attaches (`l3lb`).
+    pub fn program_id(&self) -> Result<u32, DataplaneError> {
+        let info = self
+            .program()?
+            .info()
+            .map_err(|source| DataplaneError::Program {
+                what: "reading the program's id".to_string(),
+                source,
+            })?;
+        Ok(info.id())
     }
 
     /// Read access to a map by name, for tests and status readers.

@@ -1,6 +1,7 @@
 //! What the kernel says about devices and XDP, over netlink: which devices XDP can
-//! transmit on (the generic-netlink `netdev` family's XDP features, Linux 6.3 and later)
-//! and in which mode a program is attached to an interface (rtnetlink's `IFLA_XDP`).
+//! transmit on (the generic-netlink `netdev` family's XDP features, Linux 6.3 and later),
+//! which program is attached to an interface in its driver (rtnetlink's `IFLA_XDP`), and
+//! the VLAN devices with their parents and ids (rtnetlink's link info).
 //!
 //! A natively attached program that redirects a frame to a device without XDP transmit
 //! loses it after the program has returned, where no counter of ours sees it: the agent
@@ -8,7 +9,11 @@
 //! a counted reason instead. No crate this project may use defines the `netdev` family;
 //! the exchange is two small requests, written here on a plain netlink socket.
 
-use std::{collections::BTreeSet, io, os::fd::AsRawFd, os::fd::FromRawFd, os::fd::OwnedFd};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
 
 use anyhow::{Context, bail};
 
@@ -19,6 +24,8 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
+/// Set on a dump's messages when the kernel's state changed while it was taken.
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
 const CTRL_ATTR_FAMILY_ID: u16 = 1;
@@ -27,22 +34,22 @@ const NETDEV_CMD_DEV_GET: u8 = 1;
 const NETDEV_A_DEV_IFINDEX: u16 = 1;
 const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
 const RTM_GETLINK: u16 = 18;
+const IFLA_LINK: u16 = 5;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const IFLA_VLAN_ID: u16 = 1;
+const IFLA_VLAN_PROTOCOL: u16 = 5;
+const IFLA_LINK_NETNSID: u16 = 37;
+const ETH_P_8021Q: u16 = 0x8100;
 const IFLA_XDP: u16 = 43;
 const IFLA_XDP_ATTACHED: u16 = 2;
-/// `IFLA_XDP_ATTACHED`: a program attached in the driver (native mode).
+const IFLA_XDP_PROG_ID: u16 = 4;
+const IFLA_XDP_DRV_PROG_ID: u16 = 5;
+/// `IFLA_XDP_ATTACHED`: the one program is attached in the driver (native mode).
 const XDP_ATTACHED_DRV: u8 = 1;
 /// Attribute type bits that are flags, not part of the type.
 const NLA_TYPE_MASK: u16 = 0x3fff;
-
-/// How a program sits on an interface, as far as sending frames elsewhere goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttachMode {
-    /// In the driver: redirected frames need the target's XDP transmit.
-    Native,
-    /// Any other way (generic XDP sends redirected frames as packets, to any device), or
-    /// no program at all.
-    Other,
-}
 
 /// A netlink socket of one protocol, with a sequence number per request.
 struct Socket {
@@ -153,6 +160,7 @@ fn messages(mut buf: &[u8], seq: u32, out: &mut Vec<Vec<u8>>) -> anyhow::Result<
     while buf.len() >= 16 {
         let len = u32::from_ne_bytes(buf[0..4].try_into()?) as usize;
         let kind = u16::from_ne_bytes(buf[4..6].try_into()?);
+        let flags = u16::from_ne_bytes(buf[6..8].try_into()?);
         let msg_seq = u32::from_ne_bytes(buf[8..12].try_into()?);
         if len < 16 || len > buf.len() {
             bail!(
@@ -162,8 +170,21 @@ fn messages(mut buf: &[u8], seq: u32, out: &mut Vec<Vec<u8>>) -> anyhow::Result<
         }
         let payload = &buf[16..len];
         if msg_seq == seq {
+            if flags & NLM_F_DUMP_INTR != 0 {
+                bail!("the kernel's devices changed while they were listed");
+            }
             match kind {
-                NLMSG_DONE => return Ok(Step::Done),
+                NLMSG_DONE => {
+                    // A dump's end carries the dump's own error, if it failed.
+                    let errno = payload
+                        .get(0..4)
+                        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    if errno < 0 {
+                        return Err(io::Error::from_raw_os_error(-errno))
+                            .context("the kernel ended the netlink dump with an error");
+                    }
+                    return Ok(Step::Done);
+                }
                 NLMSG_ERROR => {
                     let errno = payload
                         .get(0..4)
@@ -267,8 +288,9 @@ fn incapable(msgs: &[Vec<u8>]) -> BTreeSet<u32> {
     out
 }
 
-/// How the XDP program on interface `ifindex` is attached (rtnetlink's `IFLA_XDP`).
-pub fn attach_mode(ifindex: u32) -> anyhow::Result<AttachMode> {
+/// The id of the program attached to interface `ifindex` in its driver (native mode),
+/// if any (rtnetlink's `IFLA_XDP`; with programs in several modes at once, the driver's).
+pub fn driver_program(ifindex: u32) -> anyhow::Result<Option<u32>> {
     let mut s = Socket::open(libc::NETLINK_ROUTE)?;
     // struct ifinfomsg: family, pad, type, index, flags, change.
     let mut req = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
@@ -277,26 +299,105 @@ pub fn attach_mode(ifindex: u32) -> anyhow::Result<AttachMode> {
     let seq = s.send(RTM_GETLINK, 0, &req)?;
     let msgs = s
         .answer(seq, false)
-        .with_context(|| format!("asking for interface {ifindex}'s XDP attachment"))?;
-    Ok(mode_of(msgs.first().map(Vec::as_slice).unwrap_or(&[])))
+        .with_context(|| format!("asking for interface {ifindex}'s XDP programs"))?;
+    Ok(driver_program_of(
+        msgs.first().map(Vec::as_slice).unwrap_or(&[]),
+    ))
 }
 
-/// The attach mode an `RTM_NEWLINK` payload (ifinfomsg, then attributes) reports.
-fn mode_of(link: &[u8]) -> AttachMode {
-    let attached = attributes(link.get(16..).unwrap_or(&[]))
+/// The driver's program an `RTM_NEWLINK` payload (ifinfomsg, then attributes) reports.
+fn driver_program_of(link: &[u8]) -> Option<u32> {
+    let xdp = attributes(link.get(16..).unwrap_or(&[]))
         .into_iter()
-        .find(|(k, _)| *k == IFLA_XDP)
-        .and_then(|(_, nested)| {
-            attributes(nested)
-                .into_iter()
-                .find(|(k, _)| *k == IFLA_XDP_ATTACHED)
-                .and_then(|(_, v)| v.first().copied())
-        });
-    if attached == Some(XDP_ATTACHED_DRV) {
-        AttachMode::Native
-    } else {
-        AttachMode::Other
+        .find(|(k, _)| *k == IFLA_XDP)?
+        .1;
+    let attrs = attributes(xdp);
+    let value = |kind: u16| attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v);
+    let id = |v: &[u8]| {
+        v.get(0..4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    // Several modes at once name each mode's program; the driver's alone names only
+    // the one.
+    match value(IFLA_XDP_DRV_PROG_ID).and_then(id) {
+        Some(p) => Some(p),
+        None if value(IFLA_XDP_ATTACHED).and_then(|v| v.first().copied())
+            == Some(XDP_ATTACHED_DRV) =>
+        {
+            value(IFLA_XDP_PROG_ID).and_then(id)
+        }
+        None => None,
     }
+}
+
+/// The VLAN devices of this network namespace whose parent is an interface of it and no
+/// VLAN device itself, by index: the parent and the tag (`lb_common::VlanDev`). Stacked
+/// tags (802.1ad over 802.1Q) and parents in other namespaces are left out.
+pub fn vlan_devices() -> anyhow::Result<BTreeMap<u32, lb_common::VlanDev>> {
+    let mut s = Socket::open(libc::NETLINK_ROUTE)?;
+    // struct ifinfomsg, then a link info naming the kind: the kernel dumps only those.
+    let mut req = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
+    req.extend_from_slice(&[0; 12]);
+    req.extend(attribute(
+        IFLA_LINKINFO,
+        &attribute(IFLA_INFO_KIND, b"vlan\0"),
+    ));
+    let seq = s.send(RTM_GETLINK, NLM_F_DUMP, &req)?;
+    let msgs = s.answer(seq, true).context("listing the VLAN devices")?;
+    Ok(vlans_of(&msgs))
+}
+
+/// The VLAN devices among `RTM_NEWLINK` payloads (see `vlan_devices`).
+fn vlans_of(links: &[Vec<u8>]) -> BTreeMap<u32, lb_common::VlanDev> {
+    let mut found = BTreeMap::new();
+    for link in links {
+        let Some(index) = link
+            .get(4..8)
+            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .and_then(|i| u32::try_from(i).ok())
+        else {
+            continue;
+        };
+        let attrs = attributes(link.get(16..).unwrap_or(&[]));
+        let value = |kind: u16| attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v);
+        if value(IFLA_LINK_NETNSID).is_some() {
+            continue;
+        }
+        let Some(parent) = value(IFLA_LINK)
+            .and_then(|v| v.get(0..4))
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            continue;
+        };
+        let info = attributes(value(IFLA_LINKINFO).unwrap_or(&[]));
+        let info_value = |kind: u16| info.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v);
+        if info_value(IFLA_INFO_KIND).map(|k| k.split(|&b| b == 0).next()) != Some(Some(b"vlan")) {
+            continue;
+        }
+        let data = attributes(info_value(IFLA_INFO_DATA).unwrap_or(&[]));
+        let data_value = |kind: u16| data.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v);
+        let Some(vid) = data_value(IFLA_VLAN_ID)
+            .and_then(|v| v.get(0..2))
+            .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+        else {
+            continue;
+        };
+        let tpid = data_value(IFLA_VLAN_PROTOCOL)
+            .and_then(|v| v.get(0..2))
+            .map_or(ETH_P_8021Q, |b| u16::from_be_bytes([b[0], b[1]]));
+        found.insert(index, lb_common::VlanDev::new(parent, tpid, vid));
+    }
+    // A VLAN on a VLAN needs two tags: not listed (the device stays one XDP cannot
+    // transmit on).
+    let stacked: Vec<u32> = found
+        .iter()
+        .filter(|(_, v)| found.contains_key(&v.parent))
+        .map(|(i, _)| *i)
+        .collect();
+    for i in stacked {
+        found.remove(&i);
+    }
+    found
 }
 
 #[cfg(test)]
@@ -367,31 +468,138 @@ mod tests {
     }
 
     #[test]
-    fn the_attach_mode_is_read_from_the_nested_xdp_attribute() {
-        let link = |attached: Option<u8>| {
+    fn the_driver_program_is_read_from_the_nested_xdp_attribute() {
+        let link = |attrs: &[(u16, &[u8])]| {
             let mut p = vec![0u8; 16];
             p.extend(attribute(3, b"eth0\0"));
-            if let Some(a) = attached {
-                let mut nested = attribute(IFLA_XDP_ATTACHED, &[a]);
-                nested.extend(attribute(4, &7u32.to_ne_bytes()));
+            if !attrs.is_empty() {
+                let nested: Vec<u8> = attrs.iter().flat_map(|(k, v)| attribute(*k, v)).collect();
                 // NLA_F_NESTED set on the outer attribute, as the kernel sends it.
                 p.extend(attribute(IFLA_XDP | 0x8000, &nested));
             }
             p
         };
-        assert_eq!(mode_of(&link(Some(1))), AttachMode::Native);
-        assert_eq!(mode_of(&link(Some(2))), AttachMode::Other);
-        assert_eq!(mode_of(&link(Some(0))), AttachMode::Other);
-        assert_eq!(mode_of(&link(None)), AttachMode::Other);
+        let id = 7u32.to_ne_bytes();
+        // Native alone: the program's id.
+        assert_eq!(
+            driver_program_of(&link(&[(IFLA_XDP_ATTACHED, &[1]), (IFLA_XDP_PROG_ID, &id)])),
+            Some(7)
+        );
+        // Generic or offloaded alone: none in the driver.
+        for mode in [2u8, 3] {
+            assert_eq!(
+                driver_program_of(&link(&[
+                    (IFLA_XDP_ATTACHED, &[mode]),
+                    (IFLA_XDP_PROG_ID, &id)
+                ])),
+                None
+            );
+        }
+        // Several at once: the driver's by its own attribute.
+        let generic = 9u32.to_ne_bytes();
+        assert_eq!(
+            driver_program_of(&link(&[
+                (IFLA_XDP_ATTACHED, &[4]),
+                (IFLA_XDP_SKB_PROG_ID_FOR_TESTS, &generic),
+                (IFLA_XDP_DRV_PROG_ID, &id),
+            ])),
+            Some(7)
+        );
+        assert_eq!(
+            driver_program_of(&link(&[
+                (IFLA_XDP_ATTACHED, &[4]),
+                (IFLA_XDP_SKB_PROG_ID_FOR_TESTS, &generic),
+            ])),
+            None
+        );
+        assert_eq!(driver_program_of(&link(&[(IFLA_XDP_ATTACHED, &[0])])), None);
+        assert_eq!(driver_program_of(&link(&[])), None);
+    }
+
+    /// `IFLA_XDP_SKB_PROG_ID`.
+    const IFLA_XDP_SKB_PROG_ID_FOR_TESTS: u16 = 6;
+
+    #[test]
+    fn an_interrupted_or_failed_dump_is_an_error() {
+        let mut m = nlmsg(0x14, 3, &device(3, Some(0)));
+        m[6..8].copy_from_slice(&(2 | NLM_F_DUMP_INTR).to_ne_bytes());
+        assert!(messages(&m, 3, &mut Vec::new()).is_err());
+        let err = messages(
+            &nlmsg(NLMSG_DONE, 3, &(-libc::EBUSY).to_ne_bytes()),
+            3,
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<io::Error>()
+                .and_then(io::Error::raw_os_error),
+            Some(libc::EBUSY)
+        );
+    }
+
+    fn vlan_link(
+        index: i32,
+        parent: Option<u32>,
+        kind: &[u8],
+        vid: u16,
+        tpid: Option<u16>,
+    ) -> Vec<u8> {
+        let mut p = vec![0u8; 16];
+        p[4..8].copy_from_slice(&index.to_ne_bytes());
+        p.extend(attribute(3, b"eth0.100\0"));
+        if let Some(parent) = parent {
+            p.extend(attribute(IFLA_LINK, &parent.to_ne_bytes()));
+        }
+        let mut data = attribute(IFLA_VLAN_ID, &vid.to_ne_bytes());
+        data.extend(attribute(2, &[0; 8]));
+        if let Some(t) = tpid {
+            data.extend(attribute(IFLA_VLAN_PROTOCOL, &t.to_be_bytes()));
+        }
+        let mut info = attribute(IFLA_INFO_KIND, kind);
+        info.extend(attribute(IFLA_INFO_DATA | 0x8000, &data));
+        p.extend(attribute(IFLA_LINKINFO | 0x8000, &info));
+        p
+    }
+
+    #[test]
+    fn vlan_devices_are_read_with_parent_id_and_protocol() {
+        let links = vec![
+            vlan_link(10, Some(2), b"vlan\0", 100, Some(0x8100)),
+            // 802.1ad, and a protocol attribute left out (802.1Q then).
+            vlan_link(11, Some(2), b"vlan\0", 200, Some(0x88a8)),
+            vlan_link(12, Some(3), b"vlan\0", 4095, None),
+            // Not a VLAN; no parent; a VLAN on the VLAN 10 (two tags: left out).
+            vlan_link(13, Some(2), b"macvlan\0", 7, None),
+            vlan_link(14, None, b"vlan\0", 7, None),
+            vlan_link(15, Some(10), b"vlan\0", 7, None),
+        ];
+        let mut netns = vlan_link(16, Some(2), b"vlan\0", 8, None);
+        netns.extend(attribute(IFLA_LINK_NETNSID, &1i32.to_ne_bytes()));
+        let mut all = links.clone();
+        all.push(netns);
+        let got = vlans_of(&all);
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                (10, lb_common::VlanDev::new(2, 0x8100, 100)),
+                (11, lb_common::VlanDev::new(2, 0x88a8, 200)),
+                (12, lb_common::VlanDev::new(3, 0x8100, 4095)),
+            ])
+        );
+        // The tag as it lies in the frame.
+        let bytes: Vec<u8> = got[&10].tag.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, [0x81, 0x00, 0x00, 100]);
     }
 
     #[test]
     fn this_kernel_answers_both_requests() {
-        // The loopback device takes no XDP frames; its attachment is none.
+        // The loopback device takes no XDP frames and has no program.
         match without_xdp_transmit().expect("netdev dump") {
             Some(set) => assert!(set.contains(&1), "lo listed: {set:?}"),
             None => eprintln!("no netdev family on this kernel"),
         }
-        assert_eq!(attach_mode(1).expect("RTM_GETLINK"), AttachMode::Other);
+        assert_eq!(driver_program(1).expect("RTM_GETLINK"), None);
+        // No VLAN devices here (and a kernel without 802.1Q lists none).
+        assert_eq!(vlan_devices().expect("VLAN dump"), BTreeMap::new());
     }
 }

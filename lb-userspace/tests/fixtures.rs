@@ -2977,12 +2977,13 @@ fn a_next_hop_on_a_device_without_xdp_transmit_is_dropped_and_counted_for_it() {
 
     // Listed (and the next-hop cache's epoch over, as the agent's tick ends it), it is
     // dropped with its reason and counted for the device.
-    let (counts, left_out) =
+    let left_out =
         f.dp.list_no_xmit(&[bridge, f.ifindex].into())
             .expect("list");
+    assert_eq!(left_out, 0);
     assert_eq!(
-        (counts, left_out),
-        ([(bridge, 0), (f.ifindex, 0)].into(), 0)
+        f.dp.no_xmit_counts().expect("counts"),
+        [(bridge, 0), (f.ifindex, 0)].into()
     );
     f.dp.expire_next_hops().expect("tick");
     f.expect_drop(
@@ -2999,11 +3000,110 @@ fn a_next_hop_on_a_device_without_xdp_transmit_is_dropped_and_counted_for_it() {
     let (verdict, _) = f.run(&client_tcp(VIP_ALL, 40000, 22, SYN));
     assert_eq!(verdict, XDP_TX, "a backend behind the ingress device");
     // Listing again keeps the counts; unlisting drops them and sends again.
-    let (counts, _) = f.dp.list_no_xmit(&[bridge].into()).expect("relist");
-    assert_eq!(counts, [(bridge, 2)].into());
+    f.dp.list_no_xmit(&[bridge].into()).expect("relist");
+    assert_eq!(f.dp.no_xmit_counts().expect("counts"), [(bridge, 2)].into());
     f.dp.list_no_xmit(&Default::default()).expect("unlist");
     f.dp.expire_next_hops().expect("tick");
     let (verdict, _) = f.run(&client_tcp(VIP, 40002, 80, SYN));
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(f.drops(DropReason::EgressNoXdp), 2);
+}
+
+/// `frame` with an 802.1Q tag of VLAN `vid` inserted after its MAC addresses.
+fn tagged(frame: &[u8], vid: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&0x8100u16.to_be_bytes());
+    f.extend_from_slice(&vid.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+#[test]
+fn a_route_out_of_a_vlan_device_leaves_tagged_by_its_parent() {
+    let mut f = Fixture::new(false, &standard_desired());
+    // A bridge stands in for the VLAN device (this kernel has no 802.1Q): XDP cannot
+    // transmit on it, the FIB names it, and the agent lists it as VLAN 100 on fx0.
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    ip(&[
+        "link",
+        "add",
+        "fxvl",
+        "address",
+        "02:00:00:00:00:01",
+        "type",
+        "bridge",
+    ]);
+    ip(&["link", "set", "fxvl", "up"]);
+    for (addr, mac) in [
+        (B1.to_string(), B1_MAC),
+        (B2.to_string(), B2_MAC),
+        (B1_6.to_string(), B1_MAC),
+    ] {
+        let host = if addr.contains(':') { "/128" } else { "/32" };
+        ip(&["route", "add", &format!("{addr}{host}"), "dev", "fxvl"]);
+        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        ip(&[
+            "neigh",
+            "replace",
+            &addr,
+            "lladdr",
+            &mac,
+            "dev",
+            "fxvl",
+            "nud",
+            "permanent",
+        ]);
+    }
+    let vlan = l3lb::sys::interface_index("fxvl").expect("index");
+    f.dp.list_vlans(&[(vlan, lb_common::VlanDev::new(f.ifindex, 0x8100, 100))].into())
+        .expect("list");
+    // The agent lists the device as one XDP cannot transmit on too: the parent decides.
+    f.dp.list_no_xmit(&[vlan].into()).expect("list");
+
+    // IPIP: the tag between the addresses and the EtherType, sent back out of fx0.
+    let syn = client_tcp(VIP, 40000, 80, SYN);
+    let (verdict, out) = f.run(&syn);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, tagged(&expected_ipip(&syn[14..], B1, B1_MAC), 100));
+    // The flow's next packet, sent from the next-hop cache, alike.
+    let ack = client_tcp(VIP, 40000, 80, ACK);
+    let (verdict, out) = f.run(&ack);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, tagged(&expected_ipip(&ack[14..], B1, B1_MAC), 100));
+    // A frame that came tagged leaves with the egress VLAN's tag alone.
+    let syn7 = eth(NODE_MAC, CLIENT_MAC, &[7], 0x0800, &syn[14..]);
+    let (verdict, out) = f.run(&syn7);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, tagged(&expected_ipip(&syn[14..], B1, B1_MAC), 100));
+
+    // IPv6-in-IPv6 likewise.
+    let inner6 = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, SYN, b"hello"));
+    let (verdict, out) = f.run(&v6_frame(&inner6));
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, tagged(&expected_ip6ip6(&inner6, B1_6, B1_MAC), 100));
+
+    // MAC rewrite: an untagged frame gets the tag pushed, a tagged one its tag replaced.
+    let dns = client_udp(VIP_L2, 40000, 53, b"q");
+    let mut want = dns.clone();
+    want[..6].copy_from_slice(&B2_MAC);
+    want[6..12].copy_from_slice(&NODE_MAC);
+    let (verdict, out) = f.run(&dns);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, tagged(&want, 100));
+    let dns7 = eth(NODE_MAC, CLIENT_MAC, &[7], 0x0800, &dns[14..]);
+    let (verdict, out) = f.run(&dns7);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, tagged(&want, 100));
+    assert_eq!(f.drops(DropReason::EgressNoXdp), 0);
+
+    // Unlisted, the VLAN device is one XDP cannot transmit on: a counted drop.
+    f.dp.list_vlans(&Default::default()).expect("unlist");
+    f.dp.expire_next_hops().expect("tick");
+    f.expect_drop(&syn, DropReason::EgressNoXdp, "VLAN device not listed");
 }

@@ -134,6 +134,8 @@ pub struct ScenarioSpec {
     pub conntrack_size: Option<u32>,
     /// The balancer's `maglev_table_size` ([`TABLE_SIZE`] unless set; load time only).
     pub table_size: Option<u32>,
+    /// The balancer's program in generic XDP (`xdp_mode: generic`) instead of native.
+    pub generic: bool,
 }
 
 impl ScenarioSpec {
@@ -149,7 +151,14 @@ impl ScenarioSpec {
             family: Family::V4,
             conntrack_size: None,
             table_size: None,
+            generic: false,
         }
+    }
+
+    /// Attaches the balancer's program in generic mode.
+    pub fn generic(mut self) -> ScenarioSpec {
+        self.generic = true;
+        self
     }
 
     /// Sets the balancer's `maglev_table_size` (a prime).
@@ -528,7 +537,8 @@ pub fn balancer_config_for(
         )
     };
     let mut config = format!(
-        "interface: eth0\nxdp_mode: native\npin_path: {}\nmaglev_table_size: {}\n",
+        "interface: eth0\nxdp_mode: {}\npin_path: {}\nmaglev_table_size: {}\n",
+        if spec.generic { "generic" } else { "native" },
         pin.display(),
         spec.table_size.unwrap_or(TABLE_SIZE)
     );
