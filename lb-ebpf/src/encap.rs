@@ -179,15 +179,17 @@ fn fib(ctx: &XdpContext, p: &mut FibParams) -> Result<NextHop, Blocked> {
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             // XDP cannot transmit on a VLAN device: the frame leaves by its parent,
-            // tagged as the device would tag it.
+            // tagged as the device would tag it. A program on the VLAN device itself
+            // (generic mode) sends back out of it, as it would any ingress device.
+            let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
             // SAFETY: a value of a map of this program's, copied out at once.
             let (ifindex, vlan) = match unsafe { crate::maps::VLANS.get(p.ifindex) } {
-                Some(v) => (v.parent, v.tag),
-                None => (p.ifindex, [0, 0]),
+                Some(v) if p.ifindex != ingress => (v.parent, v.tag),
+                _ => (p.ifindex, [0, 0]),
             };
             // A redirect to a device without XDP transmit fails after this program has
             // returned, where nothing counts it; the agent lists such devices.
-            if ifindex != unsafe { (*ctx.ctx).ingress_ifindex }
+            if ifindex != ingress
                 && let Some(n) = crate::maps::NO_XMIT.get_ptr_mut(ifindex)
             {
                 // SAFETY: a value of a map of this program's. CPUs bumping it at once
@@ -605,13 +607,13 @@ fn v4_key(addr: [u8; 4]) -> [u64; 2] {
 
 /// Points the frame's Ethernet addresses at `hop` and sends it out: the whole of `l2`
 /// forwarding. The frame arrived with `vlans` VLAN tags: toward a VLAN device (`hop`
-/// tagged) its outermost tag becomes the device's, or the device's is pushed onto an
-/// untagged frame; otherwise the tags stay as they came.
+/// tagged) it leaves with that device's tag alone (pushed onto an untagged frame, in
+/// place of one tag, in place of two); otherwise the tags stay as they came.
 #[inline(always)]
 fn readdress(ctx: &XdpContext, hop: &NextHop, vlans: usize) -> Result<u32, DropReason> {
     if hop.tagged() {
         let tag = hop.vlan[0] as u32 | (hop.vlan[1] as u32) << 16;
-        if set_tag(XdpContext { ctx: ctx.ctx }, tag, (vlans == 0) as u32) != 0 {
+        if set_tag(XdpContext { ctx: ctx.ctx }, tag, vlans as u32) != 0 {
             return Err(DropReason::AdjustFailed);
         }
     }
@@ -619,16 +621,23 @@ fn readdress(ctx: &XdpContext, hop: &NextHop, vlans: usize) -> Result<u32, DropR
     Ok(transmit(ctx, hop))
 }
 
-/// Writes VLAN tag `tag` (TPID and TCI as they lie in the frame, packed in memory order)
-/// behind the MAC addresses, first making room for it in front when `push` is 1 (the
-/// frame came untagged: the EtherType then lands right behind the tag); 0 when done.
+/// Leaves a frame that came with `vlans` tags (0 to 2) with the one VLAN tag `tag`
+/// (TPID and TCI as they lie in the frame, packed in memory order) behind its MAC
+/// addresses, which the caller writes next: four bytes more in front for an untagged
+/// frame, four fewer for a doubly tagged one, so that the EtherType ends right behind
+/// the tag. 0 when done.
 ///
 /// A subprogram with a frame of its own: the helper call, inlined into the program's
 /// body, pushed that body's stack past what the verifier allows the program and a
 /// subprogram it calls together (512 bytes).
 #[inline(never)]
-fn set_tag(ctx: XdpContext, tag: u32, push: u32) -> u32 {
-    if push != 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, -4) } != 0 {
+fn set_tag(ctx: XdpContext, tag: u32, vlans: u32) -> u32 {
+    let delta = match vlans {
+        0 => -4,
+        1 => 0,
+        _ => 4,
+    };
+    if delta != 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
         return 1;
     }
     match ptr_at::<[u16; 2]>(&ctx, 12) {

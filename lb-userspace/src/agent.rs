@@ -551,6 +551,16 @@ impl Agent {
 
         enable_forwarding(&config, kubernetes)?;
         sys::prime_neighbours(remote_backends(&desired));
+        // Before the program takes traffic (an earlier agent's link switches to it at
+        // once): routes out of VLAN devices must not wait for the first tick.
+        match crate::netdev::vlan_devices() {
+            Ok(vlans) => {
+                if let Err(e) = dataplane.list_vlans(&vlans) {
+                    warn!("listing the VLAN devices: {e}");
+                }
+            }
+            Err(e) => warn!("listing the VLAN devices: {e:#}"),
+        }
 
         // In Kubernetes mode the services arrive only once the API server has been listed;
         // until then an earlier agent's program keeps forwarding with its complete maps
@@ -824,11 +834,12 @@ impl Agent {
     /// lack `ndo-xmit`; a veth gains it when its peer runs XDP or GRO), so that a packet
     /// whose route to a backend leaves by one is dropped as `egress_no_xdp`, not
     /// redirected there and lost uncounted; and names in the log each device packets were
-    /// dropped toward (again at most once a minute while it goes on); and lists the VLAN
-    /// devices, through which the program sends tagged frames on the parent instead.
-    /// Only while this agent's program is attached in the driver: generic XDP sends
-    /// redirected frames as packets, which every device takes. A refresh that fails
-    /// leaves the lists as they were.
+    /// dropped toward (again at most once a minute while it goes on); only while this
+    /// agent's program is attached in the driver (generic XDP sends redirected frames as
+    /// packets, which every device takes). And lists the VLAN devices, through which the
+    /// program sends tagged frames on the parent instead, in either mode (the start lists
+    /// them before the program takes traffic). A refresh that fails leaves the lists as
+    /// they were.
     pub fn refresh_egress_devices(&mut self) {
         match self.egress_devices() {
             Ok((devices, vlans)) => match self
@@ -869,15 +880,15 @@ impl Agent {
         self.name_egress_drops();
     }
 
-    /// The devices to list: those without XDP transmit and the VLAN devices while this
-    /// agent's program is attached in the driver, none otherwise.
+    /// The devices to list: those without XDP transmit while this agent's program is
+    /// attached in the driver (none otherwise), and the VLAN devices.
     fn egress_devices(&mut self) -> anyhow::Result<EgressLists> {
+        let vlans = crate::netdev::vlan_devices()?;
         let ifindex = crate::sys::interface_index(&self.config.interface)?;
         let ours = self.dataplane.program_id()?;
         if crate::netdev::driver_program(ifindex)? != Some(ours) {
-            return Ok(Default::default());
+            return Ok((BTreeSet::new(), vlans));
         }
-        let vlans = crate::netdev::vlan_devices()?;
         let devices = match crate::netdev::without_xdp_transmit()? {
             Some(devices) => devices,
             None => {

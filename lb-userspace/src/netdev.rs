@@ -41,6 +41,9 @@ const IFLA_INFO_DATA: u16 = 2;
 const IFLA_VLAN_ID: u16 = 1;
 const IFLA_VLAN_PROTOCOL: u16 = 5;
 const IFLA_LINK_NETNSID: u16 = 37;
+const IFLA_EXT_MASK: u16 = 29;
+/// `RTEXT_FILTER_SKIP_STATS`: links without their counters, most of each message.
+const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
 const ETH_P_8021Q: u16 = 0x8100;
 const IFLA_XDP: u16 = 43;
 const IFLA_XDP_ATTACHED: u16 = 2;
@@ -334,10 +337,21 @@ fn driver_program_of(link: &[u8]) -> Option<u32> {
 /// VLAN device itself, by index: the parent and the tag (`lb_common::VlanDev`). Stacked
 /// tags (802.1ad over 802.1Q) and parents in other namespaces are left out.
 pub fn vlan_devices() -> anyhow::Result<BTreeMap<u32, lb_common::VlanDev>> {
+    // Without the kernel's 802.1Q code (its /proc/net/vlan, per namespace) there are no
+    // VLAN devices, and the kind filter below would be ignored: every link dumped, every
+    // second.
+    if !std::path::Path::new("/proc/net/vlan").exists() {
+        return Ok(BTreeMap::new());
+    }
     let mut s = Socket::open(libc::NETLINK_ROUTE)?;
-    // struct ifinfomsg, then a link info naming the kind: the kernel dumps only those.
+    // struct ifinfomsg, then a link info naming the kind: the kernel dumps only those,
+    // without their counters.
     let mut req = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
     req.extend_from_slice(&[0; 12]);
+    req.extend(attribute(
+        IFLA_EXT_MASK,
+        &RTEXT_FILTER_SKIP_STATS.to_ne_bytes(),
+    ));
     req.extend(attribute(
         IFLA_LINKINFO,
         &attribute(IFLA_INFO_KIND, b"vlan\0"),

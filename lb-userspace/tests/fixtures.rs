@@ -3009,10 +3009,12 @@ fn a_next_hop_on_a_device_without_xdp_transmit_is_dropped_and_counted_for_it() {
     assert_eq!(f.drops(DropReason::EgressNoXdp), 2);
 }
 
-/// `frame` with an 802.1Q tag of VLAN `vid` inserted after its MAC addresses.
-fn tagged(frame: &[u8], vid: u16) -> Vec<u8> {
+/// `frame` with a VLAN tag (TPID `tpid`, VLAN `vid`) inserted after its MAC addresses,
+/// its source MAC `src`.
+fn tagged_from(frame: &[u8], src: [u8; 6], tpid: u16, vid: u16) -> Vec<u8> {
     let mut f = frame[..12].to_vec();
-    f.extend_from_slice(&0x8100u16.to_be_bytes());
+    f[6..12].copy_from_slice(&src);
+    f.extend_from_slice(&tpid.to_be_bytes());
     f.extend_from_slice(&vid.to_be_bytes());
     f.extend_from_slice(&frame[12..]);
     f
@@ -3022,7 +3024,9 @@ fn tagged(frame: &[u8], vid: u16) -> Vec<u8> {
 fn a_route_out_of_a_vlan_device_leaves_tagged_by_its_parent() {
     let mut f = Fixture::new(false, &standard_desired());
     // A bridge stands in for the VLAN device (this kernel has no 802.1Q): XDP cannot
-    // transmit on it, the FIB names it, and the agent lists it as VLAN 100 on fx0.
+    // transmit on it, the FIB names it (and its address as the source MAC), and the agent
+    // lists it as VLAN 100 on fx0.
+    const VLAN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
     let ip = |args: &[&str]| {
         let out = std::process::Command::new("ip")
             .args(args)
@@ -3035,7 +3039,7 @@ fn a_route_out_of_a_vlan_device_leaves_tagged_by_its_parent() {
         "add",
         "fxvl",
         "address",
-        "02:00:00:00:00:01",
+        "02:00:00:00:00:99",
         "type",
         "bridge",
     ]);
@@ -3044,6 +3048,7 @@ fn a_route_out_of_a_vlan_device_leaves_tagged_by_its_parent() {
         (B1.to_string(), B1_MAC),
         (B2.to_string(), B2_MAC),
         (B1_6.to_string(), B1_MAC),
+        (B2_6.to_string(), B2_MAC),
     ] {
         let host = if addr.contains(':') { "/128" } else { "/32" };
         ip(&["route", "add", &format!("{addr}{host}"), "dev", "fxvl"]);
@@ -3065,42 +3070,76 @@ fn a_route_out_of_a_vlan_device_leaves_tagged_by_its_parent() {
         .expect("list");
     // The agent lists the device as one XDP cannot transmit on too: the parent decides.
     f.dp.list_no_xmit(&[vlan].into()).expect("list");
+    let tagged = |frame: &[u8]| tagged_from(frame, VLAN_MAC, 0x8100, 100);
 
     // IPIP: the tag between the addresses and the EtherType, sent back out of fx0.
     let syn = client_tcp(VIP, 40000, 80, SYN);
     let (verdict, out) = f.run(&syn);
     assert_eq!(verdict, XDP_TX);
-    assert_eq!(out, tagged(&expected_ipip(&syn[14..], B1, B1_MAC), 100));
+    assert_eq!(out, tagged(&expected_ipip(&syn[14..], B1, B1_MAC)));
     // The flow's next packet, sent from the next-hop cache, alike.
     let ack = client_tcp(VIP, 40000, 80, ACK);
     let (verdict, out) = f.run(&ack);
     assert_eq!(verdict, XDP_TX);
-    assert_eq!(out, tagged(&expected_ipip(&ack[14..], B1, B1_MAC), 100));
-    // A frame that came tagged leaves with the egress VLAN's tag alone.
-    let syn7 = eth(NODE_MAC, CLIENT_MAC, &[7], 0x0800, &syn[14..]);
-    let (verdict, out) = f.run(&syn7);
-    assert_eq!(verdict, XDP_TX);
-    assert_eq!(out, tagged(&expected_ipip(&syn[14..], B1, B1_MAC), 100));
+    assert_eq!(out, tagged(&expected_ipip(&ack[14..], B1, B1_MAC)));
+    // Frames that came with one or two tags leave with the egress VLAN's alone.
+    for tags in [&[7u16][..], &[7, 8][..]] {
+        let (verdict, out) = f.run(&eth(NODE_MAC, CLIENT_MAC, tags, 0x0800, &syn[14..]));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            out,
+            tagged(&expected_ipip(&syn[14..], B1, B1_MAC)),
+            "{tags:?}"
+        );
+    }
 
-    // IPv6-in-IPv6 likewise.
-    let inner6 = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, SYN, b"hello"));
-    let (verdict, out) = f.run(&v6_frame(&inner6));
-    assert_eq!(verdict, XDP_TX);
-    assert_eq!(out, tagged(&expected_ip6ip6(&inner6, B1_6, B1_MAC), 100));
+    // IPv6-in-IPv6 likewise, for a new flow and from the cache.
+    for flags in [SYN, ACK] {
+        let inner6 = ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(40000, 80, flags, b"hello"));
+        let (verdict, out) = f.run(&v6_frame(&inner6));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, tagged(&expected_ip6ip6(&inner6, B1_6, B1_MAC)));
+    }
 
-    // MAC rewrite: an untagged frame gets the tag pushed, a tagged one its tag replaced.
+    // MAC rewrite leaves the frame with the device's tag alone: pushed onto an untagged
+    // frame, in place of one tag, in place of two; both families.
     let dns = client_udp(VIP_L2, 40000, 53, b"q");
     let mut want = dns.clone();
     want[..6].copy_from_slice(&B2_MAC);
-    want[6..12].copy_from_slice(&NODE_MAC);
-    let (verdict, out) = f.run(&dns);
-    assert_eq!(verdict, XDP_TX);
-    assert_eq!(out, tagged(&want, 100));
-    let dns7 = eth(NODE_MAC, CLIENT_MAC, &[7], 0x0800, &dns[14..]);
-    let (verdict, out) = f.run(&dns7);
-    assert_eq!(verdict, XDP_TX);
-    assert_eq!(out, tagged(&want, 100));
+    for tags in [&[][..], &[7u16][..], &[7, 8][..]] {
+        let (verdict, out) = f.run(&eth(NODE_MAC, CLIENT_MAC, tags, 0x0800, &dns[14..]));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, tagged(&want), "{tags:?}");
+    }
+    let dns6 = ipv6(CLIENT6, VIP6_L2, PROTO_UDP, &udp(40000, 53, b"q"));
+    for tags in [&[][..], &[7u16][..]] {
+        let (verdict, out) = f.run(&eth(NODE_MAC, CLIENT_MAC, tags, 0x86dd, &dns6));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            out,
+            tagged(&eth(B2_MAC, NODE_MAC, &[], 0x86dd, &dns6)),
+            "{tags:?}"
+        );
+    }
     assert_eq!(f.drops(DropReason::EgressNoXdp), 0);
+
+    // 802.1ad, on a parent other than the ingress device: redirected there.
+    let other = l3lb::sys::interface_index("fx1").expect("fx1");
+    f.dp.list_vlans(&[(vlan, lb_common::VlanDev::new(other, 0x88a8, 200))].into())
+        .expect("relist");
+    f.dp.expire_next_hops().expect("tick");
+    const XDP_REDIRECT: u32 = 4;
+    let (verdict, out) = f.run(&syn);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(
+        out,
+        tagged_from(
+            &expected_ipip(&syn[14..], B1, B1_MAC),
+            VLAN_MAC,
+            0x88a8,
+            200
+        )
+    );
 
     // Unlisted, the VLAN device is one XDP cannot transmit on: a counted drop.
     f.dp.list_vlans(&Default::default()).expect("unlist");
