@@ -859,11 +859,18 @@ pub fn render(s: &Status) -> String {
         "CONNECTION TABLE\n  {} of {} entries ({share:.1} %), counted now by walking the table\n",
         t.entries, t.capacity
     ));
+    // Titled name/count lists, headerless; the egress list only when there were such
+    // drops.
+    let egress = "DROPPED TOWARD DEVICES XDP CANNOT TRANSMIT ON (egress_no_xdp)";
     for (title, counts) in [
         ("ACTIONS", &s.actions),
         ("EVENTS", &s.events),
         ("DROPS", &s.drops),
+        (egress, &s.egress_no_xdp),
     ] {
+        if title == egress && counts.is_empty() {
+            continue;
+        }
         out.push_str(title);
         out.push('\n');
         let rows: Vec<Vec<String>> = counts
@@ -873,17 +880,6 @@ pub fn render(s: &Status) -> String {
         let mut body = String::new();
         write_table(&mut body, &[("", Left), ("", Right)], &rows);
         // Headerless: drop the blank header line.
-        out.push_str(body.split_once('\n').map_or("", |(_, rest)| rest));
-    }
-    if !s.egress_no_xdp.is_empty() {
-        out.push_str("DROPPED TOWARD DEVICES XDP CANNOT TRANSMIT ON (egress_no_xdp)\n");
-        let rows: Vec<Vec<String>> = s
-            .egress_no_xdp
-            .iter()
-            .map(|(k, v)| vec![k.clone(), v.to_string()])
-            .collect();
-        let mut body = String::new();
-        write_table(&mut body, &[("", Left), ("", Right)], &rows);
         out.push_str(body.split_once('\n').map_or("", |(_, rest)| rest));
     }
     out

@@ -2946,13 +2946,6 @@ fn an_apply_that_would_not_fit_changes_nothing_and_says_why() {
 fn a_next_hop_on_a_device_without_xdp_transmit_is_dropped_and_counted_for_it() {
     let mut f = Fixture::new(false, &standard_desired());
     // A bridge takes no XDP frames; B1 is routed over it from here on.
-    let ip = |args: &[&str]| {
-        let out = std::process::Command::new("ip")
-            .args(args)
-            .output()
-            .expect("ip");
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
-    };
     ip(&["link", "add", "fxbr", "type", "bridge"]);
     ip(&["link", "set", "fxbr", "up"]);
     let b1 = B1.to_string();
@@ -3027,13 +3020,6 @@ fn a_route_out_of_a_vlan_device_leaves_tagged_by_its_parent() {
     // transmit on it, the FIB names it (and its address as the source MAC), and the agent
     // lists it as VLAN 100 on fx0.
     const VLAN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
-    let ip = |args: &[&str]| {
-        let out = std::process::Command::new("ip")
-            .args(args)
-            .output()
-            .expect("ip");
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
-    };
     ip(&[
         "link",
         "add",
@@ -3145,4 +3131,13 @@ fn a_route_out_of_a_vlan_device_leaves_tagged_by_its_parent() {
     f.dp.list_vlans(&Default::default()).expect("unlist");
     f.dp.expire_next_hops().expect("tick");
     f.expect_drop(&syn, DropReason::EgressNoXdp, "VLAN device not listed");
+}
+
+/// Runs `ip` with `args` in this thread's namespace; it must succeed.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
 }
