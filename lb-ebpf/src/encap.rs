@@ -72,35 +72,28 @@ pub trait Hop {
     }
 }
 
-impl Hop for NextHop {
-    #[inline(always)]
-    fn macs(&self) -> [u16; 6] {
-        self.macs
-    }
-    #[inline(always)]
-    fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-    #[inline(always)]
-    fn vlan(&self) -> [u16; 2] {
-        self.vlan
-    }
+/// `Hop` for a struct with the three fields `macs`, `ifindex` and `vlan`.
+macro_rules! hop_by_fields {
+    ($t:ty) => {
+        impl Hop for $t {
+            #[inline(always)]
+            fn macs(&self) -> [u16; 6] {
+                self.macs
+            }
+            #[inline(always)]
+            fn ifindex(&self) -> u32 {
+                self.ifindex
+            }
+            #[inline(always)]
+            fn vlan(&self) -> [u16; 2] {
+                self.vlan
+            }
+        }
+    };
 }
 
-impl Hop for crate::maps::CachedHop {
-    #[inline(always)]
-    fn macs(&self) -> [u16; 6] {
-        self.macs
-    }
-    #[inline(always)]
-    fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-    #[inline(always)]
-    fn vlan(&self) -> [u16; 2] {
-        self.vlan
-    }
-}
+hop_by_fields!(NextHop);
+hop_by_fields!(crate::maps::CachedHop);
 
 /// What the next-hop cache keeps of a backend's entry beside its address: its family and
 /// how its packets leave (`BACKEND_F_*`).
