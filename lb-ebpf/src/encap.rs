@@ -313,37 +313,22 @@ fn encap_v6(
         | (tot_len.to_be() as u64) << 32
         | (u16::from_ne_bytes([lb_common::PROTO_IPV6, 64]) as u64) << 48;
     let m = hop.macs();
-    let v = hop.vlan();
     let o = if tagged {
+        let v = hop.vlan();
         // Ethernet, tag and outer header, checked at once.
         let head: *mut [u16; 29] = ptr_at(ctx, 0)?;
         unsafe {
-            *(head as *mut [u16; 9]) = [
-                m[0],
-                m[1],
-                m[2],
-                m[3],
-                m[4],
-                m[5],
-                v[0],
-                v[1],
-                crate::parse::eth::ETH_P_IPV6,
-            ];
+            *(head as *mut [u16; 6]) = m;
+            *((head as *mut u16).add(6) as *mut [u16; 3]) =
+                [v[0], v[1], crate::parse::eth::ETH_P_IPV6];
             (head as *mut u8).add(EthHdr::LEN + 4)
         }
     } else {
         // Ethernet and outer header, checked at once.
         let head: *mut [u16; 27] = ptr_at(ctx, 0)?;
         unsafe {
-            *(head as *mut [u16; 7]) = [
-                m[0],
-                m[1],
-                m[2],
-                m[3],
-                m[4],
-                m[5],
-                crate::parse::eth::ETH_P_IPV6,
-            ];
+            *(head as *mut [u16; 6]) = m;
+            *(head as *mut u16).add(6) = crate::parse::eth::ETH_P_IPV6;
             (head as *mut u8).add(EthHdr::LEN)
         }
     };
