@@ -198,6 +198,14 @@ fn all_zero<V: aya::Pod>(v: &V) -> bool {
         .all(|b| *b == 0)
 }
 
+/// The errno of a failed map system call, if that is what failed.
+fn map_errno(e: &aya::maps::MapError) -> Option<i32> {
+    match e {
+        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
     let what = what.into();
     move |source| DataplaneError::Map { what, source }
@@ -2836,14 +2844,10 @@ impl Dataplane {
             let mut map: HashMap<&mut MapData, u32, u64> =
                 HashMap::try_from(self.map_mut(map_names::NO_XMIT)?)
                     .map_err(map_err(map_names::NO_XMIT))?;
-            let errno = |e: &aya::maps::MapError| match e {
-                aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error(),
-                _ => None,
-            };
             for &gone in before.difference(devices) {
                 match map.remove(&gone) {
                     Ok(()) => {}
-                    Err(e) if errno(&e) == Some(libc::ENOENT) => {}
+                    Err(e) if map_errno(&e) == Some(libc::ENOENT) => {}
                     Err(e) => return Err(map_err(format!("unlisting device {gone}"))(e)),
                 }
                 listed.remove(&gone);
@@ -2853,9 +2857,12 @@ impl Dataplane {
                 // BPF_NOEXIST (1): a count the program started meanwhile is not reset.
                 match map.insert(new, 0, 1) {
                     Ok(()) => {}
-                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                    Err(e) if map_errno(&e) == Some(libc::EEXIST) => {}
                     Err(e)
-                        if matches!(errno(&e), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)) =>
+                        if matches!(
+                            map_errno(&e),
+                            Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+                        ) =>
                     {
                         left_out += 1;
                         continue;
@@ -2887,14 +2894,10 @@ impl Dataplane {
             let mut map: HashMap<&mut MapData, u32, lb_common::VlanDev> =
                 HashMap::try_from(self.map_mut(map_names::VLANS)?)
                     .map_err(map_err(map_names::VLANS))?;
-            let errno = |e: &aya::maps::MapError| match e {
-                aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error(),
-                _ => None,
-            };
             for gone in before.keys().filter(|k| !vlans.contains_key(k)) {
                 match map.remove(gone) {
                     Ok(()) => {}
-                    Err(e) if errno(&e) == Some(libc::ENOENT) => {}
+                    Err(e) if map_errno(&e) == Some(libc::ENOENT) => {}
                     Err(e) => return Err(map_err(format!("unlisting VLAN device {gone}"))(e)),
                 }
                 listed.remove(gone);
@@ -2909,7 +2912,10 @@ impl Dataplane {
                         listed.insert(index, *dev);
                     }
                     Err(e)
-                        if matches!(errno(&e), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)) =>
+                        if matches!(
+                            map_errno(&e),
+                            Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+                        ) =>
                     {
                         left_out += 1
                     }
